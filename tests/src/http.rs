@@ -1,0 +1,130 @@
+//! A small real HTTP/1.1 server for the tests: keep-alive and pipelining
+//! (answers in order), run inside a pod's namespace on a real socket.
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use crate::Pod;
+
+/// A running server; stops (and joins its thread) when dropped.
+pub struct HttpServer {
+    pub port: u16,
+    stop: Arc<AtomicBool>,
+    /// Request heads received, in order, as text.
+    pub received: Arc<Mutex<Vec<String>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HttpServer {
+    /// Listens on `[::]:port` (IPv4 and IPv6) in `pod` and answers every
+    /// request with `200 OK` and a short body.
+    pub fn start(pod: &Pod, port: u16) -> anyhow::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (s, r) = (stop.clone(), received.clone());
+        let thread = pod.spawn(move || {
+            let listener = match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)))
+            {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = listener.set_nonblocking(true);
+            let _ = tx.send(Ok(()));
+            let mut workers = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (s, r) = (s.clone(), r.clone());
+                        workers.push(std::thread::spawn(move || serve(conn, &s, &r)));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => break,
+                }
+            }
+            for w in workers {
+                let _ = w.join();
+            }
+        })?;
+        rx.recv()??;
+        Ok(Self {
+            port,
+            stop,
+            received,
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn serve(mut conn: TcpStream, stop: &AtomicBool, received: &Mutex<Vec<String>>) {
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut chunk) {
+            Ok(0) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => continue,
+            Err(_) => return,
+        }
+        // Answer every complete request head in the buffer, in order.
+        while let Some(end) = find(&buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let body_len = content_length(&head);
+            if buf.len() < end + 4 + body_len {
+                break;
+            }
+            buf.drain(..end + 4 + body_len);
+            let close = head.to_ascii_lowercase().contains("connection: close");
+            if let Ok(mut r) = received.lock() {
+                r.push(head);
+            }
+            let body = b"hello from tracegap-tests\n";
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
+                body.len(),
+                if close { "Connection: close\r\n" } else { "" }
+            );
+            if conn.write_all(resp.as_bytes()).is_err() || conn.write_all(body).is_err() {
+                return;
+            }
+            if close {
+                return;
+            }
+        }
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0)
+}

@@ -1,0 +1,230 @@
+//! Helpers for tracegap's end-to-end tests: "pods" as network namespaces on
+//! a bridge, with their host-side veths where the agent attaches, and real
+//! HTTP servers and clients inside them.
+//!
+//! Everything a test creates is removed when its [`Node`] is dropped, also
+//! when the test panics. Traffic stays between the namespaces a test made.
+
+pub mod http;
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Whether the tests that need the kernel can run; prints why not.
+pub fn privileged(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!(
+            "SKIPPED {test}: needs root (CAP_BPF, CAP_NET_ADMIN, CAP_PERFMON, CAP_SYS_ADMIN for netns)"
+        );
+        return false;
+    }
+    true
+}
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+
+/// A bridge in the root namespace with pods attached: a one-node cluster.
+pub struct Node {
+    /// Short unique tag used in every name this node creates.
+    tag: String,
+    pub bridge: String,
+    /// Third octet of 10.209.X.0/24 and the X of fd00:7467:X::/64.
+    subnet: u8,
+    pub pods: Vec<Pod>,
+}
+
+/// A network namespace with one veth to the node's bridge.
+pub struct Pod {
+    pub name: String,
+    /// Network namespace name (`ip netns`).
+    pub netns: String,
+    /// Host-side veth: where tracegap attaches.
+    pub host_if: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+impl Node {
+    /// Creates a bridge and `pods` namespaces attached to it.
+    pub fn new(pods: &[&str]) -> anyhow::Result<Self> {
+        let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let tag = format!("{:x}{n}", pid % 0xfffff);
+        // Spread concurrent test processes over the 10.209.0.0/16 range.
+        let subnet = ((pid.wrapping_mul(7) + n * 13) % 250 + 1) as u8;
+        let bridge = format!("tgb{tag}");
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        let mut node = Self {
+            tag,
+            bridge,
+            subnet,
+            pods: Vec::new(),
+        };
+        ip(&["link", "set", &node.bridge, "up"])?;
+        for name in pods {
+            node.add_pod(name)?;
+        }
+        Ok(node)
+    }
+
+    fn add_pod(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.pods.len() + 2;
+        let netns = format!("tg{}p{i}", self.tag);
+        let host_if = format!("tgv{}p{i}", self.tag);
+        let ipv4 = Ipv4Addr::new(10, 209, self.subnet, i as u8);
+        let ipv6: Ipv6Addr = format!("fd00:7467:{}::{i}", self.subnet).parse()?;
+        ip(&["netns", "add", &netns])?;
+        // Recorded before anything else can fail, so Drop removes it.
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            netns: netns.clone(),
+            host_if: host_if.clone(),
+            ipv4,
+            ipv6,
+        });
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ])?;
+        ip(&["link", "set", &host_if, "master", &self.bridge, "up"])?;
+        let x = |args: &[&str]| -> anyhow::Result<()> {
+            let mut full = vec!["-n", netns.as_str()];
+            full.extend_from_slice(args);
+            ip(&full)
+        };
+        x(&["link", "set", "lo", "up"])?;
+        x(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
+        x(&[
+            "addr",
+            "add",
+            &format!("{ipv6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ])?;
+        x(&["link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth end, and with it the peer.
+        for pod in &self.pods {
+            let _ = ip(&["netns", "del", &pod.netns]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+impl Pod {
+    /// A command that runs inside this pod's network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Address to reach this pod at, in the given family.
+    pub fn addr(&self, v6: bool) -> IpAddr {
+        if v6 {
+            IpAddr::V6(self.ipv6)
+        } else {
+            IpAddr::V4(self.ipv4)
+        }
+    }
+
+    /// Runs `f` on a new thread that lives in this pod's network namespace,
+    /// so sockets it opens belong to the pod.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<std::thread::JoinHandle<T>> {
+        let ns = File::open(format!("/var/run/netns/{}", self.netns))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            // SAFETY: setns on this thread only (network namespaces are per-thread).
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            let _ = tx.send(if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            });
+            if rc != 0 {
+                panic!("setns failed");
+            }
+            f()
+        });
+        rx.recv()?.context("entering the pod's network namespace")?;
+        Ok(handle)
+    }
+
+    /// curl from inside the pod; returns stdout. `args` go before the URL.
+    pub fn curl(&self, url: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = run(self
+            .command("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(args)
+            .arg(url))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Reads events from the ring buffer until `done` says the test has what it
+/// needs or `timeout` passes; returns everything read.
+pub fn collect_events(
+    ring: &mut aya::maps::RingBuf<aya::maps::MapData>,
+    timeout: std::time::Duration,
+    done: impl Fn(&[tracegap_agent::events::RawEvent]) -> bool,
+) -> Vec<tracegap_agent::events::RawEvent> {
+    let deadline = std::time::Instant::now() + timeout;
+    let mut events = Vec::new();
+    loop {
+        while let Some(record) = ring.next() {
+            match tracegap_agent::events::RawEvent::decode(&record) {
+                Ok(e) => events.push(e),
+                Err(e) => panic!("undecodable event: {e}"),
+            }
+        }
+        if done(&events) || std::time::Instant::now() >= deadline {
+            return events;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}

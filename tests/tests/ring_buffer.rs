@@ -1,0 +1,66 @@
+//! The whole chain on the real kernel: a TC program attached by the agent's
+//! loader to a real veth sees real HTTP, and its event arrives through the
+//! BPF ring buffer in user space.
+
+use std::time::Duration;
+
+use tracegap_agent::ebpf::Observer;
+use tracegap_common::{Direction, EventKind};
+use tracegap_tests::{Node, collect_events, http::HttpServer, privileged};
+
+#[test]
+fn http_request_on_a_veth_arrives_through_the_ring_buffer() -> anyhow::Result<()> {
+    if !privileged("http_request_on_a_veth_arrives_through_the_ring_buffer") {
+        return Ok(());
+    }
+    let node = Node::new(&["client", "server"])?;
+    let (client, server) = (node.pod("client"), node.pod("server"));
+    let _http = HttpServer::start(server, 8080)?;
+
+    let mut observer = Observer::load()?;
+    let attached = observer.attach(&server.host_if)?;
+    assert!(attached.new);
+    let mut ring = observer.take_events()?;
+
+    let url = format!("http://{}:8080/hello", server.ipv4);
+    let body = client.curl(&url, &[])?;
+    assert_eq!(body, "hello from tracegap-tests\n");
+
+    let events = collect_events(&mut ring, Duration::from_secs(5), |ev| {
+        ev.iter().any(|e| e.kind == EventKind::Response)
+    });
+    let request = events
+        .iter()
+        .find(|e| e.kind == EventKind::Request)
+        .unwrap_or_else(|| panic!("no request event among {events:?}"));
+    assert!(
+        request.payload.starts_with(b"GET /hello HTTP/1.1\r\n"),
+        "payload: {:?}",
+        String::from_utf8_lossy(&request.payload)
+    );
+    assert_eq!(request.flow.dst.port, 8080);
+    assert_eq!(request.flow.dst.ip, server.addr(false));
+    assert_eq!(request.flow.src.ip, client.addr(false));
+    // The host-side veth's egress is the way into the server pod.
+    assert_eq!(request.direction, Direction::Egress);
+    assert_eq!(request.ifindex, attached.ifindex);
+
+    let response = events
+        .iter()
+        .find(|e| e.kind == EventKind::Response)
+        .unwrap_or_else(|| panic!("no response event among {events:?}"));
+    assert!(response.payload.starts_with(b"HTTP/1.1 200 OK\r\n"));
+    assert_eq!(response.flow, request.flow.reversed());
+    assert_eq!(response.direction, Direction::Ingress);
+    assert!(response.ts_ns >= request.ts_ns);
+
+    // The counters saw the same thing.
+    let counters = observer.counters()?;
+    assert!(counters.http_requests >= 1 && counters.http_responses >= 1, "{counters:?}");
+    assert_eq!(counters.ringbuf_full, 0);
+
+    // Detaching leaves nothing on the interface.
+    observer.detach_all()?;
+    assert!(observer.interfaces().is_empty());
+    Ok(())
+}

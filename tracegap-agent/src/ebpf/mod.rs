@@ -1,0 +1,150 @@
+//! Loading tracegap's kernel programs and attaching them to interfaces.
+//!
+//! The object is built by `build.rs` and embedded in the binary. Everything
+//! attached is owned by [`Observer`]: dropping it detaches every program
+//! (aya detaches a program's links when the program is dropped), which is
+//! how SIGTERM and SIGINT leave the node clean.
+
+mod attach;
+mod counters;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, RingBuf},
+    programs::{ProgramError, SchedClassifier},
+};
+use thiserror::Error;
+
+pub use attach::{AttachMode, Attached};
+pub use counters::Counters;
+
+/// Names of the programs in the object, with the hook each runs on.
+pub const INGRESS_PROGRAM: &str = "tracegap_ingress";
+pub const EGRESS_PROGRAM: &str = "tracegap_egress";
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracegap"));
+
+/// Errors from loading and attaching the kernel programs.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// The binary was built with `AYA_BUILD_SKIP` and carries no programs.
+    #[error(
+        "this tracegap binary was built without its eBPF programs (AYA_BUILD_SKIP); \
+         rebuild with `cargo xtask build`"
+    )]
+    NoObject,
+    /// The embedded object could not be parsed or its maps created.
+    #[error("loading the eBPF object: {0}")]
+    Object(#[from] aya::EbpfError),
+    /// A program the agent needs is not in the object.
+    #[error("program {0} is missing from the eBPF object")]
+    MissingProgram(&'static str),
+    /// A map the agent needs is not in the object or has another type.
+    #[error("map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    /// A map the agent needs is not in the object.
+    #[error("map {0} is missing from the eBPF object")]
+    MissingMap(&'static str),
+    /// The kernel refused a program: the verifier's log says why.
+    #[error("the kernel rejected program {program}: {source}")]
+    Load {
+        program: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    /// Attaching to or detaching from an interface failed.
+    #[error(transparent)]
+    Attach(#[from] attach::AttachError),
+}
+
+/// The loaded programs, their maps and the interfaces they are attached to.
+pub struct Observer {
+    ebpf: Ebpf,
+    attached: attach::Attachments,
+}
+
+impl Observer {
+    /// Loads the embedded programs into the kernel, without attaching them.
+    pub fn load() -> Result<Self, Error> {
+        if OBJECT.is_empty() {
+            return Err(Error::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or(Error::MissingProgram(name))?
+                .try_into()
+                .map_err(|source| Error::Load {
+                    program: name,
+                    source,
+                })?;
+            program.load().map_err(|source| Error::Load {
+                program: name,
+                source,
+            })?;
+        }
+        Ok(Self {
+            ebpf,
+            attached: attach::Attachments::new(AttachMode::detect()),
+        })
+    }
+
+    /// How programs are attached on this kernel.
+    pub fn attach_mode(&self) -> AttachMode {
+        self.attached.mode()
+    }
+
+    /// Attaches both programs (ingress and egress) to `iface`. Attaching an
+    /// interface twice is a no-op.
+    pub fn attach(&mut self, iface: &str) -> Result<Attached, Error> {
+        Ok(self.attached.attach(&mut self.ebpf, iface)?)
+    }
+
+    /// Detaches both programs from `iface`, if attached. An interface that
+    /// has gone away has taken its links with it: that is not an error.
+    pub fn detach(&mut self, iface: &str) -> Result<(), Error> {
+        Ok(self.attached.detach(&mut self.ebpf, iface)?)
+    }
+
+    /// Interfaces the programs are attached to, by name.
+    pub fn interfaces(&self) -> Vec<String> {
+        self.attached.interfaces()
+    }
+
+    /// Takes the ring buffer the programs send events through. Only the
+    /// first call succeeds: there is one reader.
+    pub fn take_events(&mut self) -> Result<RingBuf<MapData>, Error> {
+        let map = self
+            .ebpf
+            .take_map("EVENTS")
+            .ok_or(Error::MissingMap("EVENTS"))?;
+        RingBuf::try_from(map).map_err(|source| Error::Map {
+            name: "EVENTS",
+            source,
+        })
+    }
+
+    /// The kernel-side counters, summed over CPUs.
+    pub fn counters(&self) -> Result<Counters, Error> {
+        counters::read(&self.ebpf)
+    }
+
+    /// Detaches everything. Dropping the observer does the same; this
+    /// reports failures instead of only logging them.
+    pub fn detach_all(&mut self) -> Result<(), Error> {
+        Ok(self.attached.detach_all(&mut self.ebpf)?)
+    }
+}
+
+impl Drop for Observer {
+    fn drop(&mut self) {
+        if let Err(e) = self.attached.detach_all(&mut self.ebpf) {
+            tracing::warn!(error = %e, "detaching programs");
+        }
+    }
+}

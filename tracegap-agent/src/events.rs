@@ -1,0 +1,251 @@
+//! Events from the kernel: decoding ring-buffer records and reading them
+//! without blocking the runtime.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use aya::maps::{MapData, RingBuf};
+use thiserror::Error;
+use tokio::io::unix::AsyncFd;
+use tracegap_common::{
+    Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, MAX_PAYLOAD, event_flags,
+    family,
+};
+
+/// Why a ring-buffer record could not be decoded.
+#[derive(Clone, Debug, Error, PartialEq, Eq)]
+pub enum DecodeError {
+    /// Shorter than the fixed header.
+    #[error("record of {0} bytes is shorter than an event header")]
+    Short(usize),
+    /// The header announces more payload than the record holds.
+    #[error("record announces {announced} payload bytes but carries {carried}")]
+    Payload { announced: usize, carried: usize },
+    /// A field holds a value the kernel never writes.
+    #[error("invalid {field}: {value}")]
+    Field { field: &'static str, value: u8 },
+}
+
+/// One endpoint of a flow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Endpoint {
+    pub ip: IpAddr,
+    pub port: u16,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.ip {
+            IpAddr::V4(ip) => write!(f, "{ip}:{}", self.port),
+            IpAddr::V6(ip) => write!(f, "[{ip}]:{}", self.port),
+        }
+    }
+}
+
+/// A flow as written in one packet: source, then destination.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct Flow {
+    pub src: Endpoint,
+    pub dst: Endpoint,
+}
+
+impl Flow {
+    pub fn reversed(&self) -> Self {
+        Self {
+            src: self.dst,
+            dst: self.src,
+        }
+    }
+}
+
+impl std::fmt::Display for Flow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} -> {}", self.src, self.dst)
+    }
+}
+
+fn ip(family_: u8, bytes: [u8; 16]) -> Option<IpAddr> {
+    match family_ {
+        family::IPV4 => Some(IpAddr::V4(Ipv4Addr::new(
+            bytes[0], bytes[1], bytes[2], bytes[3],
+        ))),
+        family::IPV6 => Some(IpAddr::V6(Ipv6Addr::from(bytes))),
+        _ => None,
+    }
+}
+
+impl TryFrom<&FlowKey> for Flow {
+    type Error = DecodeError;
+    fn try_from(k: &FlowKey) -> Result<Self, DecodeError> {
+        let bad = DecodeError::Field {
+            field: "family",
+            value: k.family,
+        };
+        Ok(Self {
+            src: Endpoint {
+                ip: ip(k.family, k.saddr).ok_or(bad.clone())?,
+                port: k.sport,
+            },
+            dst: Endpoint {
+                ip: ip(k.family, k.daddr).ok_or(bad)?,
+                port: k.dport,
+            },
+        })
+    }
+}
+
+/// An event as user space sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RawEvent {
+    /// CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+    pub flow: Flow,
+    pub ifindex: u32,
+    pub direction: Direction,
+    pub kind: EventKind,
+    /// Sequence number of `payload[0]`.
+    pub seq: u32,
+    /// TCP payload bytes in the segment the event came from.
+    pub segment_len: u32,
+    /// The kernel stopped copying this header block at its budget.
+    pub budget_exhausted: bool,
+    pub payload: Vec<u8>,
+}
+
+impl RawEvent {
+    /// Decodes one ring-buffer record.
+    pub fn decode(record: &[u8]) -> Result<Self, DecodeError> {
+        if record.len() < EVENT_HEADER_LEN {
+            return Err(DecodeError::Short(record.len()));
+        }
+        // SAFETY: EventHeader is repr(C) plain data, any bytes are valid;
+        // read_unaligned because the record has no alignment guarantee here.
+        let h: EventHeader = unsafe { std::ptr::read_unaligned(record.as_ptr().cast()) };
+        let announced = usize::from(h.payload_len);
+        let carried = record.len() - EVENT_HEADER_LEN;
+        if announced > carried || announced > MAX_PAYLOAD {
+            return Err(DecodeError::Payload { announced, carried });
+        }
+        Ok(Self {
+            ts_ns: h.ts_ns,
+            flow: Flow::try_from(&h.flow)?,
+            ifindex: h.ifindex,
+            direction: Direction::from_u8(h.direction).ok_or(DecodeError::Field {
+                field: "direction",
+                value: h.direction,
+            })?,
+            kind: EventKind::from_u8(h.kind).ok_or(DecodeError::Field {
+                field: "kind",
+                value: h.kind,
+            })?,
+            seq: h.seq,
+            segment_len: h.segment_len,
+            budget_exhausted: h.flags & event_flags::BUDGET_EXHAUSTED != 0,
+            payload: record[EVENT_HEADER_LEN..EVENT_HEADER_LEN + announced].to_vec(),
+        })
+    }
+}
+
+/// Reads events as they arrive, waking on the ring buffer's epoll readiness.
+pub struct EventStream {
+    ring: AsyncFd<RingBuf<MapData>>,
+    /// Records that failed to decode (never expected; counted, not fatal).
+    pub decode_errors: u64,
+}
+
+impl EventStream {
+    pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        // SAFETY: RingBuf owns its map fd for as long as it lives, and the
+        // AsyncFd owns the RingBuf, so the fd stays open and the same.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        Ok(Self {
+            ring,
+            decode_errors: 0,
+        })
+    }
+
+    /// Waits for at least one record, then appends every record available
+    /// to `out` (decoded) and returns how many it appended.
+    pub async fn next_batch(&mut self, out: &mut Vec<RawEvent>) -> std::io::Result<usize> {
+        loop {
+            let mut guard = self.ring.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let before = out.len();
+            while let Some(record) = ring.next() {
+                match RawEvent::decode(&record) {
+                    Ok(e) => out.push(e),
+                    Err(e) => {
+                        self.decode_errors += 1;
+                        tracing::debug!(error = %e, "undecodable event");
+                    }
+                }
+            }
+            guard.clear_ready();
+            if out.len() > before {
+                return Ok(out.len() - before);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(payload: &[u8], announced: u16) -> Vec<u8> {
+        let mut flow = FlowKey {
+            family: family::IPV4,
+            sport: 40000,
+            dport: 80,
+            ..Default::default()
+        };
+        flow.saddr[..4].copy_from_slice(&[10, 0, 0, 1]);
+        flow.daddr[..4].copy_from_slice(&[10, 0, 0, 2]);
+        let h = EventHeader {
+            ts_ns: 5,
+            flow,
+            ifindex: 7,
+            seq: 1000,
+            segment_len: payload.len() as u32,
+            payload_len: announced,
+            direction: Direction::Egress as u8,
+            kind: EventKind::Request as u8,
+            ..Default::default()
+        };
+        let mut v = vec![0u8; EVENT_HEADER_LEN];
+        // SAFETY: v has room for the header.
+        unsafe { std::ptr::write_unaligned(v.as_mut_ptr().cast(), h) };
+        v.extend_from_slice(payload);
+        v
+    }
+
+    #[test]
+    fn decodes_a_request_event() {
+        let e = RawEvent::decode(&record(b"GET / HTTP/1.1\r\n\r\n", 18)).unwrap();
+        assert_eq!(e.flow.to_string(), "10.0.0.1:40000 -> 10.0.0.2:80");
+        assert_eq!(e.kind, EventKind::Request);
+        assert_eq!(e.direction, Direction::Egress);
+        assert_eq!(e.payload, b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn rejects_short_and_lying_records() {
+        assert_eq!(RawEvent::decode(&[0; 10]), Err(DecodeError::Short(10)));
+        assert_eq!(
+            RawEvent::decode(&record(b"GET", 100)),
+            Err(DecodeError::Payload {
+                announced: 100,
+                carried: 3
+            })
+        );
+        let mut bad = record(b"", 0);
+        bad[8 + 36] = 9; // family
+        assert!(matches!(
+            RawEvent::decode(&bad),
+            Err(DecodeError::Field {
+                field: "family",
+                ..
+            })
+        ));
+    }
+}

@@ -1,0 +1,247 @@
+//! Types shared by tracegap's kernel programs and its agent.
+//!
+//! Everything here is `#[repr(C)]`, `Copy` and free of padding the compiler
+//! could fill with garbage: the kernel writes these bytes and user space
+//! reads them back, so both sides must agree on every offset.
+#![no_std]
+
+/// Bytes of TCP payload one event carries at most.
+///
+/// A typical request header block (request line, Host, a few trace-context
+/// headers) is a few hundred bytes and fits the first event; a larger block
+/// continues in further events up to [`HEADER_BUDGET`]. Only the bytes used
+/// travel through the ring buffer, so the bound costs nothing for small ones.
+pub const MAX_PAYLOAD: usize = 4096;
+
+/// Bytes of one HTTP message's header block the kernel copies at most, summed
+/// over its first segment and the segments that continue it. Header blocks
+/// longer than this are reported as truncated, never guessed at.
+pub const HEADER_BUDGET: u32 = 16 * 1024;
+
+/// Entries of the per-flow continuation map: flows whose header block did
+/// not end in the segment that started it.
+pub const MAX_OPEN_HEADERS: u32 = 16 * 1024;
+
+/// Size of the ring buffer that carries events to user space, in bytes.
+pub const RING_BUFFER_BYTES: u32 = 4 * 1024 * 1024;
+
+/// Address family of a flow, as stored in [`FlowKey::family`].
+pub mod family {
+    pub const IPV4: u8 = 4;
+    pub const IPV6: u8 = 6;
+}
+
+/// Which way a packet crossed the interface the program is attached to.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Into the host from the interface (for a pod's host-side veth: sent by the pod).
+    Ingress = 0,
+    /// Out of the host through the interface (for a pod's host-side veth: to the pod).
+    Egress = 1,
+}
+
+impl Direction {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::Ingress),
+            1 => Some(Self::Egress),
+            _ => None,
+        }
+    }
+}
+
+/// What the payload of an event starts with.
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    /// A request line (`GET / HTTP/1.1`).
+    Request = 1,
+    /// A status line (`HTTP/1.1 200 OK`).
+    Response = 2,
+    /// More of a header block that began in an earlier segment of the flow.
+    Continuation = 3,
+}
+
+impl EventKind {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(Self::Request),
+            2 => Some(Self::Response),
+            3 => Some(Self::Continuation),
+            _ => None,
+        }
+    }
+}
+
+/// Bits of [`EventHeader::flags`].
+pub mod event_flags {
+    /// The segment had more payload than the event carries.
+    pub const PAYLOAD_CUT: u8 = 1 << 0;
+    /// The header block went past [`crate::HEADER_BUDGET`]: what follows was not copied.
+    pub const BUDGET_EXHAUSTED: u8 = 1 << 1;
+}
+
+/// A TCP flow as seen in one packet: source and destination as written in
+/// that packet (not normalised), so a response's key is its request's key
+/// with the ends swapped.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct FlowKey {
+    /// Source address; IPv4 uses the first four bytes, the rest are zero.
+    pub saddr: [u8; 16],
+    /// Destination address; IPv4 uses the first four bytes.
+    pub daddr: [u8; 16],
+    /// Source port, host byte order.
+    pub sport: u16,
+    /// Destination port, host byte order.
+    pub dport: u16,
+    /// [`family::IPV4`] or [`family::IPV6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl FlowKey {
+    /// The same flow seen from the other end.
+    pub fn reversed(&self) -> Self {
+        Self {
+            saddr: self.daddr,
+            daddr: self.saddr,
+            sport: self.dport,
+            dport: self.sport,
+            family: self.family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// Fixed part of every event sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds when the packet was seen.
+    pub ts_ns: u64,
+    pub flow: FlowKey,
+    /// Interface index the program ran on.
+    pub ifindex: u32,
+    /// TCP sequence number of the first payload byte of the segment.
+    pub seq: u32,
+    /// Length of the TCP payload in the segment (or GSO super-packet).
+    pub segment_len: u32,
+    /// Bytes of payload that follow this header in the event.
+    pub payload_len: u16,
+    /// [`Direction`] as u8.
+    pub direction: u8,
+    /// [`EventKind`] as u8.
+    pub kind: u8,
+    /// [`event_flags`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 7],
+}
+
+/// An event as the kernel fills it: the header and up to [`MAX_PAYLOAD`]
+/// payload bytes. Only `size_of::<EventHeader>() + payload_len` bytes are
+/// sent through the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Event {
+    pub header: EventHeader,
+    pub payload: [u8; MAX_PAYLOAD],
+}
+
+pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
+
+/// Key of the continuation map: a flow on one interface. The interface is
+/// part of the key because one packet crosses two host-side veths (the
+/// client's and the server's), each followed on its own.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct OpenKey {
+    pub flow: FlowKey,
+    pub ifindex: u32,
+    pub _pad: u32,
+}
+
+/// Continuation state of a flow whose header block has not ended yet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenHeader {
+    /// Sequence number the next segment must start at to continue the block.
+    pub next_seq: u32,
+    /// Header bytes that may still be copied for this message.
+    pub budget_left: u32,
+}
+
+/// Indexes into the per-CPU counters array.
+pub mod counter {
+    /// Packets the programs ran on.
+    pub const PACKETS: u32 = 0;
+    /// TCP segments with payload.
+    pub const TCP_PAYLOAD: u32 = 1;
+    /// Request lines recognised.
+    pub const HTTP_REQUESTS: u32 = 2;
+    /// Status lines recognised.
+    pub const HTTP_RESPONSES: u32 = 3;
+    /// Continuation segments of a header block.
+    pub const CONTINUATIONS: u32 = 4;
+    /// Events not sent because the ring buffer was full.
+    pub const RINGBUF_FULL: u32 = 5;
+    /// Packets whose headers could not be read (truncated, unknown layout).
+    pub const PARSE_ERRORS: u32 = 6;
+    /// Messages followed until [`crate::HEADER_BUDGET`] ran out (a header
+    /// block that long, or a body after a block that did not end its segment).
+    pub const BUDGET_EXHAUSTED: u32 = 7;
+    /// Number of counters.
+    pub const COUNT: u32 = 8;
+
+    /// Prometheus-style names, indexed like the constants above.
+    pub const NAMES: [&str; COUNT as usize] = [
+        "packets",
+        "tcp_payload_segments",
+        "http_requests",
+        "http_responses",
+        "header_continuations",
+        "ringbuf_full",
+        "parse_errors",
+        "header_budget_exhausted",
+    ];
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all of these are repr(C), Copy, and every bit pattern is valid.
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::EventHeader {}
+    unsafe impl aya::Pod for super::OpenHeader {}
+    unsafe impl aya::Pod for super::OpenKey {}
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+
+    #[test]
+    fn layout_has_no_implicit_padding() {
+        // 16 + 16 + 2 + 2 + 1 + 3
+        assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        // 8 + 40 + 4 + 4 + 4 + 2 + 1 + 1 + 1 + 7
+        assert_eq!(EVENT_HEADER_LEN, 72);
+        assert_eq!(core::mem::size_of::<Event>(), EVENT_HEADER_LEN + MAX_PAYLOAD);
+    }
+
+    #[test]
+    fn reversed_swaps_ends() {
+        let k = FlowKey {
+            saddr: [1; 16],
+            daddr: [2; 16],
+            sport: 3,
+            dport: 4,
+            family: family::IPV6,
+            _pad: [0; 3],
+        };
+        let r = k.reversed();
+        assert_eq!((r.saddr, r.daddr, r.sport, r.dport), ([2; 16], [1; 16], 4, 3));
+        assert_eq!(r.reversed(), k);
+    }
+}

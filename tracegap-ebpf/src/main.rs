@@ -1,0 +1,282 @@
+//! tracegap's TC programs: find the start of HTTP/1.x messages in TCP
+//! segments and copy their header block to user space.
+//!
+//! Why the kernel copies bytes instead of parsing headers: matching header
+//! names case-insensitively at arbitrary offsets, across segments, is what
+//! the verifier makes expensive and fragile, and what user space does
+//! cheaply, safely and testably (unit tests and a fuzz target). The kernel
+//! therefore only answers "is this the start of an HTTP message, or the
+//! continuation of a header block we are following?" and copies a bounded
+//! number of bytes. See `tracegap-agent/src/http` for the parsing.
+//!
+//! The programs never modify a packet and always return `TC_ACT_UNSPEC`
+//! ("no opinion": the next program or the default action decides), so the
+//! data path fails open whatever happens here.
+#![no_std]
+#![no_main]
+
+mod net;
+
+use aya_ebpf::{
+    bindings::TC_ACT_UNSPEC,
+    helpers::bpf_ktime_get_ns,
+    macros::{classifier, map},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::TcContext,
+};
+use tracegap_common::{
+    Direction, EVENT_HEADER_LEN, Event, EventKind, FlowKey, HEADER_BUDGET, MAX_OPEN_HEADERS,
+    MAX_PAYLOAD, OpenHeader, OpenKey, RING_BUFFER_BYTES, counter, event_flags,
+};
+
+use crate::net::Segment;
+
+/// Events to user space: an [`Event`] header and its payload bytes.
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
+
+/// Per-CPU counters, indexed by [`counter`].
+#[map]
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+
+/// Where an event is assembled: too large for the 512-byte BPF stack.
+#[map]
+static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
+
+/// Request header blocks that did not end in the segment that started them.
+/// LRU, so flows that end without closing their block age out by themselves.
+#[map]
+static OPEN_HEADERS: LruHashMap<OpenKey, OpenHeader> =
+    LruHashMap::with_max_entries(MAX_OPEN_HEADERS, 0);
+
+#[classifier]
+pub fn tracegap_ingress(ctx: TcContext) -> i32 {
+    observe(&ctx, Direction::Ingress);
+    TC_ACT_UNSPEC
+}
+
+#[classifier]
+pub fn tracegap_egress(ctx: TcContext) -> i32 {
+    observe(&ctx, Direction::Egress);
+    TC_ACT_UNSPEC
+}
+
+#[inline(always)]
+fn count(index: u32) {
+    if let Some(c) = COUNTERS.get_ptr_mut(index) {
+        // Per-CPU: no other writer, a plain add is enough.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+fn observe(ctx: &TcContext, direction: Direction) {
+    count(counter::PACKETS);
+    match net::tcp_segment(ctx) {
+        Ok(Some(seg)) => {
+            count(counter::TCP_PAYLOAD);
+            if try_http(ctx, &seg, direction).is_err() {
+                count(counter::PARSE_ERRORS);
+            }
+        }
+        Ok(None) => {}
+        Err(()) => count(counter::PARSE_ERRORS),
+    }
+}
+
+/// The first bytes of a segment: the start of a request or a response?
+#[inline(always)]
+fn classify_start(head: &[u8; 8]) -> Option<EventKind> {
+    // Each method followed by its space, so "GETTING" is not a GET.
+    let request = match head[0] {
+        b'G' => head[..4] == *b"GET ",
+        b'P' => head[..5] == *b"POST " || head[..4] == *b"PUT " || head[..6] == *b"PATCH ",
+        b'D' => head[..7] == *b"DELETE ",
+        b'H' => {
+            if head[..5] == *b"HEAD " {
+                true
+            } else if head[..7] == *b"HTTP/1." && (head[7] == b'0' || head[7] == b'1') {
+                return Some(EventKind::Response);
+            } else {
+                false
+            }
+        }
+        b'O' => head[..8] == *b"OPTIONS ",
+        b'C' => head[..8] == *b"CONNECT ",
+        b'T' => head[..6] == *b"TRACE ",
+        _ => false,
+    };
+    request.then_some(EventKind::Request)
+}
+
+fn try_http(ctx: &TcContext, seg: &Segment, direction: Direction) -> Result<(), ()> {
+    let head: [u8; 8] = if seg.payload_len >= 8 {
+        ctx.load(seg.payload_off as usize).map_err(|_| ())?
+    } else {
+        // Too short to be a message start ("GET / HTTP/1.1" alone is 14);
+        // it may still continue a header block.
+        [0; 8]
+    };
+    let key = OpenKey {
+        flow: seg.flow,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        _pad: 0,
+    };
+
+    let (kind, budget) = match classify_start(&head) {
+        Some(kind) => {
+            count(if kind == EventKind::Request {
+                counter::HTTP_REQUESTS
+            } else {
+                counter::HTTP_RESPONSES
+            });
+            (kind, HEADER_BUDGET)
+        }
+        None => {
+            // Not a start: only interesting if it continues a block we follow.
+            let Some(open) = OPEN_HEADERS.get_ptr_mut(&key) else {
+                return Ok(());
+            };
+            let open = unsafe { &mut *open };
+            if open.next_seq != seg.seq || open.budget_left == 0 {
+                // Out of order, retransmitted or done: user space marks the
+                // block truncated rather than guess what is missing.
+                return Ok(());
+            }
+            count(counter::CONTINUATIONS);
+            (EventKind::Continuation, open.budget_left)
+        }
+    };
+
+    let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
+    let event = unsafe { &mut *scratch };
+    let ts_ns = unsafe { bpf_ktime_get_ns() };
+
+    // Copy the segment in chunks of MAX_PAYLOAD, each its own event, until
+    // the segment or the budget ends. A GSO super-packet can carry a whole
+    // 12 KiB header block in one skb.
+    let mut copied: u32 = 0;
+    let ended = kind == EventKind::Response || ends_with_blank_line(ctx, seg);
+    let mut chunk_kind = kind;
+    for _ in 0..(HEADER_BUDGET as usize / MAX_PAYLOAD) {
+        let remaining = seg.payload_len - copied;
+        let left = budget - copied;
+        if remaining == 0 || left == 0 {
+            break;
+        }
+        let want = remaining.min(left).min(MAX_PAYLOAD as u32);
+        let n = load_payload(ctx, seg.payload_off + copied, want, &mut event.payload)?;
+        let mut flags = 0;
+        if remaining > n && left == n {
+            flags |= event_flags::BUDGET_EXHAUSTED;
+        }
+        event.header.ts_ns = ts_ns;
+        event.header.flow = seg.flow;
+        event.header.ifindex = key.ifindex;
+        event.header.seq = seg.seq.wrapping_add(copied);
+        event.header.segment_len = seg.payload_len;
+        event.header.payload_len = n as u16;
+        event.header.direction = direction as u8;
+        event.header.kind = chunk_kind as u8;
+        event.header.flags = flags;
+        emit(event, n as usize);
+        copied += n;
+        if kind == EventKind::Response {
+            // Responses: the status line and the headers in the first chunk
+            // are all the agent reads; bodies are never followed.
+            break;
+        }
+        chunk_kind = EventKind::Continuation;
+    }
+
+    if kind == EventKind::Response {
+        return Ok(());
+    }
+    let budget_left = budget - copied;
+    if ended || budget_left == 0 {
+        if !ended {
+            count(counter::BUDGET_EXHAUSTED);
+        }
+        let _ = OPEN_HEADERS.remove(&key);
+    } else {
+        let open = OpenHeader {
+            next_seq: seg.seq.wrapping_add(seg.payload_len),
+            budget_left,
+        };
+        let _ = OPEN_HEADERS.insert(&key, &open, 0);
+    }
+    Ok(())
+}
+
+/// Copies `want` (1..=MAX_PAYLOAD) payload bytes at `off` into `dst`.
+#[inline(always)]
+fn load_payload(
+    ctx: &TcContext,
+    off: u32,
+    want: u32,
+    dst: &mut [u8; MAX_PAYLOAD],
+) -> Result<u32, ()> {
+    if want == 0 || want > MAX_PAYLOAD as u32 {
+        return Err(());
+    }
+    // Restates 1..=MAX_PAYLOAD in a form the verifier can follow through
+    // the compiler's rewrites: bpf_skb_load_bytes takes no zero length.
+    // The volatile read stops LLVM from folding the expression back to `want`.
+    let w = unsafe { core::ptr::read_volatile(&want) };
+    let n = (w.wrapping_sub(1) & (MAX_PAYLOAD as u32 - 1)) + 1;
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(
+            ctx.skb.skb.cast(),
+            off,
+            dst.as_mut_ptr().cast(),
+            n,
+        )
+    };
+    if ret == 0 { Ok(n) } else { Err(()) }
+}
+
+/// Whether the segment's payload ends with CRLFCRLF: the common request
+/// (no body) ends its header block right at the end of its segment.
+///
+/// Only the last four bytes are read: a byte-wise search for the blank line
+/// is what the verifier rejects as too complex, and it would cost every
+/// request. A block that does not end its segment is followed into the next
+/// segments up to the budget, and user space finds where it really ends.
+#[inline(always)]
+fn ends_with_blank_line(ctx: &TcContext, seg: &Segment) -> bool {
+    if seg.payload_len < 4 {
+        return false;
+    }
+    matches!(
+        ctx.load::<[u8; 4]>((seg.payload_off + seg.payload_len - 4) as usize),
+        Ok(tail) if tail == *b"\r\n\r\n"
+    )
+}
+
+#[inline(always)]
+fn emit(event: &Event, payload_len: usize) {
+    let len = EVENT_HEADER_LEN + payload_len;
+    if len > core::mem::size_of::<Event>() {
+        return;
+    }
+    let bytes = unsafe {
+        core::slice::from_raw_parts((event as *const Event).cast::<u8>(), core::mem::size_of::<Event>())
+    };
+    if EVENTS.output::<[u8]>(&bytes[..len], 0).is_err() {
+        count(counter::RINGBUF_FULL);
+    }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
+
+// Keep FlowKey in the BTF so tools can show map keys.
+#[allow(dead_code)]
+fn _types(_: FlowKey) {}

@@ -1,0 +1,105 @@
+//! Ethernet, IPv4/IPv6 and TCP: just enough to find a segment's payload.
+//!
+//! Reads go through `bpf_skb_load_bytes`, which works on non-linear skbs
+//! (GSO/GRO super-packets on veth keep most payload in page fragments), so
+//! nothing here assumes the headers or payload are in the linear area.
+
+use aya_ebpf::programs::TcContext;
+use tracegap_common::{FlowKey, family};
+
+const ETH_HLEN: u32 = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: u32 = 40;
+
+/// A TCP segment that carries payload.
+pub struct Segment {
+    pub flow: FlowKey,
+    /// Sequence number of the first payload byte.
+    pub seq: u32,
+    /// Offset of the payload from the start of the packet.
+    pub payload_off: u32,
+    /// Payload bytes in this skb.
+    pub payload_len: u32,
+}
+
+/// The TCP segment in this packet, if it is one with payload.
+///
+/// `Ok(None)`: not TCP over IPv4/IPv6 on Ethernet, or no payload (the cheap,
+/// common exit). `Err(())`: claims to be TCP/IP but its headers cannot be read.
+#[inline(always)]
+pub fn tcp_segment(ctx: &TcContext) -> Result<Option<Segment>, ()> {
+    let proto: [u8; 2] = ctx.load(12).map_err(|_| ())?;
+    let proto = u16::from_be_bytes(proto);
+    let mut flow = FlowKey::default();
+    let (l4_off, l3_payload_end) = match proto {
+        ETH_P_IP => {
+            // version/ihl, tos, tot_len(2), id(2), frag(2), ttl, proto, csum(2), saddr(4), daddr(4)
+            let ip: [u8; 20] = ctx.load(ETH_HLEN as usize).map_err(|_| ())?;
+            if ip[0] >> 4 != 4 || ip[9] != IPPROTO_TCP {
+                return Ok(None);
+            }
+            // Later fragments carry no TCP header.
+            if u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff != 0 {
+                return Ok(None);
+            }
+            let ihl = ((ip[0] & 0x0f) as u32) * 4;
+            if ihl < 20 {
+                return Err(());
+            }
+            flow.family = family::IPV4;
+            flow.saddr[..4].copy_from_slice(&ip[12..16]);
+            flow.daddr[..4].copy_from_slice(&ip[16..20]);
+            let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as u32;
+            // tot_len is 0 for BIG TCP GSO packets: fall back to skb->len.
+            let end = if tot_len == 0 { u32::MAX } else { ETH_HLEN + tot_len };
+            (ETH_HLEN + ihl, end)
+        }
+        ETH_P_IPV6 => {
+            // ver/tc/flow(4), payload_len(2), next_hdr, hop, saddr(16), daddr(16)
+            let ip: [u8; 40] = ctx.load(ETH_HLEN as usize).map_err(|_| ())?;
+            if ip[0] >> 4 != 6 {
+                return Err(());
+            }
+            // Extension headers are not followed: pod-to-pod HTTP does not use them.
+            if ip[6] != IPPROTO_TCP {
+                return Ok(None);
+            }
+            flow.family = family::IPV6;
+            flow.saddr.copy_from_slice(&ip[8..24]);
+            flow.daddr.copy_from_slice(&ip[24..40]);
+            let plen = u16::from_be_bytes([ip[4], ip[5]]) as u32;
+            let end = if plen == 0 {
+                u32::MAX
+            } else {
+                ETH_HLEN + IPV6_HLEN + plen
+            };
+            (ETH_HLEN + IPV6_HLEN, end)
+        }
+        _ => return Ok(None),
+    };
+
+    // sport(2), dport(2), seq(4), ack(4), data offset
+    let tcp: [u8; 13] = ctx.load(l4_off as usize).map_err(|_| ())?;
+    let doff = ((tcp[12] >> 4) as u32) * 4;
+    if doff < 20 {
+        return Err(());
+    }
+    flow.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
+    flow.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+
+    let payload_off = l4_off + doff;
+    // Ethernet padding can make skb->len longer than the IP packet.
+    let end = ctx.len().min(l3_payload_end);
+    if end <= payload_off {
+        return Ok(None);
+    }
+    Ok(Some(Segment {
+        flow,
+        seq,
+        payload_off,
+        payload_len: end - payload_off,
+    }))
+}
