@@ -121,14 +121,7 @@ impl Node {
         };
         x(&["link", "set", "lo", "up"])?;
         x(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
-        x(&[
-            "addr",
-            "add",
-            &format!("{ipv6}/64"),
-            "dev",
-            "eth0",
-            "nodad",
-        ])?;
+        x(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
         x(&["link", "set", "eth0", "up"])?;
         Ok(())
     }

@@ -56,7 +56,10 @@ fn http_request_on_a_veth_arrives_through_the_ring_buffer() -> anyhow::Result<()
 
     // The counters saw the same thing.
     let counters = observer.counters()?;
-    assert!(counters.http_requests >= 1 && counters.http_responses >= 1, "{counters:?}");
+    assert!(
+        counters.http_requests >= 1 && counters.http_responses >= 1,
+        "{counters:?}"
+    );
     assert_eq!(counters.ringbuf_full, 0);
 
     // Detaching leaves nothing on the interface.

@@ -20,7 +20,12 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct ObserveArgs {
     /// Interfaces to attach to (repeat or comma-separate).
-    #[arg(long = "iface", env = "TRACEGAP_IFACES", value_delimiter = ',', required = true)]
+    #[arg(
+        long = "iface",
+        env = "TRACEGAP_IFACES",
+        value_delimiter = ',',
+        required = true
+    )]
     pub ifaces: Vec<String>,
     /// Print JSON lines instead of text.
     #[arg(long, env = "TRACEGAP_JSON")]

@@ -7,8 +7,7 @@ use aya::maps::{MapData, RingBuf};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracegap_common::{
-    Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, MAX_PAYLOAD, event_flags,
-    family,
+    Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, MAX_PAYLOAD, event_flags, family,
 };
 
 /// Why a ring-buffer record could not be decoded.

@@ -227,7 +227,10 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         // 8 + 40 + 4 + 4 + 4 + 2 + 1 + 1 + 1 + 7
         assert_eq!(EVENT_HEADER_LEN, 72);
-        assert_eq!(core::mem::size_of::<Event>(), EVENT_HEADER_LEN + MAX_PAYLOAD);
+        assert_eq!(
+            core::mem::size_of::<Event>(),
+            EVENT_HEADER_LEN + MAX_PAYLOAD
+        );
     }
 
     #[test]
@@ -241,7 +244,10 @@ mod tests {
             _pad: [0; 3],
         };
         let r = k.reversed();
-        assert_eq!((r.saddr, r.daddr, r.sport, r.dport), ([2; 16], [1; 16], 4, 3));
+        assert_eq!(
+            (r.saddr, r.daddr, r.sport, r.dport),
+            ([2; 16], [1; 16], 4, 3)
+        );
         assert_eq!(r.reversed(), k);
     }
 }

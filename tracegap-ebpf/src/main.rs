@@ -12,8 +12,9 @@
 //! The programs never modify a packet and always return `TC_ACT_UNSPEC`
 //! ("no opinion": the next program or the default action decides), so the
 //! data path fails open whatever happens here.
-#![no_std]
-#![no_main]
+// Builds for the host too, so `cargo clippy --workspace` lints this crate.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod net;
 
@@ -25,8 +26,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracegap_common::{
-    Direction, EVENT_HEADER_LEN, Event, EventKind, FlowKey, HEADER_BUDGET, MAX_OPEN_HEADERS,
-    MAX_PAYLOAD, OpenHeader, OpenKey, RING_BUFFER_BYTES, counter, event_flags,
+    Direction, EVENT_HEADER_LEN, Event, EventKind, HEADER_BUDGET, MAX_OPEN_HEADERS, MAX_PAYLOAD,
+    OpenHeader, OpenKey, RING_BUFFER_BYTES, counter, event_flags,
 };
 
 use crate::net::Segment;
@@ -134,7 +135,7 @@ fn try_http(ctx: &TcContext, seg: &Segment, direction: Direction) -> Result<(), 
         }
         None => {
             // Not a start: only interesting if it continues a block we follow.
-            let Some(open) = OPEN_HEADERS.get_ptr_mut(&key) else {
+            let Some(open) = OPEN_HEADERS.get_ptr_mut(key) else {
                 return Ok(());
             };
             let open = unsafe { &mut *open };
@@ -197,13 +198,13 @@ fn try_http(ctx: &TcContext, seg: &Segment, direction: Direction) -> Result<(), 
         if !ended {
             count(counter::BUDGET_EXHAUSTED);
         }
-        let _ = OPEN_HEADERS.remove(&key);
+        let _ = OPEN_HEADERS.remove(key);
     } else {
         let open = OpenHeader {
             next_seq: seg.seq.wrapping_add(seg.payload_len),
             budget_left,
         };
-        let _ = OPEN_HEADERS.insert(&key, &open, 0);
+        let _ = OPEN_HEADERS.insert(key, open, 0);
     }
     Ok(())
 }
@@ -225,12 +226,7 @@ fn load_payload(
     let w = unsafe { core::ptr::read_volatile(&want) };
     let n = (w.wrapping_sub(1) & (MAX_PAYLOAD as u32 - 1)) + 1;
     let ret = unsafe {
-        aya_ebpf::helpers::bpf_skb_load_bytes(
-            ctx.skb.skb.cast(),
-            off,
-            dst.as_mut_ptr().cast(),
-            n,
-        )
+        aya_ebpf::helpers::bpf_skb_load_bytes(ctx.skb.skb.cast(), off, dst.as_mut_ptr().cast(), n)
     };
     if ret == 0 { Ok(n) } else { Err(()) }
 }
@@ -260,14 +256,20 @@ fn emit(event: &Event, payload_len: usize) {
         return;
     }
     let bytes = unsafe {
-        core::slice::from_raw_parts((event as *const Event).cast::<u8>(), core::mem::size_of::<Event>())
+        core::slice::from_raw_parts(
+            (event as *const Event).cast::<u8>(),
+            core::mem::size_of::<Event>(),
+        )
     };
     if EVENTS.output::<[u8]>(&bytes[..len], 0).is_err() {
         count(counter::RINGBUF_FULL);
     }
 }
 
-#[cfg(not(test))]
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
@@ -276,7 +278,3 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
-
-// Keep FlowKey in the BTF so tools can show map keys.
-#[allow(dead_code)]
-fn _types(_: FlowKey) {}

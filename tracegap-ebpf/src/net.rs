@@ -53,7 +53,11 @@ pub fn tcp_segment(ctx: &TcContext) -> Result<Option<Segment>, ()> {
             flow.daddr[..4].copy_from_slice(&ip[16..20]);
             let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as u32;
             // tot_len is 0 for BIG TCP GSO packets: fall back to skb->len.
-            let end = if tot_len == 0 { u32::MAX } else { ETH_HLEN + tot_len };
+            let end = if tot_len == 0 {
+                u32::MAX
+            } else {
+                ETH_HLEN + tot_len
+            };
             (ETH_HLEN + ihl, end)
         }
         ETH_P_IPV6 => {

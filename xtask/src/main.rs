@@ -1,1 +1,51 @@
-fn main(){}
+//! `cargo xtask`: the front door for building and testing tracegap.
+
+mod setup;
+mod test;
+mod toolchain;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "Set up, build and test tracegap")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install what building the eBPF programs needs (idempotent; as root on
+    /// Debian/Ubuntu it installs, elsewhere it prints what to install).
+    Setup(setup::SetupArgs),
+    /// Build the agent with its embedded eBPF programs.
+    Build(BuildArgs),
+    /// Set up if needed, build, then run the unit and end-to-end tests.
+    Test(test::TestArgs),
+    /// cargo fmt --check and cargo clippy on the user-space crates.
+    Lint,
+}
+
+#[derive(Debug, clap::Args)]
+struct BuildArgs {
+    /// Build in release mode.
+    #[arg(long)]
+    release: bool,
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Setup(args) => setup::run(&args).map(|_| ()),
+        Command::Build(args) => {
+            let route = setup::ensure(false)?;
+            let mut cmd = toolchain::cargo(&route);
+            cmd.args(["build", "--package", "tracegap-agent"]);
+            if args.release {
+                cmd.arg("--release");
+            }
+            toolchain::run(&mut cmd)
+        }
+        Command::Test(args) => test::run(&args),
+        Command::Lint => test::lint(),
+    }
+}

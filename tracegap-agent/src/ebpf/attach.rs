@@ -28,7 +28,7 @@ pub enum AttachError {
         iface: String,
         mode: AttachMode,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// Detaching a program from an interface that still exists failed.
     #[error("detaching {program} from {iface}: {source}")]
@@ -36,7 +36,7 @@ pub enum AttachError {
         program: &'static str,
         iface: String,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// A program is not in the object (cannot happen with the embedded object).
     #[error("program {0} is not loaded")]
@@ -189,7 +189,7 @@ impl Attachments {
                 program,
                 iface: iface.to_owned(),
                 mode: self.mode,
-                source,
+                source: Box::new(source),
             })
     }
 
@@ -207,7 +207,7 @@ impl Attachments {
                 p.detach(id).map_err(|source| AttachError::Detach {
                     program,
                     iface: iface.to_owned(),
-                    source,
+                    source: Box::new(source),
                 })
             });
             // A vanished interface took its filters and links with it.

@@ -39,12 +39,12 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
     let map = ebpf.map("COUNTERS").ok_or(Error::MissingMap("COUNTERS"))?;
     let array = PerCpuArray::<_, u64>::try_from(map).map_err(|source| Error::Map {
         name: "COUNTERS",
-        source,
+        source: Box::new(source),
     })?;
     let sum = |index: u32| -> Result<u64, Error> {
         let values = array.get(&index, 0).map_err(|source| Error::Map {
             name: "COUNTERS",
-            source,
+            source: Box::new(source),
         })?;
         Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
     };

@@ -35,7 +35,7 @@ pub enum Error {
     NoObject,
     /// The embedded object could not be parsed or its maps created.
     #[error("loading the eBPF object: {0}")]
-    Object(#[from] aya::EbpfError),
+    Object(#[from] Box<aya::EbpfError>),
     /// A program the agent needs is not in the object.
     #[error("program {0} is missing from the eBPF object")]
     MissingProgram(&'static str),
@@ -44,7 +44,7 @@ pub enum Error {
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     /// A map the agent needs is not in the object.
     #[error("map {0} is missing from the eBPF object")]
@@ -54,7 +54,7 @@ pub enum Error {
     Load {
         program: &'static str,
         #[source]
-        source: ProgramError,
+        source: Box<ProgramError>,
     },
     /// Attaching to or detaching from an interface failed.
     #[error(transparent)]
@@ -73,7 +73,7 @@ impl Observer {
         if OBJECT.is_empty() {
             return Err(Error::NoObject);
         }
-        let mut ebpf = EbpfLoader::new().load(OBJECT)?;
+        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(Box::new)?;
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -81,11 +81,11 @@ impl Observer {
                 .try_into()
                 .map_err(|source| Error::Load {
                     program: name,
-                    source,
+                    source: Box::new(source),
                 })?;
             program.load().map_err(|source| Error::Load {
                 program: name,
-                source,
+                source: Box::new(source),
             })?;
         }
         Ok(Self {
@@ -125,7 +125,7 @@ impl Observer {
             .ok_or(Error::MissingMap("EVENTS"))?;
         RingBuf::try_from(map).map_err(|source| Error::Map {
             name: "EVENTS",
-            source,
+            source: Box::new(source),
         })
     }
 

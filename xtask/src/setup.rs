@@ -1,0 +1,169 @@
+//! `cargo xtask setup`: make this machine able to build and test tracegap.
+//!
+//! Idempotent. As root on Debian or Ubuntu it installs what is missing;
+//! elsewhere it prints exactly what to install. A machine that already has
+//! the upstream route (rustup nightly with rust-src, and bpf-linker) is used
+//! as it is.
+
+use std::process::Command;
+
+use anyhow::{Context as _, bail};
+
+use crate::toolchain::{self, DEBIAN_TOOLCHAIN, Found, Route};
+
+/// Debian packages for the Debian route of the eBPF build.
+const BPF_PACKAGES: &[&str] = &[
+    "rustc-web",
+    "cargo-web",
+    "rust-web-src",
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "libzstd-dev",
+];
+/// Debian packages the tests and the lab run.
+const RUNTIME_PACKAGES: &[&str] = &["iproute2", "curl", "util-linux"];
+
+const BPF_LINKER_VERSION: &str = "^0.13";
+
+#[derive(Debug, clap::Args)]
+pub struct SetupArgs {
+    /// Only report what is missing; install nothing.
+    #[arg(long)]
+    pub check: bool,
+}
+
+pub fn run(args: &SetupArgs) -> anyhow::Result<Route> {
+    ensure(!args.check).inspect(|route| {
+        println!(
+            "setup: eBPF programs build with the {} route (toolchain `{}`)",
+            match route {
+                Route::Nightly => "upstream",
+                Route::Debian => "Debian",
+            },
+            route.toolchain()
+        );
+    })
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn is_debian_like() -> bool {
+    let Ok(os) = std::fs::read_to_string("/etc/os-release") else {
+        return false;
+    };
+    os.lines().any(|l| {
+        (l.starts_with("ID=") || l.starts_with("ID_LIKE="))
+            && (l.contains("debian") || l.contains("ubuntu"))
+    }) && std::path::Path::new("/usr/bin/apt-get").exists()
+}
+
+fn missing_packages(wanted: &[&str]) -> Vec<String> {
+    wanted
+        .iter()
+        .filter(|p| {
+            !Command::new("dpkg-query")
+                .args(["-W", "-f=${Status}", p])
+                .output()
+                .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+        })
+        .map(|p| p.to_string())
+        .collect()
+}
+
+fn instructions() -> String {
+    format!(
+        "To build tracegap's eBPF programs, install either\n\
+         - the upstream route: `rustup toolchain install nightly --component rust-src` and \
+         `cargo install bpf-linker`, or\n\
+         - the Debian route (Debian 12 / Ubuntu, as root): `apt-get install {}`, then \
+         `rustup toolchain link {DEBIAN_TOOLCHAIN} /usr` and \
+         `LLVM_PREFIX=/usr/lib/llvm-22 cargo install bpf-linker --version '{BPF_LINKER_VERSION}' \
+         --no-default-features --features llvm-22`.\n\
+         The tests also need: {}.\n\
+         `cargo xtask setup` does the Debian route for you when run as root.",
+        BPF_PACKAGES.join(" "),
+        RUNTIME_PACKAGES.join(" ")
+    )
+}
+
+/// Makes sure some route can build the eBPF programs, installing what is
+/// missing when `install` is true and the machine allows it.
+pub fn ensure(install: bool) -> anyhow::Result<Route> {
+    let can_install = install && is_root() && is_debian_like();
+    if can_install {
+        let missing = missing_packages(RUNTIME_PACKAGES);
+        apt_install(&missing)?;
+    }
+    let found = Found::probe();
+    if let Some(route) = found.route() {
+        return Ok(route);
+    }
+    if !can_install {
+        bail!(
+            "nothing on this machine can build the eBPF programs yet ({found:?}).\n{}",
+            instructions()
+        );
+    }
+
+    let missing = if found.nightly_with_src {
+        Vec::new()
+    } else {
+        missing_packages(BPF_PACKAGES)
+    };
+    apt_install(&missing)?;
+    if !found.nightly_with_src && !toolchain::has_library_source(DEBIAN_TOOLCHAIN) {
+        println!("setup: rustup toolchain link {DEBIAN_TOOLCHAIN} /usr");
+        toolchain::run(Command::new("rustup").args([
+            "toolchain",
+            "link",
+            DEBIAN_TOOLCHAIN,
+            "/usr",
+        ]))
+        .context("linking Debian's Rust toolchain into rustup")?;
+    }
+    if toolchain::bpf_linker().is_none() {
+        println!("setup: cargo install bpf-linker {BPF_LINKER_VERSION} (LLVM 22), a few minutes");
+        toolchain::run(
+            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+                .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+                .args([
+                    "install",
+                    "bpf-linker",
+                    "--version",
+                    BPF_LINKER_VERSION,
+                    "--no-default-features",
+                    "--features",
+                    "llvm-22",
+                ]),
+        )
+        .context("installing bpf-linker")?;
+    }
+    Found::probe().route().with_context(|| {
+        format!(
+            "setup finished but no route builds the eBPF programs ({:?})\n{}",
+            Found::probe(),
+            instructions()
+        )
+    })
+}
+
+fn apt_install(packages: &[String]) -> anyhow::Result<()> {
+    if packages.is_empty() {
+        return Ok(());
+    }
+    println!("setup: apt-get install {}", packages.join(" "));
+    toolchain::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["update", "-q"]),
+    )?;
+    toolchain::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q"])
+            .args(packages),
+    )
+}

@@ -1,0 +1,52 @@
+//! `cargo xtask test` and `cargo xtask lint`.
+
+use crate::{setup, toolchain};
+
+#[derive(Debug, clap::Args)]
+pub struct TestArgs {
+    /// Arguments passed on to `cargo test` (a test name filter, `--nocapture`, ...).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub cargo_test_args: Vec<String>,
+}
+
+pub fn run(args: &TestArgs) -> anyhow::Result<()> {
+    let route = setup::ensure(true)?;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        println!(
+            "xtask test: not running as root: the end-to-end tests (network namespaces, \
+             eBPF) will be SKIPPED, each with a message; run as root for the full suite"
+        );
+    }
+    // Unit tests and end-to-end tests, in the default members (the eBPF
+    // crate only builds for the BPF target, through the agent's build.rs).
+    let mut cmd = toolchain::cargo(&route);
+    cmd.args(["test", "--no-fail-fast"]);
+    if !args.cargo_test_args.is_empty() {
+        cmd.arg("--").args(&args.cargo_test_args);
+    }
+    toolchain::run(&mut cmd)
+}
+
+pub fn lint() -> anyhow::Result<()> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    toolchain::run(
+        std::process::Command::new(&cargo)
+            .current_dir(toolchain::workspace_root())
+            .args(["fmt", "--all", "--check"]),
+    )?;
+    // Lints need no eBPF toolchain: build.rs skips the kernel object.
+    toolchain::run(
+        std::process::Command::new(&cargo)
+            .current_dir(toolchain::workspace_root())
+            .env("AYA_BUILD_SKIP", "1")
+            .args([
+                "clippy",
+                "--workspace",
+                "--all-targets",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+    )
+}
