@@ -27,9 +27,6 @@ pub struct ObserveArgs {
         required = true
     )]
     pub ifaces: Vec<String>,
-    /// Print JSON lines instead of text.
-    #[arg(long, env = "TRACEGAP_JSON")]
-    pub json: bool,
     /// Stop after this many messages (0: run until SIGINT/SIGTERM).
     #[arg(long, default_value_t = 0, env = "TRACEGAP_COUNT")]
     pub count: u64,

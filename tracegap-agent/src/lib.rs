@@ -6,7 +6,9 @@
 //! records) → [`observe`] (what a person watches on the wire).
 
 pub mod cli;
+pub mod clock;
 pub mod ebpf;
 pub mod events;
+pub mod http;
 pub mod observe;
 pub mod shutdown;

@@ -1,34 +1,94 @@
-//! `tracegap observe`: watch HTTP messages on the wire, one line each.
+//! `tracegap observe`: watch HTTP messages on the wire, one line each:
+//! time, flow, method, path, status, context format, trace id, sampled.
 
-use std::io::Write as _;
+use std::{io::Write as _, time::Duration};
 
 use anyhow::Context as _;
-use tracegap_common::EventKind;
 
 use crate::{
     cli::ObserveArgs,
+    clock::{WallClock, monotonic_ns},
     ebpf::Observer,
-    events::{EventStream, RawEvent},
+    events::EventStream,
+    http::{
+        assemble::{Assembler, Message, Pairer},
+        context::{Found, Propagation},
+        message::StartLine,
+    },
     shutdown,
 };
 
-/// One printed line: the first line of an HTTP message and where it was seen.
-pub fn format_line(e: &RawEvent) -> String {
-    let first = e
-        .payload
-        .split(|&b| b == b'\r' || b == b'\n')
-        .next()
-        .map(|l| String::from_utf8_lossy(l).into_owned())
-        .unwrap_or_default();
-    let kind = match e.kind {
-        EventKind::Request => "REQ",
-        EventKind::Response => "RSP",
-        EventKind::Continuation => "...",
-    };
-    format!(
-        "{} if={} {:?} {} {} {:?}",
-        e.ts_ns, e.ifindex, e.direction, e.flow, kind, first
-    )
+/// How long a request waits for its response before it is reported unanswered.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an unfinished header block waits for its next segment.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+
+fn context_field(p: &Propagation) -> String {
+    if p.contexts.is_empty() {
+        return "ctx=none".to_owned();
+    }
+    p.contexts
+        .iter()
+        .map(|c| match c {
+            Found::Valid(c) => format!(
+                "ctx={} trace={} parent={} sampled={}",
+                c.format.as_str(),
+                c.trace_id,
+                c.parent_span_id,
+                c.sampled.map_or("defer", |s| if s { "1" } else { "0" })
+            ),
+            Found::Malformed { format, reason, .. } => {
+                format!("ctx={} MALFORMED({reason})", format.as_str())
+            }
+            Found::SamplingOnly { format, sampled } => {
+                format!(
+                    "ctx={} sampling-only sampled={}",
+                    format.as_str(),
+                    *sampled as u8
+                )
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The line printed for a message; `request` is the request a response answers.
+pub fn format_line(clock: &WallClock, m: &Message, request: Option<&Message>) -> String {
+    let time = humantime::format_rfc3339_millis(clock.system_time(m.ts_ns));
+    let trunc = if m.truncated { " TRUNCATED" } else { "" };
+    match &m.head {
+        Ok(head) => match &head.start {
+            StartLine::Request { method, path, .. } => {
+                let p = Propagation::from_head(head);
+                let baggage = p
+                    .baggage
+                    .as_ref()
+                    .map(|b| format!(" baggage={}", b.entries))
+                    .unwrap_or_default();
+                format!(
+                    "{time} {} REQ {method} {path} {}{baggage}{trunc}",
+                    m.flow,
+                    context_field(&p)
+                )
+            }
+            StartLine::Response { status, .. } => {
+                let answered = request
+                    .and_then(|r| r.head.as_ref().ok())
+                    .and_then(|h| match &h.start {
+                        StartLine::Request { method, path, .. } => Some((method, path)),
+                        _ => None,
+                    })
+                    .zip(request)
+                    .map(|((method, path), r)| {
+                        let ms = m.ts_ns.saturating_sub(r.ts_ns) as f64 / 1e6;
+                        format!(" for {method} {path} in {ms:.1}ms")
+                    })
+                    .unwrap_or_default();
+                format!("{time} {} RSP {status}{answered}{trunc}", m.flow)
+            }
+        },
+        Err(e) => format!("{time} {} UNPARSED {e}", m.flow),
+    }
 }
 
 pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
@@ -38,38 +98,58 @@ pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
             .attach(iface)
             .with_context(|| format!("attaching to {iface}"))?;
     }
+    let result = watch(&mut observer, &args).await;
+    // Detach before reporting any error, so nothing stays attached.
+    observer.detach_all()?;
+    result
+}
+
+async fn watch(observer: &mut Observer, args: &ObserveArgs) -> anyhow::Result<()> {
     let mut stream = EventStream::new(observer.take_events()?)?;
     let stop = shutdown::signal_received();
     tokio::pin!(stop);
-    let mut batch = Vec::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let clock = WallClock::new();
+    let (mut assembler, mut pairer) = (Assembler::default(), Pairer::default());
+    let (mut events, mut messages) = (Vec::new(), Vec::new());
     let mut printed = 0u64;
-    let stdout = std::io::stdout();
     loop {
         tokio::select! {
             sig = &mut stop => {
                 tracing::info!(signal = sig?, "stopping");
-                break;
+                return Ok(());
             }
-            n = stream.next_batch(&mut batch) => {
+            n = stream.next_batch(&mut events) => {
                 n?;
-                let mut out = stdout.lock();
-                for e in batch.drain(..) {
-                    if e.kind == EventKind::Continuation {
-                        continue;
-                    }
-                    writeln!(out, "{}", format_line(&e))?;
-                    printed += 1;
-                    if args.count != 0 && printed >= args.count {
-                        break;
-                    }
+                for e in events.drain(..) {
+                    assembler.push(e, &mut messages);
                 }
-                out.flush()?;
-                if args.count != 0 && printed >= args.count {
-                    break;
+            }
+            _ = tick.tick() => {
+                let now = monotonic_ns();
+                assembler.flush_before(now.saturating_sub(HEAD_TIMEOUT.as_nanos() as u64), &mut messages);
+                for r in pairer.expire_before(now.saturating_sub(RESPONSE_TIMEOUT.as_nanos() as u64)) {
+                    tracing::debug!(flow = %r.flow, "request unanswered");
                 }
             }
         }
+        let mut out = std::io::stdout().lock();
+        for m in messages.drain(..) {
+            let line = if m.is_request() {
+                let line = format_line(&clock, &m, None);
+                pairer.request(m);
+                line
+            } else {
+                let req = pairer.response(&m);
+                format_line(&clock, &m, req.as_ref())
+            };
+            writeln!(out, "{line}")?;
+            printed += 1;
+            if args.count != 0 && printed >= args.count {
+                out.flush()?;
+                return Ok(());
+            }
+        }
+        out.flush()?;
     }
-    observer.detach_all()?;
-    Ok(())
 }

@@ -1,0 +1,430 @@
+//! From kernel events to whole message heads: joins a header block's
+//! continuation events, drops what was already seen (TCP retransmissions,
+//! and the same packet seen on the client's and the server's veth), and
+//! pairs responses with requests in order (keep-alive and pipelining).
+
+use std::collections::{HashMap, VecDeque};
+
+use tracegap_common::{Direction, EventKind};
+
+use super::message::{Head, HeadError, parse_head};
+use crate::events::{Flow, RawEvent};
+
+/// Header blocks being assembled at most; the oldest is flushed past it.
+pub const MAX_PARTIALS: usize = 16 * 1024;
+/// Requests waiting for a response per flow at most (pipelining depth).
+pub const MAX_PENDING_PER_FLOW: usize = 64;
+/// Flows remembered for duplicate detection at most.
+pub const MAX_SEEN_FLOWS: usize = 256 * 1024;
+
+/// One HTTP message head, as seen on the wire.
+#[derive(Clone, Debug)]
+pub struct Message {
+    pub ts_ns: u64,
+    pub flow: Flow,
+    pub ifindex: u32,
+    pub direction: Direction,
+    pub seq: u32,
+    pub head: Result<Head, HeadError>,
+    /// The head did not end within what the kernel copied (budget reached,
+    /// or segments missing): the headers read are the complete lines so far.
+    pub truncated: bool,
+}
+
+impl Message {
+    pub fn is_request(&self) -> bool {
+        matches!(
+            self.head,
+            Ok(Head {
+                start: super::message::StartLine::Request { .. },
+                ..
+            })
+        )
+    }
+}
+
+struct Partial {
+    ts_ns: u64,
+    direction: Direction,
+    seq: u32,
+    next_seq: u32,
+    buf: Vec<u8>,
+}
+
+/// Counts of what the assembler dropped, for metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct AssembleStats {
+    pub duplicates: u64,
+    pub orphan_continuations: u64,
+    pub truncated: u64,
+}
+
+#[derive(Default)]
+pub struct Assembler {
+    partials: HashMap<(Flow, u32), Partial>,
+    /// Last message start seen per flow: (sequence number, time).
+    seen: HashMap<Flow, (u32, u64)>,
+    pub stats: AssembleStats,
+}
+
+/// Parses what there is of an unfinished head: its complete lines.
+fn parse_partial(buf: &[u8]) -> Result<Head, HeadError> {
+    let Some(end) = buf.windows(2).rposition(|w| w == b"\r\n") else {
+        return parse_head(buf);
+    };
+    let mut b = buf[..end + 2].to_vec();
+    b.extend_from_slice(b"\r\n");
+    let mut head = parse_head(&b)?;
+    head.len = buf.len();
+    Ok(head)
+}
+
+impl Assembler {
+    /// Feeds one event; finished messages are appended to `out`.
+    pub fn push(&mut self, e: RawEvent, out: &mut Vec<Message>) {
+        let key = (e.flow, e.ifindex);
+        match e.kind {
+            EventKind::Request | EventKind::Response => {
+                if let Some(p) = self.partials.remove(&key) {
+                    // A new message began before the last one's head ended.
+                    self.finish(key, p, true, out);
+                }
+                if self.partials.len() >= MAX_PARTIALS
+                    && let Some(oldest) = self
+                        .partials
+                        .iter()
+                        .min_by_key(|(_, p)| p.ts_ns)
+                        .map(|(k, _)| *k)
+                    && let Some(p) = self.partials.remove(&oldest)
+                {
+                    self.finish(oldest, p, true, out);
+                }
+                let p = Partial {
+                    ts_ns: e.ts_ns,
+                    direction: e.direction,
+                    seq: e.seq,
+                    next_seq: e.seq.wrapping_add(e.payload.len() as u32),
+                    buf: e.payload,
+                };
+                // Responses are never followed past their first event.
+                let last = e.kind == EventKind::Response || e.budget_exhausted;
+                self.advance(key, p, last, out);
+            }
+            EventKind::Continuation => {
+                let Some(mut p) = self.partials.remove(&key) else {
+                    self.stats.orphan_continuations += 1;
+                    return;
+                };
+                if e.seq != p.next_seq {
+                    // A gap: what is missing cannot be guessed.
+                    self.finish(key, p, true, out);
+                    return;
+                }
+                p.next_seq = p.next_seq.wrapping_add(e.payload.len() as u32);
+                p.buf.extend_from_slice(&e.payload);
+                self.advance(key, p, e.budget_exhausted, out);
+            }
+        }
+    }
+
+    fn advance(&mut self, key: (Flow, u32), p: Partial, last: bool, out: &mut Vec<Message>) {
+        match parse_head(&p.buf) {
+            Err(HeadError::Incomplete(_)) if !last => {
+                self.partials.insert(key, p);
+            }
+            Err(HeadError::Incomplete(_)) => self.finish(key, p, true, out),
+            head => self.emit(key, p, head, false, out),
+        }
+    }
+
+    fn finish(&mut self, key: (Flow, u32), p: Partial, truncated: bool, out: &mut Vec<Message>) {
+        let head = parse_partial(&p.buf);
+        self.emit(key, p, head, truncated, out);
+    }
+
+    fn emit(
+        &mut self,
+        (flow, ifindex): (Flow, u32),
+        p: Partial,
+        head: Result<Head, HeadError>,
+        truncated: bool,
+        out: &mut Vec<Message>,
+    ) {
+        if let Some(&(last, _)) = self.seen.get(&flow)
+            && (p.seq.wrapping_sub(last) as i32) <= 0
+        {
+            self.stats.duplicates += 1;
+            return;
+        }
+        if self.seen.len() >= MAX_SEEN_FLOWS {
+            self.forget_before(p.ts_ns.saturating_sub(10_000_000_000));
+        }
+        self.seen.insert(flow, (p.seq, p.ts_ns));
+        if truncated {
+            self.stats.truncated += 1;
+        }
+        out.push(Message {
+            ts_ns: p.ts_ns,
+            flow,
+            ifindex,
+            direction: p.direction,
+            seq: p.seq,
+            head,
+            truncated,
+        });
+    }
+
+    /// Finishes heads that have waited since before `ts_ns` (their next
+    /// segment is not coming) and forgets old flows.
+    pub fn flush_before(&mut self, ts_ns: u64, out: &mut Vec<Message>) {
+        let stale: Vec<_> = self
+            .partials
+            .iter()
+            .filter(|(_, p)| p.ts_ns < ts_ns)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in stale {
+            if let Some(p) = self.partials.remove(&k) {
+                self.finish(k, p, true, out);
+            }
+        }
+    }
+
+    fn forget_before(&mut self, ts_ns: u64) {
+        self.seen.retain(|_, (_, t)| *t >= ts_ns);
+    }
+}
+
+/// Pairs each response with the oldest unanswered request on its flow.
+#[derive(Default)]
+pub struct Pairer {
+    pending: HashMap<Flow, VecDeque<Message>>,
+}
+
+impl Pairer {
+    /// Records a request; returns the request it pushed out when the flow's
+    /// queue was full (answered never, as far as we will know).
+    pub fn request(&mut self, m: Message) -> Option<Message> {
+        let q = self.pending.entry(m.flow).or_default();
+        q.push_back(m);
+        (q.len() > MAX_PENDING_PER_FLOW)
+            .then(|| q.pop_front())
+            .flatten()
+    }
+
+    /// The request a response answers: the oldest pending one on its flow.
+    pub fn response(&mut self, m: &Message) -> Option<Message> {
+        let flow = m.flow.reversed();
+        let q = self.pending.get_mut(&flow)?;
+        let req = q.pop_front();
+        if q.is_empty() {
+            self.pending.remove(&flow);
+        }
+        req
+    }
+
+    /// Removes and returns requests older than `ts_ns`: they timed out.
+    pub fn expire_before(&mut self, ts_ns: u64) -> Vec<Message> {
+        let mut expired = Vec::new();
+        self.pending.retain(|_, q| {
+            while q.front().is_some_and(|m| m.ts_ns < ts_ns) {
+                expired.extend(q.pop_front());
+            }
+            !q.is_empty()
+        });
+        expired
+    }
+
+    pub fn pending(&self) -> usize {
+        self.pending.values().map(VecDeque::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::events::Endpoint;
+
+    fn flow() -> Flow {
+        Flow {
+            src: Endpoint {
+                ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+                port: 40000,
+            },
+            dst: Endpoint {
+                ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+                port: 80,
+            },
+        }
+    }
+
+    fn ev(kind: EventKind, flow: Flow, ifindex: u32, seq: u32, payload: &[u8]) -> RawEvent {
+        RawEvent {
+            ts_ns: seq as u64,
+            flow,
+            ifindex,
+            direction: Direction::Egress,
+            kind,
+            seq,
+            segment_len: payload.len() as u32,
+            budget_exhausted: false,
+            payload: payload.to_vec(),
+        }
+    }
+
+    #[test]
+    fn joins_continuations_and_drops_duplicates_from_a_second_interface() {
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        let first = b"GET /big HTTP/1.1\r\nx-pad: aaaa";
+        let rest =
+            b"aaaa\r\ntraceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n";
+        a.push(ev(EventKind::Request, flow(), 1, 100, first), &mut out);
+        assert!(out.is_empty());
+        // The same segment on the server's veth.
+        a.push(ev(EventKind::Request, flow(), 2, 100, first), &mut out);
+        a.push(
+            ev(
+                EventKind::Continuation,
+                flow(),
+                1,
+                100 + first.len() as u32,
+                rest,
+            ),
+            &mut out,
+        );
+        a.push(
+            ev(
+                EventKind::Continuation,
+                flow(),
+                2,
+                100 + first.len() as u32,
+                rest,
+            ),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1, "{out:?}");
+        let head = out[0].head.as_ref().unwrap();
+        assert_eq!(head.header("x-pad"), Some("aaaaaaaa"));
+        assert!(head.header("traceparent").is_some());
+        assert!(!out[0].truncated);
+        assert_eq!(a.stats.duplicates, 1);
+        // A retransmission of the same request is not a new request.
+        a.push(
+            ev(
+                EventKind::Request,
+                flow(),
+                1,
+                100,
+                b"GET /big HTTP/1.1\r\n\r\n",
+            ),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn a_gap_or_exhausted_budget_marks_the_head_truncated() {
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        a.push(
+            ev(
+                EventKind::Request,
+                flow(),
+                1,
+                0,
+                b"GET / HTTP/1.1\r\nhost: a\r\nx-b: ",
+            ),
+            &mut out,
+        );
+        a.push(
+            ev(EventKind::Continuation, flow(), 1, 999, b"zzz\r\n\r\n"),
+            &mut out,
+        );
+        assert_eq!(out.len(), 1);
+        assert!(out[0].truncated);
+        assert_eq!(out[0].head.as_ref().unwrap().header("host"), Some("a"));
+
+        let mut e = ev(
+            EventKind::Request,
+            flow(),
+            1,
+            5000,
+            b"GET /x HTTP/1.1\r\nhost: b\r\nx: y",
+        );
+        e.budget_exhausted = true;
+        a.push(e, &mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out[1].truncated);
+        assert_eq!(a.stats.truncated, 2);
+    }
+
+    #[test]
+    fn pipelined_responses_pair_in_order() {
+        let mut a = Assembler::default();
+        let mut p = Pairer::default();
+        let mut out = Vec::new();
+        a.push(
+            ev(
+                EventKind::Request,
+                flow(),
+                1,
+                10,
+                b"GET /1 HTTP/1.1\r\n\r\n",
+            ),
+            &mut out,
+        );
+        a.push(
+            ev(
+                EventKind::Request,
+                flow(),
+                1,
+                30,
+                b"GET /2 HTTP/1.1\r\n\r\n",
+            ),
+            &mut out,
+        );
+        let back = flow().reversed();
+        a.push(
+            ev(EventKind::Response, back, 1, 7, b"HTTP/1.1 200 OK\r\n\r\n"),
+            &mut out,
+        );
+        a.push(
+            ev(
+                EventKind::Response,
+                back,
+                1,
+                27,
+                b"HTTP/1.1 404 Not Found\r\n\r\n",
+            ),
+            &mut out,
+        );
+        let mut pairs = Vec::new();
+        for m in out {
+            if m.is_request() {
+                assert!(p.request(m).is_none());
+            } else {
+                let req = p.response(&m).expect("a pending request");
+                pairs.push((req.seq, m.seq));
+            }
+        }
+        assert_eq!(pairs, [(10, 7), (30, 27)]);
+        assert_eq!(p.pending(), 0);
+    }
+
+    #[test]
+    fn unanswered_requests_expire() {
+        let mut a = Assembler::default();
+        let mut p = Pairer::default();
+        let mut out = Vec::new();
+        a.push(
+            ev(EventKind::Request, flow(), 1, 10, b"GET / HTTP/1.1\r\n\r\n"),
+            &mut out,
+        );
+        p.request(out.remove(0));
+        assert!(p.expire_before(5).is_empty());
+        assert_eq!(p.expire_before(11).len(), 1);
+    }
+}

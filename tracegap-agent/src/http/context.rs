@@ -1,0 +1,543 @@
+//! Trace context in request headers: W3C Trace Context, Jaeger and Zipkin B3
+//! (multi and single header), and W3C baggage.
+//!
+//! Invalid values are reported as malformed with the reason, never dropped:
+//! a header that is present but wrong is one of the gaps tracegap explains.
+
+use serde::Serialize;
+
+use super::message::Head;
+
+/// A context propagation format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    /// W3C `traceparent` (+ `tracestate`).
+    W3c,
+    /// Jaeger `uber-trace-id`.
+    Jaeger,
+    /// Zipkin `X-B3-TraceId` / `X-B3-SpanId` / `X-B3-Sampled`.
+    B3Multi,
+    /// Zipkin single header `b3`.
+    B3Single,
+}
+
+impl Format {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::W3c => "w3c",
+            Self::Jaeger => "jaeger",
+            Self::B3Multi => "b3multi",
+            Self::B3Single => "b3",
+        }
+    }
+}
+
+/// A valid context: the trace it belongs to and the span that sent it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SpanContext {
+    pub format: Format,
+    /// 32 lowercase hex digits (64-bit ids are left-padded with zeros, as
+    /// OpenTelemetry does when it reads B3 or Jaeger).
+    pub trace_id: String,
+    /// 16 lowercase hex digits: the caller's span, the parent of the callee's.
+    pub parent_span_id: String,
+    /// None: the sender left the decision to the receiver (B3 without a flag).
+    pub sampled: Option<bool>,
+}
+
+/// One context header set found in a request.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Found {
+    Valid(SpanContext),
+    /// Present but invalid: the header's value and why it is wrong.
+    Malformed {
+        format: Format,
+        value: String,
+        reason: String,
+    },
+    /// B3 with only a sampling decision (`b3: 0`, `X-B3-Sampled` alone):
+    /// no ids to join a trace with.
+    SamplingOnly {
+        format: Format,
+        sampled: bool,
+    },
+}
+
+impl Found {
+    pub fn format(&self) -> Format {
+        match self {
+            Self::Valid(c) => c.format,
+            Self::Malformed { format, .. } | Self::SamplingOnly { format, .. } => *format,
+        }
+    }
+}
+
+/// W3C baggage: reported apart, it is not trace context.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Baggage {
+    /// Number of list members.
+    pub entries: usize,
+    /// Total bytes of the header values.
+    pub bytes: usize,
+    /// Member keys (values can be sensitive and are not kept).
+    pub keys: Vec<String>,
+}
+
+/// Everything about propagation in one request head.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Propagation {
+    /// Every format present, in the order W3C, Jaeger, B3 multi, B3 single.
+    pub contexts: Vec<Found>,
+    /// `tracestate` was sent along with `traceparent`.
+    pub tracestate: bool,
+    pub baggage: Option<Baggage>,
+}
+
+impl Propagation {
+    /// Reads propagation headers from a request head.
+    pub fn from_head(head: &Head) -> Self {
+        let mut contexts = Vec::new();
+        if let Some(v) = head.header("traceparent") {
+            contexts.push(traceparent(v));
+        }
+        if let Some(v) = head.header("uber-trace-id") {
+            contexts.push(uber_trace_id(v));
+        }
+        let b3_multi = [
+            head.header("x-b3-traceid"),
+            head.header("x-b3-spanid"),
+            head.header("x-b3-sampled"),
+            head.header("x-b3-flags"),
+        ];
+        if b3_multi.iter().any(Option::is_some) {
+            contexts.push(b3_multi_headers(
+                b3_multi[0],
+                b3_multi[1],
+                b3_multi[2],
+                b3_multi[3],
+            ));
+        }
+        if let Some(v) = head.header("b3") {
+            contexts.push(b3_single(v));
+        }
+        let values: Vec<&str> = head.header_all("baggage").collect();
+        let baggage = (!values.is_empty()).then(|| {
+            let keys: Vec<String> = values
+                .iter()
+                .flat_map(|v| v.split(','))
+                .filter_map(|m| m.split(['=', ';']).next())
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty())
+                .collect();
+            Baggage {
+                entries: keys.len(),
+                bytes: values.iter().map(|v| v.len()).sum(),
+                keys,
+            }
+        });
+        Self {
+            contexts,
+            tracestate: head.header("tracestate").is_some(),
+            baggage,
+        }
+    }
+
+    /// The context a tracer would use: the first valid one.
+    pub fn primary(&self) -> Option<&SpanContext> {
+        self.contexts.iter().find_map(|c| match c {
+            Found::Valid(c) => Some(c),
+            _ => None,
+        })
+    }
+}
+
+fn malformed(format: Format, value: &str, reason: impl Into<String>) -> Found {
+    Found::Malformed {
+        format,
+        value: value.chars().take(128).collect(),
+        reason: reason.into(),
+    }
+}
+
+fn is_lower_hex(s: &str) -> bool {
+    s.bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+fn all_zero(s: &str) -> bool {
+    s.bytes().all(|b| b == b'0')
+}
+
+/// Lowercase hex of `len` digits, left-padded with zeros, from 1..=len hex
+/// digits in either case.
+fn pad_hex(s: &str, len: usize) -> Option<String> {
+    if s.is_empty() || s.len() > len || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    Some(format!("{:0>len$}", s.to_ascii_lowercase()))
+}
+
+/// W3C Trace Context `traceparent`, validated as the spec says.
+pub fn traceparent(value: &str) -> Found {
+    let f = Format::W3c;
+    let v = value.trim();
+    let parts: Vec<&str> = v.split('-').collect();
+    if parts.len() < 4 {
+        return malformed(f, value, "expected version-traceid-parentid-flags");
+    }
+    let (version, trace_id, span_id, flags) = (parts[0], parts[1], parts[2], parts[3]);
+    if version.len() != 2 || !is_lower_hex(version) {
+        return malformed(f, value, "version is not 2 lowercase hex digits");
+    }
+    if version == "ff" {
+        return malformed(f, value, "version ff is forbidden");
+    }
+    // Version 00 has exactly four fields; later versions may append fields.
+    if version == "00" && parts.len() != 4 {
+        return malformed(f, value, "version 00 has exactly four fields");
+    }
+    if trace_id.len() != 32 || !is_lower_hex(trace_id) {
+        return malformed(f, value, "trace-id is not 32 lowercase hex digits");
+    }
+    if span_id.len() != 16 || !is_lower_hex(span_id) {
+        return malformed(f, value, "parent-id is not 16 lowercase hex digits");
+    }
+    if flags.len() != 2 || !is_lower_hex(flags) {
+        return malformed(f, value, "trace-flags is not 2 lowercase hex digits");
+    }
+    if all_zero(trace_id) {
+        return malformed(f, value, "trace-id is all zeros");
+    }
+    if all_zero(span_id) {
+        return malformed(f, value, "parent-id is all zeros");
+    }
+    let flags = u8::from_str_radix(flags, 16).unwrap_or(0);
+    Found::Valid(SpanContext {
+        format: f,
+        trace_id: trace_id.to_owned(),
+        parent_span_id: span_id.to_owned(),
+        sampled: Some(flags & 1 == 1),
+    })
+}
+
+/// Jaeger `uber-trace-id: {trace-id}:{span-id}:{parent-span-id}:{flags}`.
+pub fn uber_trace_id(value: &str) -> Found {
+    let f = Format::Jaeger;
+    // Jaeger clients may URL-encode the colons.
+    let v = value.trim().replace("%3A", ":").replace("%3a", ":");
+    let parts: Vec<&str> = v.split(':').collect();
+    if parts.len() != 4 {
+        return malformed(f, value, "expected trace-id:span-id:parent-span-id:flags");
+    }
+    let Some(trace_id) = pad_hex(parts[0], 32) else {
+        return malformed(f, value, "trace-id is not 1 to 32 hex digits");
+    };
+    let Some(span_id) = pad_hex(parts[1], 16) else {
+        return malformed(f, value, "span-id is not 1 to 16 hex digits");
+    };
+    if pad_hex(parts[2], 16).is_none() {
+        return malformed(f, value, "parent-span-id is not 1 to 16 hex digits");
+    }
+    let Ok(flags) = u8::from_str_radix(parts[3], 16) else {
+        return malformed(f, value, "flags is not a hex byte");
+    };
+    if all_zero(&trace_id) {
+        return malformed(f, value, "trace-id is zero");
+    }
+    if all_zero(&span_id) {
+        return malformed(f, value, "span-id is zero");
+    }
+    Found::Valid(SpanContext {
+        format: f,
+        trace_id,
+        parent_span_id: span_id,
+        // bit 0 sampled, bit 1 debug (implies sampled)
+        sampled: Some(flags & 0b11 != 0),
+    })
+}
+
+fn b3_sampled(s: &str) -> Option<Option<bool>> {
+    match s {
+        "1" | "true" | "d" => Some(Some(true)),
+        "0" | "false" => Some(Some(false)),
+        _ => None,
+    }
+}
+
+fn b3_ids(format: Format, value: &str, trace: &str, span: &str) -> Result<(String, String), Found> {
+    if !(trace.len() == 16 || trace.len() == 32) || !is_lower_hex(trace) {
+        return Err(malformed(
+            format,
+            value,
+            "TraceId is not 16 or 32 lowercase hex digits",
+        ));
+    }
+    if span.len() != 16 || !is_lower_hex(span) {
+        return Err(malformed(
+            format,
+            value,
+            "SpanId is not 16 lowercase hex digits",
+        ));
+    }
+    if all_zero(trace) || all_zero(span) {
+        return Err(malformed(format, value, "an id is all zeros"));
+    }
+    Ok((format!("{trace:0>32}"), span.to_owned()))
+}
+
+/// Zipkin B3 multi-header propagation.
+pub fn b3_multi_headers(
+    trace: Option<&str>,
+    span: Option<&str>,
+    sampled: Option<&str>,
+    flags: Option<&str>,
+) -> Found {
+    let f = Format::B3Multi;
+    let shown = format!(
+        "X-B3-TraceId={} X-B3-SpanId={} X-B3-Sampled={}",
+        trace.unwrap_or("-"),
+        span.unwrap_or("-"),
+        sampled.unwrap_or("-")
+    );
+    let decision = match (sampled, flags) {
+        (_, Some("1")) => Some(true),
+        (Some(s), _) => match b3_sampled(s.trim()) {
+            Some(d) => d,
+            None => return malformed(f, &shown, "X-B3-Sampled is not 0 or 1"),
+        },
+        _ => None,
+    };
+    match (trace, span) {
+        (None, None) => match decision {
+            Some(sampled) => Found::SamplingOnly { format: f, sampled },
+            None => malformed(f, &shown, "X-B3-Flags without ids"),
+        },
+        (Some(t), Some(s)) => match b3_ids(f, &shown, t.trim(), s.trim()) {
+            Ok((trace_id, parent_span_id)) => Found::Valid(SpanContext {
+                format: f,
+                trace_id,
+                parent_span_id,
+                sampled: decision,
+            }),
+            Err(e) => e,
+        },
+        _ => malformed(f, &shown, "X-B3-TraceId and X-B3-SpanId must come together"),
+    }
+}
+
+/// Zipkin B3 single header: `{TraceId}-{SpanId}[-{Sampling}[-{ParentSpanId}]]`
+/// or a bare sampling state (`0`, `1`, `d`).
+pub fn b3_single(value: &str) -> Found {
+    let f = Format::B3Single;
+    let v = value.trim();
+    if let Some(Some(sampled)) = b3_sampled(v).filter(|_| v.len() == 1) {
+        return Found::SamplingOnly { format: f, sampled };
+    }
+    let parts: Vec<&str> = v.split('-').collect();
+    if !(2..=4).contains(&parts.len()) {
+        return malformed(
+            f,
+            value,
+            "expected TraceId-SpanId[-Sampling[-ParentSpanId]]",
+        );
+    }
+    let (trace_id, parent_span_id) = match b3_ids(f, value, parts[0], parts[1]) {
+        Ok(ids) => ids,
+        Err(e) => return e,
+    };
+    let sampled = match parts.get(2) {
+        None => None,
+        Some(s) if s.len() == 1 => match b3_sampled(s) {
+            Some(d) => d,
+            None => return malformed(f, value, "sampling state is not 0, 1 or d"),
+        },
+        Some(_) => return malformed(f, value, "sampling state is not 0, 1 or d"),
+    };
+    if let Some(p) = parts.get(3)
+        && (p.len() != 16 || !is_lower_hex(p))
+    {
+        return malformed(f, value, "ParentSpanId is not 16 lowercase hex digits");
+    }
+    Found::Valid(SpanContext {
+        format: f,
+        trace_id,
+        parent_span_id,
+        sampled,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::message::parse_head;
+
+    const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    fn reason(f: Found) -> String {
+        match f {
+            Found::Malformed { reason, .. } => reason,
+            other => panic!("expected malformed, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn w3c_valid_and_sampled_flag() {
+        let Found::Valid(c) = traceparent(TP) else {
+            panic!()
+        };
+        assert_eq!(c.trace_id, "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(c.parent_span_id, "b7ad6b7169203331");
+        assert_eq!(c.sampled, Some(true));
+        let Found::Valid(c) = traceparent(&TP.replace("-01", "-00")) else {
+            panic!()
+        };
+        assert_eq!(c.sampled, Some(false));
+        // A future version may add fields.
+        assert!(matches!(
+            traceparent(&format!("01{}-extra", &TP[2..])),
+            Found::Valid(_)
+        ));
+    }
+
+    #[test]
+    fn w3c_invalid_values_are_malformed_with_a_reason() {
+        // The seed lab's header.
+        assert_eq!(
+            reason(traceparent("00-trace123-span123-01")),
+            "trace-id is not 32 lowercase hex digits"
+        );
+        assert_eq!(
+            reason(traceparent(&TP.replacen("00", "ff", 1))),
+            "version ff is forbidden"
+        );
+        assert_eq!(
+            reason(traceparent(&TP.to_uppercase())),
+            "trace-id is not 32 lowercase hex digits"
+        );
+        assert_eq!(
+            reason(traceparent(&TP.replacen("00", "0x", 1))),
+            "version is not 2 lowercase hex digits"
+        );
+        assert_eq!(
+            reason(traceparent(
+                &TP.replace("0af7651916cd43dd8448eb211c80319c", &"0".repeat(32))
+            )),
+            "trace-id is all zeros"
+        );
+        assert_eq!(
+            reason(traceparent(
+                &TP.replace("b7ad6b7169203331", &"0".repeat(16))
+            )),
+            "parent-id is all zeros"
+        );
+        assert_eq!(
+            reason(traceparent(&format!("{TP}-x"))),
+            "version 00 has exactly four fields"
+        );
+        assert_eq!(
+            reason(traceparent(
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1"
+            )),
+            "trace-flags is not 2 lowercase hex digits"
+        );
+        assert_eq!(
+            reason(traceparent("")),
+            "expected version-traceid-parentid-flags"
+        );
+    }
+
+    #[test]
+    fn jaeger_ids_are_padded_and_flags_read() {
+        let Found::Valid(c) = uber_trace_id("abc:def:0:1") else {
+            panic!()
+        };
+        assert_eq!(c.trace_id, format!("{:0>32}", "abc"));
+        assert_eq!(c.parent_span_id, "0000000000000def");
+        assert_eq!(c.sampled, Some(true));
+        let Found::Valid(c) = uber_trace_id("ABC%3Adef%3A0%3A0") else {
+            panic!()
+        };
+        assert_eq!(c.sampled, Some(false));
+        assert_eq!(reason(uber_trace_id("0:def:0:1")), "trace-id is zero");
+        assert_eq!(
+            reason(uber_trace_id("abc:def:1")),
+            "expected trace-id:span-id:parent-span-id:flags"
+        );
+        assert_eq!(
+            reason(uber_trace_id("xyz:def:0:1")),
+            "trace-id is not 1 to 32 hex digits"
+        );
+    }
+
+    #[test]
+    fn b3_single_and_multi() {
+        let Found::Valid(c) =
+            b3_single("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90")
+        else {
+            panic!()
+        };
+        assert_eq!(c.trace_id, "80f198ee56343ba864fe8b2a57d3eff7");
+        assert_eq!(c.sampled, Some(true));
+        let Found::Valid(c) = b3_single("64fe8b2a57d3eff7-e457b5a2e4d86bd1") else {
+            panic!()
+        };
+        assert_eq!(c.trace_id, "000000000000000064fe8b2a57d3eff7");
+        assert_eq!(c.sampled, None);
+        assert_eq!(
+            b3_single("0"),
+            Found::SamplingOnly {
+                format: Format::B3Single,
+                sampled: false
+            }
+        );
+        assert_eq!(
+            reason(b3_single("64fe8b2a57d3eff7-e457b5a2e4d86bd1-x")),
+            "sampling state is not 0, 1 or d"
+        );
+        let Found::Valid(c) = b3_multi_headers(
+            Some("463ac35c9f6413ad48485a3953bb6124"),
+            Some("a2fb4a1d1a96d312"),
+            Some("0"),
+            None,
+        ) else {
+            panic!()
+        };
+        assert_eq!(c.sampled, Some(false));
+        assert_eq!(
+            reason(b3_multi_headers(
+                Some("463ac35c9f6413ad"),
+                None,
+                Some("1"),
+                None
+            )),
+            "X-B3-TraceId and X-B3-SpanId must come together"
+        );
+    }
+
+    #[test]
+    fn propagation_from_a_head_is_case_insensitive_and_reports_baggage() {
+        let head = parse_head(
+            format!(
+                "GET / HTTP/1.1\r\nTRACEPARENT: {TP}\r\nTraceState: k=v\r\nX-B3-TraceId: 463ac35c9f6413ad48485a3953bb6124\r\nx-b3-spanid: a2fb4a1d1a96d312\r\nx-b3-sampled: 1\r\nBaggage: user=alice,tenant=t1;prop=1\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let p = Propagation::from_head(&head);
+        assert_eq!(
+            p.contexts.iter().map(Found::format).collect::<Vec<_>>(),
+            [Format::W3c, Format::B3Multi]
+        );
+        assert!(p.tracestate);
+        assert_eq!(p.primary().unwrap().format, Format::W3c);
+        let b = p.baggage.unwrap();
+        assert_eq!(
+            (b.entries, b.keys.clone()),
+            (2, vec!["user".into(), "tenant".into()])
+        );
+        let none = Propagation::from_head(&parse_head(b"GET / HTTP/1.1\r\n\r\n").unwrap());
+        assert!(none.contexts.is_empty() && none.baggage.is_none());
+    }
+}
