@@ -188,6 +188,28 @@ impl Pod {
         Ok(handle)
     }
 
+    /// From inside the pod: connects to `to`, writes `writes` one by one,
+    /// and keeps the connection open for `linger` so answers can come back.
+    pub fn send_tcp(
+        &self,
+        to: std::net::SocketAddr,
+        writes: Vec<Vec<u8>>,
+        linger: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        self.spawn(move || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut c = std::net::TcpStream::connect(to)?;
+            for w in writes {
+                c.write_all(&w)?;
+            }
+            std::thread::sleep(linger);
+            Ok(())
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        Ok(())
+    }
+
     /// curl from inside the pod; returns stdout. `args` go before the URL.
     pub fn curl(&self, url: &str, args: &[&str]) -> anyhow::Result<String> {
         let out = run(self

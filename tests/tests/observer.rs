@@ -2,7 +2,7 @@
 //! the agent assembles must be exactly what curl sent, and nothing must be
 //! observed where no HTTP was sent.
 
-use std::{io::Write, net::TcpStream, time::Duration};
+use std::time::Duration;
 
 use tracegap_agent::{
     ebpf::Observer,
@@ -224,24 +224,14 @@ fn pipelined_requests_on_one_connection_are_seen_in_order() -> anyhow::Result<()
         return Ok(());
     }
     let mut s = setup()?;
-    let server_ip = s.node.pod("server").ipv4;
-    let client = s.node.pod("client");
-    client
-        .spawn(move || -> std::io::Result<()> {
-            let mut c = TcpStream::connect((server_ip, 8080))?;
-            // Three requests in one write: one segment, three messages.
-            let mut batch = String::new();
-            for i in 1..=3 {
-                batch.push_str(&format!(
-                    "GET /p{i} HTTP/1.1\r\nHost: s\r\ntraceparent: {TP}\r\n\r\n"
-                ));
-            }
-            c.write_all(batch.as_bytes())?;
-            std::thread::sleep(Duration::from_millis(300));
-            Ok(())
-        })?
-        .join()
-        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    let server = (s.node.pod("server").ipv4, 8080).into();
+    // Three requests in one write: one segment, three messages.
+    let batch: String = (1..=3)
+        .map(|i| format!("GET /p{i} HTTP/1.1\r\nHost: s\r\ntraceparent: {TP}\r\n\r\n"))
+        .collect();
+    s.node
+        .pod("client")
+        .send_tcp(server, vec![batch.into_bytes()], Duration::from_millis(300))?;
     let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 3);
     let reqs = requests(&assemble(events));
     // The kernel sees message starts at segment starts only: a pipelined
@@ -261,31 +251,24 @@ fn binary_and_tls_like_traffic_produce_no_events() -> anyhow::Result<()> {
         return Ok(());
     }
     let mut s = setup()?;
-    let server_ip = s.node.pod("server").ipv4;
+    let server = (s.node.pod("server").ipv4, 8080).into();
+    // A TLS ClientHello record header, then pseudo-random bytes.
+    let hello = vec![
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    let mut x = 0x9e37_79b9_u32;
+    let junk: Vec<u8> = (0..64 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            // Never an ASCII capital: no method or "HTTP/" start.
+            (x as u8) & 0x3f
+        })
+        .collect();
     s.node
         .pod("client")
-        .spawn(move || -> std::io::Result<()> {
-            let mut c = TcpStream::connect((server_ip, 8080))?;
-            // A TLS ClientHello record header, then pseudo-random bytes.
-            c.write_all(&[
-                0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
-            ])?;
-            let mut x = 0x9e37_79b9_u32;
-            let junk: Vec<u8> = (0..64 * 1024)
-                .map(|_| {
-                    x ^= x << 13;
-                    x ^= x >> 17;
-                    x ^= x << 5;
-                    // Never an ASCII capital: no method or "HTTP/" start.
-                    (x as u8) & 0x3f
-                })
-                .collect();
-            c.write_all(&junk)?;
-            std::thread::sleep(Duration::from_millis(200));
-            Ok(())
-        })?
-        .join()
-        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        .send_tcp(server, vec![hello, junk], Duration::from_millis(200))?;
     let events = collect_events(&mut s.ring, Duration::from_millis(500), |_| false);
     assert!(events.is_empty(), "observed {events:?}");
     let c = s.observer.counters()?;

@@ -73,15 +73,12 @@ pub fn format_line(clock: &WallClock, m: &Message, request: Option<&Message>) ->
             }
             StartLine::Response { status, .. } => {
                 let answered = request
-                    .and_then(|r| r.head.as_ref().ok())
-                    .and_then(|h| match &h.start {
-                        StartLine::Request { method, path, .. } => Some((method, path)),
+                    .and_then(|r| match r.head.as_ref().map(|h| &h.start) {
+                        Ok(StartLine::Request { method, path, .. }) => {
+                            let ms = m.ts_ns.saturating_sub(r.ts_ns) as f64 / 1e6;
+                            Some(format!(" for {method} {path} in {ms:.1}ms"))
+                        }
                         _ => None,
-                    })
-                    .zip(request)
-                    .map(|((method, path), r)| {
-                        let ms = m.ts_ns.saturating_sub(r.ts_ns) as f64 / 1e6;
-                        format!(" for {method} {path} in {ms:.1}ms")
                     })
                     .unwrap_or_default();
                 format!("{time} {} RSP {status}{answered}{trunc}", m.flow)

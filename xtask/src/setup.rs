@@ -127,7 +127,7 @@ pub fn ensure(install: bool) -> anyhow::Result<Route> {
     if toolchain::bpf_linker().is_none() {
         println!("setup: cargo install bpf-linker {BPF_LINKER_VERSION} (LLVM 22), a few minutes");
         toolchain::run(
-            Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
+            toolchain::plain_cargo()
                 .env("LLVM_PREFIX", "/usr/lib/llvm-22")
                 .args([
                     "install",

@@ -29,24 +29,14 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
 }
 
 pub fn lint() -> anyhow::Result<()> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    toolchain::run(
-        std::process::Command::new(&cargo)
-            .current_dir(toolchain::workspace_root())
-            .args(["fmt", "--all", "--check"]),
-    )?;
+    toolchain::run(toolchain::plain_cargo().args(["fmt", "--all", "--check"]))?;
     // Lints need no eBPF toolchain: build.rs skips the kernel object.
-    toolchain::run(
-        std::process::Command::new(&cargo)
-            .current_dir(toolchain::workspace_root())
-            .env("AYA_BUILD_SKIP", "1")
-            .args([
-                "clippy",
-                "--workspace",
-                "--all-targets",
-                "--",
-                "-D",
-                "warnings",
-            ]),
-    )
+    toolchain::run(toolchain::plain_cargo().env("AYA_BUILD_SKIP", "1").args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
 }

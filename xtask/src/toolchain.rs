@@ -102,13 +102,17 @@ pub fn workspace_root() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-/// `cargo` (the one running xtask) in the workspace, with the eBPF
-/// toolchain selected for the agent's build.rs.
+/// `cargo` (the one running xtask), in the workspace root.
+pub fn plain_cargo() -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// [`plain_cargo`] with the eBPF toolchain selected for the agent's build.rs.
 pub fn cargo(route: &Route) -> Command {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root())
-        .env("TRACEGAP_BPF_TOOLCHAIN", route.toolchain());
+    let mut cmd = plain_cargo();
+    cmd.env("TRACEGAP_BPF_TOOLCHAIN", route.toolchain());
     if let Some(bin) = cargo_bin() {
         // bpf-linker may have just been installed there.
         let path = std::env::var_os("PATH").unwrap_or_default();

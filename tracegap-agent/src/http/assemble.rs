@@ -87,7 +87,7 @@ impl Assembler {
             EventKind::Request | EventKind::Response => {
                 if let Some(p) = self.partials.remove(&key) {
                     // A new message began before the last one's head ended.
-                    self.finish(key, p, true, out);
+                    self.finish(key, p, out);
                 }
                 if self.partials.len() >= MAX_PARTIALS
                     && let Some(oldest) = self
@@ -97,7 +97,7 @@ impl Assembler {
                         .map(|(k, _)| *k)
                     && let Some(p) = self.partials.remove(&oldest)
                 {
-                    self.finish(oldest, p, true, out);
+                    self.finish(oldest, p, out);
                 }
                 let p = Partial {
                     ts_ns: e.ts_ns,
@@ -117,7 +117,7 @@ impl Assembler {
                 };
                 if e.seq != p.next_seq {
                     // A gap: what is missing cannot be guessed.
-                    self.finish(key, p, true, out);
+                    self.finish(key, p, out);
                     return;
                 }
                 p.next_seq = p.next_seq.wrapping_add(e.payload.len() as u32);
@@ -132,14 +132,15 @@ impl Assembler {
             Err(HeadError::Incomplete(_)) if !last => {
                 self.partials.insert(key, p);
             }
-            Err(HeadError::Incomplete(_)) => self.finish(key, p, true, out),
+            Err(HeadError::Incomplete(_)) => self.finish(key, p, out),
             head => self.emit(key, p, head, false, out),
         }
     }
 
-    fn finish(&mut self, key: (Flow, u32), p: Partial, truncated: bool, out: &mut Vec<Message>) {
+    /// Emits a head that will not get its end: what it has, marked truncated.
+    fn finish(&mut self, key: (Flow, u32), p: Partial, out: &mut Vec<Message>) {
         let head = parse_partial(&p.buf);
-        self.emit(key, p, head, truncated, out);
+        self.emit(key, p, head, true, out);
     }
 
     fn emit(
@@ -156,8 +157,8 @@ impl Assembler {
             self.stats.duplicates += 1;
             return;
         }
-        if self.seen.len() >= MAX_SEEN_FLOWS {
-            self.forget_before(p.ts_ns.saturating_sub(10_000_000_000));
+        if self.seen.len() >= MAX_SEEN_FLOWS && !self.seen.contains_key(&flow) {
+            self.forget_oldest_half();
         }
         self.seen.insert(flow, (p.seq, p.ts_ns));
         if truncated {
@@ -185,13 +186,19 @@ impl Assembler {
             .collect();
         for k in stale {
             if let Some(p) = self.partials.remove(&k) {
-                self.finish(k, p, true, out);
+                self.finish(k, p, out);
             }
         }
     }
 
-    fn forget_before(&mut self, ts_ns: u64) {
-        self.seen.retain(|_, (_, t)| *t >= ts_ns);
+    /// Keeps [`MAX_SEEN_FLOWS`] a hard bound: drops the older half of the
+    /// flows remembered (amortised O(1) per insert). A dropped flow that is
+    /// still alive loses only its duplicate check for its next message.
+    fn forget_oldest_half(&mut self) {
+        let mut times: Vec<u64> = self.seen.values().map(|&(_, t)| t).collect();
+        let mid = times.len() / 2;
+        let (_, &mut cutoff, _) = times.select_nth_unstable(mid);
+        self.seen.retain(|_, &mut (_, t)| t > cutoff);
     }
 }
 
@@ -426,5 +433,22 @@ mod tests {
         p.request(out.remove(0));
         assert!(p.expire_before(5).is_empty());
         assert_eq!(p.expire_before(11).len(), 1);
+    }
+
+    #[test]
+    fn remembered_flows_stay_bounded() {
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        for i in 0..(MAX_SEEN_FLOWS as u32 + 10) {
+            let mut f = flow();
+            f.src.port = (i % 60000) as u16;
+            f.src.ip = IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i / 60000));
+            a.push(
+                ev(EventKind::Request, f, 1, i, b"GET / HTTP/1.1\r\n\r\n"),
+                &mut out,
+            );
+            assert!(a.seen.len() <= MAX_SEEN_FLOWS);
+        }
+        assert_eq!(out.len(), MAX_SEEN_FLOWS + 10);
     }
 }
