@@ -59,6 +59,8 @@ pub struct Node {
     /// Third octet of 10.209.X.0/24 and the X of fd00:7467:X::/64.
     subnet: u8,
     pub pods: Vec<Pod>,
+    /// Index of the next pod: never reused, so addresses stay unique.
+    next_pod: usize,
 }
 
 /// A network namespace with one veth to the node's bridge.
@@ -87,6 +89,7 @@ impl Node {
             bridge,
             subnet,
             pods: Vec::new(),
+            next_pod: 2,
         };
         ip(&["link", "set", &node.bridge, "up"])?;
         for name in pods {
@@ -95,8 +98,10 @@ impl Node {
         Ok(node)
     }
 
-    fn add_pod(&mut self, name: &str) -> anyhow::Result<()> {
-        let i = self.pods.len() + 2;
+    /// Adds a pod to the running node (a pod scheduled later).
+    pub fn add_pod(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.next_pod;
+        self.next_pod += 1;
         let netns = format!("tg{}p{i}", self.tag);
         let host_if = format!("tgv{}p{i}", self.tag);
         let ipv4 = Ipv4Addr::new(10, 209, self.subnet, i as u8);
@@ -124,6 +129,22 @@ impl Node {
         x(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
         x(&["link", "set", "eth0", "up"])?;
         Ok(())
+    }
+
+    /// Removes a pod: its namespace, and with it both veth ends.
+    pub fn remove_pod(&mut self, name: &str) -> anyhow::Result<()> {
+        let at = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))?;
+        let pod = self.pods.remove(at);
+        ip(&["netns", "del", &pod.netns])
+    }
+
+    /// A name pattern matching the host veths of this node's pods only.
+    pub fn veth_pattern(&self) -> String {
+        format!("tgv{}p*", self.tag)
     }
 
     pub fn pod(&self, name: &str) -> &Pod {
@@ -210,6 +231,57 @@ impl Pod {
         Ok(())
     }
 
+    /// From inside the pod, on one connection: sends each request, reads
+    /// its whole response, waits `gap`, and so on (a long-lived keep-alive
+    /// connection). Returns the responses' status lines.
+    pub fn exchange(
+        &self,
+        to: std::net::SocketAddr,
+        requests: Vec<Vec<u8>>,
+        gap: std::time::Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        self.spawn(move || -> anyhow::Result<Vec<String>> {
+            use std::io::{Read as _, Write as _};
+            let mut c = std::net::TcpStream::connect(to)?;
+            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            let mut statuses = Vec::new();
+            let mut buf = Vec::new();
+            for (i, r) in requests.into_iter().enumerate() {
+                if i > 0 {
+                    std::thread::sleep(gap);
+                }
+                c.write_all(&r)?;
+                let (head, body) = loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        break (head, end + 4);
+                    }
+                    let mut chunk = [0u8; 4096];
+                    let n = c.read(&mut chunk)?;
+                    anyhow::ensure!(n > 0, "server closed the connection");
+                    buf.extend_from_slice(&chunk[..n]);
+                };
+                let len: usize = head
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, v)| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < body + len {
+                    let mut chunk = [0u8; 4096];
+                    let n = c.read(&mut chunk)?;
+                    anyhow::ensure!(n > 0, "server closed the connection");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                buf.drain(..body + len);
+                statuses.push(head.lines().next().unwrap_or_default().to_owned());
+            }
+            Ok(statuses)
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    }
+
     /// curl from inside the pod; returns stdout. `args` go before the URL.
     pub fn curl(&self, url: &str, args: &[&str]) -> anyhow::Result<String> {
         let out = run(self
@@ -241,5 +313,58 @@ pub fn collect_events(
             return events;
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// A directory removed with its contents when dropped.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> anyhow::Result<Self> {
+        let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("tracegap-{label}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A process the test started; killed (by its PID) and reaped when dropped.
+pub struct Child(std::process::Child);
+
+impl Child {
+    pub fn spawn(cmd: &mut Command) -> anyhow::Result<Self> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Self(child))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn inner(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }

@@ -8,7 +8,7 @@ use tracegap_agent::{
     ebpf::Observer,
     events::RawEvent,
     http::{
-        assemble::{Assembler, Message},
+        assemble::{Assembler, Message, Pairer},
         context::{Format, Found, Propagation},
         message::StartLine,
     },
@@ -233,14 +233,211 @@ fn pipelined_requests_on_one_connection_are_seen_in_order() -> anyhow::Result<()
         .pod("client")
         .send_tcp(server, vec![batch.into_bytes()], Duration::from_millis(300))?;
     let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 3);
-    let reqs = requests(&assemble(events));
-    // The kernel sees message starts at segment starts only: a pipelined
-    // batch in one segment is one event; its first request is what the
-    // observer reports (documented limitation), and it is not duplicated.
+    let messages = assemble(events);
+    // The kernel reports one start per segment; the agent reads the other
+    // requests out of the copied bytes. Each is seen once, in order.
+    let reqs = requests(&messages);
     assert_eq!(
         reqs.iter().map(|(p, _, _)| p.as_str()).collect::<Vec<_>>(),
-        ["/p1"]
+        ["/p1", "/p2", "/p3"]
     );
+    // And the responses pair with them in order.
+    let mut pairer = Pairer::default();
+    let mut answered = Vec::new();
+    for m in messages {
+        if m.is_request() {
+            pairer.request(m);
+        } else if let Some(req) = pairer.response(&m) {
+            answered.push(path_of(&req));
+        }
+    }
+    assert_eq!(answered, ["/p1", "/p2", "/p3"]);
+    s.observer.detach_all()?;
+    Ok(())
+}
+
+fn path_of(m: &Message) -> String {
+    match m.head.as_ref().map(|h| &h.start) {
+        Ok(StartLine::Request { path, .. }) => path.clone(),
+        other => panic!("not a request: {other:?}"),
+    }
+}
+
+#[test]
+fn a_long_lived_connection_is_followed_request_by_request() -> anyhow::Result<()> {
+    if !privileged("a_long_lived_connection_is_followed_request_by_request") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    let server = (s.node.pod("server").ipv6, 8080).into();
+    let reqs = (0..6)
+        .map(|i| {
+            format!("GET /slow/{i} HTTP/1.1\r\nHost: s\r\ntraceparent: {TP}\r\n\r\n").into_bytes()
+        })
+        .collect();
+    let statuses = s
+        .node
+        .pod("client")
+        .exchange(server, reqs, Duration::from_millis(400))?;
+    assert_eq!(statuses.len(), 6);
+    let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 6);
+    let messages = assemble(events);
+    // One flow throughout: the same client port for every request.
+    let flows: std::collections::BTreeSet<_> = messages
+        .iter()
+        .filter(|m| m.is_request())
+        .map(|m| m.flow)
+        .collect();
+    assert_eq!(flows.len(), 1, "{flows:?}");
+    let mut pairer = Pairer::default();
+    let mut answered = Vec::new();
+    for m in messages {
+        if m.is_request() {
+            pairer.request(m);
+        } else {
+            let req = pairer
+                .response(&m)
+                .expect("every response answers a request");
+            assert!(m.ts_ns >= req.ts_ns);
+            answered.push(path_of(&req));
+        }
+    }
+    let want: Vec<_> = (0..6).map(|i| format!("/slow/{i}")).collect();
+    assert_eq!(answered, want);
+    assert_eq!(pairer.pending(), 0);
+    s.observer.detach_all()?;
+    Ok(())
+}
+
+#[test]
+fn the_opentelemetry_sdk_propagators_are_read_as_they_were_written() -> anyhow::Result<()> {
+    use opentelemetry::{
+        Context, KeyValue,
+        baggage::BaggageExt as _,
+        propagation::TextMapPropagator as _,
+        trace::{TraceContextExt as _, Tracer as _, TracerProvider as _},
+    };
+    use opentelemetry_sdk::{
+        propagation::{BaggagePropagator, TraceContextPropagator},
+        trace::{Sampler, SdkTracerProvider},
+    };
+    if !privileged("the_opentelemetry_sdk_propagators_are_read_as_they_were_written") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    let server = (s.node.pod("server").ipv4, 8080).into();
+    let mut sent = Vec::new();
+    let mut writes = Vec::new();
+    // A sampled trace with baggage, and one the SDK's sampler dropped.
+    for (i, sampler) in [Sampler::AlwaysOn, Sampler::AlwaysOff]
+        .into_iter()
+        .enumerate()
+    {
+        let provider = SdkTracerProvider::builder().with_sampler(sampler).build();
+        let span = provider.tracer("tracegap-tests").start("client call");
+        let cx = Context::current_with_span(span).with_baggage([
+            KeyValue::new("tenant", "acme"),
+            KeyValue::new("tier", "gold"),
+        ]);
+        let mut carrier = std::collections::HashMap::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+        BaggagePropagator::new().inject_context(&cx, &mut carrier);
+        let mut req = format!("GET /sdk/{i} HTTP/1.1\r\nHost: s\r\n");
+        for (k, v) in &carrier {
+            req.push_str(&format!("{k}: {v}\r\n"));
+        }
+        req.push_str("\r\n");
+        writes.push(req.into_bytes());
+        sent.push(cx.span().span_context().clone());
+    }
+    s.node
+        .pod("client")
+        .exchange(server, writes, Duration::from_millis(50))?;
+    let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 2);
+    let reqs = requests(&assemble(events));
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    for ((path, prop, _), want) in reqs.iter().zip(&sent) {
+        let [Found::Valid(c)] = prop.contexts.as_slice() else {
+            panic!("{path}: {prop:?}");
+        };
+        assert_eq!(c.format, Format::W3c);
+        assert_eq!(c.trace_id, want.trace_id().to_string());
+        assert_eq!(c.parent_span_id, want.span_id().to_string());
+        assert_eq!(c.sampled, Some(want.is_sampled()), "{path}");
+        assert_eq!(prop.baggage.as_ref().map(|b| b.entries), Some(2), "{path}");
+    }
+    assert_ne!(sent[0].is_sampled(), sent[1].is_sampled());
+    s.observer.detach_all()?;
+    Ok(())
+}
+
+#[test]
+fn real_tls_is_not_mistaken_for_http() -> anyhow::Result<()> {
+    if !privileged("real_tls_is_not_mistaken_for_http") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    let dir = tracegap_tests::TempDir::new("tls")?;
+    let (key, cert) = (dir.path().join("key.pem"), dir.path().join("cert.pem"));
+    tracegap_tests::run(
+        std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=server",
+            ])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    )?;
+    // openssl s_server -www answers GET over TLS with an HTTP/1.0 page:
+    // there is HTTP on the wire, but only encrypted.
+    let server = tracegap_tests::Child::spawn(
+        s.node
+            .pod("server")
+            .command("openssl")
+            .args(["s_server", "-www", "-accept", "8443", "-quiet"])
+            .arg("-key")
+            .arg(&key)
+            .arg("-cert")
+            .arg(&cert),
+    )?;
+    let url = format!("https://{}:8443/secret", s.node.pod("server").ipv4);
+    let mut body = String::new();
+    for _ in 0..50 {
+        match s
+            .node
+            .pod("client")
+            .curl(&url, &["-k", "-H", &format!("traceparent: {TP}")])
+        {
+            Ok(b) => {
+                body = b;
+                break;
+            }
+            // The server may not be listening yet.
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+    drop(server);
+    assert!(
+        body.contains("HTTP") || body.contains("s_server"),
+        "TLS exchange failed: {body:?}"
+    );
+    let events = collect_events(&mut s.ring, Duration::from_millis(500), |_| false);
+    assert!(events.is_empty(), "observed {events:?}");
+    let c = s.observer.counters()?;
+    assert!(
+        c.tcp_payload_segments > 0,
+        "the TLS traffic crossed the veths: {c:?}"
+    );
+    assert_eq!((c.http_requests, c.http_responses), (0, 0));
     s.observer.detach_all()?;
     Ok(())
 }

@@ -7,8 +7,10 @@
 
 pub mod cli;
 pub mod clock;
+pub mod discover;
 pub mod ebpf;
 pub mod events;
 pub mod http;
+pub mod interfaces;
 pub mod observe;
 pub mod shutdown;

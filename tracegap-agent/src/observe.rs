@@ -15,6 +15,7 @@ use crate::{
         context::{Found, Propagation},
         message::StartLine,
     },
+    interfaces::{self, Interfaces},
     shutdown,
 };
 
@@ -90,18 +91,20 @@ pub fn format_line(clock: &WallClock, m: &Message, request: Option<&Message>) ->
 
 pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
     let mut observer = Observer::load().context("loading the eBPF programs")?;
-    for iface in &args.ifaces {
-        observer
-            .attach(iface)
-            .with_context(|| format!("attaching to {iface}"))?;
-    }
-    let result = watch(&mut observer, &args).await;
+    let result = match Interfaces::start(&mut observer, args.interfaces.selection()).await {
+        Ok(interfaces) => watch(&mut observer, interfaces, &args).await,
+        Err(e) => Err(e.into()),
+    };
     // Detach before reporting any error, so nothing stays attached.
     observer.detach_all()?;
     result
 }
 
-async fn watch(observer: &mut Observer, args: &ObserveArgs) -> anyhow::Result<()> {
+async fn watch(
+    observer: &mut Observer,
+    mut interfaces: Interfaces,
+    args: &ObserveArgs,
+) -> anyhow::Result<()> {
     let mut stream = EventStream::new(observer.take_events()?)?;
     let stop = shutdown::signal_received();
     tokio::pin!(stop);
@@ -121,6 +124,9 @@ async fn watch(observer: &mut Observer, args: &ObserveArgs) -> anyhow::Result<()
                 for e in events.drain(..) {
                     assembler.push(e, &mut messages);
                 }
+            }
+            change = interfaces.changed() => {
+                interfaces::apply(observer, change);
             }
             _ = tick.tick() => {
                 let now = monotonic_ns();

@@ -1,5 +1,6 @@
 //! `cargo xtask`: the front door for building and testing tracegap.
 
+mod fuzz;
 mod setup;
 mod test;
 mod toolchain;
@@ -24,6 +25,8 @@ enum Command {
     Test(test::TestArgs),
     /// cargo fmt --check and cargo clippy on the user-space crates.
     Lint,
+    /// Fuzz the user-space HTTP parsers for a bounded time (cargo-fuzz).
+    Fuzz(fuzz::FuzzArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -47,5 +50,6 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Test(args) => test::run(&args),
         Command::Lint => test::lint(),
+        Command::Fuzz(args) => fuzz::run(&args),
     }
 }

@@ -80,10 +80,15 @@ pub fn has_library_source(toolchain: &str) -> bool {
 
 /// bpf-linker on PATH or in cargo's bin directory.
 pub fn bpf_linker() -> Option<PathBuf> {
+    installed_binary("bpf-linker")
+}
+
+/// A program on PATH or in cargo's bin directory.
+pub fn installed_binary(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH").unwrap_or_default();
     std::env::split_paths(&path)
         .chain(cargo_bin())
-        .map(|d| d.join("bpf-linker"))
+        .map(|d| d.join(name))
         .find(|p| p.is_file())
 }
 

@@ -109,6 +109,14 @@ pub(crate) fn ifindex(iface: &str) -> Option<u32> {
     (index != 0).then_some(index)
 }
 
+/// Whether an interface with this index exists (under any name: a renamed
+/// interface keeps its filters and links).
+fn index_exists(index: u32) -> bool {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: buf holds IF_NAMESIZE bytes, as if_indextoname requires.
+    !unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) }.is_null()
+}
+
 impl Attachments {
     pub(super) fn new(mode: AttachMode) -> Self {
         Self {
@@ -139,6 +147,22 @@ impl Attachments {
             // Same name, new interface: the old one is gone with its links,
             // and detach() does not count that as a failure.
             let _ = self.detach(ebpf, iface);
+        }
+        // A renamed interface keeps its links: file them under the new name.
+        if let Some(old) = self
+            .by_iface
+            .iter()
+            .find(|(_, l)| l.ifindex == ifindex)
+            .map(|(n, _)| n.clone())
+            && let Some(links) = self.by_iface.remove(&old)
+        {
+            self.by_iface.insert(iface.to_owned(), links);
+            return Ok(Attached {
+                iface: iface.to_owned(),
+                ifindex,
+                mode: self.mode,
+                new: false,
+            });
         }
         if self.mode == AttachMode::Netlink {
             // Fails when the qdisc exists already, which is what we want.
@@ -197,7 +221,7 @@ impl Attachments {
         let Some(links) = self.by_iface.remove(iface) else {
             return Ok(());
         };
-        let still_there = ifindex(iface) == Some(links.ifindex);
+        let still_there = index_exists(links.ifindex);
         let mut result = Ok(());
         for (program, id) in [
             (INGRESS_PROGRAM, links.ingress),
@@ -217,6 +241,24 @@ impl Attachments {
         }
         tracing::info!(iface, "detached");
         result
+    }
+
+    /// Detaches whatever is attached to the interface with this index,
+    /// whatever its name is now. Returns the name it was attached under.
+    pub(super) fn detach_index(
+        &mut self,
+        ebpf: &mut Ebpf,
+        index: u32,
+    ) -> Result<Option<String>, AttachError> {
+        let Some(name) = self
+            .by_iface
+            .iter()
+            .find(|(_, l)| l.ifindex == index)
+            .map(|(n, _)| n.clone())
+        else {
+            return Ok(None);
+        };
+        self.detach(ebpf, &name).map(|()| Some(name))
     }
 
     pub(super) fn detach_all(&mut self, ebpf: &mut Ebpf) -> Result<(), AttachError> {

@@ -111,6 +111,12 @@ impl Observer {
         Ok(self.attached.detach(&mut self.ebpf, iface)?)
     }
 
+    /// Detaches from the interface with this index, whatever its name is
+    /// now; returns the name it was attached under, if it was attached.
+    pub fn detach_index(&mut self, index: u32) -> Result<Option<String>, Error> {
+        Ok(self.attached.detach_index(&mut self.ebpf, index)?)
+    }
+
     /// Interfaces the programs are attached to, by name.
     pub fn interfaces(&self) -> Vec<String> {
         self.attached.interfaces()

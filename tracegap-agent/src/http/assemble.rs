@@ -7,13 +7,15 @@ use std::collections::{HashMap, VecDeque};
 
 use tracegap_common::{Direction, EventKind};
 
-use super::message::{Head, HeadError, parse_head};
+use super::message::{Head, HeadError, StartLine, parse_head};
 use crate::events::{Flow, RawEvent};
 
 /// Header blocks being assembled at most; the oldest is flushed past it.
 pub const MAX_PARTIALS: usize = 16 * 1024;
 /// Requests waiting for a response per flow at most (pipelining depth).
 pub const MAX_PENDING_PER_FLOW: usize = 64;
+/// Messages read out of one event at most (pipelining in one segment).
+pub const MAX_PIPELINED_PER_EVENT: usize = 64;
 /// Flows remembered for duplicate detection at most.
 pub const MAX_SEEN_FLOWS: usize = 256 * 1024;
 
@@ -79,6 +81,48 @@ fn parse_partial(buf: &[u8]) -> Result<Head, HeadError> {
     Ok(head)
 }
 
+/// Where the message after `head` starts, if its body length is known
+/// from the head alone: Content-Length, or no body at all. A chunked body or
+/// a response delimited by the connection's end cannot be skipped.
+fn next_message_at(head: &Head) -> Option<usize> {
+    if head
+        .header_all("transfer-encoding")
+        .any(|v| !v.trim().is_empty())
+    {
+        return None;
+    }
+    let body = match head.header("content-length") {
+        Some(v) => v.trim().parse::<usize>().ok()?,
+        None => match head.start {
+            StartLine::Request { .. } => 0,
+            StartLine::Response { status, .. }
+                if status < 200 || status == 204 || status == 304 =>
+            {
+                0
+            }
+            StartLine::Response { .. } => return None,
+        },
+    };
+    head.len.checked_add(body)
+}
+
+/// Whether bytes begin like an HTTP/1.x start line, as the kernel checks.
+fn starts_like_a_message(b: &[u8]) -> bool {
+    const STARTS: [&[u8]; 10] = [
+        b"GET ",
+        b"POST ",
+        b"PUT ",
+        b"DELETE ",
+        b"PATCH ",
+        b"HEAD ",
+        b"OPTIONS ",
+        b"CONNECT ",
+        b"TRACE ",
+        b"HTTP/1.",
+    ];
+    STARTS.iter().any(|s| b.starts_with(s))
+}
+
 impl Assembler {
     /// Feeds one event; finished messages are appended to `out`.
     pub fn push(&mut self, e: RawEvent, out: &mut Vec<Message>) {
@@ -127,13 +171,35 @@ impl Assembler {
         }
     }
 
-    fn advance(&mut self, key: (Flow, u32), p: Partial, last: bool, out: &mut Vec<Message>) {
-        match parse_head(&p.buf) {
-            Err(HeadError::Incomplete(_)) if !last => {
-                self.partials.insert(key, p);
+    fn advance(&mut self, key: (Flow, u32), mut p: Partial, last: bool, out: &mut Vec<Message>) {
+        // Loops over messages pipelined in what was copied: a client may
+        // write several requests (a server several responses) in one
+        // segment, and the kernel reports only the first start.
+        for _ in 0..MAX_PIPELINED_PER_EVENT {
+            match parse_head(&p.buf) {
+                Err(HeadError::Incomplete(_)) if !last => {
+                    self.partials.insert(key, p);
+                    return;
+                }
+                Err(HeadError::Incomplete(_)) => return self.finish(key, p, out),
+                Err(e) => return self.emit(key, p, Err(e), false, out),
+                Ok(head) => {
+                    let next = next_message_at(&head)
+                        .filter(|&at| p.buf.get(at..).is_some_and(starts_like_a_message));
+                    let rest = next.map(|at| (at, p.buf.split_off(at)));
+                    let (seq, ts_ns, direction) = (p.seq, p.ts_ns, p.direction);
+                    self.emit(key, p, Ok(head), false, out);
+                    let Some((at, buf)) = rest else { return };
+                    let seq = seq.wrapping_add(at as u32);
+                    p = Partial {
+                        ts_ns,
+                        direction,
+                        seq,
+                        next_seq: seq.wrapping_add(buf.len() as u32),
+                        buf,
+                    };
+                }
             }
-            Err(HeadError::Incomplete(_)) => self.finish(key, p, out),
-            head => self.emit(key, p, head, false, out),
         }
     }
 
@@ -330,6 +396,66 @@ mod tests {
             &mut out,
         );
         assert_eq!(out.len(), 1);
+    }
+
+    fn path(m: &Message) -> String {
+        match &m.head.as_ref().unwrap().start {
+            StartLine::Request { path, .. } => path.clone(),
+            StartLine::Response { status, .. } => status.to_string(),
+        }
+    }
+
+    #[test]
+    fn reads_every_message_pipelined_in_one_segment() {
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        let reqs = b"GET /p1 HTTP/1.1\r\nhost: a\r\n\r\n\
+POST /p2 HTTP/1.1\r\ncontent-length: 5\r\n\r\nGET /\
+GET /p3 HTTP/1.1\r\nhost: a\r\n\r\n";
+        a.push(ev(EventKind::Request, flow(), 1, 1000, reqs), &mut out);
+        // The same segment on the other veth adds nothing.
+        a.push(ev(EventKind::Request, flow(), 2, 1000, reqs), &mut out);
+        let paths: Vec<_> = out.iter().map(path).collect();
+        assert_eq!(paths, ["/p1", "/p2", "/p3"]);
+        assert_eq!(out[1].seq, 1000 + 29);
+        assert!(out.iter().all(|m| !m.truncated));
+
+        // Responses: a sized body is skipped; one delimited by the
+        // connection's end stops the reading (its bytes are body).
+        out.clear();
+        let rsps = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokHTTP/1.1 204 No Content\r\n\r\n\
+HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
+        a.push(
+            ev(EventKind::Response, flow().reversed(), 1, 5, rsps),
+            &mut out,
+        );
+        let statuses: Vec<_> = out.iter().map(path).collect();
+        assert_eq!(statuses, ["200", "204", "200"]);
+
+        // A second head cut at the segment's end waits for its rest.
+        out.clear();
+        let f = Flow {
+            src: Endpoint {
+                ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 3)),
+                port: 1,
+            },
+            ..flow()
+        };
+        let first = b"GET /a HTTP/1.1\r\n\r\nGET /b HTTP/1.1\r\nx-y:";
+        a.push(ev(EventKind::Request, f, 1, 0, first), &mut out);
+        assert_eq!(out.len(), 1);
+        a.push(
+            ev(
+                EventKind::Continuation,
+                f,
+                1,
+                first.len() as u32,
+                b" z\r\n\r\n",
+            ),
+            &mut out,
+        );
+        assert_eq!(out.iter().map(path).collect::<Vec<_>>(), ["/a", "/b"]);
+        assert_eq!(out[1].head.as_ref().unwrap().header("x-y"), Some("z"));
     }
 
     #[test]
