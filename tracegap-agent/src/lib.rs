@@ -10,6 +10,7 @@ pub mod clock;
 pub mod discover;
 pub mod ebpf;
 pub mod events;
+pub mod gap;
 pub mod http;
 pub mod interfaces;
 pub mod observe;

@@ -1,0 +1,454 @@
+//! Classifying hops: why a hop is, or is not, in the trace.
+//!
+//! A hop alone tells whether its request carried context. Whether a service
+//! *dropped* context, *passed it through* without making a span, or *flipped
+//! the sampling decision* shows only when its inbound and outbound requests
+//! are read together. The engine remembers, per pod address, the inbound
+//! requests it is serving and the outbound requests it sends, and relates
+//! them by time: an outbound request belongs to an inbound one when it
+//! starts while the inbound one is open (the inbound request's lifetime on
+//! the same pod is the correlation window).
+//!
+//! Ambiguity: a pod serving several requests at once makes the relation
+//! uncertain. The engine resolves it so:
+//! 1. an inbound request of the *same trace* as the outbound one wins
+//!    (`Confidence::Exact`: the ids prove the relation);
+//! 2. otherwise, if exactly one inbound request is open, it is the parent
+//!    (`Confidence::Sole`: nothing else could have caused the call, short of
+//!    background work);
+//! 3. otherwise the most recently started open request is taken
+//!    (`Confidence::Ambiguous`, with the number of candidates), because a
+//!    handler usually calls downstream soon after its request arrives.
+//!
+//! Synthetic spans carry the confidence, so nobody mistakes a guess for a
+//! fact.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+};
+
+use serde::Serialize;
+
+use super::hop::Hop;
+use crate::http::context::{Format, Found, SpanContext};
+
+/// Why a hop is, or is not, visible in the trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapKind {
+    /// Valid context arrived and nothing suggests the callee mishandled it.
+    ContextOk,
+    /// No trace context at all, and no traced request it could belong to.
+    MissingContext,
+    /// The caller was serving a traced request and sent this one without
+    /// context (or with a new trace): it did not propagate.
+    BrokenPropagation,
+    /// The callee forwarded the same trace and parent span id downstream:
+    /// it passed headers through without a span of its own.
+    Passthrough,
+    /// Context says "not sampled": the trace will not be recorded.
+    Unsampled,
+    /// The caller received the trace with one sampling decision and sent it
+    /// on with the other: the trace will be torn.
+    SamplingInconsistent,
+    /// A context header is present but invalid.
+    MalformedContext,
+    /// Context formats disagree: two formats in one request with different
+    /// traces, or a different format out than in, with a new trace.
+    FormatMismatch,
+}
+
+impl GapKind {
+    pub const ALL: [GapKind; 8] = [
+        Self::ContextOk,
+        Self::MissingContext,
+        Self::BrokenPropagation,
+        Self::Passthrough,
+        Self::Unsampled,
+        Self::SamplingInconsistent,
+        Self::MalformedContext,
+        Self::FormatMismatch,
+    ];
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::ContextOk => "context_ok",
+            Self::MissingContext => "missing_context",
+            Self::BrokenPropagation => "broken_propagation",
+            Self::Passthrough => "passthrough",
+            Self::Unsampled => "unsampled",
+            Self::SamplingInconsistent => "sampling_inconsistent",
+            Self::MalformedContext => "malformed_context",
+            Self::FormatMismatch => "format_mismatch",
+        }
+    }
+
+    /// Whether the hop is a gap (something to explain), as opposed to a
+    /// healthy or deliberately unrecorded hop.
+    pub fn is_gap(&self) -> bool {
+        !matches!(self, Self::ContextOk | Self::Unsampled)
+    }
+}
+
+impl std::fmt::Display for GapKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How sure the engine is that an outbound request belongs to an inbound one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Confidence {
+    /// Same trace id: the ids say so.
+    Exact,
+    /// The only request the caller was serving at the time.
+    Sole,
+    /// One of several requests the caller was serving; the newest was taken.
+    Ambiguous { candidates: usize },
+}
+
+impl Confidence {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Exact => "exact",
+            Self::Sole => "sole",
+            Self::Ambiguous { .. } => "ambiguous",
+        }
+    }
+}
+
+/// The inbound request an outbound hop was made for.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Link {
+    /// The inbound request's context.
+    pub context: SpanContext,
+    pub confidence: Confidence,
+    /// Whether the inbound request carried baggage.
+    pub baggage: bool,
+}
+
+/// The engine's diagnosis of one hop.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Verdict {
+    pub kind: GapKind,
+    /// Human-readable why, for spans and the report.
+    pub detail: String,
+    /// The inbound request this hop was made for, when the caller was
+    /// serving a traced one.
+    pub link: Option<Link>,
+    /// For `passthrough`: how many downstream requests carried the same
+    /// parent span id on.
+    pub forwarded: usize,
+    /// Baggage arrived at the caller and this hop did not carry it on.
+    pub baggage_dropped: bool,
+}
+
+/// Retention of remembered requests past their end: long enough for the
+/// outer request of a chain to complete after its inner calls.
+pub const RETENTION_NS: u64 = 120 * 1_000_000_000;
+/// Requests remembered per pod and direction at most.
+pub const MAX_PER_POD: usize = 4096;
+/// Pods remembered at most.
+pub const MAX_PODS: usize = 16 * 1024;
+
+#[derive(Clone, Debug)]
+struct Open {
+    /// Identity of the request: flow and sequence number.
+    key: (crate::events::Flow, u32),
+    start_ns: u64,
+    /// None while unanswered.
+    end_ns: Option<u64>,
+    contexts: Vec<Found>,
+    baggage: bool,
+}
+
+impl Open {
+    fn primary(&self) -> Option<&SpanContext> {
+        self.contexts.iter().find_map(|c| match c {
+            Found::Valid(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn covers(&self, t: u64) -> bool {
+        self.start_ns <= t && self.end_ns.is_none_or(|e| t <= e)
+    }
+}
+
+#[derive(Default)]
+struct Pod {
+    /// Requests this pod received.
+    inbound: VecDeque<Open>,
+    /// Requests this pod sent.
+    outbound: VecDeque<Open>,
+    last_ns: u64,
+}
+
+fn push_bounded(q: &mut VecDeque<Open>, o: Open) {
+    if q.len() >= MAX_PER_POD {
+        q.pop_front();
+    }
+    q.push_back(o);
+}
+
+fn close(q: &mut VecDeque<Open>, key: &(crate::events::Flow, u32), end_ns: u64) {
+    if let Some(o) = q.iter_mut().rev().find(|o| &o.key == key) {
+        o.end_ns = Some(end_ns);
+    }
+}
+
+/// Classifies hops. Feed every request when it starts
+/// ([`Engine::request_started`]) and every hop when it completes
+/// ([`Engine::classify`]), in time order.
+#[derive(Default)]
+pub struct Engine {
+    pods: HashMap<IpAddr, Pod>,
+}
+
+impl Engine {
+    /// Records a request as it starts, so requests that start while it is
+    /// open can be related to it.
+    pub fn request_started(
+        &mut self,
+        flow: crate::events::Flow,
+        seq: u32,
+        start_ns: u64,
+        contexts: &[Found],
+        baggage: bool,
+    ) {
+        let open = Open {
+            key: (flow, seq),
+            start_ns,
+            end_ns: None,
+            contexts: contexts.to_vec(),
+            baggage,
+        };
+        if self.pods.len() >= MAX_PODS {
+            self.forget_before(start_ns.saturating_sub(RETENTION_NS / 4));
+        }
+        let callee = self.pods.entry(flow.dst.ip).or_default();
+        callee.last_ns = start_ns;
+        push_bounded(&mut callee.inbound, open.clone());
+        let caller = self.pods.entry(flow.src.ip).or_default();
+        caller.last_ns = start_ns;
+        push_bounded(&mut caller.outbound, open);
+    }
+
+    /// Classifies a completed hop (answered or timed out).
+    pub fn classify(&mut self, hop: &Hop) -> Verdict {
+        let key = (hop.flow, hop.seq);
+        if let Some(p) = self.pods.get_mut(&hop.callee().ip) {
+            close(&mut p.inbound, &key, hop.end_ns);
+        }
+        if let Some(p) = self.pods.get_mut(&hop.caller().ip) {
+            close(&mut p.outbound, &key, hop.end_ns);
+        }
+        let parent = self.parent_of(hop);
+        let mut v = self.judge(hop, parent.clone());
+        // Whatever the verdict, say which request the hop was made for.
+        if v.link.is_none() {
+            v.link = parent;
+        }
+        v.baggage_dropped = v.link.as_ref().is_some_and(|l| l.baggage)
+            && hop.propagation.baggage.is_none();
+        v
+    }
+
+    fn verdict(kind: GapKind, detail: impl Into<String>) -> Verdict {
+        Verdict {
+            kind,
+            detail: detail.into(),
+            link: None,
+            forwarded: 0,
+            baggage_dropped: false,
+        }
+    }
+
+    fn judge(&self, hop: &Hop, parent: Option<Link>) -> Verdict {
+        let contexts = &hop.propagation.contexts;
+        if let Some(Found::Malformed { format, reason, .. }) = hop.malformed() {
+            return Self::verdict(
+                GapKind::MalformedContext,
+                format!("{} header is invalid: {reason}", format.as_str()),
+            );
+        }
+        let valid: Vec<&SpanContext> = contexts
+            .iter()
+            .filter_map(|c| match c {
+                Found::Valid(c) => Some(c),
+                _ => None,
+            })
+            .collect();
+        if let Some(other) = valid.iter().find(|c| c.trace_id != valid[0].trace_id) {
+            return Self::verdict(
+                GapKind::FormatMismatch,
+                format!(
+                    "{} and {} headers name different traces ({} vs {})",
+                    valid[0].format.as_str(),
+                    other.format.as_str(),
+                    valid[0].trace_id,
+                    other.trace_id
+                ),
+            );
+        }
+        let Some(ctx) = valid.first() else {
+            // No ids. A sampling-only header ("b3: 0") is a decision not to
+            // record, not a gap.
+            if contexts
+                .iter()
+                .any(|c| matches!(c, Found::SamplingOnly { sampled: false, .. }))
+            {
+                return Self::verdict(GapKind::Unsampled, "sampling-only header: not sampled");
+            }
+            return match parent {
+                Some(link) => Verdict {
+                    link: Some(link),
+                    ..Self::verdict(
+                        GapKind::BrokenPropagation,
+                        "caller was serving a traced request and sent this one without context",
+                    )
+                },
+                None => Self::verdict(GapKind::MissingContext, "no trace context"),
+            };
+        };
+        if let Some(link) = parent {
+            let inbound = &link.context;
+            if inbound.trace_id != ctx.trace_id {
+                let (kind, why) = if inbound.format != ctx.format {
+                    (
+                        GapKind::FormatMismatch,
+                        format!(
+                            "caller received {} and sent {} with a new trace",
+                            inbound.format.as_str(),
+                            ctx.format.as_str()
+                        ),
+                    )
+                } else {
+                    (
+                        GapKind::BrokenPropagation,
+                        "caller was serving a traced request and started a new trace".to_owned(),
+                    )
+                };
+                return Verdict {
+                    link: Some(link),
+                    ..Self::verdict(kind, why)
+                };
+            }
+            if let (Some(a), Some(b)) = (inbound.sampled, ctx.sampled)
+                && a != b
+            {
+                return Verdict {
+                    link: Some(link),
+                    ..Self::verdict(
+                        GapKind::SamplingInconsistent,
+                        format!(
+                            "caller received sampled={} and sent sampled={}",
+                            a as u8, b as u8
+                        ),
+                    )
+                };
+            }
+        }
+        let forwarded = self.forwarded_unchanged(hop, ctx);
+        if forwarded > 0 {
+            return Verdict {
+                forwarded,
+                ..Self::verdict(
+                    GapKind::Passthrough,
+                    "callee passed the context on unchanged: it made no span of its own",
+                )
+            };
+        }
+        if ctx.sampled == Some(false) {
+            return Self::verdict(GapKind::Unsampled, "sampled flag is off");
+        }
+        Self::verdict(GapKind::ContextOk, "valid context")
+    }
+
+    /// The traced inbound request the caller was serving when it sent `hop`.
+    fn parent_of(&self, hop: &Hop) -> Option<Link> {
+        let pod = self.pods.get(&hop.caller().ip)?;
+        let open: Vec<&Open> = pod
+            .inbound
+            .iter()
+            .filter(|o| o.covers(hop.start_ns) && o.primary().is_some())
+            .collect();
+        let trace = hop.context().map(|c| c.trace_id.as_str());
+        let (chosen, confidence) = if let Some(o) = open
+            .iter()
+            .find(|o| o.primary().map(|c| c.trace_id.as_str()) == trace)
+        {
+            (*o, Confidence::Exact)
+        } else if open.len() == 1 {
+            (open[0], Confidence::Sole)
+        } else {
+            let newest = open.iter().max_by_key(|o| o.start_ns)?;
+            (
+                *newest,
+                Confidence::Ambiguous {
+                    candidates: open.len(),
+                },
+            )
+        };
+        Some(Link {
+            context: chosen.primary()?.clone(),
+            confidence,
+            baggage: chosen.baggage,
+        })
+    }
+
+    /// Requests the callee sent while serving `hop` with the same trace and
+    /// the same parent span id: proof it forwarded headers without a span.
+    fn forwarded_unchanged(&self, hop: &Hop, ctx: &SpanContext) -> usize {
+        let Some(pod) = self.pods.get(&hop.callee().ip) else {
+            return 0;
+        };
+        pod.outbound
+            .iter()
+            .filter(|o| hop.start_ns <= o.start_ns && o.start_ns <= hop.end_ns)
+            .filter(|o| {
+                o.primary().is_some_and(|c| {
+                    c.trace_id == ctx.trace_id && c.parent_span_id == ctx.parent_span_id
+                })
+            })
+            .count()
+    }
+
+    /// Forgets requests that ended (or, unanswered, started) before `ts_ns`,
+    /// and pods with nothing left.
+    pub fn forget_before(&mut self, ts_ns: u64) {
+        let old = |o: &Open| o.end_ns.unwrap_or(o.start_ns) < ts_ns;
+        self.pods.retain(|_, p| {
+            p.inbound.retain(|o| !old(o));
+            p.outbound.retain(|o| !old(o));
+            !(p.inbound.is_empty() && p.outbound.is_empty() && p.last_ns < ts_ns)
+        });
+    }
+
+    /// Pods and requests remembered, for metrics and bounds tests.
+    pub fn remembered(&self) -> (usize, usize) {
+        let reqs = self
+            .pods
+            .values()
+            .map(|p| p.inbound.len() + p.outbound.len())
+            .sum();
+        (self.pods.len(), reqs)
+    }
+}
+
+/// Formats carried by a request, for metrics labels: `none`, one format, or
+/// several joined with `+`.
+pub fn formats_label(contexts: &[Found]) -> String {
+    if contexts.is_empty() {
+        return "none".to_owned();
+    }
+    let mut f: Vec<Format> = contexts.iter().map(Found::format).collect();
+    f.sort();
+    f.dedup();
+    f.iter().map(Format::as_str).collect::<Vec<_>>().join("+")
+}
+
+#[cfg(test)]
+mod tests;

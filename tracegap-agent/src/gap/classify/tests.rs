@@ -1,0 +1,246 @@
+//! The classification rules on hand-built hops: each rule, the order they
+//! apply in, and how concurrent inbound requests are resolved.
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::{
+    events::{Endpoint, Flow},
+    http::context::{Baggage, Propagation, b3_single, traceparent},
+};
+
+const T1: &str = "0af7651916cd43dd8448eb211c80319c";
+const T2: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+fn ep(last: u8, port: u16) -> Endpoint {
+    Endpoint {
+        ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, last)),
+        port,
+    }
+}
+
+fn tp(trace: &str, span: &str, sampled: bool) -> Found {
+    traceparent(&format!("00-{trace}-{span}-0{}", sampled as u8))
+}
+
+/// A hop from pod `from` to pod `to`, over [start, end] in ms.
+fn hop(from: u8, to: u8, start_ms: u64, end_ms: u64, contexts: Vec<Found>) -> Hop {
+    Hop {
+        flow: Flow {
+            src: ep(from, 40000 + start_ms as u16),
+            dst: ep(to, 8080),
+        },
+        seq: start_ms as u32,
+        method: "GET".into(),
+        path: "/".into(),
+        host: None,
+        status: Some(200),
+        start_ns: start_ms * 1_000_000,
+        end_ns: end_ms * 1_000_000,
+        start: std::time::UNIX_EPOCH,
+        unanswered: false,
+        propagation: Propagation {
+            contexts,
+            ..Default::default()
+        },
+        truncated: false,
+    }
+}
+
+/// Feeds hops as the agent would: every start in time order, then each
+/// completion in end order. Returns verdicts in the order hops were given.
+fn run(hops: &[Hop]) -> Vec<Verdict> {
+    let mut e = Engine::default();
+    let mut events: Vec<(u64, bool, usize)> = Vec::new();
+    for (i, h) in hops.iter().enumerate() {
+        events.push((h.start_ns, false, i));
+        events.push((h.end_ns, true, i));
+    }
+    events.sort();
+    let mut out = vec![None; hops.len()];
+    for (_, done, i) in events {
+        let h = &hops[i];
+        if done {
+            out[i] = Some(e.classify(h));
+        } else {
+            let baggage = h.propagation.baggage.is_some();
+            e.request_started(h.flow, h.seq, h.start_ns, &h.propagation.contexts, baggage);
+        }
+    }
+    out.into_iter().map(Option::unwrap).collect()
+}
+
+fn kinds(v: &[Verdict]) -> Vec<GapKind> {
+    v.iter().map(|v| v.kind).collect()
+}
+
+#[test]
+fn a_lone_request_is_judged_on_its_own_headers() {
+    let v = run(&[
+        hop(1, 2, 0, 5, vec![]),
+        hop(1, 3, 10, 15, vec![tp(T1, "b7ad6b7169203331", true)]),
+        hop(1, 4, 20, 25, vec![tp(T1, "b7ad6b7169203331", false)]),
+        hop(1, 5, 30, 35, vec![traceparent("00-trace123-span123-01")]),
+        hop(1, 6, 40, 45, vec![b3_single("0")]),
+    ]);
+    use GapKind::*;
+    assert_eq!(
+        kinds(&v),
+        [
+            MissingContext,
+            ContextOk,
+            Unsampled,
+            MalformedContext,
+            Unsampled
+        ]
+    );
+    assert!(v[3].detail.contains("trace-id"), "{}", v[3].detail);
+}
+
+#[test]
+fn two_formats_naming_different_traces_are_a_mismatch() {
+    let v = run(&[hop(
+        1,
+        2,
+        0,
+        5,
+        vec![
+            tp(T1, "b7ad6b7169203331", true),
+            b3_single(&format!("{T2}-00f067aa0ba902b7-1")),
+        ],
+    )]);
+    assert_eq!(v[0].kind, GapKind::FormatMismatch);
+    // The same trace in both formats is fine.
+    let v = run(&[hop(
+        1,
+        2,
+        0,
+        5,
+        vec![
+            tp(T1, "b7ad6b7169203331", true),
+            b3_single(&format!("{T1}-b7ad6b7169203331-1")),
+        ],
+    )]);
+    assert_eq!(v[0].kind, GapKind::ContextOk);
+}
+
+#[test]
+fn a_call_without_context_while_serving_a_traced_request_is_broken_propagation() {
+    // A(1) → B(2) traced; B → C(3) with nothing, inside the window.
+    let v = run(&[
+        hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
+        hop(2, 3, 10, 20, vec![]),
+    ]);
+    assert_eq!(kinds(&v), [GapKind::ContextOk, GapKind::BrokenPropagation]);
+    let link = v[1].link.as_ref().unwrap();
+    assert_eq!(link.context.trace_id, T1);
+    assert_eq!(link.context.parent_span_id, "aaaaaaaaaaaaaaaa");
+    assert_eq!(link.confidence, Confidence::Sole);
+    // After the inbound request ended, a call is not attributed to it.
+    let v = run(&[
+        hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
+        hop(2, 3, 60, 70, vec![]),
+    ]);
+    assert_eq!(v[1].kind, GapKind::MissingContext);
+    assert!(v[1].link.is_none());
+    // Starting a new trace instead of continuing is broken as well.
+    let v = run(&[
+        hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
+        hop(2, 3, 10, 20, vec![tp(T2, "cccccccccccccccc", true)]),
+    ]);
+    assert_eq!(v[1].kind, GapKind::BrokenPropagation);
+}
+
+#[test]
+fn forwarding_the_same_parent_span_is_passthrough_and_a_new_span_is_not() {
+    // A → P → C, P forwards A's parent span id unchanged.
+    let v = run(&[
+        hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
+        hop(2, 3, 10, 20, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
+    ]);
+    assert_eq!(kinds(&v), [GapKind::Passthrough, GapKind::ContextOk]);
+    assert_eq!(v[0].forwarded, 1);
+    // An instrumented B makes its own span: a new parent id downstream.
+    let v = run(&[
+        hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
+        hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", true)]),
+    ]);
+    assert_eq!(kinds(&v), [GapKind::ContextOk, GapKind::ContextOk]);
+    assert_eq!(v[1].link.as_ref().unwrap().confidence, Confidence::Exact);
+}
+
+#[test]
+fn flipping_the_sampled_flag_downstream_is_inconsistent() {
+    let v = run(&[
+        hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
+        hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", false)]),
+    ]);
+    assert_eq!(kinds(&v), [GapKind::ContextOk, GapKind::SamplingInconsistent]);
+    // Unsampled all along is consistent: just unsampled.
+    let v = run(&[
+        hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", false)]),
+        hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", false)]),
+    ]);
+    assert_eq!(kinds(&v), [GapKind::Unsampled, GapKind::Unsampled]);
+}
+
+#[test]
+fn b3_in_and_a_new_w3c_trace_out_is_a_format_mismatch() {
+    let v = run(&[
+        hop(1, 2, 0, 50, vec![b3_single(&format!("{T1}-aaaaaaaaaaaaaaaa-1"))]),
+        hop(2, 3, 10, 20, vec![tp(T2, "bbbbbbbbbbbbbbbb", true)]),
+    ]);
+    assert_eq!(v[1].kind, GapKind::FormatMismatch);
+    assert_eq!(v[1].link.as_ref().unwrap().context.trace_id, T1);
+    // Translated faithfully (same trace, other format): fine.
+    let v = run(&[
+        hop(1, 2, 0, 50, vec![b3_single(&format!("{T1}-aaaaaaaaaaaaaaaa-1"))]),
+        hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", true)]),
+    ]);
+    assert_eq!(v[1].kind, GapKind::ContextOk);
+}
+
+#[test]
+fn concurrent_inbound_requests_resolve_by_trace_then_by_recency() {
+    // B serves two traced requests at once, then calls C.
+    let a1 = hop(1, 2, 0, 100, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]);
+    let a2 = hop(4, 2, 5, 100, vec![tp(T2, "dddddddddddddddd", true)]);
+    // Without context: ambiguous, the newest inbound request is taken.
+    let v = run(&[a1.clone(), a2.clone(), hop(2, 3, 10, 20, vec![])]);
+    assert_eq!(v[2].kind, GapKind::BrokenPropagation);
+    let link = v[2].link.as_ref().unwrap();
+    assert_eq!(link.confidence, Confidence::Ambiguous { candidates: 2 });
+    assert_eq!(link.context.trace_id, T2);
+    // With T1's context: the trace id settles it, whatever the order.
+    let v = run(&[a1, a2, hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", true)])]);
+    assert_eq!(v[2].kind, GapKind::ContextOk);
+    assert_eq!(v[2].link.as_ref().unwrap().confidence, Confidence::Exact);
+    assert_eq!(v[2].link.as_ref().unwrap().context.trace_id, T1);
+}
+
+#[test]
+fn baggage_that_stops_at_a_service_is_reported() {
+    let mut inbound = hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]);
+    inbound.propagation.baggage = Some(Baggage {
+        entries: 1,
+        bytes: 9,
+        keys: vec!["user-id".into()],
+    });
+    let v = run(&[inbound, hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", true)])]);
+    assert!(v[1].baggage_dropped);
+    assert!(!v[0].baggage_dropped);
+}
+
+#[test]
+fn memory_is_bounded_and_old_requests_are_forgotten() {
+    let mut e = Engine::default();
+    for i in 0..(MAX_PER_POD as u64 + 100) {
+        let h = hop(1, 2, i, i + 1, vec![]);
+        e.request_started(h.flow, h.seq, h.start_ns, &[], false);
+    }
+    let (pods, reqs) = e.remembered();
+    assert_eq!(pods, 2);
+    assert_eq!(reqs, 2 * MAX_PER_POD);
+    e.forget_before(u64::MAX);
+    assert_eq!(e.remembered(), (0, 0));
+}

@@ -1,0 +1,11 @@
+//! The gap engine: from paired HTTP messages to hops, from hops to a
+//! diagnosis (why is this hop missing from the trace?), and from the
+//! diagnosis to the synthetic span that makes the hop visible.
+
+pub mod classify;
+pub mod hop;
+pub mod route;
+pub mod span;
+
+pub use classify::{Confidence, Engine, GapKind, Link, Verdict};
+pub use hop::Hop;

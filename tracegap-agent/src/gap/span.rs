@@ -1,0 +1,394 @@
+//! Synthetic spans: what a hop becomes in the trace, so the hop the
+//! instrumentation missed shows up in Jaeger where it belongs and says why
+//! it was missing.
+//!
+//! Placement: a hop that carried valid context joins that trace under the
+//! span the caller sent; a hop whose caller dropped (or replaced) context is
+//! stitched into the inbound request's trace, marked as inferred; anything
+//! else starts a new trace rooted at the synthetic span.
+
+use std::{net::IpAddr, time::SystemTime};
+
+use opentelemetry::{
+    KeyValue,
+    trace::{SpanId, SpanKind, TraceId},
+};
+use serde::Serialize;
+
+use super::{GapKind, Hop, Verdict, route};
+
+/// Who is behind an address: what names the span's service and resource.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Identity {
+    /// `service.name`: the Kubernetes workload or a configured name; the
+    /// address itself when nothing better is known.
+    pub service: String,
+    pub namespace: Option<String>,
+    pub pod: Option<String>,
+    pub node: Option<String>,
+}
+
+impl Identity {
+    pub fn unknown(ip: IpAddr) -> Self {
+        Self {
+            service: ip.to_string(),
+            ..Self::default()
+        }
+    }
+
+    /// Resource attributes, per the OpenTelemetry resource conventions.
+    pub fn resource(&self) -> Vec<KeyValue> {
+        let mut r = vec![KeyValue::new("service.name", self.service.clone())];
+        if let Some(ns) = &self.namespace {
+            r.push(KeyValue::new("k8s.namespace.name", ns.clone()));
+        }
+        if let Some(p) = &self.pod {
+            r.push(KeyValue::new("k8s.pod.name", p.clone()));
+        }
+        if let Some(n) = &self.node {
+            r.push(KeyValue::new("k8s.node.name", n.clone()));
+        }
+        r
+    }
+}
+
+/// Which hops become spans.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ExportMode {
+    /// Only gap hops: instrumented hops already have their spans.
+    Gaps,
+    /// Every hop (duplicates the spans of instrumented services).
+    All,
+}
+
+/// One span to export.
+#[derive(Clone, Debug)]
+pub struct SyntheticSpan {
+    /// The service the span is listed under, and its resource.
+    pub identity: Identity,
+    pub trace_id: TraceId,
+    pub span_id: SpanId,
+    /// `SpanId::INVALID` for a root span.
+    pub parent_span_id: SpanId,
+    pub kind: SpanKind,
+    pub name: String,
+    pub start: SystemTime,
+    pub end: SystemTime,
+    pub attributes: Vec<KeyValue>,
+    /// Some(description) when the span's status is ERROR.
+    pub error: Option<String>,
+}
+
+fn trace_id(hex: &str) -> Option<TraceId> {
+    TraceId::from_hex(hex).ok().filter(|t| *t != TraceId::INVALID)
+}
+
+fn span_id(hex: &str) -> Option<SpanId> {
+    SpanId::from_hex(hex).ok().filter(|s| *s != SpanId::INVALID)
+}
+
+/// New random ids, from the SDK's generator.
+fn new_ids() -> (TraceId, SpanId) {
+    use opentelemetry_sdk::trace::{IdGenerator as _, RandomIdGenerator};
+    let g = RandomIdGenerator::default();
+    (g.new_trace_id(), g.new_span_id())
+}
+
+/// Whether a hop with this verdict becomes a span.
+pub fn wanted(kind: GapKind, mode: ExportMode, export_unsampled: bool) -> bool {
+    match kind {
+        GapKind::Unsampled => export_unsampled,
+        _ if mode == ExportMode::All => true,
+        k => k.is_gap(),
+    }
+}
+
+/// Builds the span for a hop. `callee_local`: the callee is a pod on this
+/// node, so its side was observed (SERVER span listed under the callee);
+/// otherwise only the caller's side is known (CLIENT span under the caller).
+pub fn build(
+    hop: &Hop,
+    verdict: &Verdict,
+    caller: &Identity,
+    callee: &Identity,
+    callee_local: bool,
+) -> SyntheticSpan {
+    let (new_trace, span) = new_ids();
+    let mut attributes = Vec::with_capacity(20);
+    let (trace, parent) = match (&verdict.link, verdict.kind) {
+        (Some(link), GapKind::BrokenPropagation | GapKind::FormatMismatch) => {
+            attributes.push(KeyValue::new("tracegap.link", "inferred"));
+            attributes.push(KeyValue::new(
+                "tracegap.link.confidence",
+                link.confidence.as_str(),
+            ));
+            if let super::Confidence::Ambiguous { candidates } = link.confidence {
+                attributes.push(KeyValue::new(
+                    "tracegap.link.candidates",
+                    candidates as i64,
+                ));
+            }
+            if let Some(c) = hop.context() {
+                // The trace the downstream call went on in, for searching.
+                attributes.push(KeyValue::new("tracegap.downstream.trace_id", c.trace_id.clone()));
+            }
+            (
+                trace_id(&link.context.trace_id),
+                span_id(&link.context.parent_span_id),
+            )
+        }
+        _ => match hop.context() {
+            Some(c) => {
+                attributes.push(KeyValue::new("tracegap.link", "carried"));
+                (trace_id(&c.trace_id), span_id(&c.parent_span_id))
+            }
+            None => (None, None),
+        },
+    };
+    let (trace, parent) = match (trace, parent) {
+        (Some(t), Some(p)) => (t, p),
+        _ => (new_trace, SpanId::INVALID),
+    };
+
+    let route = route::template(&hop.path);
+    let name = format!("{} {route}", hop.method);
+    let (kind, identity, peer) = if callee_local {
+        (SpanKind::Server, callee.clone(), hop.caller())
+    } else {
+        (SpanKind::Client, caller.clone(), hop.callee())
+    };
+    let server_address = hop
+        .host
+        .as_deref()
+        .map(|h| host_name(h).to_owned())
+        .unwrap_or_else(|| hop.callee().ip.to_string());
+    attributes.extend([
+        KeyValue::new("http.request.method", hop.method.clone()),
+        KeyValue::new("url.path", hop.path.clone()),
+        KeyValue::new("server.address", server_address),
+        KeyValue::new("server.port", i64::from(hop.callee().port)),
+        KeyValue::new("client.address", hop.caller().ip.to_string()),
+        KeyValue::new("network.peer.address", peer.ip.to_string()),
+        KeyValue::new("network.peer.port", i64::from(peer.port)),
+        KeyValue::new("network.transport", "tcp"),
+        KeyValue::new("tracegap.synthetic", true),
+        KeyValue::new("tracegap.gap", verdict.kind.as_str()),
+        KeyValue::new("tracegap.gap.detail", verdict.detail.clone()),
+    ]);
+    if let Some(s) = hop.status {
+        attributes.push(KeyValue::new("http.response.status_code", i64::from(s)));
+    }
+    if let Some(f) = hop.format() {
+        attributes.push(KeyValue::new("tracegap.context.format", f));
+    }
+    if callee_local {
+        attributes.push(KeyValue::new("tracegap.caller.service", caller.service.clone()));
+    } else {
+        attributes.push(KeyValue::new("tracegap.callee.service", callee.service.clone()));
+    }
+    if verdict.baggage_dropped {
+        attributes.push(KeyValue::new("tracegap.baggage.dropped", true));
+    }
+    if hop.truncated {
+        attributes.push(KeyValue::new("tracegap.headers.truncated", true));
+    }
+    // Server spans: 5xx is an error, 4xx is the client's. Client spans: both.
+    let error = match hop.status {
+        None => {
+            attributes.push(KeyValue::new("tracegap.unanswered", true));
+            attributes.push(KeyValue::new("error.type", "timeout"));
+            Some(format!("no response within {:?}", hop.duration()))
+        }
+        Some(s) if s >= 500 || (s >= 400 && kind == SpanKind::Client) => {
+            attributes.push(KeyValue::new("error.type", s.to_string()));
+            Some(format!("HTTP {s}"))
+        }
+        Some(_) => None,
+    };
+    SyntheticSpan {
+        identity,
+        trace_id: trace,
+        span_id: span,
+        parent_span_id: parent,
+        kind,
+        name,
+        start: hop.start,
+        end: hop.end(),
+        attributes,
+        error,
+    }
+}
+
+/// The host part of a Host header (`name:port`, `[v6]:port`).
+fn host_name(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        return rest.split(']').next().unwrap_or(rest);
+    }
+    host.rsplit_once(':').map_or(host, |(h, _)| h)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::{
+        events::{Endpoint, Flow},
+        gap::{Confidence, Link},
+        http::context::{Propagation, traceparent},
+    };
+
+    fn hop(ctx: Option<&str>, status: Option<u16>) -> Hop {
+        let ep = |l, port| Endpoint {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, l)),
+            port,
+        };
+        Hop {
+            flow: Flow {
+                src: ep(1, 40000),
+                dst: ep(2, 8080),
+            },
+            seq: 1,
+            method: "GET".into(),
+            path: "/users/42".into(),
+            host: Some("service-b:8080".into()),
+            status,
+            start_ns: 1_000_000,
+            end_ns: 4_000_000,
+            start: std::time::UNIX_EPOCH + std::time::Duration::from_secs(100),
+            unanswered: status.is_none(),
+            propagation: Propagation {
+                contexts: ctx.map(traceparent).into_iter().collect(),
+                ..Default::default()
+            },
+            truncated: false,
+        }
+    }
+
+    fn verdict(kind: GapKind, link: Option<Link>) -> Verdict {
+        Verdict {
+            kind,
+            detail: "why".into(),
+            link,
+            forwarded: 0,
+            baggage_dropped: false,
+        }
+    }
+
+    fn attr<'a>(s: &'a SyntheticSpan, key: &str) -> Option<&'a opentelemetry::Value> {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == key)
+            .map(|kv| &kv.value)
+    }
+
+    fn ids() -> (Identity, Identity) {
+        (
+            Identity {
+                service: "service-a".into(),
+                ..Default::default()
+            },
+            Identity {
+                service: "service-b".into(),
+                namespace: Some("lab".into()),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn carried_context_places_the_span_under_the_callers_span() {
+        let h = hop(
+            Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+            Some(503),
+        );
+        let (a, b) = ids();
+        let s = build(&h, &verdict(GapKind::Passthrough, None), &a, &b, true);
+        assert_eq!(s.trace_id.to_string(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(s.parent_span_id.to_string(), "b7ad6b7169203331");
+        assert_ne!(s.span_id, SpanId::INVALID);
+        assert_eq!(s.kind, SpanKind::Server);
+        assert_eq!(s.name, "GET /users/{id}");
+        assert_eq!(s.identity.service, "service-b");
+        assert_eq!(s.error.as_deref(), Some("HTTP 503"));
+        assert_eq!(
+            attr(&s, "tracegap.gap").map(|v| v.as_str().into_owned()),
+            Some("passthrough".into())
+        );
+        assert_eq!(
+            attr(&s, "server.address").map(|v| v.as_str().into_owned()),
+            Some("service-b".into())
+        );
+        assert_eq!(
+            s.end.duration_since(s.start).unwrap(),
+            std::time::Duration::from_millis(3)
+        );
+        // Only the caller's side known: a CLIENT span under the caller.
+        let s = build(&h, &verdict(GapKind::Passthrough, None), &a, &b, false);
+        assert_eq!(s.kind, SpanKind::Client);
+        assert_eq!(s.identity.service, "service-a");
+    }
+
+    #[test]
+    fn broken_propagation_is_stitched_into_the_inbound_trace_as_inferred() {
+        let link = Link {
+            context: match traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            {
+                crate::http::context::Found::Valid(c) => c,
+                other => panic!("{other:?}"),
+            },
+            confidence: Confidence::Ambiguous { candidates: 3 },
+            baggage: false,
+        };
+        let (a, b) = ids();
+        let s = build(
+            &hop(None, Some(200)),
+            &verdict(GapKind::BrokenPropagation, Some(link)),
+            &a,
+            &b,
+            true,
+        );
+        assert_eq!(s.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(s.parent_span_id.to_string(), "00f067aa0ba902b7");
+        assert_eq!(
+            attr(&s, "tracegap.link").map(|v| v.as_str().into_owned()),
+            Some("inferred".into())
+        );
+        assert_eq!(
+            attr(&s, "tracegap.link.confidence").map(|v| v.as_str().into_owned()),
+            Some("ambiguous".into())
+        );
+    }
+
+    #[test]
+    fn no_context_roots_a_new_trace_and_unanswered_is_an_error() {
+        let (a, b) = ids();
+        let s = build(
+            &hop(None, None),
+            &verdict(GapKind::MissingContext, None),
+            &a,
+            &b,
+            true,
+        );
+        assert_ne!(s.trace_id, TraceId::INVALID);
+        assert_eq!(s.parent_span_id, SpanId::INVALID);
+        assert!(s.error.as_deref().unwrap().starts_with("no response"));
+        // Never a query string, never a credential: they are not in a hop.
+        assert!(s.attributes.iter().all(|kv| {
+            let v = kv.value.as_str();
+            !v.contains('?') && !kv.key.as_str().contains("authorization")
+        }));
+    }
+
+    #[test]
+    fn only_gaps_are_exported_by_default() {
+        assert!(wanted(GapKind::MissingContext, ExportMode::Gaps, false));
+        assert!(!wanted(GapKind::ContextOk, ExportMode::Gaps, false));
+        assert!(wanted(GapKind::ContextOk, ExportMode::All, false));
+        assert!(!wanted(GapKind::Unsampled, ExportMode::All, false));
+        assert!(wanted(GapKind::Unsampled, ExportMode::Gaps, true));
+        assert_eq!(host_name("[fd00::1]:80"), "fd00::1");
+        assert_eq!(host_name("svc"), "svc");
+    }
+}
