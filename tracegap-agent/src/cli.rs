@@ -3,8 +3,16 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use std::{
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
 use crate::{
+    agent::AgentConfig,
     discover::{DEFAULT_PATTERNS, Patterns},
+    export::{ExportConfig, OtlpProtocol},
+    gap::span::ExportMode,
     interfaces::Selection,
 };
 
@@ -18,8 +26,83 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the node agent: classify every hop, export synthetic spans for
+    /// the gaps over OTLP, serve /metrics, /report, /healthz and /readyz.
+    Run(RunArgs),
     /// Print every HTTP request and response seen on the wire, one per line.
     Observe(ObserveArgs),
+    /// Print a running agent's per-edge gap report as a table.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub interfaces: InterfaceArgs,
+    /// Address for /metrics, /report, /healthz and /readyz.
+    #[arg(long, env = "TRACEGAP_LISTEN", default_value = "0.0.0.0:9464")]
+    pub listen: SocketAddr,
+    /// OTLP endpoint, e.g. http://jaeger-collector:4317 (gRPC) or
+    /// http://jaeger-collector:4318 (HTTP; /v1/traces is appended).
+    /// Unset: opentelemetry-otlp's default for the protocol
+    /// (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is honoured too).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// OTLP transport. OTEL_EXPORTER_OTLP_HEADERS and
+    /// OTEL_EXPORTER_OTLP_TIMEOUT apply to both.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_PROTOCOL", default_value = "grpc")]
+    pub otlp_protocol: OtlpProtocol,
+    /// Which hops become synthetic spans: only gaps (instrumented hops have
+    /// their own spans), or all.
+    #[arg(long, env = "TRACEGAP_EXPORT", value_enum, default_value_t = ExportMode::Gaps)]
+    pub export: ExportMode,
+    /// Export spans for unsampled hops too (by default they are counted).
+    #[arg(long, env = "TRACEGAP_EXPORT_UNSAMPLED")]
+    pub export_unsampled: bool,
+    /// Synthetic spans waiting for export at most; past it they are dropped
+    /// and counted (tracegap_spans_dropped_total{reason="queue_full"}).
+    #[arg(long, env = "TRACEGAP_EXPORT_QUEUE", default_value_t = 8192)]
+    pub export_queue: usize,
+    /// Service names by address, IP=NAME (repeat or comma-separate); unknown
+    /// addresses are named by themselves.
+    #[arg(long = "service", env = "TRACEGAP_SERVICES", value_delimiter = ',', value_parser = parse_service)]
+    pub services: Vec<(IpAddr, String)>,
+    /// A request without a response after this long is reported unanswered.
+    #[arg(long, env = "TRACEGAP_RESPONSE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub response_timeout: Duration,
+}
+
+fn parse_service(s: &str) -> Result<(IpAddr, String), String> {
+    crate::identity::parse_mapping(s).map_err(|e| e.to_string())
+}
+
+impl RunArgs {
+    pub fn config(&self) -> AgentConfig {
+        AgentConfig {
+            interfaces: self.interfaces.selection(),
+            listen: self.listen,
+            export: ExportConfig {
+                protocol: self.otlp_protocol,
+                endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
+                queue: self.export_queue,
+                ..ExportConfig::default()
+            },
+            export_mode: self.export,
+            export_unsampled: self.export_unsampled,
+            services: self.services.clone(),
+            response_timeout: self.response_timeout,
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The agent's address (its --listen).
+    #[arg(long, env = "TRACEGAP_AGENT", default_value = "127.0.0.1:9464")]
+    pub agent: String,
+    /// Print the JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Which interfaces to attach to.

@@ -3,15 +3,24 @@
 //!
 //! The data path, from packet to output:
 //! [`ebpf`] (load and attach the TC programs) → [`events`] (ring-buffer
-//! records) → [`observe`] (what a person watches on the wire).
+//! records) → [`http`] (message heads, trace context, pairing) → [`gap`]
+//! (hops, classification, synthetic spans) → [`export`] (OTLP), with
+//! [`metrics`], [`report`] and [`server`] for people. [`agent`] runs it all;
+//! [`observe`] prints the wire for a person.
 
+pub mod agent;
 pub mod cli;
 pub mod clock;
 pub mod discover;
 pub mod ebpf;
 pub mod events;
+pub mod export;
 pub mod gap;
 pub mod http;
+pub mod identity;
 pub mod interfaces;
+pub mod metrics;
 pub mod observe;
+pub mod report;
+pub mod server;
 pub mod shutdown;

@@ -16,7 +16,17 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async move {
         match cli.command {
+            Command::Run(args) => {
+                let stop = async {
+                    match tracegap_agent::shutdown::signal_received().await {
+                        Ok(sig) => tracing::info!(signal = sig, "stopping"),
+                        Err(e) => tracing::error!(error = %e, "cannot wait for signals; stopping"),
+                    }
+                };
+                tracegap_agent::agent::run(args.config(), stop, None).await
+            }
             Command::Observe(args) => tracegap_agent::observe::run(args).await,
+            Command::Report(args) => tracegap_agent::report::fetch_and_print(&args),
         }
     })
 }

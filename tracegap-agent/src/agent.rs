@@ -1,0 +1,314 @@
+//! `tracegap run`: the node agent. The data path, end to end:
+//!
+//! ring buffer → [`Assembler`] (whole heads, no duplicates) → [`Pairer`]
+//! (request + response) → [`Hop`] → [`Engine`] (classification) →
+//! metrics, report, and for gap hops a synthetic span offered to the
+//! bounded export queue.
+
+use std::{
+    collections::HashSet,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tracegap_common::Direction;
+
+use crate::{
+    clock::{WallClock, monotonic_ns},
+    ebpf::Observer,
+    events::EventStream,
+    export::{self, ExportConfig, SpanQueue},
+    gap::{
+        Engine, GapKind, Hop,
+        classify::{RETENTION_NS, formats_label},
+        span::{self, ExportMode},
+    },
+    http::{
+        assemble::{Assembler, Message, Pairer},
+        context::Propagation,
+    },
+    identity::Directory,
+    interfaces::{self, Interfaces, Selection},
+    metrics::{BaggageLabels, GapLabels, Metrics, RequestLabels},
+    server::{self, Shared},
+};
+
+/// How long an unfinished header block waits for its next segment.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Local pod addresses remembered at most (cleared past it, then relearnt).
+const MAX_LOCAL_IPS: usize = 64 * 1024;
+
+/// Everything `tracegap run` is configured with.
+#[derive(Clone, Debug)]
+pub struct AgentConfig {
+    pub interfaces: Selection,
+    /// Where /metrics, /report, /healthz and /readyz are served.
+    pub listen: SocketAddr,
+    pub export: ExportConfig,
+    pub export_mode: ExportMode,
+    pub export_unsampled: bool,
+    /// Static service names by address.
+    pub services: Vec<(IpAddr, String)>,
+    /// A request without a response after this long is reported unanswered.
+    pub response_timeout: Duration,
+}
+
+/// The running agent's handles, for callers that embed it (tests).
+pub struct Started {
+    pub listen: SocketAddr,
+    pub shared: Arc<Shared>,
+    pub directory: Arc<Directory>,
+}
+
+/// Runs the agent until `stop` completes. `started` receives the bound
+/// address and shared state once the agent is ready.
+pub async fn run(
+    config: AgentConfig,
+    stop: impl std::future::Future<Output = ()>,
+    started: Option<tokio::sync::oneshot::Sender<Started>>,
+) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::new());
+    let shared = Arc::new(Shared::new(metrics.clone()));
+    let directory = Arc::new(Directory::with_names(config.services.clone()));
+    let (listen, server) = server::serve(config.listen, shared.clone())
+        .await
+        .with_context(|| format!("listening on {}", config.listen))?;
+    tracing::info!(%listen, "serving /metrics /report /healthz /readyz");
+    let mut observer = Observer::load().context("loading the eBPF programs")?;
+    let result = async {
+        let interfaces = Interfaces::start(&mut observer, config.interfaces.clone()).await?;
+        let (queue, exporter) =
+            export::start(config.export.clone(), metrics.clone()).context("starting export")?;
+        let stream = EventStream::new(observer.take_events()?)?;
+        shared.ready.store(true, Ordering::Relaxed);
+        if let Some(tx) = started {
+            let _ = tx.send(Started {
+                listen,
+                shared: shared.clone(),
+                directory: directory.clone(),
+            });
+        }
+        let mut pipeline = Pipeline::new(&config, shared.clone(), directory.clone(), queue);
+        let looped = event_loop(&mut observer, interfaces, stream, &mut pipeline, stop).await;
+        shared.ready.store(false, Ordering::Relaxed);
+        // Close the queue; give the exporter a bounded time for a last flush.
+        drop(pipeline);
+        if tokio::time::timeout(Duration::from_secs(5), exporter)
+            .await
+            .is_err()
+        {
+            tracing::warn!("export did not finish within 5s; remaining spans dropped");
+        }
+        looped
+    }
+    .await;
+    // Detach before reporting any error, so nothing stays attached.
+    let detached = observer.detach_all();
+    server.abort();
+    result?;
+    detached?;
+    Ok(())
+}
+
+async fn event_loop(
+    observer: &mut Observer,
+    mut interfaces: Interfaces,
+    mut stream: EventStream,
+    p: &mut Pipeline,
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(stop);
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut events = Vec::new();
+    let mut messages = Vec::new();
+    loop {
+        tokio::select! {
+            () = &mut stop => return Ok(()),
+            n = stream.next_batch(&mut events) => {
+                n?;
+                for e in events.drain(..) {
+                    p.assembler.push(e, &mut messages);
+                }
+            }
+            change = interfaces.changed() => {
+                interfaces::apply(observer, change);
+                p.shared.metrics.interfaces.set(observer.interfaces().len() as i64);
+            }
+            _ = tick.tick() => {
+                p.tick(&mut messages);
+                match observer.counters() {
+                    Ok(c) => p.shared.metrics.kernel_counters(c),
+                    Err(e) => tracing::warn!(error = %e, "reading kernel counters"),
+                }
+                p.shared.metrics.interfaces.set(observer.interfaces().len() as i64);
+                p.shared.beat();
+            }
+        }
+        for m in messages.drain(..) {
+            p.message(m);
+        }
+    }
+}
+
+/// The user-space data path's state.
+struct Pipeline {
+    clock: WallClock,
+    assembler: Assembler,
+    pairer: Pairer,
+    engine: Engine,
+    /// Addresses seen sending from a watched pod veth: pods on this node.
+    local: HashSet<IpAddr>,
+    shared: Arc<Shared>,
+    directory: Arc<Directory>,
+    queue: SpanQueue,
+    export_mode: ExportMode,
+    export_unsampled: bool,
+    response_timeout: Duration,
+    last_resync_ns: u64,
+}
+
+impl Pipeline {
+    fn new(
+        config: &AgentConfig,
+        shared: Arc<Shared>,
+        directory: Arc<Directory>,
+        queue: SpanQueue,
+    ) -> Self {
+        Self {
+            clock: WallClock::new(),
+            assembler: Assembler::default(),
+            pairer: Pairer::default(),
+            engine: Engine::default(),
+            local: HashSet::new(),
+            shared,
+            directory,
+            queue,
+            export_mode: config.export_mode,
+            export_unsampled: config.export_unsampled,
+            response_timeout: config.response_timeout,
+            last_resync_ns: monotonic_ns(),
+        }
+    }
+
+    fn tick(&mut self, messages: &mut Vec<Message>) {
+        let now = monotonic_ns();
+        self.assembler.flush_before(
+            now.saturating_sub(HEAD_TIMEOUT.as_nanos() as u64),
+            messages,
+        );
+        let cutoff = now.saturating_sub(self.response_timeout.as_nanos() as u64);
+        for req in self.pairer.expire_before(cutoff) {
+            let gave_up = req.ts_ns + self.response_timeout.as_nanos() as u64;
+            self.hop(&req, None, gave_up);
+        }
+        self.engine.forget_before(now.saturating_sub(RETENTION_NS));
+        // NTP may step the wall clock: re-anchor now and then.
+        if now.saturating_sub(self.last_resync_ns) > 60_000_000_000 {
+            self.clock.resync();
+            self.last_resync_ns = now;
+        }
+    }
+
+    fn message(&mut self, m: Message) {
+        if m.direction == Direction::Ingress {
+            if self.local.len() >= MAX_LOCAL_IPS {
+                self.local.clear();
+            }
+            self.local.insert(m.flow.src.ip);
+        }
+        let Ok(head) = &m.head else {
+            tracing::debug!(flow = %m.flow, "unparsed message head");
+            return;
+        };
+        if m.is_request() {
+            let p = Propagation::from_head(head);
+            self.engine.request_started(
+                m.flow,
+                m.seq,
+                m.ts_ns,
+                &p.contexts,
+                p.baggage.is_some(),
+            );
+            if let Some(pushed_out) = self.pairer.request(m) {
+                let now = monotonic_ns();
+                self.hop(&pushed_out, None, now);
+            }
+        } else if let Some(req) = self.pairer.response(&m) {
+            self.hop(&req, Some(&m), m.ts_ns);
+        }
+    }
+
+    fn hop(&mut self, req: &Message, rsp: Option<&Message>, gave_up_ns: u64) {
+        let Some(hop) = Hop::new(&self.clock, req, rsp, gave_up_ns) else {
+            return;
+        };
+        let verdict = self.engine.classify(&hop);
+        let caller = self.directory.lookup(hop.caller().ip);
+        let callee = self.directory.lookup(hop.callee().ip);
+        let callee_local = self.local.contains(&hop.callee().ip);
+        let format = formats_label(&hop.propagation.contexts);
+        let m = &self.shared.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                source_service: caller.service.clone(),
+                destination_service: callee.service.clone(),
+                context_status: verdict.kind.as_str().to_owned(),
+                context_format: format.clone(),
+            })
+            .inc();
+        if verdict.kind.is_gap() {
+            m.gaps
+                .get_or_create(&GapLabels {
+                    kind: verdict.kind.as_str().to_owned(),
+                    source_service: caller.service.clone(),
+                    destination_service: callee.service.clone(),
+                })
+                .inc();
+        }
+        if hop.unanswered {
+            m.unanswered.inc();
+        }
+        if verdict.link.as_ref().is_some_and(|l| l.baggage) {
+            m.baggage
+                .get_or_create(&BaggageLabels {
+                    source_service: caller.service.clone(),
+                    destination_service: callee.service.clone(),
+                    propagation: if verdict.baggage_dropped {
+                        "dropped"
+                    } else {
+                        "carried"
+                    }
+                    .to_owned(),
+                })
+                .inc();
+        }
+        let mut example = hop
+            .context()
+            .map(|c| c.trace_id.clone())
+            .or_else(|| verdict.link.as_ref().map(|l| l.context.trace_id.clone()));
+        if span::wanted(verdict.kind, self.export_mode, self.export_unsampled) {
+            let s = span::build(&hop, &verdict, &caller, &callee, callee_local);
+            example = Some(s.trace_id.to_string());
+            self.queue.offer(s);
+        }
+        if verdict.kind != GapKind::ContextOk {
+            tracing::debug!(
+                caller = %caller.service, callee = %callee.service,
+                method = %hop.method, path = %hop.path, gap = %verdict.kind,
+                detail = %verdict.detail, "hop"
+            );
+        }
+        if let Ok(mut r) = self.shared.reporter.lock() {
+            r.record(
+                &caller.service,
+                &callee.service,
+                &hop,
+                &verdict,
+                &format,
+                example,
+            );
+        }
+    }
+}

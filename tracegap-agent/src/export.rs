@@ -1,0 +1,278 @@
+//! Exporting synthetic spans over OTLP without ever holding up the data
+//! path.
+//!
+//! The data path only *offers* a span to a bounded queue; a full queue drops
+//! the span and counts it. One task drains the queue in batches, groups each
+//! batch by service (every service is its own OTLP resource, so Jaeger lists
+//! the hop under the callee), and exports through opentelemetry-otlp (gRPC
+//! or HTTP/protobuf). A failed export is retried with exponential back-off a
+//! bounded number of times; meanwhile new spans wait in the queue or are
+//! dropped when it is full. Memory is bounded by the queue and one batch,
+//! whether the collector is down, slow or fine, and export resumes on its own
+//! when the collector returns.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use opentelemetry::{
+    InstrumentationScope,
+    trace::{SpanContext, Status, TraceFlags, TraceState},
+};
+use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+use opentelemetry_sdk::{
+    Resource,
+    trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
+};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use crate::{gap::span::SyntheticSpan, metrics::Metrics};
+
+/// Errors from setting up the exporter.
+#[derive(Debug, Error)]
+pub enum Error {
+    /// opentelemetry-otlp refused the configuration.
+    #[error("building the OTLP exporter: {0}")]
+    Build(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// OTLP transport.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (port 4317).
+    #[value(name = "grpc")]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318).
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// How spans are exported.
+#[derive(Clone, Debug)]
+pub struct ExportConfig {
+    pub protocol: OtlpProtocol,
+    /// None: opentelemetry-otlp reads `OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT`
+    /// or uses the default for the protocol.
+    pub endpoint: Option<String>,
+    /// None: `OTEL_EXPORTER_OTLP_TIMEOUT`, or 10 s.
+    pub timeout: Option<Duration>,
+    /// Spans waiting for export at most.
+    pub queue: usize,
+    /// Spans per export call at most.
+    pub batch: usize,
+    /// A partial batch is sent after this long.
+    pub interval: Duration,
+    /// Attempts per batch before it is dropped.
+    pub attempts: u32,
+    /// First retry delay; doubles per attempt up to `max_backoff`.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Default for ExportConfig {
+    fn default() -> Self {
+        Self {
+            protocol: OtlpProtocol::Grpc,
+            endpoint: None,
+            timeout: None,
+            queue: 8192,
+            batch: 512,
+            interval: Duration::from_secs(1),
+            attempts: 5,
+            backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(8),
+        }
+    }
+}
+
+/// The data path's side of the exporter: offering never waits.
+#[derive(Clone)]
+pub struct SpanQueue {
+    tx: mpsc::Sender<SyntheticSpan>,
+    metrics: Arc<Metrics>,
+}
+
+impl SpanQueue {
+    /// Queues a span; when the queue is full the span is dropped and counted.
+    pub fn offer(&self, span: SyntheticSpan) {
+        match self.tx.try_send(span) {
+            Ok(()) => {
+                self.metrics.export_queue.inc();
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => self.metrics.dropped("queue_full"),
+            Err(mpsc::error::TrySendError::Closed(_)) => self.metrics.dropped("shutdown"),
+        };
+    }
+}
+
+/// Builds the OTLP exporter and starts the export task. The task ends when
+/// every [`SpanQueue`] is dropped, after a last flush.
+pub fn start(
+    config: ExportConfig,
+    metrics: Arc<Metrics>,
+) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), Error> {
+    let exporter = build(&config)?;
+    let (tx, rx) = mpsc::channel(config.queue.max(1));
+    let task = tokio::spawn(run(exporter, rx, config, metrics.clone()));
+    Ok((SpanQueue { tx, metrics }, task))
+}
+
+fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Error> {
+    let builder = opentelemetry_otlp::SpanExporter::builder();
+    Ok(match config.protocol {
+        OtlpProtocol::Grpc => {
+            let mut b = builder.with_tonic().with_protocol(Protocol::Grpc);
+            if let Some(e) = &config.endpoint {
+                b = b.with_endpoint(e.clone());
+            }
+            if let Some(t) = config.timeout {
+                b = b.with_timeout(t);
+            }
+            b.build()?
+        }
+        OtlpProtocol::HttpProtobuf => {
+            let mut b = builder.with_http().with_protocol(Protocol::HttpBinary);
+            if let Some(e) = &config.endpoint {
+                // An explicit endpoint is used as is by the library; the
+                // OTLP convention is a base URL with the signal path added.
+                let e = e.trim_end_matches('/');
+                b = b.with_endpoint(if e.ends_with("/v1/traces") {
+                    e.to_owned()
+                } else {
+                    format!("{e}/v1/traces")
+                });
+            }
+            if let Some(t) = config.timeout {
+                b = b.with_timeout(t);
+            }
+            b.build()?
+        }
+    })
+}
+
+fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("tracegap")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
+/// The SDK's span record for a synthetic span.
+pub fn span_data(s: SyntheticSpan, scope: &InstrumentationScope) -> SpanData {
+    let parent_valid = s.parent_span_id != opentelemetry::trace::SpanId::INVALID;
+    SpanData {
+        span_context: SpanContext::new(
+            s.trace_id,
+            s.span_id,
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: s.parent_span_id,
+        parent_span_is_remote: parent_valid,
+        span_kind: s.kind,
+        name: s.name.into(),
+        start_time: s.start,
+        end_time: s.end,
+        attributes: s.attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: match s.error {
+            Some(e) => Status::error(e),
+            None => Status::Unset,
+        },
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+async fn run(
+    mut exporter: opentelemetry_otlp::SpanExporter,
+    mut rx: mpsc::Receiver<SyntheticSpan>,
+    config: ExportConfig,
+    metrics: Arc<Metrics>,
+) {
+    let scope = scope();
+    let mut batch = Vec::with_capacity(config.batch);
+    loop {
+        let open = fill(&mut rx, &mut batch, &config).await;
+        metrics.export_queue.dec_by(batch.len() as i64);
+        if !batch.is_empty() {
+            export_batch(&mut exporter, std::mem::take(&mut batch), &config, &metrics, &scope)
+                .await;
+        }
+        if !open {
+            break;
+        }
+    }
+    if let Err(e) = exporter.shutdown() {
+        tracing::debug!(error = %e, "shutting the OTLP exporter down");
+    }
+}
+
+/// Waits for the first span, then gathers more until the batch is full or
+/// `interval` has passed. Returns false once the queue is closed and empty.
+async fn fill(
+    rx: &mut mpsc::Receiver<SyntheticSpan>,
+    batch: &mut Vec<SyntheticSpan>,
+    config: &ExportConfig,
+) -> bool {
+    match rx.recv().await {
+        Some(s) => batch.push(s),
+        None => return false,
+    }
+    let deadline = tokio::time::Instant::now() + config.interval;
+    while batch.len() < config.batch {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(s)) => batch.push(s),
+            Ok(None) => return false,
+            Err(_) => break,
+        }
+    }
+    true
+}
+
+async fn export_batch(
+    exporter: &mut opentelemetry_otlp::SpanExporter,
+    batch: Vec<SyntheticSpan>,
+    config: &ExportConfig,
+    metrics: &Metrics,
+    scope: &InstrumentationScope,
+) {
+    // One resource per service: Jaeger files spans under service.name.
+    let mut groups: BTreeMap<String, (Vec<opentelemetry::KeyValue>, Vec<SpanData>)> =
+        BTreeMap::new();
+    for s in batch {
+        let key = format!("{:?}", s.identity);
+        let resource = s.identity.resource();
+        groups
+            .entry(key)
+            .or_insert_with(|| (resource, Vec::new()))
+            .1
+            .push(span_data(s, scope));
+    }
+    for (_, (resource, spans)) in groups {
+        exporter.set_resource(&Resource::builder_empty().with_attributes(resource).build());
+        let n = spans.len() as u64;
+        let mut delay = config.backoff;
+        let mut attempt = 1;
+        loop {
+            match exporter.export(spans.clone()).await {
+                Ok(()) => {
+                    metrics.spans_exported.inc_by(n);
+                    break;
+                }
+                Err(e) => {
+                    metrics.export_errors.inc();
+                    if attempt >= config.attempts {
+                        tracing::warn!(error = %e, spans = n, attempt, "OTLP export failed; dropping the batch");
+                        metrics.dropped_n("export_failed", n);
+                        break;
+                    }
+                    tracing::debug!(error = %e, spans = n, attempt, ?delay, "OTLP export failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(config.max_backoff);
+                    attempt += 1;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,184 @@
+//! Prometheus metrics, named by the Prometheus conventions (`tracegap_`
+//! prefix, `_total` counters, base units).
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+use crate::ebpf::Counters;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub source_service: String,
+    pub destination_service: String,
+    /// The hop's classification (`context_ok`, `missing_context`, ...).
+    pub context_status: String,
+    /// `none`, `w3c`, `jaeger`, `b3multi`, `b3`, or several joined by `+`.
+    pub context_format: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GapLabels {
+    pub kind: String,
+    pub source_service: String,
+    pub destination_service: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BaggageLabels {
+    pub source_service: String,
+    pub destination_service: String,
+    /// `carried` or `dropped` (arrived at the caller, not sent on).
+    pub propagation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KernelLabels {
+    pub counter: String,
+}
+
+/// Every metric the agent exposes.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub gaps: Family<GapLabels, Counter>,
+    pub baggage: Family<BaggageLabels, Counter>,
+    pub unanswered: Counter,
+    pub spans_exported: Counter,
+    pub spans_dropped: Family<ReasonLabels, Counter>,
+    pub export_errors: Counter,
+    pub export_queue: Gauge,
+    pub ringbuf_lost: Counter,
+    pub kernel: Family<KernelLabels, Counter>,
+    pub interfaces: Gauge,
+    last_kernel: std::sync::Mutex<Counters>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("tracegap");
+        let m = Self {
+            requests: Family::default(),
+            gaps: Family::default(),
+            baggage: Family::default(),
+            unanswered: Counter::default(),
+            spans_exported: Counter::default(),
+            spans_dropped: Family::default(),
+            export_errors: Counter::default(),
+            export_queue: Gauge::default(),
+            ringbuf_lost: Counter::default(),
+            kernel: Family::default(),
+            interfaces: Gauge::default(),
+            last_kernel: std::sync::Mutex::new(Counters::default()),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "http_requests",
+            "HTTP requests observed per edge, by context status and format",
+            m.requests.clone(),
+        );
+        registry.register("gaps", "Trace gaps found, by kind and edge", m.gaps.clone());
+        registry.register(
+            "baggage_requests",
+            "Requests whose caller had baggage, by whether it was carried on",
+            m.baggage.clone(),
+        );
+        registry.register(
+            "http_unanswered_requests",
+            "Requests that got no response within the timeout",
+            m.unanswered.clone(),
+        );
+        registry.register(
+            "spans_exported",
+            "Synthetic spans accepted by the OTLP endpoint",
+            m.spans_exported.clone(),
+        );
+        registry.register(
+            "spans_dropped",
+            "Synthetic spans dropped, by reason (queue_full, export_failed, shutdown)",
+            m.spans_dropped.clone(),
+        );
+        registry.register(
+            "export_errors",
+            "Failed OTLP export calls (each retry counts)",
+            m.export_errors.clone(),
+        );
+        registry.register(
+            "export_queue_spans",
+            "Synthetic spans waiting for export",
+            m.export_queue.clone(),
+        );
+        registry.register(
+            "ringbuf_lost_events",
+            "Kernel events lost because the ring buffer was full",
+            m.ringbuf_lost.clone(),
+        );
+        registry.register(
+            "kernel_events",
+            "Kernel-side counters (packets, tcp_payload, http_requests, ...)",
+            m.kernel.clone(),
+        );
+        registry.register(
+            "attached_interfaces",
+            "Interfaces the programs are attached to",
+            m.interfaces.clone(),
+        );
+        Self { registry, ..m }
+    }
+
+    pub fn dropped(&self, reason: &str) {
+        self.dropped_n(reason, 1);
+    }
+
+    pub fn dropped_n(&self, reason: &str, n: u64) {
+        self.spans_dropped
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    /// Turns the kernel's running totals into counter increments.
+    pub fn kernel_counters(&self, now: Counters) {
+        let Ok(mut last) = self.last_kernel.lock() else {
+            return;
+        };
+        for ((name, now), (_, before)) in now.iter().zip(last.iter()) {
+            let delta = now.saturating_sub(before);
+            if delta == 0 {
+                continue;
+            }
+            if name == "ringbuf_full" {
+                self.ringbuf_lost.inc_by(delta);
+            }
+            self.kernel
+                .get_or_create(&KernelLabels {
+                    counter: name.to_owned(),
+                })
+                .inc_by(delta);
+        }
+        *last = now;
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &self.registry) {
+            tracing::warn!(error = %e, "encoding metrics");
+        }
+        out
+    }
+}

@@ -1,0 +1,261 @@
+//! The per-edge gap report: what `/report` serves and `tracegap report`
+//! prints. An edge is (source service, destination service).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::gap::{GapKind, Hop, Verdict};
+
+/// Latency samples kept per edge (the most recent ones).
+pub const LATENCY_SAMPLES: usize = 1024;
+/// Edges tracked at most; hops on further edges count in `overflow_hops`.
+pub const MAX_EDGES: usize = 4096;
+
+#[derive(Default)]
+struct EdgeStats {
+    requests: u64,
+    valid_context: u64,
+    unsampled: u64,
+    unanswered: u64,
+    kinds: BTreeMap<GapKind, u64>,
+    examples: BTreeMap<GapKind, String>,
+    formats: BTreeMap<String, u64>,
+    baggage_carried: u64,
+    baggage_dropped: u64,
+    latencies_us: VecDeque<u64>,
+}
+
+/// The report's view of one edge.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Edge {
+    pub source: String,
+    pub destination: String,
+    pub requests: u64,
+    /// Share of requests that carried a valid context (0..=1).
+    pub valid_context_share: f64,
+    /// Share of requests whose context said "not sampled".
+    pub unsampled_share: f64,
+    pub unanswered: u64,
+    /// Hops per classification.
+    pub kinds: BTreeMap<String, u64>,
+    /// Most recent trace id per gap kind: the synthetic span's trace when
+    /// one was exported, else the trace the request carried.
+    pub examples: BTreeMap<String, String>,
+    pub formats: BTreeMap<String, u64>,
+    pub baggage_carried: u64,
+    pub baggage_dropped: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// The whole report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    pub edges: Vec<Edge>,
+    pub overflow_hops: u64,
+}
+
+/// Collects hops into per-edge statistics.
+#[derive(Default)]
+pub struct Reporter {
+    edges: BTreeMap<(String, String), EdgeStats>,
+    overflow_hops: u64,
+}
+
+fn quantile(sorted: &[u64], q: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    Some(sorted[i.min(sorted.len() - 1)] as f64 / 1000.0)
+}
+
+impl Reporter {
+    /// Records one classified hop; `trace` is the example trace id for it.
+    pub fn record(
+        &mut self,
+        source: &str,
+        destination: &str,
+        hop: &Hop,
+        verdict: &Verdict,
+        format: &str,
+        trace: Option<String>,
+    ) {
+        let key = (source.to_owned(), destination.to_owned());
+        if !self.edges.contains_key(&key) && self.edges.len() >= MAX_EDGES {
+            self.overflow_hops += 1;
+            return;
+        }
+        let e = self.edges.entry(key).or_default();
+        e.requests += 1;
+        if hop.context().is_some() {
+            e.valid_context += 1;
+        }
+        if verdict.kind == GapKind::Unsampled {
+            e.unsampled += 1;
+        }
+        if hop.unanswered {
+            e.unanswered += 1;
+        } else {
+            if e.latencies_us.len() >= LATENCY_SAMPLES {
+                e.latencies_us.pop_front();
+            }
+            e.latencies_us.push_back(hop.duration().as_micros() as u64);
+        }
+        *e.kinds.entry(verdict.kind).or_default() += 1;
+        if let Some(t) = trace {
+            e.examples.insert(verdict.kind, t);
+        }
+        *e.formats.entry(format.to_owned()).or_default() += 1;
+        if verdict.baggage_dropped {
+            e.baggage_dropped += 1;
+        } else if hop.propagation.baggage.is_some() {
+            e.baggage_carried += 1;
+        }
+    }
+
+    pub fn report(&self) -> Report {
+        let edges = self
+            .edges
+            .iter()
+            .map(|((source, destination), e)| {
+                let mut lat: Vec<u64> = e.latencies_us.iter().copied().collect();
+                lat.sort_unstable();
+                let share = |n: u64| n as f64 / e.requests.max(1) as f64;
+                Edge {
+                    source: source.clone(),
+                    destination: destination.clone(),
+                    requests: e.requests,
+                    valid_context_share: share(e.valid_context),
+                    unsampled_share: share(e.unsampled),
+                    unanswered: e.unanswered,
+                    kinds: e
+                        .kinds
+                        .iter()
+                        .map(|(k, n)| (k.as_str().to_owned(), *n))
+                        .collect(),
+                    examples: e
+                        .examples
+                        .iter()
+                        .map(|(k, t)| (k.as_str().to_owned(), t.clone()))
+                        .collect(),
+                    formats: e.formats.clone(),
+                    baggage_carried: e.baggage_carried,
+                    baggage_dropped: e.baggage_dropped,
+                    p50_ms: quantile(&lat, 0.5),
+                    p99_ms: quantile(&lat, 0.99),
+                }
+            })
+            .collect();
+        Report {
+            edges,
+            overflow_hops: self.overflow_hops,
+        }
+    }
+}
+
+/// The report as a terminal table, worst edges (most gaps) first.
+pub fn table(report: &Report) -> String {
+    let mut edges: Vec<&Edge> = report.edges.iter().collect();
+    let gaps = |e: &Edge| -> u64 {
+        e.kinds
+            .iter()
+            .filter(|(k, _)| *k != "context_ok" && *k != "unsampled")
+            .map(|(_, n)| n)
+            .sum()
+    };
+    edges.sort_by(|a, b| gaps(b).cmp(&gaps(a)).then(b.requests.cmp(&a.requests)));
+    let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    let mut rows = vec![[
+        "EDGE".to_owned(),
+        "REQS".to_owned(),
+        "CTX%".to_owned(),
+        "UNSAMPLED%".to_owned(),
+        "P50ms".to_owned(),
+        "P99ms".to_owned(),
+        "GAPS".to_owned(),
+        "EXAMPLE TRACE".to_owned(),
+    ]];
+    for e in edges {
+        let kinds: Vec<String> = e
+            .kinds
+            .iter()
+            .filter(|(k, _)| *k != "context_ok")
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        let example = e
+            .kinds
+            .keys()
+            .filter(|k| *k != "context_ok")
+            .find_map(|k| e.examples.get(k).map(|t| format!("{k}:{t}")))
+            .unwrap_or_default();
+        rows.push([
+            format!("{} -> {}", e.source, e.destination),
+            e.requests.to_string(),
+            format!("{:.0}", e.valid_context_share * 100.0),
+            format!("{:.0}", e.unsampled_share * 100.0),
+            ms(e.p50_ms),
+            ms(e.p99_ms),
+            if kinds.is_empty() {
+                "-".to_owned()
+            } else {
+                kinds.join(" ")
+            },
+            example,
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    if report.overflow_hops > 0 {
+        out.push_str(&format!(
+            "({} hops on edges past the {MAX_EDGES}-edge limit not shown)\n",
+            report.overflow_hops
+        ));
+    }
+    out
+}
+
+/// `tracegap report`: fetches `/report` from a running agent and prints it.
+pub fn fetch_and_print(args: &crate::cli::ReportArgs) -> anyhow::Result<()> {
+    use std::io::{Read as _, Write as _};
+
+    use anyhow::Context as _;
+    let mut conn = std::net::TcpStream::connect(&args.agent)
+        .with_context(|| format!("connecting to the agent at {}", args.agent))?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    write!(
+        conn,
+        "GET /report HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\n\r\n",
+        args.agent
+    )?;
+    let mut raw = Vec::new();
+    conn.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("the agent's answer has no HTTP head")?;
+    anyhow::ensure!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "the agent answered: {}",
+        head.lines().next().unwrap_or_default()
+    );
+    let report: Report = serde_json::from_str(body).context("reading the report")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", table(&report));
+    }
+    Ok(())
+}

@@ -1,0 +1,101 @@
+//! The agent's HTTP endpoints: `/metrics` (Prometheus), `/report` (JSON),
+//! `/healthz` (the event loop is turning) and `/readyz` (programs attached,
+//! exporter running).
+
+use std::{
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+};
+
+use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+
+use crate::{clock::monotonic_ns, metrics::Metrics, report::Reporter};
+
+/// A loop that has not turned for this long is unhealthy.
+const STALL_NS: u64 = 30 * 1_000_000_000;
+
+/// What the endpoints read; the event loop writes it.
+pub struct Shared {
+    pub metrics: Arc<Metrics>,
+    pub reporter: Mutex<Reporter>,
+    pub ready: AtomicBool,
+    heartbeat_ns: AtomicU64,
+}
+
+impl Shared {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            metrics,
+            reporter: Mutex::new(Reporter::default()),
+            ready: AtomicBool::new(false),
+            heartbeat_ns: AtomicU64::new(monotonic_ns()),
+        }
+    }
+
+    /// Called by the event loop on every turn.
+    pub fn beat(&self) {
+        self.heartbeat_ns.store(monotonic_ns(), Ordering::Relaxed);
+    }
+}
+
+async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}
+
+async fn report(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+    match s.reporter.lock() {
+        Ok(r) => Json(r.report()).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn healthz(State(s): State<Arc<Shared>>) -> StatusCode {
+    let age = monotonic_ns().saturating_sub(s.heartbeat_ns.load(Ordering::Relaxed));
+    if age < STALL_NS {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+async fn readyz(State(s): State<Arc<Shared>>) -> StatusCode {
+    if s.ready.load(Ordering::Relaxed) {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
+}
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/report", get(report))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(shared)
+}
+
+/// Binds `addr` and serves until the task is dropped. Binding is done
+/// before returning, so a taken port is a start-up error.
+pub async fn serve(
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, router(shared)).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    });
+    Ok((bound, task))
+}
