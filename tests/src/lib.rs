@@ -5,7 +5,10 @@
 //! Everything a test creates is removed when its [`Node`] is dropped, also
 //! when the test panics. Traffic stays between the namespaces a test made.
 
+pub mod agent;
+pub mod demo;
 pub mod http;
+pub mod otlp;
 
 use std::{
     fs::File,
@@ -91,6 +94,15 @@ impl Node {
             pods: Vec::new(),
             next_pod: 2,
         };
+        // The node's own address on the pod network: pods reach host
+        // services (the tests' OTLP receiver) through it.
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", node.gateway()),
+            "dev",
+            &node.bridge,
+        ])?;
         ip(&["link", "set", &node.bridge, "up"])?;
         for name in pods {
             node.add_pod(name)?;
@@ -139,7 +151,13 @@ impl Node {
             .position(|p| p.name == name)
             .with_context(|| format!("no pod {name}"))?;
         let pod = self.pods.remove(at);
+        let _ = ip(&["link", "del", &pod.host_if]);
         ip(&["netns", "del", &pod.netns])
+    }
+
+    /// The node's address on its pod network (on the bridge).
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 209, self.subnet, 1)
     }
 
     /// A name pattern matching the host veths of this node's pods only.
@@ -159,6 +177,10 @@ impl Drop for Node {
     fn drop(&mut self) {
         // Deleting a namespace deletes its veth end, and with it the peer.
         for pod in &self.pods {
+            // The veth first: a namespace lives on while anything (a
+            // socket in TIME_WAIT, a thread) still refers to it, and its
+            // veth with it; deleting the host end deletes both ends now.
+            let _ = ip(&["link", "del", &pod.host_if]);
             let _ = ip(&["netns", "del", &pod.netns]);
         }
         let _ = ip(&["link", "del", &self.bridge]);

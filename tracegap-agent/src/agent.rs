@@ -37,6 +37,25 @@ use crate::{
 
 /// How long an unfinished header block waits for its next segment.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// Paths that telemetry is exported to (OTLP/HTTP, Jaeger, Zipkin). Those
+/// requests are the tracing system's own traffic, not application hops; the
+/// agent's own exports would otherwise come back to it as gaps, forever.
+const TELEMETRY_PATHS: [&str; 5] = [
+    "/v1/traces",
+    "/v1/metrics",
+    "/v1/logs",
+    "/api/traces",
+    "/api/v2/spans",
+];
+
+fn is_telemetry(m: &Message) -> bool {
+    matches!(
+        m.head.as_ref().map(|h| &h.start),
+        Ok(crate::http::message::StartLine::Request { method, path, .. })
+            if method == "POST" && TELEMETRY_PATHS.contains(&path.as_str())
+    )
+}
+
 /// Local pod addresses remembered at most (cleared past it, then relearnt).
 const MAX_LOCAL_IPS: usize = 64 * 1024;
 
@@ -194,10 +213,8 @@ impl Pipeline {
 
     fn tick(&mut self, messages: &mut Vec<Message>) {
         let now = monotonic_ns();
-        self.assembler.flush_before(
-            now.saturating_sub(HEAD_TIMEOUT.as_nanos() as u64),
-            messages,
-        );
+        self.assembler
+            .flush_before(now.saturating_sub(HEAD_TIMEOUT.as_nanos() as u64), messages);
         let cutoff = now.saturating_sub(self.response_timeout.as_nanos() as u64);
         for req in self.pairer.expire_before(cutoff) {
             let gave_up = req.ts_ns + self.response_timeout.as_nanos() as u64;
@@ -223,14 +240,15 @@ impl Pipeline {
             return;
         };
         if m.is_request() {
+            if is_telemetry(&m) {
+                // Still paired, so the response is not taken for another's.
+                self.shared.metrics.ignored("telemetry");
+                self.pairer.request(m);
+                return;
+            }
             let p = Propagation::from_head(head);
-            self.engine.request_started(
-                m.flow,
-                m.seq,
-                m.ts_ns,
-                &p.contexts,
-                p.baggage.is_some(),
-            );
+            self.engine
+                .request_started(m.flow, m.seq, m.ts_ns, &p.contexts, p.baggage.is_some());
             if let Some(pushed_out) = self.pairer.request(m) {
                 let now = monotonic_ns();
                 self.hop(&pushed_out, None, now);
@@ -241,6 +259,9 @@ impl Pipeline {
     }
 
     fn hop(&mut self, req: &Message, rsp: Option<&Message>, gave_up_ns: u64) {
+        if is_telemetry(req) {
+            return;
+        }
         let Some(hop) = Hop::new(&self.clock, req, rsp, gave_up_ns) else {
             return;
         };

@@ -196,8 +196,14 @@ async fn run(
         let open = fill(&mut rx, &mut batch, &config).await;
         metrics.export_queue.dec_by(batch.len() as i64);
         if !batch.is_empty() {
-            export_batch(&mut exporter, std::mem::take(&mut batch), &config, &metrics, &scope)
-                .await;
+            export_batch(
+                &mut exporter,
+                std::mem::take(&mut batch),
+                &config,
+                &metrics,
+                &scope,
+            )
+            .await;
         }
         if !open {
             break;

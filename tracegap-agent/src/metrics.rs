@@ -58,6 +58,7 @@ pub struct Metrics {
     pub ringbuf_lost: Counter,
     pub kernel: Family<KernelLabels, Counter>,
     pub interfaces: Gauge,
+    pub ignored: Family<ReasonLabels, Counter>,
     last_kernel: std::sync::Mutex<Counters>,
 }
 
@@ -82,6 +83,7 @@ impl Metrics {
             ringbuf_lost: Counter::default(),
             kernel: Family::default(),
             interfaces: Gauge::default(),
+            ignored: Family::default(),
             last_kernel: std::sync::Mutex::new(Counters::default()),
             registry: Registry::default(),
         };
@@ -136,7 +138,20 @@ impl Metrics {
             "Interfaces the programs are attached to",
             m.interfaces.clone(),
         );
+        registry.register(
+            "ignored_requests",
+            "Requests not treated as hops, by reason (telemetry: span exports)",
+            m.ignored.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    pub fn ignored(&self, reason: &str) {
+        self.ignored
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn dropped(&self, reason: &str) {

@@ -24,7 +24,8 @@ pub fn run(args: &FuzzArgs) -> anyhow::Result<()> {
     cmd.current_dir(toolchain::workspace_root().join("fuzz"))
         .args(["run", route.toolchain(), "cargo", "fuzz", "run"]);
     if route == Route::Debian {
-        cmd.env("RUSTC_BOOTSTRAP", "1").args(["--sanitizer", "none"]);
+        cmd.env("RUSTC_BOOTSTRAP", "1")
+            .args(["--sanitizer", "none"]);
     }
     // The fuzz targets read the parsers only: no eBPF object needed.
     cmd.env("AYA_BUILD_SKIP", "1")

@@ -251,8 +251,8 @@ impl Engine {
         if v.link.is_none() {
             v.link = parent;
         }
-        v.baggage_dropped = v.link.as_ref().is_some_and(|l| l.baggage)
-            && hop.propagation.baggage.is_none();
+        v.baggage_dropped =
+            v.link.as_ref().is_some_and(|l| l.baggage) && hop.propagation.baggage.is_none();
         v
     }
 

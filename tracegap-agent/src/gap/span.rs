@@ -81,7 +81,9 @@ pub struct SyntheticSpan {
 }
 
 fn trace_id(hex: &str) -> Option<TraceId> {
-    TraceId::from_hex(hex).ok().filter(|t| *t != TraceId::INVALID)
+    TraceId::from_hex(hex)
+        .ok()
+        .filter(|t| *t != TraceId::INVALID)
 }
 
 fn span_id(hex: &str) -> Option<SpanId> {
@@ -124,14 +126,14 @@ pub fn build(
                 link.confidence.as_str(),
             ));
             if let super::Confidence::Ambiguous { candidates } = link.confidence {
-                attributes.push(KeyValue::new(
-                    "tracegap.link.candidates",
-                    candidates as i64,
-                ));
+                attributes.push(KeyValue::new("tracegap.link.candidates", candidates as i64));
             }
             if let Some(c) = hop.context() {
                 // The trace the downstream call went on in, for searching.
-                attributes.push(KeyValue::new("tracegap.downstream.trace_id", c.trace_id.clone()));
+                attributes.push(KeyValue::new(
+                    "tracegap.downstream.trace_id",
+                    c.trace_id.clone(),
+                ));
             }
             (
                 trace_id(&link.context.trace_id),
@@ -183,9 +185,15 @@ pub fn build(
         attributes.push(KeyValue::new("tracegap.context.format", f));
     }
     if callee_local {
-        attributes.push(KeyValue::new("tracegap.caller.service", caller.service.clone()));
+        attributes.push(KeyValue::new(
+            "tracegap.caller.service",
+            caller.service.clone(),
+        ));
     } else {
-        attributes.push(KeyValue::new("tracegap.callee.service", callee.service.clone()));
+        attributes.push(KeyValue::new(
+            "tracegap.callee.service",
+            callee.service.clone(),
+        ));
     }
     if verdict.baggage_dropped {
         attributes.push(KeyValue::new("tracegap.baggage.dropped", true));
@@ -333,8 +341,7 @@ mod tests {
     #[test]
     fn broken_propagation_is_stitched_into_the_inbound_trace_as_inferred() {
         let link = Link {
-            context: match traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
-            {
+            context: match traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01") {
                 crate::http::context::Found::Valid(c) => c,
                 other => panic!("{other:?}"),
             },

@@ -175,7 +175,10 @@ fn flipping_the_sampled_flag_downstream_is_inconsistent() {
         hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
         hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", false)]),
     ]);
-    assert_eq!(kinds(&v), [GapKind::ContextOk, GapKind::SamplingInconsistent]);
+    assert_eq!(
+        kinds(&v),
+        [GapKind::ContextOk, GapKind::SamplingInconsistent]
+    );
     // Unsampled all along is consistent: just unsampled.
     let v = run(&[
         hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", false)]),
@@ -187,14 +190,26 @@ fn flipping_the_sampled_flag_downstream_is_inconsistent() {
 #[test]
 fn b3_in_and_a_new_w3c_trace_out_is_a_format_mismatch() {
     let v = run(&[
-        hop(1, 2, 0, 50, vec![b3_single(&format!("{T1}-aaaaaaaaaaaaaaaa-1"))]),
+        hop(
+            1,
+            2,
+            0,
+            50,
+            vec![b3_single(&format!("{T1}-aaaaaaaaaaaaaaaa-1"))],
+        ),
         hop(2, 3, 10, 20, vec![tp(T2, "bbbbbbbbbbbbbbbb", true)]),
     ]);
     assert_eq!(v[1].kind, GapKind::FormatMismatch);
     assert_eq!(v[1].link.as_ref().unwrap().context.trace_id, T1);
     // Translated faithfully (same trace, other format): fine.
     let v = run(&[
-        hop(1, 2, 0, 50, vec![b3_single(&format!("{T1}-aaaaaaaaaaaaaaaa-1"))]),
+        hop(
+            1,
+            2,
+            0,
+            50,
+            vec![b3_single(&format!("{T1}-aaaaaaaaaaaaaaaa-1"))],
+        ),
         hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", true)]),
     ]);
     assert_eq!(v[1].kind, GapKind::ContextOk);
@@ -212,7 +227,11 @@ fn concurrent_inbound_requests_resolve_by_trace_then_by_recency() {
     assert_eq!(link.confidence, Confidence::Ambiguous { candidates: 2 });
     assert_eq!(link.context.trace_id, T2);
     // With T1's context: the trace id settles it, whatever the order.
-    let v = run(&[a1, a2, hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", true)])]);
+    let v = run(&[
+        a1,
+        a2,
+        hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", true)]),
+    ]);
     assert_eq!(v[2].kind, GapKind::ContextOk);
     assert_eq!(v[2].link.as_ref().unwrap().confidence, Confidence::Exact);
     assert_eq!(v[2].link.as_ref().unwrap().context.trace_id, T1);
@@ -226,7 +245,10 @@ fn baggage_that_stops_at_a_service_is_reported() {
         bytes: 9,
         keys: vec!["user-id".into()],
     });
-    let v = run(&[inbound, hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", true)])]);
+    let v = run(&[
+        inbound,
+        hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", true)]),
+    ]);
     assert!(v[1].baggage_dropped);
     assert!(!v[0].baggage_dropped);
 }

@@ -1,0 +1,103 @@
+//! The tracegap agent, run in-process on its own runtime thread, as the
+//! DaemonSet would run it on a node: attached to the node's pod veths,
+//! exporting to a real OTLP receiver.
+
+use std::{sync::Arc, thread::JoinHandle, time::Duration};
+
+use tracegap_agent::{
+    agent::{AgentConfig, Started, run},
+    server::Shared,
+};
+
+/// A running agent; stopped (programs detached) when dropped.
+pub struct Agent {
+    pub listen: std::net::SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Agent {
+    pub fn start(config: AgentConfig) -> anyhow::Result<Self> {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<Started>();
+        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(run(
+                config,
+                async {
+                    let _ = stop_rx.await;
+                },
+                Some(started_tx),
+            ))
+        });
+        match started_rx.blocking_recv() {
+            Ok(s) => Ok(Self {
+                listen: s.listen,
+                shared: s.shared,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Err(_) => match thread.join() {
+                Ok(Err(e)) => Err(e.context("the agent failed to start")),
+                _ => anyhow::bail!("the agent stopped before it was ready"),
+            },
+        }
+    }
+
+    /// Stops the agent and returns how its run ended.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> anyhow::Result<()> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("the agent thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+
+    /// GET `path` from the agent's HTTP endpoint: (status, body).
+    pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use std::io::{Read as _, Write as _};
+        let mut c = std::net::TcpStream::connect_timeout(&self.listen, Duration::from_secs(3))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(c, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
+        let mut raw = String::new();
+        c.read_to_string(&mut raw)?;
+        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+        let status = head
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        Ok((status, body.to_owned()))
+    }
+
+    /// The value of a metric sample line that starts with `prefix`
+    /// (name and labels), summed over matching lines.
+    pub fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
+        let (_, body) = self.get("/metrics")?;
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            eprintln!("agent: {e:#}");
+        }
+    }
+}

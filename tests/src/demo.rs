@@ -1,0 +1,379 @@
+//! Demo services for the end-to-end tests and the lab: real HTTP/1.1
+//! servers in pods that call each other, each with a propagation behaviour
+//! the seed lab shows: instrumented with the OpenTelemetry SDK (exporting
+//! their own spans over OTLP), dropping headers, passing headers through
+//! without a span, sampling against their parent, or speaking B3 only.
+
+use std::{
+    collections::HashMap,
+    io::{ErrorKind, Read as _, Write as _},
+    net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread::JoinHandle,
+    time::Duration,
+};
+
+use opentelemetry::{
+    Context, KeyValue,
+    propagation::{Extractor, Injector, TextMapPropagator as _},
+    trace::{
+        SpanContext, SpanId, SpanKind, TraceContextExt as _, TraceFlags, TraceId, TraceState,
+        Tracer as _, TracerProvider as _,
+    },
+};
+use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
+use opentelemetry_sdk::{
+    Resource,
+    propagation::TraceContextPropagator,
+    trace::{Sampler, SdkTracerProvider},
+};
+
+use crate::Pod;
+
+/// What a service does with the trace context of a request it serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    /// OpenTelemetry SDK: extracts W3C context, makes a server span and a
+    /// client span per downstream call, injects W3C downstream.
+    Instrumented,
+    /// No tracing at all: downstream calls carry no context (the seed's
+    /// service B "WITHOUT header propagation").
+    DropsHeaders,
+    /// No tracing, but copies the trace headers onto downstream calls as
+    /// they came (a proxy or a mesh sidecar without tracing).
+    PassesThrough,
+    /// Instrumented, with a sampler that ignores the remote parent
+    /// (`always_off` instead of `parentbased_*`).
+    IgnoresParentSampling,
+    /// Instrumented, but its propagator reads and writes B3 single header
+    /// only: a W3C caller's trace is not continued.
+    SpeaksB3Only,
+}
+
+/// One service: where it listens, how it behaves, whom it calls.
+#[derive(Clone, Debug)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub port: u16,
+    pub behaviour: Behaviour,
+    /// Downstream URLs `http://ip:port/path`, called in order per request.
+    pub downstream: Vec<String>,
+    /// Status to answer with.
+    pub status: u16,
+    /// OTLP/HTTP base endpoint for the SDK, e.g. `http://10.209.3.1:4318`.
+    pub otlp: Option<String>,
+}
+
+/// A running service; stops when dropped.
+pub struct Service {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Headers<'a>(&'a HashMap<String, String>);
+impl Extractor for Headers<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(&key.to_ascii_lowercase()).map(String::as_str)
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.keys().map(String::as_str).collect()
+    }
+}
+
+struct Out<'a>(&'a mut Vec<(String, String)>);
+impl Injector for Out<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.push((key.to_owned(), value));
+    }
+}
+
+/// B3 single header `{trace}-{span}-{sampled}`, as Zipkin writes it.
+fn b3_extract(h: &HashMap<String, String>) -> Option<SpanContext> {
+    let v = h.get("b3")?;
+    let mut p = v.split('-');
+    let trace = TraceId::from_hex(p.next()?).ok()?;
+    let span = SpanId::from_hex(p.next()?).ok()?;
+    let sampled = p.next() == Some("1");
+    Some(SpanContext::new(
+        trace,
+        span,
+        if sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        },
+        true,
+        TraceState::default(),
+    ))
+}
+
+fn b3_inject(sc: &SpanContext, out: &mut Vec<(String, String)>) {
+    out.push((
+        "b3".into(),
+        format!(
+            "{}-{}-{}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.is_sampled() as u8
+        ),
+    ));
+}
+
+/// Headers a pass-through proxy copies.
+const TRACE_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "baggage",
+    "uber-trace-id",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-sampled",
+];
+
+impl ServiceSpec {
+    fn provider(&self) -> Option<SdkTracerProvider> {
+        let otlp = self.otlp.as_ref()?;
+        // A blocking client: the demo has no async runtime, and the client's
+        // own thread, started here, lives in the pod's namespace.
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .ok()?;
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_http_client(client)
+            .with_endpoint(format!("{}/v1/traces", otlp.trim_end_matches('/')))
+            .with_timeout(Duration::from_secs(3))
+            .build()
+            .ok()?;
+        let sampler = match self.behaviour {
+            Behaviour::IgnoresParentSampling => Sampler::AlwaysOff,
+            _ => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+        };
+        Some(
+            SdkTracerProvider::builder()
+                .with_sampler(sampler)
+                // Exports as each span ends: the test sees spans at once.
+                .with_simple_exporter(exporter)
+                .with_resource(
+                    Resource::builder_empty()
+                        .with_attributes([KeyValue::new("service.name", self.name.clone())])
+                        .build(),
+                )
+                .build(),
+        )
+    }
+
+    fn instrumented(&self) -> bool {
+        matches!(
+            self.behaviour,
+            Behaviour::Instrumented | Behaviour::IgnoresParentSampling | Behaviour::SpeaksB3Only
+        )
+    }
+
+    /// Starts the service inside `pod`.
+    pub fn start(self, pod: &Pod) -> anyhow::Result<Service> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = stop.clone();
+        let thread = pod.spawn(move || {
+            // Built in the pod's namespace: the exporter's sockets are the pod's.
+            let provider = if self.instrumented() {
+                self.provider()
+            } else {
+                None
+            };
+            let listener =
+                match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.port))) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+            let _ = listener.set_nonblocking(true);
+            let _ = tx.send(Ok(()));
+            let spec = Arc::new(self);
+            let mut workers = Vec::new();
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (spec, provider, s) = (spec.clone(), provider.clone(), s.clone());
+                        workers.push(std::thread::spawn(move || {
+                            serve(conn, &spec, provider.as_ref(), &s)
+                        }));
+                    }
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5))
+                    }
+                    Err(_) => break,
+                }
+            }
+            for w in workers {
+                let _ = w.join();
+            }
+            if let Some(p) = provider {
+                let _ = p.shutdown();
+            }
+        })?;
+        rx.recv()??;
+        Ok(Service {
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>, stop: &AtomicBool) -> Option<String> {
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len = header_map(&head)
+                .get("content-length")
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            while buf.len() < end + 4 + len {
+                let mut chunk = [0u8; 4096];
+                match conn.read(&mut chunk) {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..end + 4 + len);
+            return Some(head);
+        }
+        if stop.load(Ordering::Relaxed) {
+            return None;
+        }
+        let mut chunk = [0u8; 4096];
+        match conn.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(_) => return None,
+        }
+    }
+}
+
+fn header_map(head: &str) -> HashMap<String, String> {
+    head.lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect()
+}
+
+fn serve(
+    mut conn: TcpStream,
+    spec: &ServiceSpec,
+    provider: Option<&SdkTracerProvider>,
+    stop: &AtomicBool,
+) {
+    let _ = conn.set_read_timeout(Some(Duration::from_millis(50)));
+    let mut buf = Vec::new();
+    while let Some(head) = read_head(&mut conn, &mut buf, stop) {
+        let headers = header_map(&head);
+        let target = head.split(' ').nth(1).unwrap_or("/").to_owned();
+        let parent = match spec.behaviour {
+            Behaviour::SpeaksB3Only => b3_extract(&headers)
+                .map(|sc| Context::new().with_remote_span_context(sc))
+                .unwrap_or_default(),
+            _ => TraceContextPropagator::new().extract(&Headers(&headers)),
+        };
+        let tracer = provider.map(|p| p.tracer("tracegap-demo"));
+        let server_cx = tracer.as_ref().map(|t| {
+            let span = t
+                .span_builder(format!("GET {}", target.split('?').next().unwrap_or("/")))
+                .with_kind(SpanKind::Server)
+                .start_with_context(t, &parent);
+            parent.with_span(span)
+        });
+        for url in &spec.downstream {
+            let mut out = Vec::new();
+            let client_cx = match (&tracer, &server_cx) {
+                (Some(t), Some(cx)) => {
+                    let span = t
+                        .span_builder(format!("GET {url}"))
+                        .with_kind(SpanKind::Client)
+                        .start_with_context(t, cx);
+                    Some(cx.with_span(span))
+                }
+                _ => None,
+            };
+            match (spec.behaviour, &client_cx) {
+                (Behaviour::SpeaksB3Only, Some(cx)) => {
+                    b3_inject(cx.span().span_context(), &mut out)
+                }
+                (_, Some(cx)) => {
+                    TraceContextPropagator::new().inject_context(cx, &mut Out(&mut out))
+                }
+                (Behaviour::PassesThrough, None) => {
+                    for h in TRACE_HEADERS {
+                        if let Some(v) = headers.get(h) {
+                            out.push((h.to_owned(), v.clone()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+            if let Err(e) = call(url, &out) {
+                eprintln!("{}: calling {url}: {e}", spec.name);
+            }
+            if let Some(cx) = client_cx {
+                cx.span().end();
+            }
+        }
+        if let Some(cx) = server_cx {
+            cx.span().end();
+        }
+        let body = format!("{} says hi\n", spec.name);
+        let reason = if spec.status < 400 { "OK" } else { "Error" };
+        let resp = format!(
+            "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+            spec.status,
+            body.len()
+        );
+        if conn.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
+
+/// GET `url` (http://ip:port/path) with `headers`, reading the whole answer.
+fn call(url: &str, headers: &[(String, String)]) -> std::io::Result<u16> {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let path = if path.is_empty() { "/" } else { path };
+    let addr: SocketAddr = authority
+        .parse()
+        .map_err(|_| std::io::Error::new(ErrorKind::InvalidInput, "not ip:port"))?;
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    c.write_all(req.as_bytes())?;
+    let mut answer = Vec::new();
+    c.read_to_end(&mut answer)?;
+    let status = String::from_utf8_lossy(&answer)
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok(status)
+}

@@ -1,0 +1,252 @@
+//! A real OTLP receiver for the tests, built from the official OTLP protobuf
+//! definitions (opentelemetry-proto): gRPC `TraceService/Export` and
+//! OTLP/HTTP `POST /v1/traces` with protobuf bodies. It keeps every span it
+//! receives with its resource, and can be stopped and started again on the
+//! same ports (a collector that goes away and comes back).
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::{AnyValue, KeyValue, any_value::Value},
+    trace::v1::Span,
+};
+use prost::Message as _;
+
+/// A span as received, with its resource's `service.name`.
+#[derive(Clone, Debug)]
+pub struct Received {
+    pub service: String,
+    pub resource: Vec<KeyValue>,
+    pub span: Span,
+    /// "grpc" or "http".
+    pub via: &'static str,
+}
+
+impl Received {
+    pub fn trace_id(&self) -> String {
+        hex(&self.span.trace_id)
+    }
+
+    pub fn span_id(&self) -> String {
+        hex(&self.span.span_id)
+    }
+
+    pub fn parent_span_id(&self) -> String {
+        hex(&self.span.parent_span_id)
+    }
+
+    /// A span attribute as text (strings as is, others formatted).
+    pub fn attr(&self, key: &str) -> Option<String> {
+        attr(&self.span.attributes, key)
+    }
+
+    pub fn resource_attr(&self, key: &str) -> Option<String> {
+        attr(&self.resource, key)
+    }
+
+    pub fn synthetic(&self) -> bool {
+        self.attr("tracegap.synthetic").as_deref() == Some("true")
+    }
+
+    pub fn gap(&self) -> Option<String> {
+        self.attr("tracegap.gap")
+    }
+}
+
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn text(v: &AnyValue) -> String {
+    match &v.value {
+        Some(Value::StringValue(s)) => s.clone(),
+        Some(Value::BoolValue(b)) => b.to_string(),
+        Some(Value::IntValue(i)) => i.to_string(),
+        Some(Value::DoubleValue(d)) => d.to_string(),
+        other => format!("{other:?}"),
+    }
+}
+
+fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
+    attrs
+        .iter()
+        .find(|kv| kv.key == key)
+        .and_then(|kv| kv.value.as_ref())
+        .map(text)
+}
+
+type Store = Arc<Mutex<Vec<Received>>>;
+
+fn store(spans: &Store, req: ExportTraceServiceRequest, via: &'static str) {
+    let Ok(mut s) = spans.lock() else { return };
+    for rs in req.resource_spans {
+        let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
+        let service = attr(&resource, "service.name").unwrap_or_default();
+        for ss in rs.scope_spans {
+            for span in ss.spans {
+                s.push(Received {
+                    service: service.clone(),
+                    resource: resource.clone(),
+                    span,
+                    via,
+                });
+            }
+        }
+    }
+}
+
+struct Grpc(Store);
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        store(&self.0, request.into_inner(), "grpc");
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// The receiver. Runs on its own thread and runtime; `stop` and `start`
+/// take it down and bring it back on the same ports.
+pub struct Receiver {
+    pub grpc: SocketAddr,
+    pub http: SocketAddr,
+    spans: Store,
+    running: Option<(
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    )>,
+}
+
+impl Receiver {
+    /// Starts on `ip` with ports chosen by the kernel.
+    pub fn start(ip: std::net::IpAddr) -> anyhow::Result<Self> {
+        let grpc = std::net::TcpListener::bind((ip, 0))?.local_addr()?;
+        let http = std::net::TcpListener::bind((ip, 0))?.local_addr()?;
+        let mut r = Self {
+            grpc,
+            http,
+            spans: Store::default(),
+            running: None,
+        };
+        r.resume()?;
+        Ok(r)
+    }
+
+    /// Starts serving again (after [`Receiver::stop`]).
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.running.is_none(), "already running");
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (grpc, http, spans) = (self.grpc, self.http, self.spans.clone());
+        let thread = std::thread::spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::Error::from(e)));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                let bound = async {
+                    Ok::<_, anyhow::Error>((
+                        tokio::net::TcpListener::bind(grpc).await?,
+                        tokio::net::TcpListener::bind(http).await?,
+                    ))
+                }
+                .await;
+                let (g, h) = match bound {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                let http_spans = spans.clone();
+                let app = axum::Router::new().route(
+                    "/v1/traces",
+                    axum::routing::post(move |body: axum::body::Bytes| {
+                        let spans = http_spans.clone();
+                        async move {
+                            match ExportTraceServiceRequest::decode(body) {
+                                Ok(req) => {
+                                    store(&spans, req, "http");
+                                    (
+                                        axum::http::StatusCode::OK,
+                                        [("content-type", "application/x-protobuf")],
+                                        ExportTraceServiceResponse {
+                                            partial_success: None,
+                                        }
+                                        .encode_to_vec(),
+                                    )
+                                }
+                                Err(_) => (
+                                    axum::http::StatusCode::BAD_REQUEST,
+                                    [("content-type", "text/plain")],
+                                    b"not an ExportTraceServiceRequest".to_vec(),
+                                ),
+                            }
+                        }
+                    }),
+                );
+                let grpc_server = tonic::transport::Server::builder()
+                    .add_service(TraceServiceServer::new(Grpc(spans)))
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(g));
+                tokio::select! {
+                    _ = stop_rx => {}
+                    r = grpc_server => if let Err(e) = r { eprintln!("receiver gRPC: {e}") },
+                    r = axum::serve(h, app) => if let Err(e) = r { eprintln!("receiver HTTP: {e}") },
+                }
+            });
+        });
+        ready_rx.recv()??;
+        self.running = Some((stop_tx, thread));
+        Ok(())
+    }
+
+    /// Stops serving: connections are refused until [`Receiver::resume`].
+    pub fn stop(&mut self) {
+        if let Some((tx, thread)) = self.running.take() {
+            let _ = tx.send(());
+            let _ = thread.join();
+        }
+    }
+
+    pub fn spans(&self) -> Vec<Received> {
+        self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Waits until `done` holds for the spans received, or `timeout`.
+    pub fn wait_for(&self, timeout: Duration, done: impl Fn(&[Received]) -> bool) -> Vec<Received> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let spans = self.spans();
+            if done(&spans) || Instant::now() >= deadline {
+                return spans;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

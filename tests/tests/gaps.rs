@@ -1,0 +1,540 @@
+//! The gap engine end to end: demo services in pods (instrumented with the
+//! OpenTelemetry SDK and exporting their own spans, or broken in the ways
+//! the seed lab shows), the agent on the pods' veths, and a real OTLP
+//! receiver. Each test asserts the classification, the synthetic spans that
+//! arrive (ids, kind, name, attributes, resource, timing) and that
+//! instrumented hops get no duplicate.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use tracegap_agent::{
+    agent::AgentConfig,
+    export::{ExportConfig, OtlpProtocol},
+    gap::span::ExportMode,
+    interfaces::Selection,
+    report::Report,
+};
+use tracegap_tests::{
+    Node,
+    agent::Agent,
+    demo::{Behaviour, Service, ServiceSpec},
+    otlp::{Received, Receiver},
+    privileged,
+};
+
+const T1: &str = "0af7651916cd43dd8448eb211c80319c";
+const T2: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+const S1: &str = "b7ad6b7169203331";
+/// OTLP span kinds.
+const SERVER: i32 = 2;
+
+/// Dropped in field order: services, agent, receiver, then the node.
+struct Lab {
+    services: Vec<Service>,
+    agent: Agent,
+    receiver: Receiver,
+    node: Node,
+}
+
+fn config(node: &Node, receiver: &Receiver, export: ExportConfig) -> AgentConfig {
+    AgentConfig {
+        interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        export: ExportConfig {
+            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
+            ..export
+        },
+        export_mode: ExportMode::Gaps,
+        export_unsampled: false,
+        services: node
+            .pods
+            .iter()
+            .map(|p| (IpAddr::V4(p.ipv4), p.name.clone()))
+            .collect(),
+        response_timeout: Duration::from_secs(30),
+    }
+}
+
+fn fast_export() -> ExportConfig {
+    ExportConfig {
+        protocol: OtlpProtocol::Grpc,
+        interval: Duration::from_millis(100),
+        ..ExportConfig::default()
+    }
+}
+
+fn lab(pods: &[&str]) -> anyhow::Result<Lab> {
+    let node = Node::new(pods)?;
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    let agent = Agent::start(config(&node, &receiver, fast_export()))?;
+    Ok(Lab {
+        node,
+        receiver,
+        agent,
+        services: Vec::new(),
+    })
+}
+
+impl Lab {
+    fn url(&self, pod: &str, path: &str) -> String {
+        format!("http://{}:8080{path}", self.node.pod(pod).ipv4)
+    }
+
+    fn start(
+        &mut self,
+        pod: &str,
+        behaviour: Behaviour,
+        downstream: &[&str],
+    ) -> anyhow::Result<()> {
+        let spec = ServiceSpec {
+            name: pod.to_owned(),
+            port: 8080,
+            behaviour,
+            downstream: downstream.iter().map(|d| d.to_string()).collect(),
+            status: 200,
+            otlp: Some(format!(
+                "http://{}:{}",
+                self.node.gateway(),
+                self.receiver.http.port()
+            )),
+        };
+        self.services.push(spec.start(self.node.pod(pod))?);
+        Ok(())
+    }
+
+    /// curl from `from`; returns the wall-clock window around the call.
+    fn curl(
+        &self,
+        from: &str,
+        url: &str,
+        headers: &[&str],
+    ) -> anyhow::Result<(SystemTime, SystemTime)> {
+        let mut args = Vec::new();
+        for h in headers {
+            args.extend(["-H", h]);
+        }
+        let t0 = SystemTime::now();
+        self.node.pod(from).curl(url, &args)?;
+        Ok((t0, SystemTime::now()))
+    }
+
+    fn report(&self) -> anyhow::Result<Report> {
+        let (status, body) = self.agent.get("/report")?;
+        anyhow::ensure!(status == 200, "/report answered {status}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    /// Hops of `kind` on the edge, from the agent's report.
+    fn kind_count(&self, src: &str, dst: &str, kind: &str) -> anyhow::Result<u64> {
+        Ok(self
+            .report()?
+            .edges
+            .iter()
+            .find(|e| e.source == src && e.destination == dst)
+            .and_then(|e| e.kinds.get(kind).copied())
+            .unwrap_or(0))
+    }
+
+    /// Waits until the report shows `n` hops of `kind` on the edge.
+    fn wait_kind(&self, src: &str, dst: &str, kind: &str, n: u64) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while self.kind_count(src, dst, kind)? < n {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{src} -> {dst}: expected {n} {kind}, report: {:#?}",
+                self.report()?
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn synthetic(&self, gap: &str, n: usize) -> Vec<Received> {
+        let spans = self.receiver.wait_for(Duration::from_secs(10), |s| {
+            s.iter().filter(|s| s.gap().as_deref() == Some(gap)).count() >= n
+        });
+        spans
+            .into_iter()
+            .filter(|s| s.gap().as_deref() == Some(gap))
+            .collect()
+    }
+}
+
+fn time(ns: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(ns)
+}
+
+/// The span lies within the client's view of the call. Two milliseconds of
+/// slack cover the kernel-to-wall clock conversion.
+fn assert_within(s: &Received, (t0, t1): (SystemTime, SystemTime)) {
+    let slack = Duration::from_millis(2);
+    let (start, end) = (
+        time(s.span.start_time_unix_nano),
+        time(s.span.end_time_unix_nano),
+    );
+    assert!(start + slack >= t0, "span starts before the call: {s:?}");
+    assert!(end <= t1 + slack, "span ends after the call: {s:?}");
+    assert!(start <= end);
+}
+
+fn tp(trace: &str, span: &str, flags: &str) -> String {
+    format!("traceparent: 00-{trace}-{span}-{flags}")
+}
+
+#[test]
+fn broken_propagation_then_fixed() -> anyhow::Result<()> {
+    if !privileged("broken_propagation_then_fixed") {
+        return Ok(());
+    }
+    let mut lab = lab(&["client", "service-b", "service-c"])?;
+    lab.start("service-c", Behaviour::Instrumented, &[])?;
+    let inventory = lab.url("service-c", "/inventory/42");
+    lab.start("service-b", Behaviour::DropsHeaders, &[&inventory])?;
+
+    let window = lab.curl(
+        "client",
+        &lab.url("service-b", "/checkout"),
+        &[&tp(T1, S1, "01")],
+    )?;
+    lab.wait_kind("service-b", "service-c", "broken_propagation", 1)?;
+    lab.wait_kind("client", "service-b", "context_ok", 1)?;
+    let spans = lab.synthetic("broken_propagation", 1);
+    let [s] = spans.as_slice() else {
+        panic!("one synthetic span expected: {spans:#?}");
+    };
+    // Stitched into the caller's trace, under the span that called B.
+    assert_eq!(s.trace_id(), T1);
+    assert_eq!(s.parent_span_id(), S1);
+    assert_eq!(s.span.kind, SERVER);
+    assert_eq!(s.span.name, "GET /inventory/{id}");
+    assert_eq!(s.service, "service-c");
+    assert_eq!(s.attr("tracegap.link").as_deref(), Some("inferred"));
+    assert_eq!(s.attr("tracegap.link.confidence").as_deref(), Some("sole"));
+    assert_eq!(s.attr("http.request.method").as_deref(), Some("GET"));
+    assert_eq!(s.attr("url.path").as_deref(), Some("/inventory/42"));
+    assert_eq!(s.attr("http.response.status_code").as_deref(), Some("200"));
+    assert_eq!(s.attr("server.port").as_deref(), Some("8080"));
+    let b = lab.node.pod("service-b").ipv4.to_string();
+    assert_eq!(s.attr("client.address"), Some(b.clone()));
+    assert_eq!(s.attr("network.peer.address"), Some(b));
+    assert_eq!(
+        s.attr("tracegap.caller.service").as_deref(),
+        Some("service-b")
+    );
+    assert_within(s, window);
+    // C's own span exists, in a trace of its own: that is the tear.
+    let own = lab.receiver.wait_for(Duration::from_secs(5), |s| {
+        s.iter().any(|s| !s.synthetic() && s.service == "service-c")
+    });
+    let c = own
+        .iter()
+        .find(|s| !s.synthetic() && s.service == "service-c")
+        .expect("service-c exports its own span");
+    assert_ne!(c.trace_id(), T1);
+    // The services' own span exports crossed the veths and were not hops.
+    assert!(
+        lab.agent
+            .metric("tracegap_ignored_requests_total{reason=\"telemetry\"}")?
+            >= 1.0
+    );
+
+    // Fixed: B is instrumented and propagates.
+    lab.services.remove(1);
+    lab.start("service-b", Behaviour::Instrumented, &[&inventory])?;
+    lab.curl(
+        "client",
+        &lab.url("service-b", "/checkout"),
+        &[&tp(T2, S1, "01")],
+    )?;
+    lab.wait_kind("service-b", "service-c", "context_ok", 1)?;
+    let spans = lab.receiver.wait_for(Duration::from_secs(5), |s| {
+        s.iter()
+            .filter(|s| s.trace_id() == T2 && !s.synthetic())
+            .count()
+            >= 3
+    });
+    let t2: Vec<_> = spans.iter().filter(|s| s.trace_id() == T2).collect();
+    // B's server and client spans, C's server span: and nothing synthetic.
+    assert_eq!(t2.len(), 3, "{t2:#?}");
+    assert!(t2.iter().all(|s| !s.synthetic()));
+    // Give the exporter a few intervals: still no duplicate.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        lab.receiver
+            .spans()
+            .iter()
+            .all(|s| !(s.synthetic() && s.trace_id() == T2))
+    );
+    assert_eq!(
+        lab.kind_count("service-b", "service-c", "broken_propagation")?,
+        1
+    );
+
+    // What a person sees: metrics, probes, and the report table.
+    assert!(
+        lab.agent.metric(
+            "tracegap_gaps_total{kind=\"broken_propagation\",source_service=\"service-b\",destination_service=\"service-c\"}"
+        )? >= 1.0
+    );
+    assert!(lab.agent.metric("tracegap_spans_exported_total")? >= 1.0);
+    assert_eq!(lab.agent.get("/healthz")?.0, 200);
+    assert_eq!(lab.agent.get("/readyz")?.0, 200);
+    let table = tracegap_agent::report::table(&lab.report()?);
+    assert!(table.contains("service-b -> service-c"), "{table}");
+    assert!(table.contains("broken_propagation=1"), "{table}");
+    lab.agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn an_uninstrumented_passthrough_proxy_gets_its_span_and_secrets_stay_out() -> anyhow::Result<()> {
+    if !privileged("an_uninstrumented_passthrough_proxy_gets_its_span_and_secrets_stay_out") {
+        return Ok(());
+    }
+    let mut lab = lab(&["client", "proxy", "service-c"])?;
+    lab.start("service-c", Behaviour::Instrumented, &[])?;
+    let c = lab.url("service-c", "/items");
+    lab.start("proxy", Behaviour::PassesThrough, &[&c])?;
+    let window = lab.curl(
+        "client",
+        &lab.url("proxy", "/orders/123?token=s3cr3t"),
+        &[
+            &tp(T1, S1, "01"),
+            "Authorization: Bearer s3cr3t",
+            "Cookie: session=s3cr3t",
+            "baggage: user-id=12345,session-id=abc",
+        ],
+    )?;
+    lab.wait_kind("client", "proxy", "passthrough", 1)?;
+    lab.wait_kind("proxy", "service-c", "context_ok", 1)?;
+    let spans = lab.synthetic("passthrough", 1);
+    let [s] = spans.as_slice() else {
+        panic!("{spans:#?}");
+    };
+    assert_eq!(s.trace_id(), T1);
+    assert_eq!(s.parent_span_id(), S1);
+    assert_eq!(s.service, "proxy");
+    assert_eq!(s.span.kind, SERVER);
+    assert_eq!(s.span.name, "GET /orders/{id}");
+    assert_eq!(s.attr("url.path").as_deref(), Some("/orders/123"));
+    assert_eq!(s.attr("tracegap.link").as_deref(), Some("carried"));
+    assert_within(s, window);
+    // C's own span hangs off the client's span id too: the proxy made none.
+    let all = lab.receiver.wait_for(Duration::from_secs(5), |s| {
+        s.iter().any(|s| !s.synthetic() && s.service == "service-c")
+    });
+    let c_span = all
+        .iter()
+        .find(|s| !s.synthetic() && s.service == "service-c")
+        .expect("service-c's own span");
+    assert_eq!(
+        (c_span.trace_id(), c_span.parent_span_id()),
+        (T1.to_owned(), S1.to_owned())
+    );
+    // The synthetic span encloses the downstream call, as the proxy did.
+    assert!(s.span.start_time_unix_nano <= c_span.span.start_time_unix_nano + 2_000_000);
+    // No secret, no query string, in anything exported.
+    for span in lab.receiver.spans() {
+        let text = format!("{:?}", span.span.attributes);
+        assert!(!text.contains("s3cr3t"), "{text}");
+        assert!(!text.contains("token"), "{text}");
+    }
+    // The proxy carried the baggage on.
+    let report = lab.report()?;
+    let edge = report
+        .edges
+        .iter()
+        .find(|e| e.source == "proxy" && e.destination == "service-c")
+        .expect("edge");
+    assert_eq!((edge.baggage_carried, edge.baggage_dropped), (1, 0));
+    lab.agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn sampling_against_the_parent_and_unsampled_traces() -> anyhow::Result<()> {
+    if !privileged("sampling_against_the_parent_and_unsampled_traces") {
+        return Ok(());
+    }
+    let mut lab = lab(&["client", "service-s", "service-c"])?;
+    lab.start("service-c", Behaviour::Instrumented, &[])?;
+    let c = lab.url("service-c", "/leaf");
+    lab.start("service-s", Behaviour::IgnoresParentSampling, &[&c])?;
+    lab.curl("client", &lab.url("service-s", "/"), &[&tp(T1, S1, "01")])?;
+    lab.wait_kind("service-s", "service-c", "sampling_inconsistent", 1)?;
+    let spans = lab.synthetic("sampling_inconsistent", 1);
+    let [s] = spans.as_slice() else {
+        panic!("{spans:#?}");
+    };
+    assert_eq!(s.trace_id(), T1);
+    // Under the (unrecorded) span S made: not the client's.
+    assert_ne!(s.parent_span_id(), S1);
+    assert_eq!(s.service, "service-c");
+    assert!(
+        s.attr("tracegap.gap.detail")
+            .is_some_and(|d| d.contains("sampled=1") && d.contains("sampled=0"))
+    );
+
+    // A trace its root chose not to sample: counted, not exported.
+    lab.curl("client", &lab.url("service-c", "/"), &[&tp(T2, S1, "00")])?;
+    lab.wait_kind("client", "service-c", "unsampled", 1)?;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(lab.receiver.spans().iter().all(|s| s.trace_id() != T2));
+    let report = lab.report()?;
+    let edge = report
+        .edges
+        .iter()
+        .find(|e| e.source == "client" && e.destination == "service-c")
+        .expect("edge");
+    assert_eq!(edge.unsampled_share, 1.0);
+    assert!(
+        lab.agent.metric(
+            "tracegap_http_requests_total{source_service=\"client\",destination_service=\"service-c\",context_status=\"unsampled\",context_format=\"w3c\"}"
+        )? == 1.0
+    );
+    lab.agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn context_formats_malformed_and_missing_context() -> anyhow::Result<()> {
+    if !privileged("context_formats_malformed_and_missing_context") {
+        return Ok(());
+    }
+    let mut lab = lab(&["client", "service-w", "service-c"])?;
+    lab.start("service-c", Behaviour::SpeaksB3Only, &[])?;
+    let c = lab.url("service-c", "/b3");
+    // W3C only, called with B3: it starts a new trace downstream.
+    lab.start("service-w", Behaviour::Instrumented, &[&c])?;
+    let window = lab.curl(
+        "client",
+        &lab.url("service-w", "/"),
+        &[&format!("b3: {T1}-{S1}-1")],
+    )?;
+    lab.wait_kind("service-w", "service-c", "format_mismatch", 1)?;
+    let spans = lab.synthetic("format_mismatch", 1);
+    let s = &spans[0];
+    assert_eq!(
+        (s.trace_id(), s.parent_span_id()),
+        (T1.to_owned(), S1.to_owned())
+    );
+    assert_eq!(s.attr("tracegap.link").as_deref(), Some("inferred"));
+    assert!(
+        s.attr("tracegap.downstream.trace_id")
+            .is_some_and(|t| t != T1)
+    );
+    assert_within(s, window);
+
+    // Both formats in one request, naming different traces.
+    lab.curl(
+        "client",
+        &lab.url("service-c", "/both"),
+        &[&tp(T1, S1, "01"), &format!("b3: {T2}-{S1}-1")],
+    )?;
+    lab.wait_kind("client", "service-c", "format_mismatch", 1)?;
+
+    // The seed's malformed traceparent, and no context at all.
+    let window = lab.curl(
+        "client",
+        &lab.url("service-c", "/bad"),
+        &["traceparent: 00-trace123-span123-01"],
+    )?;
+    lab.wait_kind("client", "service-c", "malformed_context", 1)?;
+    let spans = lab.synthetic("malformed_context", 1);
+    let s = &spans[0];
+    assert_eq!(s.span.parent_span_id, Vec::<u8>::new(), "a new root");
+    assert!(
+        s.attr("tracegap.gap.detail")
+            .is_some_and(|d| d.contains("trace-id"))
+    );
+    assert_within(s, window);
+    lab.curl("client", &lab.url("service-c", "/none"), &[])?;
+    lab.wait_kind("client", "service-c", "missing_context", 1)?;
+    let spans = lab.synthetic("missing_context", 1);
+    assert_eq!(spans[0].span.parent_span_id, Vec::<u8>::new());
+    assert_eq!(spans[0].service, "service-c");
+    lab.agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn export_survives_a_collector_outage_with_bounded_memory() -> anyhow::Result<()> {
+    if !privileged("export_survives_a_collector_outage_with_bounded_memory") {
+        return Ok(());
+    }
+    let node = Node::new(&["client", "service-c"])?;
+    let mut receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    let queue = 16;
+    let agent = Agent::start(config(
+        &node,
+        &receiver,
+        ExportConfig {
+            queue,
+            batch: 8,
+            attempts: 2,
+            backoff: Duration::from_millis(200),
+            timeout: Some(Duration::from_secs(1)),
+            ..fast_export()
+        },
+    ))?;
+    let _c = tracegap_tests::http::HttpServer::start(node.pod("service-c"), 8080)?;
+    let to = SocketAddr::from((node.pod("service-c").ipv4, 8080));
+    let requests = |prefix: &str, n: usize| -> Vec<Vec<u8>> {
+        (0..n)
+            .map(|i| format!("GET /{prefix}/{i} HTTP/1.1\r\nHost: c\r\n\r\n").into_bytes())
+            .collect()
+    };
+    receiver.stop();
+    node.pod("client")
+        .exchange(to, requests("during", 200), Duration::ZERO)?;
+    // Every hop is seen; spans beyond what the queue holds are dropped.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent.metric("tracegap_spans_dropped_total{reason=\"queue_full\"}")? == 0.0 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "nothing was dropped");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(agent.metric("tracegap_export_queue_spans")? <= queue as f64);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while agent.metric("tracegap_export_errors_total")? == 0.0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "no export error counted"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The collector comes back: the backlog drains (exported, or dropped
+    // once its attempts are spent), and new gaps are exported again.
+    receiver.resume()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while agent.metric("tracegap_export_queue_spans")? > 0.0 {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the backlog never drained"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    node.pod("client")
+        .exchange(to, requests("after", 3), Duration::from_millis(100))?;
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| {
+        s.iter()
+            .filter(|s| s.attr("url.path").is_some_and(|p| p.starts_with("/after/")))
+            .count()
+            == 3
+    });
+    let after = spans
+        .iter()
+        .filter(|s| s.attr("url.path").is_some_and(|p| p.starts_with("/after/")))
+        .count();
+    assert_eq!(
+        after,
+        3,
+        "export did not resume: {}",
+        agent.get("/metrics")?.1
+    );
+    assert!(agent.metric("tracegap_spans_exported_total")? >= 3.0);
+    agent.stop()?;
+    Ok(())
+}
