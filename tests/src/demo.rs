@@ -349,6 +349,12 @@ fn serve(
         if conn.write_all(resp.as_bytes()).is_err() {
             return;
         }
+        if headers
+            .get("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"))
+        {
+            return;
+        }
     }
 }
 

@@ -285,6 +285,11 @@ fn broken_propagation_then_fixed() -> anyhow::Result<()> {
     let table = tracegap_agent::report::table(&lab.report()?);
     assert!(table.contains("service-b -> service-c"), "{table}");
     assert!(table.contains("broken_propagation=1"), "{table}");
+    // Latency is the request's, as the wire saw it: a chain of quick calls.
+    let report = lab.report()?;
+    for e in &report.edges {
+        assert!(e.p99_ms.is_some_and(|p| p > 0.0 && p < 1000.0), "{e:?}");
+    }
     lab.agent.stop()?;
     Ok(())
 }
