@@ -20,7 +20,7 @@ use tracegap_agent::{
 use tracegap_tests::{
     Node,
     agent::Agent,
-    demo::{Behaviour, Service, ServiceSpec},
+    demo::{Behaviour, Propagator, SamplerSpec, Service, ServiceSpec},
     otlp::{Received, Receiver},
     privileged,
 };
@@ -44,7 +44,12 @@ fn config(node: &Node, receiver: &Receiver, export: ExportConfig) -> AgentConfig
         interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         export: ExportConfig {
-            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
+            endpoint: Some(match export.protocol {
+                OtlpProtocol::Grpc => format!("http://127.0.0.1:{}", receiver.grpc.port()),
+                OtlpProtocol::HttpProtobuf => {
+                    format!("http://127.0.0.1:{}", receiver.http.port())
+                }
+            }),
             ..export
         },
         export_mode: ExportMode::Gaps,
@@ -67,9 +72,20 @@ fn fast_export() -> ExportConfig {
 }
 
 fn lab(pods: &[&str]) -> anyhow::Result<Lab> {
+    lab_with(pods, fast_export(), Duration::from_secs(30))
+}
+
+fn lab_with(
+    pods: &[&str],
+    export: ExportConfig,
+    response_timeout: Duration,
+) -> anyhow::Result<Lab> {
     let node = Node::new(pods)?;
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
-    let agent = Agent::start(config(&node, &receiver, fast_export()))?;
+    let agent = Agent::start(AgentConfig {
+        response_timeout,
+        ..config(&node, &receiver, export)
+    })?;
     Ok(Lab {
         node,
         receiver,
@@ -89,19 +105,26 @@ impl Lab {
         behaviour: Behaviour,
         downstream: &[&str],
     ) -> anyhow::Result<()> {
+        self.start_with(pod, behaviour, downstream, |s| s)
+    }
+
+    fn start_with(
+        &mut self,
+        pod: &str,
+        behaviour: Behaviour,
+        downstream: &[&str],
+        tweak: impl FnOnce(ServiceSpec) -> ServiceSpec,
+    ) -> anyhow::Result<()> {
         let spec = ServiceSpec {
-            name: pod.to_owned(),
-            port: 8080,
-            behaviour,
             downstream: downstream.iter().map(|d| d.to_string()).collect(),
-            status: 200,
             otlp: Some(format!(
                 "http://{}:{}",
                 self.node.gateway(),
                 self.receiver.http.port()
             )),
+            ..ServiceSpec::new(pod, 8080, behaviour)
         };
-        self.services.push(spec.start(self.node.pod(pod))?);
+        self.services.push(tweak(spec).start(self.node.pod(pod))?);
         Ok(())
     }
 
@@ -367,7 +390,13 @@ fn sampling_against_the_parent_and_unsampled_traces() -> anyhow::Result<()> {
     let mut lab = lab(&["client", "service-s", "service-c"])?;
     lab.start("service-c", Behaviour::Instrumented, &[])?;
     let c = lab.url("service-c", "/leaf");
-    lab.start("service-s", Behaviour::IgnoresParentSampling, &[&c])?;
+    // Instrumented with a sampler that ignores its remote parent.
+    lab.start_with("service-s", Behaviour::Instrumented, &[&c], |s| {
+        ServiceSpec {
+            sampler: SamplerSpec::AlwaysOff,
+            ..s
+        }
+    })?;
     lab.curl("client", &lab.url("service-s", "/"), &[&tp(T1, S1, "01")])?;
     lab.wait_kind("service-s", "service-c", "sampling_inconsistent", 1)?;
     let spans = lab.synthetic("sampling_inconsistent", 1);
@@ -409,8 +438,19 @@ fn context_formats_malformed_and_missing_context() -> anyhow::Result<()> {
     if !privileged("context_formats_malformed_and_missing_context") {
         return Ok(());
     }
-    let mut lab = lab(&["client", "service-w", "service-c"])?;
-    lab.start("service-c", Behaviour::SpeaksB3Only, &[])?;
+    // This one exports over OTLP/HTTP with protobuf bodies.
+    let mut lab = lab_with(
+        &["client", "service-w", "service-c"],
+        ExportConfig {
+            protocol: OtlpProtocol::HttpProtobuf,
+            ..fast_export()
+        },
+        Duration::from_secs(30),
+    )?;
+    lab.start_with("service-c", Behaviour::Instrumented, &[], |s| ServiceSpec {
+        propagator: Propagator::B3,
+        ..s
+    })?;
     let c = lab.url("service-c", "/b3");
     // W3C only, called with B3: it starts a new trace downstream.
     lab.start("service-w", Behaviour::Instrumented, &[&c])?;
@@ -461,6 +501,13 @@ fn context_formats_malformed_and_missing_context() -> anyhow::Result<()> {
     let spans = lab.synthetic("missing_context", 1);
     assert_eq!(spans[0].span.parent_span_id, Vec::<u8>::new());
     assert_eq!(spans[0].service, "service-c");
+    assert!(
+        lab.receiver
+            .spans()
+            .iter()
+            .filter(|s| s.synthetic())
+            .all(|s| s.via == "http")
+    );
     lab.agent.stop()?;
     Ok(())
 }
@@ -541,5 +588,50 @@ fn export_survives_a_collector_outage_with_bounded_memory() -> anyhow::Result<()
     );
     assert!(agent.metric("tracegap_spans_exported_total")? >= 3.0);
     agent.stop()?;
+    Ok(())
+}
+
+#[test]
+fn a_request_that_never_gets_an_answer_is_reported_with_its_wait() -> anyhow::Result<()> {
+    if !privileged("a_request_that_never_gets_an_answer_is_reported_with_its_wait") {
+        return Ok(());
+    }
+    let lab = lab_with(&["client", "stuck"], fast_export(), Duration::from_secs(1))?;
+    // Accepts, reads, never answers.
+    let silent = lab.node.pod("stuck").spawn(|| -> std::io::Result<()> {
+        use std::io::Read as _;
+        let l = std::net::TcpListener::bind("0.0.0.0:8080")?;
+        let (mut c, _) = l.accept()?;
+        let mut buf = [0u8; 1024];
+        let _ = c.read(&mut buf)?;
+        std::thread::sleep(Duration::from_millis(2500));
+        Ok(())
+    })?;
+    std::thread::sleep(Duration::from_millis(100));
+    lab.node.pod("client").send_tcp(
+        (lab.node.pod("stuck").ipv4, 8080).into(),
+        vec![b"GET /hang HTTP/1.1\r\nHost: stuck\r\n\r\n".to_vec()],
+        Duration::from_millis(2000),
+    )?;
+    let spans = lab.synthetic("missing_context", 1);
+    let s = &spans[0];
+    assert_eq!(s.attr("tracegap.unanswered").as_deref(), Some("true"));
+    assert_eq!(s.attr("http.response.status_code"), None);
+    let status = s.span.status.as_ref().expect("an error status");
+    assert_eq!(status.code, 2, "ERROR");
+    assert!(
+        status.message.starts_with("no response within"),
+        "{status:?}"
+    );
+    let waited = s.span.end_time_unix_nano - s.span.start_time_unix_nano;
+    assert!((1_000_000_000..1_100_000_000).contains(&waited), "{waited}");
+    let report = lab.report()?;
+    assert_eq!(report.edges[0].unanswered, 1);
+    assert!(
+        lab.agent
+            .metric("tracegap_http_unanswered_requests_total")?
+            == 1.0
+    );
+    let _ = silent.join();
     Ok(())
 }

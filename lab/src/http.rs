@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use crate::Pod;
+use crate::netns::Pod;
 
 /// A running server; stops (and joins its thread) when dropped.
 pub struct HttpServer {

@@ -27,30 +27,79 @@ use opentelemetry::{
 use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
 use opentelemetry_sdk::{
     Resource,
-    propagation::TraceContextPropagator,
+    propagation::{BaggagePropagator, TraceContextPropagator},
     trace::{Sampler, SdkTracerProvider},
 };
 
-use crate::Pod;
+use crate::netns::Pod;
 
 /// What a service does with the trace context of a request it serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Behaviour {
-    /// OpenTelemetry SDK: extracts W3C context, makes a server span and a
-    /// client span per downstream call, injects W3C downstream.
+    /// OpenTelemetry SDK: extracts context with its propagator, makes a
+    /// server span and a client span per downstream call, injects downstream,
+    /// exports its spans over OTLP.
     Instrumented,
     /// No tracing at all: downstream calls carry no context (the seed's
-    /// service B "WITHOUT header propagation").
+    /// service B "WITHOUT header propagation"). Without downstream calls,
+    /// an uninstrumented leaf (the seed's nginx).
     DropsHeaders,
     /// No tracing, but copies the trace headers onto downstream calls as
     /// they came (a proxy or a mesh sidecar without tracing).
     PassesThrough,
-    /// Instrumented, with a sampler that ignores the remote parent
-    /// (`always_off` instead of `parentbased_*`).
-    IgnoresParentSampling,
-    /// Instrumented, but its propagator reads and writes B3 single header
-    /// only: a W3C caller's trace is not continued.
-    SpeaksB3Only,
+}
+
+/// A context format, as a propagator reads and writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Propagator {
+    /// W3C `traceparent` + `baggage` (the OpenTelemetry SDK's propagators).
+    W3c,
+    /// Zipkin B3 single header `b3`.
+    B3,
+    /// Jaeger `uber-trace-id`.
+    Jaeger,
+}
+
+/// The SDK sampler, named as `OTEL_TRACES_SAMPLER` names them.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SamplerSpec {
+    /// `parentbased_always_on`: the SDK's default.
+    ParentBasedAlwaysOn,
+    /// `always_off`: ignores the remote parent's decision.
+    AlwaysOff,
+    /// `parentbased_traceidratio:R`: roots sampled at ratio R.
+    ParentBasedRatio(f64),
+}
+
+impl std::str::FromStr for SamplerSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "parentbased_always_on" => Ok(Self::ParentBasedAlwaysOn),
+            None if s == "always_off" => Ok(Self::AlwaysOff),
+            Some(("parentbased_traceidratio", r)) => r
+                .parse::<f64>()
+                .ok()
+                .filter(|r| (0.0..=1.0).contains(r))
+                .map(Self::ParentBasedRatio)
+                .ok_or_else(|| format!("ratio {r:?} is not in 0..=1")),
+            _ => Err(format!(
+                "{s:?}: expected parentbased_always_on, always_off or parentbased_traceidratio:R"
+            )),
+        }
+    }
+}
+
+impl SamplerSpec {
+    fn sampler(self) -> Sampler {
+        match self {
+            Self::ParentBasedAlwaysOn => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
+            Self::AlwaysOff => Sampler::AlwaysOff,
+            Self::ParentBasedRatio(r) => {
+                Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(r)))
+            }
+        }
+    }
 }
 
 /// One service: where it listens, how it behaves, whom it calls.
@@ -59,12 +108,33 @@ pub struct ServiceSpec {
     pub name: String,
     pub port: u16,
     pub behaviour: Behaviour,
+    /// The format an instrumented service reads and writes.
+    pub propagator: Propagator,
+    pub sampler: SamplerSpec,
     /// Downstream URLs `http://ip:port/path`, called in order per request.
     pub downstream: Vec<String>,
     /// Status to answer with.
     pub status: u16,
+    /// Time spent per request before answering (a slow service).
+    pub delay: Duration,
     /// OTLP/HTTP base endpoint for the SDK, e.g. `http://10.209.3.1:4318`.
     pub otlp: Option<String>,
+}
+
+impl ServiceSpec {
+    pub fn new(name: &str, port: u16, behaviour: Behaviour) -> Self {
+        Self {
+            name: name.to_owned(),
+            port,
+            behaviour,
+            propagator: Propagator::W3c,
+            sampler: SamplerSpec::ParentBasedAlwaysOn,
+            downstream: Vec::new(),
+            status: 200,
+            delay: Duration::ZERO,
+            otlp: None,
+        }
+    }
 }
 
 /// A running service; stops when dropped.
@@ -99,36 +169,79 @@ impl Injector for Out<'_> {
     }
 }
 
-/// B3 single header `{trace}-{span}-{sampled}`, as Zipkin writes it.
-fn b3_extract(h: &HashMap<String, String>) -> Option<SpanContext> {
-    let v = h.get("b3")?;
-    let mut p = v.split('-');
-    let trace = TraceId::from_hex(p.next()?).ok()?;
-    let span = SpanId::from_hex(p.next()?).ok()?;
-    let sampled = p.next() == Some("1");
+fn context(trace: &str, span: &str, sampled: bool) -> Option<SpanContext> {
+    let trace = TraceId::from_hex(trace).ok()?;
+    let span = SpanId::from_hex(span).ok()?;
+    let flags = if sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
     Some(SpanContext::new(
         trace,
         span,
-        if sampled {
-            TraceFlags::SAMPLED
-        } else {
-            TraceFlags::default()
-        },
+        flags,
         true,
         TraceState::default(),
     ))
 }
 
-fn b3_inject(sc: &SpanContext, out: &mut Vec<(String, String)>) {
-    out.push((
-        "b3".into(),
-        format!(
-            "{}-{}-{}",
-            sc.trace_id(),
-            sc.span_id(),
-            sc.is_sampled() as u8
-        ),
-    ));
+impl Propagator {
+    /// The caller's context (and baggage, for W3C), as this format reads it.
+    pub fn extract(self, h: &HashMap<String, String>) -> Context {
+        let remote = match self {
+            Self::W3c => {
+                let cx = TraceContextPropagator::new().extract(&Headers(h));
+                return BaggagePropagator::new().extract_with_context(&cx, &Headers(h));
+            }
+            Self::B3 => h.get("b3").and_then(|v| {
+                let mut p = v.split('-');
+                context(p.next()?, p.next()?, p.next() == Some("1"))
+            }),
+            Self::Jaeger => h.get("uber-trace-id").and_then(|v| {
+                let mut p = v.split(':');
+                let (t, s) = (p.next()?, p.next()?);
+                let flags = p.nth(1)?;
+                context(
+                    &format!("{t:0>32}"),
+                    &format!("{s:0>16}"),
+                    u8::from_str_radix(flags, 16).ok()? & 1 == 1,
+                )
+            }),
+        };
+        remote
+            .map(|sc| Context::new().with_remote_span_context(sc))
+            .unwrap_or_default()
+    }
+
+    /// Writes `cx`'s span context (and baggage, for W3C) in this format.
+    pub fn inject(self, cx: &Context, out: &mut Vec<(String, String)>) {
+        let sc = cx.span().span_context().clone();
+        match self {
+            Self::W3c => {
+                TraceContextPropagator::new().inject_context(cx, &mut Out(out));
+                BaggagePropagator::new().inject_context(cx, &mut Out(out));
+            }
+            Self::B3 => out.push((
+                "b3".into(),
+                format!(
+                    "{}-{}-{}",
+                    sc.trace_id(),
+                    sc.span_id(),
+                    sc.is_sampled() as u8
+                ),
+            )),
+            Self::Jaeger => out.push((
+                "uber-trace-id".into(),
+                format!(
+                    "{}:{}:0:{}",
+                    sc.trace_id(),
+                    sc.span_id(),
+                    sc.is_sampled() as u8
+                ),
+            )),
+        }
+    }
 }
 
 /// Headers a pass-through proxy copies.
@@ -159,13 +272,9 @@ impl ServiceSpec {
             .with_timeout(Duration::from_secs(3))
             .build()
             .ok()?;
-        let sampler = match self.behaviour {
-            Behaviour::IgnoresParentSampling => Sampler::AlwaysOff,
-            _ => Sampler::ParentBased(Box::new(Sampler::AlwaysOn)),
-        };
         Some(
             SdkTracerProvider::builder()
-                .with_sampler(sampler)
+                .with_sampler(self.sampler.sampler())
                 // Exports as each span ends: the test sees spans at once.
                 .with_simple_exporter(exporter)
                 .with_resource(
@@ -178,10 +287,7 @@ impl ServiceSpec {
     }
 
     fn instrumented(&self) -> bool {
-        matches!(
-            self.behaviour,
-            Behaviour::Instrumented | Behaviour::IgnoresParentSampling | Behaviour::SpeaksB3Only
-        )
+        self.behaviour == Behaviour::Instrumented
     }
 
     /// Starts the service inside `pod`.
@@ -287,12 +393,7 @@ fn serve(
     while let Some(head) = read_head(&mut conn, &mut buf, stop) {
         let headers = header_map(&head);
         let target = head.split(' ').nth(1).unwrap_or("/").to_owned();
-        let parent = match spec.behaviour {
-            Behaviour::SpeaksB3Only => b3_extract(&headers)
-                .map(|sc| Context::new().with_remote_span_context(sc))
-                .unwrap_or_default(),
-            _ => TraceContextPropagator::new().extract(&Headers(&headers)),
-        };
+        let parent = spec.propagator.extract(&headers);
         let tracer = provider.map(|p| p.tracer("tracegap-demo"));
         let server_cx = tracer.as_ref().map(|t| {
             let span = t
@@ -314,12 +415,7 @@ fn serve(
                 _ => None,
             };
             match (spec.behaviour, &client_cx) {
-                (Behaviour::SpeaksB3Only, Some(cx)) => {
-                    b3_inject(cx.span().span_context(), &mut out)
-                }
-                (_, Some(cx)) => {
-                    TraceContextPropagator::new().inject_context(cx, &mut Out(&mut out))
-                }
+                (_, Some(cx)) => spec.propagator.inject(cx, &mut out),
                 (Behaviour::PassesThrough, None) => {
                     for h in TRACE_HEADERS {
                         if let Some(v) = headers.get(h) {
@@ -335,6 +431,9 @@ fn serve(
             if let Some(cx) = client_cx {
                 cx.span().end();
             }
+        }
+        if !spec.delay.is_zero() {
+            std::thread::sleep(spec.delay);
         }
         if let Some(cx) = server_cx {
             cx.span().end();

@@ -1,0 +1,12 @@
+//! The tracing lab: the seed's Kubernetes lab reproduced on one Linux
+//! machine. Pods are network namespaces on a bridge ([`netns`]), services
+//! are real HTTP programs with the propagation behaviours the seed shows
+//! ([`service`]), the trace store is a real OTLP receiver ([`store`]), and
+//! tracegap's agent runs on the pods' veths ([`agent`]). [`scenario`] holds
+//! one scenario per seed lesson; [`tree`] and [`jaeger`] show the traces.
+
+pub mod agent;
+pub mod http;
+pub mod netns;
+pub mod service;
+pub mod store;

@@ -1,0 +1,351 @@
+//! "Pods" as network namespaces on a bridge: a one-node cluster without
+//! Kubernetes, with the host-side veths where tracegap attaches.
+//!
+//! Everything a [`Node`] creates is removed when it is dropped, also on a
+//! panic. Traffic stays between the namespaces it made and the node.
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    os::fd::AsRawFd,
+    process::{Command, Output, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+};
+
+use anyhow::{Context as _, bail};
+
+/// Runs a command, failing with its stderr when it fails.
+pub fn run(cmd: &mut Command) -> anyhow::Result<Output> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(out)
+}
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    run(Command::new("ip").args(args)).map(|_| ())
+}
+
+static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
+
+/// A bridge in the root namespace with pods attached: a one-node cluster.
+pub struct Node {
+    /// Short unique tag used in every name this node creates.
+    tag: String,
+    pub bridge: String,
+    /// Third octet of 10.209.X.0/24 and the X of fd00:7467:X::/64.
+    subnet: u8,
+    pub pods: Vec<Pod>,
+    /// Index of the next pod: never reused, so addresses stay unique.
+    next_pod: usize,
+}
+
+/// A network namespace with one veth to the node's bridge.
+pub struct Pod {
+    pub name: String,
+    /// Network namespace name (`ip netns`).
+    pub netns: String,
+    /// Host-side veth: where tracegap attaches.
+    pub host_if: String,
+    pub ipv4: Ipv4Addr,
+    pub ipv6: Ipv6Addr,
+}
+
+impl Node {
+    /// Creates a bridge and `pods` namespaces attached to it.
+    pub fn new(pods: &[&str]) -> anyhow::Result<Self> {
+        let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+        let pid = std::process::id();
+        let tag = format!("{:x}{n}", pid % 0xfffff);
+        // Spread concurrent test processes over the 10.209.0.0/16 range.
+        let subnet = ((pid.wrapping_mul(7) + n * 13) % 250 + 1) as u8;
+        let bridge = format!("tgb{tag}");
+        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        let mut node = Self {
+            tag,
+            bridge,
+            subnet,
+            pods: Vec::new(),
+            next_pod: 2,
+        };
+        // The node's own address on the pod network: pods reach host
+        // services (the tests' OTLP receiver) through it.
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/24", node.gateway()),
+            "dev",
+            &node.bridge,
+        ])?;
+        ip(&["link", "set", &node.bridge, "up"])?;
+        for name in pods {
+            node.add_pod(name)?;
+        }
+        Ok(node)
+    }
+
+    /// Adds a pod to the running node (a pod scheduled later).
+    pub fn add_pod(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.next_pod;
+        self.next_pod += 1;
+        let netns = format!("tg{}p{i}", self.tag);
+        let host_if = format!("tgv{}p{i}", self.tag);
+        let ipv4 = Ipv4Addr::new(10, 209, self.subnet, i as u8);
+        let ipv6: Ipv6Addr = format!("fd00:7467:{}::{i}", self.subnet).parse()?;
+        ip(&["netns", "add", &netns])?;
+        // Recorded before anything else can fail, so Drop removes it.
+        self.pods.push(Pod {
+            name: name.to_owned(),
+            netns: netns.clone(),
+            host_if: host_if.clone(),
+            ipv4,
+            ipv6,
+        });
+        ip(&[
+            "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
+        ])?;
+        ip(&["link", "set", &host_if, "master", &self.bridge, "up"])?;
+        let x = |args: &[&str]| -> anyhow::Result<()> {
+            let mut full = vec!["-n", netns.as_str()];
+            full.extend_from_slice(args);
+            ip(&full)
+        };
+        x(&["link", "set", "lo", "up"])?;
+        x(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
+        x(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
+        x(&["link", "set", "eth0", "up"])?;
+        Ok(())
+    }
+
+    /// Removes a pod: its namespace, and with it both veth ends.
+    pub fn remove_pod(&mut self, name: &str) -> anyhow::Result<()> {
+        let at = self
+            .pods
+            .iter()
+            .position(|p| p.name == name)
+            .with_context(|| format!("no pod {name}"))?;
+        let pod = self.pods.remove(at);
+        let _ = ip(&["link", "del", &pod.host_if]);
+        ip(&["netns", "del", &pod.netns])
+    }
+
+    /// The node's address on its pod network (on the bridge).
+    pub fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(10, 209, self.subnet, 1)
+    }
+
+    /// A name pattern matching the host veths of this node's pods only.
+    pub fn veth_pattern(&self) -> String {
+        format!("tgv{}p*", self.tag)
+    }
+
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods
+            .iter()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name}"))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes its veth end, and with it the peer.
+        for pod in &self.pods {
+            // The veth first: a namespace lives on while anything (a
+            // socket in TIME_WAIT, a thread) still refers to it, and its
+            // veth with it; deleting the host end deletes both ends now.
+            let _ = ip(&["link", "del", &pod.host_if]);
+            let _ = ip(&["netns", "del", &pod.netns]);
+        }
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+impl Pod {
+    /// A command that runs inside this pod's network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/var/run/netns/{}", self.netns))
+            .arg("--")
+            .arg(program);
+        cmd
+    }
+
+    /// Address to reach this pod at, in the given family.
+    pub fn addr(&self, v6: bool) -> IpAddr {
+        if v6 {
+            IpAddr::V6(self.ipv6)
+        } else {
+            IpAddr::V4(self.ipv4)
+        }
+    }
+
+    /// Runs `f` on a new thread that lives in this pod's network namespace,
+    /// so sockets it opens belong to the pod.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> anyhow::Result<std::thread::JoinHandle<T>> {
+        let ns = File::open(format!("/var/run/netns/{}", self.netns))?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let handle = std::thread::spawn(move || {
+            // SAFETY: setns on this thread only (network namespaces are per-thread).
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            let _ = tx.send(if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            });
+            if rc != 0 {
+                panic!("setns failed");
+            }
+            f()
+        });
+        rx.recv()?.context("entering the pod's network namespace")?;
+        Ok(handle)
+    }
+
+    /// From inside the pod: connects to `to`, writes `writes` one by one,
+    /// and keeps the connection open for `linger` so answers can come back.
+    pub fn send_tcp(
+        &self,
+        to: std::net::SocketAddr,
+        writes: Vec<Vec<u8>>,
+        linger: std::time::Duration,
+    ) -> anyhow::Result<()> {
+        self.spawn(move || -> std::io::Result<()> {
+            use std::io::Write as _;
+            let mut c = std::net::TcpStream::connect(to)?;
+            for w in writes {
+                c.write_all(&w)?;
+            }
+            std::thread::sleep(linger);
+            Ok(())
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+        Ok(())
+    }
+
+    /// From inside the pod, on one connection: sends each request, reads
+    /// its whole response, waits `gap`, and so on (a long-lived keep-alive
+    /// connection). Returns the responses' status lines.
+    pub fn exchange(
+        &self,
+        to: std::net::SocketAddr,
+        requests: Vec<Vec<u8>>,
+        gap: std::time::Duration,
+    ) -> anyhow::Result<Vec<String>> {
+        self.spawn(move || -> anyhow::Result<Vec<String>> {
+            use std::io::{Read as _, Write as _};
+            let mut c = std::net::TcpStream::connect(to)?;
+            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+            let mut statuses = Vec::new();
+            let mut buf = Vec::new();
+            for (i, r) in requests.into_iter().enumerate() {
+                if i > 0 {
+                    std::thread::sleep(gap);
+                }
+                c.write_all(&r)?;
+                let (head, body) = loop {
+                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+                        break (head, end + 4);
+                    }
+                    let mut chunk = [0u8; 4096];
+                    let n = c.read(&mut chunk)?;
+                    anyhow::ensure!(n > 0, "server closed the connection");
+                    buf.extend_from_slice(&chunk[..n]);
+                };
+                let len: usize = head
+                    .lines()
+                    .filter_map(|l| l.split_once(':'))
+                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+                    .and_then(|(_, v)| v.trim().parse().ok())
+                    .unwrap_or(0);
+                while buf.len() < body + len {
+                    let mut chunk = [0u8; 4096];
+                    let n = c.read(&mut chunk)?;
+                    anyhow::ensure!(n > 0, "server closed the connection");
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                buf.drain(..body + len);
+                statuses.push(head.lines().next().unwrap_or_default().to_owned());
+            }
+            Ok(statuses)
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    }
+
+    /// curl from inside the pod; returns stdout. `args` go before the URL.
+    pub fn curl(&self, url: &str, args: &[&str]) -> anyhow::Result<String> {
+        let out = run(self
+            .command("curl")
+            .args(["-sS", "--max-time", "10"])
+            .args(args)
+            .arg(url))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// A directory removed with its contents when dropped.
+pub struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    pub fn new(label: &str) -> anyhow::Result<Self> {
+        let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
+        let path =
+            std::env::temp_dir().join(format!("tracegap-{label}-{}-{n}", std::process::id()));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+
+    pub fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A process the test started; killed (by its PID) and reaped when dropped.
+pub struct Child(std::process::Child);
+
+impl Child {
+    pub fn spawn(cmd: &mut Command) -> anyhow::Result<Self> {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("spawning {cmd:?}"))?;
+        Ok(Self(child))
+    }
+
+    pub fn id(&self) -> u32 {
+        self.0.id()
+    }
+
+    pub fn inner(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
