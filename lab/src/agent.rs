@@ -50,10 +50,11 @@ impl Agent {
 
     /// Stops the agent and returns how its run ended.
     pub fn stop(mut self) -> anyhow::Result<()> {
-        self.shutdown()
+        self.stop_now()
     }
 
-    fn shutdown(&mut self) -> anyhow::Result<()> {
+    /// Stops the agent (programs detached); later calls do nothing.
+    pub fn stop_now(&mut self) -> anyhow::Result<()> {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
@@ -90,13 +91,13 @@ impl Agent {
             .lines()
             .filter(|l| l.starts_with(prefix))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+            .fold(0.0, |a, b| a + b))
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Err(e) = self.shutdown() {
+        if let Err(e) = self.stop_now() {
             eprintln!("agent: {e:#}");
         }
     }

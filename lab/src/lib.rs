@@ -6,7 +6,12 @@
 //! one scenario per seed lesson; [`tree`] and [`jaeger`] show the traces.
 
 pub mod agent;
+pub mod files;
 pub mod http;
+pub mod load;
 pub mod netns;
+pub mod run;
+pub mod scenario;
 pub mod service;
 pub mod store;
+pub mod tree;

@@ -1,1 +1,208 @@
-fn main() {}
+//! `tracegap-lab`: the lab's programs. `run` drives the scenarios (what
+//! `cargo xtask lab` calls); `service` and `load` are the programs it
+//! starts inside the pods.
+
+use std::{
+    path::PathBuf,
+    sync::{Arc, atomic::AtomicBool},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracegap_lab::{
+    load::{LoadSpec, run as run_load},
+    run::{INTERRUPTED, Options, run},
+    scenario,
+    service::{Behaviour, Propagator, SamplerSpec, ServiceSpec},
+};
+
+#[derive(Parser)]
+#[command(
+    name = "tracegap-lab",
+    version,
+    about = "The tracing lab on one machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run scenarios (as root): pods, services, tracegap, traffic, report.
+    Run {
+        /// Scenario to run (repeat); all of them when none is given.
+        #[arg(long = "scenario", value_parser = clap::builder::PossibleValuesParser::new(scenario::ALL))]
+        scenarios: Vec<String>,
+        /// Short counts and delays.
+        #[arg(long)]
+        short: bool,
+        /// Where the trace files and names files go.
+        #[arg(long, default_value = "target/lab")]
+        out: PathBuf,
+    },
+    /// One lab service (runs inside a pod).
+    Service {
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long, value_enum, default_value_t = Behaviour::Instrumented)]
+        behaviour: Behaviour,
+        #[arg(long, value_enum, default_value_t = Propagator::W3c)]
+        propagator: Propagator,
+        /// parentbased_always_on, always_off or parentbased_traceidratio:R.
+        #[arg(long, default_value = "parentbased_always_on")]
+        sampler: SamplerSpec,
+        /// URL to call for every request (repeat for a chain).
+        #[arg(long)]
+        downstream: Vec<String>,
+        #[arg(long, default_value_t = 200)]
+        status: u16,
+        #[arg(long, default_value = "0ms", value_parser = humantime::parse_duration)]
+        delay: Duration,
+        /// OTLP/HTTP endpoint for the service's own spans.
+        #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
+        otlp: Option<String>,
+    },
+    /// An instrumented client sending requests (runs inside a pod); prints
+    /// a JSON summary.
+    Load {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        target: String,
+        #[arg(long, default_value_t = 10)]
+        count: u64,
+        #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
+        interval: Duration,
+        #[arg(long, value_enum, default_value_t = Propagator::W3c)]
+        propagator: Propagator,
+        /// Send no trace context at all.
+        #[arg(long)]
+        no_context: bool,
+        #[arg(long, default_value_t = 1.0)]
+        sample_ratio: f64,
+        /// key=value (repeat).
+        #[arg(long)]
+        baggage: Vec<String>,
+        #[arg(long)]
+        otlp: Option<String>,
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        max_time: Duration,
+    },
+}
+
+/// SIGINT and SIGTERM set a flag: the lab stops at its next check and
+/// unwinds, removing what it made; services and clients just stop.
+fn on_signal(flag: &'static AtomicBool, stop: Option<Arc<AtomicBool>>) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            if tracegap_agent::shutdown::signal_received().await.is_ok() {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+                if let Some(s) = stop {
+                    s.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        })
+    });
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Cmd::Run {
+            scenarios,
+            short,
+            out,
+        } => {
+            on_signal(&INTERRUPTED, None)?;
+            let scenarios = if scenarios.is_empty() {
+                scenario::ALL.iter().map(|s| s.to_string()).collect()
+            } else {
+                scenarios
+            };
+            let opts = Options {
+                scenarios,
+                short,
+                out,
+                lab_bin: std::env::current_exe().context("locating tracegap-lab")?,
+            };
+            let outcomes = run(&opts, &mut std::io::stdout())?;
+            let failed: Vec<_> = outcomes
+                .iter()
+                .filter(|o| !o.passed)
+                .map(|o| &o.name)
+                .collect();
+            anyhow::ensure!(failed.is_empty(), "unexpected results in: {failed:?}");
+            Ok(())
+        }
+        Cmd::Service {
+            name,
+            port,
+            behaviour,
+            propagator,
+            sampler,
+            downstream,
+            status,
+            delay,
+            otlp,
+        } => {
+            let stop = Arc::new(AtomicBool::new(false));
+            on_signal(&INTERRUPTED, Some(stop.clone()))?;
+            let spec = ServiceSpec {
+                propagator,
+                sampler,
+                downstream,
+                status,
+                delay,
+                otlp,
+                ..ServiceSpec::new(&name, port, behaviour)
+            };
+            let mut failed = None;
+            spec.serve_until(&stop, |r| failed = r.err());
+            match failed {
+                Some(e) => Err(e).context("listening"),
+                None => Ok(()),
+            }
+        }
+        Cmd::Load {
+            name,
+            target,
+            count,
+            interval,
+            propagator,
+            no_context,
+            sample_ratio,
+            baggage,
+            otlp,
+            max_time,
+        } => {
+            let baggage = baggage
+                .iter()
+                .map(|b| {
+                    b.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .with_context(|| format!("--baggage {b:?} is not key=value"))
+                })
+                .collect::<anyhow::Result<_>>()?;
+            let summary = run_load(&LoadSpec {
+                name,
+                target,
+                count,
+                interval,
+                propagator: (!no_context).then_some(propagator),
+                sample_ratio,
+                baggage,
+                otlp,
+                max_time,
+            });
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+    }
+}

@@ -90,6 +90,16 @@ impl std::str::FromStr for SamplerSpec {
     }
 }
 
+impl std::fmt::Display for SamplerSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ParentBasedAlwaysOn => f.write_str("parentbased_always_on"),
+            Self::AlwaysOff => f.write_str("always_off"),
+            Self::ParentBasedRatio(r) => write!(f, "parentbased_traceidratio:{r}"),
+        }
+    }
+}
+
 impl SamplerSpec {
     fn sampler(self) -> Sampler {
         match self {
@@ -152,7 +162,7 @@ impl Drop for Service {
     }
 }
 
-struct Headers<'a>(&'a HashMap<String, String>);
+pub(crate) struct Headers<'a>(pub(crate) &'a HashMap<String, String>);
 impl Extractor for Headers<'_> {
     fn get(&self, key: &str) -> Option<&str> {
         self.0.get(&key.to_ascii_lowercase()).map(String::as_str)
@@ -162,7 +172,7 @@ impl Extractor for Headers<'_> {
     }
 }
 
-struct Out<'a>(&'a mut Vec<(String, String)>);
+pub(crate) struct Out<'a>(pub(crate) &'a mut Vec<(String, String)>);
 impl Injector for Out<'_> {
     fn set(&mut self, key: &str, value: String) {
         self.0.push((key.to_owned(), value));
@@ -268,6 +278,9 @@ impl ServiceSpec {
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_http_client(client)
+            // Fail fast when the store is down: a demo service must not
+            // stall its requests on its own telemetry.
+            .with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled())
             .with_endpoint(format!("{}/v1/traces", otlp.trim_end_matches('/')))
             .with_timeout(Duration::from_secs(3))
             .build()
@@ -290,56 +303,64 @@ impl ServiceSpec {
         self.behaviour == Behaviour::Instrumented
     }
 
-    /// Starts the service inside `pod`.
+    /// Starts the service inside `pod`, on a thread of this process.
     pub fn start(self, pod: &Pod) -> anyhow::Result<Service> {
         let stop = Arc::new(AtomicBool::new(false));
         let (tx, rx) = std::sync::mpsc::channel();
         let s = stop.clone();
         let thread = pod.spawn(move || {
-            // Built in the pod's namespace: the exporter's sockets are the pod's.
-            let provider = if self.instrumented() {
-                self.provider()
-            } else {
-                None
-            };
-            let listener =
-                match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.port))) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
-                };
-            let _ = listener.set_nonblocking(true);
-            let _ = tx.send(Ok(()));
-            let spec = Arc::new(self);
-            let mut workers = Vec::new();
-            while !s.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((conn, _)) => {
-                        let (spec, provider, s) = (spec.clone(), provider.clone(), s.clone());
-                        workers.push(std::thread::spawn(move || {
-                            serve(conn, &spec, provider.as_ref(), &s)
-                        }));
-                    }
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                        std::thread::sleep(Duration::from_millis(5))
-                    }
-                    Err(_) => break,
-                }
-            }
-            for w in workers {
-                let _ = w.join();
-            }
-            if let Some(p) = provider {
-                let _ = p.shutdown();
-            }
+            self.serve_until(&s, |r| {
+                let _ = tx.send(r);
+            })
         })?;
         rx.recv()??;
         Ok(Service {
             stop,
             thread: Some(thread),
         })
+    }
+
+    /// Serves in the current thread's network namespace until `stop` is
+    /// set; `ready` is told whether listening worked.
+    pub fn serve_until(self, stop: &Arc<AtomicBool>, ready: impl FnOnce(std::io::Result<()>)) {
+        // Built here: the exporter's sockets and threads are this namespace's.
+        let provider = if self.instrumented() {
+            self.provider()
+        } else {
+            None
+        };
+        let listener = match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.port)))
+        {
+            Ok(l) => l,
+            Err(e) => return ready(Err(e)),
+        };
+        if let Err(e) = listener.set_nonblocking(true) {
+            return ready(Err(e));
+        }
+        ready(Ok(()));
+        let spec = Arc::new(self);
+        let mut workers: Vec<JoinHandle<()>> = Vec::new();
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((conn, _)) => {
+                    let (spec, provider, s) = (spec.clone(), provider.clone(), stop.clone());
+                    workers.retain(|w| !w.is_finished());
+                    workers.push(std::thread::spawn(move || {
+                        serve(conn, &spec, provider.as_ref(), &s)
+                    }));
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
+                Err(_) => break,
+            }
+        }
+        for w in workers {
+            let _ = w.join();
+        }
+        if let Some(p) = provider {
+            let _ = p.shutdown();
+        }
     }
 }
 
@@ -407,7 +428,7 @@ fn serve(
             let client_cx = match (&tracer, &server_cx) {
                 (Some(t), Some(cx)) => {
                     let span = t
-                        .span_builder(format!("GET {url}"))
+                        .span_builder(format!("GET {}", path_of(url)))
                         .with_kind(SpanKind::Client)
                         .start_with_context(t, cx);
                     Some(cx.with_span(span))
@@ -457,8 +478,14 @@ fn serve(
     }
 }
 
+/// The path of an `http://authority/path` URL.
+pub fn path_of(url: &str) -> &str {
+    let rest = url.strip_prefix("http://").unwrap_or(url);
+    rest.find('/').map_or("/", |i| &rest[i..])
+}
+
 /// GET `url` (http://ip:port/path) with `headers`, reading the whole answer.
-fn call(url: &str, headers: &[(String, String)]) -> std::io::Result<u16> {
+pub fn call(url: &str, headers: &[(String, String)]) -> std::io::Result<u16> {
     let rest = url.strip_prefix("http://").unwrap_or(url);
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };

@@ -13,7 +13,7 @@ use std::{
 use tracegap_agent::{
     agent::AgentConfig,
     export::{ExportConfig, OtlpProtocol},
-    gap::span::ExportMode,
+    gap::span::{ExportMode, Identity},
     interfaces::Selection,
     report::Report,
 };
@@ -57,7 +57,17 @@ fn config(node: &Node, receiver: &Receiver, export: ExportConfig) -> AgentConfig
         services: node
             .pods
             .iter()
-            .map(|p| (IpAddr::V4(p.ipv4), p.name.clone()))
+            .map(|p| {
+                (
+                    IpAddr::V4(p.ipv4),
+                    Identity {
+                        service: p.name.clone(),
+                        namespace: Some("lab".into()),
+                        pod: Some(format!("{}-0", p.name)),
+                        node: None,
+                    },
+                )
+            })
             .collect(),
         response_timeout: Duration::from_secs(30),
     }
@@ -234,6 +244,14 @@ fn broken_propagation_then_fixed() -> anyhow::Result<()> {
     assert_eq!(s.span.kind, SERVER);
     assert_eq!(s.span.name, "GET /inventory/{id}");
     assert_eq!(s.service, "service-c");
+    assert_eq!(
+        s.resource_attr("k8s.namespace.name").as_deref(),
+        Some("lab")
+    );
+    assert_eq!(
+        s.resource_attr("k8s.pod.name").as_deref(),
+        Some("service-c-0")
+    );
     assert_eq!(s.attr("tracegap.link").as_deref(), Some("inferred"));
     assert_eq!(s.attr("tracegap.link.confidence").as_deref(), Some("sole"));
     assert_eq!(s.attr("http.request.method").as_deref(), Some("GET"));

@@ -23,7 +23,7 @@ use crate::{
     gap::{
         Engine, GapKind, Hop,
         classify::{RETENTION_NS, formats_label},
-        span::{self, ExportMode},
+        span::{self, ExportMode, Identity},
     },
     http::{
         assemble::{Assembler, Message, Pairer},
@@ -68,8 +68,8 @@ pub struct AgentConfig {
     pub export: ExportConfig,
     pub export_mode: ExportMode,
     pub export_unsampled: bool,
-    /// Static service names by address.
-    pub services: Vec<(IpAddr, String)>,
+    /// Identities by address (`--service`, `--names-file`).
+    pub services: Vec<(IpAddr, Identity)>,
     /// A request without a response after this long is reported unanswered.
     pub response_timeout: Duration,
 }
@@ -90,7 +90,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared::new(metrics.clone()));
-    let directory = Arc::new(Directory::with_names(config.services.clone()));
+    let directory = Arc::new(Directory::with_identities(config.services.clone()));
     let (listen, server) = server::serve(config.listen, shared.clone())
         .await
         .with_context(|| format!("listening on {}", config.listen))?;

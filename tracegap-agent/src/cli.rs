@@ -1,6 +1,7 @@
 //! Command-line interface. Every flag has an environment fallback
 //! (`TRACEGAP_*`), so the DaemonSet can configure the agent without args.
 
+use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 
 use std::{
@@ -12,7 +13,7 @@ use crate::{
     agent::AgentConfig,
     discover::{DEFAULT_PATTERNS, Patterns},
     export::{ExportConfig, OtlpProtocol},
-    gap::span::ExportMode,
+    gap::span::{ExportMode, Identity},
     interfaces::Selection,
 };
 
@@ -67,6 +68,10 @@ pub struct RunArgs {
     /// addresses are named by themselves.
     #[arg(long = "service", env = "TRACEGAP_SERVICES", value_delimiter = ',', value_parser = parse_service)]
     pub services: Vec<(IpAddr, String)>,
+    /// A file of identities, one `IP SERVICE [NAMESPACE/POD]` per line:
+    /// the standalone stand-in for the Kubernetes API.
+    #[arg(long, env = "TRACEGAP_NAMES_FILE")]
+    pub names_file: Option<std::path::PathBuf>,
     /// A request without a response after this long is reported unanswered.
     #[arg(long, env = "TRACEGAP_RESPONSE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub response_timeout: Duration,
@@ -77,8 +82,26 @@ fn parse_service(s: &str) -> Result<(IpAddr, String), String> {
 }
 
 impl RunArgs {
-    pub fn config(&self) -> AgentConfig {
-        AgentConfig {
+    pub fn config(&self) -> anyhow::Result<AgentConfig> {
+        let mut services: Vec<(IpAddr, Identity)> = Vec::new();
+        if let Some(path) = &self.names_file {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            services.extend(
+                crate::identity::parse_names_file(&text)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            );
+        }
+        services.extend(self.services.iter().map(|(ip, name)| {
+            (
+                *ip,
+                Identity {
+                    service: name.clone(),
+                    ..Identity::default()
+                },
+            )
+        }));
+        Ok(AgentConfig {
             interfaces: self.interfaces.selection(),
             listen: self.listen,
             export: ExportConfig {
@@ -89,9 +112,9 @@ impl RunArgs {
             },
             export_mode: self.export,
             export_unsampled: self.export_unsampled,
-            services: self.services.clone(),
+            services,
             response_timeout: self.response_timeout,
-        }
+        })
     }
 }
 

@@ -17,7 +17,9 @@ use opentelemetry::{
     InstrumentationScope,
     trace::{SpanContext, Status, TraceFlags, TraceState},
 };
-use opentelemetry_otlp::{Protocol, WithExportConfig as _};
+use opentelemetry_otlp::{
+    Protocol, RetryPolicy, WithExportConfig as _, WithHttpConfig as _, WithTonicConfig as _,
+};
 use opentelemetry_sdk::{
     Resource,
     trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
@@ -120,7 +122,12 @@ fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Erro
     let builder = opentelemetry_otlp::SpanExporter::builder();
     Ok(match config.protocol {
         OtlpProtocol::Grpc => {
-            let mut b = builder.with_tonic().with_protocol(Protocol::Grpc);
+            // One retry layer only, ours (bounded, counted): the library's
+            // own retries would multiply the attempts and hide the errors.
+            let mut b = builder
+                .with_tonic()
+                .with_protocol(Protocol::Grpc)
+                .with_retry_policy(RetryPolicy::disabled());
             if let Some(e) = &config.endpoint {
                 b = b.with_endpoint(e.clone());
             }
@@ -130,7 +137,10 @@ fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Erro
             b.build()?
         }
         OtlpProtocol::HttpProtobuf => {
-            let mut b = builder.with_http().with_protocol(Protocol::HttpBinary);
+            let mut b = builder
+                .with_http()
+                .with_protocol(Protocol::HttpBinary)
+                .with_retry_policy(RetryPolicy::disabled());
             if let Some(e) = &config.endpoint {
                 // An explicit endpoint is used as is by the library; the
                 // OTLP convention is a base URL with the signal path added.

@@ -24,6 +24,54 @@ pub fn parse_mapping(s: &str) -> Result<(IpAddr, String), ParseError> {
     Ok((ip, name.to_owned()))
 }
 
+/// A names file line that cannot be read.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("line {line}: expected `IP SERVICE [NAMESPACE/POD]`, got {text:?}")]
+pub struct NamesFileError {
+    pub line: usize,
+    pub text: String,
+}
+
+/// Reads a names file: one `IP SERVICE [NAMESPACE/POD]` per line, `#`
+/// comments and blank lines ignored. The standalone agent's stand-in for
+/// the Kubernetes API: the same identities, written down.
+pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFileError> {
+    let mut out = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let l = raw.split('#').next().unwrap_or_default().trim();
+        if l.is_empty() {
+            continue;
+        }
+        let bad = || NamesFileError {
+            line: i + 1,
+            text: raw.to_owned(),
+        };
+        let mut f = l.split_whitespace();
+        let ip: IpAddr = f.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
+        let service = f.next().ok_or_else(bad)?.to_owned();
+        let (namespace, pod) = match f.next() {
+            Some(np) => {
+                let (n, p) = np.split_once('/').ok_or_else(bad)?;
+                (Some(n.to_owned()), Some(p.to_owned()))
+            }
+            None => (None, None),
+        };
+        if f.next().is_some() {
+            return Err(bad());
+        }
+        out.push((
+            ip,
+            Identity {
+                service,
+                namespace,
+                pod,
+                node: None,
+            },
+        ));
+    }
+    Ok(out)
+}
+
 /// Addresses to identities, shared by the data path (reads) and whatever
 /// keeps it current (writes).
 #[derive(Default)]
@@ -32,16 +80,10 @@ pub struct Directory {
 }
 
 impl Directory {
-    pub fn with_names(names: impl IntoIterator<Item = (IpAddr, String)>) -> Self {
+    pub fn with_identities(ids: impl IntoIterator<Item = (IpAddr, Identity)>) -> Self {
         let d = Self::default();
-        for (ip, service) in names {
-            d.set(
-                ip,
-                Identity {
-                    service,
-                    ..Identity::default()
-                },
-            );
+        for (ip, id) in ids {
+            d.set(ip, id);
         }
         d
     }
@@ -87,9 +129,32 @@ mod tests {
         assert!(parse_mapping("10.0.0.2").is_err());
         assert!(parse_mapping("nope=x").is_err());
         assert!(parse_mapping("10.0.0.2=").is_err());
-        let d = Directory::with_names([(ip, name)]);
+        let d = Directory::with_identities([(
+            ip,
+            Identity {
+                service: name,
+                ..Identity::default()
+            },
+        )]);
         assert_eq!(d.lookup(ip).service, "service-b");
         let other: IpAddr = "fd00::9".parse().unwrap();
         assert_eq!(d.lookup(other).service, "fd00::9");
+    }
+
+    #[test]
+    fn names_files_are_read_line_by_line() {
+        let ids = parse_names_file(
+            "# lab\n10.209.1.2 service-a lab/service-a-0\n\n10.209.1.3  service-b # no pod\n",
+        )
+        .unwrap();
+        assert_eq!(ids.len(), 2);
+        assert_eq!(ids[0].1.pod.as_deref(), Some("service-a-0"));
+        assert_eq!(ids[0].1.namespace.as_deref(), Some("lab"));
+        assert_eq!(ids[1].1.service, "service-b");
+        assert_eq!(ids[1].1.pod, None);
+        let e = parse_names_file("10.0.0.1 a\nnot-an-ip b\n").unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(parse_names_file("10.0.0.1 a b c").is_err());
+        assert!(parse_names_file("10.0.0.1 a nopod").is_err());
     }
 }

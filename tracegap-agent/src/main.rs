@@ -23,7 +23,7 @@ fn main() -> anyhow::Result<()> {
                         Err(e) => tracing::error!(error = %e, "cannot wait for signals; stopping"),
                     }
                 };
-                tracegap_agent::agent::run(args.config(), stop, None).await
+                tracegap_agent::agent::run(args.config()?, stop, None).await
             }
             Command::Observe(args) => tracegap_agent::observe::run(args).await,
             Command::Report(args) => tracegap_agent::report::fetch_and_print(&args),

@@ -1,6 +1,7 @@
 //! `cargo xtask`: the front door for building and testing tracegap.
 
 mod fuzz;
+mod lab;
 mod setup;
 mod test;
 mod toolchain;
@@ -21,6 +22,9 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Build the agent with its embedded eBPF programs.
     Build(BuildArgs),
+    /// The tracing lab on this machine (as root): every seed scenario, what
+    /// tracegap finds, the traces as trees and as a Jaeger JSON file.
+    Lab(lab::LabArgs),
     /// Set up if needed, build, then run the unit and end-to-end tests.
     Test(test::TestArgs),
     /// cargo fmt --check and cargo clippy on the user-space crates.
@@ -48,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             }
             toolchain::run(&mut cmd)
         }
+        Command::Lab(args) => lab::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Lint => test::lint(),
         Command::Fuzz(args) => fuzz::run(&args),

@@ -1,0 +1,574 @@
+//! Running scenarios: a node of pods, the services as processes in their
+//! namespaces, tracegap's agent on their veths, the trace store, traffic,
+//! then the report, the trees, the verdict. Everything is removed after
+//! each scenario, also on failure or Ctrl-C (drops run on every path).
+
+use std::{
+    collections::BTreeSet,
+    io::Write,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use tracegap_agent::{
+    agent::AgentConfig,
+    export::{ExportConfig, OtlpProtocol},
+    gap::span::{ExportMode, Identity},
+    interfaces::Selection,
+    report::{Report, table},
+};
+
+use crate::{
+    agent::Agent,
+    files,
+    load::LoadSummary,
+    netns::{Child, Node},
+    scenario::{self, Expect, Scenario},
+    store::{Received, Receiver},
+    tree,
+};
+
+/// Set by the signal handler; long waits give up when it is set.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+fn check_interrupted() -> anyhow::Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// How the lab runs.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub scenarios: Vec<String>,
+    /// Short counts and delays (the tests).
+    pub short: bool,
+    /// Where the trace files go.
+    pub out: PathBuf,
+    /// The `tracegap-lab` binary, run in the pods as services and clients.
+    pub lab_bin: PathBuf,
+}
+
+/// One scenario's result.
+#[derive(Debug)]
+pub struct Outcome {
+    pub name: String,
+    pub report: Report,
+    /// One line per finding, and whether each expectation held.
+    pub verdict: Vec<String>,
+    pub passed: bool,
+    /// Example traces, rendered.
+    pub trees: Vec<String>,
+    /// Their trace ids.
+    pub examples: Vec<String>,
+    /// Spans the store received during the scenario.
+    pub spans: Vec<Received>,
+}
+
+struct Ctx<'a> {
+    node: Node,
+    agent: Agent,
+    store: &'a mut Receiver,
+    children: Vec<Child>,
+    opts: &'a Options,
+}
+
+impl Ctx<'_> {
+    fn otlp(&self) -> String {
+        format!("http://{}:{}", self.node.gateway(), self.store.http.port())
+    }
+
+    fn url(&self, pod: &str, path: &str) -> String {
+        format!("http://{}:8080{path}", self.node.pod(pod).ipv4)
+    }
+
+    fn in_pod(&self, pod: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.node.pod(pod).netns])
+            .arg(&self.opts.lab_bin);
+        c
+    }
+
+    fn start_service(&mut self, svc: &scenario::Svc) -> anyhow::Result<()> {
+        let s = &svc.spec;
+        let mut cmd = self.in_pod(&s.name);
+        cmd.args(["service", "--name", &s.name, "--port", "8080"])
+            .arg("--behaviour")
+            .arg(value_name(&s.behaviour))
+            .arg("--propagator")
+            .arg(value_name(&s.propagator))
+            .arg("--sampler")
+            .arg(s.sampler.to_string())
+            .arg("--status")
+            .arg(s.status.to_string())
+            .arg("--delay")
+            .arg(format!("{}ms", s.delay.as_millis()))
+            .arg("--otlp")
+            .arg(self.otlp());
+        for (pod, path) in &svc.calls {
+            cmd.arg("--downstream").arg(self.url(pod, path));
+        }
+        self.children.push(Child::spawn(&mut cmd)?);
+        // Ready when it accepts connections.
+        let addr = SocketAddr::from((self.node.pod(&s.name).ipv4, 8080));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            check_interrupted()?;
+            if Instant::now() > deadline {
+                bail!("{} did not start listening", s.name);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    fn run_load(&self, l: &scenario::Load) -> anyhow::Result<LoadSummary> {
+        let s = &l.spec;
+        let mut cmd = self.in_pod(l.pod);
+        cmd.args(["load", "--name", &s.name])
+            .arg("--target")
+            .arg(self.url(l.target.0, l.target.1))
+            .arg("--count")
+            .arg(s.count.to_string())
+            .arg("--interval")
+            .arg(format!("{}ms", s.interval.as_millis()))
+            .arg("--sample-ratio")
+            .arg(s.sample_ratio.to_string())
+            .arg("--max-time")
+            .arg(format!("{}s", s.max_time.as_secs()))
+            .arg("--otlp")
+            .arg(self.otlp());
+        match s.propagator {
+            Some(p) => cmd.arg("--propagator").arg(value_name(&p)),
+            None => cmd.arg("--no-context"),
+        };
+        for (k, v) in &s.baggage {
+            cmd.arg("--baggage").arg(format!("{k}={v}"));
+        }
+        let children: Vec<_> = (0..l.parallel.max(1))
+            .map(|_| {
+                cmd.stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .with_context(|| format!("spawning {cmd:?}"))
+            })
+            .collect::<Result<_, _>>()?;
+        let mut total = LoadSummary::default();
+        for c in children {
+            let out = c.wait_with_output()?;
+            let s: LoadSummary = serde_json::from_slice(&out.stdout)
+                .with_context(|| format!("reading the load summary of {}", l.pod))?;
+            total.sent += s.sent;
+            total.ok += s.ok;
+            total.errors += s.errors;
+            total.sampled += s.sampled;
+            total.traces.extend(s.traces);
+            total.traces_sampled.extend(s.traces_sampled);
+        }
+        Ok(total)
+    }
+
+    fn report(&self) -> anyhow::Result<Report> {
+        let (status, body) = self.agent.get("/report")?;
+        anyhow::ensure!(status == 200, "/report answered {status}");
+        Ok(serde_json::from_str(&body)?)
+    }
+
+    fn hops(&self) -> anyhow::Result<u64> {
+        Ok(self.report()?.edges.iter().map(|e| e.requests).sum())
+    }
+
+    /// Waits until the agent has classified `at_least` hops and its count
+    /// stops moving, then until its export queue is empty.
+    fn settle(&self, at_least: u64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (mut last, mut still_since) = (u64::MAX, Instant::now());
+        loop {
+            check_interrupted()?;
+            let n = self.hops()?;
+            if n != last {
+                (last, still_since) = (n, Instant::now());
+            }
+            let quiet = still_since.elapsed() > Duration::from_millis(600);
+            if (n >= at_least && quiet) || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        while self.agent.metric("tracegap_export_queue_spans")? > 0.0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // The batch in flight.
+        std::thread::sleep(Duration::from_millis(400));
+        Ok(())
+    }
+}
+
+fn identities(node: &Node) -> Vec<(IpAddr, Identity)> {
+    node.pods
+        .iter()
+        .map(|p| {
+            (
+                IpAddr::V4(p.ipv4),
+                Identity {
+                    service: p.name.clone(),
+                    namespace: Some("lab".into()),
+                    pod: Some(format!("{}-0", p.name)),
+                    node: None,
+                },
+            )
+        })
+        .collect()
+}
+
+/// The names file the standalone agent would read for this node.
+fn names_file(node: &Node) -> String {
+    let mut s = String::from("# IP SERVICE NAMESPACE/POD\n");
+    for (ip, id) in identities(node) {
+        s.push_str(&format!(
+            "{ip} {} {}/{}\n",
+            id.service,
+            id.namespace.unwrap_or_default(),
+            id.pod.unwrap_or_default()
+        ));
+    }
+    s
+}
+
+fn explain(kind: &str, src: &str, dst: &str) -> String {
+    match kind {
+        "broken_propagation" => format!(
+            "{src} was serving a traced request and called {dst} without its context: \
+             {dst}'s spans start new traces; tracegap stitched the call into the original \
+             trace (inferred link)"
+        ),
+        "passthrough" => format!(
+            "{dst} passed the trace headers on without a span of its own: an uninstrumented \
+             hop, invisible in Jaeger; tracegap added its span"
+        ),
+        "missing_context" => format!("requests from {src} to {dst} carry no trace context"),
+        "unsampled" => format!("traces reaching {dst} are not sampled: counted, not exported"),
+        "sampling_inconsistent" => format!(
+            "{src} received sampled traces and sent them on unsampled: its sampler ignores \
+             the parent, the trace will be torn at {dst}"
+        ),
+        "malformed_context" => format!("{src} sends an invalid trace context to {dst}"),
+        "format_mismatch" => format!(
+            "{src} did not understand its caller's context format and started new traces \
+             towards {dst}"
+        ),
+        _ => format!("{src} -> {dst}: {kind}"),
+    }
+}
+
+fn check(
+    e: &Expect,
+    report: &Report,
+    ctx: &Ctx,
+    spans: &[Received],
+    sent: u64,
+) -> anyhow::Result<(bool, String)> {
+    let edge = |s: &str, d: &str| {
+        report
+            .edges
+            .iter()
+            .find(|e| e.source == s && e.destination == d)
+    };
+    Ok(match e {
+        Expect::Kind(s, d, k) => {
+            let n = edge(s, d)
+                .and_then(|e| e.kinds.get(*k))
+                .copied()
+                .unwrap_or(0);
+            (n > 0, format!("{k} on {s} -> {d}: {n}"))
+        }
+        Expect::NoGaps => {
+            let gaps: u64 = report
+                .edges
+                .iter()
+                .flat_map(|e| e.kinds.iter())
+                .filter(|(k, _)| *k != "context_ok" && *k != "unsampled")
+                .map(|(_, n)| n)
+                .sum();
+            (gaps == 0, format!("no gaps: {gaps} found"))
+        }
+        Expect::BaggageCarried(s, d) => {
+            let n = edge(s, d).map_or(0, |e| e.baggage_carried);
+            (n > 0, format!("baggage carried on {s} -> {d}: {n}"))
+        }
+        Expect::SpanLasting(gap, want) => {
+            let got = spans
+                .iter()
+                .filter(|s| s.gap().as_deref() == Some(*gap))
+                .map(|s| {
+                    Duration::from_nanos(
+                        s.span
+                            .end_time_unix_nano
+                            .saturating_sub(s.span.start_time_unix_nano),
+                    )
+                })
+                .max()
+                .unwrap_or_default();
+            let ok = got >= *want && got < *want + Duration::from_secs(2);
+            (
+                ok,
+                format!("{gap} span lasting {got:.1?} (request delayed {want:?})"),
+            )
+        }
+        Expect::ExportRecovered => {
+            let errors = ctx.agent.metric("tracegap_export_errors_total")?;
+            let dropped = ctx.agent.metric("tracegap_spans_dropped_total")?;
+            let exported = ctx.agent.metric("tracegap_spans_exported_total")?;
+            let synthetic = spans.iter().filter(|s| s.synthetic()).count();
+            (
+                errors > 0.0 && synthetic > 0,
+                format!(
+                    "store down: {errors} export errors, {dropped} spans dropped; \
+                     {exported} exported, {synthetic} arrived after it came back"
+                ),
+            )
+        }
+        Expect::KeptUp(share) => {
+            let hops: u64 = report.edges.iter().map(|e| e.requests).sum();
+            let lost = ctx.agent.metric("tracegap_ringbuf_lost_events_total")?;
+            let dropped = ctx.agent.metric("tracegap_spans_dropped_total")?;
+            let exported = ctx.agent.metric("tracegap_spans_exported_total")?;
+            let healthy = ctx.agent.get("/healthz")?.0 == 200;
+            let ok = healthy && hops as f64 >= sent as f64 * share;
+            (
+                ok,
+                format!(
+                    "{hops} of {sent} requests classified; ring buffer lost {lost} events; \
+                     {exported} spans exported, {dropped} dropped; healthy: {healthy}"
+                ),
+            )
+        }
+    })
+}
+
+/// Runs one scenario on a fresh node and agent.
+pub fn run_one(
+    sc: &Scenario,
+    store: &mut Receiver,
+    opts: &Options,
+    out: &mut dyn Write,
+) -> anyhow::Result<Outcome> {
+    let mut pods: BTreeSet<&str> = sc.services.iter().map(|s| s.spec.name.as_str()).collect();
+    pods.extend(sc.loads.iter().map(|l| l.pod));
+    let pods: Vec<&str> = pods.into_iter().collect();
+    let node = Node::new(&pods)?;
+    std::fs::write(
+        opts.out.join(format!("{}.names", sc.name)),
+        names_file(&node),
+    )?;
+    let agent = Agent::start(AgentConfig {
+        interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        export: ExportConfig {
+            protocol: OtlpProtocol::Grpc,
+            endpoint: Some(format!("http://127.0.0.1:{}", store.grpc.port())),
+            interval: Duration::from_millis(200),
+            queue: 2048,
+            attempts: 3,
+            ..ExportConfig::default()
+        },
+        export_mode: ExportMode::Gaps,
+        export_unsampled: false,
+        services: identities(&node),
+        response_timeout: Duration::from_secs(60),
+    })?;
+    let mut ctx = Ctx {
+        node,
+        agent,
+        store,
+        children: Vec::new(),
+        opts,
+    };
+    let first_span = ctx.store.spans().len();
+    for s in &sc.services {
+        ctx.start_service(s)?;
+    }
+    if sc.store_down {
+        writeln!(out, "  stopping the trace store")?;
+        ctx.store.stop();
+    }
+    let mut sent = 0;
+    let mut summaries = Vec::new();
+    for l in &sc.loads {
+        check_interrupted()?;
+        writeln!(
+            out,
+            "  {} x{} -> {}: {} requests",
+            l.pod, l.parallel, l.target.0, l.spec.count
+        )?;
+        let s = ctx.run_load(l)?;
+        sent += s.sent;
+        summaries.push(s);
+    }
+    let mut resumed_at = None;
+    if sc.store_down {
+        ctx.settle(sent)?;
+        writeln!(out, "  starting the trace store again")?;
+        ctx.store.resume()?;
+        resumed_at = Some(ctx.store.spans().len());
+        let again = scenario::Load {
+            spec: crate::load::LoadSpec {
+                count: 5,
+                interval: Duration::from_millis(100),
+                ..sc.loads[0].spec.clone()
+            },
+            pod: sc.loads[0].pod,
+            target: sc.loads[0].target,
+            parallel: 1,
+        };
+        sent += ctx.run_load(&again)?.sent;
+    }
+    ctx.settle(sent)?;
+    let report = ctx.report()?;
+    let all = ctx.store.spans();
+    let spans: Vec<Received> = all[resumed_at.unwrap_or(first_span).min(all.len())..].to_vec();
+    let mut verdict = Vec::new();
+    let mut passed = true;
+    for e in &sc.expect {
+        let (ok, line) = check(e, &report, &ctx, &spans, sent)?;
+        passed &= ok;
+        verdict.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
+    }
+    let mut findings = Vec::new();
+    for e in &report.edges {
+        for (k, n) in &e.kinds {
+            if k != "context_ok" {
+                findings.push(format!(
+                    "{k} x{n}: {}",
+                    explain(k, &e.source, &e.destination)
+                ));
+            }
+        }
+    }
+    if findings.is_empty() {
+        findings.push("complete: every hop carried valid context".to_owned());
+    }
+    // Example traces: one per gap kind seen, plus the first sampled trace.
+    let mut examples: Vec<String> = report
+        .edges
+        .iter()
+        .flat_map(|e| e.examples.iter())
+        .filter(|(k, _)| *k != "context_ok" && *k != "unsampled")
+        .map(|(_, t)| t.clone())
+        .collect();
+    if let Some(t) = summaries
+        .iter()
+        .flat_map(|s| s.traces.iter().zip(&s.traces_sampled))
+        .find(|(_, sampled)| **sampled)
+        .map(|(t, _)| t.clone())
+    {
+        examples.push(t);
+    }
+    examples.sort();
+    examples.dedup();
+    examples.truncate(3);
+    let trees = examples
+        .iter()
+        .filter_map(|t| {
+            let of: Vec<&Received> = spans.iter().filter(|s| &s.trace_id() == t).collect();
+            (!of.is_empty()).then(|| tree::render(t, &of))
+        })
+        .collect();
+    let outcome = Outcome {
+        name: sc.name.to_owned(),
+        report,
+        verdict: findings.into_iter().chain(verdict).collect(),
+        passed,
+        trees,
+        examples,
+        spans,
+    };
+    ctx.agent.stop_now()?;
+    drop(ctx);
+    Ok(outcome)
+}
+
+/// Runs the chosen scenarios; writes the trace files at the end.
+pub fn run(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Vec<Outcome>> {
+    std::fs::create_dir_all(&opts.out)
+        .with_context(|| format!("creating {}", opts.out.display()))?;
+    let mut store = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    let mut outcomes = Vec::new();
+    let mut file_spans = Vec::new();
+    let total = opts.scenarios.len();
+    for (i, name) in opts.scenarios.iter().enumerate() {
+        check_interrupted()?;
+        let sc = scenario::build(name, opts.short).with_context(|| {
+            format!("no scenario {name:?}; known: {}", scenario::ALL.join(", "))
+        })?;
+        writeln!(out, "\n== {}/{total} {}: {} ==", i + 1, sc.name, sc.lesson)?;
+        let started = Instant::now();
+        let o = run_one(&sc, &mut store, opts, out)?;
+        write!(out, "{}", table(&o.report))?;
+        for t in &o.trees {
+            write!(out, "{t}")?;
+        }
+        for v in &o.verdict {
+            writeln!(out, "  {v}")?;
+        }
+        writeln!(
+            out,
+            "  verdict: {} ({:.1}s)",
+            if o.passed {
+                "as expected"
+            } else {
+                "UNEXPECTED"
+            },
+            started.elapsed().as_secs_f64()
+        )?;
+        file_spans.extend(keep_for_files(&o.spans, &o.examples));
+        outcomes.push(o);
+    }
+    write_files(&opts.out, &file_spans)?;
+    writeln!(
+        out,
+        "\n{} spans stored, {} of them (at most {TRACES_PER_SCENARIO} traces per scenario) in the trace files:\n  {}\n  {}\nOpen the Jaeger one in any Jaeger UI (for example jaegertracing/all-in-one on \
+         http://localhost:16686): Search -> \"JSON File\" -> choose traces.jaeger.json.",
+        store.spans().len(),
+        file_spans.len(),
+        opts.out.join("spans.otlp.json").display(),
+        opts.out.join("traces.jaeger.json").display()
+    )?;
+    Ok(outcomes)
+}
+
+/// Traces per scenario written to the files: enough to browse, small
+/// enough for the Jaeger UI to open (the flood alone makes 20 000 spans).
+pub const TRACES_PER_SCENARIO: usize = 50;
+
+fn keep_for_files(spans: &[Received], examples: &[String]) -> Vec<Received> {
+    let mut kept: std::collections::HashSet<String> = examples.iter().cloned().collect();
+    let limit = TRACES_PER_SCENARIO + kept.len();
+    spans
+        .iter()
+        .filter(|s| {
+            let t = s.trace_id();
+            kept.contains(&t) || (kept.len() < limit && kept.insert(t))
+        })
+        .cloned()
+        .collect()
+}
+
+fn write_files(dir: &Path, spans: &[Received]) -> anyhow::Result<()> {
+    std::fs::write(dir.join("spans.otlp.json"), files::otlp_json(spans)?)?;
+    std::fs::write(dir.join("traces.jaeger.json"), files::jaeger_json(spans)?)?;
+    Ok(())
+}
+
+/// A value as the `service` and `load` commands take it.
+fn value_name<T: clap::ValueEnum>(v: &T) -> String {
+    v.to_possible_value()
+        .map(|p| p.get_name().to_owned())
+        .unwrap_or_default()
+}

@@ -1,0 +1,267 @@
+//! The scenarios: one per lesson of the seed lab. Each builds its pods and
+//! services, drives traffic, and says what tracegap must find.
+
+use std::time::Duration;
+
+use crate::{
+    load::LoadSpec,
+    service::{Behaviour, Propagator, SamplerSpec, ServiceSpec},
+};
+
+/// The scenario names, in the order they run.
+pub const ALL: [&str; 9] = [
+    "broken-propagation",
+    "fixed",
+    "uninstrumented",
+    "sampling",
+    "formats",
+    "baggage",
+    "collector-down",
+    "slow",
+    "flood",
+];
+
+/// A service in a scenario: its pod is named after it.
+pub struct Svc {
+    pub spec: ServiceSpec,
+    /// Downstream services by pod name, with the path to call.
+    pub calls: Vec<(&'static str, &'static str)>,
+}
+
+/// A traffic source: an instrumented client in its own pod.
+pub struct Load {
+    pub pod: &'static str,
+    /// The service it calls, and the path.
+    pub target: (&'static str, &'static str),
+    pub spec: LoadSpec,
+    /// How many copies run at once.
+    pub parallel: usize,
+}
+
+/// What the report must show.
+pub enum Expect {
+    /// Hops of this kind on this edge.
+    Kind(&'static str, &'static str, &'static str),
+    /// No gap anywhere.
+    NoGaps,
+    /// Baggage carried on this edge.
+    BaggageCarried(&'static str, &'static str),
+    /// A synthetic span of this gap lasting about this long.
+    SpanLasting(&'static str, Duration),
+    /// The trace store was down for a while; export resumed after.
+    ExportRecovered,
+    /// The agent kept up: at least this share of the requests sent were
+    /// classified, and it is still healthy.
+    KeptUp(f64),
+}
+
+pub struct Scenario {
+    pub name: &'static str,
+    /// The seed lesson, in one line.
+    pub lesson: &'static str,
+    pub services: Vec<Svc>,
+    pub loads: Vec<Load>,
+    pub expect: Vec<Expect>,
+    /// Stop the trace store while the loads run, start it after.
+    pub store_down: bool,
+}
+
+fn svc(name: &str, behaviour: Behaviour, calls: &[(&'static str, &'static str)]) -> Svc {
+    Svc {
+        spec: ServiceSpec::new(name, 8080, behaviour),
+        calls: calls.to_vec(),
+    }
+}
+
+fn load(pod: &'static str, target: (&'static str, &'static str), count: u64) -> Load {
+    Load {
+        pod,
+        target,
+        spec: LoadSpec {
+            name: pod.to_owned(),
+            target: String::new(),
+            count,
+            interval: Duration::from_millis(50),
+            propagator: Some(Propagator::W3c),
+            sample_ratio: 1.0,
+            baggage: Vec::new(),
+            otlp: None,
+            max_time: Duration::from_secs(120),
+        },
+        parallel: 1,
+    }
+}
+
+/// Builds a scenario; `short` shrinks counts and delays for the tests.
+pub fn build(name: &str, short: bool) -> Option<Scenario> {
+    let n = |short_n: u64, full_n: u64| if short { short_n } else { full_n };
+    use Behaviour::*;
+    use Expect::*;
+    let s = match name {
+        "broken-propagation" => Scenario {
+            name: "broken-propagation",
+            lesson: "service-b does not propagate trace headers: the trace stops at service-a",
+            services: vec![
+                svc("service-b", DropsHeaders, &[("service-c", "/inventory/42")]),
+                svc("service-c", Instrumented, &[]),
+            ],
+            loads: vec![load("service-a", ("service-b", "/checkout"), n(5, 20))],
+            expect: vec![
+                Kind("service-b", "service-c", "broken_propagation"),
+                Kind("service-a", "service-b", "context_ok"),
+            ],
+            store_down: false,
+        },
+        "fixed" => Scenario {
+            name: "fixed",
+            lesson: "service-b propagates the headers: one complete trace",
+            services: vec![
+                svc("service-b", Instrumented, &[("service-c", "/inventory/42")]),
+                svc("service-c", Instrumented, &[]),
+            ],
+            loads: vec![load("service-a", ("service-b", "/checkout"), n(5, 20))],
+            expect: vec![NoGaps, Kind("service-b", "service-c", "context_ok")],
+            store_down: false,
+        },
+        "uninstrumented" => Scenario {
+            name: "uninstrumented",
+            lesson: "a proxy without instrumentation: Jaeger shows the call to it, nothing inside",
+            services: vec![
+                svc("proxy", PassesThrough, &[("service-c", "/items")]),
+                svc("service-c", Instrumented, &[]),
+            ],
+            loads: vec![load("service-a", ("proxy", "/orders/7"), n(5, 20))],
+            expect: vec![
+                Kind("service-a", "proxy", "passthrough"),
+                Kind("proxy", "service-c", "context_ok"),
+            ],
+            store_down: false,
+        },
+        "sampling" => {
+            let mut a = load("service-a", ("service-b", "/"), n(40, 100));
+            a.spec.sample_ratio = 0.1;
+            a.spec.interval = Duration::from_millis(10);
+            let mut x = load("service-x", ("service-s", "/"), n(5, 20));
+            x.spec.interval = Duration::from_millis(20);
+            let mut s = svc("service-s", Instrumented, &[("service-c", "/")]);
+            s.spec.sampler = SamplerSpec::AlwaysOff;
+            Scenario {
+                name: "sampling",
+                lesson: "service-a samples 10%; service-s's sampler ignores its parent",
+                services: vec![
+                    svc("service-b", Instrumented, &[("service-c", "/")]),
+                    s,
+                    svc("service-c", Instrumented, &[]),
+                ],
+                loads: vec![a, x],
+                expect: vec![
+                    Kind("service-a", "service-b", "unsampled"),
+                    Kind("service-b", "service-c", "unsampled"),
+                    Kind("service-s", "service-c", "sampling_inconsistent"),
+                ],
+                store_down: false,
+            }
+        }
+        "formats" => {
+            let mut b3 = load("b3-client", ("service-w", "/"), n(3, 10));
+            b3.spec.propagator = Some(Propagator::B3);
+            let mut jaeger = load("jaeger-client", ("service-w", "/"), n(3, 10));
+            jaeger.spec.propagator = Some(Propagator::Jaeger);
+            Scenario {
+                name: "formats",
+                lesson: "W3C, B3 and Jaeger callers of a W3C-only service",
+                services: vec![
+                    svc("service-w", Instrumented, &[("service-c", "/")]),
+                    svc("service-c", Instrumented, &[]),
+                ],
+                loads: vec![load("w3c-client", ("service-w", "/"), n(3, 10)), b3, jaeger],
+                expect: vec![
+                    Kind("b3-client", "service-w", "context_ok"),
+                    Kind("jaeger-client", "service-w", "context_ok"),
+                    Kind("service-w", "service-c", "format_mismatch"),
+                    Kind("service-w", "service-c", "context_ok"),
+                ],
+                store_down: false,
+            }
+        }
+        "baggage" => {
+            let mut a = load("service-a", ("service-b", "/"), n(3, 10));
+            a.spec.baggage = vec![("user-id".into(), "12345".into())];
+            let mut bare = load("baggage-client", ("service-d", "/"), n(3, 10));
+            bare.spec.propagator = None;
+            bare.spec.baggage = vec![
+                ("user-id".into(), "12345".into()),
+                ("session-id".into(), "abc".into()),
+            ];
+            Scenario {
+                name: "baggage",
+                lesson: "baggage rides along with trace context, and without it",
+                services: vec![
+                    svc("service-b", Instrumented, &[("service-c", "/")]),
+                    svc("service-c", Instrumented, &[]),
+                    svc("service-d", DropsHeaders, &[]),
+                ],
+                loads: vec![a, bare],
+                expect: vec![
+                    BaggageCarried("service-b", "service-c"),
+                    Kind("baggage-client", "service-d", "missing_context"),
+                ],
+                store_down: false,
+            }
+        }
+        "collector-down" => {
+            let mut a = load("service-a", ("service-b", "/"), n(150, 600));
+            a.spec.interval = Duration::ZERO;
+            Scenario {
+                name: "collector-down",
+                lesson: "the trace store is down under load: drops are counted, export recovers",
+                services: vec![
+                    svc("service-b", DropsHeaders, &[("service-c", "/")]),
+                    svc("service-c", Instrumented, &[]),
+                ],
+                loads: vec![a],
+                expect: vec![
+                    Kind("service-b", "service-c", "broken_propagation"),
+                    ExportRecovered,
+                ],
+                store_down: true,
+            }
+        }
+        "slow" => {
+            let delay = if short {
+                Duration::from_secs(2)
+            } else {
+                Duration::from_secs(30)
+            };
+            let mut s = svc("slow-service", DropsHeaders, &[]);
+            s.spec.delay = delay;
+            let mut c = load("client", ("slow-service", "/report"), 1);
+            c.spec.propagator = None;
+            Scenario {
+                name: "slow",
+                lesson: "a slow request is one long span, not a gap in time",
+                services: vec![s],
+                loads: vec![c],
+                expect: vec![SpanLasting("missing_context", delay)],
+                store_down: false,
+            }
+        }
+        "flood" => {
+            let mut f = load("flood", ("service-c", "/"), n(250, 2500));
+            f.spec.interval = Duration::ZERO;
+            f.spec.propagator = None;
+            f.spec.max_time = Duration::from_secs(60);
+            f.parallel = 4;
+            Scenario {
+                name: "flood",
+                lesson: "a bounded flood: back-pressure shows in the metrics, nothing crashes",
+                services: vec![svc("service-c", DropsHeaders, &[])],
+                loads: vec![f],
+                expect: vec![KeptUp(0.95)],
+                store_down: false,
+            }
+        }
+        _ => return None,
+    };
+    Some(s)
+}

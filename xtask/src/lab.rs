@@ -1,0 +1,45 @@
+//! `cargo xtask lab`: the main job. Sets up what is missing, builds the lab
+//! (with the agent and its eBPF programs inside), and runs the scenarios as
+//! root. Ctrl-C reaches the lab too, which then removes what it made.
+
+use anyhow::bail;
+
+use crate::{setup, toolchain};
+
+#[derive(Debug, clap::Args)]
+pub struct LabArgs {
+    /// Scenario to run (repeat); all nine when none is given:
+    /// broken-propagation, fixed, uninstrumented, sampling, formats,
+    /// baggage, collector-down, slow, flood.
+    #[arg(long = "scenario")]
+    scenarios: Vec<String>,
+    /// Short counts and delays (a 2 s slow request instead of 30 s).
+    #[arg(long)]
+    short: bool,
+    /// Where the trace files go.
+    #[arg(long, default_value = "target/lab")]
+    out: String,
+}
+
+pub fn run(args: &LabArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!(
+            "the lab creates network namespaces and loads eBPF programs: run it as root \
+             (sudo -E cargo xtask lab)"
+        );
+    }
+    let route = setup::ensure(true)?;
+    toolchain::run(toolchain::cargo(&route).args(["build", "--package", "tracegap-lab"]))?;
+    let bin = toolchain::workspace_root().join("target/debug/tracegap-lab");
+    let mut cmd = std::process::Command::new(bin);
+    cmd.current_dir(toolchain::workspace_root())
+        .args(["run", "--out", &args.out]);
+    for s in &args.scenarios {
+        cmd.args(["--scenario", s]);
+    }
+    if args.short {
+        cmd.arg("--short");
+    }
+    toolchain::run(&mut cmd)
+}
