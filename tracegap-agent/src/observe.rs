@@ -1,7 +1,7 @@
 //! `tracegap observe`: watch HTTP messages on the wire, one line each:
 //! time, flow, method, path, status, context format, trace id, sampled.
 
-use std::{io::Write as _, time::Duration};
+use std::{io::Write, time::Duration};
 
 use anyhow::Context as _;
 
@@ -90,9 +90,25 @@ pub fn format_line(clock: &WallClock, m: &Message, request: Option<&Message>) ->
 }
 
 pub async fn run(args: ObserveArgs) -> anyhow::Result<()> {
+    let stop = async {
+        match shutdown::signal_received().await {
+            Ok(sig) => tracing::info!(signal = sig, "stopping"),
+            Err(e) => tracing::error!(error = %e, "cannot wait for signals; stopping"),
+        }
+    };
+    run_with(&args, &mut std::io::stdout(), stop).await
+}
+
+/// [`run`] writing to `out` and stopping when `stop` completes (or after
+/// `--count` lines).
+pub async fn run_with(
+    args: &ObserveArgs,
+    out: &mut (dyn Write + Send),
+    stop: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     let mut observer = Observer::load().context("loading the eBPF programs")?;
     let result = match Interfaces::start(&mut observer, args.interfaces.selection()).await {
-        Ok(interfaces) => watch(&mut observer, interfaces, &args).await,
+        Ok(interfaces) => watch(&mut observer, interfaces, args, out, stop).await,
         Err(e) => Err(e.into()),
     };
     // Detach before reporting any error, so nothing stays attached.
@@ -104,9 +120,10 @@ async fn watch(
     observer: &mut Observer,
     mut interfaces: Interfaces,
     args: &ObserveArgs,
+    out: &mut (dyn Write + Send),
+    stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let mut stream = EventStream::new(observer.take_events()?)?;
-    let stop = shutdown::signal_received();
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let clock = WallClock::new();
@@ -115,10 +132,7 @@ async fn watch(
     let mut printed = 0u64;
     loop {
         tokio::select! {
-            sig = &mut stop => {
-                tracing::info!(signal = sig?, "stopping");
-                return Ok(());
-            }
+            () = &mut stop => return Ok(()),
             n = stream.next_batch(&mut events) => {
                 n?;
                 for e in events.drain(..) {
@@ -136,7 +150,6 @@ async fn watch(
                 }
             }
         }
-        let mut out = std::io::stdout().lock();
         for m in messages.drain(..) {
             let line = if m.is_request() {
                 let line = format_line(&clock, &m, None);
