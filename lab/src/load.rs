@@ -10,14 +10,10 @@ use opentelemetry::{
     baggage::BaggageExt as _,
     trace::{SpanKind, TraceContextExt as _, Tracer as _, TracerProvider as _},
 };
-use opentelemetry_otlp::{WithExportConfig as _, WithHttpConfig as _};
-use opentelemetry_sdk::{
-    Resource,
-    trace::{Sampler, SdkTracerProvider},
-};
+use opentelemetry_sdk::trace::Sampler;
 use serde::{Deserialize, Serialize};
 
-use crate::service::{Propagator, call, path_of};
+use crate::service::{Propagator, call, path_of, tracer_provider};
 
 /// What to send.
 #[derive(Clone, Debug)]
@@ -53,37 +49,13 @@ pub struct LoadSummary {
     pub traces_sampled: Vec<bool>,
 }
 
-fn provider(spec: &LoadSpec) -> SdkTracerProvider {
-    let sampler = Sampler::TraceIdRatioBased(spec.sample_ratio);
-    let mut b = SdkTracerProvider::builder()
-        .with_sampler(sampler)
-        .with_resource(
-            Resource::builder_empty()
-                .with_attributes([KeyValue::new("service.name", spec.name.clone())])
-                .build(),
-        );
-    if let Some(otlp) = &spec.otlp
-        && let Ok(client) = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(3))
-            .build()
-        && let Ok(exporter) = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_http_client(client)
-            // Fail fast when the store is down: a demo service must not
-            // stall its requests on its own telemetry.
-            .with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled())
-            .with_endpoint(format!("{}/v1/traces", otlp.trim_end_matches('/')))
-            .with_timeout(Duration::from_secs(3))
-            .build()
-    {
-        b = b.with_simple_exporter(exporter);
-    }
-    b.build()
-}
-
 /// Sends the requests, one after the other.
 pub fn run(spec: &LoadSpec) -> LoadSummary {
-    let provider = provider(spec);
+    let provider = tracer_provider(
+        &spec.name,
+        Sampler::TraceIdRatioBased(spec.sample_ratio),
+        spec.otlp.as_deref(),
+    );
     let tracer = provider.tracer("tracegap-lab-load");
     let mut summary = LoadSummary::default();
     let started = Instant::now();

@@ -137,6 +137,28 @@ impl Node {
         ip(&["netns", "del", &pod.netns])
     }
 
+    /// Each pod's identity as the agent should know it: service = pod
+    /// name, in Kubernetes namespace `namespace`, pod `<name>-0`.
+    pub fn identities(
+        &self,
+        namespace: &str,
+    ) -> Vec<(IpAddr, tracegap_agent::gap::span::Identity)> {
+        self.pods
+            .iter()
+            .map(|p| {
+                (
+                    IpAddr::V4(p.ipv4),
+                    tracegap_agent::gap::span::Identity {
+                        service: p.name.clone(),
+                        namespace: Some(namespace.to_owned()),
+                        pod: Some(format!("{}-0", p.name)),
+                        node: None,
+                    },
+                )
+            })
+            .collect()
+    }
+
     /// The node's address on its pod network (on the bridge).
     pub fn gateway(&self) -> Ipv4Addr {
         Ipv4Addr::new(10, 209, self.subnet, 1)

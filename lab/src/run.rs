@@ -17,7 +17,7 @@ use anyhow::{Context as _, bail};
 use tracegap_agent::{
     agent::AgentConfig,
     export::{ExportConfig, OtlpProtocol},
-    gap::span::{ExportMode, Identity},
+    gap::span::ExportMode,
     interfaces::Selection,
     report::{Report, table},
 };
@@ -210,27 +210,10 @@ impl Ctx<'_> {
     }
 }
 
-fn identities(node: &Node) -> Vec<(IpAddr, Identity)> {
-    node.pods
-        .iter()
-        .map(|p| {
-            (
-                IpAddr::V4(p.ipv4),
-                Identity {
-                    service: p.name.clone(),
-                    namespace: Some("lab".into()),
-                    pod: Some(format!("{}-0", p.name)),
-                    node: None,
-                },
-            )
-        })
-        .collect()
-}
-
 /// The names file the standalone agent would read for this node.
 fn names_file(node: &Node) -> String {
     let mut s = String::from("# IP SERVICE NAMESPACE/POD\n");
-    for (ip, id) in identities(node) {
+    for (ip, id) in node.identities("lab") {
         s.push_str(&format!(
             "{ip} {} {}/{}\n",
             id.service,
@@ -380,7 +363,7 @@ pub fn run_one(
         },
         export_mode: ExportMode::Gaps,
         export_unsampled: false,
-        services: identities(&node),
+        services: node.identities("lab"),
         response_timeout: Duration::from_secs(60),
     })?;
     let mut ctx = Ctx {

@@ -266,37 +266,46 @@ const TRACE_HEADERS: [&str; 8] = [
     "x-b3-sampled",
 ];
 
-impl ServiceSpec {
-    fn provider(&self) -> Option<SdkTracerProvider> {
-        let otlp = self.otlp.as_ref()?;
-        // A blocking client: the demo has no async runtime, and the client's
-        // own thread, started here, lives in the pod's namespace.
-        let client = reqwest::blocking::Client::builder()
+/// An SDK tracer provider for a lab program named `service`, exporting
+/// each span as it ends over OTLP/HTTP to `otlp` (no export without it).
+/// Build it in the thread whose network namespace the exports should use:
+/// the blocking HTTP client starts its own thread here.
+pub fn tracer_provider(service: &str, sampler: Sampler, otlp: Option<&str>) -> SdkTracerProvider {
+    let mut b = SdkTracerProvider::builder()
+        .with_sampler(sampler)
+        .with_resource(
+            Resource::builder_empty()
+                .with_attributes([KeyValue::new("service.name", service.to_owned())])
+                .build(),
+        );
+    if let Some(otlp) = otlp
+        && let Ok(client) = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(3))
             .build()
-            .ok()?;
-        let exporter = opentelemetry_otlp::SpanExporter::builder()
+        && let Ok(exporter) = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_http_client(client)
-            // Fail fast when the store is down: a demo service must not
+            // Fail fast when the store is down: a lab program must not
             // stall its requests on its own telemetry.
             .with_retry_policy(opentelemetry_otlp::RetryPolicy::disabled())
             .with_endpoint(format!("{}/v1/traces", otlp.trim_end_matches('/')))
             .with_timeout(Duration::from_secs(3))
             .build()
-            .ok()?;
-        Some(
-            SdkTracerProvider::builder()
-                .with_sampler(self.sampler.sampler())
-                // Exports as each span ends: the test sees spans at once.
-                .with_simple_exporter(exporter)
-                .with_resource(
-                    Resource::builder_empty()
-                        .with_attributes([KeyValue::new("service.name", self.name.clone())])
-                        .build(),
-                )
-                .build(),
-        )
+    {
+        // Exports as each span ends: the store sees spans at once.
+        b = b.with_simple_exporter(exporter);
+    }
+    b.build()
+}
+
+impl ServiceSpec {
+    fn provider(&self) -> Option<SdkTracerProvider> {
+        let otlp = self.otlp.as_deref()?;
+        Some(tracer_provider(
+            &self.name,
+            self.sampler.sampler(),
+            Some(otlp),
+        ))
     }
 
     fn instrumented(&self) -> bool {

@@ -13,7 +13,7 @@ use std::{
 use tracegap_agent::{
     agent::AgentConfig,
     export::{ExportConfig, OtlpProtocol},
-    gap::span::{ExportMode, Identity},
+    gap::span::ExportMode,
     interfaces::Selection,
     report::Report,
 };
@@ -54,21 +54,7 @@ fn config(node: &Node, receiver: &Receiver, export: ExportConfig) -> AgentConfig
         },
         export_mode: ExportMode::Gaps,
         export_unsampled: false,
-        services: node
-            .pods
-            .iter()
-            .map(|p| {
-                (
-                    IpAddr::V4(p.ipv4),
-                    Identity {
-                        service: p.name.clone(),
-                        namespace: Some("lab".into()),
-                        pod: Some(format!("{}-0", p.name)),
-                        node: None,
-                    },
-                )
-            })
-            .collect(),
+        services: node.identities("lab"),
         response_timeout: Duration::from_secs(30),
     }
 }
@@ -557,24 +543,37 @@ fn export_survives_a_collector_outage_with_bounded_memory() -> anyhow::Result<()
             .map(|i| format!("GET /{prefix}/{i} HTTP/1.1\r\nHost: c\r\n\r\n").into_bytes())
             .collect()
     };
+    let wait_for = |what: &str, cond: &dyn Fn() -> anyhow::Result<bool>| -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while !cond()? {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{what}: {}",
+                agent.get("/metrics")?.1
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    };
+    // Down: connections are refused; every failed batch is counted and
+    // dropped after its attempts.
     receiver.stop();
     node.pod("client")
-        .exchange(to, requests("during", 200), Duration::ZERO)?;
-    // Every hop is seen; spans beyond what the queue holds are dropped.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while agent.metric("tracegap_spans_dropped_total{reason=\"queue_full\"}")? == 0.0 {
-        anyhow::ensure!(std::time::Instant::now() < deadline, "nothing was dropped");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        .exchange(to, requests("down", 50), Duration::ZERO)?;
+    wait_for("failed exports are counted and dropped", &|| {
+        Ok(agent.metric("tracegap_export_errors_total")? > 0.0
+            && agent.metric("tracegap_spans_dropped_total{reason=\"export_failed\"}")? > 0.0)
+    })?;
+    // Slow: a collector that accepts and never answers. Each export waits
+    // for its timeout; the queue fills and what does not fit is dropped.
+    let black_hole = std::net::TcpListener::bind(receiver.grpc)?;
+    node.pod("client")
+        .exchange(to, requests("slow", 200), Duration::ZERO)?;
+    wait_for("a full queue drops spans", &|| {
+        Ok(agent.metric("tracegap_spans_dropped_total{reason=\"queue_full\"}")? > 0.0)
+    })?;
     assert!(agent.metric("tracegap_export_queue_spans")? <= queue as f64);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while agent.metric("tracegap_export_errors_total")? == 0.0 {
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "no export error counted"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    drop(black_hole);
     // The collector comes back: the backlog drains (exported, or dropped
     // once its attempts are spent), and new gaps are exported again.
     receiver.resume()?;
