@@ -132,7 +132,14 @@ fn main() -> anyhow::Result<()> {
                 out,
                 lab_bin: std::env::current_exe().context("locating tracegap-lab")?,
             };
-            let outcomes = run(&opts, &mut std::io::stdout())?;
+            let outcomes = match run(&opts, &mut std::io::stdout()) {
+                Ok(o) => o,
+                Err(_) if INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) => {
+                    eprintln!("interrupted: what the lab created has been removed");
+                    std::process::exit(130);
+                }
+                Err(e) => return Err(e),
+            };
             let failed: Vec<_> = outcomes
                 .iter()
                 .filter(|o| !o.passed)

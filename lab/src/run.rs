@@ -159,9 +159,29 @@ impl Ctx<'_> {
                     .with_context(|| format!("spawning {cmd:?}"))
             })
             .collect::<Result<_, _>>()?;
+        // Progress on stderr for long loads (the slow request, the flood).
+        let done = std::sync::Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let (done, pod, started) = (done.clone(), l.pod.to_owned(), Instant::now());
+            std::thread::spawn(move || {
+                let mut next = Duration::from_secs(5);
+                while !done.load(Ordering::Relaxed) {
+                    if started.elapsed() >= next {
+                        eprintln!("  ... {pod} still sending, {}s", next.as_secs());
+                        next += Duration::from_secs(5);
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            })
+        };
         let mut total = LoadSummary::default();
-        for c in children {
-            let out = c.wait_with_output()?;
+        let waited = children
+            .into_iter()
+            .map(|c| c.wait_with_output())
+            .collect::<Result<Vec<_>, _>>();
+        done.store(true, Ordering::Relaxed);
+        let _ = ticker.join();
+        for out in waited? {
             let s: LoadSummary = serde_json::from_slice(&out.stdout)
                 .with_context(|| format!("reading the load summary of {}", l.pod))?;
             total.sent += s.sent;
@@ -172,6 +192,22 @@ impl Ctx<'_> {
             total.traces_sampled.extend(s.traces_sampled);
         }
         Ok(total)
+    }
+
+    /// Spans a service could not export (its `/_lab/stats`).
+    fn export_failed(&self, pod: &str) -> anyhow::Result<u64> {
+        use std::io::{Read as _, Write as _};
+        let addr = SocketAddr::from((self.node.pod(pod).ipv4, 8080));
+        let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(2)))?;
+        c.write_all(b"GET /_lab/stats HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")?;
+        let mut raw = String::new();
+        c.read_to_string(&mut raw)?;
+        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value = serde_json::from_str(body)?;
+        v["export_failed"]
+            .as_u64()
+            .context("no export_failed in /_lab/stats")
     }
 
     fn report(&self) -> anyhow::Result<Report> {
@@ -346,10 +382,12 @@ pub fn run_one(
     pods.extend(sc.loads.iter().map(|l| l.pod));
     let pods: Vec<&str> = pods.into_iter().collect();
     let node = Node::new(&pods)?;
-    std::fs::write(
-        opts.out.join(format!("{}.names", sc.name)),
-        names_file(&node),
-    )?;
+    // The standalone agent's identities come from a names file, as with
+    // `tracegap run --names-file`.
+    let names = opts.out.join(format!("{}.names", sc.name));
+    std::fs::write(&names, names_file(&node))?;
+    let services = tracegap_agent::identity::parse_names_file(&std::fs::read_to_string(&names)?)
+        .with_context(|| format!("reading {}", names.display()))?;
     let agent = Agent::start(AgentConfig {
         interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
@@ -363,7 +401,7 @@ pub fn run_one(
         },
         export_mode: ExportMode::Gaps,
         export_unsampled: false,
-        services: node.identities("lab"),
+        services,
         response_timeout: Duration::from_secs(60),
     })?;
     let mut ctx = Ctx {
@@ -473,6 +511,18 @@ pub fn run_one(
         spans,
     };
     ctx.agent.stop_now()?;
+    let mut outcome = outcome;
+    if sc.store_down {
+        // Asked after the agent stopped, so the question is not a hop.
+        let lost: u64 = sc
+            .services
+            .iter()
+            .filter_map(|s| ctx.export_failed(&s.spec.name).ok())
+            .sum();
+        outcome.verdict.push(format!(
+            "info the services could not export {lost} of their own spans while the store was down"
+        ));
+    }
     drop(ctx);
     Ok(outcome)
 }

@@ -266,6 +266,38 @@ const TRACE_HEADERS: [&str; 8] = [
     "x-b3-sampled",
 ];
 
+/// Spans a lab program could not export (the store down): the lab reads it
+/// at `/_lab/stats` to show what the services themselves lost.
+pub static EXPORT_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Counts what the wrapped exporter fails to deliver.
+#[derive(Debug)]
+struct Counting<E>(E);
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for Counting<E>
+{
+    async fn export(
+        &self,
+        batch: Vec<opentelemetry_sdk::trace::SpanData>,
+    ) -> opentelemetry_sdk::error::OTelSdkResult {
+        let n = batch.len() as u64;
+        let r = self.0.export(batch).await;
+        if r.is_err() {
+            EXPORT_FAILED.fetch_add(n, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.0.shutdown_with_timeout(timeout)
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource);
+    }
+}
+
 /// An SDK tracer provider for a lab program named `service`, exporting
 /// each span as it ends over OTLP/HTTP to `otlp` (no export without it).
 /// Build it in the thread whose network namespace the exports should use:
@@ -293,7 +325,7 @@ pub fn tracer_provider(service: &str, sampler: Sampler, otlp: Option<&str>) -> S
             .build()
     {
         // Exports as each span ends: the store sees spans at once.
-        b = b.with_simple_exporter(exporter);
+        b = b.with_simple_exporter(Counting(exporter));
     }
     b.build()
 }
@@ -423,6 +455,18 @@ fn serve(
     while let Some(head) = read_head(&mut conn, &mut buf, stop) {
         let headers = header_map(&head);
         let target = head.split(' ').nth(1).unwrap_or("/").to_owned();
+        if target == "/_lab/stats" {
+            let body = format!(
+                "{{\"export_failed\":{}}}",
+                EXPORT_FAILED.load(Ordering::Relaxed)
+            );
+            let resp = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = conn.write_all(resp.as_bytes());
+            return;
+        }
         let parent = spec.propagator.extract(&headers);
         let tracer = provider.map(|p| p.tracer("tracegap-demo"));
         let server_cx = tracer.as_ref().map(|t| {
