@@ -70,10 +70,16 @@ pub struct Observer {
 impl Observer {
     /// Loads the embedded programs into the kernel, without attaching them.
     pub fn load() -> Result<Self, Error> {
-        if OBJECT.is_empty() {
+        Self::load_object(OBJECT)
+    }
+
+    /// Loads programs from another object with the same program names:
+    /// how the tests make the kernel refuse a program on purpose.
+    pub fn load_object(object: &[u8]) -> Result<Self, Error> {
+        if object.is_empty() {
             return Err(Error::NoObject);
         }
-        let mut ebpf = EbpfLoader::new().load(OBJECT).map_err(Box::new)?;
+        let mut ebpf = EbpfLoader::new().load(object).map_err(Box::new)?;
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
