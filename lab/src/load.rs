@@ -21,6 +21,7 @@ pub struct LoadSpec {
     /// The client's service name (its spans' `service.name`).
     pub name: String,
     pub target: String,
+    /// 0: until stopped.
     pub count: u64,
     /// Pause between requests.
     pub interval: Duration,
@@ -32,7 +33,7 @@ pub struct LoadSpec {
     pub baggage: Vec<(String, String)>,
     /// OTLP/HTTP base endpoint for the client's own spans.
     pub otlp: Option<String>,
-    /// Stop early after this long, whatever the count.
+    /// Stop early after this long, whatever the count (zero: no limit).
     pub max_time: Duration,
 }
 
@@ -59,11 +60,16 @@ pub fn run(spec: &LoadSpec) -> LoadSummary {
     let tracer = provider.tracer("tracegap-lab-load");
     let mut summary = LoadSummary::default();
     let started = Instant::now();
-    for i in 0..spec.count {
+    let count = if spec.count == 0 {
+        u64::MAX
+    } else {
+        spec.count
+    };
+    for i in 0..count {
         if i > 0 {
             std::thread::sleep(spec.interval);
         }
-        if started.elapsed() >= spec.max_time {
+        if !spec.max_time.is_zero() && started.elapsed() >= spec.max_time {
             break;
         }
         let mut headers = Vec::new();

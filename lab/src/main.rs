@@ -73,6 +73,7 @@ enum Cmd {
         name: String,
         #[arg(long)]
         target: String,
+        /// Requests to send (0: until stopped).
         #[arg(long, default_value_t = 10)]
         count: u64,
         #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
@@ -89,6 +90,7 @@ enum Cmd {
         baggage: Vec<String>,
         #[arg(long)]
         otlp: Option<String>,
+        /// Stop after this long (0s: no limit).
         #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
         max_time: Duration,
     },

@@ -542,9 +542,10 @@ pub fn call(url: &str, headers: &[(String, String)]) -> std::io::Result<u16> {
     let rest = url.strip_prefix("http://").unwrap_or(url);
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
-    let addr: SocketAddr = authority
-        .parse()
-        .map_err(|_| std::io::Error::new(ErrorKind::InvalidInput, "not ip:port"))?;
+    // A name (a Kubernetes Service) or an address.
+    let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?
+        .next()
+        .ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "no address"))?;
     let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     c.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");

@@ -94,7 +94,12 @@ fn instructions() -> String {
 pub fn ensure(install: bool) -> anyhow::Result<Route> {
     let can_install = install && is_root() && is_debian_like();
     if can_install {
-        let missing = missing_packages(RUNTIME_PACKAGES);
+        let mut missing = missing_packages(RUNTIME_PACKAGES);
+        // The manifest tests render deploy/ with `kubectl kustomize`; any
+        // kubectl will do, Debian's otherwise.
+        if crate::toolchain::installed_binary("kubectl").is_none() {
+            missing.push("kubernetes-client".to_owned());
+        }
         apt_install(&missing)?;
     }
     let found = Found::probe();

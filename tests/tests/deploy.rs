@@ -1,0 +1,205 @@
+//! Every manifest in deploy/, rendered by `kubectl kustomize` and read into
+//! its k8s-openapi type. Reading back what the type kept and comparing it
+//! with what was written catches misspelt and misplaced fields, which a
+//! plain deserialisation would ignore.
+
+use std::{path::Path, process::Command};
+
+use k8s_openapi::{
+    api::{
+        apps::v1::{DaemonSet, Deployment},
+        core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    },
+    serde::{Serialize, de::DeserializeOwned},
+};
+use serde_json::Value;
+
+fn render(dir: &str) -> anyhow::Result<Vec<Value>> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy")
+        .join(dir);
+    let out = tracegap_tests::run(Command::new("kubectl").arg("kustomize").arg(&path))?;
+    let text = String::from_utf8(out.stdout)?;
+    let mut docs = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let v: Value = serde_yaml::with::singleton_map_recursive::deserialize(doc)?;
+        if !v.is_null() {
+            docs.push(v);
+        }
+    }
+    Ok(docs)
+}
+
+/// Removes what serialisation adds or drops without meaning: nulls, and
+/// empty maps and lists.
+fn normalise(v: &mut Value) {
+    match v {
+        Value::Object(m) => {
+            m.values_mut().for_each(normalise);
+            m.retain(|_, v| {
+                !(v.is_null()
+                    || v.as_object().is_some_and(|o| o.is_empty())
+                    || v.as_array().is_some_and(|a| a.is_empty()))
+            });
+        }
+        Value::Array(a) => a.iter_mut().for_each(normalise),
+        _ => {}
+    }
+}
+
+fn typed<T: DeserializeOwned + Serialize>(doc: &Value) -> anyhow::Result<T> {
+    let t: T = serde_json::from_value(doc.clone())?;
+    let mut back = serde_json::to_value(&t)?;
+    let mut orig = doc.clone();
+    normalise(&mut back);
+    normalise(&mut orig);
+    anyhow::ensure!(
+        back == orig,
+        "fields the type does not know (typo or wrong place):\nwritten: {orig:#}\nkept:    {back:#}"
+    );
+    Ok(t)
+}
+
+fn check_all(docs: &[Value]) -> anyhow::Result<Vec<String>> {
+    let mut kinds = Vec::new();
+    for d in docs {
+        let kind = d["kind"].as_str().unwrap_or_default().to_owned();
+        let name = d["metadata"]["name"].as_str().unwrap_or_default();
+        let r = match kind.as_str() {
+            "Namespace" => typed::<Namespace>(d).map(drop),
+            "ServiceAccount" => typed::<ServiceAccount>(d).map(drop),
+            "ClusterRole" => typed::<ClusterRole>(d).map(drop),
+            "ClusterRoleBinding" => typed::<ClusterRoleBinding>(d).map(drop),
+            "ConfigMap" => typed::<ConfigMap>(d).map(drop),
+            "DaemonSet" => typed::<DaemonSet>(d).map(drop),
+            "Deployment" => typed::<Deployment>(d).map(drop),
+            "Service" => typed::<Service>(d).map(drop),
+            other => Err(anyhow::anyhow!("no check for kind {other}")),
+        };
+        r.map_err(|e| e.context(format!("{kind} {name}")))?;
+        // Every object carries the recommended labels.
+        let labels = &d["metadata"]["labels"];
+        anyhow::ensure!(
+            labels["app.kubernetes.io/part-of"].is_string(),
+            "{kind} {name} has no app.kubernetes.io/part-of label"
+        );
+        kinds.push(kind);
+    }
+    Ok(kinds)
+}
+
+fn kubectl() -> bool {
+    if Command::new("kubectl")
+        .arg("version")
+        .arg("--client")
+        .output()
+        .is_err()
+    {
+        // `cargo xtask setup` installs Debian's kubernetes-client.
+        eprintln!("SKIPPED manifest tests: no kubectl (run cargo xtask setup)");
+        return false;
+    }
+    true
+}
+
+#[test]
+fn every_manifest_renders_and_reads_into_its_kubernetes_type() -> anyhow::Result<()> {
+    if !kubectl() {
+        return Ok(());
+    }
+    let base = check_all(&render("base")?)?;
+    for k in [
+        "Namespace",
+        "ServiceAccount",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "DaemonSet",
+        "Service",
+    ] {
+        assert!(base.iter().any(|b| b == k), "base has no {k}: {base:?}");
+    }
+    let jaeger = check_all(&render("jaeger")?)?;
+    assert!(jaeger.iter().any(|k| k == "Deployment"));
+    let lab = check_all(&render("lab")?)?;
+    assert_eq!(lab.iter().filter(|k| *k == "Deployment").count(), 3);
+    Ok(())
+}
+
+#[test]
+fn the_daemonset_runs_with_least_privilege() -> anyhow::Result<()> {
+    if !kubectl() {
+        return Ok(());
+    }
+    let docs = render("base")?;
+    let ds: DaemonSet = docs
+        .iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .map(typed)
+        .expect("a DaemonSet")?;
+    let pod = ds.spec.template.spec.expect("pod spec");
+    assert_eq!(pod.host_network, Some(true));
+    assert_eq!(pod.service_account_name.as_deref(), Some("tracegap"));
+    assert!(
+        pod.tolerations
+            .unwrap_or_default()
+            .iter()
+            .any(|t| t.operator.as_deref() == Some("Exists") && t.key.is_none()),
+        "tolerates every taint, so it runs on every node"
+    );
+    let [c] = pod.containers.as_slice() else {
+        panic!("one container");
+    };
+    let sc = c.security_context.clone().expect("securityContext");
+    assert_ne!(sc.privileged, Some(true));
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    let caps = sc.capabilities.expect("capabilities");
+    assert_eq!(caps.drop.unwrap_or_default(), ["ALL"]);
+    let mut add = caps.add.unwrap_or_default();
+    add.sort();
+    assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+    let node_name = c
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .find(|e| e.name == "NODE_NAME")
+        .and_then(|e| e.value_from?.field_ref)
+        .map(|f| f.field_path);
+    assert_eq!(node_name.as_deref(), Some("spec.nodeName"));
+    let probe_path = |p: Option<k8s_openapi::api::core::v1::Probe>| {
+        p.and_then(|p| p.http_get).and_then(|h| h.path)
+    };
+    assert_eq!(
+        probe_path(c.liveness_probe.clone()).as_deref(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        probe_path(c.readiness_probe.clone()).as_deref(),
+        Some("/readyz")
+    );
+    let res = c.resources.clone().expect("resources");
+    assert!(res.requests.is_some_and(|r| r.contains_key("memory")));
+    assert!(res.limits.is_some_and(|r| r.contains_key("memory")));
+    let mounts = c.volume_mounts.clone().unwrap_or_default();
+    assert!(mounts.iter().any(|m| m.mount_path == "/sys/fs/bpf"));
+    // RBAC: read-only, pods/services/replicasets only.
+    let role: ClusterRole = docs
+        .iter()
+        .find(|d| d["kind"] == "ClusterRole")
+        .map(typed)
+        .expect("a ClusterRole")?;
+    for rule in role.rules.unwrap_or_default() {
+        let mut verbs = rule.verbs.clone();
+        verbs.sort();
+        assert_eq!(verbs, ["get", "list", "watch"], "{rule:?}");
+        for r in rule.resources.unwrap_or_default() {
+            assert!(
+                ["pods", "services", "replicasets"].contains(&r.as_str()),
+                "{r}"
+            );
+        }
+    }
+    Ok(())
+}
