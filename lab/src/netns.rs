@@ -152,7 +152,7 @@ impl Node {
                         service: p.name.clone(),
                         namespace: Some(namespace.to_owned()),
                         pod: Some(format!("{}-0", p.name)),
-                        node: None,
+                        ..Default::default()
                     },
                 )
             })

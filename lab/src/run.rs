@@ -247,14 +247,19 @@ impl Ctx<'_> {
 }
 
 /// The names file the standalone agent would read for this node.
-fn names_file(node: &Node) -> String {
-    let mut s = String::from("# IP SERVICE NAMESPACE/POD\n");
+fn names_file(node: &Node, sc: &Scenario) -> String {
+    let mut s = String::from("# IP SERVICE NAMESPACE/POD [instrumented=BOOL]\n");
     for (ip, id) in node.identities("lab") {
+        let declared = sc
+            .services
+            .iter()
+            .any(|v| v.known_uninstrumented && v.spec.name == id.service);
         s.push_str(&format!(
-            "{ip} {} {}/{}\n",
+            "{ip} {} {}/{}{}\n",
             id.service,
             id.namespace.unwrap_or_default(),
-            id.pod.unwrap_or_default()
+            id.pod.unwrap_or_default(),
+            if declared { " instrumented=false" } else { "" }
         ));
     }
     s
@@ -278,6 +283,10 @@ fn explain(kind: &str, src: &str, dst: &str) -> String {
              the parent, the trace will be torn at {dst}"
         ),
         "malformed_context" => format!("{src} sends an invalid trace context to {dst}"),
+        "uninstrumented" => format!(
+            "{dst} is not instrumented: the trace shows the call to it and nothing inside; \
+             tracegap added its span"
+        ),
         "format_mismatch" => format!(
             "{src} did not understand its caller's context format and started new traces \
              towards {dst}"
@@ -385,7 +394,7 @@ pub fn run_one(
     // The standalone agent's identities come from a names file, as with
     // `tracegap run --names-file`.
     let names = opts.out.join(format!("{}.names", sc.name));
-    std::fs::write(&names, names_file(&node))?;
+    std::fs::write(&names, names_file(&node, sc))?;
     let services = tracegap_agent::identity::parse_names_file(&std::fs::read_to_string(&names)?)
         .with_context(|| format!("reading {}", names.display()))?;
     let agent = Agent::start(AgentConfig {
@@ -403,6 +412,7 @@ pub fn run_one(
         export_unsampled: false,
         services,
         response_timeout: Duration::from_secs(60),
+        kubernetes: None,
     })?;
     let mut ctx = Ctx {
         node,

@@ -26,6 +26,9 @@ pub struct Svc {
     pub spec: ServiceSpec,
     /// Downstream services by pod name, with the path to call.
     pub calls: Vec<(&'static str, &'static str)>,
+    /// Declared uninstrumented in the names file (`instrumented=false`), as
+    /// an operator (or the Kubernetes watcher, from annotations) would.
+    pub known_uninstrumented: bool,
 }
 
 /// A traffic source: an instrumented client in its own pod.
@@ -70,6 +73,7 @@ fn svc(name: &str, behaviour: Behaviour, calls: &[(&'static str, &'static str)])
     Svc {
         spec: ServiceSpec::new(name, 8080, behaviour),
         calls: calls.to_vec(),
+        known_uninstrumented: false,
     }
 }
 
@@ -123,20 +127,30 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
             expect: vec![NoGaps, Kind("service-b", "service-c", "context_ok")],
             store_down: false,
         },
-        "uninstrumented" => Scenario {
-            name: "uninstrumented",
-            lesson: "a proxy without instrumentation: Jaeger shows the call to it, nothing inside",
-            services: vec![
-                svc("proxy", PassesThrough, &[("service-c", "/items")]),
-                svc("service-c", Instrumented, &[]),
-            ],
-            loads: vec![load("service-a", ("proxy", "/orders/7"), n(5, 20))],
-            expect: vec![
-                Kind("service-a", "proxy", "passthrough"),
-                Kind("proxy", "service-c", "context_ok"),
-            ],
-            store_down: false,
-        },
+        "uninstrumented" => {
+            // The seed's nginx: a leaf that makes no spans, declared so.
+            let mut nginx = svc("nginx", DropsHeaders, &[]);
+            nginx.known_uninstrumented = true;
+            Scenario {
+                name: "uninstrumented",
+                lesson: "hops without instrumentation: Jaeger shows the call to them, nothing inside",
+                services: vec![
+                    svc("proxy", PassesThrough, &[("service-c", "/items")]),
+                    svc("service-c", Instrumented, &[]),
+                    nginx,
+                ],
+                loads: vec![
+                    load("service-a", ("proxy", "/orders/7"), n(5, 20)),
+                    load("service-a", ("nginx", "/index.html"), n(3, 10)),
+                ],
+                expect: vec![
+                    Kind("service-a", "proxy", "passthrough"),
+                    Kind("proxy", "service-c", "context_ok"),
+                    Kind("service-a", "nginx", "uninstrumented"),
+                ],
+                store_down: false,
+            }
+        }
         "sampling" => {
             let mut a = load("service-a", ("service-b", "/"), n(40, 100));
             a.spec.sample_ratio = 0.1;

@@ -56,6 +56,7 @@ fn config(node: &Node, receiver: &Receiver, export: ExportConfig) -> AgentConfig
         export_unsampled: false,
         services: node.identities("lab"),
         response_timeout: Duration::from_secs(30),
+        kubernetes: None,
     }
 }
 

@@ -17,6 +17,7 @@ use tracegap_common::Direction;
 
 use crate::{
     clock::{WallClock, monotonic_ns},
+    cluster::{self, ApiStatus, ClusterConfig},
     ebpf::Observer,
     events::EventStream,
     export::{self, ExportConfig, SpanQueue},
@@ -72,6 +73,8 @@ pub struct AgentConfig {
     pub services: Vec<(IpAddr, Identity)>,
     /// A request without a response after this long is reported unanswered.
     pub response_timeout: Duration,
+    /// Watch the Kubernetes API for identities (None: standalone).
+    pub kubernetes: Option<ClusterConfig>,
 }
 
 /// The running agent's handles, for callers that embed it (tests).
@@ -96,6 +99,11 @@ pub async fn run(
         .with_context(|| format!("listening on {}", config.listen))?;
     tracing::info!(%listen, "serving /metrics /report /healthz /readyz");
     let mut observer = Observer::load().context("loading the eBPF programs")?;
+    let watcher = config.kubernetes.clone().map(|cluster| {
+        let status = Arc::new(ApiStatus::default());
+        shared.set_api(status.clone());
+        tokio::spawn(watch_cluster(cluster, directory.clone(), status))
+    });
     let result = async {
         let interfaces = Interfaces::start(&mut observer, config.interfaces.clone()).await?;
         let (queue, exporter) =
@@ -126,9 +134,31 @@ pub async fn run(
     // Detach before reporting any error, so nothing stays attached.
     let detached = observer.detach_all();
     server.abort();
+    if let Some(w) = watcher {
+        w.abort();
+    }
     result?;
     detached?;
     Ok(())
+}
+
+/// Connects to the API (in-cluster or kubeconfig) and follows it. Until a
+/// client can be made, the agent runs with address-only names and says so.
+async fn watch_cluster(cfg: ClusterConfig, dir: Arc<Directory>, status: Arc<ApiStatus>) {
+    let mut delay = Duration::from_secs(1);
+    loop {
+        match kube::Client::try_default().await {
+            Ok(client) => {
+                tracing::info!(node = ?cfg.node_name, namespaces = ?cfg.namespaces, "watching the kubernetes API");
+                return crate::cluster::watch::run(client, cfg, dir, status).await;
+            }
+            Err(e) => {
+                status.failed_to_connect(&e);
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(60));
+            }
+        }
+    }
 }
 
 async fn event_loop(
@@ -186,6 +216,7 @@ struct Pipeline {
     export_unsampled: bool,
     response_timeout: Duration,
     last_resync_ns: u64,
+    node: Option<String>,
 }
 
 impl Pipeline {
@@ -208,6 +239,7 @@ impl Pipeline {
             export_unsampled: config.export_unsampled,
             response_timeout: config.response_timeout,
             last_resync_ns: monotonic_ns(),
+            node: config.kubernetes.as_ref().and_then(|k| k.node_name.clone()),
         }
     }
 
@@ -265,10 +297,21 @@ impl Pipeline {
         let Some(hop) = Hop::new(&self.clock, req, rsp, gave_up_ns) else {
             return;
         };
-        let verdict = self.engine.classify(&hop);
         let caller = self.directory.lookup(hop.caller().ip);
         let callee = self.directory.lookup(hop.callee().ip);
+        let verdict = self.engine.classify(&hop, callee.instrumented);
         let callee_local = self.local.contains(&hop.callee().ip);
+        let caller_local = self.local.contains(&hop.caller().ip);
+        // Classified either way (the engine relates hops), reported once.
+        if !cluster::reports_here(
+            &caller,
+            &callee,
+            caller_local,
+            callee_local,
+            self.node.as_deref(),
+        ) {
+            return;
+        }
         let format = formats_label(&hop.propagation.contexts);
         let m = &self.shared.metrics;
         m.requests

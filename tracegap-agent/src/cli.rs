@@ -11,6 +11,7 @@ use std::{
 
 use crate::{
     agent::AgentConfig,
+    cluster::ClusterConfig,
     discover::{DEFAULT_PATTERNS, Patterns},
     export::{ExportConfig, OtlpProtocol},
     gap::span::{ExportMode, Identity},
@@ -72,9 +73,28 @@ pub struct RunArgs {
     /// the standalone stand-in for the Kubernetes API.
     #[arg(long, env = "TRACEGAP_NAMES_FILE")]
     pub names_file: Option<std::path::PathBuf>,
+    /// Name pods and services from the Kubernetes API: auto (when running
+    /// in a cluster: KUBERNETES_SERVICE_HOST is set), on, or off.
+    #[arg(long, env = "TRACEGAP_KUBERNETES", value_enum, default_value_t = KubernetesMode::Auto)]
+    pub kubernetes: KubernetesMode,
+    /// This node's name (the DaemonSet sets it from spec.nodeName).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Namespaces to watch for remote pods and services (comma-separated);
+    /// empty: cluster-wide. Pods on this node are always watched.
+    #[arg(long, env = "TRACEGAP_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
     /// A request without a response after this long is reported unanswered.
     #[arg(long, env = "TRACEGAP_RESPONSE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub response_timeout: Duration,
+}
+
+/// Whether to watch the Kubernetes API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KubernetesMode {
+    Auto,
+    On,
+    Off,
 }
 
 fn parse_service(s: &str) -> Result<(IpAddr, String), String> {
@@ -114,6 +134,15 @@ impl RunArgs {
             export_unsampled: self.export_unsampled,
             services,
             response_timeout: self.response_timeout,
+            kubernetes: match self.kubernetes {
+                KubernetesMode::On => true,
+                KubernetesMode::Off => false,
+                KubernetesMode::Auto => std::env::var_os("KUBERNETES_SERVICE_HOST").is_some(),
+            }
+            .then(|| ClusterConfig {
+                node_name: self.node_name.clone(),
+                namespaces: self.namespaces.clone(),
+            }),
         })
     }
 }

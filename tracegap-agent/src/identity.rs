@@ -26,13 +26,16 @@ pub fn parse_mapping(s: &str) -> Result<(IpAddr, String), ParseError> {
 
 /// A names file line that cannot be read.
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("line {line}: expected `IP SERVICE [NAMESPACE/POD]`, got {text:?}")]
+#[error(
+    "line {line}: expected `IP SERVICE [NAMESPACE/POD] [instrumented=true|false]`, got {text:?}"
+)]
 pub struct NamesFileError {
     pub line: usize,
     pub text: String,
 }
 
-/// Reads a names file: one `IP SERVICE [NAMESPACE/POD]` per line, `#`
+/// Reads a names file: one `IP SERVICE [NAMESPACE/POD] [instrumented=BOOL]`
+/// per line, `#`
 /// comments and blank lines ignored. The standalone agent's stand-in for
 /// the Kubernetes API: the same identities, written down.
 pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFileError> {
@@ -49,25 +52,25 @@ pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFile
         let mut f = l.split_whitespace();
         let ip: IpAddr = f.next().and_then(|v| v.parse().ok()).ok_or_else(bad)?;
         let service = f.next().ok_or_else(bad)?.to_owned();
-        let (namespace, pod) = match f.next() {
-            Some(np) => {
-                let (n, p) = np.split_once('/').ok_or_else(bad)?;
-                (Some(n.to_owned()), Some(p.to_owned()))
-            }
-            None => (None, None),
+        let mut id = Identity {
+            service,
+            ..Identity::default()
         };
-        if f.next().is_some() {
-            return Err(bad());
+        for token in f {
+            match token.split_once('=') {
+                Some(("instrumented", v)) => {
+                    id.instrumented = Some(v.parse().map_err(|_| bad())?);
+                }
+                Some(_) => return Err(bad()),
+                None if id.pod.is_none() => {
+                    let (n, p) = token.split_once('/').ok_or_else(bad)?;
+                    id.namespace = Some(n.to_owned());
+                    id.pod = Some(p.to_owned());
+                }
+                None => return Err(bad()),
+            }
         }
-        out.push((
-            ip,
-            Identity {
-                service,
-                namespace,
-                pod,
-                node: None,
-            },
-        ));
+        out.push((ip, id));
     }
     Ok(out)
 }
@@ -155,6 +158,9 @@ mod tests {
         let e = parse_names_file("10.0.0.1 a\nnot-an-ip b\n").unwrap_err();
         assert_eq!(e.line, 2);
         assert!(parse_names_file("10.0.0.1 a b c").is_err());
+        let ids = parse_names_file("10.0.0.1 nginx lab/nginx-0 instrumented=false").unwrap();
+        assert_eq!(ids[0].1.instrumented, Some(false));
+        assert!(parse_names_file("10.0.0.1 a instrumented=maybe").is_err());
         assert!(parse_names_file("10.0.0.1 a nopod").is_err());
     }
 }

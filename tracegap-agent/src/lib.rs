@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod cli;
 pub mod clock;
+pub mod cluster;
 pub mod discover;
 pub mod ebpf;
 pub mod events;

@@ -23,6 +23,7 @@ pub struct Shared {
     pub reporter: Mutex<Reporter>,
     pub ready: AtomicBool,
     heartbeat_ns: AtomicU64,
+    api: std::sync::OnceLock<Arc<crate::cluster::ApiStatus>>,
 }
 
 impl Shared {
@@ -32,7 +33,13 @@ impl Shared {
             reporter: Mutex::new(Reporter::default()),
             ready: AtomicBool::new(false),
             heartbeat_ns: AtomicU64::new(monotonic_ns()),
+            api: std::sync::OnceLock::new(),
         }
+    }
+
+    /// The Kubernetes API's status, which `/readyz` reports.
+    pub fn set_api(&self, status: Arc<crate::cluster::ApiStatus>) {
+        let _ = self.api.set(status);
     }
 
     /// Called by the event loop on every turn.
@@ -67,11 +74,19 @@ async fn healthz(State(s): State<Arc<Shared>>) -> StatusCode {
     }
 }
 
-async fn readyz(State(s): State<Arc<Shared>>) -> StatusCode {
-    if s.ready.load(Ordering::Relaxed) {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+/// 200 `ok` when the programs are attached and the exporter runs; 503
+/// `degraded: ...` while the Kubernetes API is away (the data path still
+/// runs, with address-only names); 503 `starting` before that.
+async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
+    if !s.ready.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned());
+    }
+    match s.api.get().and_then(|a| a.degraded()) {
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("degraded: {why}\n"),
+        ),
+        None => (StatusCode::OK, "ok\n".to_owned()),
     }
 }
 

@@ -57,10 +57,14 @@ pub enum GapKind {
     /// Context formats disagree: two formats in one request with different
     /// traces, or a different format out than in, with a new trace.
     FormatMismatch,
+    /// Valid context reached a callee known not to be instrumented (from
+    /// Kubernetes annotations or the names file): the trace shows the call
+    /// to it and nothing inside.
+    Uninstrumented,
 }
 
 impl GapKind {
-    pub const ALL: [GapKind; 8] = [
+    pub const ALL: [GapKind; 9] = [
         Self::ContextOk,
         Self::MissingContext,
         Self::BrokenPropagation,
@@ -69,6 +73,7 @@ impl GapKind {
         Self::SamplingInconsistent,
         Self::MalformedContext,
         Self::FormatMismatch,
+        Self::Uninstrumented,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -81,6 +86,7 @@ impl GapKind {
             Self::SamplingInconsistent => "sampling_inconsistent",
             Self::MalformedContext => "malformed_context",
             Self::FormatMismatch => "format_mismatch",
+            Self::Uninstrumented => "uninstrumented",
         }
     }
 
@@ -237,7 +243,8 @@ impl Engine {
     }
 
     /// Classifies a completed hop (answered or timed out).
-    pub fn classify(&mut self, hop: &Hop) -> Verdict {
+    /// `callee_instrumented`: what identity says of the callee (None: unknown).
+    pub fn classify(&mut self, hop: &Hop, callee_instrumented: Option<bool>) -> Verdict {
         let key = (hop.flow, hop.seq);
         if let Some(p) = self.pods.get_mut(&hop.callee().ip) {
             close(&mut p.inbound, &key, hop.end_ns);
@@ -246,7 +253,7 @@ impl Engine {
             close(&mut p.outbound, &key, hop.end_ns);
         }
         let parent = self.parent_of(hop);
-        let mut v = self.judge(hop, parent.clone());
+        let mut v = self.judge(hop, parent.clone(), callee_instrumented);
         // Whatever the verdict, say which request the hop was made for.
         if v.link.is_none() {
             v.link = parent;
@@ -266,7 +273,7 @@ impl Engine {
         }
     }
 
-    fn judge(&self, hop: &Hop, parent: Option<Link>) -> Verdict {
+    fn judge(&self, hop: &Hop, parent: Option<Link>, callee_instrumented: Option<bool>) -> Verdict {
         let contexts = &hop.propagation.contexts;
         if let Some(Found::Malformed { format, reason, .. }) = hop.malformed() {
             return Self::verdict(
@@ -363,6 +370,12 @@ impl Engine {
         }
         if ctx.sampled == Some(false) {
             return Self::verdict(GapKind::Unsampled, "sampled flag is off");
+        }
+        if callee_instrumented == Some(false) {
+            return Self::verdict(
+                GapKind::Uninstrumented,
+                "callee is not instrumented: the call to it is traced, nothing inside",
+            );
         }
         Self::verdict(GapKind::ContextOk, "valid context")
     }

@@ -18,6 +18,8 @@ use serde::Serialize;
 use super::{GapKind, Hop, Verdict, route};
 
 /// Who is behind an address: what names the span's service and resource.
+/// Filled by the Kubernetes watcher in a cluster and by the names file (or
+/// `--service`) standalone: the gap engine never knows which.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Identity {
     /// `service.name`: the Kubernetes workload or a configured name; the
@@ -26,6 +28,22 @@ pub struct Identity {
     pub namespace: Option<String>,
     pub pod: Option<String>,
     pub node: Option<String>,
+    pub pod_uid: Option<String>,
+    /// Owning workload, e.g. `Deployment/checkout`.
+    pub workload: Option<Workload>,
+    /// Whether the pod makes its own spans: Some(false) makes a hop with
+    /// context into it a gap (`uninstrumented`); None is unknown.
+    pub instrumented: Option<bool>,
+    /// The address is a ClusterIP Service, not a pod.
+    pub is_service: bool,
+}
+
+/// A pod's owning workload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// Deployment, StatefulSet, DaemonSet, Job, ReplicaSet, ...
+    pub kind: String,
+    pub name: String,
 }
 
 impl Identity {
@@ -47,6 +65,16 @@ impl Identity {
         }
         if let Some(n) = &self.node {
             r.push(KeyValue::new("k8s.node.name", n.clone()));
+        }
+        if let Some(u) = &self.pod_uid {
+            r.push(KeyValue::new("k8s.pod.uid", u.clone()));
+        }
+        if let Some(w) = &self.workload {
+            // k8s.deployment.name, k8s.statefulset.name, ...
+            r.push(KeyValue::new(
+                format!("k8s.{}.name", w.kind.to_ascii_lowercase()),
+                w.name.clone(),
+            ));
         }
         r
     }

@@ -61,7 +61,9 @@ fn run(hops: &[Hop]) -> Vec<Verdict> {
     for (_, done, i) in events {
         let h = &hops[i];
         if done {
-            out[i] = Some(e.classify(h));
+            // Pod 9 is known not to be instrumented.
+            let instrumented = (h.callee().ip == ep(9, 0).ip).then_some(false);
+            out[i] = Some(e.classify(h, instrumented));
         } else {
             let baggage = h.propagation.baggage.is_some();
             e.request_started(h.flow, h.seq, h.start_ns, &h.propagation.contexts, baggage);
@@ -265,4 +267,20 @@ fn memory_is_bounded_and_old_requests_are_forgotten() {
     assert_eq!(reqs, 2 * MAX_PER_POD);
     e.forget_before(u64::MAX);
     assert_eq!(e.remembered(), (0, 0));
+}
+
+#[test]
+fn context_into_a_callee_known_uninstrumented_is_a_gap() {
+    let v = run(&[
+        hop(1, 9, 0, 5, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
+        hop(1, 9, 10, 15, vec![tp(T1, "aaaaaaaaaaaaaaaa", false)]),
+        hop(1, 9, 20, 25, vec![]),
+        hop(1, 2, 30, 35, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
+    ]);
+    use GapKind::*;
+    assert_eq!(
+        kinds(&v),
+        [Uninstrumented, Unsampled, MissingContext, ContextOk]
+    );
+    assert!(Uninstrumented.is_gap());
 }
