@@ -145,6 +145,14 @@ pub fn pod_identity(pod: &Pod, workload: Option<Workload>) -> Identity {
         workload,
         instrumented: instrumented(pod),
         is_service: false,
+        labels: pod.metadata.labels.clone().unwrap_or_default(),
+        ports: pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .filter_map(|p| u16::try_from(p.container_port).ok())
+            .collect(),
     }
 }
 

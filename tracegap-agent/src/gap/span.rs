@@ -36,6 +36,11 @@ pub struct Identity {
     pub instrumented: Option<bool>,
     /// The address is a ClusterIP Service, not a pod.
     pub is_service: bool,
+    /// The pod's labels (not exported: they can be many).
+    pub labels: std::collections::BTreeMap<String, String>,
+    /// Ports the pod's containers declare (a hop to one of them is served
+    /// by this pod).
+    pub ports: Vec<u16>,
 }
 
 /// A pod's owning workload.
