@@ -4,9 +4,46 @@
 
 use std::time::Duration;
 
-use tracegap_agent::ebpf::Observer;
+use tracegap_agent::ebpf::{AttachMode, Observer};
 use tracegap_common::{Direction, EventKind};
 use tracegap_tests::{Node, collect_events, http::HttpServer, privileged};
+
+/// The attach path is the one meant for this kernel: TCX links from 6.6
+/// on (no qdisc involved), a netlink `clsact` filter before (the qdisc is
+/// there). The kernel version is read here, apart from the agent's logic.
+fn assert_attach_path(attached: &tracegap_agent::ebpf::Attached) -> anyhow::Result<()> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")?;
+    let mut v = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let (major, minor) = (v.next().unwrap_or(0), v.next().unwrap_or(0));
+    let want = if (major, minor) >= (6, 6) {
+        AttachMode::Tcx
+    } else {
+        AttachMode::Netlink
+    };
+    assert_eq!(attached.mode, want, "kernel {}", release.trim());
+    let qdiscs = tracegap_tests::run(std::process::Command::new("tc").args([
+        "qdisc",
+        "show",
+        "dev",
+        &attached.iface,
+    ]))?;
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout);
+    assert_eq!(
+        qdiscs.contains("clsact"),
+        want == AttachMode::Netlink,
+        "kernel {}: {qdiscs}",
+        release.trim()
+    );
+    println!(
+        "kernel {}: attached with {:?}",
+        release.trim(),
+        attached.mode
+    );
+    Ok(())
+}
 
 #[test]
 fn http_request_on_a_veth_arrives_through_the_ring_buffer() -> anyhow::Result<()> {
@@ -20,6 +57,7 @@ fn http_request_on_a_veth_arrives_through_the_ring_buffer() -> anyhow::Result<()
     let mut observer = Observer::load()?;
     let attached = observer.attach(&server.host_if)?;
     assert!(attached.new);
+    assert_attach_path(&attached)?;
     let mut ring = observer.take_events()?;
 
     let url = format!("http://{}:8080/hello", server.ipv4);

@@ -5,6 +5,7 @@ mod lab;
 mod setup;
 mod test;
 mod toolchain;
+mod vm;
 
 use clap::{Parser, Subcommand};
 
@@ -29,6 +30,9 @@ enum Command {
     Test(test::TestArgs),
     /// cargo fmt --check and cargo clippy on the user-space crates.
     Lint,
+    /// The kernel-side end-to-end tests inside qemu VMs on other kernels
+    /// (Debian's 6.1 and 6.12 by default).
+    VmTest(vm::VmArgs),
     /// Fuzz the user-space HTTP parsers for a bounded time (cargo-fuzz).
     Fuzz(fuzz::FuzzArgs),
 }
@@ -55,6 +59,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(args) => lab::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Lint => test::lint(),
+        Command::VmTest(args) => vm::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
     }
 }

@@ -91,6 +91,32 @@ fn instructions() -> String {
 
 /// Makes sure some route can build the eBPF programs, installing what is
 /// missing when `install` is true and the machine allows it.
+/// Debian packages `cargo xtask vm-test` needs: qemu, busybox for the
+/// guest's userland, and what unpacks and strips what goes into it.
+const VM_PACKAGES: &[&str] = &[
+    "qemu-system-x86",
+    "busybox-static",
+    "xz-utils",
+    "zstd",
+    "binutils",
+    "iproute2",
+    "util-linux",
+    "curl",
+    "openssl",
+];
+
+/// Installs what the VM tests need (as root on Debian/Ubuntu).
+pub fn ensure_vm_packages() -> anyhow::Result<()> {
+    let missing = missing_packages(VM_PACKAGES);
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !(is_root() && is_debian_like()) {
+        bail!("vm-test needs the packages {}", missing.join(" "));
+    }
+    apt_install(&missing)
+}
+
 pub fn ensure(install: bool) -> anyhow::Result<Route> {
     let can_install = install && is_root() && is_debian_like();
     if can_install {

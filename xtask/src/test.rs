@@ -4,6 +4,10 @@ use crate::{setup, toolchain};
 
 #[derive(Debug, clap::Args)]
 pub struct TestArgs {
+    /// Skip the VM tests on other kernels (`cargo xtask vm-test`), which
+    /// run after the host's tests when running as root.
+    #[arg(long)]
+    pub no_vm: bool,
     /// Arguments passed on to `cargo test` (a test name filter, `--nocapture`, ...).
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub cargo_test_args: Vec<String>,
@@ -25,7 +29,17 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     if !args.cargo_test_args.is_empty() {
         cmd.arg("--").args(&args.cargo_test_args);
     }
-    toolchain::run(&mut cmd)
+    let host = toolchain::run(&mut cmd);
+    // The kernel-side tests again, on the other kernels users run: only
+    // as root, and not when the run is filtered to some tests.
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let vm = if root && !args.no_vm && args.cargo_test_args.is_empty() {
+        crate::vm::run(&crate::vm::VmArgs::default())
+    } else {
+        Ok(())
+    };
+    host.and(vm)
 }
 
 pub fn lint() -> anyhow::Result<()> {
