@@ -107,7 +107,11 @@ fn serve(mut conn: TcpStream, stop: &AtomicBool, received: &Mutex<Vec<String>>) 
                 body.len(),
                 if close { "Connection: close\r\n" } else { "" }
             );
-            if conn.write_all(resp.as_bytes()).is_err() || conn.write_all(body).is_err() {
+            // One write: a head and body written apart would meet Nagle
+            // and delayed ACKs (40 ms per response).
+            let mut whole = resp.into_bytes();
+            whole.extend_from_slice(body);
+            if conn.write_all(&whole).is_err() {
                 return;
             }
             if close {

@@ -6,6 +6,7 @@
 //! one scenario per seed lesson; [`tree`] and [`jaeger`] show the traces.
 
 pub mod agent;
+pub mod bench;
 pub mod files;
 pub mod http;
 pub mod load;

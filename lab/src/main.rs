@@ -42,6 +42,23 @@ enum Cmd {
         #[arg(long, default_value = "target/lab")]
         out: PathBuf,
     },
+    /// What tracegap costs: data path, kernel, user space, memory, detection
+    /// latency, each against its baseline (as root; `cargo xtask bench`).
+    Bench {
+        /// Short loads (a smoke run, not figures to quote).
+        #[arg(long)]
+        quick: bool,
+        /// Where the Markdown table is written too.
+        #[arg(long, default_value = "target/bench/bench.md")]
+        out: PathBuf,
+    },
+    /// Holds N open flows in the agent's state and prints the peak RSS in
+    /// KiB (used by `bench`).
+    #[command(hide = true)]
+    BenchMemory {
+        #[arg(long)]
+        flows: usize,
+    },
     /// One lab service (runs inside a pod).
     Service {
         #[arg(long)]
@@ -148,6 +165,25 @@ fn main() -> anyhow::Result<()> {
                 .map(|o| &o.name)
                 .collect();
             anyhow::ensure!(failed.is_empty(), "unexpected results in: {failed:?}");
+            Ok(())
+        }
+        Cmd::Bench { quick, out } => {
+            let d = if quick {
+                tracegap_lab::bench::Durations::quick()
+            } else {
+                tracegap_lab::bench::Durations::full()
+            };
+            let table = tracegap_lab::bench::run(d, &std::env::current_exe()?)?;
+            println!("{table}");
+            if let Some(dir) = out.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::write(&out, &table)?;
+            eprintln!("bench: written to {}", out.display());
+            Ok(())
+        }
+        Cmd::BenchMemory { flows } => {
+            println!("{}", tracegap_lab::bench::hold_flows(flows));
             Ok(())
         }
         Cmd::Service {

@@ -28,6 +28,8 @@ pub struct Received {
     pub span: Span,
     /// "grpc" or "http".
     pub via: &'static str,
+    /// When the store received it.
+    pub arrived: std::time::SystemTime,
 }
 
 impl Received {
@@ -87,6 +89,7 @@ type Store = Arc<Mutex<Vec<Received>>>;
 
 fn store(spans: &Store, req: ExportTraceServiceRequest, via: &'static str) {
     let Ok(mut s) = spans.lock() else { return };
+    let arrived = std::time::SystemTime::now();
     for rs in req.resource_spans {
         let resource = rs.resource.map(|r| r.attributes).unwrap_or_default();
         let service = attr(&resource, "service.name").unwrap_or_default();
@@ -97,6 +100,7 @@ fn store(spans: &Store, req: ExportTraceServiceRequest, via: &'static str) {
                     resource: resource.clone(),
                     span,
                     via,
+                    arrived,
                 });
             }
         }
@@ -226,6 +230,11 @@ impl Receiver {
             let _ = tx.send(());
             let _ = thread.join();
         }
+    }
+
+    /// How many spans arrived so far.
+    pub fn count(&self) -> usize {
+        self.spans.lock().map(|s| s.len()).unwrap_or(0)
     }
 
     pub fn spans(&self) -> Vec<Received> {

@@ -191,6 +191,9 @@ async fn event_loop(
                     Ok(c) => p.shared.metrics.kernel_counters(c),
                     Err(e) => tracing::warn!(error = %e, "reading kernel counters"),
                 }
+                if let Ok(stats) = observer.program_stats() {
+                    p.shared.metrics.program_stats(&stats);
+                }
                 p.shared.metrics.interfaces.set(observer.interfaces().len() as i64);
                 p.shared.beat();
             }

@@ -77,7 +77,7 @@ impl Default for ExportConfig {
             endpoint: None,
             timeout: None,
             queue: 8192,
-            batch: 512,
+            batch: 2048,
             interval: Duration::from_secs(1),
             attempts: 5,
             backoff: Duration::from_millis(500),
@@ -254,10 +254,14 @@ async fn export_batch(
     scope: &InstrumentationScope,
 ) {
     // One resource per service: Jaeger files spans under service.name.
-    let mut groups: BTreeMap<String, (Vec<opentelemetry::KeyValue>, Vec<SpanData>)> =
-        BTreeMap::new();
+    type Key = (String, Option<String>, Option<String>);
+    let mut groups: BTreeMap<Key, (Vec<opentelemetry::KeyValue>, Vec<SpanData>)> = BTreeMap::new();
     for s in batch {
-        let key = format!("{:?}", s.identity);
+        let key = (
+            s.identity.service.clone(),
+            s.identity.namespace.clone(),
+            s.identity.pod.clone(),
+        );
         let resource = s.identity.resource();
         groups
             .entry(key)

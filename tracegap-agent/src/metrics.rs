@@ -40,6 +40,11 @@ pub struct BaggageLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProgramLabels {
+    pub program: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KernelLabels {
     pub counter: String,
 }
@@ -59,6 +64,8 @@ pub struct Metrics {
     pub kernel: Family<KernelLabels, Counter>,
     pub interfaces: Gauge,
     pub ignored: Family<ReasonLabels, Counter>,
+    pub bpf_run_seconds: Family<ProgramLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    pub bpf_runs: Family<ProgramLabels, Gauge>,
     last_kernel: std::sync::Mutex<Counters>,
 }
 
@@ -84,6 +91,8 @@ impl Metrics {
             kernel: Family::default(),
             interfaces: Gauge::default(),
             ignored: Family::default(),
+            bpf_run_seconds: Family::default(),
+            bpf_runs: Family::default(),
             last_kernel: std::sync::Mutex::new(Counters::default()),
             registry: Registry::default(),
         };
@@ -143,6 +152,16 @@ impl Metrics {
             "Requests not treated as hops, by reason (telemetry: span exports)",
             m.ignored.clone(),
         );
+        registry.register(
+            "bpf_run_seconds",
+            "Time the kernel spent in each program since BPF statistics were enabled (kernel.bpf_stats_enabled)",
+            m.bpf_run_seconds.clone(),
+        );
+        registry.register(
+            "bpf_runs",
+            "Runs of each program since BPF statistics were enabled",
+            m.bpf_runs.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -186,6 +205,19 @@ impl Metrics {
                 .inc_by(delta);
         }
         *last = now;
+    }
+
+    /// Records each program's run time and count (from the kernel).
+    pub fn program_stats(&self, stats: &[(&str, std::time::Duration, u64)]) {
+        for (name, time, count) in stats {
+            let l = ProgramLabels {
+                program: (*name).to_owned(),
+            };
+            self.bpf_run_seconds
+                .get_or_create(&l)
+                .set(time.as_secs_f64());
+            self.bpf_runs.get_or_create(&l).set(*count as i64);
+        }
     }
 
     /// The text exposition format.

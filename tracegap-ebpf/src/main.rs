@@ -22,7 +22,7 @@ use aya_ebpf::{
     bindings::TC_ACT_UNSPEC,
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use tracegap_common::{
@@ -49,6 +49,32 @@ static SCRATCH: PerCpuArray<Event> = PerCpuArray::with_max_entries(1, 0);
 #[map]
 static OPEN_HEADERS: LruHashMap<OpenKey, OpenHeader> =
     LruHashMap::with_max_entries(MAX_OPEN_HEADERS, 0);
+
+/// When a header block was last left open (ktime ns; 0: never). A segment
+/// that starts no message looks up OPEN_HEADERS only if one was opened
+/// within OPEN_WINDOW_NS: user space gives up on an unfinished head after
+/// 2 s anyway, and bulk traffic, the bulk of all packets, then skips the
+/// hash lookup. Plain stores from any CPU are fine: any writer writes a
+/// recent time.
+#[map]
+static OPEN_LAST: Array<u64> = Array::with_max_entries(1, 0);
+const OPEN_WINDOW_NS: u64 = 3_000_000_000;
+
+#[inline(always)]
+fn note_open(ts_ns: u64) {
+    if let Some(p) = OPEN_LAST.get_ptr_mut(0) {
+        unsafe { core::ptr::write_volatile(p, ts_ns) };
+    }
+}
+
+#[inline(always)]
+fn recently_opened() -> bool {
+    let Some(p) = OPEN_LAST.get_ptr(0) else {
+        return true;
+    };
+    let last = unsafe { core::ptr::read_volatile(p) };
+    last != 0 && unsafe { bpf_ktime_get_ns() }.saturating_sub(last) < OPEN_WINDOW_NS
+}
 
 #[classifier]
 pub fn tracegap_ingress(ctx: TcContext) -> i32 {
@@ -135,6 +161,9 @@ fn try_http(ctx: &TcContext, seg: &Segment, direction: Direction) -> Result<(), 
         }
         None => {
             // Not a start: only interesting if it continues a block we follow.
+            if !recently_opened() {
+                return Ok(());
+            }
             let Some(open) = OPEN_HEADERS.get_ptr_mut(key) else {
                 return Ok(());
             };
@@ -204,7 +233,9 @@ fn try_http(ctx: &TcContext, seg: &Segment, direction: Direction) -> Result<(), 
             next_seq: seg.seq.wrapping_add(seg.payload_len),
             budget_left,
         };
-        let _ = OPEN_HEADERS.insert(key, open, 0);
+        if OPEN_HEADERS.insert(key, open, 0).is_ok() {
+            note_open(ts_ns);
+        }
     }
     Ok(())
 }

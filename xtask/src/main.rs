@@ -1,5 +1,6 @@
 //! `cargo xtask`: the front door for building and testing tracegap.
 
+mod bench;
 mod fuzz;
 mod lab;
 mod setup;
@@ -30,6 +31,10 @@ enum Command {
     Test(test::TestArgs),
     /// cargo fmt --check and cargo clippy on the user-space crates.
     Lint,
+    /// What tracegap costs the node, each figure against its baseline from
+    /// the same run (as root): a Markdown table on stdout and in
+    /// target/bench/bench.md.
+    Bench(bench::BenchArgs),
     /// The kernel-side end-to-end tests inside qemu VMs on other kernels
     /// (Debian's 6.1 and 6.12 by default).
     VmTest(vm::VmArgs),
@@ -59,6 +64,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lab(args) => lab::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Lint => test::lint(),
+        Command::Bench(args) => bench::run(&args),
         Command::VmTest(args) => vm::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
     }

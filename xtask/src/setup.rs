@@ -107,12 +107,17 @@ const VM_PACKAGES: &[&str] = &[
 
 /// Installs what the VM tests need (as root on Debian/Ubuntu).
 pub fn ensure_vm_packages() -> anyhow::Result<()> {
-    let missing = missing_packages(VM_PACKAGES);
+    ensure_packages(VM_PACKAGES)
+}
+
+/// Installs these Debian packages if missing (as root on Debian/Ubuntu).
+pub fn ensure_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing = missing_packages(packages);
     if missing.is_empty() {
         return Ok(());
     }
     if !(is_root() && is_debian_like()) {
-        bail!("vm-test needs the packages {}", missing.join(" "));
+        bail!("this needs the packages {}", missing.join(" "));
     }
     apt_install(&missing)
 }

@@ -141,6 +141,21 @@ impl Observer {
         })
     }
 
+    /// Each program's total run time and run count since statistics were
+    /// enabled ([`aya::sys::enable_stats`]; zero while they are off).
+    pub fn program_stats(&self) -> Result<Vec<(&'static str, std::time::Duration, u64)>, Error> {
+        let mut out = Vec::new();
+        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+            let program = self.ebpf.program(name).ok_or(Error::MissingProgram(name))?;
+            let info = program.info().map_err(|source| Error::Load {
+                program: name,
+                source: Box::new(source),
+            })?;
+            out.push((name, info.run_time(), info.run_count()));
+        }
+        Ok(out)
+    }
+
     /// The kernel-side counters, summed over CPUs.
     pub fn counters(&self) -> Result<Counters, Error> {
         counters::read(&self.ebpf)

@@ -166,7 +166,8 @@ struct Open {
     start_ns: u64,
     /// None while unanswered.
     end_ns: Option<u64>,
-    contexts: Vec<Found>,
+    /// Shared by the callee's inbound and the caller's outbound copy.
+    contexts: std::sync::Arc<[Found]>,
     baggage: bool,
 }
 
@@ -228,7 +229,7 @@ impl Engine {
             key: (flow, seq),
             start_ns,
             end_ns: None,
-            contexts: contexts.to_vec(),
+            contexts: contexts.into(),
             baggage,
         };
         if self.pods.len() >= MAX_PODS {

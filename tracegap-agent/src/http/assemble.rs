@@ -268,6 +268,21 @@ impl Assembler {
     }
 }
 
+/// Headers a pending request keeps (see [`Pairer::request`]).
+const KEPT_WHILE_PENDING: [&str; 11] = [
+    "host",
+    "traceparent",
+    "tracestate",
+    "uber-trace-id",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "b3",
+    "baggage",
+    "content-length",
+];
+
 /// Pairs each response with the oldest unanswered request on its flow.
 #[derive(Default)]
 pub struct Pairer {
@@ -276,8 +291,15 @@ pub struct Pairer {
 
 impl Pairer {
     /// Records a request; returns the request it pushed out when the flow's
-    /// queue was full (answered never, as far as we will know).
-    pub fn request(&mut self, m: Message) -> Option<Message> {
+    /// queue was full (answered never, as far as we will know). A waiting
+    /// request keeps only the headers a hop is built from: memory per
+    /// in-flight request is what bounds the agent under many open flows.
+    pub fn request(&mut self, mut m: Message) -> Option<Message> {
+        if let Ok(h) = m.head.as_mut() {
+            h.headers
+                .retain(|(n, _)| KEPT_WHILE_PENDING.contains(&n.as_str()));
+            h.headers.shrink_to_fit();
+        }
         let q = self.pending.entry(m.flow).or_default();
         q.push_back(m);
         (q.len() > MAX_PENDING_PER_FLOW)

@@ -1,0 +1,624 @@
+//! `cargo xtask bench`: what tracegap costs, each figure against its
+//! baseline from the same run. Traffic stays between two namespaces the
+//! bench creates; every load is bounded in time.
+
+use std::{
+    collections::HashMap,
+    fmt::Write as _,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    process::Command,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, bail};
+use tracegap_agent::{
+    agent::AgentConfig,
+    clock::WallClock,
+    events::{Endpoint, Flow, RawEvent},
+    export::{self, ExportConfig, OtlpProtocol},
+    gap::{
+        Engine, Hop,
+        span::{self, ExportMode, Identity},
+    },
+    http::assemble::{Assembler, Message, Pairer},
+    interfaces::Selection,
+    metrics::Metrics,
+};
+use tracegap_common::{Direction, EventKind};
+
+use crate::{
+    agent::Agent,
+    http::HttpServer,
+    netns::{Child, Node},
+    store::Receiver,
+};
+
+/// How long each measured load runs.
+#[derive(Clone, Copy, Debug)]
+pub struct Durations {
+    pub load: Duration,
+    pub rounds: usize,
+}
+
+impl Durations {
+    pub fn full() -> Self {
+        Self {
+            load: Duration::from_secs(8),
+            rounds: 2,
+        }
+    }
+
+    pub fn quick() -> Self {
+        Self {
+            load: Duration::from_secs(2),
+            rounds: 1,
+        }
+    }
+}
+
+/// One row of the table.
+#[derive(Clone, Debug)]
+pub struct Row {
+    pub what: String,
+    pub baseline: String,
+    pub with: String,
+    pub figure: String,
+    pub target: String,
+    pub met: Option<bool>,
+}
+
+fn row(
+    what: &str,
+    baseline: String,
+    with: String,
+    figure: String,
+    target: &str,
+    met: Option<bool>,
+) -> Row {
+    Row {
+        what: what.to_owned(),
+        baseline,
+        with,
+        figure,
+        target: target.to_owned(),
+        met,
+    }
+}
+
+struct Wrk {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn ms(v: &str) -> Option<f64> {
+    let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic())?);
+    let n: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => n / 1000.0,
+        "ms" => n,
+        "s" => n * 1000.0,
+        _ => return None,
+    })
+}
+
+fn wrk(node: &Node, url: &str, d: Duration) -> anyhow::Result<Wrk> {
+    let out = crate::netns::run(
+        node.pod("client")
+            .command("wrk")
+            .args(["-t2", "-c16", "--latency"])
+            // An instrumented caller's requests: valid context, so hops are
+            // classified and counted but need no synthetic span.
+            .args([
+                "-H",
+                "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ])
+            .arg(format!("-d{}s", d.as_secs().max(1)))
+            .arg(url),
+    )?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix).map(|r| r.trim().to_owned()))
+    };
+    Ok(Wrk {
+        rps: field("Requests/sec:")
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("no Requests/sec in wrk's output: {text}"))?,
+        p50_ms: field("50%").and_then(|v| ms(&v)).context("no p50")?,
+        p99_ms: field("99%").and_then(|v| ms(&v)).context("no p99")?,
+    })
+}
+
+fn iperf(node: &Node, d: Duration) -> anyhow::Result<f64> {
+    let server = node.pod("server").ipv4.to_string();
+    let out = crate::netns::run(
+        node.pod("client")
+            .command("iperf3")
+            .args(["-c", &server, "-p", "5201", "-J", "-t"])
+            .arg(d.as_secs().max(1).to_string()),
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("no bits_per_second in iperf3's output")
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+fn pct(with: f64, base: f64) -> f64 {
+    (with / base - 1.0) * 100.0
+}
+
+fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
+    AgentConfig {
+        interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        export: ExportConfig {
+            protocol: OtlpProtocol::Grpc,
+            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
+            ..ExportConfig::default()
+        },
+        export_mode: ExportMode::Gaps,
+        export_unsampled: false,
+        services: node.identities("bench"),
+        response_timeout: Duration::from_secs(30),
+        kubernetes: None,
+    }
+}
+
+/// The kernel's per-program run time and count, summed over both programs.
+fn bpf_stats(agent: &Agent) -> anyhow::Result<(f64, f64)> {
+    Ok((
+        agent.metric("tracegap_bpf_run_seconds{")?,
+        agent.metric("tracegap_bpf_runs{")?,
+    ))
+}
+
+/// Data path, kernel cost and detection latency, on real veths.
+fn data_path(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let node = Node::new(&["client", "server"])?;
+    let _http = HttpServer::start(node.pod("server"), 8080)?;
+    let _iperf = Child::spawn(
+        node.pod("server")
+            .command("iperf3")
+            .args(["-s", "-p", "5201"]),
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let url = format!("http://{}:8080/bench", node.pod("server").ipv4);
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    // BPF run-time statistics, on while this is held.
+    let _stats =
+        aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF statistics")?;
+
+    let (mut base_w, mut with_w, mut base_t, mut with_t) = (vec![], vec![], vec![], vec![]);
+    let (mut http_time, mut http_runs, mut bulk_time, mut bulk_runs) = (0.0, 0.0, 0.0, 0.0);
+    let mut http_headers = 0.0;
+    for _ in 0..d.rounds {
+        base_w.push(wrk(&node, &url, d.load)?);
+        base_t.push(iperf(&node, d.load)?);
+        let agent = Agent::start(agent_config(&node, &receiver))?;
+        std::thread::sleep(Duration::from_millis(300));
+        let (t0, r0) = bpf_stats(&agent)?;
+        let h0 = agent.metric("tracegap_kernel_events_total{counter=\"http_")?;
+        with_w.push(wrk(&node, &url, d.load)?);
+        std::thread::sleep(Duration::from_millis(600));
+        let (t1, r1) = bpf_stats(&agent)?;
+        let h1 = agent.metric("tracegap_kernel_events_total{counter=\"http_")?;
+        with_t.push(iperf(&node, d.load)?);
+        std::thread::sleep(Duration::from_millis(600));
+        let (t2, r2) = bpf_stats(&agent)?;
+        (http_time, http_runs, http_headers) = (
+            http_time + t1 - t0,
+            http_runs + r1 - r0,
+            http_headers + h1 - h0,
+        );
+        (bulk_time, bulk_runs) = (bulk_time + t2 - t1, bulk_runs + r2 - r1);
+        agent.stop()?;
+    }
+    let b_rps = median(base_w.iter().map(|w| w.rps).collect());
+    let t_rps = median(with_w.iter().map(|w| w.rps).collect());
+    let b_p50 = median(base_w.iter().map(|w| w.p50_ms).collect());
+    let t_p50 = median(with_w.iter().map(|w| w.p50_ms).collect());
+    let b_p99 = median(base_w.iter().map(|w| w.p99_ms).collect());
+    let t_p99 = median(with_w.iter().map(|w| w.p99_ms).collect());
+    let rps_loss = -pct(t_rps, b_rps);
+    rows.push(row(
+        "HTTP/1.1 keep-alive requests/s (wrk -t2 -c16, with traceparent)",
+        format!("{b_rps:.0}"),
+        format!("{t_rps:.0}"),
+        format!("{rps_loss:+.1}% fewer"),
+        "≤ 2% fewer",
+        Some(rps_loss <= 2.0),
+    ));
+    rows.push(row(
+        "HTTP p50 latency",
+        format!("{b_p50:.3} ms"),
+        format!("{t_p50:.3} ms"),
+        format!("{:+.1}%", pct(t_p50, b_p50)),
+        "-",
+        None,
+    ));
+    let p99 = pct(t_p99, b_p99);
+    rows.push(row(
+        "HTTP p99 latency",
+        format!("{b_p99:.3} ms"),
+        format!("{t_p99:.3} ms"),
+        format!("{p99:+.1}%"),
+        "≤ +2%",
+        Some(p99 <= 2.0),
+    ));
+    let (bt, tt) = (median(base_t), median(with_t));
+    let bulk = -pct(tt, bt);
+    rows.push(row(
+        "bulk TCP throughput (iperf3)",
+        format!("{:.2} Gbit/s", bt / 1e9),
+        format!("{:.2} Gbit/s", tt / 1e9),
+        format!("{bulk:+.2}% lower"),
+        "within 1%",
+        Some(bulk.abs() <= 1.0),
+    ));
+
+    // Per packet: the bulk phase is all non-HTTP packets; in the HTTP phase
+    // the non-HTTP ones (ACKs) cost what bulk packets cost, the rest is the
+    // header packets'.
+    let non_http = if bulk_runs > 0.0 {
+        bulk_time / bulk_runs * 1e9
+    } else {
+        0.0
+    };
+    let header = if http_headers > 0.0 {
+        ((http_time * 1e9) - (http_runs - http_headers).max(0.0) * non_http) / http_headers
+    } else {
+        0.0
+    };
+    rows.push(row(
+        "kernel: ns per non-HTTP packet (bpf_stats)",
+        "-".into(),
+        format!("{non_http:.0} ns"),
+        format!("{:.0} runs", bulk_runs),
+        "< 100 ns",
+        Some(non_http > 0.0 && non_http < 100.0),
+    ));
+    rows.push(row(
+        "kernel: ns per HTTP header packet",
+        "-".into(),
+        format!("{header:.0} ns"),
+        format!("{http_headers:.0} headers"),
+        "< 1000 ns",
+        Some(header > 0.0 && header < 1000.0),
+    ));
+
+    // Detection latency: a gap request on the wire → its span at the store.
+    let agent = Agent::start(agent_config(&node, &receiver))?;
+    std::thread::sleep(Duration::from_millis(300));
+    let before = receiver.count();
+    let n = if d.rounds > 1 { 50 } else { 15 };
+    let to = SocketAddr::from((node.pod("server").ipv4, 8080));
+    let reqs = (0..n)
+        .map(|i| format!("GET /detect/{i} HTTP/1.1\r\nHost: s\r\n\r\n").into_bytes())
+        .collect();
+    node.pod("client")
+        .exchange(to, reqs, Duration::from_millis(100))?;
+    let spans = receiver.wait_for(Duration::from_secs(15), |s| s.len() >= before + n);
+    let mut lat: Vec<f64> = spans[before.min(spans.len())..]
+        .iter()
+        .filter(|s| {
+            s.attr("url.path")
+                .is_some_and(|p| p.starts_with("/detect/"))
+        })
+        .filter_map(|s| {
+            let start = SystemTime::UNIX_EPOCH + Duration::from_nanos(s.span.start_time_unix_nano);
+            s.arrived
+                .duration_since(start)
+                .ok()
+                .map(|d| d.as_secs_f64() * 1000.0)
+        })
+        .collect();
+    agent.stop()?;
+    lat.sort_by(f64::total_cmp);
+    if lat.is_empty() {
+        bail!("no synthetic span arrived for the detection-latency requests");
+    }
+    let q = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    rows.push(row(
+        "detection latency, gap request → span at the receiver",
+        "-".into(),
+        format!("p50 {:.0} ms, p99 {:.0} ms", q(0.5), q(0.99)),
+        format!("{} spans", lat.len()),
+        "p99 < 2 s",
+        Some(q(0.99) < 2000.0),
+    ));
+    Ok(())
+}
+
+fn ep(i: u32, port: u16) -> Endpoint {
+    Endpoint {
+        ip: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i)),
+        port,
+    }
+}
+
+/// A recorded-shape event stream: request and response heads on many
+/// flows, half of them with W3C context, as the kernel would send them.
+pub fn events(n_pairs: usize) -> Vec<RawEvent> {
+    let mut out = Vec::with_capacity(n_pairs * 2);
+    for i in 0..n_pairs {
+        let flow = Flow {
+            src: ep(1 + (i % 5000) as u32, 30000 + (i % 20000) as u16),
+            dst: ep(100_000 + (i % 50) as u32, 8080),
+        };
+        let ctx = if i % 2 == 0 {
+            "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n"
+        } else {
+            ""
+        };
+        let req = format!(
+            "GET /api/items/{i} HTTP/1.1\r\nHost: shop:8080\r\nUser-Agent: bench\r\n{ctx}Accept: */*\r\n\r\n"
+        );
+        let ts = i as u64 * 1000;
+        let seq = (i as u32).wrapping_mul(7919);
+        out.push(RawEvent {
+            ts_ns: ts,
+            flow,
+            ifindex: 1,
+            direction: Direction::Ingress,
+            kind: EventKind::Request,
+            seq,
+            segment_len: req.len() as u32,
+            budget_exhausted: false,
+            payload: req.into_bytes(),
+        });
+        let rsp =
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+                .to_vec();
+        out.push(RawEvent {
+            ts_ns: ts + 500,
+            flow: flow.reversed(),
+            ifindex: 2,
+            direction: Direction::Ingress,
+            kind: EventKind::Response,
+            seq: seq ^ 0x5555,
+            segment_len: rsp.len() as u32,
+            budget_exhausted: false,
+            payload: rsp,
+        });
+    }
+    out
+}
+
+/// Everything user space does per event, on this thread: assemble, pair,
+/// classify, build spans for the gaps. Returns spans built.
+pub fn pipeline(events: Vec<RawEvent>) -> usize {
+    let clock = WallClock::new();
+    let (mut a, mut pairer, mut engine) =
+        (Assembler::default(), Pairer::default(), Engine::default());
+    let mut messages: Vec<Message> = Vec::new();
+    let id = Identity::default();
+    let mut spans = 0;
+    for e in events {
+        a.push(e, &mut messages);
+        for m in messages.drain(..) {
+            if m.is_request() {
+                if let Ok(h) = &m.head {
+                    let p = tracegap_agent::http::context::Propagation::from_head(h);
+                    engine.request_started(
+                        m.flow,
+                        m.seq,
+                        m.ts_ns,
+                        &p.contexts,
+                        p.baggage.is_some(),
+                    );
+                }
+                pairer.request(m);
+            } else if let Some(req) = pairer.response(&m)
+                && let Some(hop) = Hop::new(&clock, &req, Some(&m), m.ts_ns)
+            {
+                let v = engine.classify(&hop, None);
+                if span::wanted(v.kind, ExportMode::Gaps, false) {
+                    std::hint::black_box(span::build(&hop, &v, &id, &id, true));
+                    spans += 1;
+                }
+            }
+        }
+    }
+    spans
+}
+
+fn user_space(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let pairs = if d.rounds > 1 { 250_000 } else { 50_000 };
+    let evs = events(pairs);
+    let n = evs.len() as f64;
+    let t = Instant::now();
+    let spans = pipeline(evs);
+    let rate = n / t.elapsed().as_secs_f64();
+    rows.push(row(
+        "user space: events/s through parse, pair, classify, span (1 core)",
+        "-".into(),
+        format!("{:.0}k events/s", rate / 1000.0),
+        format!("{spans} spans built"),
+        "≥ 500k/s",
+        Some(rate >= 500_000.0),
+    ));
+
+    // Export to a real OTLP receiver (gRPC, default batching).
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    let n_spans = if d.rounds > 1 { 100_000 } else { 20_000 };
+    let clock = WallClock::new();
+    let (mut a, mut pairer, mut engine) =
+        (Assembler::default(), Pairer::default(), Engine::default());
+    let mut built = Vec::with_capacity(n_spans);
+    let mut msgs = Vec::new();
+    for e in events(n_spans * 2) {
+        a.push(e, &mut msgs);
+        for m in msgs.drain(..) {
+            if m.is_request() {
+                pairer.request(m);
+            } else if let Some(req) = pairer.response(&m)
+                && let Some(hop) = Hop::new(&clock, &req, Some(&m), m.ts_ns)
+                && built.len() < n_spans
+            {
+                let v = engine.classify(&hop, None);
+                built.push(span::build(
+                    &hop,
+                    &v,
+                    &Identity::default(),
+                    &Identity::default(),
+                    true,
+                ));
+            }
+        }
+    }
+    let metrics = std::sync::Arc::new(Metrics::new());
+    let cfg = ExportConfig {
+        endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
+        queue: n_spans + 1,
+        ..ExportConfig::default()
+    };
+    let total = built.len();
+    let t = Instant::now();
+    rt.block_on(async {
+        let (queue, task) = export::start(cfg, metrics.clone())?;
+        for s in built {
+            queue.offer(s);
+        }
+        drop(queue);
+        let _ = task.await;
+        Ok::<_, anyhow::Error>(())
+    })?;
+    let got = receiver
+        .wait_for(Duration::from_secs(30), |s| s.len() >= total)
+        .len();
+    let rate = got as f64 / t.elapsed().as_secs_f64();
+    rows.push(row(
+        "user space: spans/s exported over OTLP/gRPC to a real receiver",
+        "-".into(),
+        format!("{:.0}k spans/s", rate / 1000.0),
+        format!("{got} of {total} received"),
+        "≥ 100k/s",
+        Some(rate >= 100_000.0),
+    ));
+    Ok(())
+}
+
+/// Peak RSS (VmHWM) of this process, in KiB.
+pub fn peak_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Holds `flows` concurrent open flows with a request in flight each (the
+/// agent's per-flow state), then reports this process's peak RSS.
+pub fn hold_flows(flows: usize) -> u64 {
+    let clock = WallClock::new();
+    let _ = &clock;
+    let (mut a, mut pairer, mut engine) =
+        (Assembler::default(), Pairer::default(), Engine::default());
+    let mut msgs = Vec::new();
+    for e in events(flows)
+        .into_iter()
+        .filter(|e| e.kind == EventKind::Request)
+    {
+        a.push(e, &mut msgs);
+        for m in msgs.drain(..) {
+            if let Ok(h) = &m.head {
+                let p = tracegap_agent::http::context::Propagation::from_head(h);
+                engine.request_started(m.flow, m.seq, m.ts_ns, &p.contexts, false);
+            }
+            pairer.request(m);
+        }
+    }
+    std::hint::black_box((&a, &pairer, &engine));
+    peak_rss_kib()
+}
+
+fn memory(lab_bin: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    let rss = |n: usize| -> anyhow::Result<u64> {
+        let out = crate::netns::run(Command::new(lab_bin).args([
+            "bench-memory",
+            "--flows",
+            &n.to_string(),
+        ]))?;
+        Ok(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+    };
+    let base = rss(0)?;
+    let mut figures = HashMap::new();
+    for n in [1_000, 10_000, 100_000] {
+        figures.insert(n, rss(n)?);
+    }
+    let mib = |k: u64| k as f64 / 1024.0;
+    let f100k = figures[&100_000];
+    let per_flow = (f100k.saturating_sub(figures[&10_000])) as f64 * 1024.0 / 90_000.0;
+    rows.push(row(
+        "memory: peak RSS with 1k / 10k / 100k open flows",
+        format!("{:.1} MiB (no flows)", mib(base)),
+        format!(
+            "{:.1} / {:.1} / {:.1} MiB",
+            mib(figures[&1_000]),
+            mib(figures[&10_000]),
+            mib(f100k)
+        ),
+        format!("~{per_flow:.0} B per flow"),
+        "< 64 MiB at 100k, linear",
+        Some(mib(f100k) < 64.0),
+    ));
+    Ok(())
+}
+
+/// Runs everything and renders the table.
+pub fn run(d: Durations, lab_bin: &std::path::Path) -> anyhow::Result<String> {
+    let mut rows = Vec::new();
+    eprintln!("bench: data path (wrk, iperf3, BPF statistics, detection latency)");
+    data_path(d, &mut rows)?;
+    eprintln!("bench: user-space pipeline and export");
+    user_space(d, &mut rows)?;
+    eprintln!("bench: memory");
+    memory(lab_bin, &mut rows)?;
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+            })
+        })
+        .unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Machine: {cpu}, {cpus} CPUs; kernel {}; load {} s x {} round(s) per figure.\n",
+        kernel.trim(),
+        d.load.as_secs(),
+        d.rounds
+    );
+    out.push_str("| measure | baseline | with tracegap | figure | target | met |\n| --- | --- | --- | --- | --- | --- |\n");
+    for r in &rows {
+        let met = match r.met {
+            Some(true) => "yes",
+            Some(false) => "**no**",
+            None => "-",
+        };
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {met} |",
+            r.what, r.baseline, r.with, r.figure, r.target
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,37 @@
+//! `cargo xtask bench`: builds the lab in release mode (the agent inside it,
+//! with its eBPF programs) and runs `tracegap-lab bench` as root. The table
+//! goes to stdout and to target/bench/bench.md.
+
+use anyhow::bail;
+
+use crate::{setup, toolchain};
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Short loads: a smoke run, not figures to quote.
+    #[arg(long)]
+    quick: bool,
+}
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the bench creates network namespaces and loads eBPF programs: run it as root");
+    }
+    let route = setup::ensure(true)?;
+    setup::ensure_packages(&["wrk", "iperf3"])?;
+    toolchain::run(toolchain::cargo(&route).args([
+        "build",
+        "--release",
+        "--package",
+        "tracegap-lab",
+    ]))?;
+    let root = toolchain::workspace_root();
+    let mut cmd = std::process::Command::new(root.join("target/release/tracegap-lab"));
+    cmd.current_dir(&root)
+        .args(["bench", "--out", "target/bench/bench.md"]);
+    if args.quick {
+        cmd.arg("--quick");
+    }
+    toolchain::run(&mut cmd)
+}
