@@ -99,6 +99,19 @@ fn serve(
     })
 }
 
+/// Starts the watcher on a client; returns what it writes.
+fn watch(client: Client) -> (Arc<Directory>, Arc<ApiStatus>, tokio::task::JoinHandle<()>) {
+    let dir = Arc::new(Directory::default());
+    let status = Arc::new(ApiStatus::default());
+    let task = tokio::spawn(run(
+        client,
+        ClusterConfig::default(),
+        dir.clone(),
+        status.clone(),
+    ));
+    (dir, status, task)
+}
+
 async fn eventually(what: &str, cond: impl Fn() -> bool) {
     for _ in 0..200 {
         if cond() {
@@ -308,14 +321,7 @@ async fn names_follow_pods_owners_services_and_ip_reuse_through_410_gone() {
     ]);
     let seen = Arc::new(Mutex::new(Vec::new()));
     let server = serve(handle, script, seen.clone());
-    let dir = Arc::new(Directory::default());
-    let status = Arc::new(ApiStatus::default());
-    let task = tokio::spawn(run(
-        client,
-        ClusterConfig::default(),
-        dir.clone(),
-        status.clone(),
-    ));
+    let (dir, status, task) = watch(client);
 
     // After the relist: B owns the reused address, named by its StatefulSet.
     eventually("the relist after 410", || {
@@ -433,14 +439,7 @@ async fn losing_the_api_degrades_and_attribution_recovers_when_it_returns() {
         ),
     ]);
     let server = serve(handle, script, Arc::new(Mutex::new(Vec::new())));
-    let dir = Arc::new(Directory::default());
-    let status = Arc::new(ApiStatus::default());
-    let task = tokio::spawn(run(
-        client,
-        ClusterConfig::default(),
-        dir.clone(),
-        status.clone(),
-    ));
+    let (dir, status, task) = watch(client);
     eventually("degraded while the API fails", || {
         status.degraded().is_some()
     })
