@@ -129,6 +129,14 @@ impl Assembler {
         let key = (e.flow, e.ifindex);
         match e.kind {
             EventKind::Request | EventKind::Response => {
+                // The same segment seen on a second veth, or retransmitted:
+                // dropped before it costs a parse.
+                if let Some(&(last, _)) = self.seen.get(&e.flow)
+                    && (e.seq.wrapping_sub(last) as i32) <= 0
+                {
+                    self.stats.duplicates += 1;
+                    return;
+                }
                 if let Some(p) = self.partials.remove(&key) {
                     // A new message began before the last one's head ended.
                     self.finish(key, p, out);
