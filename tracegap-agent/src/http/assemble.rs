@@ -308,7 +308,12 @@ impl Pairer {
                 .retain(|(n, _)| KEPT_WHILE_PENDING.contains(&n.as_str()));
             h.headers.shrink_to_fit();
         }
-        let q = self.pending.entry(m.flow).or_default();
+        // Most flows have one request in flight: room for one, not the
+        // default four, is most of the memory per open flow.
+        let q = self
+            .pending
+            .entry(m.flow)
+            .or_insert_with(|| VecDeque::with_capacity(1));
         q.push_back(m);
         (q.len() > MAX_PENDING_PER_FLOW)
             .then(|| q.pop_front())
