@@ -27,7 +27,7 @@ use crate::{
         span::{self, ExportMode, Identity},
     },
     http::{
-        assemble::{Assembler, Message, Pairer},
+        assemble::{Assembler, HEAD_TIMEOUT, Message, Pairer},
         context::Propagation,
     },
     identity::Directory,
@@ -36,8 +36,6 @@ use crate::{
     server::{self, Shared},
 };
 
-/// How long an unfinished header block waits for its next segment.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 /// Paths that telemetry is exported to (OTLP/HTTP, Jaeger, Zipkin). Those
 /// requests are the tracing system's own traffic, not application hops; the
 /// agent's own exports would otherwise come back to it as gaps, forever.

@@ -11,7 +11,7 @@ use crate::{
     ebpf::Observer,
     events::EventStream,
     http::{
-        assemble::{Assembler, Message, Pairer},
+        assemble::{Assembler, HEAD_TIMEOUT, Message, Pairer},
         context::{Found, Propagation},
         message::StartLine,
     },
@@ -21,8 +21,6 @@ use crate::{
 
 /// How long a request waits for its response before it is reported unanswered.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long an unfinished header block waits for its next segment.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn context_field(p: &Propagation) -> String {
     if p.contexts.is_empty() {

@@ -14,6 +14,9 @@ use crate::events::{Flow, RawEvent};
 pub const MAX_PARTIALS: usize = 16 * 1024;
 /// Requests waiting for a response per flow at most (pipelining depth).
 pub const MAX_PENDING_PER_FLOW: usize = 64;
+/// How long an unfinished header block waits for its next segment before
+/// it is flushed as truncated ([`Assembler::flush_before`]).
+pub const HEAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 /// Messages read out of one event at most (pipelining in one segment).
 pub const MAX_PIPELINED_PER_EVENT: usize = 64;
 /// Flows remembered for duplicate detection at most.
