@@ -2,7 +2,7 @@
 //! DaemonSet would run it on a node: attached to the node's pod veths,
 //! exporting to a real OTLP receiver.
 
-use std::{sync::Arc, thread::JoinHandle, time::Duration};
+use std::{sync::Arc, thread::JoinHandle};
 
 use tracegap_agent::{
     agent::{AgentConfig, Started, run},
@@ -68,19 +68,7 @@ impl Agent {
 
     /// GET `path` from the agent's HTTP endpoint: (status, body).
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        use std::io::{Read as _, Write as _};
-        let mut c = std::net::TcpStream::connect_timeout(&self.listen, Duration::from_secs(3))?;
-        c.set_read_timeout(Some(Duration::from_secs(5)))?;
-        write!(c, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n")?;
-        let mut raw = String::new();
-        c.read_to_string(&mut raw)?;
-        let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
-        let status = head
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        Ok((status, body.to_owned()))
+        crate::http::get(self.listen, path)
     }
 
     /// The value of a metric sample line that starts with `prefix`

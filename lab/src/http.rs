@@ -14,6 +14,24 @@ use std::{
 
 use crate::netns::Pod;
 
+/// GET `path` from `addr` (HTTP/1.0, so the server closes when done):
+/// (status, body). For the lab's own questions: the agent's endpoints, a
+/// service's stats.
+pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut raw = String::new();
+    c.read_to_string(&mut raw)?;
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((status, body.to_owned()))
+}
+
 /// A running server; stops (and joins its thread) when dropped.
 pub struct HttpServer {
     pub port: u16,

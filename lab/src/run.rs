@@ -196,15 +196,10 @@ impl Ctx<'_> {
 
     /// Spans a service could not export (its `/_lab/stats`).
     fn export_failed(&self, pod: &str) -> anyhow::Result<u64> {
-        use std::io::{Read as _, Write as _};
         let addr = SocketAddr::from((self.node.pod(pod).ipv4, 8080));
-        let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-        c.set_read_timeout(Some(Duration::from_secs(2)))?;
-        c.write_all(b"GET /_lab/stats HTTP/1.1\r\nHost: lab\r\nConnection: close\r\n\r\n")?;
-        let mut raw = String::new();
-        c.read_to_string(&mut raw)?;
-        let body = raw.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        let v: serde_json::Value = serde_json::from_str(body)?;
+        let (status, body) = crate::http::get(addr, "/_lab/stats")?;
+        anyhow::ensure!(status == 200, "/_lab/stats answered {status}");
+        let v: serde_json::Value = serde_json::from_str(&body)?;
         v["export_failed"]
             .as_u64()
             .context("no export_failed in /_lab/stats")
