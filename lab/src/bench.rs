@@ -392,14 +392,16 @@ pub fn events(n_pairs: usize) -> Vec<RawEvent> {
 }
 
 /// Everything user space does per event, on this thread: assemble, pair,
-/// classify, build spans for the gaps. Returns spans built.
-pub fn pipeline(events: Vec<RawEvent>) -> usize {
+/// classify, and build a span for each gap, handed to `on_span`.
+fn run_pipeline(
+    events: impl IntoIterator<Item = RawEvent>,
+    mut on_span: impl FnMut(span::SyntheticSpan),
+) {
     let clock = WallClock::new();
     let (mut a, mut pairer, mut engine) =
         (Assembler::default(), Pairer::default(), Engine::default());
     let mut messages: Vec<Message> = Vec::new();
     let id = Identity::default();
-    let mut spans = 0;
     for e in events {
         a.push(e, &mut messages);
         for m in messages.drain(..) {
@@ -420,12 +422,20 @@ pub fn pipeline(events: Vec<RawEvent>) -> usize {
             {
                 let v = engine.classify(&hop, None);
                 if span::wanted(v.kind, ExportMode::Gaps, false) {
-                    std::hint::black_box(span::build(&hop, &v, &id, &id, true));
-                    spans += 1;
+                    on_span(span::build(&hop, &v, &id, &id, true));
                 }
             }
         }
     }
+}
+
+/// [`run_pipeline`], counting the spans built. Returns spans built.
+pub fn pipeline(events: Vec<RawEvent>) -> usize {
+    let mut spans = 0;
+    run_pipeline(events, |s| {
+        std::hint::black_box(s);
+        spans += 1;
+    });
     spans
 }
 
@@ -452,31 +462,9 @@ fn user_space(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         .build()?;
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
     let n_spans = if d.rounds > 1 { 100_000 } else { 20_000 };
-    let clock = WallClock::new();
-    let (mut a, mut pairer, mut engine) =
-        (Assembler::default(), Pairer::default(), Engine::default());
+    // Half of the generated hops are gaps: twice as many pairs as spans.
     let mut built = Vec::with_capacity(n_spans);
-    let mut msgs = Vec::new();
-    for e in events(n_spans * 2) {
-        a.push(e, &mut msgs);
-        for m in msgs.drain(..) {
-            if m.is_request() {
-                pairer.request(m);
-            } else if let Some(req) = pairer.response(&m)
-                && let Some(hop) = Hop::new(&clock, &req, Some(&m), m.ts_ns)
-                && built.len() < n_spans
-            {
-                let v = engine.classify(&hop, None);
-                built.push(span::build(
-                    &hop,
-                    &v,
-                    &Identity::default(),
-                    &Identity::default(),
-                    true,
-                ));
-            }
-        }
-    }
+    run_pipeline(events(n_spans * 2), |s| built.push(s));
     let metrics = std::sync::Arc::new(Metrics::new());
     let cfg = ExportConfig {
         endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
@@ -524,25 +512,12 @@ pub fn peak_rss_kib() -> u64 {
 /// Holds `flows` concurrent open flows with a request in flight each (the
 /// agent's per-flow state), then reports this process's peak RSS.
 pub fn hold_flows(flows: usize) -> u64 {
-    let clock = WallClock::new();
-    let _ = &clock;
-    let (mut a, mut pairer, mut engine) =
-        (Assembler::default(), Pairer::default(), Engine::default());
-    let mut msgs = Vec::new();
-    for e in events(flows)
+    // Requests only: every flow stays open, nothing completes. The state
+    // is dropped when the pipeline returns; VmHWM keeps its peak.
+    let requests = events(flows)
         .into_iter()
-        .filter(|e| e.kind == EventKind::Request)
-    {
-        a.push(e, &mut msgs);
-        for m in msgs.drain(..) {
-            if let Ok(h) = &m.head {
-                let p = tracegap_agent::http::context::Propagation::from_head(h);
-                engine.request_started(m.flow, m.seq, m.ts_ns, &p.contexts, false);
-            }
-            pairer.request(m);
-        }
-    }
-    std::hint::black_box((&a, &pairer, &engine));
+        .filter(|e| e.kind == EventKind::Request);
+    run_pipeline(requests, |_| {});
     peak_rss_kib()
 }
 
