@@ -134,10 +134,7 @@ impl Assembler {
             EventKind::Request | EventKind::Response => {
                 // The same segment seen on a second veth, or retransmitted:
                 // dropped before it costs a parse.
-                if let Some(&(last, _)) = self.seen.get(&e.flow)
-                    && (e.seq.wrapping_sub(last) as i32) <= 0
-                {
-                    self.stats.duplicates += 1;
+                if self.duplicate(&e.flow, e.seq) {
                     return;
                 }
                 if let Some(p) = self.partials.remove(&key) {
@@ -214,6 +211,19 @@ impl Assembler {
         }
     }
 
+    /// Whether a message starting at `seq` on `flow` was already emitted (a
+    /// retransmission, or the same segment from a second veth); counts it.
+    fn duplicate(&mut self, flow: &Flow, seq: u32) -> bool {
+        let seen = self
+            .seen
+            .get(flow)
+            .is_some_and(|&(last, _)| (seq.wrapping_sub(last) as i32) <= 0);
+        if seen {
+            self.stats.duplicates += 1;
+        }
+        seen
+    }
+
     /// Emits a head that will not get its end: what it has, marked truncated.
     fn finish(&mut self, key: (Flow, u32), p: Partial, out: &mut Vec<Message>) {
         let head = parse_partial(&p.buf);
@@ -228,10 +238,9 @@ impl Assembler {
         truncated: bool,
         out: &mut Vec<Message>,
     ) {
-        if let Some(&(last, _)) = self.seen.get(&flow)
-            && (p.seq.wrapping_sub(last) as i32) <= 0
-        {
-            self.stats.duplicates += 1;
+        // Checked again here: a head that waited for its continuation may
+        // have been overtaken by the same head from the other veth.
+        if self.duplicate(&flow, p.seq) {
             return;
         }
         if self.seen.len() >= MAX_SEEN_FLOWS && !self.seen.contains_key(&flow) {
