@@ -355,14 +355,6 @@ impl Child {
             .with_context(|| format!("spawning {cmd:?}"))?;
         Ok(Self(child))
     }
-
-    pub fn id(&self) -> u32 {
-        self.0.id()
-    }
-
-    pub fn inner(&mut self) -> &mut std::process::Child {
-        &mut self.0
-    }
 }
 
 impl Drop for Child {

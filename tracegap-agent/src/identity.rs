@@ -111,14 +111,6 @@ impl Directory {
             .and_then(|e| e.get(&ip).cloned())
             .unwrap_or_else(|| Identity::unknown(ip))
     }
-
-    pub fn len(&self) -> usize {
-        self.entries.read().map_or(0, |e| e.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 #[cfg(test)]

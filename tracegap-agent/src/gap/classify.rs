@@ -64,18 +64,6 @@ pub enum GapKind {
 }
 
 impl GapKind {
-    pub const ALL: [GapKind; 9] = [
-        Self::ContextOk,
-        Self::MissingContext,
-        Self::BrokenPropagation,
-        Self::Passthrough,
-        Self::Unsampled,
-        Self::SamplingInconsistent,
-        Self::MalformedContext,
-        Self::FormatMismatch,
-        Self::Uninstrumented,
-    ];
-
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::ContextOk => "context_ok",
