@@ -13,6 +13,7 @@ use tracegap_agent::{
         message::StartLine,
     },
 };
+use tracegap_common::{Direction, EventKind};
 use tracegap_tests::{Node, collect_events, http::HttpServer, privileged};
 
 const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -25,7 +26,7 @@ struct Setup {
 }
 
 /// Client and server pods, a server on :8080, programs on both host veths
-/// (so every packet is seen twice, as on a real node).
+/// (so every packet crosses two watched interfaces, as on a real node).
 fn setup() -> anyhow::Result<Setup> {
     let node = Node::new(&["client", "server"])?;
     let server = HttpServer::start(node.pod("server"), 8080)?;
@@ -214,6 +215,51 @@ fn large_headers_are_followed_across_segments_up_to_the_budget() -> anyhow::Resu
         prop.contexts.is_empty(),
         "nothing guessed past the budget: {prop:?}"
     );
+    s.observer.detach_all()?;
+    Ok(())
+}
+
+#[test]
+fn a_message_between_two_local_pods_is_copied_once() -> anyhow::Result<()> {
+    if !privileged("a_message_between_two_local_pods_is_copied_once") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    let (client, server) = (s.node.pod("client"), s.node.pod("server"));
+    let url = format!("http://{}:8080/once", server.ipv4);
+    for _ in 0..3 {
+        client.curl(&url, &["-H", &format!("traceparent: {TP}")])?;
+    }
+    let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 3);
+    // Each message is copied leaving the pod that sent it (ingress on its
+    // host veth) and only counted entering the other one.
+    let starts: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind != EventKind::Continuation)
+        .collect();
+    assert_eq!(starts.len(), 6, "{starts:?}");
+    assert!(
+        starts.iter().all(|e| e.direction == Direction::Ingress),
+        "{starts:?}"
+    );
+    let ifindex = |iface: &str| {
+        std::fs::read_to_string(format!("/sys/class/net/{iface}/ifindex"))
+            .ok()
+            .and_then(|i| i.trim().parse::<u32>().ok())
+    };
+    for e in &starts {
+        let from = if e.kind == EventKind::Request {
+            &client.host_if
+        } else {
+            &server.host_if
+        };
+        assert_eq!(Some(e.ifindex), ifindex(from), "{e:?}");
+    }
+    let c = s.observer.counters()?;
+    assert_eq!(c.second_sightings_skipped, 6, "{c:?}");
+    assert_eq!(c.http_requests + c.http_responses, 12, "{c:?}");
+    // And the agent still sees three whole, paired exchanges.
+    assert_eq!(requests(&assemble(events)).len(), 3);
     s.observer.detach_all()?;
     Ok(())
 }

@@ -99,6 +99,9 @@ fn http_request_on_a_veth_arrives_through_the_ring_buffer() -> anyhow::Result<()
         "{counters:?}"
     );
     assert_eq!(counters.ringbuf_full, 0);
+    // The client's veth is not watched: nothing was copied on its way out,
+    // so the request was copied on its way in, not skipped.
+    assert_eq!(counters.second_sightings_skipped, 0, "{counters:?}");
 
     // Detaching leaves nothing on the interface.
     observer.detach_all()?;

@@ -1,13 +1,17 @@
 //! Events from the kernel: decoding ring-buffer records and reading them
 //! without blocking the runtime.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    time::Duration,
+};
 
 use aya::maps::{MapData, RingBuf};
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracegap_common::{
-    Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, MAX_PAYLOAD, event_flags, family,
+    Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, MAX_PAYLOAD, WAKEUP_POLL_MS,
+    event_flags, family,
 };
 
 /// Why a ring-buffer record could not be decoded.
@@ -165,23 +169,37 @@ impl EventStream {
 
     /// Waits for at least one record, then appends every record available
     /// to `out` (decoded) and returns how many it appended.
+    ///
+    /// The kernel wakes the reader only when [`tracegap_common::WAKEUP_BYTES`] are pending,
+    /// so the ring is also drained every [`WAKEUP_POLL_MS`] without a wakeup.
     pub async fn next_batch(&mut self, out: &mut Vec<RawEvent>) -> std::io::Result<usize> {
+        let poll = Duration::from_millis(WAKEUP_POLL_MS);
         loop {
-            let mut guard = self.ring.readable_mut().await?;
-            let ring = guard.get_inner_mut();
             let before = out.len();
-            while let Some(record) = ring.next() {
-                match RawEvent::decode(&record) {
-                    Ok(e) => out.push(e),
-                    Err(e) => {
-                        self.decode_errors += 1;
-                        tracing::debug!(error = %e, "undecodable event");
-                    }
+            match tokio::time::timeout(poll, self.ring.readable_mut()).await {
+                Ok(guard) => {
+                    let mut guard = guard?;
+                    Self::drain_into(&mut self.decode_errors, guard.get_inner_mut(), out);
+                    guard.clear_ready();
+                }
+                Err(_elapsed) => {
+                    Self::drain_into(&mut self.decode_errors, self.ring.get_mut(), out);
                 }
             }
-            guard.clear_ready();
             if out.len() > before {
                 return Ok(out.len() - before);
+            }
+        }
+    }
+
+    fn drain_into(errors: &mut u64, ring: &mut RingBuf<MapData>, out: &mut Vec<RawEvent>) {
+        while let Some(record) = ring.next() {
+            match RawEvent::decode(&record) {
+                Ok(e) => out.push(e),
+                Err(e) => {
+                    *errors += 1;
+                    tracing::debug!(error = %e, "undecodable event");
+                }
             }
         }
     }

@@ -25,6 +25,25 @@ pub const MAX_OPEN_HEADERS: u32 = 16 * 1024;
 /// Size of the ring buffer that carries events to user space, in bytes.
 pub const RING_BUFFER_BYTES: u32 = 4 * 1024 * 1024;
 
+/// Unread bytes in the ring buffer at which the kernel wakes the reader.
+/// Below it, the reader finds the events on its next poll, at most
+/// [`WAKEUP_POLL_MS`] later. 256 KiB is a few hundred events and 1/16 of the
+/// ring: a burst wakes the reader long before the ring fills.
+pub const WAKEUP_BYTES: u32 = 256 * 1024;
+
+/// How often the reader drains the ring buffer without being woken, in ms.
+pub const WAKEUP_POLL_MS: u64 = 20;
+
+/// Entries of the map of local sources: addresses that sent an HTTP message
+/// into the host through a watched interface (the pods on this node).
+pub const MAX_LOCAL_SOURCES: u32 = 4096;
+
+/// How long an address counts as local after its last message seen leaving
+/// a watched interface. Pod CIDRs are per node in the common CNIs, so a
+/// local address is reused by another local pod, not by a remote one; the
+/// window only bounds how long a stale entry can hide a sighting.
+pub const LOCAL_SOURCE_WINDOW_NS: u64 = 30_000_000_000;
+
 /// Address family of a flow, as stored in [`FlowKey::family`].
 pub mod family {
     pub const IPV4: u8 = 4;
@@ -162,6 +181,16 @@ pub struct OpenKey {
     pub _pad: u32,
 }
 
+/// Key of the local-sources map: a source address and its family.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct SourceKey {
+    /// IPv4 in the first 4 bytes, the rest zero; or IPv6.
+    pub addr: [u8; 16],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Continuation state of a flow whose header block has not ended yet.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
@@ -172,7 +201,8 @@ pub struct OpenHeader {
     pub budget_left: u32,
 }
 
-/// Indexes into the per-CPU counters array.
+/// Indexes into the per-CPU counters: one map entry per CPU holding all of
+/// them, so a program run looks the counters up once.
 pub mod counter {
     /// Packets the programs ran on.
     pub const PACKETS: u32 = 0;
@@ -191,8 +221,12 @@ pub mod counter {
     /// Messages followed until [`crate::HEADER_BUDGET`] ran out (a header
     /// block that long, or a body after a block that did not end its segment).
     pub const BUDGET_EXHAUSTED: u32 = 7;
+    /// Message starts not copied on the way into a pod because the same
+    /// packet was already copied on its way out of a local pod: each
+    /// message is sent to user space once, not once per veth it crosses.
+    pub const SECOND_SIGHTINGS: u32 = 8;
     /// Number of counters.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 9;
 
     /// Prometheus-style names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -204,6 +238,7 @@ pub mod counter {
         "ringbuf_full",
         "parse_errors",
         "header_budget_exhausted",
+        "second_sightings_skipped",
     ];
 }
 
@@ -214,6 +249,7 @@ mod pod {
     unsafe impl aya::Pod for super::EventHeader {}
     unsafe impl aya::Pod for super::OpenHeader {}
     unsafe impl aya::Pod for super::OpenKey {}
+    unsafe impl aya::Pod for super::SourceKey {}
 }
 
 #[cfg(test)]
@@ -225,6 +261,8 @@ mod tests {
     fn layout_has_no_implicit_padding() {
         // 16 + 16 + 2 + 2 + 1 + 3
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
+        // 16 + 1 + 3
+        assert_eq!(core::mem::size_of::<SourceKey>(), 20);
         // 8 + 40 + 4 + 4 + 4 + 2 + 1 + 1 + 1 + 7
         assert_eq!(EVENT_HEADER_LEN, 72);
         assert_eq!(

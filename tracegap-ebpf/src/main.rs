@@ -19,15 +19,16 @@
 mod net;
 
 use aya_ebpf::{
-    bindings::TC_ACT_UNSPEC,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP, TC_ACT_UNSPEC},
     helpers::bpf_ktime_get_ns,
     macros::{classifier, map},
     maps::{Array, LruHashMap, PerCpuArray, RingBuf},
     programs::TcContext,
 };
 use tracegap_common::{
-    Direction, EVENT_HEADER_LEN, Event, EventKind, HEADER_BUDGET, MAX_OPEN_HEADERS, MAX_PAYLOAD,
-    OpenHeader, OpenKey, RING_BUFFER_BYTES, counter, event_flags,
+    Direction, EVENT_HEADER_LEN, Event, EventKind, FlowKey, HEADER_BUDGET, LOCAL_SOURCE_WINDOW_NS,
+    MAX_LOCAL_SOURCES, MAX_OPEN_HEADERS, MAX_PAYLOAD, OpenHeader, OpenKey, RING_BUFFER_BYTES,
+    SourceKey, WAKEUP_BYTES, counter, event_flags,
 };
 
 use crate::net::Segment;
@@ -36,9 +37,22 @@ use crate::net::Segment;
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
 
-/// Per-CPU counters, indexed by [`counter`].
+/// Per-CPU counters, indexed by [`counter`], all in one entry: one lookup
+/// per run instead of one per counter touched.
 #[map]
-static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(counter::COUNT, 0);
+static COUNTERS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(1, 0);
+
+type Counters = [u64; counter::COUNT as usize];
+
+/// Sources seen sending an HTTP message out of a pod through a watched
+/// interface (ktime ns of the last one). A packet from a local pod to a
+/// local pod crosses two watched veths: it is copied on the way out of the
+/// first and only counted on the way into the second, so each message
+/// reaches user space once. Traffic from elsewhere (other nodes, the host,
+/// an unwatched pod) is still copied on its way in.
+#[map]
+static LOCAL_SOURCES: LruHashMap<SourceKey, u64> =
+    LruHashMap::with_max_entries(MAX_LOCAL_SOURCES, 0);
 
 /// Where an event is assembled: too large for the 512-byte BPF stack.
 #[map]
@@ -67,13 +81,20 @@ fn note_open(ts_ns: u64) {
     }
 }
 
+/// The time now if a block was opened within OPEN_WINDOW_NS, else None
+/// (and, while no block was ever opened, without reading the clock).
 #[inline(always)]
-fn recently_opened() -> bool {
+fn recently_opened() -> Option<u64> {
+    let now = || unsafe { bpf_ktime_get_ns() };
     let Some(p) = OPEN_LAST.get_ptr(0) else {
-        return true;
+        return Some(now());
     };
     let last = unsafe { core::ptr::read_volatile(p) };
-    last != 0 && unsafe { bpf_ktime_get_ns() }.saturating_sub(last) < OPEN_WINDOW_NS
+    if last == 0 {
+        return None;
+    }
+    let now = now();
+    (now.saturating_sub(last) < OPEN_WINDOW_NS).then_some(now)
 }
 
 #[classifier]
@@ -88,26 +109,62 @@ pub fn tracegap_egress(ctx: TcContext) -> i32 {
     TC_ACT_UNSPEC
 }
 
+/// Per-CPU: no other writer, a plain add is enough.
 #[inline(always)]
-fn count(index: u32) {
-    if let Some(c) = COUNTERS.get_ptr_mut(index) {
-        // Per-CPU: no other writer, a plain add is enough.
-        unsafe { *c += 1 };
+fn count(counters: &mut Counters, index: u32) {
+    if let Some(c) = counters.get_mut(index as usize) {
+        *c += 1;
     }
 }
 
 #[inline(always)]
 fn observe(ctx: &TcContext, direction: Direction) {
-    count(counter::PACKETS);
+    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the per-CPU entry is this CPU's alone while the program runs.
+    let counters = unsafe { &mut *counters };
+    count(counters, counter::PACKETS);
     match net::tcp_segment(ctx) {
         Ok(Some(seg)) => {
-            count(counter::TCP_PAYLOAD);
-            if try_http(ctx, &seg, direction).is_err() {
-                count(counter::PARSE_ERRORS);
+            count(counters, counter::TCP_PAYLOAD);
+            if try_http(ctx, &seg, direction, counters).is_err() {
+                count(counters, counter::PARSE_ERRORS);
             }
         }
         Ok(None) => {}
-        Err(()) => count(counter::PARSE_ERRORS),
+        Err(()) => count(counters, counter::PARSE_ERRORS),
+    }
+}
+
+#[inline(always)]
+fn source_key(flow: &FlowKey) -> SourceKey {
+    SourceKey {
+        addr: flow.saddr,
+        family: flow.family,
+        _pad: [0; 3],
+    }
+}
+
+/// Leaving a pod: its address is local. Written at most once a second per
+/// source, so the common case is a lookup, not an LRU update.
+#[inline(always)]
+fn note_local_source(flow: &FlowKey, now: u64) {
+    let key = source_key(flow);
+    if let Some(seen) = LOCAL_SOURCES.get_ptr(key)
+        && now.saturating_sub(unsafe { *seen }) < 1_000_000_000
+    {
+        return;
+    }
+    let _ = LOCAL_SOURCES.insert(key, now, 0);
+}
+
+/// Entering a pod: was this packet already copied leaving a local one?
+#[inline(always)]
+fn from_local_source(flow: &FlowKey, now: u64) -> bool {
+    match LOCAL_SOURCES.get_ptr(source_key(flow)) {
+        Some(seen) => now.saturating_sub(unsafe { *seen }) < LOCAL_SOURCE_WINDOW_NS,
+        None => false,
     }
 }
 
@@ -136,9 +193,14 @@ fn classify_start(head: &[u8; 8]) -> Option<EventKind> {
     request.then_some(EventKind::Request)
 }
 
-fn try_http(ctx: &TcContext, seg: &Segment, direction: Direction) -> Result<(), ()> {
+fn try_http(
+    ctx: &TcContext,
+    seg: &Segment,
+    direction: Direction,
+    counters: &mut Counters,
+) -> Result<(), ()> {
     let head: [u8; 8] = if seg.payload_len >= 8 {
-        ctx.load(seg.payload_off as usize).map_err(|_| ())?
+        net::read(ctx, seg.payload_off as usize)?
     } else {
         // Too short to be a message start ("GET / HTTP/1.1" alone is 14);
         // it may still continue a header block.
@@ -150,20 +212,34 @@ fn try_http(ctx: &TcContext, seg: &Segment, direction: Direction) -> Result<(), 
         _pad: 0,
     };
 
-    let (kind, budget) = match classify_start(&head) {
+    let (kind, budget, ts_ns) = match classify_start(&head) {
         Some(kind) => {
-            count(if kind == EventKind::Request {
-                counter::HTTP_REQUESTS
-            } else {
-                counter::HTTP_RESPONSES
-            });
-            (kind, HEADER_BUDGET)
+            count(
+                counters,
+                if kind == EventKind::Request {
+                    counter::HTTP_REQUESTS
+                } else {
+                    counter::HTTP_RESPONSES
+                },
+            );
+            let now = unsafe { bpf_ktime_get_ns() };
+            match direction {
+                Direction::Ingress => note_local_source(&seg.flow, now),
+                Direction::Egress if from_local_source(&seg.flow, now) => {
+                    // Its continuations are skipped too: no block is opened
+                    // for this interface.
+                    count(counters, counter::SECOND_SIGHTINGS);
+                    return Ok(());
+                }
+                Direction::Egress => {}
+            }
+            (kind, HEADER_BUDGET, now)
         }
         None => {
             // Not a start: only interesting if it continues a block we follow.
-            if !recently_opened() {
+            let Some(now) = recently_opened() else {
                 return Ok(());
-            }
+            };
             let Some(open) = OPEN_HEADERS.get_ptr_mut(key) else {
                 return Ok(());
             };
@@ -173,14 +249,13 @@ fn try_http(ctx: &TcContext, seg: &Segment, direction: Direction) -> Result<(), 
                 // block truncated rather than guess what is missing.
                 return Ok(());
             }
-            count(counter::CONTINUATIONS);
-            (EventKind::Continuation, open.budget_left)
+            count(counters, counter::CONTINUATIONS);
+            (EventKind::Continuation, open.budget_left, now)
         }
     };
 
     let scratch = SCRATCH.get_ptr_mut(0).ok_or(())?;
     let event = unsafe { &mut *scratch };
-    let ts_ns = unsafe { bpf_ktime_get_ns() };
 
     // Copy the segment in chunks of MAX_PAYLOAD, each its own event, until
     // the segment or the budget ends. A GSO super-packet can carry a whole
@@ -209,7 +284,7 @@ fn try_http(ctx: &TcContext, seg: &Segment, direction: Direction) -> Result<(), 
         event.header.direction = direction as u8;
         event.header.kind = chunk_kind as u8;
         event.header.flags = flags;
-        emit(event, n as usize);
+        emit(event, n as usize, counters);
         copied += n;
         if kind == EventKind::Response {
             // Responses: the status line and the headers in the first chunk
@@ -225,7 +300,7 @@ fn try_http(ctx: &TcContext, seg: &Segment, direction: Direction) -> Result<(), 
     let budget_left = budget - copied;
     if ended || budget_left == 0 {
         if !ended {
-            count(counter::BUDGET_EXHAUSTED);
+            count(counters, counter::BUDGET_EXHAUSTED);
         }
         let _ = OPEN_HEADERS.remove(key);
     } else {
@@ -275,13 +350,13 @@ fn ends_with_blank_line(ctx: &TcContext, seg: &Segment) -> bool {
         return false;
     }
     matches!(
-        ctx.load::<[u8; 4]>((seg.payload_off + seg.payload_len - 4) as usize),
+        net::read::<4>(ctx, (seg.payload_off + seg.payload_len - 4) as usize),
         Ok(tail) if tail == *b"\r\n\r\n"
     )
 }
 
 #[inline(always)]
-fn emit(event: &Event, payload_len: usize) {
+fn emit(event: &Event, payload_len: usize, counters: &mut Counters) {
     let len = EVENT_HEADER_LEN + payload_len;
     if len > core::mem::size_of::<Event>() {
         return;
@@ -292,8 +367,18 @@ fn emit(event: &Event, payload_len: usize) {
             core::mem::size_of::<Event>(),
         )
     };
-    if EVENTS.output::<[u8]>(&bytes[..len], 0).is_err() {
-        count(counter::RINGBUF_FULL);
+    // Wake the reader only once a batch has piled up: a wakeup per event
+    // costs the node a context switch per HTTP message, more than
+    // everything else here. The reader also drains on a short timer
+    // (WAKEUP_POLL_MS), so a quiet flow's event waits at most that long.
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let flags = if pending + len as u64 >= WAKEUP_BYTES as u64 {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    };
+    if EVENTS.output::<[u8]>(&bytes[..len], flags as u64).is_err() {
+        count(counters, counter::RINGBUF_FULL);
     }
 }
 

@@ -16,6 +16,9 @@ pub struct Counters {
     pub ringbuf_full: u64,
     pub parse_errors: u64,
     pub header_budget_exhausted: u64,
+    /// Messages entering a pod not copied again: they were copied leaving
+    /// a local pod.
+    pub second_sightings_skipped: u64,
 }
 
 impl Counters {
@@ -30,6 +33,7 @@ impl Counters {
             self.ringbuf_full,
             self.parse_errors,
             self.header_budget_exhausted,
+            self.second_sightings_skipped,
         ];
         counter::NAMES.into_iter().zip(values)
     }
@@ -37,25 +41,28 @@ impl Counters {
 
 pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
     let map = ebpf.map("COUNTERS").ok_or(Error::MissingMap("COUNTERS"))?;
-    let array = PerCpuArray::<_, u64>::try_from(map).map_err(|source| Error::Map {
+    let map_error = |source| Error::Map {
         name: "COUNTERS",
         source: Box::new(source),
-    })?;
-    let sum = |index: u32| -> Result<u64, Error> {
-        let values = array.get(&index, 0).map_err(|source| Error::Map {
-            name: "COUNTERS",
-            source: Box::new(source),
-        })?;
-        Ok(values.iter().copied().fold(0u64, u64::wrapping_add))
     };
+    let array =
+        PerCpuArray::<_, [u64; counter::COUNT as usize]>::try_from(map).map_err(map_error)?;
+    let mut sums = [0u64; counter::COUNT as usize];
+    for cpu in array.get(&0, 0).map_err(map_error)?.iter() {
+        for (sum, v) in sums.iter_mut().zip(cpu) {
+            *sum = sum.wrapping_add(*v);
+        }
+    }
+    let sum = |index: u32| sums[index as usize];
     Ok(Counters {
-        packets: sum(counter::PACKETS)?,
-        tcp_payload_segments: sum(counter::TCP_PAYLOAD)?,
-        http_requests: sum(counter::HTTP_REQUESTS)?,
-        http_responses: sum(counter::HTTP_RESPONSES)?,
-        header_continuations: sum(counter::CONTINUATIONS)?,
-        ringbuf_full: sum(counter::RINGBUF_FULL)?,
-        parse_errors: sum(counter::PARSE_ERRORS)?,
-        header_budget_exhausted: sum(counter::BUDGET_EXHAUSTED)?,
+        packets: sum(counter::PACKETS),
+        tcp_payload_segments: sum(counter::TCP_PAYLOAD),
+        http_requests: sum(counter::HTTP_REQUESTS),
+        http_responses: sum(counter::HTTP_RESPONSES),
+        header_continuations: sum(counter::CONTINUATIONS),
+        ringbuf_full: sum(counter::RINGBUF_FULL),
+        parse_errors: sum(counter::PARSE_ERRORS),
+        header_budget_exhausted: sum(counter::BUDGET_EXHAUSTED),
+        second_sightings_skipped: sum(counter::SECOND_SIGHTINGS),
     })
 }
