@@ -5,7 +5,7 @@
 
 #[test]
 fn the_generated_stream_is_classified_as_the_bench_assumes() {
-    let spans = tracegap_lab::bench::pipeline(tracegap_lab::bench::events(1000));
+    let spans = tracegap_lab::bench::pipeline(tracegap_lab::bench::events(1000).collect());
     assert_eq!(spans, 500);
     assert!(tracegap_lab::bench::hold_flows(1000) > 0);
 }

@@ -292,7 +292,7 @@ fn pipelined_requests_on_one_connection_are_seen_in_order() -> anyhow::Result<()
     let mut answered = Vec::new();
     for m in messages {
         if m.is_request() {
-            pairer.request(m);
+            pairer.request(m.flow, m);
         } else if let Some(req) = pairer.response(&m) {
             answered.push(path_of(&req));
         }
@@ -339,7 +339,7 @@ fn a_long_lived_connection_is_followed_request_by_request() -> anyhow::Result<()
     let mut answered = Vec::new();
     for m in messages {
         if m.is_request() {
-            pairer.request(m);
+            pairer.request(m.flow, m);
         } else {
             let req = pairer
                 .response(&m)

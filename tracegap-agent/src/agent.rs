@@ -24,12 +24,10 @@ use crate::{
     gap::{
         Engine, GapKind, Hop,
         classify::{RETENTION_NS, formats_label},
+        hop::Request,
         span::{self, ExportMode, Identity},
     },
-    http::{
-        assemble::{Assembler, HEAD_TIMEOUT, Message, Pairer},
-        context::Propagation,
-    },
+    http::assemble::{Assembler, HEAD_TIMEOUT, Message, Pairer},
     identity::Directory,
     interfaces::{self, Interfaces, Selection},
     metrics::{BaggageLabels, GapLabels, Metrics, RequestLabels},
@@ -47,12 +45,8 @@ const TELEMETRY_PATHS: [&str; 5] = [
     "/api/v2/spans",
 ];
 
-fn is_telemetry(m: &Message) -> bool {
-    matches!(
-        m.head.as_ref().map(|h| &h.start),
-        Ok(crate::http::message::StartLine::Request { method, path, .. })
-            if method == "POST" && TELEMETRY_PATHS.contains(&path.as_str())
-    )
+fn is_telemetry(req: &Request) -> bool {
+    req.method() == "POST" && TELEMETRY_PATHS.contains(&req.path())
 }
 
 /// Local pod addresses remembered at most (cleared past it, then relearnt).
@@ -206,7 +200,7 @@ async fn event_loop(
 struct Pipeline {
     clock: WallClock,
     assembler: Assembler,
-    pairer: Pairer,
+    pairer: Pairer<Arc<Request>>,
     engine: Engine,
     /// Addresses seen sending from a watched pod veth: pods on this node.
     local: HashSet<IpAddr>,
@@ -268,21 +262,24 @@ impl Pipeline {
             }
             self.local.insert(m.flow.src.ip);
         }
-        let Ok(head) = &m.head else {
+        if m.head.is_err() {
             tracing::debug!(flow = %m.flow, "unparsed message head");
             return;
-        };
+        }
         if m.is_request() {
-            if is_telemetry(&m) {
+            let Some(mut req) = Request::from_message(&m) else {
+                return;
+            };
+            if is_telemetry(&req) {
                 // Still paired, so the response is not taken for another's.
                 self.shared.metrics.ignored("telemetry");
-                self.pairer.request(m);
-                return;
+                req.telemetry = true;
             }
-            let p = Propagation::from_head(head);
-            self.engine
-                .request_started(m.flow, m.seq, m.ts_ns, &p.contexts, p.baggage.is_some());
-            if let Some(pushed_out) = self.pairer.request(m) {
+            let req = Arc::new(req);
+            if !req.telemetry {
+                self.engine.request_started(&req);
+            }
+            if let Some(pushed_out) = self.pairer.request(m.flow, req) {
                 let now = monotonic_ns();
                 self.hop(&pushed_out, None, now);
             }
@@ -291,13 +288,11 @@ impl Pipeline {
         }
     }
 
-    fn hop(&mut self, req: &Message, rsp: Option<&Message>, gave_up_ns: u64) {
-        if is_telemetry(req) {
+    fn hop(&mut self, req: &Request, rsp: Option<&Message>, gave_up_ns: u64) {
+        if req.telemetry {
             return;
         }
-        let Some(hop) = Hop::new(&self.clock, req, rsp, gave_up_ns) else {
-            return;
-        };
+        let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
         let caller = self.directory.lookup(hop.caller().ip);
         let callee = self.directory.lookup(hop.callee().ip);
         let verdict = self.engine.classify(&hop, callee.instrumented);

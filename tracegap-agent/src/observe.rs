@@ -125,7 +125,7 @@ async fn watch(
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let clock = WallClock::new();
-    let (mut assembler, mut pairer) = (Assembler::default(), Pairer::default());
+    let (mut assembler, mut pairer) = (Assembler::default(), Pairer::<Message>::default());
     let (mut events, mut messages) = (Vec::new(), Vec::new());
     let mut printed = 0u64;
     loop {
@@ -151,7 +151,7 @@ async fn watch(
         for m in messages.drain(..) {
             let line = if m.is_request() {
                 let line = format_line(&clock, &m, None);
-                pairer.request(m);
+                pairer.request(m.flow, m);
                 line
             } else {
                 let req = pairer.response(&m);

@@ -26,11 +26,12 @@
 use std::{
     collections::{HashMap, VecDeque},
     net::IpAddr,
+    sync::Arc,
 };
 
 use serde::Serialize;
 
-use super::hop::Hop;
+use super::hop::{Hop, Request};
 use crate::http::context::{Format, Found, SpanContext};
 
 /// Why a hop is, or is not, visible in the trace.
@@ -149,26 +150,37 @@ pub const MAX_PODS: usize = 16 * 1024;
 
 #[derive(Clone, Debug)]
 struct Open {
-    /// Identity of the request: flow and sequence number.
-    key: (crate::events::Flow, u32),
-    start_ns: u64,
-    /// None while unanswered.
-    end_ns: Option<u64>,
-    /// Shared by the callee's inbound and the caller's outbound copy.
-    contexts: std::sync::Arc<[Found]>,
-    baggage: bool,
+    /// Shared by the pairer, the callee's inbound and the caller's outbound
+    /// copy.
+    req: Arc<Request>,
+    /// 0 while unanswered (no request ends at boot): an Option would
+    /// double this field, and there are two of these per open flow.
+    end_ns: u64,
 }
 
 impl Open {
+    fn start_ns(&self) -> u64 {
+        self.req.ts_ns
+    }
+
+    fn is(&self, flow: &crate::events::Flow, seq: u32) -> bool {
+        self.req.seq == seq && self.req.flow == *flow
+    }
+
+    fn baggage(&self) -> bool {
+        self.req.propagation.baggage.is_some()
+    }
+
     fn primary(&self) -> Option<&SpanContext> {
-        self.contexts.iter().find_map(|c| match c {
-            Found::Valid(c) => Some(c),
-            _ => None,
-        })
+        self.req.propagation.primary()
+    }
+
+    fn end_ns(&self) -> Option<u64> {
+        (self.end_ns != 0).then_some(self.end_ns)
     }
 
     fn covers(&self, t: u64) -> bool {
-        self.start_ns <= t && self.end_ns.is_none_or(|e| t <= e)
+        self.start_ns() <= t && self.end_ns().is_none_or(|e| t <= e)
     }
 }
 
@@ -188,9 +200,9 @@ fn push_bounded(q: &mut VecDeque<Open>, o: Open) {
     q.push_back(o);
 }
 
-fn close(q: &mut VecDeque<Open>, key: &(crate::events::Flow, u32), end_ns: u64) {
-    if let Some(o) = q.iter_mut().rev().find(|o| &o.key == key) {
-        o.end_ns = Some(end_ns);
+fn close(q: &mut VecDeque<Open>, flow: &crate::events::Flow, seq: u32, end_ns: u64) {
+    if let Some(o) = q.iter_mut().rev().find(|o| o.is(flow, seq)) {
+        o.end_ns = end_ns.max(1);
     }
 }
 
@@ -205,20 +217,11 @@ pub struct Engine {
 impl Engine {
     /// Records a request as it starts, so requests that start while it is
     /// open can be related to it.
-    pub fn request_started(
-        &mut self,
-        flow: crate::events::Flow,
-        seq: u32,
-        start_ns: u64,
-        contexts: &[Found],
-        baggage: bool,
-    ) {
+    pub fn request_started(&mut self, req: &Arc<Request>) {
+        let (flow, start_ns) = (req.flow, req.ts_ns);
         let open = Open {
-            key: (flow, seq),
-            start_ns,
-            end_ns: None,
-            contexts: contexts.into(),
-            baggage,
+            req: req.clone(),
+            end_ns: 0,
         };
         if self.pods.len() >= MAX_PODS {
             self.forget_before(start_ns.saturating_sub(RETENTION_NS / 4));
@@ -234,12 +237,11 @@ impl Engine {
     /// Classifies a completed hop (answered or timed out).
     /// `callee_instrumented`: what identity says of the callee (None: unknown).
     pub fn classify(&mut self, hop: &Hop, callee_instrumented: Option<bool>) -> Verdict {
-        let key = (hop.flow, hop.seq);
         if let Some(p) = self.pods.get_mut(&hop.callee().ip) {
-            close(&mut p.inbound, &key, hop.end_ns);
+            close(&mut p.inbound, &hop.flow, hop.seq, hop.end_ns);
         }
         if let Some(p) = self.pods.get_mut(&hop.caller().ip) {
-            close(&mut p.outbound, &key, hop.end_ns);
+            close(&mut p.outbound, &hop.flow, hop.seq, hop.end_ns);
         }
         let parent = self.parent_of(hop);
         let mut v = self.judge(hop, parent.clone(), callee_instrumented);
@@ -386,7 +388,7 @@ impl Engine {
         } else if open.len() == 1 {
             (open[0], Confidence::Sole)
         } else {
-            let newest = open.iter().max_by_key(|o| o.start_ns)?;
+            let newest = open.iter().max_by_key(|o| o.start_ns())?;
             (
                 *newest,
                 Confidence::Ambiguous {
@@ -397,7 +399,7 @@ impl Engine {
         Some(Link {
             context: chosen.primary()?.clone(),
             confidence,
-            baggage: chosen.baggage,
+            baggage: chosen.baggage(),
         })
     }
 
@@ -409,7 +411,7 @@ impl Engine {
         };
         pod.outbound
             .iter()
-            .filter(|o| hop.start_ns <= o.start_ns && o.start_ns <= hop.end_ns)
+            .filter(|o| hop.start_ns <= o.start_ns() && o.start_ns() <= hop.end_ns)
             .filter(|o| {
                 o.primary().is_some_and(|c| {
                     c.trace_id == ctx.trace_id && c.parent_span_id == ctx.parent_span_id
@@ -421,7 +423,7 @@ impl Engine {
     /// Forgets requests that ended (or, unanswered, started) before `ts_ns`,
     /// and pods with nothing left.
     pub fn forget_before(&mut self, ts_ns: u64) {
-        let old = |o: &Open| o.end_ns.unwrap_or(o.start_ns) < ts_ns;
+        let old = |o: &Open| o.end_ns().unwrap_or(o.start_ns()) < ts_ns;
         self.pods.retain(|_, p| {
             p.inbound.retain(|o| !old(o));
             p.outbound.retain(|o| !old(o));

@@ -1,17 +1,117 @@
 //! A hop: one HTTP request from a caller to a callee, with its response (or
 //! the lack of one) and the trace context it carried.
 
-use std::time::{Duration, SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use crate::{
     clock::WallClock,
     events::{Endpoint, Flow},
     http::{
-        assemble::Message,
+        assemble::{Message, Waiting},
         context::{Found, Propagation, SpanContext},
         message::StartLine,
     },
 };
+
+/// A request waiting for its response: what its hop is built from, read
+/// out of the head once, when the request is seen. The pairer and the
+/// engine share it (`Arc`), so an open flow costs one compact record, not
+/// a parsed head and copies of its contexts.
+#[derive(Debug)]
+pub struct Request {
+    /// Monotonic time of the request's first segment.
+    pub ts_ns: u64,
+    pub flow: Flow,
+    /// Sequence number of the request's first byte: its identity on the flow.
+    pub seq: u32,
+    /// The head did not fit what the kernel copies.
+    pub truncated: bool,
+    /// Sent by a telemetry exporter: paired, so its response is not taken
+    /// for another's, but never reported.
+    pub telemetry: bool,
+    /// Method, path and Host, one after the other, in one allocation.
+    text: Box<str>,
+    method_end: u32,
+    path_end: u32,
+    has_host: bool,
+    pub propagation: Propagation,
+}
+
+impl Request {
+    /// `path` without its query string.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        ts_ns: u64,
+        flow: Flow,
+        seq: u32,
+        method: &str,
+        path: &str,
+        host: Option<&str>,
+        propagation: Propagation,
+        truncated: bool,
+    ) -> Self {
+        let host_s = host.unwrap_or("");
+        let mut text = String::with_capacity(method.len() + path.len() + host_s.len());
+        text.push_str(method);
+        text.push_str(path);
+        text.push_str(host_s);
+        Self {
+            ts_ns,
+            flow,
+            seq,
+            truncated,
+            telemetry: false,
+            method_end: method.len() as u32,
+            path_end: (method.len() + path.len()) as u32,
+            has_host: host.is_some(),
+            text: text.into_boxed_str(),
+            propagation,
+        }
+    }
+
+    /// The request in `m`; None if `m` is a response or has no head.
+    pub fn from_message(m: &Message) -> Option<Self> {
+        let head = m.head.as_ref().ok()?;
+        let StartLine::Request { method, path, .. } = &head.start else {
+            return None;
+        };
+        Some(Self::new(
+            m.ts_ns,
+            m.flow,
+            m.seq,
+            method,
+            path,
+            head.header("host"),
+            Propagation::from_head(head),
+            m.truncated,
+        ))
+    }
+
+    pub fn method(&self) -> &str {
+        self.text.get(..self.method_end as usize).unwrap_or("")
+    }
+
+    pub fn path(&self) -> &str {
+        self.text
+            .get(self.method_end as usize..self.path_end as usize)
+            .unwrap_or("")
+    }
+
+    pub fn host(&self) -> Option<&str> {
+        self.has_host
+            .then(|| self.text.get(self.path_end as usize..))
+            .flatten()
+    }
+}
+
+impl Waiting for Arc<Request> {
+    fn ts_ns(&self) -> u64 {
+        self.ts_ns
+    }
+}
 
 /// Everything the engine knows about one request/response exchange.
 #[derive(Clone, Debug)]
@@ -42,36 +142,32 @@ pub struct Hop {
 
 impl Hop {
     /// Builds a hop from a request and its response (None: unanswered,
-    /// given up at `gave_up_ns`). None if `request` is not a request.
+    /// given up at `gave_up_ns`).
     pub fn new(
         clock: &WallClock,
-        request: &Message,
+        request: &Request,
         response: Option<&Message>,
         gave_up_ns: u64,
-    ) -> Option<Self> {
-        let head = request.head.as_ref().ok()?;
-        let StartLine::Request { method, path, .. } = &head.start else {
-            return None;
-        };
+    ) -> Self {
         let status = response.and_then(|r| match r.head.as_ref().map(|h| &h.start) {
             Ok(StartLine::Response { status, .. }) => Some(*status),
             _ => None,
         });
         let end_ns = response.map_or(gave_up_ns, |r| r.ts_ns).max(request.ts_ns);
-        Some(Self {
+        Self {
             flow: request.flow,
             seq: request.seq,
-            method: method.clone(),
-            path: path.clone(),
-            host: head.header("host").map(str::to_owned),
+            method: request.method().to_owned(),
+            path: request.path().to_owned(),
+            host: request.host().map(str::to_owned),
             status,
             start_ns: request.ts_ns,
             end_ns,
             start: clock.system_time(request.ts_ns),
             unanswered: response.is_none(),
-            propagation: Propagation::from_head(head),
+            propagation: request.propagation.clone(),
             truncated: request.truncated,
-        })
+        }
     }
 
     pub fn caller(&self) -> Endpoint {
@@ -108,5 +204,47 @@ impl Hop {
             .contexts
             .iter()
             .find(|c| matches!(c, Found::Malformed { .. }))
+    }
+}
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::events::Endpoint;
+
+    fn flow() -> Flow {
+        let ep = |last, port| Endpoint {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, last)),
+            port,
+        };
+        Flow {
+            src: ep(1, 40000),
+            dst: ep(2, 80),
+        }
+    }
+
+    #[test]
+    fn a_request_record_gives_back_method_path_and_host() {
+        let p = Propagation::default();
+        let r = Request::new(
+            1,
+            flow(),
+            7,
+            "GET",
+            "/users/1",
+            Some("shop:80"),
+            p.clone(),
+            false,
+        );
+        assert_eq!(
+            (r.method(), r.path(), r.host()),
+            ("GET", "/users/1", Some("shop:80"))
+        );
+        // No Host is not an empty Host.
+        let r = Request::new(1, flow(), 7, "POST", "/", None, p.clone(), false);
+        assert_eq!((r.method(), r.path(), r.host()), ("POST", "/", None));
+        let r = Request::new(1, flow(), 7, "GET", "/", Some(""), p, false);
+        assert_eq!(r.host(), Some(""));
     }
 }

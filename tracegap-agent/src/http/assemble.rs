@@ -3,7 +3,10 @@
 //! and the same packet seen on the client's and the server's veth), and
 //! pairs responses with requests in order (keep-alive and pipelining).
 
-use std::collections::{HashMap, VecDeque};
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::BuildHasher as _,
+};
 
 use tracegap_common::{Direction, EventKind};
 
@@ -67,8 +70,12 @@ pub struct AssembleStats {
 #[derive(Default)]
 pub struct Assembler {
     partials: HashMap<(Flow, u32), Partial>,
-    /// Last message start seen per flow: (sequence number, time).
-    seen: HashMap<Flow, (u32, u64)>,
+    /// Last message start seen per flow: (sequence number, time), keyed by
+    /// the flow's 64-bit hash. One entry per open flow: a 40-byte key would
+    /// be most of it. Two live flows colliding would only cost one of them
+    /// its duplicate check.
+    seen: HashMap<u64, (u32, u64)>,
+    flow_hash: std::hash::RandomState,
     pub stats: AssembleStats,
 }
 
@@ -216,7 +223,7 @@ impl Assembler {
     fn duplicate(&mut self, flow: &Flow, seq: u32) -> bool {
         let seen = self
             .seen
-            .get(flow)
+            .get(&self.flow_hash.hash_one(flow))
             .is_some_and(|&(last, _)| (seq.wrapping_sub(last) as i32) <= 0);
         if seen {
             self.stats.duplicates += 1;
@@ -243,10 +250,11 @@ impl Assembler {
         if self.duplicate(&flow, p.seq) {
             return;
         }
-        if self.seen.len() >= MAX_SEEN_FLOWS && !self.seen.contains_key(&flow) {
+        let key = self.flow_hash.hash_one(flow);
+        if self.seen.len() >= MAX_SEEN_FLOWS && !self.seen.contains_key(&key) {
             self.forget_oldest_half();
         }
-        self.seen.insert(flow, (p.seq, p.ts_ns));
+        self.seen.insert(key, (p.seq, p.ts_ns));
         if truncated {
             self.stats.truncated += 1;
         }
@@ -303,60 +311,136 @@ const KEPT_WHILE_PENDING: [&str; 11] = [
     "content-length",
 ];
 
-/// Pairs each response with the oldest unanswered request on its flow.
-#[derive(Default)]
-pub struct Pairer {
-    pending: HashMap<Flow, VecDeque<Message>>,
+/// What waits in the [`Pairer`] for its response: a whole [`Message`]
+/// (`tracegap observe` prints them) or the agent's compact record.
+pub trait Waiting {
+    /// Monotonic time the request was seen: when it times out from.
+    fn ts_ns(&self) -> u64;
+    /// Called once when it starts waiting: drop what pairing doesn't need.
+    fn shrink(&mut self) {}
 }
 
-impl Pairer {
-    /// Records a request; returns the request it pushed out when the flow's
-    /// queue was full (answered never, as far as we will know). A waiting
-    /// request keeps only the headers a hop is built from: memory per
-    /// in-flight request is what bounds the agent under many open flows.
-    pub fn request(&mut self, mut m: Message) -> Option<Message> {
-        if let Ok(h) = m.head.as_mut() {
+impl Waiting for Message {
+    fn ts_ns(&self) -> u64 {
+        self.ts_ns
+    }
+
+    /// A waiting message keeps only the headers a hop is built from.
+    fn shrink(&mut self) {
+        if let Ok(h) = self.head.as_mut() {
             h.headers
                 .retain(|(n, _)| KEPT_WHILE_PENDING.contains(&n.as_str()));
             h.headers.shrink_to_fit();
         }
-        // Most flows have one request in flight: room for one, not the
-        // default four, is most of the memory per open flow.
-        let q = self
-            .pending
-            .entry(m.flow)
-            .or_insert_with(|| VecDeque::with_capacity(1));
-        q.push_back(m);
-        (q.len() > MAX_PENDING_PER_FLOW)
-            .then(|| q.pop_front())
-            .flatten()
+    }
+}
+
+/// The requests waiting on one flow. Most flows have one in flight: that
+/// one is held in place, without a queue's allocation, and the rare queue
+/// is boxed so that the common entry stays small.
+enum Queue<T> {
+    One(T),
+    #[allow(clippy::box_collection)] // on purpose: see above
+    Many(Box<VecDeque<T>>),
+}
+
+impl<T> Queue<T> {
+    fn len(&self) -> usize {
+        match self {
+            Self::One(_) => 1,
+            Self::Many(q) => q.len(),
+        }
+    }
+
+    fn front(&self) -> Option<&T> {
+        match self {
+            Self::One(t) => Some(t),
+            Self::Many(q) => q.front(),
+        }
+    }
+}
+
+/// Pairs each response with the oldest unanswered request on its flow.
+pub struct Pairer<T = Message> {
+    pending: HashMap<Flow, Queue<T>>,
+}
+
+impl<T> Default for Pairer<T> {
+    fn default() -> Self {
+        Self {
+            pending: HashMap::new(),
+        }
+    }
+}
+
+impl<T: Waiting> Pairer<T> {
+    /// Records a request on `flow`; returns the request it pushed out when
+    /// the flow's queue was full (answered never, as far as we will know).
+    /// Memory per waiting request is what bounds the agent under many open
+    /// flows, so it is shrunk first.
+    pub fn request(&mut self, flow: Flow, mut req: T) -> Option<T> {
+        req.shrink();
+        match self.pending.remove(&flow) {
+            None => {
+                self.pending.insert(flow, Queue::One(req));
+                None
+            }
+            Some(Queue::One(first)) => {
+                let mut q = VecDeque::with_capacity(2);
+                q.extend([first, req]);
+                self.pending.insert(flow, Queue::Many(Box::new(q)));
+                None
+            }
+            Some(Queue::Many(mut q)) => {
+                q.push_back(req);
+                let pushed_out = (q.len() > MAX_PENDING_PER_FLOW)
+                    .then(|| q.pop_front())
+                    .flatten();
+                self.pending.insert(flow, Queue::Many(q));
+                pushed_out
+            }
+        }
     }
 
     /// The request a response answers: the oldest pending one on its flow.
-    pub fn response(&mut self, m: &Message) -> Option<Message> {
-        let flow = m.flow.reversed();
-        let q = self.pending.get_mut(&flow)?;
-        let req = q.pop_front();
-        if q.is_empty() {
-            self.pending.remove(&flow);
+    pub fn response(&mut self, m: &Message) -> Option<T> {
+        self.answer(m.flow.reversed())
+    }
+
+    fn answer(&mut self, flow: Flow) -> Option<T> {
+        match self.pending.remove(&flow)? {
+            Queue::One(req) => Some(req),
+            Queue::Many(mut q) => {
+                let req = q.pop_front();
+                if !q.is_empty() {
+                    self.pending.insert(flow, Queue::Many(q));
+                }
+                req
+            }
         }
-        req
     }
 
     /// Removes and returns requests older than `ts_ns`: they timed out.
-    pub fn expire_before(&mut self, ts_ns: u64) -> Vec<Message> {
+    pub fn expire_before(&mut self, ts_ns: u64) -> Vec<T> {
+        let stale: Vec<Flow> = self
+            .pending
+            .iter()
+            .filter(|(_, q)| q.front().is_some_and(|r| r.ts_ns() < ts_ns))
+            .map(|(f, _)| *f)
+            .collect();
         let mut expired = Vec::new();
-        self.pending.retain(|_, q| {
-            while q.front().is_some_and(|m| m.ts_ns < ts_ns) {
-                expired.extend(q.pop_front());
+        for flow in stale {
+            while let Some(q) = self.pending.get(&flow)
+                && q.front().is_some_and(|r| r.ts_ns() < ts_ns)
+            {
+                expired.extend(self.answer(flow));
             }
-            !q.is_empty()
-        });
+        }
         expired
     }
 
     pub fn pending(&self) -> usize {
-        self.pending.values().map(VecDeque::len).sum()
+        self.pending.values().map(Queue::len).sum()
     }
 }
 
@@ -584,7 +668,7 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
         let mut pairs = Vec::new();
         for m in out {
             if m.is_request() {
-                assert!(p.request(m).is_none());
+                assert!(p.request(m.flow, m).is_none());
             } else {
                 let req = p.response(&m).expect("a pending request");
                 pairs.push((req.seq, m.seq));
@@ -603,7 +687,8 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
             ev(EventKind::Request, flow(), 1, 10, b"GET / HTTP/1.1\r\n\r\n"),
             &mut out,
         );
-        p.request(out.remove(0));
+        let m = out.remove(0);
+        p.request(m.flow, m);
         assert!(p.expire_before(5).is_empty());
         assert_eq!(p.expire_before(11).len(), 1);
     }

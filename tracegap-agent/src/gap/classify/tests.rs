@@ -19,6 +19,20 @@ fn ep(last: u8, port: u16) -> Endpoint {
     }
 }
 
+/// The request `h` was made with, as the agent records it when it starts.
+fn started(e: &mut Engine, h: &Hop) {
+    e.request_started(&Arc::new(Request::new(
+        h.start_ns,
+        h.flow,
+        h.seq,
+        &h.method,
+        &h.path,
+        h.host.as_deref(),
+        h.propagation.clone(),
+        h.truncated,
+    )));
+}
+
 fn tp(trace: &str, span: &str, sampled: bool) -> Found {
     traceparent(&format!("00-{trace}-{span}-0{}", sampled as u8))
 }
@@ -65,8 +79,7 @@ fn run(hops: &[Hop]) -> Vec<Verdict> {
             let instrumented = (h.callee().ip == ep(9, 0).ip).then_some(false);
             out[i] = Some(e.classify(h, instrumented));
         } else {
-            let baggage = h.propagation.baggage.is_some();
-            e.request_started(h.flow, h.seq, h.start_ns, &h.propagation.contexts, baggage);
+            started(&mut e, h);
         }
     }
     out.into_iter().map(Option::unwrap).collect()
@@ -260,7 +273,7 @@ fn memory_is_bounded_and_old_requests_are_forgotten() {
     let mut e = Engine::default();
     for i in 0..(MAX_PER_POD as u64 + 100) {
         let h = hop(1, 2, i, i + 1, vec![]);
-        e.request_started(h.flow, h.seq, h.start_ns, &[], false);
+        started(&mut e, &h);
     }
     let (pods, reqs) = e.remembered();
     assert_eq!(pods, 2);
