@@ -2,14 +2,16 @@
 //! path.
 //!
 //! The data path only *offers* a span to a bounded queue; a full queue drops
-//! the span and counts it. One task drains the queue in batches, groups each
-//! batch by service (every service is its own OTLP resource, so Jaeger lists
-//! the hop under the callee), and exports through opentelemetry-otlp (gRPC
-//! or HTTP/protobuf). A failed export is retried with exponential back-off a
+//! the span and counts it. One task drains the queue in batches and hands
+//! them to a few exporters (two by default), so the next batch is encoded
+//! while the collector reads the last one. Each groups its batch by service
+//! (every service is its own OTLP resource, so Jaeger lists the hop under
+//! the callee) and exports through opentelemetry-otlp (gRPC or
+//! HTTP/protobuf). A failed export is retried with exponential back-off a
 //! bounded number of times; meanwhile new spans wait in the queue or are
-//! dropped when it is full. Memory is bounded by the queue and one batch,
-//! whether the collector is down, slow or fine, and export resumes on its own
-//! when the collector returns.
+//! dropped when it is full. Memory is bounded by the queue and one batch per
+//! exporter plus one handed over, whether the collector is down, slow or
+//! fine, and export resumes on its own when the collector returns.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
@@ -61,6 +63,8 @@ pub struct ExportConfig {
     pub queue: usize,
     /// Spans per export call at most.
     pub batch: usize,
+    /// Export calls in flight at most (one exporter, one connection each).
+    pub concurrency: usize,
     /// A partial batch is sent after this long.
     pub interval: Duration,
     /// Attempts per batch before it is dropped.
@@ -78,6 +82,7 @@ impl Default for ExportConfig {
             timeout: None,
             queue: 8192,
             batch: 2048,
+            concurrency: 2,
             interval: Duration::from_secs(1),
             attempts: 5,
             backoff: Duration::from_millis(500),
@@ -112,9 +117,11 @@ pub fn start(
     config: ExportConfig,
     metrics: Arc<Metrics>,
 ) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), Error> {
-    let exporter = build(&config)?;
+    let exporters = (0..config.concurrency.max(1))
+        .map(|_| build(&config))
+        .collect::<Result<Vec<_>, _>>()?;
     let (tx, rx) = mpsc::channel(config.queue.max(1));
-    let task = tokio::spawn(run(exporter, rx, config, metrics.clone()));
+    let task = tokio::spawn(run(exporters, rx, config, metrics.clone()));
     Ok((SpanQueue { tx, metrics }, task))
 }
 
@@ -195,29 +202,58 @@ pub fn span_data(s: SyntheticSpan, scope: &InstrumentationScope) -> SpanData {
 }
 
 async fn run(
-    mut exporter: opentelemetry_otlp::SpanExporter,
+    exporters: Vec<opentelemetry_otlp::SpanExporter>,
     mut rx: mpsc::Receiver<SyntheticSpan>,
     config: ExportConfig,
     metrics: Arc<Metrics>,
 ) {
-    let scope = scope();
+    // Capacity 1: one batch handed over while every exporter is busy; past
+    // that, spans wait in (or are dropped from) the bounded queue.
+    let (batches, handed) = mpsc::channel::<Vec<SyntheticSpan>>(1);
+    let handed = Arc::new(tokio::sync::Mutex::new(handed));
+    let workers: Vec<_> = exporters
+        .into_iter()
+        .map(|exporter| {
+            tokio::spawn(export_worker(
+                exporter,
+                handed.clone(),
+                config.clone(),
+                metrics.clone(),
+            ))
+        })
+        .collect();
     let mut batch = Vec::with_capacity(config.batch);
     loop {
         let open = fill(&mut rx, &mut batch, &config).await;
         metrics.export_queue.dec_by(batch.len() as i64);
-        if !batch.is_empty() {
-            export_batch(
-                &mut exporter,
-                std::mem::take(&mut batch),
-                &config,
-                &metrics,
-                &scope,
-            )
-            .await;
+        if !batch.is_empty() && batches.send(std::mem::take(&mut batch)).await.is_err() {
+            break;
         }
         if !open {
             break;
         }
+    }
+    drop(batches);
+    for w in workers {
+        let _ = w.await;
+    }
+}
+
+/// Exports the batches it is handed until the hand-over closes.
+async fn export_worker(
+    mut exporter: opentelemetry_otlp::SpanExporter,
+    handed: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<SyntheticSpan>>>>,
+    config: ExportConfig,
+    metrics: Arc<Metrics>,
+) {
+    let scope = scope();
+    loop {
+        // The lock is held only while waiting for a batch, not while
+        // exporting it: the next worker takes the next batch.
+        let Some(batch) = handed.lock().await.recv().await else {
+            break;
+        };
+        export_batch(&mut exporter, batch, &config, &metrics, &scope).await;
     }
     if let Err(e) = exporter.shutdown() {
         tracing::debug!(error = %e, "shutting the OTLP exporter down");
