@@ -89,8 +89,35 @@ fn row(
 
 struct Wrk {
     rps: f64,
+    /// Requests completed in the run.
+    requests: f64,
     p50_ms: f64,
     p99_ms: f64,
+    /// CPU time the whole machine was busy during the run, in seconds.
+    busy_s: f64,
+    /// CPU time of the agent's threads during the run, in seconds.
+    agent_s: f64,
+}
+
+/// Clock ticks per second of /proc's CPU times (USER_HZ: 100 on Linux).
+const USER_HZ: f64 = 100.0;
+
+/// Seconds of CPU time the machine spent busy since boot, over all CPUs:
+/// everything in /proc/stat's `cpu` line but idle and iowait.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else {
+        return 0.0;
+    };
+    let v: Vec<f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let busy: f64 =
+        v.iter().take(8).sum::<f64>() - v.get(3).unwrap_or(&0.0) - v.get(4).unwrap_or(&0.0);
+    busy / USER_HZ
 }
 
 fn ms(v: &str) -> Option<f64> {
@@ -105,6 +132,7 @@ fn ms(v: &str) -> Option<f64> {
 }
 
 fn wrk(node: &Node, url: &str, d: Duration) -> anyhow::Result<Wrk> {
+    let (busy0, agent0) = (machine_busy_seconds(), crate::agent::cpu_seconds());
     let out = crate::netns::run(
         node.pod("client")
             .command("wrk")
@@ -118,6 +146,7 @@ fn wrk(node: &Node, url: &str, d: Duration) -> anyhow::Result<Wrk> {
             .arg(format!("-d{}s", d.as_secs().max(1)))
             .arg(url),
     )?;
+    let (busy1, agent1) = (machine_busy_seconds(), crate::agent::cpu_seconds());
     let text = String::from_utf8_lossy(&out.stdout);
     let field = |prefix: &str| {
         text.lines()
@@ -128,8 +157,16 @@ fn wrk(node: &Node, url: &str, d: Duration) -> anyhow::Result<Wrk> {
         rps: field("Requests/sec:")
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("no Requests/sec in wrk's output: {text}"))?,
+        requests: text
+            .lines()
+            .find(|l| l.contains(" requests in "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .with_context(|| format!("no request count in wrk's output: {text}"))?,
         p50_ms: field("50%").and_then(|v| ms(&v)).context("no p50")?,
         p99_ms: field("99%").and_then(|v| ms(&v)).context("no p99")?,
+        busy_s: busy1 - busy0,
+        agent_s: agent1 - agent0,
     })
 }
 
@@ -253,6 +290,35 @@ fn data_path(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         format!("{p99:+.1}%"),
         "≤ +2%",
         Some(p99 <= 2.0),
+    ));
+    // What a request costs the machine, and what tracegap adds to it: the
+    // figure that carries over to other loads. The throughput and latency
+    // above are at saturation, where every microsecond tracegap takes is a
+    // microsecond the client and server lose.
+    let per_req = |w: &[Wrk], f: fn(&Wrk) -> f64| {
+        let (t, n) = w
+            .iter()
+            .fold((0.0, 0.0), |(t, n), x| (t + f(x), n + x.requests));
+        if n > 0.0 { t / n * 1e6 } else { 0.0 }
+    };
+    let base_cpu = per_req(&base_w, |w| w.busy_s);
+    let with_requests: f64 = with_w.iter().map(|w| w.requests).sum();
+    let kernel_us = if with_requests > 0.0 {
+        http_time / with_requests * 1e6
+    } else {
+        0.0
+    };
+    let agent_us = per_req(&with_w, |w| w.agent_s);
+    rows.push(row(
+        "CPU per HTTP request: machine total / added by tracegap (kernel + agent)",
+        format!("{base_cpu:.1} µs"),
+        format!(
+            "+{:.1} µs ({kernel_us:.1} + {agent_us:.1})",
+            kernel_us + agent_us
+        ),
+        format!("+{:.1}%", (kernel_us + agent_us) / base_cpu * 100.0),
+        "-",
+        None,
     ));
     let (bt, tt) = (median(base_t), median(with_t));
     let bulk = -pct(tt, bt);
