@@ -218,8 +218,51 @@ fn bpf_stats(agent: &Agent) -> anyhow::Result<(f64, f64)> {
     ))
 }
 
+/// An empty classifier attached beside tracegap's programs on the same
+/// hooks, so the kernel's statistics say what any program costs there.
+struct Floor {
+    ebpf: aya::Ebpf,
+}
+
+impl Floor {
+    const PROGRAM: &str = "tracegap_floor";
+
+    fn attach(object: &[u8], ifaces: &[String]) -> anyhow::Result<Self> {
+        let mut ebpf = aya::Ebpf::load(object).context("loading the floor program")?;
+        let program: &mut aya::programs::SchedClassifier = ebpf
+            .program_mut(Self::PROGRAM)
+            .context("no tracegap_floor in the floor object")?
+            .try_into()?;
+        program.load()?;
+        for iface in ifaces {
+            // Before 6.6 (no TCX) programs hang off a clsact qdisc; one that
+            // is already there is fine.
+            let _ = aya::programs::tc::qdisc_add_clsact(iface);
+            for hook in [
+                aya::programs::TcAttachType::Ingress,
+                aya::programs::TcAttachType::Egress,
+            ] {
+                program
+                    .attach(iface, hook)
+                    .with_context(|| format!("attaching the floor program to {iface}"))?;
+            }
+        }
+        Ok(Self { ebpf })
+    }
+
+    /// Run time (s) and runs so far.
+    fn stats(&self) -> anyhow::Result<(f64, f64)> {
+        let info = self
+            .ebpf
+            .program(Self::PROGRAM)
+            .context("no tracegap_floor")?
+            .info()?;
+        Ok((info.run_time().as_secs_f64(), info.run_count() as f64))
+    }
+}
+
 /// Data path, kernel cost and detection latency, on real veths.
-fn data_path(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let node = Node::new(&["client", "server"])?;
     let _http = HttpServer::start(node.pod("server"), 8080)?;
     let _iperf = Child::spawn(
@@ -237,9 +280,20 @@ fn data_path(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let (mut base_w, mut with_w, mut base_t, mut with_t) = (vec![], vec![], vec![], vec![]);
     let (mut http_time, mut http_runs, mut bulk_time, mut bulk_runs) = (0.0, 0.0, 0.0, 0.0);
     let mut http_headers = 0.0;
+    let (mut floor_time, mut floor_runs, mut floor_t) = (0.0, 0.0, vec![]);
+    let ifaces: Vec<String> = node.pods.iter().map(|p| p.host_if.clone()).collect();
     for _ in 0..d.rounds {
         base_w.push(wrk(&node, &url, d.load)?);
         base_t.push(iperf(&node, d.load)?);
+        if let Some(object) = floor {
+            // The same bulk load with only the empty program attached, on
+            // the same hooks: what any program costs per packet here.
+            let fl = Floor::attach(object, &ifaces)?;
+            let (ft0, fr0) = fl.stats()?;
+            floor_t.push(iperf(&node, d.load)?);
+            let (ft1, fr1) = fl.stats()?;
+            (floor_time, floor_runs) = (floor_time + ft1 - ft0, floor_runs + fr1 - fr0);
+        }
         let agent = Agent::start(agent_config(&node, &receiver))?;
         std::thread::sleep(Duration::from_millis(300));
         let (t0, r0) = bpf_stats(&agent)?;
@@ -322,11 +376,17 @@ fn data_path(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     ));
     let (bt, tt) = (median(base_t), median(with_t));
     let bulk = -pct(tt, bt);
+    let floor_bulk = if floor_t.is_empty() {
+        String::new()
+    } else {
+        let ft = median(floor_t);
+        format!(" (empty program: {:.2} Gbit/s, {:+.2}%)", ft / 1e9, pct(ft, bt))
+    };
     rows.push(row(
         "bulk TCP throughput (iperf3)",
         format!("{:.2} Gbit/s", bt / 1e9),
         format!("{:.2} Gbit/s", tt / 1e9),
-        format!("{bulk:+.2}% lower"),
+        format!("{:+.2}%{floor_bulk}", pct(tt, bt)),
         "within 1%",
         Some(bulk.abs() <= 1.0),
     ));
@@ -344,19 +404,34 @@ fn data_path(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     } else {
         0.0
     };
+    // The floor: what an empty program measures on the same hooks and
+    // packets, statistics overhead included.
+    let (floor_ns, floor_cell) = if floor_runs > 0.0 {
+        let ns = floor_time / floor_runs * 1e9;
+        (ns, format!("{ns:.0} ns (empty program)"))
+    } else {
+        (0.0, "- (no floor object)".to_owned())
+    };
+    let over = |ns: f64| {
+        if floor_ns > 0.0 {
+            format!("+{:.0} ns over empty, ", ns - floor_ns)
+        } else {
+            String::new()
+        }
+    };
     rows.push(row(
         "kernel: ns per non-HTTP packet (bpf_stats)",
-        "-".into(),
+        floor_cell.clone(),
         format!("{non_http:.0} ns"),
-        format!("{:.0} runs", bulk_runs),
+        format!("{}{:.0} runs", over(non_http), bulk_runs),
         "< 100 ns",
         Some(non_http > 0.0 && non_http < 100.0),
     ));
     rows.push(row(
         "kernel: ns per HTTP header packet",
-        "-".into(),
+        floor_cell,
         format!("{header:.0} ns"),
-        format!("{http_headers:.0} headers"),
+        format!("{}{http_headers:.0} headers", over(header)),
         "< 1000 ns",
         Some(header > 0.0 && header < 1000.0),
     ));
@@ -623,10 +698,16 @@ fn memory(lab_bin: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> 
 }
 
 /// Runs everything and renders the table.
-pub fn run(d: Durations, lab_bin: &std::path::Path) -> anyhow::Result<String> {
+/// `floor`: the assembled `lab/bpf/floor.s`, the kernel figures' baseline
+/// (None: they are shown without one).
+pub fn run(
+    d: Durations,
+    lab_bin: &std::path::Path,
+    floor: Option<&[u8]>,
+) -> anyhow::Result<String> {
     let mut rows = Vec::new();
     eprintln!("bench: data path (wrk, iperf3, BPF statistics, detection latency)");
-    data_path(d, &mut rows)?;
+    data_path(d, floor, &mut rows)?;
     eprintln!("bench: user-space pipeline and export");
     user_space(d, &mut rows)?;
     eprintln!("bench: memory");

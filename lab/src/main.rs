@@ -51,6 +51,10 @@ enum Cmd {
         /// Where the Markdown table is written too.
         #[arg(long, default_value = "target/bench/bench.md")]
         out: PathBuf,
+        /// An empty classifier (lab/bpf/floor.s assembled by `cargo xtask
+        /// bench`): the baseline of the kernel figures.
+        #[arg(long)]
+        floor_object: Option<PathBuf>,
     },
     /// Holds N open flows in the agent's state and prints the peak RSS in
     /// KiB (used by `bench`).
@@ -167,13 +171,19 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(failed.is_empty(), "unexpected results in: {failed:?}");
             Ok(())
         }
-        Cmd::Bench { quick, out } => {
+        Cmd::Bench {
+            quick,
+            out,
+            floor_object,
+        } => {
             let d = if quick {
                 tracegap_lab::bench::Durations::quick()
             } else {
                 tracegap_lab::bench::Durations::full()
             };
-            let table = tracegap_lab::bench::run(d, &std::env::current_exe()?)?;
+            let floor = floor_object.map(std::fs::read).transpose()?;
+            let table =
+                tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
             println!("{table}");
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;
