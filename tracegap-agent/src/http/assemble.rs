@@ -1,6 +1,7 @@
 //! From kernel events to whole message heads: joins a header block's
 //! continuation events, drops what was already seen (TCP retransmissions,
-//! and the same packet seen on the client's and the server's veth), and
+//! and the same packet copied from the client's and the server's veth when
+//! the kernel could not tell it was copied already), and
 //! pairs responses with requests in order (keep-alive and pipelining).
 
 use std::{
