@@ -2,7 +2,7 @@
 //! with its eBPF programs) and runs `tracegap-lab bench` as root. The table
 //! goes to stdout and to target/bench/bench.md.
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 
 use crate::{setup, toolchain};
 
@@ -30,16 +30,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     // The kernel figures' baseline: an empty program, assembled here.
     let floor = root.join("target/bench/floor.o");
     std::fs::create_dir_all(root.join("target/bench"))?;
-    let mc = ["/usr/lib/llvm-22/bin/llvm-mc", "/usr/bin/llvm-mc"]
-        .into_iter()
-        .find(|p| std::path::Path::new(p).exists())
-        .context("llvm-mc (from llvm-22, installed by setup) is needed for lab/bpf/floor.s")?;
-    toolchain::run(
-        std::process::Command::new(mc)
-            .args(["-triple", "bpfel", "-filetype=obj", "-o"])
-            .arg(&floor)
-            .arg(root.join("lab/bpf/floor.s")),
-    )?;
+    toolchain::assemble_bpf(&root.join("lab/bpf/floor.s"), &floor)?;
     let mut cmd = std::process::Command::new(root.join("target/release/tracegap-lab"));
     cmd.current_dir(&root)
         .args(["bench", "--out", "target/bench/bench.md", "--floor-object"])

@@ -137,3 +137,22 @@ pub fn run(cmd: &mut Command) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// Assembles a BPF assembly file (the workspace's hand-written test and
+/// bench programs) into an object with llvm-mc from llvm-22, which setup
+/// installs with llvm-22-dev.
+pub fn assemble_bpf(source: &Path, object: &Path) -> anyhow::Result<()> {
+    let mc = ["/usr/lib/llvm-22/bin/llvm-mc", "/usr/bin/llvm-mc"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+        .with_context(|| {
+            format!(
+                "llvm-mc (from llvm-22) is needed to assemble {}",
+                source.display()
+            )
+        })?;
+    run(Command::new(mc)
+        .args(["-triple", "bpfel", "-filetype=obj", "-o"])
+        .arg(object)
+        .arg(source))
+}

@@ -409,15 +409,9 @@ fn initramfs(
     c.file("/etc/passwd", 0o644, b"root:x:0:0:root:/root:/bin/sh\n");
     // The loader test's object, assembled here: the guest has no LLVM.
     let rejected = scratch.join("rejected.o");
-    let mc = ["/usr/lib/llvm-22/bin/llvm-mc", "/usr/bin/llvm-mc"]
-        .into_iter()
-        .find(|p| Path::new(p).exists())
-        .context("llvm-mc (from llvm-22) is needed to assemble tests/bpf/rejected.s")?;
-    toolchain::run(
-        Command::new(mc)
-            .args(["-triple", "bpfel", "-filetype=obj", "-o"])
-            .arg(&rejected)
-            .arg(toolchain::workspace_root().join("tests/bpf/rejected.s")),
+    toolchain::assemble_bpf(
+        &toolchain::workspace_root().join("tests/bpf/rejected.s"),
+        &rejected,
     )?;
     c.file("/data/rejected.o", 0o644, &std::fs::read(&rejected)?);
     for (name, path) in tests {
