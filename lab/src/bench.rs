@@ -380,7 +380,11 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         String::new()
     } else {
         let ft = median(floor_t);
-        format!(" (empty program: {:.2} Gbit/s, {:+.2}%)", ft / 1e9, pct(ft, bt))
+        format!(
+            " (empty program: {:.2} Gbit/s, {:+.2}%)",
+            ft / 1e9,
+            pct(ft, bt)
+        )
     };
     rows.push(row(
         "bulk TCP throughput (iperf3)",

@@ -182,8 +182,7 @@ fn main() -> anyhow::Result<()> {
                 tracegap_lab::bench::Durations::full()
             };
             let floor = floor_object.map(std::fs::read).transpose()?;
-            let table =
-                tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
+            let table = tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
             println!("{table}");
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;

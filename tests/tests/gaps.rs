@@ -578,11 +578,20 @@ fn export_survives_a_collector_outage_with_bounded_memory() -> anyhow::Result<()
     // The collector comes back: the backlog drains (exported, or dropped
     // once its attempts are spent), and new gaps are exported again.
     receiver.resume()?;
+    // Drained: each of the 250 spans so far was exported or dropped, none
+    // is queued, in a batch or still to come from the agent's pipeline.
+    let settled = || -> anyhow::Result<bool> {
+        let done = agent.metric("tracegap_spans_exported_total")?
+            + agent.metric("tracegap_spans_dropped_total{reason=\"queue_full\"}")?
+            + agent.metric("tracegap_spans_dropped_total{reason=\"export_failed\"}")?;
+        Ok(done >= 250.0 && agent.metric("tracegap_export_queue_spans")? == 0.0)
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while agent.metric("tracegap_export_queue_spans")? > 0.0 {
+    while !settled()? {
         anyhow::ensure!(
             std::time::Instant::now() < deadline,
-            "the backlog never drained"
+            "the backlog never drained: {}",
+            agent.get("/metrics")?.1
         );
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -7,10 +7,13 @@
 //! while the collector reads the last one. Each groups its batch by service
 //! (every service is its own OTLP resource, so Jaeger lists the hop under
 //! the callee) and exports through opentelemetry-otlp (gRPC or
-//! HTTP/protobuf). A failed export is retried with exponential back-off a
-//! bounded number of times; meanwhile new spans wait in the queue or are
-//! dropped when it is full. Memory is bounded by the queue and one batch per
-//! exporter plus one handed over, whether the collector is down, slow or
+//! HTTP/protobuf). Each attempt is bounded in time by tracegap itself (a
+//! collector that accepts connections and never answers must not hold an
+//! exporter forever), and a failed attempt gets a fresh connection. A
+//! failed export is retried with exponential back-off a bounded number of
+//! times; meanwhile new spans wait in the queue or are dropped when it is
+//! full. Memory is bounded by the queue, the batch being filled, one batch
+//! per exporter and one handed over, whether the collector is down, slow or
 //! fine, and export resumes on its own when the collector returns.
 
 use std::{collections::BTreeMap, sync::Arc, time::Duration};
@@ -24,6 +27,7 @@ use opentelemetry_otlp::{
 };
 use opentelemetry_sdk::{
     Resource,
+    error::OTelSdkError,
     trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
 };
 use thiserror::Error;
@@ -224,8 +228,7 @@ async fn run(
         .collect();
     let mut batch = Vec::with_capacity(config.batch);
     loop {
-        let open = fill(&mut rx, &mut batch, &config).await;
-        metrics.export_queue.dec_by(batch.len() as i64);
+        let open = fill(&mut rx, &mut batch, &config, &metrics).await;
         if !batch.is_empty() && batches.send(std::mem::take(&mut batch)).await.is_err() {
             break;
         }
@@ -266,15 +269,21 @@ async fn fill(
     rx: &mut mpsc::Receiver<SyntheticSpan>,
     batch: &mut Vec<SyntheticSpan>,
     config: &ExportConfig,
+    metrics: &Metrics,
 ) -> bool {
+    // The queue gauge counts what is in the queue: each span leaves it here.
+    let take = |batch: &mut Vec<SyntheticSpan>, s| {
+        metrics.export_queue.dec();
+        batch.push(s);
+    };
     match rx.recv().await {
-        Some(s) => batch.push(s),
+        Some(s) => take(batch, s),
         None => return false,
     }
     let deadline = tokio::time::Instant::now() + config.interval;
     while batch.len() < config.batch {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(s)) => batch.push(s),
+            Ok(Some(s)) => take(batch, s),
             Ok(None) => return false,
             Err(_) => break,
         }
@@ -306,18 +315,35 @@ async fn export_batch(
             .push(span_data(s, scope));
     }
     for (_, (resource, spans)) in groups {
-        exporter.set_resource(&Resource::builder_empty().with_attributes(resource).build());
+        let resource = Resource::builder_empty().with_attributes(resource).build();
         let n = spans.len() as u64;
         let mut delay = config.backoff;
         let mut attempt = 1;
         loop {
-            match exporter.export(spans.clone()).await {
+            exporter.set_resource(&resource);
+            // Bounded here, whatever the transport does: a collector that
+            // accepts connections and never speaks can hold a connection
+            // attempt longer than the library's request timeout.
+            let result =
+                tokio::time::timeout(attempt_limit(config), exporter.export(spans.clone()))
+                    .await
+                    .unwrap_or_else(|_| Err(OTelSdkError::Timeout(attempt_limit(config))));
+            match result {
                 Ok(()) => {
                     metrics.spans_exported.inc_by(n);
                     break;
                 }
                 Err(e) => {
                     metrics.export_errors.inc();
+                    // A fresh connection for the next attempt: the failed
+                    // one may be wedged (half-open, or stuck connecting).
+                    match build(config) {
+                        Ok(fresh) => {
+                            let _ = exporter.shutdown();
+                            *exporter = fresh;
+                        }
+                        Err(e) => tracing::debug!(error = %e, "rebuilding the OTLP exporter"),
+                    }
                     if attempt >= config.attempts {
                         tracing::warn!(error = %e, spans = n, attempt, "OTLP export failed; dropping the batch");
                         metrics.dropped_n("export_failed", n);
@@ -331,4 +357,11 @@ async fn export_batch(
             }
         }
     }
+}
+
+/// How long one export attempt may take in all: the request timeout
+/// (`OTEL_EXPORTER_OTLP_TIMEOUT`'s default, 10 s, when not set here) and a
+/// second for connecting.
+fn attempt_limit(config: &ExportConfig) -> Duration {
+    config.timeout.unwrap_or(Duration::from_secs(10)) + Duration::from_secs(1)
 }
