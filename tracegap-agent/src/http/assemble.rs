@@ -5,7 +5,7 @@
 //! pairs responses with requests in order (keep-alive and pipelining).
 
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::{HashMap, VecDeque, hash_map::Entry},
     hash::BuildHasher as _,
 };
 
@@ -359,6 +359,26 @@ impl<T> Queue<T> {
             Self::Many(q) => q.front(),
         }
     }
+
+    /// Appends behind what waits already; returns the oldest when the flow
+    /// holds more than [`MAX_PENDING_PER_FLOW`]. Only for flows with a
+    /// request waiting (pipelining), so the swap's allocation is rare.
+    fn push(&mut self, req: T) -> Option<T> {
+        let mut q = match std::mem::replace(self, Self::Many(Box::default())) {
+            Self::One(first) => {
+                let mut q = Box::new(VecDeque::with_capacity(2));
+                q.push_back(first);
+                q
+            }
+            Self::Many(q) => q,
+        };
+        q.push_back(req);
+        let pushed_out = (q.len() > MAX_PENDING_PER_FLOW)
+            .then(|| q.pop_front())
+            .flatten();
+        *self = Self::Many(q);
+        pushed_out
+    }
 }
 
 /// Pairs each response with the oldest unanswered request on its flow.
@@ -381,25 +401,12 @@ impl<T: Waiting> Pairer<T> {
     /// flows, so it is shrunk first.
     pub fn request(&mut self, flow: Flow, mut req: T) -> Option<T> {
         req.shrink();
-        match self.pending.remove(&flow) {
-            None => {
-                self.pending.insert(flow, Queue::One(req));
+        match self.pending.entry(flow) {
+            Entry::Vacant(v) => {
+                v.insert(Queue::One(req));
                 None
             }
-            Some(Queue::One(first)) => {
-                let mut q = VecDeque::with_capacity(2);
-                q.extend([first, req]);
-                self.pending.insert(flow, Queue::Many(Box::new(q)));
-                None
-            }
-            Some(Queue::Many(mut q)) => {
-                q.push_back(req);
-                let pushed_out = (q.len() > MAX_PENDING_PER_FLOW)
-                    .then(|| q.pop_front())
-                    .flatten();
-                self.pending.insert(flow, Queue::Many(q));
-                pushed_out
-            }
+            Entry::Occupied(mut o) => o.get_mut().push(req),
         }
     }
 
@@ -677,6 +684,44 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
         }
         assert_eq!(pairs, [(10, 7), (30, 27)]);
         assert_eq!(p.pending(), 0);
+    }
+
+    /// A request as a number: its time.
+    #[derive(Debug, PartialEq)]
+    struct Waits(u64);
+
+    impl Waiting for Waits {
+        fn ts_ns(&self) -> u64 {
+            self.0
+        }
+    }
+
+    #[test]
+    fn a_flow_holds_at_most_its_bound_and_pushes_out_the_oldest() {
+        let mut p = Pairer::default();
+        for t in 0..MAX_PENDING_PER_FLOW as u64 {
+            assert_eq!(p.request(flow(), Waits(t)), None);
+        }
+        assert_eq!(
+            p.request(flow(), Waits(MAX_PENDING_PER_FLOW as u64)),
+            Some(Waits(0))
+        );
+        assert_eq!(p.pending(), MAX_PENDING_PER_FLOW);
+        let rsp = ev(
+            EventKind::Response,
+            flow().reversed(),
+            1,
+            7,
+            b"HTTP/1.1 200 OK\r\n\r\n",
+        );
+        let mut out = Vec::new();
+        Assembler::default().push(rsp, &mut out);
+        assert_eq!(p.response(&out[0]), Some(Waits(1)));
+        // Expiry takes the older ones in order and leaves the rest.
+        let expired = p.expire_before(10);
+        assert_eq!(expired.first(), Some(&Waits(2)));
+        assert_eq!(expired.len(), 8);
+        assert_eq!(p.pending(), MAX_PENDING_PER_FLOW - 9);
     }
 
     #[test]
