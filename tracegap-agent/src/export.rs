@@ -319,15 +319,15 @@ async fn export_batch(
         let n = spans.len() as u64;
         let mut delay = config.backoff;
         let mut attempt = 1;
+        let limit = attempt_limit(config);
         loop {
             exporter.set_resource(&resource);
             // Bounded here, whatever the transport does: a collector that
             // accepts connections and never speaks can hold a connection
             // attempt longer than the library's request timeout.
-            let result =
-                tokio::time::timeout(attempt_limit(config), exporter.export(spans.clone()))
-                    .await
-                    .unwrap_or_else(|_| Err(OTelSdkError::Timeout(attempt_limit(config))));
+            let result = tokio::time::timeout(limit, exporter.export(spans.clone()))
+                .await
+                .unwrap_or(Err(OTelSdkError::Timeout(limit)));
             match result {
                 Ok(()) => {
                     metrics.spans_exported.inc_by(n);
