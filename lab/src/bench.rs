@@ -239,6 +239,7 @@ fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
         services: node.identities("bench"),
         response_timeout: Duration::from_secs(30),
         kubernetes: None,
+        node_name: None,
     }
 }
 
@@ -557,6 +558,7 @@ pub fn events(n_pairs: usize) -> impl Iterator<Item = RawEvent> {
                 segment_len: req.len() as u32,
                 budget_exhausted: false,
                 payload: req.into_bytes(),
+                via: None,
             },
             RawEvent {
                 ts_ns: ts + 500,
@@ -568,6 +570,7 @@ pub fn events(n_pairs: usize) -> impl Iterator<Item = RawEvent> {
                 segment_len: rsp.len() as u32,
                 budget_exhausted: false,
                 payload: rsp,
+                via: None,
             },
         ]
     })

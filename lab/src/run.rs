@@ -408,6 +408,7 @@ pub fn run_one(
         services,
         response_timeout: Duration::from_secs(60),
         kubernetes: None,
+        node_name: None,
     })?;
     let mut ctx = Ctx {
         node,

@@ -1,6 +1,7 @@
 //! `tracegap run`: the node agent. The data path, end to end:
 //!
-//! ring buffer → [`Assembler`] (whole heads, no duplicates) → [`Pairer`]
+//! ring buffer → [`ServiceNat`] (calls through a Service rebound to the pod
+//! that served them) → [`Assembler`] (whole heads, no duplicates) → [`Pairer`]
 //! (request + response) → [`Hop`] → [`Engine`] (classification) →
 //! metrics, report, and for gap hops a synthetic span offered to the
 //! bounded export queue.
@@ -28,9 +29,10 @@ use crate::{
         span::{self, ExportMode, Identity},
     },
     http::assemble::{Assembler, HEAD_TIMEOUT, Message, Pairer},
-    identity::Directory,
+    identity::{self, Directory},
     interfaces::{self, Interfaces, Selection},
     metrics::{BaggageLabels, GapLabels, Metrics, RequestLabels},
+    nat::{self, Conntrack, LookupStats, ServiceNat},
     server::{self, Shared},
 };
 
@@ -67,6 +69,10 @@ pub struct AgentConfig {
     pub response_timeout: Duration,
     /// Watch the Kubernetes API for identities (None: standalone).
     pub kubernetes: Option<ClusterConfig>,
+    /// This node's name: with it, each hop is reported by one node of
+    /// several ([`cluster::reports_here`]) and the node's own addresses are
+    /// named `node:NAME`. None: the only agent, which reports everything.
+    pub node_name: Option<String>,
 }
 
 /// The running agent's handles, for callers that embed it (tests).
@@ -85,7 +91,16 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::new());
     let shared = Arc::new(Shared::new(metrics.clone()));
+    if let Ok(mut r) = shared.reporter.lock() {
+        r.node = config.node_name.clone();
+    }
     let directory = Arc::new(Directory::with_identities(config.services.clone()));
+    if let Some(node) = &config.node_name {
+        match identity::host_addresses() {
+            Ok(addrs) => directory.add_node_addresses(node, addrs),
+            Err(e) => tracing::warn!(error = %e, "listing this node's addresses"),
+        }
+    }
     let (listen, server) = server::serve(config.listen, shared.clone())
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
@@ -169,7 +184,9 @@ async fn event_loop(
             () = &mut stop => return Ok(()),
             n = stream.next_batch(&mut events) => {
                 n?;
-                for e in events.drain(..) {
+                let directory = &p.directory;
+                for mut e in events.drain(..) {
+                    p.nat.translate(&mut e, |ip| directory.is_service(ip));
                     p.assembler.push(e, &mut messages);
                 }
             }
@@ -199,6 +216,9 @@ async fn event_loop(
 /// The user-space data path's state.
 struct Pipeline {
     clock: WallClock,
+    nat: ServiceNat,
+    /// Lookups already counted in the metrics.
+    nat_counted: LookupStats,
     assembler: Assembler,
     pairer: Pairer<Arc<Request>>,
     engine: Engine,
@@ -221,8 +241,18 @@ impl Pipeline {
         directory: Arc<Directory>,
         queue: SpanQueue,
     ) -> Self {
+        let conntrack = Conntrack::open()
+            .inspect_err(|e| {
+                tracing::warn!(
+                    error = %e,
+                    "conntrack cannot be asked: calls through Service addresses stay named after the Service"
+                )
+            })
+            .ok();
         Self {
             clock: WallClock::new(),
+            nat: ServiceNat::new(conntrack),
+            nat_counted: LookupStats::default(),
             assembler: Assembler::default(),
             pairer: Pairer::default(),
             engine: Engine::default(),
@@ -234,7 +264,7 @@ impl Pipeline {
             export_unsampled: config.export_unsampled,
             response_timeout: config.response_timeout,
             last_resync_ns: monotonic_ns(),
-            node: config.kubernetes.as_ref().and_then(|k| k.node_name.clone()),
+            node: config.node_name.clone(),
         }
     }
 
@@ -248,6 +278,11 @@ impl Pipeline {
             self.hop(&req, None, gave_up);
         }
         self.engine.forget_before(now.saturating_sub(RETENTION_NS));
+        self.nat
+            .forget_before(now.saturating_sub(2 * nat::REVALIDATE_NS));
+        self.shared
+            .metrics
+            .service_lookups(self.nat.stats, &mut self.nat_counted);
         // NTP may step the wall clock: re-anchor now and then.
         if now.saturating_sub(self.last_resync_ns) > 60_000_000_000 {
             self.clock.resync();
@@ -298,13 +333,26 @@ impl Pipeline {
         let verdict = self.engine.classify(&hop, callee.instrumented);
         let callee_local = self.local.contains(&hop.callee().ip);
         let caller_local = self.local.contains(&hop.caller().ip);
+        let node = self.node.as_deref();
+        // A callee that passed this request's context on unchanged has no
+        // span for it: its node (the one that saw what it sent) adds it,
+        // whichever node reports the hop itself.
+        if verdict.forwarded > 0
+            && self.export_mode == ExportMode::Gaps
+            && callee.instrumented != Some(false)
+            && (self.export_unsampled || hop.context().is_some_and(|c| c.sampled != Some(false)))
+            && cluster::on_this_node(&callee, callee_local, node)
+        {
+            self.queue
+                .offer(span::passthrough(&hop, &verdict, &caller, &callee));
+        }
         // Classified either way (the engine relates hops), reported once.
         if !cluster::reports_here(
             &caller,
             &callee,
             caller_local,
             callee_local,
-            self.node.as_deref(),
+            node,
         ) {
             return;
         }
@@ -349,7 +397,8 @@ impl Pipeline {
             .map(|c| c.trace_id.clone())
             .or_else(|| verdict.link.as_ref().map(|l| l.context.trace_id.clone()));
         if span::wanted(verdict.kind, self.export_mode, self.export_unsampled) {
-            let s = span::build(&hop, &verdict, &caller, &callee, callee_local);
+            let callee_is_pod = callee.is_pod() || (callee_local && !callee.is_node);
+            let s = span::build(&hop, &verdict, &caller, &callee, callee_is_pod);
             example = Some(s.trace_id.to_string());
             self.queue.offer(s);
         }

@@ -69,15 +69,18 @@ pub struct RunArgs {
     /// addresses are named by themselves.
     #[arg(long = "service", env = "TRACEGAP_SERVICES", value_delimiter = ',', value_parser = parse_service)]
     pub services: Vec<(IpAddr, String)>,
-    /// A file of identities, one `IP SERVICE [NAMESPACE/POD]` per line:
-    /// the standalone stand-in for the Kubernetes API.
+    /// A file of identities, one `IP NAME [NAMESPACE/POD] [node=NODE]
+    /// [instrumented=BOOL] [kind=pod|service|node]` per line: the standalone
+    /// stand-in for the Kubernetes API (Services as `kind=service`).
     #[arg(long, env = "TRACEGAP_NAMES_FILE")]
     pub names_file: Option<std::path::PathBuf>,
     /// Name pods and services from the Kubernetes API: auto (when running
     /// in a cluster: KUBERNETES_SERVICE_HOST is set), on, or off.
     #[arg(long, env = "TRACEGAP_KUBERNETES", value_enum, default_value_t = KubernetesMode::Auto)]
     pub kubernetes: KubernetesMode,
-    /// This node's name (the DaemonSet sets it from spec.nodeName).
+    /// This node's name (the DaemonSet sets it from spec.nodeName). With it,
+    /// agents on several nodes report each hop once (the caller's node);
+    /// standalone, name the nodes of pods in the names file (`node=NAME`).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
     /// Namespaces to watch for remote pods and services (comma-separated);
@@ -134,6 +137,7 @@ impl RunArgs {
             export_unsampled: self.export_unsampled,
             services,
             response_timeout: self.response_timeout,
+            node_name: self.node_name.clone(),
             kubernetes: match self.kubernetes {
                 KubernetesMode::On => true,
                 KubernetesMode::Off => false,

@@ -112,6 +112,9 @@ pub struct RawEvent {
     /// The kernel stopped copying this header block at its budget.
     pub budget_exhausted: bool,
     pub payload: Vec<u8>,
+    /// The Service address the client addressed, when the flow was
+    /// rewritten to the backend behind it (user space, [`crate::nat`]).
+    pub via: Option<Endpoint>,
 }
 
 impl RawEvent {
@@ -144,6 +147,7 @@ impl RawEvent {
             segment_len: h.segment_len,
             budget_exhausted: h.flags & event_flags::BUDGET_EXHAUSTED != 0,
             payload: record[EVENT_HEADER_LEN..EVENT_HEADER_LEN + announced].to_vec(),
+            via: None,
         })
     }
 }

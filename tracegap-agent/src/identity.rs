@@ -2,7 +2,14 @@
 //! metric labels. Filled from `--service IP=NAME` and, in a cluster, from
 //! the Kubernetes API; an unknown address is named by itself.
 
-use std::{collections::HashMap, net::IpAddr, sync::RwLock};
+use std::{
+    collections::HashMap,
+    net::IpAddr,
+    sync::{
+        RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
 
 use thiserror::Error;
 
@@ -27,17 +34,26 @@ pub fn parse_mapping(s: &str) -> Result<(IpAddr, String), ParseError> {
 /// A names file line that cannot be read.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error(
-    "line {line}: expected `IP SERVICE [NAMESPACE/POD] [instrumented=true|false]`, got {text:?}"
+    "line {line}: expected `IP NAME [NAMESPACE/POD] [node=NODE] [instrumented=true|false] \
+     [kind=pod|service|node]`, got {text:?}"
 )]
 pub struct NamesFileError {
     pub line: usize,
     pub text: String,
 }
 
-/// Reads a names file: one `IP SERVICE [NAMESPACE/POD] [instrumented=BOOL]`
-/// per line, `#`
-/// comments and blank lines ignored. The standalone agent's stand-in for
-/// the Kubernetes API: the same identities, written down.
+/// Reads a names file: one `IP NAME [NAMESPACE/POD] [node=NODE]
+/// [instrumented=BOOL] [kind=pod|service|node]` per line, `#` comments and
+/// blank lines ignored. The standalone agent's stand-in for the Kubernetes
+/// API: the same identities, written down.
+///
+/// - a pod (the default kind): NAME is its service name, NODE the node it
+///   runs on (which node reports its hops, see [`crate::cluster::reports_here`]);
+/// - `kind=service`: a Service's ClusterIP, NAMESPACE/POD read as
+///   NAMESPACE/SERVICE; calls to it are followed to the pod behind it
+///   ([`crate::nat`]);
+/// - `kind=node`: one of a node's addresses (NAME is the node's name):
+///   traffic from it is node traffic (host-network pods, NodePort SNAT).
 pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFileError> {
     let mut out = Vec::new();
     for (i, raw) in text.lines().enumerate() {
@@ -61,6 +77,15 @@ pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFile
                 Some(("instrumented", v)) => {
                     id.instrumented = Some(v.parse().map_err(|_| bad())?);
                 }
+                Some(("node", v)) if !v.is_empty() => id.node = Some(v.to_owned()),
+                Some(("kind", "pod")) => {}
+                Some(("kind", "service")) => id.is_service = true,
+                Some(("kind", "node")) => {
+                    id = Identity {
+                        node: Some(id.service.clone()),
+                        ..Identity::node(&id.service)
+                    };
+                }
                 Some(_) => return Err(bad()),
                 None if id.pod.is_none() => {
                     let (n, p) = token.split_once('/').ok_or_else(bad)?;
@@ -69,6 +94,10 @@ pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFile
                 }
                 None => return Err(bad()),
             }
+        }
+        if id.is_service {
+            // NAMESPACE/NAME of a Service is not a pod.
+            id.pod = None;
         }
         out.push((ip, id));
     }
@@ -80,6 +109,9 @@ pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFile
 #[derive(Default)]
 pub struct Directory {
     entries: RwLock<HashMap<IpAddr, Identity>>,
+    /// Service addresses among the entries: while there are none (no
+    /// Services known), asking costs no lock.
+    services: AtomicUsize,
 }
 
 impl Directory {
@@ -93,13 +125,48 @@ impl Directory {
 
     pub fn set(&self, ip: IpAddr, identity: Identity) {
         if let Ok(mut e) = self.entries.write() {
-            e.insert(ip, identity);
+            let added = identity.is_service;
+            let removed = e.insert(ip, identity).is_some_and(|old| old.is_service);
+            self.count_services(added, removed);
         }
     }
 
     pub fn remove(&self, ip: &IpAddr) {
         if let Ok(mut e) = self.entries.write() {
-            e.remove(ip);
+            let removed = e.remove(ip).is_some_and(|old| old.is_service);
+            self.count_services(false, removed);
+        }
+    }
+
+    fn count_services(&self, added: bool, removed: bool) {
+        match (added, removed) {
+            (true, false) => {
+                self.services.fetch_add(1, Ordering::Relaxed);
+            }
+            (false, true) => {
+                self.services.fetch_sub(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether `ip` is a Service's address (a ClusterIP): cheap, for every
+    /// event.
+    pub fn is_service(&self, ip: IpAddr) -> bool {
+        self.services.load(Ordering::Relaxed) > 0
+            && self
+                .entries
+            .read()
+                .is_ok_and(|e| e.get(&ip).is_some_and(|i| i.is_service))
+    }
+
+    /// Names this node's own addresses (unless something already names
+    /// them): traffic from them is node traffic, not a pod's.
+    pub fn add_node_addresses(&self, node: &str, addrs: impl IntoIterator<Item = IpAddr>) {
+        if let Ok(mut e) = self.entries.write() {
+            for ip in addrs {
+                e.entry(ip).or_insert_with(|| Identity::node(node));
+            }
         }
     }
 
@@ -111,6 +178,45 @@ impl Directory {
             .and_then(|e| e.get(&ip).cloned())
             .unwrap_or_else(|| Identity::unknown(ip))
     }
+}
+
+/// This host's addresses (the node's, for an agent on the host network),
+/// loopback and IPv6 link-local ones left out.
+pub fn host_addresses() -> std::io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs fills head with a list freed below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: cur is a node of the list getifaddrs returned.
+        let ifa = unsafe { &*cur };
+        cur = ifa.ifa_next;
+        if ifa.ifa_addr.is_null() {
+            continue;
+        }
+        // SAFETY: ifa_addr points to a sockaddr of the family it names.
+        let ip = match i32::from(unsafe { (*ifa.ifa_addr).sa_family }) {
+            libc::AF_INET => {
+                let sa = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in>() };
+                IpAddr::from(u32::from_be(sa.sin_addr.s_addr).to_be_bytes())
+            }
+            libc::AF_INET6 => {
+                let sa = unsafe { &*ifa.ifa_addr.cast::<libc::sockaddr_in6>() };
+                IpAddr::from(sa.sin6_addr.s6_addr)
+            }
+            _ => continue,
+        };
+        let link_local = matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+        if !ip.is_loopback() && !link_local && !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    // SAFETY: head came from getifaddrs and is freed once.
+    unsafe { libc::freeifaddrs(head) };
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -154,5 +260,30 @@ mod tests {
         assert_eq!(ids[0].1.instrumented, Some(false));
         assert!(parse_names_file("10.0.0.1 a instrumented=maybe").is_err());
         assert!(parse_names_file("10.0.0.1 a nopod").is_err());
+    }
+
+    #[test]
+    fn names_files_name_nodes_services_and_where_pods_run() {
+        let ids = parse_names_file(
+            "10.209.1.2 service-b lab/service-b-0 node=node-1\n\
+             10.96.0.10 service-b lab/service-b kind=service\n\
+             10.208.1.2 node-1 kind=node\n",
+        )
+        .unwrap();
+        assert_eq!(ids[0].1.node.as_deref(), Some("node-1"));
+        assert!(ids[0].1.is_pod());
+        let svc = &ids[1].1;
+        assert!(svc.is_service && !svc.is_pod());
+        assert_eq!((svc.namespace.as_deref(), svc.pod.as_deref()), (Some("lab"), None));
+        let node = &ids[2].1;
+        assert!(node.is_node && !node.is_pod());
+        assert_eq!(node.service, "node:node-1");
+        assert!(parse_names_file("10.0.0.1 a kind=cluster").is_err());
+        let d = Directory::with_identities(ids.clone());
+        assert!(d.is_service(ids[1].0) && !d.is_service(ids[0].0));
+        // A node's addresses never rename what is known already.
+        d.add_node_addresses("node-1", [ids[0].0, "10.208.1.9".parse().unwrap()]);
+        assert_eq!(d.lookup(ids[0].0).service, "service-b");
+        assert_eq!(d.lookup("10.208.1.9".parse().unwrap()).service, "node:node-1");
     }
 }

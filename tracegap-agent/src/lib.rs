@@ -3,7 +3,7 @@
 //!
 //! The data path, from packet to output:
 //! [`ebpf`] (load and attach the TC programs) → [`events`] (ring-buffer
-//! records) → [`http`] (message heads, trace context, pairing) → [`gap`]
+//! records) → [`nat`] (Service addresses to the pods behind them) → [`http`] (message heads, trace context, pairing) → [`gap`]
 //! (hops, classification, synthetic spans) → [`export`] (OTLP), with
 //! [`metrics`], [`report`] and [`server`] for people. [`agent`] runs it all;
 //! [`observe`] prints the wire for a person.
@@ -21,6 +21,7 @@ pub mod http;
 pub mod identity;
 pub mod interfaces;
 pub mod metrics;
+pub mod nat;
 pub mod observe;
 pub mod report;
 pub mod server;

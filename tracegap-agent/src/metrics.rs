@@ -32,6 +32,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct BaggageLabels {
     pub source_service: String,
     pub destination_service: String,
@@ -64,6 +69,7 @@ pub struct Metrics {
     pub kernel: Family<KernelLabels, Counter>,
     pub interfaces: Gauge,
     pub ignored: Family<ReasonLabels, Counter>,
+    pub service_lookups: Family<ResultLabels, Counter>,
     pub bpf_run_seconds: Family<ProgramLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Gauge>,
     last_kernel: std::sync::Mutex<Counters>,
@@ -91,6 +97,7 @@ impl Metrics {
             kernel: Family::default(),
             interfaces: Gauge::default(),
             ignored: Family::default(),
+            service_lookups: Family::default(),
             bpf_run_seconds: Family::default(),
             bpf_runs: Family::default(),
             last_kernel: std::sync::Mutex::new(Counters::default()),
@@ -153,6 +160,11 @@ impl Metrics {
             m.ignored.clone(),
         );
         registry.register(
+            "service_lookups",
+            "Connections to a Service address whose backend pod was looked up in conntrack, by result (resolved, not_found, failed)",
+            m.service_lookups.clone(),
+        );
+        registry.register(
             "bpf_run_seconds",
             "Time the kernel spent in each program since BPF statistics were enabled (kernel.bpf_stats_enabled)",
             m.bpf_run_seconds.clone(),
@@ -171,6 +183,22 @@ impl Metrics {
                 reason: reason.to_owned(),
             })
             .inc();
+    }
+
+    /// Adds the lookups made since the last call (`last` is updated).
+    pub fn service_lookups(&self, now: crate::nat::LookupStats, last: &mut crate::nat::LookupStats) {
+        for (result, n, l) in [
+            ("resolved", now.resolved, last.resolved),
+            ("not_found", now.not_found, last.not_found),
+            ("failed", now.failed, last.failed),
+        ] {
+            if n > l {
+                self.service_lookups
+                    .get_or_create(&ResultLabels { result })
+                    .inc_by(n - l);
+            }
+        }
+        *last = now;
     }
 
     pub fn dropped(&self, reason: &str) {

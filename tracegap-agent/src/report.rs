@@ -1,7 +1,7 @@
 //! The per-edge gap report: what `/report` serves and `tracegap report`
 //! prints. An edge is (source service, destination service).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
@@ -11,6 +11,8 @@ use crate::gap::{GapKind, Hop, Verdict};
 pub const LATENCY_SAMPLES: usize = 1024;
 /// Edges tracked at most; hops on further edges count in `overflow_hops`.
 pub const MAX_EDGES: usize = 4096;
+/// Service addresses listed per edge at most.
+pub const MAX_VIA: usize = 8;
 
 #[derive(Default)]
 struct EdgeStats {
@@ -24,6 +26,7 @@ struct EdgeStats {
     baggage_carried: u64,
     baggage_dropped: u64,
     latencies_us: VecDeque<u64>,
+    via: BTreeSet<String>,
 }
 
 /// The report's view of one edge.
@@ -31,6 +34,13 @@ struct EdgeStats {
 pub struct Edge {
     pub source: String,
     pub destination: String,
+    /// Service addresses (ClusterIP:port) the source called the destination
+    /// through; empty when it called the pod directly.
+    #[serde(default)]
+    pub via: Vec<String>,
+    /// The node whose agent reported the edge (None: a standalone agent).
+    #[serde(default)]
+    pub node: Option<String>,
     pub requests: u64,
     /// Share of requests that carried a valid context (0..=1).
     pub valid_context_share: f64,
@@ -61,6 +71,8 @@ pub struct Report {
 pub struct Reporter {
     edges: BTreeMap<(String, String), EdgeStats>,
     overflow_hops: u64,
+    /// This agent's node, written on every edge.
+    pub node: Option<String>,
 }
 
 fn quantile(sorted: &[u64], q: f64) -> Option<f64> {
@@ -108,6 +120,11 @@ impl Reporter {
             e.examples.insert(verdict.kind, t);
         }
         *e.formats.entry(format.to_owned()).or_default() += 1;
+        if let Some(via) = hop.via
+            && e.via.len() < MAX_VIA
+        {
+            e.via.insert(via.to_string());
+        }
         if verdict.baggage_dropped {
             e.baggage_dropped += 1;
         } else if hop.propagation.baggage.is_some() {
@@ -126,6 +143,8 @@ impl Reporter {
                 Edge {
                     source: source.clone(),
                     destination: destination.clone(),
+                    via: e.via.iter().cloned().collect(),
+                    node: self.node.clone(),
                     requests: e.requests,
                     valid_context_share: share(e.valid_context),
                     unsampled_share: share(e.unsampled),
@@ -167,8 +186,14 @@ pub fn table(report: &Report) -> String {
     };
     edges.sort_by(|a, b| gaps(b).cmp(&gaps(a)).then(b.requests.cmp(&a.requests)));
     let ms = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
-    let mut rows = vec![[
+    // Columns shown only when some edge has them: a standalone agent
+    // without Services prints what it always did.
+    let with_via = edges.iter().any(|e| !e.via.is_empty());
+    let with_node = edges.iter().any(|e| e.node.is_some());
+    let mut rows = vec![vec![
         "EDGE".to_owned(),
+        "VIA".to_owned(),
+        "NODE".to_owned(),
         "REQS".to_owned(),
         "CTX%".to_owned(),
         "UNSAMPLED%".to_owned(),
@@ -190,8 +215,14 @@ pub fn table(report: &Report) -> String {
             .filter(|k| *k != "context_ok")
             .find_map(|k| e.examples.get(k).map(|t| format!("{k}:{t}")))
             .unwrap_or_default();
-        rows.push([
+        rows.push(vec![
             format!("{} -> {}", e.source, e.destination),
+            if e.via.is_empty() {
+                "-".to_owned()
+            } else {
+                e.via.join(",")
+            },
+            e.node.clone().unwrap_or_else(|| "-".to_owned()),
             e.requests.to_string(),
             format!("{:.0}", e.valid_context_share * 100.0),
             format!("{:.0}", e.unsampled_share * 100.0),
@@ -205,7 +236,8 @@ pub fn table(report: &Report) -> String {
             example,
         ]);
     }
-    let widths: Vec<usize> = (0..8)
+    let shown = |c: &usize| (*c != 1 || with_via) && (*c != 2 || with_node);
+    let widths: Vec<usize> = (0..10)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -213,7 +245,9 @@ pub fn table(report: &Report) -> String {
         let line: Vec<String> = r
             .iter()
             .zip(&widths)
-            .map(|(v, w)| format!("{v:<w$}"))
+            .enumerate()
+            .filter(|(c, _)| shown(c))
+            .map(|(_, (v, w))| format!("{v:<w$}"))
             .collect();
         out.push_str(line.join("  ").trim_end());
         out.push('\n');

@@ -145,6 +145,7 @@ pub fn pod_identity(pod: &Pod, workload: Option<Workload>) -> Identity {
         workload,
         instrumented: instrumented(pod),
         is_service: false,
+        is_node: false,
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         ports: pod
             .spec

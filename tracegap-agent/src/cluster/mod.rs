@@ -10,14 +10,21 @@ pub use watch::{ApiStatus, ClusterConfig};
 use crate::gap::span::Identity;
 
 /// Whether this node reports a hop. The rule, so that every hop is
-/// reported once in the cluster: the node of the server pod when the
-/// server is a pod; otherwise (a Service address seen before NAT, an
-/// outside address, an unknown one) the client's node.
+/// reported once in the cluster: **the caller's node** when the caller is a
+/// pod; otherwise (node traffic, an address outside the cluster, an unknown
+/// one) the callee's node.
+///
+/// Why the caller's: most gaps are the caller's doing (it dropped the
+/// context, started a new trace, flipped the sampling decision, passed the
+/// context through without a span) and only its node has seen what the
+/// caller was serving at the time; it is also where kube-proxy translated
+/// a Service address, so its conntrack knows the backend. The callee's own
+/// part, `uninstrumented`, comes from its identity, which every node has.
 ///
 /// In a cluster, "this node" is known by name (`node`), and an identity
 /// without a node falls back to whether its address was seen leaving a
-/// watched veth (`*_local`). Standalone (no node name) there is one agent,
-/// and it reports everything it sees.
+/// watched veth (`*_local`). Without a node name there is one agent, and it
+/// reports everything it sees.
 pub fn reports_here(
     caller: &Identity,
     callee: &Identity,
@@ -25,18 +32,21 @@ pub fn reports_here(
     callee_local: bool,
     node: Option<&str>,
 ) -> bool {
-    if node.is_none() {
-        return true;
-    }
-    let on_this_node = |id: &Identity, seen_local: bool| match (node, id.node.as_deref()) {
-        (Some(here), Some(there)) => here == there,
-        _ => seen_local,
-    };
-    let callee_is_pod = callee.pod.is_some() && !callee.is_service;
-    if callee_is_pod || callee_local {
-        on_this_node(callee, callee_local)
+    if caller.is_pod() || (caller_local && !caller.is_node) {
+        on_this_node(caller, caller_local, node)
     } else {
-        on_this_node(caller, caller_local)
+        on_this_node(callee, callee_local, node)
+    }
+}
+
+/// Whether `id` is on this node: by name when both are known, else by
+/// whether its address was seen leaving a watched veth. Without a node name
+/// (the only agent), everything is.
+pub fn on_this_node(id: &Identity, seen_local: bool, node: Option<&str>) -> bool {
+    match (node, id.node.as_deref()) {
+        (None, _) => true,
+        (Some(here), Some(there)) => here == there,
+        (Some(_), None) => seen_local,
     }
 }
 
@@ -63,11 +73,14 @@ mod tests {
         let outside = Identity::unknown("203.0.113.9".parse().unwrap());
         // (caller, callee) → the node that must report.
         let cases = [
-            (pod("a"), pod("b"), "b"),
+            (pod("a"), pod("b"), "a"),
             (pod("a"), pod("a"), "a"),
             (pod("a"), service.clone(), "a"),
             (pod("a"), outside.clone(), "a"),
             (outside.clone(), pod("b"), "b"),
+            // A host-network client on node c (its address is c's).
+            (Identity::node("c"), pod("b"), "b"),
+            (pod("b"), Identity::node("c"), "b"),
         ];
         for (caller, callee, want) in cases {
             let reporters: Vec<&str> = ["a", "b", "c"]

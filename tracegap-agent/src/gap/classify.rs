@@ -45,8 +45,11 @@ pub enum GapKind {
     /// The caller was serving a traced request and sent this one without
     /// context (or with a new trace): it did not propagate.
     BrokenPropagation,
-    /// The callee forwarded the same trace and parent span id downstream:
-    /// it passed headers through without a span of its own.
+    /// The caller forwarded the context it received unchanged (same trace,
+    /// same parent span id): it passed headers through without a span of
+    /// its own. Reported on the edge *leaving* the pass-through service,
+    /// like every other fault of a caller; its missing span is added when
+    /// the request it was serving completes (see [`Verdict::forwarded`]).
     Passthrough,
     /// Context says "not sampled": the trace will not be recorded.
     Unsampled,
@@ -133,8 +136,9 @@ pub struct Verdict {
     /// The inbound request this hop was made for, when the caller was
     /// serving a traced one.
     pub link: Option<Link>,
-    /// For `passthrough`: how many downstream requests carried the same
-    /// parent span id on.
+    /// How many requests the callee sent on while serving this one with
+    /// its context unchanged (same trace, same parent span id): when not 0,
+    /// the callee passed the context through and has no span for this hop.
     pub forwarded: usize,
     /// Baggage arrived at the caller and this hop did not carry it on.
     pub baggage_dropped: bool,
@@ -245,6 +249,9 @@ impl Engine {
         }
         let parent = self.parent_of(hop);
         let mut v = self.judge(hop, parent.clone(), callee_instrumented);
+        if let Some(ctx) = hop.context() {
+            v.forwarded = self.forwarded_unchanged(hop, ctx);
+        }
         // Whatever the verdict, say which request the hop was made for.
         if v.link.is_none() {
             v.link = parent;
@@ -334,6 +341,15 @@ impl Engine {
                     ..Self::verdict(kind, why)
                 };
             }
+            if inbound.trace_id == ctx.trace_id && inbound.parent_span_id == ctx.parent_span_id {
+                return Verdict {
+                    link: Some(link),
+                    ..Self::verdict(
+                        GapKind::Passthrough,
+                        "caller passed the context it received on unchanged: it made no span of its own",
+                    )
+                };
+            }
             if let (Some(a), Some(b)) = (inbound.sampled, ctx.sampled)
                 && a != b
             {
@@ -348,16 +364,6 @@ impl Engine {
                     )
                 };
             }
-        }
-        let forwarded = self.forwarded_unchanged(hop, ctx);
-        if forwarded > 0 {
-            return Verdict {
-                forwarded,
-                ..Self::verdict(
-                    GapKind::Passthrough,
-                    "callee passed the context on unchanged: it made no span of its own",
-                )
-            };
         }
         if ctx.sampled == Some(false) {
             return Self::verdict(GapKind::Unsampled, "sampled flag is off");

@@ -32,6 +32,8 @@ pub struct Request {
     /// Sent by a telemetry exporter: paired, so its response is not taken
     /// for another's, but never reported.
     pub telemetry: bool,
+    /// The Service address the client addressed, if it went through one.
+    pub via: Option<Endpoint>,
     /// Method, path and Host, one after the other, in one allocation.
     text: Box<str>,
     method_end: u32,
@@ -64,6 +66,7 @@ impl Request {
             seq,
             truncated,
             telemetry: false,
+            via: None,
             method_end: method.len() as u32,
             path_end: (method.len() + path.len()) as u32,
             has_host: host.is_some(),
@@ -78,7 +81,7 @@ impl Request {
         let StartLine::Request { method, path, .. } = &head.start else {
             return None;
         };
-        Some(Self::new(
+        let mut req = Self::new(
             m.ts_ns,
             m.flow,
             m.seq,
@@ -87,7 +90,9 @@ impl Request {
             head.header("host"),
             Propagation::from_head(head),
             m.truncated,
-        ))
+        );
+        req.via = m.via;
+        Some(req)
     }
 
     pub fn method(&self) -> &str {
@@ -138,6 +143,9 @@ pub struct Hop {
     pub propagation: Propagation,
     /// The request head did not fit what the kernel copies.
     pub truncated: bool,
+    /// The Service address the client called, when kube-proxy translated it
+    /// to the callee (see [`crate::nat`]).
+    pub via: Option<Endpoint>,
 }
 
 impl Hop {
@@ -167,6 +175,7 @@ impl Hop {
             unanswered: response.is_none(),
             propagation: request.propagation.clone(),
             truncated: request.truncated,
+            via: request.via,
         }
     }
 

@@ -36,6 +36,9 @@ pub struct Identity {
     pub instrumented: Option<bool>,
     /// The address is a ClusterIP Service, not a pod.
     pub is_service: bool,
+    /// The address is a node's own (host-network pods share it): traffic
+    /// from it is node traffic, never a pod's.
+    pub is_node: bool,
     /// The pod's labels (not exported: they can be many).
     pub labels: std::collections::BTreeMap<String, String>,
     /// Ports the pod's containers declare (a hop to one of them is served
@@ -57,6 +60,21 @@ impl Identity {
             service: ip.to_string(),
             ..Self::default()
         }
+    }
+
+    /// One of a node's own addresses.
+    pub fn node(name: &str) -> Self {
+        Self {
+            service: format!("node:{name}"),
+            node: Some(name.to_owned()),
+            is_node: true,
+            ..Self::default()
+        }
+    }
+
+    /// A pod (as opposed to a Service, a node, or an unknown address).
+    pub fn is_pod(&self) -> bool {
+        self.pod.is_some() && !self.is_service && !self.is_node
     }
 
     /// Resource attributes, per the OpenTelemetry resource conventions.
@@ -131,23 +149,55 @@ fn new_ids() -> (TraceId, SpanId) {
 }
 
 /// Whether a hop with this verdict becomes a span.
+///
+/// A `passthrough` hop is not one: its callee received valid context and
+/// has its own span. The span missing is the pass-through caller's, made by
+/// [`passthrough`] from the request that caller was serving.
 pub fn wanted(kind: GapKind, mode: ExportMode, export_unsampled: bool) -> bool {
     match kind {
         GapKind::Unsampled => export_unsampled,
         _ if mode == ExportMode::All => true,
+        GapKind::Passthrough => false,
         k => k.is_gap(),
     }
 }
 
-/// Builds the span for a hop. `callee_local`: the callee is a pod on this
-/// node, so its side was observed (SERVER span listed under the callee);
-/// otherwise only the caller's side is known (CLIENT span under the caller).
+/// The span of a service that passed its context through: `hop` is the
+/// request it was serving (its `verdict.forwarded` > 0), `callee` the
+/// pass-through service. It sits under the caller's span, where the
+/// service's own span would be, and lasts as long as the request did.
+pub fn passthrough(
+    hop: &Hop,
+    verdict: &Verdict,
+    caller: &Identity,
+    callee: &Identity,
+) -> SyntheticSpan {
+    let v = Verdict {
+        kind: GapKind::Passthrough,
+        detail: format!(
+            "passed the context on unchanged to {} downstream request(s): no span of its own",
+            verdict.forwarded
+        ),
+        ..verdict.clone()
+    };
+    let mut s = build(hop, &v, caller, callee, true);
+    s.attributes.push(KeyValue::new(
+        "tracegap.passthrough.forwarded",
+        verdict.forwarded as i64,
+    ));
+    s
+}
+
+/// Builds the span for a hop. `callee_is_pod`: the callee is a pod (on
+/// any node), so the span is its SERVER span, listed under it; otherwise (a
+/// Service nobody resolved, an address outside the cluster) only the
+/// caller's side is known: a CLIENT span under the caller.
 pub fn build(
     hop: &Hop,
     verdict: &Verdict,
     caller: &Identity,
     callee: &Identity,
-    callee_local: bool,
+    callee_is_pod: bool,
 ) -> SyntheticSpan {
     let (new_trace, span) = new_ids();
     let mut attributes = Vec::with_capacity(20);
@@ -188,7 +238,7 @@ pub fn build(
 
     let route = route::template(&hop.path);
     let name = format!("{} {route}", hop.method);
-    let (kind, identity, peer) = if callee_local {
+    let (kind, identity, peer) = if callee_is_pod {
         (SpanKind::Server, callee.clone(), hop.caller())
     } else {
         (SpanKind::Client, caller.clone(), hop.callee())
@@ -217,7 +267,12 @@ pub fn build(
     if let Some(f) = hop.format() {
         attributes.push(KeyValue::new("tracegap.context.format", f));
     }
-    if callee_local {
+    if let Some(via) = hop.via {
+        // The Service the client called; server.address stays the pod that
+        // served it (the HTTP server conventions' local server).
+        attributes.push(KeyValue::new("tracegap.service.address", via.to_string()));
+    }
+    if callee_is_pod {
         attributes.push(KeyValue::new(
             "tracegap.caller.service",
             caller.service.clone(),
@@ -304,6 +359,7 @@ mod tests {
                 ..Default::default()
             },
             truncated: false,
+            via: None,
         }
     }
 
@@ -344,8 +400,26 @@ mod tests {
             Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
             Some(503),
         );
+        let mut h = h;
+        h.via = Some(Endpoint {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 96, 0, 10)),
+            port: 80,
+        });
         let (a, b) = ids();
-        let s = build(&h, &verdict(GapKind::Passthrough, None), &a, &b, true);
+        // service-b received this and sent it on unchanged twice.
+        let mut v = verdict(GapKind::ContextOk, None);
+        v.forwarded = 2;
+        let s = passthrough(&h, &v, &a, &b);
+        assert_eq!(
+            attr(&s, "tracegap.passthrough.forwarded"),
+            Some(&opentelemetry::Value::I64(2))
+        );
+        assert_eq!(
+            attr(&s, "tracegap.service.address").map(|v| v.as_str().into_owned()),
+            Some("10.96.0.10:80".into())
+        );
+        assert!(!wanted(GapKind::Passthrough, ExportMode::Gaps, false));
+        assert!(wanted(GapKind::Passthrough, ExportMode::All, false));
         assert_eq!(s.trace_id.to_string(), "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(s.parent_span_id.to_string(), "b7ad6b7169203331");
         assert_ne!(s.span_id, SpanId::INVALID);

@@ -12,7 +12,7 @@ use std::{
 use tracegap_common::{Direction, EventKind};
 
 use super::message::{Head, HeadError, StartLine, parse_head};
-use crate::events::{Flow, RawEvent};
+use crate::events::{Endpoint, Flow, RawEvent};
 
 /// Header blocks being assembled at most; the oldest is flushed past it.
 pub const MAX_PARTIALS: usize = 16 * 1024;
@@ -35,6 +35,8 @@ pub struct Message {
     pub direction: Direction,
     pub seq: u32,
     pub head: Result<Head, HeadError>,
+    /// The Service address the client addressed (see [`crate::nat`]).
+    pub via: Option<Endpoint>,
     /// The head did not end within what the kernel copied (budget reached,
     /// or segments missing): the headers read are the complete lines so far.
     pub truncated: bool,
@@ -55,6 +57,7 @@ impl Message {
 struct Partial {
     ts_ns: u64,
     direction: Direction,
+    via: Option<Endpoint>,
     seq: u32,
     next_seq: u32,
     buf: Vec<u8>,
@@ -162,6 +165,7 @@ impl Assembler {
                 let p = Partial {
                     ts_ns: e.ts_ns,
                     direction: e.direction,
+                    via: e.via,
                     seq: e.seq,
                     next_seq: e.seq.wrapping_add(e.payload.len() as u32),
                     buf: e.payload,
@@ -203,13 +207,14 @@ impl Assembler {
                     let next = next_message_at(&head)
                         .filter(|&at| p.buf.get(at..).is_some_and(starts_like_a_message));
                     let rest = next.map(|at| (at, p.buf.split_off(at)));
-                    let (seq, ts_ns, direction) = (p.seq, p.ts_ns, p.direction);
+                    let (seq, ts_ns, direction, via) = (p.seq, p.ts_ns, p.direction, p.via);
                     self.emit(key, p, Ok(head), false, out);
                     let Some((at, buf)) = rest else { return };
                     let seq = seq.wrapping_add(at as u32);
                     p = Partial {
                         ts_ns,
                         direction,
+                        via,
                         seq,
                         next_seq: seq.wrapping_add(buf.len() as u32),
                         buf,
@@ -266,6 +271,7 @@ impl Assembler {
             direction: p.direction,
             seq: p.seq,
             head,
+            via: p.via,
             truncated,
         });
     }
@@ -483,6 +489,7 @@ mod tests {
             segment_len: payload.len() as u32,
             budget_exhausted: false,
             payload: payload.to_vec(),
+            via: None,
         }
     }
 

@@ -58,6 +58,7 @@ fn hop(from: u8, to: u8, start_ms: u64, end_ms: u64, contexts: Vec<Found>) -> Ho
             ..Default::default()
         },
         truncated: false,
+        via: None,
     }
 }
 
@@ -173,14 +174,18 @@ fn forwarding_the_same_parent_span_is_passthrough_and_a_new_span_is_not() {
         hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
         hop(2, 3, 10, 20, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
     ]);
-    assert_eq!(kinds(&v), [GapKind::Passthrough, GapKind::ContextOk]);
-    assert_eq!(v[0].forwarded, 1);
+    // The fault is P's, on the edge leaving it; the hop into P records
+    // that P forwarded its context unchanged (P's span gets added there).
+    assert_eq!(kinds(&v), [GapKind::ContextOk, GapKind::Passthrough]);
+    assert_eq!((v[0].forwarded, v[1].forwarded), (1, 0));
+    assert_eq!(v[1].link.as_ref().unwrap().confidence, Confidence::Exact);
     // An instrumented B makes its own span: a new parent id downstream.
     let v = run(&[
         hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
         hop(2, 3, 10, 20, vec![tp(T1, "bbbbbbbbbbbbbbbb", true)]),
     ]);
     assert_eq!(kinds(&v), [GapKind::ContextOk, GapKind::ContextOk]);
+    assert_eq!(v[0].forwarded, 0);
     assert_eq!(v[1].link.as_ref().unwrap().confidence, Confidence::Exact);
 }
 
