@@ -19,10 +19,28 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(config: AgentConfig) -> anyhow::Result<Self> {
+        Self::start_in(config, None)
+    }
+
+    /// Starts the agent in the network namespace `netns` (a cluster node's):
+    /// its threads, the links it attaches to, its sockets and its conntrack
+    /// queries are the node's, as for an agent on that node's host network.
+    pub fn start_in(config: AgentConfig, netns: Option<&str>) -> anyhow::Result<Self> {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel::<Started>();
+        let ns = netns
+            .map(|n| std::fs::File::open(format!("/var/run/netns/{n}")))
+            .transpose()?;
         let thread = std::thread::Builder::new().name(THREAD_NAME.into()).spawn(
             move || -> anyhow::Result<()> {
+                if let Some(ns) = ns {
+                    use std::os::fd::AsRawFd as _;
+                    // SAFETY: setns on this thread; the runtime's threads are
+                    // spawned from it and inherit the namespace.
+                    if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                        return Err(std::io::Error::last_os_error().into());
+                    }
+                }
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .thread_name(THREAD_NAME)

@@ -1,5 +1,6 @@
 //! The tracing lab: the seed's Kubernetes lab reproduced on one Linux
-//! machine. Pods are network namespaces on a bridge ([`netns`]), services
+//! machine. Pods are network namespaces on a bridge ([`netns`]), on two
+//! nodes with kube-proxy-style Services between them ([`cluster`]), services
 //! are real HTTP programs with the propagation behaviours the seed shows
 //! ([`service`]), the trace store is a real OTLP receiver ([`store`]), and
 //! tracegap's agent runs on the pods' veths ([`agent`]). [`scenario`] holds
@@ -7,6 +8,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod cluster;
 pub mod files;
 pub mod http;
 pub mod load;

@@ -1,5 +1,7 @@
-//! "Pods" as network namespaces on a bridge: a one-node cluster without
-//! Kubernetes, with the host-side veths where tracegap attaches.
+//! "Pods" as network namespaces on a bridge: a node without Kubernetes,
+//! with the host-side veths where tracegap attaches. The bridge lives in the
+//! root namespace (the tests' one-node lab) or in a namespace of its own,
+//! the node's (the lab's cluster, [`crate::cluster`]).
 //!
 //! Everything a [`Node`] creates is removed when it is dropped, also on a
 //! panic. Traffic stays between the namespaces it made and the node.
@@ -36,19 +38,27 @@ fn ip(args: &[&str]) -> anyhow::Result<()> {
 
 static NEXT_NODE: AtomicU32 = AtomicU32::new(0);
 
-/// A bridge in the root namespace with pods attached: a one-node cluster.
+/// A bridge with pods attached: a node.
 pub struct Node {
     /// Short unique tag used in every name this node creates.
     tag: String,
     pub bridge: String,
     /// Third octet of 10.209.X.0/24 and the X of fd00:7467:X::/64.
-    subnet: u8,
+    pub subnet: u8,
     pub pods: Vec<Pod>,
     /// Index of the next pod: never reused, so addresses stay unique.
     next_pod: usize,
+    /// The node's own network namespace, where its bridge, its pods' host
+    /// veths and its agent live; None: the root namespace.
+    pub netns: Option<String>,
+    /// The node's name (Kubernetes' `spec.nodeName`), and its replica
+    /// number in pod names (`service-b-1`).
+    pub name: String,
+    pub index: usize,
 }
 
 /// A network namespace with one veth to the node's bridge.
+#[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
     /// Network namespace name (`ip netns`).
@@ -60,36 +70,86 @@ pub struct Pod {
 }
 
 impl Node {
-    /// Creates a bridge and `pods` namespaces attached to it.
+    /// Creates a bridge in the root namespace and `pods` namespaces
+    /// attached to it.
     pub fn new(pods: &[&str]) -> anyhow::Result<Self> {
+        Self::create(pods, None)
+    }
+
+    /// Creates a node in a network namespace of its own, named `name`
+    /// (replica `index` in pod names), with `pods` on its bridge. Pods route
+    /// through the node (their default gateway), so it can forward and NAT
+    /// their traffic as a cluster node does.
+    pub fn in_namespace(name: &str, index: usize, pods: &[&str]) -> anyhow::Result<Self> {
+        Self::create(pods, Some((name, index)))
+    }
+
+    fn create(pods: &[&str], own: Option<(&str, usize)>) -> anyhow::Result<Self> {
         let n = NEXT_NODE.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let tag = format!("{:x}{n}", pid % 0xfffff);
         // Spread concurrent test processes over the 10.209.0.0/16 range.
         let subnet = ((pid.wrapping_mul(7) + n * 13) % 250 + 1) as u8;
         let bridge = format!("tgb{tag}");
-        ip(&["link", "add", &bridge, "type", "bridge"])?;
+        let netns = own.map(|_| format!("tgn{tag}"));
+        if let Some(ns) = &netns {
+            ip(&["netns", "add", ns])?;
+        }
+        // Recorded before anything else can fail, so Drop removes it.
         let mut node = Self {
             tag,
             bridge,
             subnet,
             pods: Vec::new(),
             next_pod: 2,
+            netns,
+            name: own.map_or_else(|| "node".to_owned(), |(n, _)| n.to_owned()),
+            index: own.map_or(0, |(_, i)| i),
         };
+        if node.netns.is_some() {
+            node.ip(&["link", "set", "lo", "up"])?;
+        }
+        node.ip(&["link", "add", &node.bridge, "type", "bridge"])?;
         // The node's own address on the pod network: pods reach host
         // services (the tests' OTLP receiver) through it.
-        ip(&[
+        node.ip(&[
             "addr",
             "add",
             &format!("{}/24", node.gateway()),
             "dev",
             &node.bridge,
         ])?;
-        ip(&["link", "set", &node.bridge, "up"])?;
+        node.ip(&["link", "set", &node.bridge, "up"])?;
         for name in pods {
             node.add_pod(name)?;
         }
         Ok(node)
+    }
+
+    /// `ip` in the node's namespace.
+    pub fn ip(&self, args: &[&str]) -> anyhow::Result<()> {
+        match &self.netns {
+            Some(ns) => {
+                let mut full = vec!["-n", ns.as_str()];
+                full.extend_from_slice(args);
+                ip(&full)
+            }
+            None => ip(args),
+        }
+    }
+
+    /// A command run in the node's network namespace.
+    pub fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/var/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
     }
 
     /// Adds a pod to the running node (a pod scheduled later).
@@ -109,10 +169,10 @@ impl Node {
             ipv4,
             ipv6,
         });
-        ip(&[
+        self.ip(&[
             "link", "add", &host_if, "type", "veth", "peer", "name", "eth0", "netns", &netns,
         ])?;
-        ip(&["link", "set", &host_if, "master", &self.bridge, "up"])?;
+        self.ip(&["link", "set", &host_if, "master", &self.bridge, "up"])?;
         let x = |args: &[&str]| -> anyhow::Result<()> {
             let mut full = vec!["-n", netns.as_str()];
             full.extend_from_slice(args);
@@ -122,6 +182,10 @@ impl Node {
         x(&["addr", "add", &format!("{ipv4}/24"), "dev", "eth0"])?;
         x(&["addr", "add", &format!("{ipv6}/64"), "dev", "eth0", "nodad"])?;
         x(&["link", "set", "eth0", "up"])?;
+        if self.netns.is_some() {
+            let gw = self.gateway().to_string();
+            x(&["route", "add", "default", "via", &gw])?;
+        }
         Ok(())
     }
 
@@ -133,12 +197,13 @@ impl Node {
             .position(|p| p.name == name)
             .with_context(|| format!("no pod {name}"))?;
         let pod = self.pods.remove(at);
-        let _ = ip(&["link", "del", &pod.host_if]);
+        let _ = self.ip(&["link", "del", &pod.host_if]);
         ip(&["netns", "del", &pod.netns])
     }
 
     /// Each pod's identity as the agent should know it: service = pod
-    /// name, in Kubernetes namespace `namespace`, pod `<name>-0`.
+    /// name, in Kubernetes namespace `namespace`, pod `<name>-<index>`, on
+    /// this node when it has a namespace of its own.
     pub fn identities(
         &self,
         namespace: &str,
@@ -151,7 +216,8 @@ impl Node {
                     tracegap_agent::gap::span::Identity {
                         service: p.name.clone(),
                         namespace: Some(namespace.to_owned()),
-                        pod: Some(format!("{}-0", p.name)),
+                        pod: Some(format!("{}-{}", p.name, self.index)),
+                        node: self.netns.as_ref().map(|_| self.name.clone()),
                         ..Default::default()
                     },
                 )
@@ -184,10 +250,15 @@ impl Drop for Node {
             // The veth first: a namespace lives on while anything (a
             // socket in TIME_WAIT, a thread) still refers to it, and its
             // veth with it; deleting the host end deletes both ends now.
-            let _ = ip(&["link", "del", &pod.host_if]);
+            let _ = self.ip(&["link", "del", &pod.host_if]);
             let _ = ip(&["netns", "del", &pod.netns]);
         }
-        let _ = ip(&["link", "del", &self.bridge]);
+        let _ = self.ip(&["link", "del", &self.bridge]);
+        if let Some(ns) = &self.netns {
+            // Takes its remaining links (uplinks, node links) and its
+            // iptables rules with it.
+            let _ = ip(&["netns", "del", ns]);
+        }
     }
 }
 

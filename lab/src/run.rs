@@ -1,6 +1,8 @@
-//! Running scenarios: a node of pods, the services as processes in their
-//! namespaces, tracegap's agent on their veths, the trace store, traffic,
-//! then the report, the trees, the verdict. Everything is removed after
+//! Running scenarios: a two-node cluster of pods, each service replicated
+//! on both nodes behind a kube-proxy-style ClusterIP, the services as
+//! processes in their namespaces, one tracegap agent per node on that
+//! node's veths, the trace store, traffic through the ClusterIPs, then the
+//! per-node reports, the trees, the verdict. Everything is removed after
 //! each scenario, also on failure or Ctrl-C (drops run on every path).
 
 use std::{
@@ -26,7 +28,8 @@ use crate::{
     agent::Agent,
     files,
     load::LoadSummary,
-    netns::{Child, Node},
+    cluster::{Cluster, SERVICE_PORT},
+    netns::{Child, Node, Pod},
     scenario::{self, Expect, Scenario},
     store::{Received, Receiver},
     tree,
@@ -71,32 +74,65 @@ pub struct Outcome {
 }
 
 struct Ctx<'a> {
-    node: Node,
-    agent: Agent,
-    store: &'a mut Receiver,
+    /// Field order is drop order: the agents detach before the cluster goes.
+    agents: Vec<Agent>,
     children: Vec<Child>,
+    cluster: Cluster,
+    store: &'a mut Receiver,
     opts: &'a Options,
 }
 
 impl Ctx<'_> {
-    fn otlp(&self) -> String {
-        format!("http://{}:{}", self.node.gateway(), self.store.http.port())
+    /// The trace store as pods on `node` reach it.
+    fn otlp(&self, node: &Node) -> String {
+        format!(
+            "http://{}:{}",
+            Cluster::store_address(node),
+            self.store.http.port()
+        )
     }
 
-    fn url(&self, pod: &str, path: &str) -> String {
-        format!("http://{}:8080{path}", self.node.pod(pod).ipv4)
+    /// A service's URL: its ClusterIP.
+    fn url(&self, service: &str, path: &str) -> String {
+        let ip = self
+            .cluster
+            .services
+            .iter()
+            .find(|v| v.name == service)
+            .map_or(Ipv4Addr::UNSPECIFIED, |v| v.ip);
+        format!("http://{ip}:{SERVICE_PORT}{path}")
     }
 
-    fn in_pod(&self, pod: &str) -> Command {
+    /// The replicas of `name`: (node, pod) on every node that runs it.
+    fn replicas(&self, name: &str) -> Vec<(&Node, &Pod)> {
+        self.cluster
+            .nodes
+            .iter()
+            .flat_map(|n| n.pods.iter().filter(|p| p.name == name).map(move |p| (n, p)))
+            .collect()
+    }
+
+    fn in_pod(&self, pod: &Pod) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.node.pod(pod).netns])
-            .arg(&self.opts.lab_bin);
+        c.args(["netns", "exec", &pod.netns]).arg(&self.opts.lab_bin);
         c
     }
 
     fn start_service(&mut self, svc: &scenario::Svc) -> anyhow::Result<()> {
+        let replicas: Vec<(String, Pod)> = self
+            .replicas(&svc.spec.name)
+            .into_iter()
+            .map(|(n, p)| (self.otlp(n), p.clone()))
+            .collect();
+        for (otlp, pod) in replicas {
+            self.start_replica(svc, &pod, &otlp)?;
+        }
+        Ok(())
+    }
+
+    fn start_replica(&mut self, svc: &scenario::Svc, pod: &Pod, otlp: &str) -> anyhow::Result<()> {
         let s = &svc.spec;
-        let mut cmd = self.in_pod(&s.name);
+        let mut cmd = self.in_pod(pod);
         cmd.args(["service", "--name", &s.name, "--port", "8080"])
             .arg("--behaviour")
             .arg(value_name(&s.behaviour))
@@ -109,13 +145,13 @@ impl Ctx<'_> {
             .arg("--delay")
             .arg(format!("{}ms", s.delay.as_millis()))
             .arg("--otlp")
-            .arg(self.otlp());
+            .arg(otlp);
         for (pod, path) in &svc.calls {
             cmd.arg("--downstream").arg(self.url(pod, path));
         }
         self.children.push(Child::spawn(&mut cmd)?);
         // Ready when it accepts connections.
-        let addr = SocketAddr::from((self.node.pod(&s.name).ipv4, 8080));
+        let addr = SocketAddr::from((pod.ipv4, 8080));
         let deadline = Instant::now() + Duration::from_secs(10);
         while std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
             check_interrupted()?;
@@ -129,7 +165,11 @@ impl Ctx<'_> {
 
     fn run_load(&self, l: &scenario::Load) -> anyhow::Result<LoadSummary> {
         let s = &l.spec;
-        let mut cmd = self.in_pod(l.pod);
+        let (node, pod) = *self
+            .replicas(l.pod)
+            .first()
+            .with_context(|| format!("no pod {}", l.pod))?;
+        let mut cmd = self.in_pod(pod);
         cmd.args(["load", "--name", &s.name])
             .arg("--target")
             .arg(self.url(l.target.0, l.target.1))
@@ -142,7 +182,7 @@ impl Ctx<'_> {
             .arg("--max-time")
             .arg(format!("{}s", s.max_time.as_secs()))
             .arg("--otlp")
-            .arg(self.otlp());
+            .arg(self.otlp(node));
         match s.propagator {
             Some(p) => cmd.arg("--propagator").arg(value_name(&p)),
             None => cmd.arg("--no-context"),
@@ -194,21 +234,38 @@ impl Ctx<'_> {
         Ok(total)
     }
 
-    /// Spans a service could not export (its `/_lab/stats`).
-    fn export_failed(&self, pod: &str) -> anyhow::Result<u64> {
-        let addr = SocketAddr::from((self.node.pod(pod).ipv4, 8080));
-        let (status, body) = crate::http::get(addr, "/_lab/stats")?;
-        anyhow::ensure!(status == 200, "/_lab/stats answered {status}");
-        let v: serde_json::Value = serde_json::from_str(&body)?;
-        v["export_failed"]
-            .as_u64()
-            .context("no export_failed in /_lab/stats")
+    /// Spans a service's replicas could not export (their `/_lab/stats`).
+    fn export_failed(&self, service: &str) -> anyhow::Result<u64> {
+        let mut failed = 0;
+        for (_, pod) in self.replicas(service) {
+            let addr = SocketAddr::from((pod.ipv4, 8080));
+            let (status, body) = crate::http::get(addr, "/_lab/stats")?;
+            anyhow::ensure!(status == 200, "/_lab/stats answered {status}");
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            failed += v["export_failed"]
+                .as_u64()
+                .context("no export_failed in /_lab/stats")?;
+        }
+        Ok(failed)
     }
 
+    /// Every node's report, one after the other: each edge says which
+    /// node's agent reported it.
     fn report(&self) -> anyhow::Result<Report> {
-        let (status, body) = self.agent.get("/report")?;
-        anyhow::ensure!(status == 200, "/report answered {status}");
-        Ok(serde_json::from_str(&body)?)
+        let mut all = Report::default();
+        for agent in &self.agents {
+            let (status, body) = agent.get("/report")?;
+            anyhow::ensure!(status == 200, "/report answered {status}");
+            let r: Report = serde_json::from_str(&body)?;
+            all.edges.extend(r.edges);
+            all.overflow_hops += r.overflow_hops;
+        }
+        Ok(all)
+    }
+
+    /// A metric summed over the nodes' agents.
+    fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
+        self.agents.iter().map(|a| a.metric(prefix)).sum()
     }
 
     fn hops(&self) -> anyhow::Result<u64> {
@@ -232,7 +289,7 @@ impl Ctx<'_> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        while self.agent.metric("tracegap_export_queue_spans")? > 0.0 && Instant::now() < deadline {
+        while self.metric("tracegap_export_queue_spans")? > 0.0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
         // The batch in flight.
@@ -241,24 +298,6 @@ impl Ctx<'_> {
     }
 }
 
-/// The names file the standalone agent would read for this node.
-fn names_file(node: &Node, sc: &Scenario) -> String {
-    let mut s = String::from("# IP SERVICE NAMESPACE/POD [instrumented=BOOL]\n");
-    for (ip, id) in node.identities("lab") {
-        let declared = sc
-            .services
-            .iter()
-            .any(|v| v.known_uninstrumented && v.spec.name == id.service);
-        s.push_str(&format!(
-            "{ip} {} {}/{}{}\n",
-            id.service,
-            id.namespace.unwrap_or_default(),
-            id.pod.unwrap_or_default(),
-            if declared { " instrumented=false" } else { "" }
-        ));
-    }
-    s
-}
 
 fn explain(kind: &str, src: &str, dst: &str) -> String {
     match kind {
@@ -297,18 +336,18 @@ fn check(
     spans: &[Received],
     sent: u64,
 ) -> anyhow::Result<(bool, String)> {
-    let edge = |s: &str, d: &str| {
+    // An edge may be reported by both nodes (by each for the calls its
+    // pods made): summed.
+    let edges = |s: &str, d: &str| -> Vec<&tracegap_agent::report::Edge> {
         report
             .edges
             .iter()
-            .find(|e| e.source == s && e.destination == d)
+            .filter(|e| e.source == s && e.destination == d)
+            .collect()
     };
     Ok(match e {
         Expect::Kind(s, d, k) => {
-            let n = edge(s, d)
-                .and_then(|e| e.kinds.get(*k))
-                .copied()
-                .unwrap_or(0);
+            let n: u64 = edges(s, d).iter().filter_map(|e| e.kinds.get(*k)).sum();
             (n > 0, format!("{k} on {s} -> {d}: {n}"))
         }
         Expect::NoGaps => {
@@ -322,7 +361,7 @@ fn check(
             (gaps == 0, format!("no gaps: {gaps} found"))
         }
         Expect::BaggageCarried(s, d) => {
-            let n = edge(s, d).map_or(0, |e| e.baggage_carried);
+            let n: u64 = edges(s, d).iter().map(|e| e.baggage_carried).sum();
             (n > 0, format!("baggage carried on {s} -> {d}: {n}"))
         }
         Expect::SpanLasting(gap, want) => {
@@ -345,9 +384,9 @@ fn check(
             )
         }
         Expect::ExportRecovered => {
-            let errors = ctx.agent.metric("tracegap_export_errors_total")?;
-            let dropped = ctx.agent.metric("tracegap_spans_dropped_total")?;
-            let exported = ctx.agent.metric("tracegap_spans_exported_total")?;
+            let errors = ctx.metric("tracegap_export_errors_total")?;
+            let dropped = ctx.metric("tracegap_spans_dropped_total")?;
+            let exported = ctx.metric("tracegap_spans_exported_total")?;
             let synthetic = spans.iter().filter(|s| s.synthetic()).count();
             (
                 errors > 0.0 && synthetic > 0,
@@ -359,10 +398,13 @@ fn check(
         }
         Expect::KeptUp(share) => {
             let hops: u64 = report.edges.iter().map(|e| e.requests).sum();
-            let lost = ctx.agent.metric("tracegap_ringbuf_lost_events_total")?;
-            let dropped = ctx.agent.metric("tracegap_spans_dropped_total")?;
-            let exported = ctx.agent.metric("tracegap_spans_exported_total")?;
-            let healthy = ctx.agent.get("/healthz")?.0 == 200;
+            let lost = ctx.metric("tracegap_ringbuf_lost_events_total")?;
+            let dropped = ctx.metric("tracegap_spans_dropped_total")?;
+            let exported = ctx.metric("tracegap_spans_exported_total")?;
+            let mut healthy = true;
+            for a in &ctx.agents {
+                healthy &= a.get("/healthz")?.0 == 200;
+            }
             let ok = healthy && hops as f64 >= sent as f64 * share;
             (
                 ok,
@@ -375,46 +417,85 @@ fn check(
     })
 }
 
-/// Runs one scenario on a fresh node and agent.
+/// Runs one scenario on a fresh two-node cluster with an agent per node.
+///
+/// Every service runs on both nodes behind its ClusterIP; the load clients
+/// take turns on the nodes. So each call is translated (DNAT) on its
+/// caller's node and lands on either node at random: same-node and
+/// cross-node hops, every one of them through a Service.
 pub fn run_one(
     sc: &Scenario,
     store: &mut Receiver,
     opts: &Options,
     out: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
-    let mut pods: BTreeSet<&str> = sc.services.iter().map(|s| s.spec.name.as_str()).collect();
-    pods.extend(sc.loads.iter().map(|l| l.pod));
-    let pods: Vec<&str> = pods.into_iter().collect();
-    let node = Node::new(&pods)?;
-    // The standalone agent's identities come from a names file, as with
-    // `tracegap run --names-file`.
+    let services: Vec<&str> = sc.services.iter().map(|s| s.spec.name.as_str()).collect();
+    let mut per_node: [BTreeSet<&str>; 2] = [BTreeSet::new(), BTreeSet::new()];
+    for n in &mut per_node {
+        n.extend(services.iter().copied());
+    }
+    for (i, l) in sc.loads.iter().enumerate() {
+        // A client pod stays on the node it was first put on.
+        if !per_node.iter().any(|n| n.contains(l.pod) && !services.contains(&l.pod)) {
+            per_node[i % 2].insert(l.pod);
+        }
+    }
+    let pods: [Vec<&str>; 2] = per_node.map(|n| n.into_iter().collect());
+    let mut cluster = Cluster::new([&pods[0], &pods[1]])?;
+    for name in &services {
+        let backends: Vec<SocketAddr> = cluster
+            .nodes
+            .iter()
+            .flat_map(|n| n.pods.iter())
+            .filter(|p| p.name == *name)
+            .map(|p| SocketAddr::from((p.ipv4, 8080)))
+            .collect();
+        cluster.add_service(name, &backends)?;
+    }
+    // The standalone agents' identities come from a names file, as with
+    // `tracegap run --names-file`: pods with their nodes, the Services, the
+    // nodes' own addresses.
+    let uninstrumented: Vec<&str> = sc
+        .services
+        .iter()
+        .filter(|v| v.known_uninstrumented)
+        .map(|v| v.spec.name.as_str())
+        .collect();
     let names = opts.out.join(format!("{}.names", sc.name));
-    std::fs::write(&names, names_file(&node, sc))?;
-    let services = tracegap_agent::identity::parse_names_file(&std::fs::read_to_string(&names)?)
+    std::fs::write(&names, cluster.names_file("lab", &uninstrumented))?;
+    let identities = tracegap_agent::identity::parse_names_file(&std::fs::read_to_string(&names)?)
         .with_context(|| format!("reading {}", names.display()))?;
-    let agent = Agent::start(AgentConfig {
-        interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        export: ExportConfig {
-            protocol: OtlpProtocol::Grpc,
-            endpoint: Some(format!("http://127.0.0.1:{}", store.grpc.port())),
-            interval: Duration::from_millis(200),
-            queue: 2048,
-            attempts: 3,
-            ..ExportConfig::default()
-        },
-        export_mode: ExportMode::Gaps,
-        export_unsampled: false,
-        services,
-        response_timeout: Duration::from_secs(60),
-        kubernetes: None,
-        node_name: None,
-    })?;
+    let mut agents = Vec::new();
+    for node in &cluster.nodes {
+        let config = AgentConfig {
+            interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
+            listen: SocketAddr::from((Cluster::node_address(node), 0)),
+            export: ExportConfig {
+                protocol: OtlpProtocol::Grpc,
+                endpoint: Some(format!(
+                    "http://{}:{}",
+                    Cluster::store_address(node),
+                    store.grpc.port()
+                )),
+                interval: Duration::from_millis(200),
+                queue: 2048,
+                attempts: 3,
+                ..ExportConfig::default()
+            },
+            export_mode: ExportMode::Gaps,
+            export_unsampled: false,
+            services: identities.clone(),
+            response_timeout: Duration::from_secs(60),
+            kubernetes: None,
+            node_name: Some(node.name.clone()),
+        };
+        agents.push(Agent::start_in(config, node.netns.as_deref())?);
+    }
     let mut ctx = Ctx {
-        node,
-        agent,
-        store,
+        agents,
         children: Vec::new(),
+        cluster,
+        store,
         opts,
     };
     let first_span = ctx.store.spans().len();
@@ -467,17 +548,48 @@ pub fn run_one(
         passed &= ok;
         verdict.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
     }
-    let mut findings = Vec::new();
+    // Each hop once, cluster-wide: every request a client sent is one hop,
+    // reported by exactly one of the two agents. (A flood may lose events
+    // to a full ring buffer; it must still never count one twice.)
+    let mut sent_by: std::collections::BTreeMap<&str, u64> = Default::default();
+    for (l, s) in sc.loads.iter().zip(&summaries) {
+        *sent_by.entry(l.pod).or_default() += s.sent;
+    }
+    if sc.store_down {
+        // The extra load after the store came back is from the first pod.
+        let total: u64 = summaries.iter().map(|s| s.sent).sum();
+        *sent_by.entry(sc.loads[0].pod).or_default() += sent - total;
+    }
+    let flood = sc.expect.iter().any(|e| matches!(e, Expect::KeptUp(_)));
+    for (pod, n) in sent_by {
+        let hops: u64 = report
+            .edges
+            .iter()
+            .filter(|e| e.source == pod)
+            .map(|e| e.requests)
+            .sum();
+        let ok = hops == n || (flood && hops <= n);
+        passed &= ok;
+        verdict.push(format!(
+            "{} each hop once: {pod} sent {n} requests, {hops} hops reported across both nodes",
+            if ok { "ok  " } else { "FAIL" }
+        ));
+    }
+    // Per edge across both nodes.
+    let mut found: std::collections::BTreeMap<(&str, &str, &str), u64> = Default::default();
     for e in &report.edges {
         for (k, n) in &e.kinds {
             if k != "context_ok" {
-                findings.push(format!(
-                    "{k} x{n}: {}",
-                    explain(k, &e.source, &e.destination)
-                ));
+                *found
+                    .entry((k.as_str(), e.source.as_str(), e.destination.as_str()))
+                    .or_default() += n;
             }
         }
     }
+    let mut findings: Vec<String> = found
+        .into_iter()
+        .map(|((k, s, d), n)| format!("{k} x{n}: {}", explain(k, s, d)))
+        .collect();
     if findings.is_empty() {
         findings.push("complete: every hop carried valid context".to_owned());
     }
@@ -516,7 +628,9 @@ pub fn run_one(
         examples,
         spans,
     };
-    ctx.agent.stop_now()?;
+    for a in &mut ctx.agents {
+        a.stop_now()?;
+    }
     let mut outcome = outcome;
     if sc.store_down {
         // Asked after the agent stopped, so the question is not a hop.

@@ -144,8 +144,8 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                     load("service-a", ("nginx", "/index.html"), n(3, 10)),
                 ],
                 expect: vec![
-                    Kind("service-a", "proxy", "passthrough"),
-                    Kind("proxy", "service-c", "context_ok"),
+                    Kind("proxy", "service-c", "passthrough"),
+                    Kind("service-a", "proxy", "context_ok"),
                     Kind("service-a", "nginx", "uninstrumented"),
                 ],
                 store_down: false,

@@ -21,7 +21,7 @@ const BPF_PACKAGES: &[&str] = &[
     "libzstd-dev",
 ];
 /// Debian packages the tests and the lab run.
-const RUNTIME_PACKAGES: &[&str] = &["iproute2", "curl", "util-linux", "openssl"];
+const RUNTIME_PACKAGES: &[&str] = &["iproute2", "curl", "util-linux", "openssl", "iptables"];
 
 const BPF_LINKER_VERSION: &str = "^0.13";
 

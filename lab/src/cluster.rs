@@ -1,0 +1,224 @@
+//! A two-node cluster on one machine: each node a network namespace with
+//! its own bridge, pod veths, routes, conntrack and kube-proxy-style
+//! iptables rules; the nodes routed to each other over a veth; each node
+//! reachable from the root namespace (where the trace store listens) over
+//! an uplink veth.
+//!
+//! Services are ClusterIPs that exist only as DNAT rules, as with
+//! kube-proxy in iptables mode: a chain per Service that picks a backend at
+//! random (`-m statistic --mode random`, the probabilities kube-proxy
+//! writes), installed on every node, so a call is translated on the
+//! caller's node and may land on either.
+//!
+//! Addresses, for node subnet S (node-1's is S1): pods 10.209.S.0/24,
+//! uplinks 10.208.S.0/24 (root .1, node .2), the node-to-node link
+//! 10.207.S1.0/24 (node-1 .1, node-2 .2), ClusterIPs 10.96.S1.0/24.
+//! Everything is removed when the cluster is dropped: deleting a node's
+//! namespace takes its links and rules with it.
+
+use std::net::{Ipv4Addr, SocketAddr};
+
+use anyhow::Context as _;
+
+use crate::netns::{Node, run};
+
+/// A Service: a ClusterIP and port in front of pods.
+#[derive(Clone, Debug)]
+pub struct ServiceVip {
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    pub backends: Vec<SocketAddr>,
+}
+
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub services: Vec<ServiceVip>,
+    /// Root-namespace routes to the pod networks, removed on drop (the
+    /// uplinks go with the node namespaces).
+    routes: Vec<String>,
+}
+
+/// The port every lab Service listens on, as Kubernetes Services often do.
+pub const SERVICE_PORT: u16 = 80;
+
+impl Cluster {
+    /// Two nodes, `node-1` and `node-2`, with these pods on each.
+    pub fn new(pods: [&[&str]; 2]) -> anyhow::Result<Self> {
+        let mut c = Self {
+            nodes: Vec::new(),
+            services: Vec::new(),
+            routes: Vec::new(),
+        };
+        for (i, pods) in pods.iter().enumerate() {
+            c.nodes
+                .push(Node::in_namespace(&format!("node-{}", i + 1), i, pods)?);
+        }
+        for node in &c.nodes {
+            c.routes.push(uplink(node)?);
+            let sysctl = |k: &str| run(node.command("sysctl").args(["-qw", k]));
+            sysctl("net.ipv4.ip_forward=1")?;
+            sysctl("net.ipv4.conf.all.rp_filter=0")?;
+            // kube-proxy's requirement: bridged traffic (a response from a
+            // backend to a client on the same bridge) passes conntrack, so
+            // it is un-NATed.
+            sysctl("net.bridge.bridge-nf-call-iptables=1")?;
+        }
+        c.link_nodes()?;
+        Ok(c)
+    }
+
+    fn link_nodes(&self) -> anyhow::Result<()> {
+        let (a, b) = (&self.nodes[0], &self.nodes[1]);
+        let (a_ns, b_ns) = (ns(a)?, ns(b)?);
+        run(std::process::Command::new("ip").args([
+            "-n", a_ns, "link", "add", "peer", "type", "veth", "peer", "name", "peer", "netns", b_ns,
+        ]))?;
+        let s = a.subnet;
+        a.ip(&["addr", "add", &format!("10.207.{s}.1/24"), "dev", "peer"])?;
+        b.ip(&["addr", "add", &format!("10.207.{s}.2/24"), "dev", "peer"])?;
+        a.ip(&["link", "set", "peer", "up"])?;
+        b.ip(&["link", "set", "peer", "up"])?;
+        a.ip(&[
+            "route",
+            "add",
+            &format!("10.209.{}.0/24", b.subnet),
+            "via",
+            &format!("10.207.{s}.2"),
+        ])?;
+        b.ip(&[
+            "route",
+            "add",
+            &format!("10.209.{}.0/24", a.subnet),
+            "via",
+            &format!("10.207.{s}.1"),
+        ])?;
+        Ok(())
+    }
+
+    /// Adds a Service in front of `backends` on every node (kube-proxy
+    /// programs every node alike) and returns its ClusterIP.
+    pub fn add_service(&mut self, name: &str, backends: &[SocketAddr]) -> anyhow::Result<Ipv4Addr> {
+        let ip = Ipv4Addr::new(10, 96, self.nodes[0].subnet, self.services.len() as u8 + 10);
+        let chain = format!("TG-SVC-{}", self.services.len());
+        for node in &self.nodes {
+            let ipt = |args: &[&str]| run(node.command("iptables").args(["-w", "-t", "nat"]).args(args));
+            if self.services.is_empty() {
+                ipt(&["-N", "TG-SERVICES"])?;
+                ipt(&["-A", "PREROUTING", "-j", "TG-SERVICES"])?;
+                ipt(&["-A", "OUTPUT", "-j", "TG-SERVICES"])?;
+            }
+            ipt(&["-N", &chain])?;
+            ipt(&[
+                "-A",
+                "TG-SERVICES",
+                "-d",
+                &format!("{ip}/32"),
+                "-p",
+                "tcp",
+                "--dport",
+                &SERVICE_PORT.to_string(),
+                "-j",
+                &chain,
+            ])?;
+            // kube-proxy's rule: backend i of n is taken with probability
+            // 1/(n-i) among those left, so each gets 1/n.
+            for (i, b) in backends.iter().enumerate() {
+                let left = backends.len() - i;
+                let to = b.to_string();
+                let mut rule = vec!["-A", chain.as_str(), "-p", "tcp"];
+                let p = format!("{:.5}", 1.0 / left as f64);
+                if left > 1 {
+                    rule.extend(["-m", "statistic", "--mode", "random", "--probability", &p]);
+                }
+                rule.extend(["-j", "DNAT", "--to-destination", &to]);
+                ipt(&rule)?;
+            }
+        }
+        self.services.push(ServiceVip {
+            name: name.to_owned(),
+            ip,
+            port: SERVICE_PORT,
+            backends: backends.to_vec(),
+        });
+        Ok(ip)
+    }
+
+    /// Where pods on `node` reach the root namespace (the trace store).
+    pub fn store_address(node: &Node) -> Ipv4Addr {
+        Ipv4Addr::new(10, 208, node.subnet, 1)
+    }
+
+    /// The node's address on its uplink: its agent listens there.
+    pub fn node_address(node: &Node) -> Ipv4Addr {
+        Ipv4Addr::new(10, 208, node.subnet, 2)
+    }
+
+    /// The names file the standalone agents read: every pod with its node,
+    /// every Service, every node address.
+    pub fn names_file(&self, namespace: &str, uninstrumented: &[&str]) -> String {
+        let mut s = String::from(
+            "# IP NAME [NAMESPACE/POD] [node=NODE] [instrumented=BOOL] [kind=pod|service|node]\n",
+        );
+        for node in &self.nodes {
+            for (ip, id) in node.identities(namespace) {
+                s.push_str(&format!(
+                    "{ip} {} {namespace}/{} node={}{}\n",
+                    id.service,
+                    id.pod.unwrap_or_default(),
+                    node.name,
+                    if uninstrumented.contains(&id.service.as_str()) {
+                        " instrumented=false"
+                    } else {
+                        ""
+                    }
+                ));
+            }
+            for ip in [
+                node.gateway(),
+                Self::node_address(node),
+                Ipv4Addr::new(10, 207, self.nodes[0].subnet, node.index as u8 + 1),
+            ] {
+                s.push_str(&format!("{ip} {} kind=node\n", node.name));
+            }
+        }
+        for v in &self.services {
+            s.push_str(&format!(
+                "{} {} {namespace}/{} kind=service\n",
+                v.ip, v.name, v.name
+            ));
+        }
+        s
+    }
+}
+
+fn ns(node: &Node) -> anyhow::Result<&str> {
+    node.netns.as_deref().context("a cluster node has a namespace")
+}
+
+/// Connects the node to the root namespace; returns the root's route to
+/// the node's pods.
+fn uplink(node: &Node) -> anyhow::Result<String> {
+    let s = node.subnet;
+    let root_if = format!("tgu{s}x{}", node.index);
+    run(std::process::Command::new("ip").args([
+        "link", "add", &root_if, "type", "veth", "peer", "name", "uplink", "netns", ns(node)?,
+    ]))?;
+    let ip = |args: &[&str]| run(std::process::Command::new("ip").args(args)).map(|_| ());
+    ip(&["addr", "add", &format!("10.208.{s}.1/24"), "dev", &root_if])?;
+    ip(&["link", "set", &root_if, "up"])?;
+    node.ip(&["addr", "add", &format!("10.208.{s}.2/24"), "dev", "uplink"])?;
+    node.ip(&["link", "set", "uplink", "up"])?;
+    let route = format!("10.209.{s}.0/24");
+    ip(&["route", "add", &route, "via", &format!("10.208.{s}.2")])?;
+    Ok(route)
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for r in &self.routes {
+            let _ = run(std::process::Command::new("ip").args(["route", "del", r]));
+        }
+        // The nodes (and with their namespaces, the uplinks) go next.
+    }
+}
