@@ -3,7 +3,7 @@
 //! tests and `cargo xtask lab` exercise the same parts.
 
 pub use tracegap_lab::{
-    agent, http,
+    agent, cluster, http,
     netns::{Child, Node, Pod, TempDir, run},
     service as demo, store as otlp,
 };
