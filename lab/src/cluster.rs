@@ -65,6 +65,12 @@ impl Cluster {
             sysctl("net.bridge.bridge-nf-call-iptables=1")?;
         }
         c.link_nodes()?;
+        // Host-network clients look the ClusterIP range up before DNAT
+        // picks the backend (and reroutes): like a node's default route.
+        let services = format!("10.96.{}.0/24", c.nodes[0].subnet);
+        for node in &c.nodes {
+            node.ip(&["route", "add", &services, "dev", &node.bridge])?;
+        }
         Ok(c)
     }
 
