@@ -78,7 +78,8 @@ impl Cluster {
         let (a, b) = (&self.nodes[0], &self.nodes[1]);
         let (a_ns, b_ns) = (ns(a)?, ns(b)?);
         run(std::process::Command::new("ip").args([
-            "-n", a_ns, "link", "add", "peer", "type", "veth", "peer", "name", "peer", "netns", b_ns,
+            "-n", a_ns, "link", "add", "peer", "type", "veth", "peer", "name", "peer", "netns",
+            b_ns,
         ]))?;
         let s = a.subnet;
         a.ip(&["addr", "add", &format!("10.207.{s}.1/24"), "dev", "peer"])?;
@@ -108,7 +109,12 @@ impl Cluster {
         let ip = Ipv4Addr::new(10, 96, self.nodes[0].subnet, self.services.len() as u8 + 10);
         let chain = format!("TG-SVC-{}", self.services.len());
         for node in &self.nodes {
-            let ipt = |args: &[&str]| run(node.command("iptables").args(["-w", "-t", "nat"]).args(args));
+            let ipt = |args: &[&str]| {
+                run(node
+                    .command("iptables")
+                    .args(["-w", "-t", "nat"])
+                    .args(args))
+            };
             if self.services.is_empty() {
                 ipt(&["-N", "TG-SERVICES"])?;
                 ipt(&["-A", "PREROUTING", "-j", "TG-SERVICES"])?;
@@ -199,7 +205,9 @@ impl Cluster {
 }
 
 fn ns(node: &Node) -> anyhow::Result<&str> {
-    node.netns.as_deref().context("a cluster node has a namespace")
+    node.netns
+        .as_deref()
+        .context("a cluster node has a namespace")
 }
 
 /// Connects the node to the root namespace; returns the root's route to
@@ -208,7 +216,16 @@ fn uplink(node: &Node) -> anyhow::Result<String> {
     let s = node.subnet;
     let root_if = format!("tgu{s}x{}", node.index);
     run(std::process::Command::new("ip").args([
-        "link", "add", &root_if, "type", "veth", "peer", "name", "uplink", "netns", ns(node)?,
+        "link",
+        "add",
+        &root_if,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "uplink",
+        "netns",
+        ns(node)?,
     ]))?;
     let ip = |args: &[&str]| run(std::process::Command::new("ip").args(args)).map(|_| ());
     ip(&["addr", "add", &format!("10.208.{s}.1/24"), "dev", &root_if])?;

@@ -26,9 +26,9 @@ use tracegap_agent::{
 
 use crate::{
     agent::Agent,
+    cluster::{Cluster, SERVICE_PORT},
     files,
     load::LoadSummary,
-    cluster::{Cluster, SERVICE_PORT},
     netns::{Child, Node, Pod},
     scenario::{self, Expect, Scenario},
     store::{Received, Receiver},
@@ -108,13 +108,19 @@ impl Ctx<'_> {
         self.cluster
             .nodes
             .iter()
-            .flat_map(|n| n.pods.iter().filter(|p| p.name == name).map(move |p| (n, p)))
+            .flat_map(|n| {
+                n.pods
+                    .iter()
+                    .filter(|p| p.name == name)
+                    .map(move |p| (n, p))
+            })
             .collect()
     }
 
     fn in_pod(&self, pod: &Pod) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &pod.netns]).arg(&self.opts.lab_bin);
+        c.args(["netns", "exec", &pod.netns])
+            .arg(&self.opts.lab_bin);
         c
     }
 
@@ -298,7 +304,6 @@ impl Ctx<'_> {
     }
 }
 
-
 fn explain(kind: &str, src: &str, dst: &str) -> String {
     match kind {
         "broken_propagation" => format!(
@@ -436,7 +441,10 @@ pub fn run_one(
     }
     for (i, l) in sc.loads.iter().enumerate() {
         // A client pod stays on the node it was first put on.
-        if !per_node.iter().any(|n| n.contains(l.pod) && !services.contains(&l.pod)) {
+        if !per_node
+            .iter()
+            .any(|n| n.contains(l.pod) && !services.contains(&l.pod))
+        {
             per_node[i % 2].insert(l.pod);
         }
     }

@@ -99,7 +99,12 @@ impl Lab {
     }
 
     /// Starts `name` on every node that has a pod of that name.
-    fn serve(&mut self, name: &str, behaviour: Behaviour, downstream: &[&str]) -> anyhow::Result<()> {
+    fn serve(
+        &mut self,
+        name: &str,
+        behaviour: Behaviour,
+        downstream: &[&str],
+    ) -> anyhow::Result<()> {
         for node in &self.cluster.nodes {
             for pod in node.pods.iter().filter(|p| p.name == name) {
                 let spec = ServiceSpec {
@@ -118,7 +123,14 @@ impl Lab {
 
     /// `n` curls from the pod `from` on node `node` to `url`, each on a new
     /// connection (so kube-proxy picks a backend for each).
-    fn curl(&self, node: usize, from: &str, url: &str, headers: &[&str], n: usize) -> anyhow::Result<()> {
+    fn curl(
+        &self,
+        node: usize,
+        from: &str,
+        url: &str,
+        headers: &[&str],
+        n: usize,
+    ) -> anyhow::Result<()> {
         let pod = self.cluster.nodes[node]
             .pods
             .iter()
@@ -150,7 +162,11 @@ impl Lab {
     fn kinds(&self, src: &str, dst: &str) -> anyhow::Result<BTreeMap<String, u64>> {
         let mut out = BTreeMap::new();
         for r in self.reports()? {
-            for e in r.edges.iter().filter(|e| e.source == src && e.destination == dst) {
+            for e in r
+                .edges
+                .iter()
+                .filter(|e| e.source == src && e.destination == dst)
+            {
                 for (k, n) in &e.kinds {
                     *out.entry(k.clone()).or_default() += n;
                 }
@@ -177,9 +193,9 @@ impl Lab {
     /// more, for duplicates to show).
     fn spans(&self, service: &str, n: usize) -> Vec<Received> {
         let of = |s: &Received| s.synthetic() && s.service == service;
-        let spans = self
-            .receiver
-            .wait_for(Duration::from_secs(15), |s| s.iter().filter(|s| of(s)).count() >= n);
+        let spans = self.receiver.wait_for(Duration::from_secs(15), |s| {
+            s.iter().filter(|s| of(s)).count() >= n
+        });
         std::thread::sleep(Duration::from_millis(800));
         let _ = spans;
         self.receiver.spans().into_iter().filter(of).collect()
@@ -197,15 +213,31 @@ fn a_call_through_a_service_on_one_node_is_one_hop_named_after_the_backend() -> 
     let mut lab = lab([&["client", "service-b"], &["idle"]], &["service-b"])?;
     lab.serve("service-b", Behaviour::DropsHeaders, &[])?;
     let vip = lab.vip("service-b");
-    lab.curl(0, "client", &format!("http://{vip}/checkout?token=s3cr3t"), &[], 4)?;
+    lab.curl(
+        0,
+        "client",
+        &format!("http://{vip}/checkout?token=s3cr3t"),
+        &[],
+        4,
+    )?;
     let kinds = lab.settle("client", "service-b", 4)?;
-    assert_eq!(kinds.values().sum::<u64>(), 4, "one hop per request: {kinds:?}");
+    assert_eq!(
+        kinds.values().sum::<u64>(),
+        4,
+        "one hop per request: {kinds:?}"
+    );
     assert_eq!(kinds.get("missing_context"), Some(&4));
     // Named after the pod, with the Service beside it, by node-1 only.
     let reports = lab.reports()?;
     let edges: Vec<_> = reports.iter().flat_map(|r| r.edges.iter()).collect();
-    assert!(edges.iter().all(|e| e.destination != vip.to_string()), "{edges:#?}");
-    let e = edges.iter().find(|e| e.source == "client").expect("the edge");
+    assert!(
+        edges.iter().all(|e| e.destination != vip.to_string()),
+        "{edges:#?}"
+    );
+    let e = edges
+        .iter()
+        .find(|e| e.source == "client")
+        .expect("the edge");
     assert_eq!(e.via, [format!("{vip}:80")]);
     assert_eq!(e.node.as_deref(), Some("node-1"));
     assert_eq!(e.unanswered, 0, "every response paired: {e:#?}");
@@ -213,9 +245,18 @@ fn a_call_through_a_service_on_one_node_is_one_hop_named_after_the_backend() -> 
     assert_eq!(spans.len(), 4, "one span per hop");
     for s in &spans {
         assert_eq!(s.attr("server.address"), Some(vip.to_string()), "{s:?}");
-        assert_eq!(s.attr("network.peer.address").as_deref(), Some(lab.cluster.nodes[0].pods[0].ipv4.to_string().as_str()));
-        assert_eq!(s.attr("tracegap.service.address"), Some(format!("{vip}:80")));
-        assert_eq!(s.resource_attr("k8s.pod.name").as_deref(), Some("service-b-0"));
+        assert_eq!(
+            s.attr("network.peer.address").as_deref(),
+            Some(lab.cluster.nodes[0].pods[0].ipv4.to_string().as_str())
+        );
+        assert_eq!(
+            s.attr("tracegap.service.address"),
+            Some(format!("{vip}:80"))
+        );
+        assert_eq!(
+            s.resource_attr("k8s.pod.name").as_deref(),
+            Some("service-b-0")
+        );
         assert_eq!(s.resource_attr("k8s.node.name").as_deref(), Some("node-1"));
         assert_eq!(s.attr("url.path").as_deref(), Some("/checkout"));
     }
@@ -249,8 +290,13 @@ fn two_agents_report_each_hop_once_across_nodes_and_backends() -> anyhow::Result
     assert_eq!(spans.len(), n, "one span per hop across both agents");
     let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
     for s in &spans {
-        *by_pod.entry(s.resource_attr("k8s.pod.name").unwrap_or_default()).or_default() += 1;
-        assert_eq!(s.attr("tracegap.service.address"), Some(format!("{vip}:80")));
+        *by_pod
+            .entry(s.resource_attr("k8s.pod.name").unwrap_or_default())
+            .or_default() += 1;
+        assert_eq!(
+            s.attr("tracegap.service.address"),
+            Some(format!("{vip}:80"))
+        );
     }
     assert_eq!(by_pod.len(), 2, "both backends served: {by_pod:?}");
     // What node-2 saw of the cross-node hops it did not report it did
@@ -268,7 +314,10 @@ fn broken_propagation_through_services_is_found_once_and_stitched() -> anyhow::R
     // b drops the context. b's node relates b's inbound request to its
     // outbound call, whichever nodes the calls crossed.
     let mut lab = lab(
-        [&["client", "service-b", "service-c"], &["service-b", "service-c"]],
+        [
+            &["client", "service-b", "service-c"],
+            &["service-b", "service-c"],
+        ],
         &["service-b", "service-c"],
     )?;
     lab.serve("service-c", Behaviour::DropsHeaders, &[])?;
@@ -278,7 +327,11 @@ fn broken_propagation_through_services_is_found_once_and_stitched() -> anyhow::R
     let tp = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     lab.curl(0, "client", &format!("http://{vip}/checkout"), &[tp], n)?;
     let kinds = lab.settle("service-b", "service-c", n as u64)?;
-    assert_eq!(kinds.get("broken_propagation"), Some(&(n as u64)), "{kinds:?}");
+    assert_eq!(
+        kinds.get("broken_propagation"),
+        Some(&(n as u64)),
+        "{kinds:?}"
+    );
     assert_eq!(kinds.values().sum::<u64>(), n as u64, "{kinds:?}");
     let spans: Vec<Received> = lab
         .spans("service-c", n)
@@ -319,7 +372,10 @@ fn node_traffic_is_named_after_the_node_never_a_pod() -> anyhow::Result<()> {
     for r in lab.reports()? {
         for e in &r.edges {
             // The callee's node reports node traffic; no pod is blamed.
-            assert_eq!((e.source.as_str(), e.node.as_deref()), ("node:node-2", Some("node-1")));
+            assert_eq!(
+                (e.source.as_str(), e.node.as_deref()),
+                ("node:node-2", Some("node-1"))
+            );
         }
     }
     Ok(())

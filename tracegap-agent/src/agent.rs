@@ -347,13 +347,7 @@ impl Pipeline {
                 .offer(span::passthrough(&hop, &verdict, &caller, &callee));
         }
         // Classified either way (the engine relates hops), reported once.
-        if !cluster::reports_here(
-            &caller,
-            &callee,
-            caller_local,
-            callee_local,
-            node,
-        ) {
+        if !cluster::reports_here(&caller, &callee, caller_local, callee_local, node) {
             return;
         }
         let format = formats_label(&hop.propagation.contexts);

@@ -156,7 +156,7 @@ impl Directory {
         self.services.load(Ordering::Relaxed) > 0
             && self
                 .entries
-            .read()
+                .read()
                 .is_ok_and(|e| e.get(&ip).is_some_and(|i| i.is_service))
     }
 
@@ -274,7 +274,10 @@ mod tests {
         assert!(ids[0].1.is_pod());
         let svc = &ids[1].1;
         assert!(svc.is_service && !svc.is_pod());
-        assert_eq!((svc.namespace.as_deref(), svc.pod.as_deref()), (Some("lab"), None));
+        assert_eq!(
+            (svc.namespace.as_deref(), svc.pod.as_deref()),
+            (Some("lab"), None)
+        );
         let node = &ids[2].1;
         assert!(node.is_node && !node.is_pod());
         assert_eq!(node.service, "node:node-1");
@@ -284,6 +287,9 @@ mod tests {
         // A node's addresses never rename what is known already.
         d.add_node_addresses("node-1", [ids[0].0, "10.208.1.9".parse().unwrap()]);
         assert_eq!(d.lookup(ids[0].0).service, "service-b");
-        assert_eq!(d.lookup("10.208.1.9".parse().unwrap()).service, "node:node-1");
+        assert_eq!(
+            d.lookup("10.208.1.9".parse().unwrap()).service,
+            "node:node-1"
+        );
     }
 }

@@ -186,7 +186,11 @@ impl Metrics {
     }
 
     /// Adds the lookups made since the last call (`last` is updated).
-    pub fn service_lookups(&self, now: crate::nat::LookupStats, last: &mut crate::nat::LookupStats) {
+    pub fn service_lookups(
+        &self,
+        now: crate::nat::LookupStats,
+        last: &mut crate::nat::LookupStats,
+    ) {
         for (result, n, l) in [
             ("resolved", now.resolved, last.resolved),
             ("not_found", now.not_found, last.not_found),

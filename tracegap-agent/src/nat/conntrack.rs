@@ -302,7 +302,9 @@ fn parse_answer(mut b: &[u8], seq: u32) -> Result<Answer, ConntrackError> {
             };
         }
         // nfgenmsg, then the entry's attributes.
-        let entry = body.get(4..).ok_or(ConntrackError::Malformed("short entry"))?;
+        let entry = body
+            .get(4..)
+            .ok_or(ConntrackError::Malformed("short entry"))?;
         let reply =
             find(entry, CTA_TUPLE_REPLY)?.ok_or(ConntrackError::Malformed("no reply tuple"))?;
         return tuple_source(reply).map(Answer::Found);
@@ -378,7 +380,10 @@ mod tests {
     #[test]
     fn a_get_names_the_original_tuple() {
         let m = encode_get(&flow(), 7);
-        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize, m.len());
+        assert_eq!(
+            u32::from_ne_bytes(m[0..4].try_into().unwrap()) as usize,
+            m.len()
+        );
         assert_eq!(u16::from_ne_bytes([m[4], m[5]]), 0x0101);
         assert_eq!(m[16], libc::AF_INET as u8);
         let orig = find(&m[20..], CTA_TUPLE_ORIG).unwrap().unwrap();
@@ -386,7 +391,10 @@ mod tests {
         let ip = find(orig, CTA_TUPLE_IP).unwrap().unwrap();
         assert_eq!(find(ip, CTA_IP_V4_DST).unwrap().unwrap(), [10, 96, 0, 10]);
         let proto = find(orig, CTA_TUPLE_PROTO).unwrap().unwrap();
-        assert_eq!(find(proto, CTA_PROTO_DST_PORT).unwrap().unwrap(), 80u16.to_be_bytes());
+        assert_eq!(
+            find(proto, CTA_PROTO_DST_PORT).unwrap().unwrap(),
+            80u16.to_be_bytes()
+        );
     }
 
     #[test]

@@ -110,8 +110,8 @@ impl<L: BackendLookup> ServiceNat<L> {
     fn resolve(&mut self, orig: Flow, now_ns: u64, request_seq: Option<u32>) -> Option<Endpoint> {
         if let Some(c) = self.cache.get_mut(&orig) {
             let fresh = now_ns.saturating_sub(c.resolved_ns) < REVALIDATE_NS;
-            let same_connection = request_seq
-                .is_none_or(|s| s.wrapping_sub(c.last_seq) < SAME_CONNECTION_WINDOW);
+            let same_connection =
+                request_seq.is_none_or(|s| s.wrapping_sub(c.last_seq) < SAME_CONNECTION_WINDOW);
             if fresh && same_connection {
                 if let Some(s) = request_seq {
                     c.last_seq = s;
@@ -233,7 +233,13 @@ mod tests {
         // The response un-NATed on the client's veth: from the Service.
         let mut rsp = event(EventKind::Response, orig.reversed(), 5000, 2);
         nat.translate(&mut rsp, is_service);
-        assert_eq!(rsp.flow, Flow { src: backend, dst: orig.src });
+        assert_eq!(
+            rsp.flow,
+            Flow {
+                src: backend,
+                dst: orig.src
+            }
+        );
         // The same response seen on the backend's veth is already pod to pod.
         let mut seen = event(EventKind::Response, rsp.flow, 5000, 2);
         nat.translate(&mut seen, is_service);
