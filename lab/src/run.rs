@@ -312,8 +312,8 @@ fn explain(kind: &str, src: &str, dst: &str) -> String {
              trace (inferred link)"
         ),
         "passthrough" => format!(
-            "{dst} passed the trace headers on without a span of its own: an uninstrumented \
-             hop, invisible in Jaeger; tracegap added its span"
+            "{src} passed the trace headers on to {dst} without a span of its own: an \
+             uninstrumented hop, invisible in Jaeger; tracegap added its span"
         ),
         "missing_context" => format!("requests from {src} to {dst} carry no trace context"),
         "unsampled" => format!("traces reaching {dst} are not sampled: counted, not exported"),
