@@ -103,6 +103,20 @@ impl Cluster {
         Ok(())
     }
 
+    /// Adds a Service named `name` in front of the pods named `name` on
+    /// every node (port 8080), as a Deployment's Service selects its pods.
+    pub fn add_service_for_pods(&mut self, name: &str) -> anyhow::Result<Ipv4Addr> {
+        let backends: Vec<SocketAddr> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.pods.iter())
+            .filter(|p| p.name == name)
+            .map(|p| SocketAddr::from((p.ipv4, 8080)))
+            .collect();
+        anyhow::ensure!(!backends.is_empty(), "no pod named {name} to serve {name}");
+        self.add_service(name, &backends)
+    }
+
     /// Adds a Service in front of `backends` on every node (kube-proxy
     /// programs every node alike) and returns its ClusterIP.
     pub fn add_service(&mut self, name: &str, backends: &[SocketAddr]) -> anyhow::Result<Ipv4Addr> {

@@ -451,14 +451,7 @@ pub fn run_one(
     let pods: [Vec<&str>; 2] = per_node.map(|n| n.into_iter().collect());
     let mut cluster = Cluster::new([&pods[0], &pods[1]])?;
     for name in &services {
-        let backends: Vec<SocketAddr> = cluster
-            .nodes
-            .iter()
-            .flat_map(|n| n.pods.iter())
-            .filter(|p| p.name == *name)
-            .map(|p| SocketAddr::from((p.ipv4, 8080)))
-            .collect();
-        cluster.add_service(name, &backends)?;
+        cluster.add_service_for_pods(name)?;
     }
     // The standalone agents' identities come from a names file, as with
     // `tracegap run --names-file`: pods with their nodes, the Services, the

@@ -41,14 +41,7 @@ struct Lab {
 fn lab(pods: [&[&str]; 2], services: &[&str]) -> anyhow::Result<Lab> {
     let mut cluster = Cluster::new(pods)?;
     for name in services {
-        let backends: Vec<SocketAddr> = cluster
-            .nodes
-            .iter()
-            .flat_map(|n| n.pods.iter())
-            .filter(|p| p.name == *name)
-            .map(|p| SocketAddr::from((p.ipv4, 8080)))
-            .collect();
-        cluster.add_service(name, &backends)?;
+        cluster.add_service_for_pods(name)?;
     }
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
     let identities = parse_names_file(&cluster.names_file("lab", &[]))?;
