@@ -19,8 +19,12 @@
 use std::net::{Ipv4Addr, SocketAddr};
 
 use anyhow::Context as _;
+use tracegap_agent::{agent::AgentConfig, interfaces::Selection};
 
-use crate::netns::{Node, run};
+use crate::{
+    agent::Agent,
+    netns::{Node, Pod, run},
+};
 
 /// A Service: a ClusterIP and port in front of pods.
 #[derive(Clone, Debug)]
@@ -81,25 +85,15 @@ impl Cluster {
             "-n", a_ns, "link", "add", "peer", "type", "veth", "peer", "name", "peer", "netns",
             b_ns,
         ]))?;
-        let s = a.subnet;
-        a.ip(&["addr", "add", &format!("10.207.{s}.1/24"), "dev", "peer"])?;
-        b.ip(&["addr", "add", &format!("10.207.{s}.2/24"), "dev", "peer"])?;
-        a.ip(&["link", "set", "peer", "up"])?;
-        b.ip(&["link", "set", "peer", "up"])?;
-        a.ip(&[
-            "route",
-            "add",
-            &format!("10.209.{}.0/24", b.subnet),
-            "via",
-            &format!("10.207.{s}.2"),
-        ])?;
-        b.ip(&[
-            "route",
-            "add",
-            &format!("10.209.{}.0/24", a.subnet),
-            "via",
-            &format!("10.207.{s}.1"),
-        ])?;
+        for here in [a, b] {
+            let addr = format!("{}/24", self.link_address(here));
+            here.ip(&["addr", "add", &addr, "dev", "peer"])?;
+            here.ip(&["link", "set", "peer", "up"])?;
+        }
+        for (here, there) in [(a, b), (b, a)] {
+            let via = self.link_address(there).to_string();
+            here.ip(&["route", "add", &pod_cidr(there), "via", &via])?;
+        }
         Ok(())
     }
 
@@ -107,11 +101,8 @@ impl Cluster {
     /// every node (port 8080), as a Deployment's Service selects its pods.
     pub fn add_service_for_pods(&mut self, name: &str) -> anyhow::Result<Ipv4Addr> {
         let backends: Vec<SocketAddr> = self
-            .nodes
-            .iter()
-            .flat_map(|n| n.pods.iter())
-            .filter(|p| p.name == name)
-            .map(|p| SocketAddr::from((p.ipv4, 8080)))
+            .replicas(name)
+            .map(|(_, p)| SocketAddr::from((p.ipv4, 8080)))
             .collect();
         anyhow::ensure!(!backends.is_empty(), "no pod named {name} to serve {name}");
         self.add_service(name, &backends)
@@ -170,6 +161,53 @@ impl Cluster {
         Ok(ip)
     }
 
+    /// The node's address on the node-to-node link.
+    fn link_address(&self, node: &Node) -> Ipv4Addr {
+        Ipv4Addr::new(10, 207, self.nodes[0].subnet, node.index as u8 + 1)
+    }
+
+    /// The pods named `name` (a service's replicas), with their nodes.
+    pub fn replicas<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (&'a Node, &'a Pod)> {
+        self.nodes.iter().flat_map(move |n| {
+            n.pods
+                .iter()
+                .filter(move |p| p.name == name)
+                .map(move |p| (n, p))
+        })
+    }
+
+    /// The ClusterIP of the Service `name`.
+    pub fn service_ip(&self, name: &str) -> Option<Ipv4Addr> {
+        self.services.iter().find(|v| v.name == name).map(|v| v.ip)
+    }
+
+    /// Starts an agent per node, as the DaemonSet would: in the node's
+    /// namespace, on its pods' veths, listening on its uplink address,
+    /// exporting to the trace store's gRPC port as the node reaches it,
+    /// with its node name. `config` gives everything else (its interfaces,
+    /// listen address, export endpoint and node name are replaced).
+    pub fn start_agents(
+        &self,
+        config: &AgentConfig,
+        store_grpc_port: u16,
+    ) -> anyhow::Result<Vec<Agent>> {
+        self.nodes
+            .iter()
+            .map(|node| {
+                let mut c = config.clone();
+                c.interfaces =
+                    Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect());
+                c.listen = SocketAddr::from((Self::node_address(node), 0));
+                c.export.endpoint = Some(format!(
+                    "http://{}:{store_grpc_port}",
+                    Self::store_address(node)
+                ));
+                c.node_name = Some(node.name.clone());
+                Agent::start_in(c, node.netns.as_deref())
+            })
+            .collect()
+    }
+
     /// Where pods on `node` reach the root namespace (the trace store).
     pub fn store_address(node: &Node) -> Ipv4Addr {
         Ipv4Addr::new(10, 208, node.subnet, 1)
@@ -203,7 +241,7 @@ impl Cluster {
             for ip in [
                 node.gateway(),
                 Self::node_address(node),
-                Ipv4Addr::new(10, 207, self.nodes[0].subnet, node.index as u8 + 1),
+                self.link_address(node),
             ] {
                 s.push_str(&format!("{ip} {} kind=node\n", node.name));
             }
@@ -242,13 +280,19 @@ fn uplink(node: &Node) -> anyhow::Result<String> {
         ns(node)?,
     ]))?;
     let ip = |args: &[&str]| run(std::process::Command::new("ip").args(args)).map(|_| ());
-    ip(&["addr", "add", &format!("10.208.{s}.1/24"), "dev", &root_if])?;
+    let (root_addr, node_addr) = (Cluster::store_address(node), Cluster::node_address(node));
+    ip(&["addr", "add", &format!("{root_addr}/24"), "dev", &root_if])?;
     ip(&["link", "set", &root_if, "up"])?;
-    node.ip(&["addr", "add", &format!("10.208.{s}.2/24"), "dev", "uplink"])?;
+    node.ip(&["addr", "add", &format!("{node_addr}/24"), "dev", "uplink"])?;
     node.ip(&["link", "set", "uplink", "up"])?;
-    let route = format!("10.209.{s}.0/24");
-    ip(&["route", "add", &route, "via", &format!("10.208.{s}.2")])?;
+    let route = pod_cidr(node);
+    ip(&["route", "add", &route, "via", &node_addr.to_string()])?;
     Ok(route)
+}
+
+/// The node's pod network (its bridge's subnet).
+fn pod_cidr(node: &Node) -> String {
+    format!("{}/24", Ipv4Addr::from(u32::from(node.gateway()) & !0xff))
 }
 
 impl Drop for Cluster {

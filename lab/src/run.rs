@@ -96,25 +96,9 @@ impl Ctx<'_> {
     fn url(&self, service: &str, path: &str) -> String {
         let ip = self
             .cluster
-            .services
-            .iter()
-            .find(|v| v.name == service)
-            .map_or(Ipv4Addr::UNSPECIFIED, |v| v.ip);
+            .service_ip(service)
+            .unwrap_or(Ipv4Addr::UNSPECIFIED);
         format!("http://{ip}:{SERVICE_PORT}{path}")
-    }
-
-    /// The replicas of `name`: (node, pod) on every node that runs it.
-    fn replicas(&self, name: &str) -> Vec<(&Node, &Pod)> {
-        self.cluster
-            .nodes
-            .iter()
-            .flat_map(|n| {
-                n.pods
-                    .iter()
-                    .filter(|p| p.name == name)
-                    .map(move |p| (n, p))
-            })
-            .collect()
     }
 
     fn in_pod(&self, pod: &Pod) -> Command {
@@ -126,8 +110,8 @@ impl Ctx<'_> {
 
     fn start_service(&mut self, svc: &scenario::Svc) -> anyhow::Result<()> {
         let replicas: Vec<(String, Pod)> = self
+            .cluster
             .replicas(&svc.spec.name)
-            .into_iter()
             .map(|(n, p)| (self.otlp(n), p.clone()))
             .collect();
         for (otlp, pod) in replicas {
@@ -171,9 +155,10 @@ impl Ctx<'_> {
 
     fn run_load(&self, l: &scenario::Load) -> anyhow::Result<LoadSummary> {
         let s = &l.spec;
-        let (node, pod) = *self
+        let (node, pod) = self
+            .cluster
             .replicas(l.pod)
-            .first()
+            .next()
             .with_context(|| format!("no pod {}", l.pod))?;
         let mut cmd = self.in_pod(pod);
         cmd.args(["load", "--name", &s.name])
@@ -243,7 +228,7 @@ impl Ctx<'_> {
     /// Spans a service's replicas could not export (their `/_lab/stats`).
     fn export_failed(&self, service: &str) -> anyhow::Result<u64> {
         let mut failed = 0;
-        for (_, pod) in self.replicas(service) {
+        for (_, pod) in self.cluster.replicas(service) {
             let addr = SocketAddr::from((pod.ipv4, 8080));
             let (status, body) = crate::http::get(addr, "/_lab/stats")?;
             anyhow::ensure!(status == 200, "/_lab/stats answered {status}");
@@ -441,10 +426,7 @@ pub fn run_one(
     }
     for (i, l) in sc.loads.iter().enumerate() {
         // A client pod stays on the node it was first put on.
-        if !per_node
-            .iter()
-            .any(|n| n.contains(l.pod) && !services.contains(&l.pod))
-        {
+        if !per_node.iter().any(|n| n.contains(l.pod)) {
             per_node[i % 2].insert(l.pod);
         }
     }
@@ -466,18 +448,12 @@ pub fn run_one(
     std::fs::write(&names, cluster.names_file("lab", &uninstrumented))?;
     let identities = tracegap_agent::identity::parse_names_file(&std::fs::read_to_string(&names)?)
         .with_context(|| format!("reading {}", names.display()))?;
-    let mut agents = Vec::new();
-    for node in &cluster.nodes {
-        let config = AgentConfig {
-            interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
-            listen: SocketAddr::from((Cluster::node_address(node), 0)),
+    let agents = cluster.start_agents(
+        &AgentConfig {
+            interfaces: Selection::Explicit(Vec::new()),
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
             export: ExportConfig {
                 protocol: OtlpProtocol::Grpc,
-                endpoint: Some(format!(
-                    "http://{}:{}",
-                    Cluster::store_address(node),
-                    store.grpc.port()
-                )),
                 interval: Duration::from_millis(200),
                 queue: 2048,
                 attempts: 3,
@@ -485,13 +461,13 @@ pub fn run_one(
             },
             export_mode: ExportMode::Gaps,
             export_unsampled: false,
-            services: identities.clone(),
+            services: identities,
             response_timeout: Duration::from_secs(60),
             kubernetes: None,
-            node_name: Some(node.name.clone()),
-        };
-        agents.push(Agent::start_in(config, node.netns.as_deref())?);
-    }
+            node_name: None,
+        },
+        store.grpc.port(),
+    )?;
     let mut ctx = Ctx {
         agents,
         children: Vec::new(),

@@ -45,34 +45,24 @@ fn lab(pods: [&[&str]; 2], services: &[&str]) -> anyhow::Result<Lab> {
     }
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
     let identities = parse_names_file(&cluster.names_file("lab", &[]))?;
-    let mut agents = Vec::new();
-    for node in &cluster.nodes {
-        agents.push(Agent::start_in(
-            AgentConfig {
-                interfaces: Selection::Explicit(
-                    node.pods.iter().map(|p| p.host_if.clone()).collect(),
-                ),
-                listen: SocketAddr::from((Cluster::node_address(node), 0)),
-                export: ExportConfig {
-                    protocol: OtlpProtocol::Grpc,
-                    endpoint: Some(format!(
-                        "http://{}:{}",
-                        Cluster::store_address(node),
-                        receiver.grpc.port()
-                    )),
-                    interval: Duration::from_millis(100),
-                    ..ExportConfig::default()
-                },
-                export_mode: ExportMode::All,
-                export_unsampled: false,
-                services: identities.clone(),
-                response_timeout: Duration::from_secs(30),
-                kubernetes: None,
-                node_name: Some(node.name.clone()),
+    let agents = cluster.start_agents(
+        &AgentConfig {
+            interfaces: Selection::Explicit(Vec::new()),
+            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            export: ExportConfig {
+                protocol: OtlpProtocol::Grpc,
+                interval: Duration::from_millis(100),
+                ..ExportConfig::default()
             },
-            node.netns.as_deref(),
-        )?);
-    }
+            export_mode: ExportMode::All,
+            export_unsampled: false,
+            services: identities,
+            response_timeout: Duration::from_secs(30),
+            kubernetes: None,
+            node_name: None,
+        },
+        receiver.grpc.port(),
+    )?;
     Ok(Lab {
         services: Vec::new(),
         agents,
@@ -84,10 +74,7 @@ fn lab(pods: [&[&str]; 2], services: &[&str]) -> anyhow::Result<Lab> {
 impl Lab {
     fn vip(&self, service: &str) -> Ipv4Addr {
         self.cluster
-            .services
-            .iter()
-            .find(|v| v.name == service)
-            .map(|v| v.ip)
+            .service_ip(service)
             .expect("a service of that name")
     }
 
@@ -98,19 +85,20 @@ impl Lab {
         behaviour: Behaviour,
         downstream: &[&str],
     ) -> anyhow::Result<()> {
-        for node in &self.cluster.nodes {
-            for pod in node.pods.iter().filter(|p| p.name == name) {
-                let spec = ServiceSpec {
-                    downstream: downstream
-                        .iter()
-                        .map(|d| format!("http://{}:80/next", self.vip(d)))
-                        .collect(),
-                    otlp: None,
-                    ..ServiceSpec::new(name, 8080, behaviour)
-                };
-                self.services.push(spec.start(pod)?);
-            }
+        let downstream: Vec<String> = downstream
+            .iter()
+            .map(|d| format!("http://{}:80/next", self.vip(d)))
+            .collect();
+        let mut started = Vec::new();
+        for (_, pod) in self.cluster.replicas(name) {
+            let spec = ServiceSpec {
+                downstream: downstream.clone(),
+                otlp: None,
+                ..ServiceSpec::new(name, 8080, behaviour)
+            };
+            started.push(spec.start(pod)?);
         }
+        self.services.extend(started);
         Ok(())
     }
 
