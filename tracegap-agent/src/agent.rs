@@ -391,7 +391,7 @@ impl Pipeline {
             .map(|c| c.trace_id.clone())
             .or_else(|| verdict.link.as_ref().map(|l| l.context.trace_id.clone()));
         if span::wanted(verdict.kind, self.export_mode, self.export_unsampled) {
-            let callee_is_pod = callee.is_pod() || (callee_local && !callee.is_node);
+            let callee_is_pod = cluster::is_pod(&callee, callee_local);
             let s = span::build(&hop, &verdict, &caller, &callee, callee_is_pod);
             example = Some(s.trace_id.to_string());
             self.queue.offer(s);

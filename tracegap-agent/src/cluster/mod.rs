@@ -32,11 +32,17 @@ pub fn reports_here(
     callee_local: bool,
     node: Option<&str>,
 ) -> bool {
-    if caller.is_pod() || (caller_local && !caller.is_node) {
+    if is_pod(caller, caller_local) {
         on_this_node(caller, caller_local, node)
     } else {
         on_this_node(callee, callee_local, node)
     }
+}
+
+/// Whether `id` is a pod: by its identity, or, unnamed, because its address
+/// was seen leaving a watched pod veth (a node's own address never is).
+pub fn is_pod(id: &Identity, seen_local: bool) -> bool {
+    id.is_pod() || (seen_local && !id.is_node)
 }
 
 /// Whether `id` is on this node: by name when both are known, else by

@@ -160,10 +160,6 @@ impl<L: BackendLookup> ServiceNat<L> {
     pub fn forget_before(&mut self, ts_ns: u64) {
         self.cache.retain(|_, c| c.resolved_ns >= ts_ns);
     }
-
-    pub fn cached(&self) -> usize {
-        self.cache.len()
-    }
 }
 
 #[cfg(test)]
