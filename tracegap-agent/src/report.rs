@@ -5,7 +5,10 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
-use crate::gap::{GapKind, Hop, Verdict};
+use crate::{
+    events::Endpoint,
+    gap::{GapKind, Hop, Verdict},
+};
 
 /// Latency samples kept per edge (the most recent ones).
 pub const LATENCY_SAMPLES: usize = 1024;
@@ -26,7 +29,7 @@ struct EdgeStats {
     baggage_carried: u64,
     baggage_dropped: u64,
     latencies_us: VecDeque<u64>,
-    via: BTreeSet<String>,
+    via: BTreeSet<Endpoint>,
 }
 
 /// The report's view of one edge.
@@ -123,7 +126,7 @@ impl Reporter {
         if let Some(via) = hop.via
             && e.via.len() < MAX_VIA
         {
-            e.via.insert(via.to_string());
+            e.via.insert(via);
         }
         if verdict.baggage_dropped {
             e.baggage_dropped += 1;
@@ -143,7 +146,7 @@ impl Reporter {
                 Edge {
                     source: source.clone(),
                     destination: destination.clone(),
-                    via: e.via.iter().cloned().collect(),
+                    via: e.via.iter().map(Endpoint::to_string).collect(),
                     node: self.node.clone(),
                     requests: e.requests,
                     valid_context_share: share(e.valid_context),
