@@ -80,12 +80,7 @@ pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFile
                 Some(("node", v)) if !v.is_empty() => id.node = Some(v.to_owned()),
                 Some(("kind", "pod")) => {}
                 Some(("kind", "service")) => id.is_service = true,
-                Some(("kind", "node")) => {
-                    id = Identity {
-                        node: Some(id.service.clone()),
-                        ..Identity::node(&id.service)
-                    };
-                }
+                Some(("kind", "node")) => id = Identity::node(&id.service),
                 Some(_) => return Err(bad()),
                 None if id.pod.is_none() => {
                     let (n, p) = token.split_once('/').ok_or_else(bad)?;
