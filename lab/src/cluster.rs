@@ -38,9 +38,12 @@ pub struct ServiceVip {
 pub struct Cluster {
     pub nodes: Vec<Node>,
     pub services: Vec<ServiceVip>,
-    /// Root-namespace routes to the pod networks, removed on drop (the
-    /// uplinks go with the node namespaces).
+    /// Root-namespace routes to the pod networks, removed on drop.
     routes: Vec<String>,
+    /// Root-namespace ends of the uplinks, deleted on drop: a namespace's
+    /// teardown, which would take them along, runs later in a kernel
+    /// worker, and a test that checks for leftovers must not race it.
+    uplinks: Vec<String>,
 }
 
 /// The port every lab Service listens on, as Kubernetes Services often do.
@@ -53,13 +56,16 @@ impl Cluster {
             nodes: Vec::new(),
             services: Vec::new(),
             routes: Vec::new(),
+            uplinks: Vec::new(),
         };
         for (i, pods) in pods.iter().enumerate() {
             c.nodes
                 .push(Node::in_namespace(&format!("node-{}", i + 1), i, pods)?);
         }
         for node in &c.nodes {
-            c.routes.push(uplink(node)?);
+            let (route, root_if) = uplink(node)?;
+            c.uplinks.push(root_if);
+            c.routes.push(route);
             let sysctl = |k: &str| run(node.command("sysctl").args(["-qw", k]));
             sysctl("net.ipv4.ip_forward=1")?;
             sysctl("net.ipv4.conf.all.rp_filter=0")?;
@@ -263,8 +269,8 @@ fn ns(node: &Node) -> anyhow::Result<&str> {
 }
 
 /// Connects the node to the root namespace; returns the root's route to
-/// the node's pods.
-fn uplink(node: &Node) -> anyhow::Result<String> {
+/// the node's pods and the root end of the link.
+fn uplink(node: &Node) -> anyhow::Result<(String, String)> {
     let s = node.subnet;
     let root_if = format!("tgu{s}x{}", node.index);
     run(std::process::Command::new("ip").args([
@@ -287,7 +293,7 @@ fn uplink(node: &Node) -> anyhow::Result<String> {
     node.ip(&["link", "set", "uplink", "up"])?;
     let route = pod_cidr(node);
     ip(&["route", "add", &route, "via", &node_addr.to_string()])?;
-    Ok(route)
+    Ok((route, root_if))
 }
 
 /// The node's pod network (its bridge's subnet).
@@ -300,6 +306,9 @@ impl Drop for Cluster {
         for r in &self.routes {
             let _ = run(std::process::Command::new("ip").args(["route", "del", r]));
         }
-        // The nodes (and with their namespaces, the uplinks) go next.
+        for l in &self.uplinks {
+            let _ = run(std::process::Command::new("ip").args(["link", "del", l]));
+        }
+        // The nodes go next.
     }
 }
