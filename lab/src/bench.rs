@@ -22,7 +22,7 @@ use tracegap_agent::{
         hop::Request,
         span::{self, ExportMode, Identity},
     },
-    http::assemble::{Assembler, Message, Pairer},
+    http::assemble::{Answer, Assembler, Message, Pairer},
     interfaces::Selection,
     metrics::Metrics,
 };
@@ -547,6 +547,8 @@ pub fn events(n_pairs: usize) -> impl Iterator<Item = RawEvent> {
         let rsp =
             b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
                 .to_vec();
+        // Each end acknowledges what the other sent, as TCP does.
+        let (rsp_seq, req_end) = (seq ^ 0x5555, seq.wrapping_add(req.len() as u32));
         [
             RawEvent {
                 ts_ns: ts,
@@ -555,6 +557,8 @@ pub fn events(n_pairs: usize) -> impl Iterator<Item = RawEvent> {
                 direction: Direction::Ingress,
                 kind: EventKind::Request,
                 seq,
+                ack: rsp_seq,
+                short_start: false,
                 segment_len: req.len() as u32,
                 budget_exhausted: false,
                 payload: req.into_bytes(),
@@ -566,7 +570,9 @@ pub fn events(n_pairs: usize) -> impl Iterator<Item = RawEvent> {
                 ifindex: 2,
                 direction: Direction::Ingress,
                 kind: EventKind::Response,
-                seq: seq ^ 0x5555,
+                seq: rsp_seq,
+                ack: req_end,
+                short_start: false,
                 segment_len: rsp.len() as u32,
                 budget_exhausted: false,
                 payload: rsp,
@@ -597,7 +603,7 @@ fn run_pipeline(
                 let req = Arc::new(req);
                 engine.request_started(&req);
                 pairer.request(m.flow, req);
-            } else if let Some(req) = pairer.response(&m) {
+            } else if let Answer::Answered { request: req, .. } = pairer.response(&m) {
                 let hop = Hop::new(&clock, &req, Some(&m), m.ts_ns);
                 let v = engine.classify(&hop, None);
                 if span::wanted(v.kind, ExportMode::Gaps, false) {

@@ -293,7 +293,7 @@ fn pipelined_requests_on_one_connection_are_seen_in_order() -> anyhow::Result<()
     for m in messages {
         if m.is_request() {
             pairer.request(m.flow, m);
-        } else if let Some(req) = pairer.response(&m) {
+        } else if let Some(req) = pairer.response(&m).request() {
             answered.push(path_of(&req));
         }
     }
@@ -343,6 +343,7 @@ fn a_long_lived_connection_is_followed_request_by_request() -> anyhow::Result<()
         } else {
             let req = pairer
                 .response(&m)
+                .request()
                 .expect("every response answers a request");
             assert!(m.ts_ns >= req.ts_ns);
             answered.push(path_of(&req));

@@ -28,7 +28,10 @@ use crate::{
         hop::Request,
         span::{self, ExportMode, Identity},
     },
-    http::assemble::{Assembler, HEAD_TIMEOUT, Message, Pairer},
+    http::{
+        assemble::{Answer, Assembler, HEAD_TIMEOUT, Message, Pairer},
+        stream::BoundaryStats,
+    },
     identity::{self, Directory},
     interfaces::{self, Interfaces, Selection},
     metrics::{BaggageLabels, GapLabels, Metrics, RequestLabels},
@@ -219,6 +222,8 @@ struct Pipeline {
     nat: ServiceNat,
     /// Lookups already counted in the metrics.
     nat_counted: LookupStats,
+    /// Boundary decisions already counted in the metrics.
+    boundaries_counted: BoundaryStats,
     assembler: Assembler,
     pairer: Pairer<Arc<Request>>,
     engine: Engine,
@@ -253,6 +258,7 @@ impl Pipeline {
             clock: WallClock::new(),
             nat: ServiceNat::new(conntrack),
             nat_counted: LookupStats::default(),
+            boundaries_counted: BoundaryStats::default(),
             assembler: Assembler::default(),
             pairer: Pairer::default(),
             engine: Engine::default(),
@@ -283,6 +289,9 @@ impl Pipeline {
         self.shared
             .metrics
             .service_lookups(self.nat.stats, &mut self.nat_counted);
+        self.shared
+            .metrics
+            .boundaries(self.assembler.boundaries(), &mut self.boundaries_counted);
         // NTP may step the wall clock: re-anchor now and then.
         if now.saturating_sub(self.last_resync_ns) > 60_000_000_000 {
             self.clock.resync();
@@ -318,8 +327,11 @@ impl Pipeline {
                 let now = monotonic_ns();
                 self.hop(&pushed_out, None, now);
             }
-        } else if let Some(req) = self.pairer.response(&m) {
-            self.hop(&req, Some(&m), m.ts_ns);
+        } else if let Answer::Answered { request, skipped } = self.pairer.response(&m) {
+            for unseen in skipped {
+                self.hop(&unseen, None, m.ts_ns);
+            }
+            self.hop(&request, Some(&m), m.ts_ns);
         }
     }
 

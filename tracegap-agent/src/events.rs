@@ -107,6 +107,11 @@ pub struct RawEvent {
     pub kind: EventKind,
     /// Sequence number of `payload[0]`.
     pub seq: u32,
+    /// Acknowledgement number of the segment (see [`crate::http::stream`]).
+    pub ack: u32,
+    /// A start shorter than 8 bytes, followed by the kernel whatever its
+    /// kind: its continuations complete it.
+    pub short_start: bool,
     /// TCP payload bytes in the segment the event came from.
     pub segment_len: u32,
     /// The kernel stopped copying this header block at its budget.
@@ -144,6 +149,8 @@ impl RawEvent {
                 value: h.kind,
             })?,
             seq: h.seq,
+            ack: h.ack,
+            short_start: h.flags & event_flags::SHORT_START != 0,
             segment_len: h.segment_len,
             budget_exhausted: h.flags & event_flags::BUDGET_EXHAUSTED != 0,
             payload: record[EVENT_HEADER_LEN..EVENT_HEADER_LEN + announced].to_vec(),

@@ -70,6 +70,9 @@ pub struct Metrics {
     pub interfaces: Gauge,
     pub ignored: Family<ReasonLabels, Counter>,
     pub service_lookups: Family<ResultLabels, Counter>,
+    pub starts_ignored: Family<ReasonLabels, Counter>,
+    pub resyncs: Counter,
+    pub boundaries_lost: Counter,
     pub bpf_run_seconds: Family<ProgramLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Gauge>,
     last_kernel: std::sync::Mutex<Counters>,
@@ -98,6 +101,9 @@ impl Metrics {
             interfaces: Gauge::default(),
             ignored: Family::default(),
             service_lookups: Family::default(),
+            starts_ignored: Family::default(),
+            resyncs: Counter::default(),
+            boundaries_lost: Counter::default(),
             bpf_run_seconds: Family::default(),
             bpf_runs: Family::default(),
             last_kernel: std::sync::Mutex::new(Counters::default()),
@@ -165,6 +171,21 @@ impl Metrics {
             m.service_lookups.clone(),
         );
         registry.register(
+            "http_starts_ignored",
+            "Segments that begin like an HTTP message but are not read as one, by reason (duplicate: a retransmission or a second sighting; inside_body: within the previous message's body; unsynchronised: the stream lost its boundary and this is not where it resumes; tunnel: after an upgrade or CONNECT)",
+            m.starts_ignored.clone(),
+        );
+        registry.register(
+            "http_boundaries_lost",
+            "Times a stream lost track of where its next message starts (a chunked body or a message start not seen, a head cut short)",
+            m.boundaries_lost.clone(),
+        );
+        registry.register(
+            "resyncs",
+            "Times a stream that lost its message boundary found it again at an acknowledged start",
+            m.resyncs.clone(),
+        );
+        registry.register(
             "bpf_run_seconds",
             "Time the kernel spent in each program since BPF statistics were enabled (kernel.bpf_stats_enabled)",
             m.bpf_run_seconds.clone(),
@@ -202,6 +223,33 @@ impl Metrics {
                     .inc_by(n - l);
             }
         }
+        *last = now;
+    }
+
+    /// Adds the boundary decisions made since the last call (`last` is updated).
+    pub fn boundaries(
+        &self,
+        now: crate::http::stream::BoundaryStats,
+        last: &mut crate::http::stream::BoundaryStats,
+    ) {
+        for (reason, n, l) in [
+            ("duplicate", now.duplicates, last.duplicates),
+            ("inside_body", now.inside_body, last.inside_body),
+            ("unsynchronised", now.unsynchronised, last.unsynchronised),
+            ("tunnel", now.tunnel, last.tunnel),
+        ] {
+            if n > l {
+                self.starts_ignored
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.to_owned(),
+                    })
+                    .inc_by(n - l);
+            }
+        }
+        self.resyncs
+            .inc_by(now.resyncs.saturating_sub(last.resyncs));
+        self.boundaries_lost
+            .inc_by(now.lost.saturating_sub(last.lost));
         *last = now;
     }
 

@@ -11,7 +11,7 @@ use crate::{
     ebpf::Observer,
     events::EventStream,
     http::{
-        assemble::{Assembler, HEAD_TIMEOUT, Message, Pairer},
+        assemble::{Answer, Assembler, HEAD_TIMEOUT, Message, Pairer},
         context::{Found, Propagation},
         message::StartLine,
     },
@@ -154,8 +154,15 @@ async fn watch(
                 pairer.request(m.flow, m);
                 line
             } else {
-                let req = pairer.response(&m);
-                format_line(&clock, &m, req.as_ref())
+                match pairer.response(&m) {
+                    Answer::Answered { request, skipped } => {
+                        for r in skipped {
+                            tracing::debug!(flow = %r.flow, seq = r.seq, "its response was not seen");
+                        }
+                        format_line(&clock, &m, Some(&request))
+                    }
+                    Answer::Interim | Answer::Orphan => format_line(&clock, &m, None),
+                }
             };
             writeln!(out, "{line}")?;
             printed += 1;

@@ -104,7 +104,17 @@ pub mod event_flags {
     pub const PAYLOAD_CUT: u8 = 1 << 0;
     /// The header block went past [`crate::HEADER_BUDGET`]: what follows was not copied.
     pub const BUDGET_EXHAUSTED: u8 = 1 << 1;
+    /// A message start shorter than 8 bytes that is a prefix of a start
+    /// line (`G`, `POS`, `HTTP/`): followed into its next segments up to
+    /// [`crate::SHORT_START_BUDGET`], whatever its kind, because the line
+    /// that tells request from response is not complete yet.
+    pub const SHORT_START: u8 = 1 << 2;
 }
+
+/// Bytes a short start ([`event_flags::SHORT_START`]) is followed for at
+/// most. Smaller than [`HEADER_BUDGET`]: a 1-byte segment that merely looks
+/// like the start of "GET " in a binary protocol costs at most this much.
+pub const SHORT_START_BUDGET: u32 = MAX_PAYLOAD as u32;
 
 /// A TCP flow as seen in one packet: source and destination as written in
 /// that packet (not normalised), so a response's key is its request's key
@@ -160,7 +170,11 @@ pub struct EventHeader {
     pub kind: u8,
     /// [`event_flags`] bits.
     pub flags: u8,
-    pub _pad: [u8; 7],
+    pub _pad: [u8; 3],
+    /// TCP acknowledgement number of the segment: how much of the other
+    /// direction its sender had received. User space resynchronises a flow
+    /// and pairs responses on it (see `tracegap-agent/src/http/stream.rs`).
+    pub ack: u32,
 }
 
 /// An event as the kernel fills it: the header and up to [`MAX_PAYLOAD`]
@@ -230,8 +244,11 @@ pub mod counter {
     /// packet was already copied on its way out of a local pod: each
     /// message is sent to user space once, not once per veth it crosses.
     pub const SECOND_SIGHTINGS: u32 = 8;
+    /// Message starts shorter than 8 bytes (a request written a few bytes
+    /// at a time), followed as [`crate::event_flags::SHORT_START`].
+    pub const SHORT_STARTS: u32 = 9;
     /// Number of counters.
-    pub const COUNT: u32 = 9;
+    pub const COUNT: u32 = 10;
 
     /// Prometheus-style names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -244,6 +261,7 @@ pub mod counter {
         "parse_errors",
         "header_budget_exhausted",
         "second_sightings_skipped",
+        "short_starts",
     ];
 }
 
@@ -268,7 +286,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<FlowKey>(), 40);
         // 16 + 1 + 3
         assert_eq!(core::mem::size_of::<SourceKey>(), 20);
-        // 8 + 40 + 4 + 4 + 4 + 2 + 1 + 1 + 1 + 7
+        // 8 + 40 + 4 + 4 + 4 + 2 + 1 + 1 + 1 + 3 + 4
         assert_eq!(EVENT_HEADER_LEN, 72);
         assert_eq!(
             core::mem::size_of::<Event>(),

@@ -28,7 +28,7 @@ use aya_ebpf::{
 use tracegap_common::{
     Direction, EVENT_HEADER_LEN, Event, EventKind, FlowKey, HEADER_BUDGET, LOCAL_SOURCE_WINDOW_NS,
     MAX_LOCAL_SOURCES, MAX_OPEN_HEADERS, MAX_PAYLOAD, OpenHeader, OpenKey, RING_BUFFER_BYTES,
-    SourceKey, WAKEUP_BYTES, counter, event_flags,
+    SHORT_START_BUDGET, SourceKey, WAKEUP_BYTES, counter, event_flags,
 };
 
 use crate::net::Segment;
@@ -168,10 +168,26 @@ fn from_local_source(flow: &FlowKey, now: u64) -> bool {
     }
 }
 
+/// Start lines as the kernel recognises them, padded to 8 bytes, with
+/// their lengths: each method with its space, so "GETTING" is not a GET,
+/// and the status line's version prefix. Arrays, not slices: no bounds
+/// check the verifier would have to follow.
+const STARTS: [([u8; 8], usize); 10] = [
+    (*b"GET \0\0\0\0", 4),
+    (*b"POST \0\0\0", 5),
+    (*b"PUT \0\0\0\0", 4),
+    (*b"PATCH \0\0", 6),
+    (*b"DELETE \0", 7),
+    (*b"HEAD \0\0\0", 5),
+    (*b"OPTIONS ", 8),
+    (*b"CONNECT ", 8),
+    (*b"TRACE \0\0", 6),
+    (*b"HTTP/1.\0", 7),
+];
+
 /// The first bytes of a segment: the start of a request or a response?
 #[inline(always)]
 fn classify_start(head: &[u8; 8]) -> Option<EventKind> {
-    // Each method followed by its space, so "GETTING" is not a GET.
     let request = match head[0] {
         b'G' => head[..4] == *b"GET ",
         b'P' => head[..5] == *b"POST " || head[..4] == *b"PUT " || head[..6] == *b"PATCH ",
@@ -193,30 +209,76 @@ fn classify_start(head: &[u8; 8]) -> Option<EventKind> {
     request.then_some(EventKind::Request)
 }
 
+/// Whether the `len` (1..=7) bytes of a short segment are the beginning of
+/// a start line: a request written a few bytes at a time ("P", "OST /x").
+/// Which kind it is user space tells once the line is complete.
+#[inline(always)]
+fn is_short_start(head: &[u8; 8], len: u32) -> bool {
+    let len = len as usize;
+    let mut any = false;
+    for (start, start_len) in STARTS {
+        let mut all = true;
+        for i in 0..8 {
+            if i < len && i < start_len && head[i] != start[i] {
+                all = false;
+            }
+        }
+        any |= all;
+    }
+    any
+}
+
 fn try_http(
     ctx: &TcContext,
     seg: &Segment,
     direction: Direction,
     counters: &mut Counters,
 ) -> Result<(), ()> {
-    let head: [u8; 8] = if seg.payload_len >= 8 {
-        net::read(ctx, seg.payload_off as usize)?
+    let mut head = [0u8; 8];
+    let short = seg.payload_len < 8;
+    if !short {
+        head = net::read(ctx, seg.payload_off as usize)?;
     } else {
-        // Too short to be a message start ("GET / HTTP/1.1" alone is 14);
-        // it may still continue a header block.
-        [0; 8]
-    };
+        // A whole request line is at least 14 bytes; a segment this short
+        // starts one only when a client writes a few bytes at a time. It
+        // may also continue a header block.
+        let n = ((seg.payload_len.wrapping_sub(1)) & 7) + 1;
+        let ret = unsafe {
+            aya_ebpf::helpers::bpf_skb_load_bytes(
+                ctx.skb.skb.cast(),
+                seg.payload_off,
+                head.as_mut_ptr().cast(),
+                n,
+            )
+        };
+        if ret != 0 {
+            return Err(());
+        }
+    }
     let key = OpenKey {
         flow: seg.flow,
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         _pad: 0,
     };
 
-    let (kind, budget, ts_ns) = match classify_start(&head) {
+    let start = if short {
+        // A few bytes that continue the block being followed are just
+        // that: "O" after "P" is not the start of an OPTIONS request.
+        let continues = recently_opened().is_some()
+            && OPEN_HEADERS
+                .get_ptr(key)
+                .is_some_and(|o| unsafe { (*o).next_seq == seg.seq && (*o).budget_left > 0 });
+        (!continues && is_short_start(&head, seg.payload_len)).then_some(EventKind::Request)
+    } else {
+        classify_start(&head)
+    };
+    let (kind, budget, ts_ns) = match start {
         Some(kind) => {
             count(
                 counters,
-                if kind == EventKind::Request {
+                if short {
+                    counter::SHORT_STARTS
+                } else if kind == EventKind::Request {
                     counter::HTTP_REQUESTS
                 } else {
                     counter::HTTP_RESPONSES
@@ -233,7 +295,12 @@ fn try_http(
                 }
                 Direction::Egress => {}
             }
-            (kind, HEADER_BUDGET, now)
+            let budget = if short {
+                SHORT_START_BUDGET
+            } else {
+                HEADER_BUDGET
+            };
+            (kind, budget, now)
         }
         None => {
             // Not a start: only interesting if it continues a block we follow.
@@ -261,7 +328,8 @@ fn try_http(
     // the segment or the budget ends. A GSO super-packet can carry a whole
     // 12 KiB header block in one skb.
     let mut copied: u32 = 0;
-    let ended = kind == EventKind::Response || ends_with_blank_line(ctx, seg);
+    let followed = kind != EventKind::Response || short;
+    let ended = !followed || ends_with_blank_line(ctx, seg);
     let mut chunk_kind = kind;
     for _ in 0..(HEADER_BUDGET as usize / MAX_PAYLOAD) {
         let remaining = seg.payload_len - copied;
@@ -272,6 +340,9 @@ fn try_http(
         let want = remaining.min(left).min(MAX_PAYLOAD as u32);
         let n = load_payload(ctx, seg.payload_off + copied, want, &mut event.payload)?;
         let mut flags = 0;
+        if short && chunk_kind != EventKind::Continuation {
+            flags |= event_flags::SHORT_START;
+        }
         if remaining > n && left == n {
             flags |= event_flags::BUDGET_EXHAUSTED;
         }
@@ -279,6 +350,7 @@ fn try_http(
         event.header.flow = seg.flow;
         event.header.ifindex = key.ifindex;
         event.header.seq = seg.seq.wrapping_add(copied);
+        event.header.ack = seg.ack;
         event.header.segment_len = seg.payload_len;
         event.header.payload_len = n as u16;
         event.header.direction = direction as u8;
@@ -286,7 +358,7 @@ fn try_http(
         event.header.flags = flags;
         emit(event, n as usize, counters);
         copied += n;
-        if kind == EventKind::Response {
+        if !followed {
             // Responses: the status line and the headers in the first chunk
             // are all the agent reads; bodies are never followed.
             break;
@@ -294,7 +366,7 @@ fn try_http(
         chunk_kind = EventKind::Continuation;
     }
 
-    if kind == EventKind::Response {
+    if !followed {
         return Ok(());
     }
     let budget_left = budget - copied;

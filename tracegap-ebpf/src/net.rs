@@ -41,6 +41,8 @@ pub struct Segment {
     pub flow: FlowKey,
     /// Sequence number of the first payload byte.
     pub seq: u32,
+    /// Acknowledgement number.
+    pub ack: u32,
     /// Offset of the payload from the start of the packet.
     pub payload_off: u32,
     /// Payload bytes in this skb.
@@ -118,6 +120,7 @@ pub fn tcp_segment(ctx: &TcContext) -> Result<Option<Segment>, ()> {
     flow.sport = u16::from_be_bytes([tcp[0], tcp[1]]);
     flow.dport = u16::from_be_bytes([tcp[2], tcp[3]]);
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
 
     let payload_off = l4_off + doff;
     // Ethernet padding can make skb->len longer than the IP packet.
@@ -128,6 +131,7 @@ pub fn tcp_segment(ctx: &TcContext) -> Result<Option<Segment>, ()> {
     Ok(Some(Segment {
         flow,
         seq,
+        ack,
         payload_off,
         payload_len: end - payload_off,
     }))

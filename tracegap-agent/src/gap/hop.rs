@@ -27,6 +27,8 @@ pub struct Request {
     pub flow: Flow,
     /// Sequence number of the request's first byte: its identity on the flow.
     pub seq: u32,
+    /// Acknowledgement number it carried (see [`Waiting::ack`]).
+    pub ack: u32,
     /// The head did not fit what the kernel copies.
     pub truncated: bool,
     /// Sent by a telemetry exporter: paired, so its response is not taken
@@ -64,6 +66,7 @@ impl Request {
             ts_ns,
             flow,
             seq,
+            ack: 0,
             truncated,
             telemetry: false,
             via: None,
@@ -92,6 +95,7 @@ impl Request {
             m.truncated,
         );
         req.via = m.via;
+        req.ack = m.ack;
         Some(req)
     }
 
@@ -115,6 +119,10 @@ impl Request {
 impl Waiting for Arc<Request> {
     fn ts_ns(&self) -> u64 {
         self.ts_ns
+    }
+
+    fn ack(&self) -> u32 {
+        self.ack
     }
 }
 

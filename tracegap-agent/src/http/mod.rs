@@ -5,3 +5,4 @@
 pub mod assemble;
 pub mod context;
 pub mod message;
+pub mod stream;

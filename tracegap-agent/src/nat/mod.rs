@@ -203,6 +203,8 @@ mod tests {
             direction: Direction::Ingress,
             kind,
             seq,
+            ack: 0,
+            short_start: false,
             segment_len: 0,
             budget_exhausted: false,
             payload: Vec::new(),

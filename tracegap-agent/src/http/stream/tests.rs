@@ -1,0 +1,194 @@
+use std::net::{IpAddr, Ipv4Addr};
+
+use super::*;
+use crate::{events::Endpoint, http::message::parse_head};
+
+fn flow() -> Flow {
+    Flow {
+        src: Endpoint {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
+            port: 40000,
+        },
+        dst: Endpoint {
+            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
+            port: 80,
+        },
+    }
+}
+
+/// Emits `raw` (a head, maybe followed by body bytes) at `seq`.
+fn emit(s: &mut Streams, flow: &Flow, seq: u32, ack: u32, raw: &[u8]) -> Option<u32> {
+    let head = parse_head(raw).expect("a head");
+    let after = &raw[head.len..];
+    s.emit(flow, seq, ack, 0, Some(&head), true, after)
+}
+
+const POST: &[u8] = b"POST /upload HTTP/1.1\r\nContent-Length: 100\r\n\r\n";
+
+#[test]
+fn a_start_inside_a_body_is_not_a_message() {
+    let mut s = Streams::default();
+    let f = flow();
+    assert_eq!(s.admit(&f, 1000, 5000), Admit::Accept);
+    let next = emit(&mut s, &f, 1000, 5000, POST);
+    let end = 1000 + POST.len() as u32 + 100;
+    assert_eq!(next, Some(end));
+    // "GET /evil HTTP/1.1" as the body's own segment.
+    assert_eq!(
+        s.admit(&f, 1000 + POST.len() as u32, 5000),
+        Admit::InsideBody
+    );
+    assert_eq!(s.admit(&f, end - 20, 5000), Admit::InsideBody);
+    assert_eq!(s.admit(&f, end, 5100), Admit::Accept);
+    assert_eq!(s.stats.inside_body, 2);
+}
+
+#[test]
+fn retransmissions_are_duplicates_and_a_reused_port_starts_afresh() {
+    let mut s = Streams::default();
+    let f = flow();
+    let get = b"GET / HTTP/1.1\r\n\r\n";
+    emit(&mut s, &f, 1000, 1, get);
+    assert_eq!(s.admit(&f, 1000, 1), Admit::Duplicate);
+    assert!(s.emitted(&f, 1000));
+    // A new connection on the same ports: its sequence numbers start
+    // anywhere, here far behind.
+    assert_eq!(s.admit(&f, 1000u32.wrapping_sub(1 << 31), 1), Admit::Accept);
+}
+
+#[test]
+fn a_lost_boundary_is_found_again_at_the_acknowledged_start() {
+    let mut s = Streams::default();
+    let (req, rsp) = (flow(), flow().reversed());
+    // A chunked upload whose last chunk was not copied.
+    let chunked = b"POST /c HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n";
+    assert_eq!(emit(&mut s, &req, 1000, 7000, chunked), None);
+    // A start inside it: not at an acknowledged boundary.
+    assert_eq!(s.admit(&req, 1200, 7000), Admit::Unsynchronised);
+    // The server answers once it has read the whole request, up to 1500.
+    assert_eq!(s.admit(&rsp, 7000, 1500), Admit::Accept);
+    emit(
+        &mut s,
+        &rsp,
+        7000,
+        1500,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    );
+    assert_eq!(s.admit(&req, 1400, 7038), Admit::Unsynchronised);
+    assert_eq!(s.admit(&req, 1500, 7038), Admit::Resync);
+    assert_eq!((s.stats.unsynchronised, s.stats.resyncs), (2, 1));
+}
+
+#[test]
+fn a_chunked_body_copied_whole_gives_the_next_start() {
+    let mut s = Streams::default();
+    let f = flow();
+    let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3;x=y\r\nabc\r\n0\r\nTrailer: t\r\n\r\nHTTP/1.1";
+    let head_len = parse_head(raw).expect("head").len;
+    let body = b"3;x=y\r\nabc\r\n0\r\nTrailer: t\r\n\r\n".len();
+    assert_eq!(emit(&mut s, &f, 0, 0, raw), Some((head_len + body) as u32));
+}
+
+#[test]
+fn chunked_lengths() {
+    assert_eq!(chunked_len(b"0\r\n\r\n"), Some(5));
+    assert_eq!(chunked_len(b"a\r\n0123456789\r\n0\r\n\r\nGET"), Some(20));
+    assert_eq!(chunked_len(b"a\r\n0123456789\r\n"), None);
+    assert_eq!(chunked_len(b"zz\r\n"), None);
+    assert_eq!(chunked_len(b"5\r\nhelloXX0\r\n\r\n"), None);
+    assert_eq!(chunked_len(b"ffffffffffffffff\r\n"), None);
+    assert_eq!(chunked_len(b""), None);
+}
+
+#[test]
+fn responses_to_head_1xx_204_and_304_have_no_body() {
+    let mut s = Streams::default();
+    let (req, rsp) = (flow(), flow().reversed());
+    emit(&mut s, &req, 1000, 50, b"HEAD /h HTTP/1.1\r\n\r\n");
+    emit(&mut s, &req, 1021, 50, b"GET /g HTTP/1.1\r\n\r\n");
+    let cont = b"HTTP/1.1 100 Continue\r\n\r\n";
+    // The interim response does not answer the HEAD...
+    assert_eq!(
+        emit(&mut s, &rsp, 50, 1040, cont),
+        Some(50 + cont.len() as u32)
+    );
+    // ... so the final one still answers it: no body despite its length.
+    let to_head = b"HTTP/1.1 200 OK\r\nContent-Length: 999\r\n\r\n";
+    let at = 50 + cont.len() as u32;
+    assert_eq!(
+        emit(&mut s, &rsp, at, 1040, to_head),
+        Some(at + to_head.len() as u32)
+    );
+    // The GET's response has its body.
+    let at = at + to_head.len() as u32;
+    let to_get = b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n";
+    assert_eq!(
+        emit(&mut s, &rsp, at, 1040, to_get),
+        Some(at + to_get.len() as u32 + 10)
+    );
+    for status in ["204 No Content", "304 Not Modified"] {
+        let raw = format!("HTTP/1.1 {status}\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(
+            emit(&mut s, &rsp, 0, 0, raw.as_bytes()),
+            Some(raw.len() as u32)
+        );
+    }
+}
+
+#[test]
+fn an_upgraded_connection_carries_no_more_http() {
+    let mut s = Streams::default();
+    let (req, rsp) = (flow(), flow().reversed());
+    emit(
+        &mut s,
+        &req,
+        1000,
+        50,
+        b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+    );
+    emit(
+        &mut s,
+        &rsp,
+        50,
+        1041,
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    );
+    assert_eq!(s.admit(&req, 1041, 87), Admit::Tunnel);
+    assert_eq!(s.admit(&rsp, 87, 1041), Admit::Tunnel);
+}
+
+#[test]
+fn connect_tunnels_after_its_2xx_only() {
+    let mut s = Streams::default();
+    let (req, rsp) = (flow(), flow().reversed());
+    let connect = b"CONNECT db:5432 HTTP/1.1\r\n\r\n";
+    emit(&mut s, &req, 1000, 50, connect);
+    let ok = b"HTTP/1.1 200 Connection established\r\n\r\n";
+    emit(&mut s, &rsp, 50, 1000 + connect.len() as u32, ok);
+    assert_eq!(
+        s.admit(&req, 1000 + connect.len() as u32, 50),
+        Admit::Tunnel
+    );
+}
+
+#[test]
+fn conflicting_content_lengths_are_no_length() {
+    let mut s = Streams::default();
+    let f = flow();
+    let raw = b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 50\r\n\r\n";
+    assert_eq!(emit(&mut s, &f, 0, 0, raw), None);
+    assert_eq!(s.admit(&f, raw.len() as u32 + 5, 0), Admit::Unsynchronised);
+}
+
+#[test]
+fn pipelined_heads_deeper_than_remembered_stay_bounded() {
+    let mut s = Streams::default();
+    let f = flow();
+    let get = b"GET / HTTP/1.1\r\n\r\n";
+    let mut seq = 0u32;
+    for _ in 0..100 {
+        seq = emit(&mut s, &f, seq, 0, get).expect("bodiless");
+    }
+    assert_eq!(seq, 100 * get.len() as u32);
+    assert_eq!(s.len(), 1);
+}
