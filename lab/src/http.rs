@@ -110,18 +110,35 @@ fn serve(mut conn: TcpStream, stop: &AtomicBool, received: &Mutex<Vec<String>>) 
         // Answer every complete request head in the buffer, in order.
         while let Some(end) = find(&buf, b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let body_len = content_length(&head);
+            let body_len = if head
+                .to_ascii_lowercase()
+                .contains("transfer-encoding: chunked")
+            {
+                match chunked_body(&buf[end + 4..]) {
+                    Some(n) => n,
+                    None => break,
+                }
+            } else {
+                content_length(&head)
+            };
             if buf.len() < end + 4 + body_len {
                 break;
             }
             buf.drain(..end + 4 + body_len);
+            // Which request this answers, so a test can check the pairing.
+            let path = head
+                .split(' ')
+                .nth(1)
+                .and_then(|t| t.split('?').next())
+                .unwrap_or("")
+                .to_owned();
             let close = head.to_ascii_lowercase().contains("connection: close");
             if let Ok(mut r) = received.lock() {
                 r.push(head);
             }
             let body = b"hello from tracegap-tests\n";
             let resp = format!(
-                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n{}\r\n",
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Request-Path: {path}\r\n{}\r\n",
                 body.len(),
                 if close { "Connection: close\r\n" } else { "" }
             );
@@ -141,6 +158,25 @@ fn serve(mut conn: TcpStream, stop: &AtomicBool, received: &Mutex<Vec<String>>) 
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Length of a whole chunked body at the start of `b` (None: not all here).
+fn chunked_body(b: &[u8]) -> Option<usize> {
+    let mut i = 0;
+    loop {
+        let eol = i + find(&b[i..], b"\r\n")?;
+        let size = std::str::from_utf8(&b[i..eol]).ok()?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        i = eol + 2;
+        if size == 0 {
+            // No trailers from the tests' clients: the blank line.
+            return (b.get(i..i + 2)? == b"\r\n").then_some(i + 2);
+        }
+        i += size + 2;
+        if i > b.len() {
+            return None;
+        }
+    }
 }
 
 fn content_length(head: &str) -> usize {

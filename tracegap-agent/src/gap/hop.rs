@@ -29,6 +29,8 @@ pub struct Request {
     pub seq: u32,
     /// Acknowledgement number it carried (see [`Waiting::ack`]).
     pub ack: u32,
+    /// Read after its flow lost and found its boundary (see [`Waiting::resynced`]).
+    pub resynced: bool,
     /// The head did not fit what the kernel copies.
     pub truncated: bool,
     /// Sent by a telemetry exporter: paired, so its response is not taken
@@ -67,6 +69,7 @@ impl Request {
             flow,
             seq,
             ack: 0,
+            resynced: false,
             truncated,
             telemetry: false,
             via: None,
@@ -96,6 +99,7 @@ impl Request {
         );
         req.via = m.via;
         req.ack = m.ack;
+        req.resynced = m.resynced;
         Some(req)
     }
 
@@ -123,6 +127,10 @@ impl Waiting for Arc<Request> {
 
     fn ack(&self) -> u32 {
         self.ack
+    }
+
+    fn resynced(&self) -> bool {
+        self.resynced
     }
 }
 

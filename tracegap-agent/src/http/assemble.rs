@@ -11,7 +11,7 @@ use tracegap_common::{Direction, EventKind};
 
 use super::{
     message::{Head, HeadError, StartLine, parse_head},
-    stream::{BoundaryStats, Streams},
+    stream::{Admit, BoundaryStats, Streams},
 };
 use crate::events::{Endpoint, Flow, RawEvent};
 
@@ -35,6 +35,10 @@ pub struct Message {
     pub seq: u32,
     /// Acknowledgement number of the segment it started in.
     pub ack: u32,
+    /// Read where its stream found its boundary again after losing it:
+    /// messages before it on the stream may be missing, so nothing is
+    /// paired across it in order (see [`Pairer::response`]).
+    pub resynced: bool,
     pub head: Result<Head, HeadError>,
     /// The Service address the client addressed (see [`crate::nat`]).
     pub via: Option<Endpoint>,
@@ -72,6 +76,7 @@ struct Partial {
     via: Option<Endpoint>,
     seq: u32,
     ack: u32,
+    resynced: bool,
     next_seq: u32,
     buf: Vec<u8>,
 }
@@ -129,7 +134,8 @@ impl Assembler {
                 }
                 // Inside a body, already seen, or not at a boundary the
                 // stream can vouch for: dropped before it costs a parse.
-                if !self.streams.admit(&e.flow, e.seq, e.ack).accepted() {
+                let admit = self.streams.admit(&e.flow, e.seq, e.ack);
+                if !admit.accepted() {
                     return;
                 }
                 if self.partials.len() >= MAX_PARTIALS
@@ -148,6 +154,7 @@ impl Assembler {
                     via: e.via,
                     seq: e.seq,
                     ack: e.ack,
+                    resynced: admit == Admit::Resync,
                     next_seq: e.seq.wrapping_add(e.payload.len() as u32),
                     buf: e.payload,
                 };
@@ -202,6 +209,7 @@ impl Assembler {
                     let buf = p.buf.split_off(at);
                     p = Partial {
                         seq: next,
+                        resynced: false,
                         next_seq: next.wrapping_add(buf.len() as u32),
                         buf,
                         ..p
@@ -247,6 +255,7 @@ impl Assembler {
             direction: p.direction,
             seq: p.seq,
             ack: p.ack,
+            resynced: p.resynced,
             head,
             via: p.via,
             truncated,
@@ -295,6 +304,9 @@ pub trait Waiting {
     /// response to it starts, if the client waited for the last response
     /// before sending it (see [`Pairer::response`]).
     fn ack(&self) -> u32;
+    /// Read after its stream lost and found its boundary: no response is
+    /// paired with it in order, only by acknowledgement.
+    fn resynced(&self) -> bool;
     /// Called once when it starts waiting: drop what pairing doesn't need.
     fn shrink(&mut self) {}
 }
@@ -306,6 +318,10 @@ impl Waiting for Message {
 
     fn ack(&self) -> u32 {
         self.ack
+    }
+
+    fn resynced(&self) -> bool {
+        self.resynced
     }
 
     /// A waiting message keeps only the headers a hop is built from.
@@ -344,16 +360,29 @@ impl<T> Queue<T> {
 
     /// Removes the request a response starting at `seq` answers and the
     /// older ones it shows were answered unseen; see [`Pairer::response`].
-    fn take_answer(&mut self, seq: u32, skipped: &mut Vec<T>) -> Option<T>
+    fn take_answer(&mut self, seq: u32, resynced: bool, skipped: &mut Vec<T>) -> Option<T>
     where
         T: Waiting,
     {
         let q = match self {
-            Self::One(_) => return None,
+            Self::One(r) => {
+                return (r.ack() == seq || !(resynced || r.resynced()))
+                    .then(
+                        || match std::mem::replace(self, Self::Many(Box::default())) {
+                            Self::One(r) => Some(r),
+                            Self::Many(_) => None,
+                        },
+                    )
+                    .flatten();
+            }
             Self::Many(q) => q,
         };
         if let Some(i) = q.iter().position(|r| r.ack() == seq) {
             skipped.extend(q.drain(..i));
+            return q.pop_front();
+        }
+        if resynced || q.front().is_some_and(Waiting::resynced) {
+            return None;
         }
         q.pop_front()
     }
@@ -441,7 +470,9 @@ impl<T: Waiting> Pairer<T> {
     /// lost, or too short to be recognised): they are returned as
     /// `skipped`, not paired with the wrong response. Pipelined requests
     /// (sent before the previous response arrived) share an older
-    /// acknowledgement and are answered in order.
+    /// acknowledgement and are answered in order, but never across a
+    /// message read after a lost boundary (`resynced`): messages may be
+    /// missing there, so only an acknowledgement pairs it.
     pub fn response(&mut self, m: &Message) -> Answer<T> {
         if m.is_interim() {
             return Answer::Interim;
@@ -451,16 +482,10 @@ impl<T: Waiting> Pairer<T> {
             return Answer::Orphan;
         };
         let mut skipped = Vec::new();
-        let request = match q {
-            Queue::One(_) => self.answer(flow),
-            Queue::Many(_) => {
-                let r = q.take_answer(m.seq, &mut skipped);
-                if q.len() == 0 {
-                    self.pending.remove(&flow);
-                }
-                r
-            }
-        };
+        let request = q.take_answer(m.seq, m.resynced, &mut skipped);
+        if q.len() == 0 {
+            self.pending.remove(&flow);
+        }
         match request {
             Some(request) => Answer::Answered { request, skipped },
             None => Answer::Orphan,
@@ -871,6 +896,47 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
     }
 
     #[test]
+    fn nothing_is_paired_in_order_across_a_lost_boundary() {
+        let mut a = Assembler::default();
+        let mut p = Pairer::default();
+        let mut out = Vec::new();
+        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        let mut first = ev(EventKind::Request, flow(), 1, 0, b"GET /a HTTP/1.1\r\n\r\n");
+        first.ack = 500;
+        a.push(first, &mut out);
+        // The server had read up to 100 when it answered /a: requests
+        // between 19 and 100 were not seen.
+        let mut r = ev(EventKind::Response, flow().reversed(), 1, 500, ok);
+        r.ack = 100;
+        a.push(r, &mut out);
+        let mut b = ev(
+            EventKind::Request,
+            flow(),
+            1,
+            100,
+            b"GET /b HTTP/1.1\r\n\r\n",
+        );
+        b.ack = 777;
+        a.push(b, &mut out);
+        assert!(out[2].resynced);
+        // A response to one of the unseen requests: not /b's.
+        a.push(
+            ev(EventKind::Response, flow().reversed(), 1, 538, ok),
+            &mut out,
+        );
+        let mut answers = Vec::new();
+        for m in out {
+            if m.is_request() {
+                p.request(m.flow, m);
+            } else {
+                answers.push(p.response(&m).request().map(|r| path(&r)));
+            }
+        }
+        assert_eq!(answers, [Some("/a".to_owned()), None]);
+        assert_eq!(p.pending(), 1);
+    }
+
+    #[test]
     fn an_interim_response_answers_nothing() {
         let mut a = Assembler::default();
         let mut p = Pairer::default();
@@ -926,6 +992,10 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
 
         fn ack(&self) -> u32 {
             0
+        }
+
+        fn resynced(&self) -> bool {
+            false
         }
     }
 

@@ -100,10 +100,15 @@ impl Propagation {
     pub fn from_head(head: &Head) -> Self {
         let mut contexts = Vec::new();
         if let Some(v) = head.header("traceparent") {
-            contexts.push(traceparent(v));
+            contexts.push(
+                conflicting(head, "traceparent", Format::W3c).unwrap_or_else(|| traceparent(v)),
+            );
         }
         if let Some(v) = head.header("uber-trace-id") {
-            contexts.push(uber_trace_id(v));
+            contexts.push(
+                conflicting(head, "uber-trace-id", Format::Jaeger)
+                    .unwrap_or_else(|| uber_trace_id(v)),
+            );
         }
         let b3_multi = [
             head.header("x-b3-traceid"),
@@ -180,6 +185,24 @@ fn pad_hex(s: &str, len: usize) -> Option<String> {
 }
 
 /// W3C Trace Context `traceparent`, validated as the spec says.
+/// A header sent more than once with different values: which one the
+/// callee's SDK reads is up to it (the first, the last, or the comma-joined
+/// list RFC 9110 makes of them, which is no valid context), so no one
+/// context is taken for the request's. The same value twice is harmless.
+fn conflicting(head: &Head, name: &str, format: Format) -> Option<Found> {
+    let first = head.header(name)?;
+    let n = head.header_all(name).count();
+    head.header_all(name)
+        .any(|v| v.trim() != first.trim())
+        .then(|| {
+            malformed(
+                format,
+                first,
+                format!("{n} {name} headers with different values"),
+            )
+        })
+}
+
 pub fn traceparent(value: &str) -> Found {
     let f = Format::W3c;
     let v = value.trim();
@@ -374,6 +397,21 @@ mod tests {
     use crate::http::message::parse_head;
 
     const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+    #[test]
+    fn a_context_header_sent_twice_with_different_values_is_no_context() {
+        let other = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let raw = format!("GET / HTTP/1.1\r\ntraceparent: {TP}\r\ntraceparent: {other}\r\n\r\n");
+        let p = Propagation::from_head(&parse_head(raw.as_bytes()).unwrap());
+        assert_eq!(p.contexts.len(), 1);
+        assert_eq!(
+            reason(p.contexts[0].clone()),
+            "2 traceparent headers with different values"
+        );
+        let same = format!("GET / HTTP/1.1\r\ntraceparent: {TP}\r\ntraceparent: {TP}\r\n\r\n");
+        let p = Propagation::from_head(&parse_head(same.as_bytes()).unwrap());
+        assert!(matches!(p.contexts[0], Found::Valid(_)));
+    }
 
     fn reason(f: Found) -> String {
         match f {
