@@ -364,39 +364,33 @@ impl Pipeline {
         }
         let format = formats_label(&hop.propagation.contexts);
         let m = &self.shared.metrics;
-        m.requests
-            .get_or_create(&RequestLabels {
+        m.request(RequestLabels {
+            source_service: caller.service.clone(),
+            destination_service: callee.service.clone(),
+            context_status: verdict.kind.as_str().to_owned(),
+            context_format: format.clone(),
+        });
+        if verdict.kind.is_gap() {
+            m.gap(GapLabels {
+                kind: verdict.kind.as_str().to_owned(),
                 source_service: caller.service.clone(),
                 destination_service: callee.service.clone(),
-                context_status: verdict.kind.as_str().to_owned(),
-                context_format: format.clone(),
-            })
-            .inc();
-        if verdict.kind.is_gap() {
-            m.gaps
-                .get_or_create(&GapLabels {
-                    kind: verdict.kind.as_str().to_owned(),
-                    source_service: caller.service.clone(),
-                    destination_service: callee.service.clone(),
-                })
-                .inc();
+            });
         }
         if hop.unanswered {
             m.unanswered.inc();
         }
         if verdict.link.as_ref().is_some_and(|l| l.baggage) {
-            m.baggage
-                .get_or_create(&BaggageLabels {
-                    source_service: caller.service.clone(),
-                    destination_service: callee.service.clone(),
-                    propagation: if verdict.baggage_dropped {
-                        "dropped"
-                    } else {
-                        "carried"
-                    }
-                    .to_owned(),
-                })
-                .inc();
+            m.baggage(BaggageLabels {
+                source_service: caller.service.clone(),
+                destination_service: callee.service.clone(),
+                propagation: if verdict.baggage_dropped {
+                    "dropped"
+                } else {
+                    "carried"
+                }
+                .to_owned(),
+            });
         }
         let mut example = hop
             .context()

@@ -9,6 +9,46 @@ use prometheus_client::{
 
 use crate::ebpf::Counters;
 
+/// Label sets each per-edge metric family (`http_requests`, `gaps`,
+/// `baggage_requests`) holds at most. Past it, a new edge is counted under
+/// `source_service="_overflow"`, `destination_service="_overflow"` (its
+/// other labels kept) and in `tracegap_metric_series_overflow_total`. Unnamed
+/// peers are grouped already (`external`, `unknown`); the bound holds
+/// whatever the names file or the cluster holds.
+pub const MAX_EDGE_SERIES: usize = 2000;
+/// What an edge past [`MAX_EDGE_SERIES`] is counted as.
+pub const OVERFLOW: &str = "_overflow";
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MetricLabels {
+    pub metric: &'static str,
+}
+
+/// The label sets admitted to one family, by hash.
+#[derive(Default)]
+struct Admitted(std::sync::Mutex<std::collections::HashSet<u64>>);
+
+impl Admitted {
+    /// Whether `labels` may have a series of its own.
+    fn admit(&self, labels: &impl std::hash::Hash) -> bool {
+        use std::hash::BuildHasher as _;
+        static HASH: std::sync::LazyLock<std::hash::RandomState> =
+            std::sync::LazyLock::new(std::hash::RandomState::new);
+        let h = HASH.hash_one(labels);
+        let Ok(mut set) = self.0.lock() else {
+            return false;
+        };
+        if set.contains(&h) {
+            return true;
+        }
+        if set.len() >= MAX_EDGE_SERIES {
+            return false;
+        }
+        set.insert(h);
+        true
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub source_service: String,
@@ -75,6 +115,8 @@ pub struct Metrics {
     pub boundaries_lost: Counter,
     pub bpf_run_seconds: Family<ProgramLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Gauge>,
+    pub series_overflow: Family<MetricLabels, Counter>,
+    admitted: [Admitted; 3],
     last_kernel: std::sync::Mutex<Counters>,
 }
 
@@ -106,6 +148,8 @@ impl Metrics {
             boundaries_lost: Counter::default(),
             bpf_run_seconds: Family::default(),
             bpf_runs: Family::default(),
+            series_overflow: Family::default(),
+            admitted: Default::default(),
             last_kernel: std::sync::Mutex::new(Counters::default()),
             registry: Registry::default(),
         };
@@ -195,7 +239,45 @@ impl Metrics {
             "Runs of each program since BPF statistics were enabled",
             m.bpf_runs.clone(),
         );
+        registry.register(
+            "metric_series_overflow",
+            "Increments counted under the _overflow edge because a per-edge family reached its series bound, by metric",
+            m.series_overflow.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts a hop on its edge, within [`MAX_EDGE_SERIES`].
+    pub fn request(&self, mut l: RequestLabels) {
+        if !self.admitted[0].admit(&l) {
+            self.overflow("http_requests");
+            (l.source_service, l.destination_service) = (OVERFLOW.into(), OVERFLOW.into());
+        }
+        self.requests.get_or_create(&l).inc();
+    }
+
+    /// Counts a gap on its edge, within [`MAX_EDGE_SERIES`].
+    pub fn gap(&self, mut l: GapLabels) {
+        if !self.admitted[1].admit(&l) {
+            self.overflow("gaps");
+            (l.source_service, l.destination_service) = (OVERFLOW.into(), OVERFLOW.into());
+        }
+        self.gaps.get_or_create(&l).inc();
+    }
+
+    /// Counts a request with baggage on its edge, within [`MAX_EDGE_SERIES`].
+    pub fn baggage(&self, mut l: BaggageLabels) {
+        if !self.admitted[2].admit(&l) {
+            self.overflow("baggage_requests");
+            (l.source_service, l.destination_service) = (OVERFLOW.into(), OVERFLOW.into());
+        }
+        self.baggage.get_or_create(&l).inc();
+    }
+
+    fn overflow(&self, metric: &'static str) {
+        self.series_overflow
+            .get_or_create(&MetricLabels { metric })
+            .inc();
     }
 
     pub fn ignored(&self, reason: &str) {
@@ -307,5 +389,73 @@ impl Metrics {
             tracing::warn!(error = %e, "encoding metrics");
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+
+    use super::*;
+    use crate::identity::Directory;
+
+    fn series(text: &str, family: &str) -> usize {
+        text.lines().filter(|l| l.starts_with(family)).count()
+    }
+
+    #[test]
+    fn a_hundred_thousand_unknown_clients_stay_within_the_series_bound() {
+        let m = Metrics::new();
+        let directory = Directory::default();
+        for i in 0..100_000u32 {
+            // Half public, half private: each a client of its own.
+            let ip = if i % 2 == 0 {
+                IpAddr::V4(Ipv4Addr::from(0x0800_0000 + i))
+            } else {
+                IpAddr::V4(Ipv4Addr::from(0x0a80_0000 + i))
+            };
+            let caller = directory.lookup(ip);
+            m.request(RequestLabels {
+                source_service: caller.service.clone(),
+                destination_service: "checkout".into(),
+                context_status: "missing_context".into(),
+                context_format: "none".into(),
+            });
+            m.gap(GapLabels {
+                kind: "missing_context".into(),
+                source_service: caller.service,
+                destination_service: "checkout".into(),
+            });
+        }
+        let text = m.encode();
+        let total = text.lines().filter(|l| !l.starts_with('#')).count();
+        let requests = series(&text, "tracegap_http_requests_total{");
+        eprintln!("100000 unknown clients: {requests} http_requests series, {total} series in all");
+        assert_eq!(requests, 2, "external and unknown");
+        assert!(total < 20, "{text}");
+    }
+
+    #[test]
+    fn named_edges_past_the_bound_go_to_the_overflow_series() {
+        let m = Metrics::new();
+        for i in 0..(MAX_EDGE_SERIES + 500) {
+            m.request(RequestLabels {
+                source_service: format!("svc-{i}"),
+                destination_service: "checkout".into(),
+                context_status: "context_ok".into(),
+                context_format: "w3c".into(),
+            });
+        }
+        let text = m.encode();
+        let requests = series(&text, "tracegap_http_requests_total{");
+        eprintln!(
+            "{} named callers: {requests} http_requests series",
+            MAX_EDGE_SERIES + 500
+        );
+        assert_eq!(requests, MAX_EDGE_SERIES + 1);
+        assert!(text.contains("source_service=\"_overflow\""));
+        assert!(
+            text.contains("tracegap_metric_series_overflow_total{metric=\"http_requests\"} 500")
+        );
     }
 }

@@ -54,10 +54,44 @@ pub struct Workload {
     pub name: String,
 }
 
+/// The name of every unnamed public address.
+pub const EXTERNAL: &str = "external";
+/// The name of every unnamed private, loopback or link-local address.
+pub const UNKNOWN: &str = "unknown";
+
+fn is_public(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => {
+            !(v4.is_private()
+                || v4.is_loopback()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                // 100.64.0.0/10, carrier-grade NAT: pod networks use it too.
+                || (v4.octets()[0] == 100 && (v4.octets()[1] & 0xc0) == 64))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            !(v6.is_loopback()
+                || v6.is_unspecified()
+                || (first & 0xfe00) == 0xfc00
+                || (first & 0xffc0) == 0xfe80)
+                && v6
+                    .to_ipv4_mapped()
+                    .is_none_or(|v4| is_public(IpAddr::V4(v4)))
+        }
+    }
+}
+
 impl Identity {
+    /// A peer nobody named: grouped, not named by its address, so that
+    /// metric labels, report edges and Jaeger's service list stay bounded
+    /// however many clients the internet sends (the address itself is on
+    /// the span, `client.address`/`server.address`). [`EXTERNAL`] for
+    /// public addresses, [`UNKNOWN`] for private, loopback and link-local
+    /// ones (in the cluster, but not in the names file or the API).
     pub fn unknown(ip: IpAddr) -> Self {
         Self {
-            service: ip.to_string(),
+            service: if is_public(ip) { EXTERNAL } else { UNKNOWN }.to_owned(),
             ..Self::default()
         }
     }
