@@ -219,7 +219,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn mappings_parse_and_unknown_addresses_name_themselves() {
+    fn mappings_parse_and_unknown_addresses_are_grouped() {
         let (ip, name) = parse_mapping("10.0.0.2=service-b").unwrap();
         assert_eq!(name, "service-b");
         assert!(parse_mapping("10.0.0.2").is_err());
@@ -233,8 +233,13 @@ mod tests {
             },
         )]);
         assert_eq!(d.lookup(ip).service, "service-b");
+        // Unnamed addresses are grouped, never named by themselves.
         let other: IpAddr = "fd00::9".parse().unwrap();
-        assert_eq!(d.lookup(other).service, "fd00::9");
+        assert_eq!(d.lookup(other).service, "unknown");
+        let public: IpAddr = "2001:db8::1".parse().unwrap();
+        assert_eq!(d.lookup(public).service, "external");
+        assert_eq!(d.lookup("8.8.8.8".parse().unwrap()).service, "external");
+        assert_eq!(d.lookup("100.64.3.4".parse().unwrap()).service, "unknown");
     }
 
     #[test]
