@@ -32,6 +32,25 @@ pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, body.to_owned()))
 }
 
+/// Reads one response (head and Content-Length body) from `c`; returns
+/// its head. `buf` keeps what was read past it (pipelined responses).
+pub fn read_response(c: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<String> {
+    loop {
+        if let Some(end) = find(buf, b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+            let len = content_length(&head);
+            if buf.len() >= end + 4 + len {
+                buf.drain(..end + 4 + len);
+                return Ok(head);
+            }
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        let n = c.read(&mut chunk)?;
+        anyhow::ensure!(n > 0, "the server closed the connection");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 /// A running server; stops (and joins its thread) when dropped.
 pub struct HttpServer {
     pub port: u16,

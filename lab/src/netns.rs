@@ -338,7 +338,7 @@ impl Pod {
         gap: std::time::Duration,
     ) -> anyhow::Result<Vec<String>> {
         self.spawn(move || -> anyhow::Result<Vec<String>> {
-            use std::io::{Read as _, Write as _};
+            use std::io::Write as _;
             let mut c = std::net::TcpStream::connect(to)?;
             c.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
             let mut statuses = Vec::new();
@@ -348,29 +348,7 @@ impl Pod {
                     std::thread::sleep(gap);
                 }
                 c.write_all(&r)?;
-                let (head, body) = loop {
-                    if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-                        break (head, end + 4);
-                    }
-                    let mut chunk = [0u8; 4096];
-                    let n = c.read(&mut chunk)?;
-                    anyhow::ensure!(n > 0, "server closed the connection");
-                    buf.extend_from_slice(&chunk[..n]);
-                };
-                let len: usize = head
-                    .lines()
-                    .filter_map(|l| l.split_once(':'))
-                    .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                    .and_then(|(_, v)| v.trim().parse().ok())
-                    .unwrap_or(0);
-                while buf.len() < body + len {
-                    let mut chunk = [0u8; 4096];
-                    let n = c.read(&mut chunk)?;
-                    anyhow::ensure!(n > 0, "server closed the connection");
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                buf.drain(..body + len);
+                let head = crate::http::read_response(&mut c, &mut buf)?;
                 statuses.push(head.lines().next().unwrap_or_default().to_owned());
             }
             Ok(statuses)

@@ -5,7 +5,7 @@
 //! request it answers in `X-Request-Path`), and the agent keeps running.
 
 use std::{
-    io::{Read as _, Write as _},
+    io::Write as _,
     net::{SocketAddr, TcpListener, TcpStream},
     time::Duration,
 };
@@ -26,7 +26,12 @@ use tracegap_agent::{
     report::Report,
 };
 use tracegap_tests::{
-    Node, Pod, agent::Agent, collect_events, http::HttpServer, otlp::Receiver, privileged,
+    Node, Pod,
+    agent::Agent,
+    collect_events,
+    http::{HttpServer, read_response},
+    otlp::Receiver,
+    privileged,
 };
 
 /// The trace id a forged request in a body carries.
@@ -53,30 +58,6 @@ fn pods() -> anyhow::Result<Pods> {
 
 fn to(pods: &Pods, port: u16, v6: bool) -> SocketAddr {
     SocketAddr::new(pods.node.pod("server").addr(v6), port)
-}
-
-/// Reads one response (head and Content-Length body) from `c`; returns its
-/// head. `buf` keeps what was read past it.
-fn read_response(c: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<String> {
-    loop {
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            let len: usize = head
-                .lines()
-                .filter_map(|l| l.split_once(':'))
-                .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-                .and_then(|(_, v)| v.trim().parse().ok())
-                .unwrap_or(0);
-            if buf.len() >= end + 4 + len {
-                buf.drain(..end + 4 + len);
-                return Ok(head);
-            }
-        }
-        let mut chunk = [0u8; 16 * 1024];
-        let n = c.read(&mut chunk)?;
-        anyhow::ensure!(n > 0, "the server closed the connection");
-        buf.extend_from_slice(&chunk[..n]);
-    }
 }
 
 fn connect(addr: SocketAddr) -> anyhow::Result<TcpStream> {

@@ -24,6 +24,31 @@ pub struct MetricLabels {
     pub metric: &'static str,
 }
 
+/// Label sets of a per-edge family.
+trait Edge: EncodeLabelSet + Clone + std::hash::Hash + Eq {
+    /// Its source and destination labels.
+    fn edge(&mut self) -> (&mut String, &mut String);
+}
+
+macro_rules! edge {
+    ($($t:ty),*) => {$(
+        impl Edge for $t {
+            fn edge(&mut self) -> (&mut String, &mut String) {
+                (&mut self.source_service, &mut self.destination_service)
+            }
+        }
+    )*};
+}
+edge!(RequestLabels, GapLabels, BaggageLabels);
+
+/// The label sets admitted to each per-edge family.
+#[derive(Default)]
+struct EdgeSeries {
+    requests: Admitted,
+    gaps: Admitted,
+    baggage: Admitted,
+}
+
 /// The label sets admitted to one family, by hash.
 #[derive(Default)]
 struct Admitted(std::sync::Mutex<std::collections::HashSet<u64>>);
@@ -116,7 +141,7 @@ pub struct Metrics {
     pub bpf_run_seconds: Family<ProgramLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Gauge>,
     pub series_overflow: Family<MetricLabels, Counter>,
-    admitted: [Admitted; 3],
+    admitted: EdgeSeries,
     last_kernel: std::sync::Mutex<Counters>,
 }
 
@@ -248,36 +273,37 @@ impl Metrics {
     }
 
     /// Counts a hop on its edge, within [`MAX_EDGE_SERIES`].
-    pub fn request(&self, mut l: RequestLabels) {
-        if !self.admitted[0].admit(&l) {
-            self.overflow("http_requests");
-            (l.source_service, l.destination_service) = (OVERFLOW.into(), OVERFLOW.into());
-        }
-        self.requests.get_or_create(&l).inc();
+    pub fn request(&self, l: RequestLabels) {
+        self.count_edge(&self.requests, &self.admitted.requests, "http_requests", l);
     }
 
     /// Counts a gap on its edge, within [`MAX_EDGE_SERIES`].
-    pub fn gap(&self, mut l: GapLabels) {
-        if !self.admitted[1].admit(&l) {
-            self.overflow("gaps");
-            (l.source_service, l.destination_service) = (OVERFLOW.into(), OVERFLOW.into());
-        }
-        self.gaps.get_or_create(&l).inc();
+    pub fn gap(&self, l: GapLabels) {
+        self.count_edge(&self.gaps, &self.admitted.gaps, "gaps", l);
     }
 
     /// Counts a request with baggage on its edge, within [`MAX_EDGE_SERIES`].
-    pub fn baggage(&self, mut l: BaggageLabels) {
-        if !self.admitted[2].admit(&l) {
-            self.overflow("baggage_requests");
-            (l.source_service, l.destination_service) = (OVERFLOW.into(), OVERFLOW.into());
-        }
-        self.baggage.get_or_create(&l).inc();
+    pub fn baggage(&self, l: BaggageLabels) {
+        self.count_edge(&self.baggage, &self.admitted.baggage, "baggage_requests", l);
     }
 
-    fn overflow(&self, metric: &'static str) {
-        self.series_overflow
-            .get_or_create(&MetricLabels { metric })
-            .inc();
+    /// Counts under `l`, or under the overflow edge once `family` holds
+    /// [`MAX_EDGE_SERIES`] other label sets.
+    fn count_edge<L: Edge>(
+        &self,
+        family: &Family<L, Counter>,
+        admitted: &Admitted,
+        metric: &'static str,
+        mut l: L,
+    ) {
+        if !admitted.admit(&l) {
+            self.series_overflow
+                .get_or_create(&MetricLabels { metric })
+                .inc();
+            let (src, dst) = l.edge();
+            (*src, *dst) = (OVERFLOW.into(), OVERFLOW.into());
+        }
+        family.get_or_create(&l).inc();
     }
 
     pub fn ignored(&self, reason: &str) {

@@ -55,7 +55,7 @@ impl Message {
             Ok(Head {
                 start: StartLine::Response { status, .. },
                 ..
-            }) if (100..200).contains(&status) && status != 101
+            }) if super::message::is_interim(status)
         )
     }
 
@@ -235,16 +235,13 @@ impl Assembler {
         truncated: bool,
         out: &mut Vec<Message>,
     ) -> Option<u32> {
-        // Checked again here: a head that waited for its continuation may
-        // have been overtaken by the same head from the other veth.
-        if self.streams.emitted(&flow, p.seq) {
-            return None;
-        }
         let parsed = head.as_ref().ok();
         let after = parsed.map_or(&[][..], |h| p.buf.get(h.len..).unwrap_or_default());
+        // Err: overtaken by the same head from the other veth.
         let next = self
             .streams
-            .emit(&flow, p.seq, p.ack, p.ts_ns, parsed, !truncated, after);
+            .emit(&flow, p.seq, p.ack, p.ts_ns, parsed, !truncated, after)
+            .ok()?;
         if truncated {
             self.stats.truncated += 1;
         }
@@ -358,33 +355,11 @@ impl<T> Queue<T> {
         }
     }
 
-    /// Removes the request a response starting at `seq` answers and the
-    /// older ones it shows were answered unseen; see [`Pairer::response`].
-    fn take_answer(&mut self, seq: u32, resynced: bool, skipped: &mut Vec<T>) -> Option<T>
-    where
-        T: Waiting,
-    {
-        let q = match self {
-            Self::One(r) => {
-                return (r.ack() == seq || !(resynced || r.resynced()))
-                    .then(
-                        || match std::mem::replace(self, Self::Many(Box::default())) {
-                            Self::One(r) => Some(r),
-                            Self::Many(_) => None,
-                        },
-                    )
-                    .flatten();
-            }
-            Self::Many(q) => q,
-        };
-        if let Some(i) = q.iter().position(|r| r.ack() == seq) {
-            skipped.extend(q.drain(..i));
-            return q.pop_front();
+    fn position(&self, mut f: impl FnMut(&T) -> bool) -> Option<usize> {
+        match self {
+            Self::One(t) => f(t).then_some(0),
+            Self::Many(q) => q.iter().position(f),
         }
-        if resynced || q.front().is_some_and(Waiting::resynced) {
-            return None;
-        }
-        q.pop_front()
     }
 
     /// Appends behind what waits already; returns the oldest when the flow
@@ -478,15 +453,17 @@ impl<T: Waiting> Pairer<T> {
             return Answer::Interim;
         }
         let flow = m.flow.reversed();
-        let Some(q) = self.pending.get_mut(&flow) else {
+        let Some(q) = self.pending.get(&flow) else {
             return Answer::Orphan;
         };
-        let mut skipped = Vec::new();
-        let request = q.take_answer(m.seq, m.resynced, &mut skipped);
-        if q.len() == 0 {
-            self.pending.remove(&flow);
-        }
-        match request {
+        let at = q
+            .position(|r| r.ack() == m.seq)
+            .or_else(|| (!m.resynced && q.front().is_some_and(|r| !r.resynced())).then_some(0));
+        let Some(at) = at else {
+            return Answer::Orphan;
+        };
+        let skipped = (0..at).filter_map(|_| self.answer(flow)).collect();
+        match self.answer(flow) {
             Some(request) => Answer::Answered { request, skipped },
             None => Answer::Orphan,
         }

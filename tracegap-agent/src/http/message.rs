@@ -79,6 +79,12 @@ impl Head {
     }
 }
 
+/// A 1xx status other than 101: an interim response, the final one still
+/// to come.
+pub fn is_interim(status: u16) -> bool {
+    (100..200).contains(&status) && status != 101
+}
+
 fn find_blank_line(buf: &[u8]) -> Option<usize> {
     buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }

@@ -32,7 +32,7 @@
 
 use std::{collections::HashMap, hash::BuildHasher as _};
 
-use super::message::{Head, StartLine};
+use super::message::{Head, StartLine, is_interim};
 use crate::events::Flow;
 
 /// Streams remembered at most; past it, the older half is forgotten. A
@@ -88,6 +88,12 @@ struct Stream {
 }
 
 impl Stream {
+    /// A start already taken: a retransmission, or its copy from a second
+    /// interface.
+    fn is_duplicate(&self, seq: u32) -> bool {
+        self.last_start.wrapping_sub(seq) < DUP_WINDOW
+    }
+
     fn far_from(&self, seq: u32) -> bool {
         seq.wrapping_sub(self.last_start) >= AHEAD_WINDOW
             && self.last_start.wrapping_sub(seq) >= DUP_WINDOW
@@ -163,6 +169,10 @@ pub struct BoundaryStats {
     pub resyncs: u64,
 }
 
+/// A message start was emitted already.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Duplicate;
+
 /// How the body after a head ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Body {
@@ -199,16 +209,20 @@ impl Streams {
     /// Whether a start at `seq` on `flow` (whose segment acknowledged
     /// `ack`) may be read as a message; counts it if not.
     pub fn admit(&mut self, flow: &Flow, seq: u32, ack: u32) -> Admit {
-        let reverse_ack = self
-            .map
-            .get(&self.key(&flow.reversed()))
-            .map(|s| s.last_ack);
-        let key = self.key(flow);
+        let key = self.hash.hash_one(flow);
         let Some(s) = self.map.get_mut(&key) else {
             return Admit::Accept;
         };
         s.note_ack(ack);
-        let verdict = if s.last_start.wrapping_sub(seq) < DUP_WINDOW {
+        let s = *s;
+        // Only a stream that lost its boundary asks the other direction.
+        let at_reverse_ack = || {
+            self.map
+                .get(&self.hash.hash_one(flow.reversed()))
+                .is_some_and(|r| r.last_ack == seq)
+        };
+        let mut lost = false;
+        let verdict = if s.is_duplicate(seq) {
             Admit::Duplicate
         } else {
             match s.sync {
@@ -222,9 +236,8 @@ impl Streams {
                         Admit::InsideBody
                     } else if ahead < AHEAD_WINDOW {
                         // The message that started at `next` was not seen.
-                        s.sync = Sync::Lost;
-                        self.stats.lost += 1;
-                        if reverse_ack == Some(seq) {
+                        lost = true;
+                        if at_reverse_ack() {
                             Admit::Resync
                         } else {
                             Admit::Unsynchronised
@@ -233,11 +246,15 @@ impl Streams {
                         Admit::Accept
                     }
                 }
-                Sync::Lost if reverse_ack == Some(seq) => Admit::Resync,
                 Sync::Lost if s.far_from(seq) => Admit::Accept,
+                Sync::Lost if at_reverse_ack() => Admit::Resync,
                 Sync::Lost => Admit::Unsynchronised,
             }
         };
+        if lost && let Some(s) = self.map.get_mut(&key) {
+            s.sync = Sync::Lost;
+            self.stats.lost += 1;
+        }
         let stat = match verdict {
             Admit::Accept => return verdict,
             Admit::Resync => &mut self.stats.resyncs,
@@ -250,23 +267,11 @@ impl Streams {
         verdict
     }
 
-    /// Whether a message starting at `seq` was emitted already: checked
-    /// again when a head completes, since a head that waited for its
-    /// continuation may have been overtaken by its copy from another
-    /// interface.
-    pub fn emitted(&mut self, flow: &Flow, seq: u32) -> bool {
-        let dup = self
-            .map
-            .get(&self.key(flow))
-            .is_some_and(|s| s.last_start.wrapping_sub(seq) < DUP_WINDOW);
-        if dup {
-            self.stats.duplicates += 1;
-        }
-        dup
-    }
-
     /// Records a message emitted at `seq` and returns where the next one on
-    /// its stream starts, if that is known. `head` is `None` for bytes that
+    /// its stream starts, if that is known; `Err(Duplicate)`, counted, if
+    /// one was emitted there already (checked again when a head completes:
+    /// a head that waited for its continuation may have been overtaken by
+    /// its copy from another interface). `head` is `None` for bytes that
     /// did not parse as a head, and `complete` false for a head cut short
     /// (its length is not its message's); `after` holds the bytes copied
     /// after the head (where a chunked body's end may be found).
@@ -280,7 +285,12 @@ impl Streams {
         head: Option<&Head>,
         complete: bool,
         after: &[u8],
-    ) -> Option<u32> {
+    ) -> Result<Option<u32>, Duplicate> {
+        let key = self.key(flow);
+        if self.map.get(&key).is_some_and(|s| s.is_duplicate(seq)) {
+            self.stats.duplicates += 1;
+            return Err(Duplicate);
+        }
         let reverse = self.key(&flow.reversed());
         let body = match head {
             None => Body::Unknown,
@@ -292,8 +302,9 @@ impl Streams {
                         .map
                         .get(&reverse)
                         .map_or(Method::Other, Stream::awaited_front);
-                    let interim = (100..200).contains(&status) && status != 101;
-                    if !interim && let Some(r) = self.map.get_mut(&reverse) {
+                    if !is_interim(status)
+                        && let Some(r) = self.map.get_mut(&reverse)
+                    {
                         r.answered();
                     }
                     response_body(h, status, method)
@@ -325,7 +336,6 @@ impl Streams {
         {
             r.sync = Sync::Tunnel;
         }
-        let key = self.key(flow);
         if self.map.len() >= MAX_STREAMS && !self.map.contains_key(&key) {
             self.forget_oldest_half();
         }
@@ -353,7 +363,7 @@ impl Streams {
                 _ => Method::Other,
             });
         }
-        next
+        Ok(next)
     }
 
     /// Keeps [`MAX_STREAMS`] a hard bound at amortised O(1) per insert. A
@@ -398,19 +408,25 @@ fn chunked(head: &Head) -> Option<bool> {
     last
 }
 
-fn request_body(head: &Head) -> Body {
+/// The body a head frames itself: chunked (the final coding), another
+/// coding (no length to trust), or Content-Length. `None` if it says
+/// neither.
+fn framed(head: &Head) -> Option<Body> {
     match chunked(head) {
-        Some(true) => return Body::Chunked,
-        Some(false) => return Body::Unknown,
-        None => {}
+        Some(true) => Some(Body::Chunked),
+        Some(false) => Some(Body::Unknown),
+        None => match content_length(head) {
+            Ok(Some(n)) => Some(Body::Len(n)),
+            Ok(None) => None,
+            Err(()) => Some(Body::Unknown),
+        },
     }
-    match content_length(head) {
-        Ok(Some(n)) => Body::Len(n),
-        // A request without either has no body (CONNECT's tunnel begins
-        // with its 2xx response, see `response_body`).
-        Ok(None) => Body::Len(0),
-        Err(()) => Body::Unknown,
-    }
+}
+
+/// A request without Transfer-Encoding or Content-Length has no body
+/// (CONNECT's tunnel begins with its 2xx response, see `response_body`).
+fn request_body(head: &Head) -> Body {
+    framed(head).unwrap_or(Body::Len(0))
 }
 
 fn response_body(head: &Head, status: u16, method: Method) -> Body {
@@ -420,16 +436,8 @@ fn response_body(head: &Head, status: u16, method: Method) -> Body {
     if status < 200 || status == 204 || status == 304 || method == Method::Head {
         return Body::Len(0);
     }
-    match chunked(head) {
-        Some(true) => return Body::Chunked,
-        Some(false) => return Body::Unknown,
-        None => {}
-    }
-    match content_length(head) {
-        Ok(Some(n)) => Body::Len(n),
-        // Delimited by the connection's close: nothing follows it.
-        Ok(None) | Err(()) => Body::Unknown,
-    }
+    // Without either, delimited by the connection's close: nothing follows.
+    framed(head).unwrap_or(Body::Unknown)
 }
 
 /// The length of a chunked body (chunks, last chunk, trailers, blank line)
