@@ -66,7 +66,7 @@ pub struct RunArgs {
     #[arg(long, env = "TRACEGAP_EXPORT_QUEUE", default_value_t = 8192)]
     pub export_queue: usize,
     /// Service names by address, IP=NAME (repeat or comma-separate); unknown
-    /// addresses are named by themselves.
+    /// addresses are grouped as `external` (public) or `unknown` (private).
     #[arg(long = "service", env = "TRACEGAP_SERVICES", value_delimiter = ',', value_parser = parse_service)]
     pub services: Vec<(IpAddr, String)>,
     /// A file of identities, one `IP NAME [NAMESPACE/POD] [node=NODE]
