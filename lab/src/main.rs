@@ -55,6 +55,10 @@ enum Cmd {
         /// bench`): the baseline of the kernel figures.
         #[arg(long)]
         floor_object: Option<PathBuf>,
+        /// Only the kernel programs on crafted packets (BPF_PROG_TEST_RUN),
+        /// whole and with each step switched off, beside the empty program.
+        #[arg(long, requires = "floor_object")]
+        kernel: bool,
     },
     /// Holds N open flows in the agent's state and prints the peak RSS in
     /// KiB (used by `bench`).
@@ -175,6 +179,7 @@ fn main() -> anyhow::Result<()> {
             quick,
             out,
             floor_object,
+            kernel,
         } => {
             let d = if quick {
                 tracegap_lab::bench::Durations::quick()
@@ -182,7 +187,19 @@ fn main() -> anyhow::Result<()> {
                 tracegap_lab::bench::Durations::full()
             };
             let floor = floor_object.map(std::fs::read).transpose()?;
-            let table = tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
+            let mut table = String::new();
+            if !kernel {
+                table = tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
+                table.push('\n');
+            }
+            if let Some(floor) = &floor {
+                eprintln!("bench: kernel programs on crafted packets (BPF_PROG_TEST_RUN)");
+                table.push_str(&tracegap_lab::bench::kernel::run(
+                    floor,
+                    d.kernel_rounds,
+                    d.kernel_batches,
+                )?);
+            }
             println!("{table}");
             if let Some(dir) = out.parent() {
                 std::fs::create_dir_all(dir)?;

@@ -137,20 +137,30 @@ pub struct Receiver {
 impl Receiver {
     /// Starts on `ip` with ports chosen by the kernel.
     pub fn start(ip: std::net::IpAddr) -> anyhow::Result<Self> {
-        let grpc = std::net::TcpListener::bind((ip, 0))?.local_addr()?;
-        let http = std::net::TcpListener::bind((ip, 0))?.local_addr()?;
+        // Both held open until served: a port let go of between choosing
+        // and serving can be chosen again, by the other one or by another
+        // test ("Address already in use").
+        let grpc = std::net::TcpListener::bind((ip, 0))?;
+        let http = std::net::TcpListener::bind((ip, 0))?;
         let mut r = Self {
-            grpc,
-            http,
+            grpc: grpc.local_addr()?,
+            http: http.local_addr()?,
             spans: Store::default(),
             running: None,
         };
-        r.resume()?;
+        r.serve(Some((grpc, http)))?;
         Ok(r)
     }
 
-    /// Starts serving again (after [`Receiver::stop`]).
+    /// Starts serving again (after [`Receiver::stop`]), on the same ports.
     pub fn resume(&mut self) -> anyhow::Result<()> {
+        self.serve(None)
+    }
+
+    fn serve(
+        &mut self,
+        listeners: Option<(std::net::TcpListener, std::net::TcpListener)>,
+    ) -> anyhow::Result<()> {
         anyhow::ensure!(self.running.is_none(), "already running");
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -168,10 +178,20 @@ impl Receiver {
             };
             rt.block_on(async move {
                 let bound = async {
-                    Ok::<_, anyhow::Error>((
-                        tokio::net::TcpListener::bind(grpc).await?,
-                        tokio::net::TcpListener::bind(http).await?,
-                    ))
+                    Ok::<_, anyhow::Error>(match listeners {
+                        Some((g, h)) => {
+                            g.set_nonblocking(true)?;
+                            h.set_nonblocking(true)?;
+                            (
+                                tokio::net::TcpListener::from_std(g)?,
+                                tokio::net::TcpListener::from_std(h)?,
+                            )
+                        }
+                        None => (
+                            tokio::net::TcpListener::bind(grpc).await?,
+                            tokio::net::TcpListener::bind(http).await?,
+                        ),
+                    })
                 }
                 .await;
                 let (g, h) = match bound {

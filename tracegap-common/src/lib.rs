@@ -10,7 +10,9 @@
 /// A typical request header block (request line, Host, a few trace-context
 /// headers) is a few hundred bytes and fits the first event; a larger block
 /// continues in further events up to [`HEADER_BUDGET`]. Only the bytes used
-/// travel through the ring buffer, so the bound costs nothing for small ones.
+/// are copied, into a ring-buffer record of the next size up (256, 512,
+/// 1024, 2048 or 4096 payload bytes), so the bound costs nothing for small
+/// ones.
 pub const MAX_PAYLOAD: usize = 4096;
 
 /// Bytes of one HTTP message's header block the kernel copies at most, summed
@@ -25,15 +27,17 @@ pub const MAX_OPEN_HEADERS: u32 = 16 * 1024;
 /// Size of the ring buffer that carries events to user space, in bytes.
 pub const RING_BUFFER_BYTES: u32 = 4 * 1024 * 1024;
 
-/// Unread bytes in the ring buffer at which the kernel wakes the reader.
-/// Below it, the reader finds the events on its next poll, at most
-/// [`WAKEUP_POLL_MS`] later. 64 KiB is under two hundred typical events:
-/// few wakeups, yet each drain is short (a fraction of a millisecond), so
-/// it does not hold a CPU the node's services are waiting for. In
-/// `cargo xtask bench --quick` on 2 CPUs, a wakeup per event lost 37% of
-/// the requests/s against 23% with 256 KiB batches, and 256 KiB drains
-/// showed a p99 latency two to four times the baseline's. It is 1/64 of the ring: a burst wakes the
-/// reader long before the ring fills.
+/// Unread bytes in the ring buffer at which the kernel wakes the reader:
+/// once, as the unread bytes cross the mark. Below it, the reader finds the
+/// events on its next poll, at most [`WAKEUP_POLL_MS`] later. 64 KiB is
+/// under two hundred typical events: few wakeups, yet each drain is short
+/// (a fraction of a millisecond), so it does not hold a CPU the node's
+/// services are waiting for. In `cargo xtask bench --quick` on 2 CPUs, a
+/// wakeup per event lost 37% of the requests/s against 23% with 256 KiB
+/// batches, and 256 KiB drains showed a p99 latency two to four times the
+/// baseline's. It is 1/64 of the ring: a burst wakes the reader long before
+/// the ring fills. Waking on every event past the mark, until the reader
+/// has drained, cost 5 µs per event (`cargo xtask bench --kernel`).
 pub const WAKEUP_BYTES: u32 = 64 * 1024;
 
 /// How often the reader drains the ring buffer without being woken, in ms.
@@ -48,6 +52,22 @@ pub const MAX_LOCAL_SOURCES: u32 = 4096;
 /// local address is reused by another local pod, not by a remote one; the
 /// window only bounds how long a stale entry can hide a sighting.
 pub const LOCAL_SOURCE_WINDOW_NS: u64 = 30_000_000_000;
+
+/// Steps of the kernel programs the bench switches off, one variant at a
+/// time, to measure what each costs (`cargo xtask bench --kernel`). The
+/// programs read them from the read-only global `ABLATE`, which the agent
+/// never sets: the verifier knows its value (0) and removes the branches,
+/// so the programs that run on nodes carry none of this.
+pub mod ablate {
+    /// Return once the Ethernet, IP and TCP headers are read.
+    pub const AFTER_PARSE: u32 = 1 << 0;
+    /// Return once the first payload bytes are classified.
+    pub const AFTER_CLASSIFY: u32 = 1 << 1;
+    /// Skip the flow maps (local sources, open header blocks).
+    pub const FLOW_MAPS: u32 = 1 << 2;
+    /// Send nothing through the ring buffer: no reserve, no copy.
+    pub const RING: u32 = 1 << 3;
+}
 
 /// Address family of a flow, as stored in [`FlowKey::family`].
 pub mod family {
@@ -177,16 +197,8 @@ pub struct EventHeader {
     pub ack: u32,
 }
 
-/// An event as the kernel fills it: the header and up to [`MAX_PAYLOAD`]
-/// payload bytes. Only `size_of::<EventHeader>() + payload_len` bytes are
-/// sent through the ring buffer.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Event {
-    pub header: EventHeader,
-    pub payload: [u8; MAX_PAYLOAD],
-}
-
+/// Bytes of [`EventHeader`]: a ring-buffer record is the header, then
+/// `payload_len` payload bytes (and unused room up to the record's size).
 pub const EVENT_HEADER_LEN: usize = core::mem::size_of::<EventHeader>();
 
 /// Key of the continuation map: a flow on one interface. The interface is
@@ -288,10 +300,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<SourceKey>(), 20);
         // 8 + 40 + 4 + 4 + 4 + 2 + 1 + 1 + 1 + 3 + 4
         assert_eq!(EVENT_HEADER_LEN, 72);
-        assert_eq!(
-            core::mem::size_of::<Event>(),
-            EVENT_HEADER_LEN + MAX_PAYLOAD
-        );
     }
 
     #[test]

@@ -47,6 +47,19 @@ pub struct Segment {
     pub payload_off: u32,
     /// Payload bytes in this skb.
     pub payload_len: u32,
+    /// The flow's slot in the table of recently opened header blocks
+    /// (`OPEN_SLOTS`, 0..[`OPEN_SLOTS`]).
+    pub slot: u32,
+}
+
+/// Slots of `OPEN_SLOTS`: a power of two.
+pub const OPEN_SLOTS: u32 = 4096;
+
+/// A multiplicative hash of a flow's address words and ports, to a slot:
+/// the top bits of the product.
+#[inline(always)]
+fn slot(addrs: u32, ports: u32) -> u32 {
+    (addrs ^ ports).wrapping_mul(0x9E37_79B1) >> (32 - OPEN_SLOTS.trailing_zeros())
 }
 
 /// The TCP segment in this packet, if it is one with payload.
@@ -60,6 +73,9 @@ pub fn tcp_segment(ctx: &TcContext) -> Result<Option<Segment>, ()> {
     let proto: [u8; 2] = read(ctx, 12)?;
     let proto = u16::from_be_bytes(proto);
     let mut flow = FlowKey::default();
+    // Address words for the slot hash, read while the header is at hand.
+    let word = |b: &[u8], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let addrs;
     let (l4_off, l3_payload_end) = match proto {
         ETH_P_IP => {
             // version/ihl, tos, tot_len(2), id(2), frag(2), ttl, proto, csum(2), saddr(4), daddr(4)
@@ -76,6 +92,7 @@ pub fn tcp_segment(ctx: &TcContext) -> Result<Option<Segment>, ()> {
                 return Err(());
             }
             flow.family = family::IPV4;
+            addrs = word(&ip, 12) ^ word(&ip, 16).rotate_left(11);
             flow.saddr[..4].copy_from_slice(&ip[12..16]);
             flow.daddr[..4].copy_from_slice(&ip[16..20]);
             let tot_len = u16::from_be_bytes([ip[2], ip[3]]) as u32;
@@ -98,6 +115,8 @@ pub fn tcp_segment(ctx: &TcContext) -> Result<Option<Segment>, ()> {
                 return Ok(None);
             }
             flow.family = family::IPV6;
+            // The last words: where addresses in one prefix differ.
+            addrs = word(&ip, 20) ^ word(&ip, 36).rotate_left(11);
             flow.saddr.copy_from_slice(&ip[8..24]);
             flow.daddr.copy_from_slice(&ip[24..40]);
             let plen = u16::from_be_bytes([ip[4], ip[5]]) as u32;
@@ -134,5 +153,6 @@ pub fn tcp_segment(ctx: &TcContext) -> Result<Option<Segment>, ()> {
         ack,
         payload_off,
         payload_len: end - payload_off,
+        slot: slot(addrs, u32::from(flow.sport) << 16 | u32::from(flow.dport)),
     }))
 }

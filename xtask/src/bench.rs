@@ -11,6 +11,10 @@ pub struct BenchArgs {
     /// Short loads: a smoke run, not figures to quote.
     #[arg(long)]
     quick: bool,
+    /// Only the kernel programs on crafted packets, whole and with each
+    /// step switched off, beside an empty program (BPF_PROG_TEST_RUN).
+    #[arg(long)]
+    kernel: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -19,7 +23,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("the bench creates network namespaces and loads eBPF programs: run it as root");
     }
     let route = setup::ensure(true)?;
-    setup::ensure_packages(&["wrk", "iperf3"])?;
+    if !args.kernel {
+        setup::ensure_packages(&["wrk", "iperf3"])?;
+    }
     toolchain::run(toolchain::cargo(&route).args([
         "build",
         "--release",
@@ -37,6 +43,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         .arg(&floor);
     if args.quick {
         cmd.arg("--quick");
+    }
+    if args.kernel {
+        cmd.arg("--kernel");
     }
     toolchain::run(&mut cmd)
 }

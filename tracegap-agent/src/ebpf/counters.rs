@@ -19,6 +19,8 @@ pub struct Counters {
     /// Messages entering a pod not copied again: they were copied leaving
     /// a local pod.
     pub second_sightings_skipped: u64,
+    /// Message starts shorter than 8 bytes, followed until complete.
+    pub short_starts: u64,
 }
 
 impl Counters {
@@ -34,6 +36,7 @@ impl Counters {
             self.parse_errors,
             self.header_budget_exhausted,
             self.second_sightings_skipped,
+            self.short_starts,
         ];
         counter::NAMES.into_iter().zip(values)
     }
@@ -64,5 +67,6 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
         parse_errors: sum(counter::PARSE_ERRORS),
         header_budget_exhausted: sum(counter::BUDGET_EXHAUSTED),
         second_sightings_skipped: sum(counter::SECOND_SIGHTINGS),
+        short_starts: sum(counter::SHORT_STARTS),
     })
 }

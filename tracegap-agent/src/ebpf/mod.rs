@@ -76,10 +76,25 @@ impl Observer {
     /// Loads programs from another object with the same program names:
     /// how the tests make the kernel refuse a program on purpose.
     pub fn load_object(object: &[u8]) -> Result<Self, Error> {
+        Self::load_with(object, 0)
+    }
+
+    /// Loads the embedded programs with some of their steps switched off
+    /// ([`tracegap_common::ablate`] bits): how the bench measures what each
+    /// step costs. Never used by the agent.
+    pub fn load_ablated(ablate: u32) -> Result<Self, Error> {
+        Self::load_with(OBJECT, ablate)
+    }
+
+    fn load_with(object: &[u8], ablate: u32) -> Result<Self, Error> {
         if object.is_empty() {
             return Err(Error::NoObject);
         }
-        let mut ebpf = EbpfLoader::new().load(object).map_err(Box::new)?;
+        let mut loader = EbpfLoader::new();
+        if ablate != 0 {
+            loader.override_global("ABLATE", &ablate, true);
+        }
+        let mut ebpf = loader.load(object).map_err(Box::new)?;
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
@@ -139,6 +154,19 @@ impl Observer {
             name: "EVENTS",
             source: Box::new(source),
         })
+    }
+
+    /// One of the loaded programs ([`INGRESS_PROGRAM`], [`EGRESS_PROGRAM`]),
+    /// e.g. to run it on a packet with `BPF_PROG_TEST_RUN`.
+    pub fn classifier(&self, name: &'static str) -> Result<&SchedClassifier, Error> {
+        self.ebpf
+            .program(name)
+            .ok_or(Error::MissingProgram(name))?
+            .try_into()
+            .map_err(|source| Error::Load {
+                program: name,
+                source: Box::new(source),
+            })
     }
 
     /// Each program's total run time and run count since statistics were

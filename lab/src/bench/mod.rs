@@ -2,6 +2,8 @@
 //! baseline from the same run. Traffic stays between two namespaces the
 //! bench creates; every load is bounded in time.
 
+pub mod kernel;
+
 use std::{
     collections::HashMap,
     fmt::Write as _,
@@ -40,6 +42,9 @@ use crate::{
 pub struct Durations {
     pub load: Duration,
     pub rounds: usize,
+    /// Rounds of the kernel bench, and test-run batches per case in each.
+    pub kernel_rounds: usize,
+    pub kernel_batches: u32,
 }
 
 impl Durations {
@@ -47,6 +52,8 @@ impl Durations {
         Self {
             load: Duration::from_secs(8),
             rounds: 2,
+            kernel_rounds: 7,
+            kernel_batches: 100,
         }
     }
 
@@ -54,6 +61,8 @@ impl Durations {
         Self {
             load: Duration::from_secs(2),
             rounds: 1,
+            kernel_rounds: 3,
+            kernel_batches: 20,
         }
     }
 }
@@ -260,13 +269,31 @@ struct Floor {
 impl Floor {
     const PROGRAM: &str = "tracegap_floor";
 
-    fn attach(object: &[u8], ifaces: &[String]) -> anyhow::Result<Self> {
+    fn load(object: &[u8]) -> anyhow::Result<Self> {
         let mut ebpf = aya::Ebpf::load(object).context("loading the floor program")?;
         let program: &mut aya::programs::SchedClassifier = ebpf
             .program_mut(Self::PROGRAM)
             .context("no tracegap_floor in the floor object")?
             .try_into()?;
         program.load()?;
+        Ok(Self { ebpf })
+    }
+
+    fn program(&self) -> anyhow::Result<&aya::programs::SchedClassifier> {
+        Ok(self
+            .ebpf
+            .program(Self::PROGRAM)
+            .context("no tracegap_floor")?
+            .try_into()?)
+    }
+
+    fn attach(object: &[u8], ifaces: &[String]) -> anyhow::Result<Self> {
+        let mut floor = Self::load(object)?;
+        let program: &mut aya::programs::SchedClassifier = floor
+            .ebpf
+            .program_mut(Self::PROGRAM)
+            .context("no tracegap_floor")?
+            .try_into()?;
         for iface in ifaces {
             // Before 6.6 (no TCX) programs hang off a clsact qdisc; one that
             // is already there is fine.
@@ -280,7 +307,7 @@ impl Floor {
                     .with_context(|| format!("attaching the floor program to {iface}"))?;
             }
         }
-        Ok(Self { ebpf })
+        Ok(floor)
     }
 
     /// Run time (s) and runs so far.

@@ -1,0 +1,273 @@
+//! `cargo xtask bench --kernel`: the kernel programs alone, run by the
+//! kernel on crafted packets (`BPF_PROG_TEST_RUN`), with no network,
+//! scheduler or other program in the figure. Every variant runs on the same
+//! packets in the same run, round after round: the empty program (the
+//! floor: what running any program costs), tracegap's programs whole, and
+//! tracegap's programs with one step switched off
+//! ([`tracegap_common::ablate`]), so the difference between two columns is
+//! what that step costs.
+
+use std::{fmt::Write as _, time::Duration};
+
+use anyhow::{Context as _, bail};
+use aya::{
+    maps::{MapData, RingBuf},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+};
+use tracegap_agent::ebpf::{Counters, EGRESS_PROGRAM, INGRESS_PROGRAM, Observer};
+use tracegap_common::ablate;
+
+use super::Floor;
+
+/// Runs per `BPF_PROG_TEST_RUN` call: few enough that the events they
+/// send (up to 2 KiB each) fit the ring buffer (4 MiB) until it is drained.
+const BATCH: u32 = 1_000;
+
+/// A packet and the program that sees it.
+struct Case {
+    what: &'static str,
+    program: &'static str,
+    packet: Vec<u8>,
+}
+
+/// What runs: the empty program, or tracegap's with these steps off.
+#[derive(Clone, Copy)]
+struct Variant {
+    name: &'static str,
+    ablate: Option<u32>,
+}
+
+const VARIANTS: [Variant; 6] = [
+    Variant {
+        name: "empty program",
+        ablate: None,
+    },
+    Variant {
+        name: "tracegap",
+        ablate: Some(0),
+    },
+    Variant {
+        name: "stop after parse",
+        ablate: Some(ablate::AFTER_PARSE),
+    },
+    Variant {
+        name: "stop after classify",
+        ablate: Some(ablate::AFTER_CLASSIFY),
+    },
+    Variant {
+        name: "no flow maps",
+        ablate: Some(ablate::FLOW_MAPS),
+    },
+    Variant {
+        name: "no ring buffer",
+        ablate: Some(ablate::RING),
+    },
+];
+
+const CLIENT: [u8; 4] = [10, 240, 0, 2];
+const SERVER: [u8; 4] = [10, 240, 0, 3];
+
+/// Ethernet + IPv4 (20 bytes) + TCP (20 bytes, PSH|ACK) + payload.
+fn packet(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(54 + payload.len());
+    p.extend_from_slice(&[0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1, 0x08, 0x00]);
+    let tot_len = (40 + payload.len()) as u16;
+    p.extend_from_slice(&[0x45, 0]);
+    p.extend_from_slice(&tot_len.to_be_bytes());
+    p.extend_from_slice(&[0, 1, 0x40, 0, 64, 6, 0, 0]);
+    p.extend_from_slice(&src);
+    p.extend_from_slice(&dst);
+    p.extend_from_slice(&sport.to_be_bytes());
+    p.extend_from_slice(&dport.to_be_bytes());
+    p.extend_from_slice(&0x1000_0000u32.to_be_bytes());
+    p.extend_from_slice(&0x2000_0000u32.to_be_bytes());
+    p.extend_from_slice(&[0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+fn cases() -> Vec<Case> {
+    let get = "GET /api/items/42 HTTP/1.1\r\nHost: shop:8080\r\nUser-Agent: bench/1.0\r\n\
+               traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\
+               Accept: */*\r\n\r\n";
+    let body = format!("{{\"items\":[{}]}}", vec!["42"; 60].join(","));
+    let post = format!(
+        "POST /api/orders HTTP/1.1\r\nHost: shop:8080\r\nContent-Type: application/json\r\n\
+         traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut response =
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1300\r\n\r\n"
+            .to_vec();
+    response.resize(1448, b'x');
+    let request = packet(CLIENT, SERVER, 40000, 8080, get.as_bytes());
+    vec![
+        Case {
+            what: "GET request (205 B) leaving a pod: copied",
+            program: INGRESS_PROGRAM,
+            packet: request.clone(),
+        },
+        Case {
+            what: "POST with its body (393 B) leaving a pod: copied, followed",
+            program: INGRESS_PROGRAM,
+            packet: packet(CLIENT, SERVER, 40001, 8080, post.as_bytes()),
+        },
+        Case {
+            what: "response, head and body (1448 B), leaving a pod: copied",
+            program: INGRESS_PROGRAM,
+            packet: packet(SERVER, CLIENT, 8080, 40000, &response),
+        },
+        Case {
+            what: "the GET entering the server pod: already copied, skipped",
+            program: EGRESS_PROGRAM,
+            packet: request,
+        },
+        Case {
+            what: "bulk segment, not HTTP (1448 B)",
+            program: INGRESS_PROGRAM,
+            packet: packet(CLIENT, SERVER, 40002, 5201, &[0x5a; 1448]),
+        },
+        Case {
+            what: "ACK without payload",
+            program: INGRESS_PROGRAM,
+            packet: packet(SERVER, CLIENT, 8080, 40000, &[]),
+        },
+    ]
+}
+
+/// A loaded variant: tracegap's programs (with their ring buffer, drained
+/// between batches) or the empty one.
+enum Loaded {
+    Tracegap {
+        observer: Box<Observer>,
+        ring: RingBuf<MapData>,
+    },
+    Floor(Floor),
+}
+
+impl Loaded {
+    fn load(v: Variant, floor: &[u8]) -> anyhow::Result<Self> {
+        Ok(match v.ablate {
+            None => Self::Floor(Floor::load(floor)?),
+            Some(bits) => {
+                let mut observer = Box::new(
+                    Observer::load_ablated(bits)
+                        .with_context(|| format!("loading the variant {:?}", v.name))?,
+                );
+                let ring = observer.take_events()?;
+                Self::Tracegap { observer, ring }
+            }
+        })
+    }
+
+    fn program(&self, name: &'static str) -> anyhow::Result<&SchedClassifier> {
+        Ok(match self {
+            Self::Tracegap { observer, .. } => observer.classifier(name)?,
+            Self::Floor(f) => f.program()?,
+        })
+    }
+
+    /// Mean ns per run of `case`, over `batches` batches.
+    fn run(&mut self, case: &Case, batches: u32) -> anyhow::Result<f64> {
+        let mut total = Duration::ZERO;
+        for _ in 0..batches {
+            let r = self.program(case.program)?.test_run(TestRunOptions {
+                data_in: Some(&case.packet),
+                repeat: BATCH,
+                ..TestRunOptions::default()
+            })?;
+            // TC_ACT_UNSPEC: the programs never decide a packet's fate.
+            if r.return_value != u32::MAX {
+                bail!(
+                    "{}: returned {}, not TC_ACT_UNSPEC",
+                    case.what,
+                    r.return_value
+                );
+            }
+            total += r.duration;
+            if let Self::Tracegap { ring, .. } = self {
+                while ring.next().is_some() {}
+            }
+        }
+        Ok(total.as_nanos() as f64 / f64::from(batches))
+    }
+
+    fn counters(&self) -> anyhow::Result<Counters> {
+        Ok(match self {
+            Self::Tracegap { observer, .. } => observer.counters()?,
+            Self::Floor(_) => Counters::default(),
+        })
+    }
+}
+
+/// min, median, max.
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[0], v[v.len() / 2], v[v.len() - 1])
+}
+
+/// Measures every case under every variant, `rounds` times (interleaved,
+/// so drift hits every variant alike), and renders the table.
+pub fn run(floor: &[u8], rounds: usize, batches: u32) -> anyhow::Result<String> {
+    let cases = cases();
+    let mut loaded = VARIANTS
+        .iter()
+        .map(|v| Loaded::load(*v, floor))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // The source of the requests is a local pod: a GET leaves it first.
+    for l in &mut loaded {
+        l.run(&cases[0], 1)?;
+    }
+    let mut ns = vec![vec![Vec::new(); VARIANTS.len()]; cases.len()];
+    for _ in 0..rounds {
+        for (c, case) in cases.iter().enumerate() {
+            for (v, l) in loaded.iter_mut().enumerate() {
+                ns[c][v].push(l.run(case, batches)?);
+            }
+        }
+    }
+    // What the whole programs did is what the cases say they do.
+    let whole = loaded[1].counters()?;
+    for (n, what) in [
+        (whole.http_requests, "requests"),
+        (whole.http_responses, "responses"),
+        (whole.second_sightings_skipped, "second sightings"),
+    ] {
+        if n == 0 {
+            bail!("the whole programs counted no {what}: the cases do not test what they say");
+        }
+    }
+    if whole.ringbuf_full > 0 {
+        bail!("the ring buffer filled during the kernel bench: the figures include drops");
+    }
+
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Kernel programs on crafted packets (BPF_PROG_TEST_RUN), ns per run: median of {rounds} \
+         rounds of {} runs, each also as a multiple of the empty program; min–max of the rounds \
+         for tracegap.\n",
+        u64::from(batches) * u64::from(BATCH)
+    );
+    out.push_str("| packet |");
+    for v in VARIANTS {
+        let _ = write!(out, " {} |", v.name);
+    }
+    out.push_str(" tracegap min–max |\n|---|");
+    for _ in 0..=VARIANTS.len() {
+        out.push_str("---|");
+    }
+    out.push('\n');
+    for (c, case) in cases.iter().enumerate() {
+        let (_, empty, _) = spread(ns[c][0].clone());
+        let _ = write!(out, "| {} | {empty:.1} |", case.what);
+        for runs in &ns[c][1..] {
+            let (_, med, _) = spread(runs.clone());
+            let _ = write!(out, " {med:.1} ({:.1}×) |", med / empty.max(0.1));
+        }
+        let (lo, _, hi) = spread(ns[c][1].clone());
+        let _ = writeln!(out, " {lo:.1}–{hi:.1} |");
+    }
+    Ok(out)
+}
