@@ -60,10 +60,35 @@ pub struct HttpServer {
     thread: Option<JoinHandle<()>>,
 }
 
+/// How an [`HttpServer`] serves.
+#[derive(Clone, Copy, Debug)]
+pub struct Serving {
+    /// Keep every request head in [`HttpServer::received`] (the tests);
+    /// the bench's millions of requests are not kept.
+    pub record: bool,
+    /// CPU time spent per request before answering: a service that does
+    /// some work (the bench's realistic-service row), not an echo.
+    pub cpu_per_request: Duration,
+}
+
+impl Default for Serving {
+    fn default() -> Self {
+        Self {
+            record: true,
+            cpu_per_request: Duration::ZERO,
+        }
+    }
+}
+
 impl HttpServer {
     /// Listens on `[::]:port` (IPv4 and IPv6) in `pod` and answers every
     /// request with `200 OK` and a short body.
     pub fn start(pod: &Pod, port: u16) -> anyhow::Result<Self> {
+        Self::start_with(pod, port, Serving::default())
+    }
+
+    /// [`HttpServer::start`], serving as `how` says.
+    pub fn start_with(pod: &Pod, port: u16, how: Serving) -> anyhow::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let received = Arc::new(Mutex::new(Vec::new()));
         let (tx, rx) = std::sync::mpsc::channel();
@@ -84,7 +109,7 @@ impl HttpServer {
                 match listener.accept() {
                     Ok((conn, _)) => {
                         let (s, r) = (s.clone(), r.clone());
-                        workers.push(std::thread::spawn(move || serve(conn, &s, &r)));
+                        workers.push(std::thread::spawn(move || serve(conn, &s, &r, how)));
                     }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(5))
@@ -115,7 +140,7 @@ impl Drop for HttpServer {
     }
 }
 
-fn serve(mut conn: TcpStream, stop: &AtomicBool, received: &Mutex<Vec<String>>) {
+fn serve(mut conn: TcpStream, stop: &AtomicBool, received: &Mutex<Vec<String>>, how: Serving) {
     let _ = conn.set_read_timeout(Some(Duration::from_millis(50)));
     let mut buf = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
@@ -152,9 +177,12 @@ fn serve(mut conn: TcpStream, stop: &AtomicBool, received: &Mutex<Vec<String>>) 
                 .unwrap_or("")
                 .to_owned();
             let close = head.to_ascii_lowercase().contains("connection: close");
-            if let Ok(mut r) = received.lock() {
+            if how.record
+                && let Ok(mut r) = received.lock()
+            {
                 r.push(head);
             }
+            burn(how.cpu_per_request);
             let body = b"hello from tracegap-tests\n";
             let resp = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nX-Request-Path: {path}\r\n{}\r\n",
@@ -171,6 +199,30 @@ fn serve(mut conn: TcpStream, stop: &AtomicBool, received: &Mutex<Vec<String>>) 
             if close {
                 return;
             }
+        }
+    }
+}
+
+/// Spends `cpu` of this thread's CPU time (not wall time: a preempted
+/// thread keeps burning until it has had its share).
+fn burn(cpu: Duration) {
+    if cpu.is_zero() {
+        return;
+    }
+    let now = || {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec it is given.
+        unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+        Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
+    };
+    let end = now() + cpu;
+    let mut x = 0u64;
+    while now() < end {
+        for i in 0..64u64 {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(i));
         }
     }
 }

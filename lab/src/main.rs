@@ -67,6 +67,13 @@ enum Cmd {
         #[arg(long)]
         flows: usize,
     },
+    /// Runs N request/response pairs through the user-space pipeline and
+    /// prints events/s: a target for a profiler (`perf record`).
+    #[command(hide = true)]
+    BenchPipeline {
+        #[arg(long, default_value_t = 500_000)]
+        pairs: usize,
+    },
     /// One lab service (runs inside a pod).
     Service {
         #[arg(long)]
@@ -206,6 +213,17 @@ fn main() -> anyhow::Result<()> {
             }
             std::fs::write(&out, &table)?;
             eprintln!("bench: written to {}", out.display());
+            Ok(())
+        }
+        Cmd::BenchPipeline { pairs } => {
+            let events: Vec<_> = tracegap_lab::bench::events(pairs).collect();
+            let n = events.len() as f64;
+            let t = std::time::Instant::now();
+            let spans = tracegap_lab::bench::pipeline(events);
+            println!(
+                "{:.0} events/s, {spans} spans",
+                n / t.elapsed().as_secs_f64()
+            );
             Ok(())
         }
         Cmd::BenchMemory { flows } => {

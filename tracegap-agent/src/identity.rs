@@ -3,7 +3,6 @@
 //! the Kubernetes API; an unknown address is named by itself.
 
 use std::{
-    collections::HashMap,
     net::IpAddr,
     sync::{
         RwLock,
@@ -103,7 +102,7 @@ pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFile
 /// keeps it current (writes).
 #[derive(Default)]
 pub struct Directory {
-    entries: RwLock<HashMap<IpAddr, Identity>>,
+    entries: RwLock<crate::FastMap<IpAddr, Identity>>,
     /// Service addresses among the entries: while there are none (no
     /// Services known), asking costs no lock.
     services: AtomicUsize,

@@ -26,3 +26,11 @@ pub mod observe;
 pub mod report;
 pub mod server;
 pub mod shutdown;
+
+/// The hash map of the per-event path (flows, streams, requests in flight,
+/// addresses): foldhash, what hashbrown uses by default, seeded per process
+/// (from its randomised address-space layout). SipHash, std's default, was a tenth of the user-space
+/// pipeline's time (`perf` on `tracegap-lab bench-pipeline`). Keys come
+/// from the network; the per-process seed keeps a sender from choosing
+/// colliding ones in advance.
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;

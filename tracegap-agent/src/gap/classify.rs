@@ -23,11 +23,7 @@
 //! Synthetic spans carry the confidence, so nobody mistakes a guess for a
 //! fact.
 
-use std::{
-    collections::{HashMap, VecDeque},
-    net::IpAddr,
-    sync::Arc,
-};
+use std::{collections::VecDeque, net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 
@@ -215,7 +211,7 @@ fn close(q: &mut VecDeque<Open>, flow: &crate::events::Flow, seq: u32, end_ns: u
 /// ([`Engine::classify`]), in time order.
 #[derive(Default)]
 pub struct Engine {
-    pods: HashMap<IpAddr, Pod>,
+    pods: crate::FastMap<IpAddr, Pod>,
 }
 
 impl Engine {

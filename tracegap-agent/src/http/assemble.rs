@@ -5,7 +5,9 @@
 //! client's and the server's veth), and pairs responses with requests
 //! (keep-alive and pipelining).
 
-use std::collections::{HashMap, VecDeque, hash_map::Entry};
+use std::collections::{VecDeque, hash_map::Entry};
+
+use crate::FastMap;
 
 use tracegap_common::{Direction, EventKind};
 
@@ -90,7 +92,7 @@ pub struct AssembleStats {
 
 #[derive(Default)]
 pub struct Assembler {
-    partials: HashMap<(Flow, u32), Partial>,
+    partials: FastMap<(Flow, u32), Partial>,
     /// Where each stream's next message starts.
     streams: Streams,
     pub stats: AssembleStats,
@@ -407,13 +409,13 @@ impl<T> Answer<T> {
 
 /// Pairs each response with the request it answers on its flow.
 pub struct Pairer<T = Message> {
-    pending: HashMap<Flow, Queue<T>>,
+    pending: FastMap<Flow, Queue<T>>,
 }
 
 impl<T> Default for Pairer<T> {
     fn default() -> Self {
         Self {
-            pending: HashMap::new(),
+            pending: FastMap::default(),
         }
     }
 }

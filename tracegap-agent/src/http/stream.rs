@@ -30,7 +30,9 @@
 //! a new connection, whose sequence numbers start anywhere) begins the
 //! stream afresh.
 
-use std::{collections::HashMap, hash::BuildHasher as _};
+use std::hash::BuildHasher as _;
+
+use crate::FastMap;
 
 use super::message::{Head, StartLine, is_interim};
 use crate::events::Flow;
@@ -188,8 +190,8 @@ enum Body {
 pub struct Streams {
     /// Keyed by the flow's 64-bit hash: a 40-byte key would double the
     /// entry. Two live flows colliding would cost one of them its checks.
-    map: HashMap<u64, Stream>,
-    hash: std::hash::RandomState,
+    map: FastMap<u64, Stream>,
+    hash: foldhash::fast::RandomState,
     pub stats: BoundaryStats,
 }
 

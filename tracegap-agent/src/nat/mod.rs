@@ -20,7 +20,9 @@
 
 pub mod conntrack;
 
-use std::{collections::HashMap, net::IpAddr};
+use std::net::IpAddr;
+
+use crate::FastMap;
 
 use tracegap_common::EventKind;
 
@@ -68,7 +70,7 @@ struct Cached {
 /// Rewrites Service-addressed events to their backends.
 pub struct ServiceNat<L = Conntrack> {
     lookup: Option<L>,
-    cache: HashMap<Flow, Cached>,
+    cache: FastMap<Flow, Cached>,
     pub stats: LookupStats,
 }
 
@@ -78,7 +80,7 @@ impl<L: BackendLookup> ServiceNat<L> {
     pub fn new(lookup: Option<L>) -> Self {
         Self {
             lookup,
-            cache: HashMap::new(),
+            cache: FastMap::default(),
             stats: LookupStats::default(),
         }
     }
@@ -184,7 +186,7 @@ mod tests {
     /// kernel is asked in the end-to-end tests (tests/tests/services.rs).
     #[derive(Default)]
     struct Table {
-        backends: HashMap<Flow, Endpoint>,
+        backends: FastMap<Flow, Endpoint>,
         asked: usize,
     }
 
