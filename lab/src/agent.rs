@@ -26,6 +26,13 @@ impl Agent {
     /// its threads, the links it attaches to, its sockets and its conntrack
     /// queries are the node's, as for an agent on that node's host network.
     pub fn start_in(config: AgentConfig, netns: Option<&str>) -> anyhow::Result<Self> {
+        Self::start_with(config, netns, 0)
+    }
+
+    /// [`Agent::start_in`], its threads at `nice` (19: the lowest CPU
+    /// weight, about what a DaemonSet requesting 50m of CPU gets against
+    /// busy pods).
+    pub fn start_with(config: AgentConfig, netns: Option<&str>, nice: i32) -> anyhow::Result<Self> {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (started_tx, started_rx) = tokio::sync::oneshot::channel::<Started>();
         let ns = netns
@@ -41,9 +48,19 @@ impl Agent {
                         return Err(std::io::Error::last_os_error().into());
                     }
                 }
+                // Per thread on Linux: this one runs the event loop, the
+                // runtime's workers the rest.
+                let renice = move || {
+                    if nice != 0 {
+                        // SAFETY: setpriority on the calling thread (who = 0).
+                        unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, nice) };
+                    }
+                };
+                renice();
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .worker_threads(2)
                     .thread_name(THREAD_NAME)
+                    .on_thread_start(renice)
                     .enable_all()
                     .build()?;
                 rt.block_on(run(
