@@ -349,46 +349,31 @@ fn try_http(
 
     // Copy the segment in chunks of MAX_PAYLOAD, each its own event, until
     // the segment or the budget ends. A GSO super-packet can carry a whole
-    // 12 KiB header block in one skb.
-    let mut copied: u32 = 0;
+    // 12 KiB header block in one skb. The first chunk goes into a record of
+    // the size it needs; the later ones (GSO only) are full-sized: one
+    // choice of sizes, not one per chunk, keeps the paths the verifier
+    // walks few enough for 6.1's.
     let followed = kind != EventKind::Response || short;
     let ended = !followed || ends_with_blank_line(ctx, seg);
-    let mut chunk_kind = kind;
-    for _ in 0..(HEADER_BUDGET as usize / MAX_PAYLOAD) {
-        let remaining = seg.payload_len - copied;
-        let left = budget - copied;
-        if remaining == 0 || left == 0 {
-            break;
+    let c = Chunks {
+        seg,
+        ifindex: key.ifindex,
+        ts_ns,
+        direction,
+        short,
+        budget,
+    };
+    let mut copied = c.send(ctx, kind, 0, true, counters)?;
+    // Responses: the status line and the headers in the first chunk are all
+    // the agent reads; bodies are never followed.
+    if followed {
+        for _ in 1..(HEADER_BUDGET as usize / MAX_PAYLOAD) {
+            let n = c.send(ctx, EventKind::Continuation, copied, false, counters)?;
+            if n == 0 {
+                break;
+            }
+            copied += n;
         }
-        let n = remaining.min(left).min(MAX_PAYLOAD as u32);
-        let mut flags = 0;
-        if short && chunk_kind != EventKind::Continuation {
-            flags |= event_flags::SHORT_START;
-        }
-        if remaining > n && left == n {
-            flags |= event_flags::BUDGET_EXHAUSTED;
-        }
-        let header = EventHeader {
-            ts_ns,
-            flow: seg.flow,
-            ifindex: key.ifindex,
-            seq: seg.seq.wrapping_add(copied),
-            segment_len: seg.payload_len,
-            payload_len: n as u16,
-            direction: direction as u8,
-            kind: chunk_kind as u8,
-            flags,
-            _pad: [0; 3],
-            ack: seg.ack,
-        };
-        emit(ctx, &header, seg.payload_off + copied, n, counters)?;
-        copied += n;
-        if !followed {
-            // Responses: the status line and the headers in the first chunk
-            // are all the agent reads; bodies are never followed.
-            break;
-        }
-        chunk_kind = EventKind::Continuation;
     }
 
     if !followed || ablated(ablate::FLOW_MAPS) {
@@ -434,14 +419,70 @@ fn ends_with_blank_line(ctx: &TcContext, seg: &Segment) -> bool {
     )
 }
 
+/// What every chunk of one segment's copy shares.
+struct Chunks<'a> {
+    seg: &'a Segment,
+    ifindex: u32,
+    ts_ns: u64,
+    direction: Direction,
+    short: bool,
+    budget: u32,
+}
+
+impl Chunks<'_> {
+    /// Sends the chunk that starts `copied` bytes into the segment, in a
+    /// record of the size it needs (`sized`) or a full one; returns its
+    /// length (0: the segment or the budget has ended).
+    #[inline(always)]
+    fn send(
+        &self,
+        ctx: &TcContext,
+        kind: EventKind,
+        copied: u32,
+        sized: bool,
+        counters: &mut Counters,
+    ) -> Result<u32, ()> {
+        let seg = self.seg;
+        let (remaining, left) = (seg.payload_len - copied, self.budget - copied);
+        if remaining == 0 || left == 0 {
+            return Ok(0);
+        }
+        let n = remaining.min(left).min(MAX_PAYLOAD as u32);
+        let mut flags = 0;
+        if self.short && kind != EventKind::Continuation {
+            flags |= event_flags::SHORT_START;
+        }
+        if remaining > n && left == n {
+            flags |= event_flags::BUDGET_EXHAUSTED;
+        }
+        let header = EventHeader {
+            ts_ns: self.ts_ns,
+            flow: seg.flow,
+            ifindex: self.ifindex,
+            seq: seg.seq.wrapping_add(copied),
+            segment_len: seg.payload_len,
+            payload_len: n as u16,
+            direction: self.direction as u8,
+            kind: kind as u8,
+            flags,
+            _pad: [0; 3],
+            ack: seg.ack,
+        };
+        emit(ctx, &header, seg.payload_off + copied, n, sized, counters)?;
+        Ok(n)
+    }
+}
+
 /// Sends one event: `header` and the `n` (1..=MAX_PAYLOAD) payload bytes at
-/// `off`, loaded straight into the ring buffer (one copy).
+/// `off`, loaded straight into the ring buffer (one copy), in a record of
+/// the next size up (`sized`) or a full-sized one.
 #[inline(always)]
 fn emit(
     ctx: &TcContext,
     header: &EventHeader,
     off: u32,
     n: u32,
+    sized: bool,
     counters: &mut Counters,
 ) -> Result<(), ()> {
     if ablated(ablate::RING) {
@@ -464,6 +505,7 @@ fn emit(
     // The record size must be a constant: a few sizes, so a 200-byte
     // request takes 256 bytes of ring, not 4 KiB.
     let sent = match n {
+        _ if !sized => send::<MAX_PAYLOAD>(ctx, header, off, n, flags),
         0..=256 => send::<256>(ctx, header, off, n, flags),
         257..=512 => send::<512>(ctx, header, off, n, flags),
         513..=1024 => send::<1024>(ctx, header, off, n, flags),
