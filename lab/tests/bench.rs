@@ -9,3 +9,26 @@ fn the_generated_stream_is_classified_as_the_bench_assumes() {
     assert_eq!(spans, 500);
     assert!(tracegap_lab::bench::hold_flows(1000) > 0);
 }
+
+/// The kernel bench's crafted packets do what its table says they do:
+/// requests and responses copied, the second sighting skipped, nothing
+/// dropped or unparsable. Timing is the bench's business.
+#[test]
+fn the_kernel_bench_packets_take_the_paths_it_names() -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED the_kernel_bench_packets_take_the_paths_it_names: needs root");
+        return Ok(());
+    }
+    let c = tracegap_lab::bench::kernel::check_cases()?;
+    // As many runs of each of the six packets: a GET and a POST leaving a
+    // pod, a response, the GET entering a pod (a request, not copied), a
+    // bulk segment and a bare ACK (no payload).
+    let runs = c.http_responses;
+    assert!(runs > 0, "{c:?}");
+    assert_eq!(c.packets, 6 * runs, "{c:?}");
+    assert_eq!(c.tcp_payload_segments, 5 * runs, "{c:?}");
+    assert_eq!(c.http_requests, 3 * runs, "{c:?}");
+    assert_eq!(c.second_sightings_skipped, runs, "{c:?}");
+    Ok(())
+}

@@ -201,6 +201,36 @@ impl Loaded {
     }
 }
 
+/// What the whole programs did is what the cases say they do: requests
+/// and responses copied, a second sighting skipped, nothing dropped.
+fn verify(whole: &Counters) -> anyhow::Result<()> {
+    for (n, what) in [
+        (whole.http_requests, "requests"),
+        (whole.http_responses, "responses"),
+        (whole.second_sightings_skipped, "second sightings"),
+    ] {
+        if n == 0 {
+            bail!("the whole programs counted no {what}: the cases do not test what they say");
+        }
+    }
+    if whole.ringbuf_full > 0 || whole.parse_errors > 0 {
+        bail!("ring buffer full or parse errors in the kernel bench: {whole:?}");
+    }
+    Ok(())
+}
+
+/// Runs every case once through tracegap's whole programs and checks the
+/// counters say what the cases claim (for a test: no timing, no floor).
+pub fn check_cases() -> anyhow::Result<Counters> {
+    let mut whole = Loaded::load(VARIANTS[1], &[])?;
+    for case in &cases() {
+        whole.run(case, 1)?;
+    }
+    let counters = whole.counters()?;
+    verify(&counters)?;
+    Ok(counters)
+}
+
 /// min, median, max.
 fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
@@ -227,20 +257,7 @@ pub fn run(floor: &[u8], rounds: usize, batches: u32) -> anyhow::Result<String> 
             }
         }
     }
-    // What the whole programs did is what the cases say they do.
-    let whole = loaded[1].counters()?;
-    for (n, what) in [
-        (whole.http_requests, "requests"),
-        (whole.http_responses, "responses"),
-        (whole.second_sightings_skipped, "second sightings"),
-    ] {
-        if n == 0 {
-            bail!("the whole programs counted no {what}: the cases do not test what they say");
-        }
-    }
-    if whole.ringbuf_full > 0 {
-        bail!("the ring buffer filled during the kernel bench: the figures include drops");
-    }
+    verify(&loaded[1].counters()?)?;
 
     let mut out = String::new();
     let _ = writeln!(
