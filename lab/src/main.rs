@@ -216,10 +216,10 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Cmd::BenchPipeline { pairs } => {
-            let events: Vec<_> = tracegap_lab::bench::events(pairs).collect();
-            let n = events.len() as f64;
+            let records = tracegap_lab::bench::records(pairs);
+            let n = records.len() as f64;
             let t = std::time::Instant::now();
-            let spans = tracegap_lab::bench::pipeline(events);
+            let spans = tracegap_lab::bench::pipeline_records(&records);
             println!(
                 "{:.0} events/s, {spans} spans",
                 n / t.elapsed().as_secs_f64()

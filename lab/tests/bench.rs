@@ -32,3 +32,12 @@ fn the_kernel_bench_packets_take_the_paths_it_names() -> anyhow::Result<()> {
     assert_eq!(c.second_sightings_skipped, runs, "{c:?}");
     Ok(())
 }
+
+/// Replayed as ring-buffer records, the stream gives the same spans: the
+/// records are what the kernel writes and decode back to the events.
+#[test]
+fn the_stream_replayed_as_records_is_classified_alike() {
+    let records = tracegap_lab::bench::records(1000);
+    assert_eq!(records.len(), 2000);
+    assert_eq!(tracegap_lab::bench::pipeline_records(&records), 500);
+}

@@ -96,6 +96,33 @@ impl TryFrom<&FlowKey> for Flow {
     }
 }
 
+impl From<&Flow> for FlowKey {
+    /// The key the kernel writes for this flow. A flow mixing IPv4 and
+    /// IPv6 ends (which no packet carries) takes its source's family.
+    fn from(f: &Flow) -> Self {
+        let bytes = |ip: IpAddr| match ip {
+            IpAddr::V4(v4) => {
+                let mut b = [0u8; 16];
+                b[..4].copy_from_slice(&v4.octets());
+                b
+            }
+            IpAddr::V6(v6) => v6.octets(),
+        };
+        Self {
+            saddr: bytes(f.src.ip),
+            daddr: bytes(f.dst.ip),
+            sport: f.src.port,
+            dport: f.dst.port,
+            family: if f.src.ip.is_ipv4() {
+                family::IPV4
+            } else {
+                family::IPV6
+            },
+            _pad: [0; 3],
+        }
+    }
+}
+
 /// An event as user space sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RawEvent {
@@ -156,6 +183,41 @@ impl RawEvent {
             payload: record[EVENT_HEADER_LEN..EVENT_HEADER_LEN + announced].to_vec(),
             via: None,
         })
+    }
+}
+
+impl RawEvent {
+    /// Appends the ring-buffer record the kernel would have written for
+    /// this event: how the bench replays events through [`RawEvent::decode`]
+    /// as the agent reads them. The payload is cut at [`MAX_PAYLOAD`].
+    pub fn encode_into(&self, out: &mut Vec<u8>) {
+        let payload = &self.payload[..self.payload.len().min(MAX_PAYLOAD)];
+        let mut flags = 0;
+        if self.short_start {
+            flags |= event_flags::SHORT_START;
+        }
+        if self.budget_exhausted {
+            flags |= event_flags::BUDGET_EXHAUSTED;
+        }
+        let h = EventHeader {
+            ts_ns: self.ts_ns,
+            flow: FlowKey::from(&self.flow),
+            ifindex: self.ifindex,
+            seq: self.seq,
+            segment_len: self.segment_len,
+            payload_len: payload.len() as u16,
+            direction: self.direction as u8,
+            kind: self.kind as u8,
+            flags,
+            _pad: [0; 3],
+            ack: self.ack,
+        };
+        let at = out.len();
+        out.resize(at + EVENT_HEADER_LEN, 0);
+        // SAFETY: `out` has EVENT_HEADER_LEN bytes at `at`; the header is
+        // plain data, written unaligned.
+        unsafe { std::ptr::write_unaligned(out[at..].as_mut_ptr().cast(), h) };
+        out.extend_from_slice(payload);
     }
 }
 
@@ -245,6 +307,38 @@ mod tests {
         unsafe { std::ptr::write_unaligned(v.as_mut_ptr().cast(), h) };
         v.extend_from_slice(payload);
         v
+    }
+
+    #[test]
+    fn an_encoded_event_decodes_to_itself() {
+        for (src, dst) in [("10.0.0.1", "10.0.0.2"), ("fd00::1", "fd00::2")] {
+            let e = RawEvent {
+                ts_ns: 9,
+                flow: Flow {
+                    src: Endpoint {
+                        ip: src.parse().unwrap(),
+                        port: 40000,
+                    },
+                    dst: Endpoint {
+                        ip: dst.parse().unwrap(),
+                        port: 80,
+                    },
+                },
+                ifindex: 3,
+                direction: Direction::Ingress,
+                kind: EventKind::Response,
+                seq: 7,
+                ack: 11,
+                short_start: true,
+                segment_len: 20,
+                budget_exhausted: true,
+                payload: b"HTTP/1.1 200 OK\r\n\r\n".to_vec(),
+                via: None,
+            };
+            let mut record = Vec::new();
+            e.encode_into(&mut record);
+            assert_eq!(RawEvent::decode(&record).unwrap(), e);
+        }
     }
 
     #[test]
