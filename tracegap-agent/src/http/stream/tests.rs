@@ -197,3 +197,36 @@ fn pipelined_heads_deeper_than_remembered_stay_bounded() {
     assert_eq!(seq, 100 * get.len() as u32);
     assert_eq!(s.len(), 1);
 }
+
+#[test]
+fn the_stream_table_is_bounded_and_forgets_its_oldest_half_across_the_clock_wrap() {
+    // An entry stays at 32 bytes with its key: the bound is memory too.
+    assert!(std::mem::size_of::<Stream>() <= 24);
+    let mut s = Streams::default();
+    let head = parse_head(b"GET / HTTP/1.1\r\n\r\n").expect("a head");
+    let flow_n = |n: u32| Flow {
+        src: Endpoint {
+            ip: IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + n)),
+            port: 40000,
+        },
+        ..flow()
+    };
+    // Millisecond times that cross u32::MAX ms halfway through.
+    let start_ms = u64::from(u32::MAX) - MAX_STREAMS as u64 / 2;
+    let at = |i: u32| (start_ms + u64::from(i)) * 1_000_000;
+    for i in 0..MAX_STREAMS as u32 {
+        s.emit(&flow_n(i), 1, 1, at(i), Some(&head), true, &[])
+            .expect("a new flow");
+    }
+    assert_eq!(s.map.len(), MAX_STREAMS);
+    let i = MAX_STREAMS as u32;
+    s.emit(&flow_n(i), 1, 1, at(i), Some(&head), true, &[])
+        .expect("a new flow");
+    assert!(s.map.len() <= MAX_STREAMS / 2 + 1, "{}", s.map.len());
+    // The newest half survived, wrap or not: a start seen again is a
+    // duplicate only where the stream was kept.
+    assert_eq!(s.admit(&flow_n(i - 1), 1, 1), Admit::Duplicate);
+    assert_eq!(s.admit(&flow_n(i - 10), 1, 1), Admit::Duplicate);
+    assert_eq!(s.admit(&flow_n(0), 1, 1), Admit::Accept);
+    assert_eq!(s.admit(&flow_n(10), 1, 1), Admit::Accept);
+}
