@@ -76,18 +76,23 @@ static OPEN_SLOTS: Array<u64> = Array::with_max_entries(net::OPEN_SLOTS, 0);
 const OPEN_WINDOW_NS: u64 = 3_000_000_000;
 
 #[inline(always)]
+fn clock() -> u64 {
+    unsafe { bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
 fn note_open(seg: &Segment, ts_ns: u64) {
     if let Some(p) = OPEN_SLOTS.get_ptr_mut(seg.slot) {
         unsafe { core::ptr::write_volatile(p, ts_ns) };
     }
 }
 
-/// The time now if a block was opened on this flow's slot within
-/// OPEN_WINDOW_NS, else None (without reading the clock while the slot was
-/// never written).
+/// The time now (from `now`, called only when needed) if a block was
+/// opened on this flow's slot within OPEN_WINDOW_NS, else None: a slot
+/// never written costs no clock read, and a caller that already has the
+/// time passes it instead of reading the clock again.
 #[inline(always)]
-fn recently_opened(seg: &Segment) -> Option<u64> {
-    let now = || unsafe { bpf_ktime_get_ns() };
+fn recently_opened(seg: &Segment, now: impl FnOnce() -> u64) -> Option<u64> {
     let Some(p) = OPEN_SLOTS.get_ptr(seg.slot) else {
         return Some(now());
     };
@@ -286,7 +291,7 @@ fn try_http(
         // A few bytes that continue the block being followed are just
         // that: "O" after "P" is not the start of an OPTIONS request.
         let continues = !ablated(ablate::FLOW_MAPS)
-            && recently_opened(seg).is_some()
+            && recently_opened(seg, clock).is_some()
             && OPEN_HEADERS
                 .get_ptr(key)
                 .is_some_and(|o| unsafe { (*o).next_seq == seg.seq && (*o).budget_left > 0 });
@@ -306,7 +311,7 @@ fn try_http(
                     counter::HTTP_RESPONSES
                 },
             );
-            let now = unsafe { bpf_ktime_get_ns() };
+            let now = clock();
             match direction {
                 _ if ablated(ablate::FLOW_MAPS) => {}
                 Direction::Ingress => note_local_source(&seg.flow, now),
@@ -330,7 +335,7 @@ fn try_http(
             if ablated(ablate::FLOW_MAPS) {
                 return Ok(());
             }
-            let Some(now) = recently_opened(seg) else {
+            let Some(now) = recently_opened(seg, clock) else {
                 return Ok(());
             };
             let Some(open) = OPEN_HEADERS.get_ptr_mut(key) else {
@@ -386,7 +391,7 @@ fn try_http(
         }
         // Only a block opened lately can be open still: most requests end
         // in their first segment, and skip the hash update.
-        if recently_opened(seg).is_some() {
+        if recently_opened(seg, || ts_ns).is_some() {
             let _ = OPEN_HEADERS.remove(key);
         }
     } else {
