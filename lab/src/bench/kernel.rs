@@ -17,7 +17,7 @@ use aya::{
 use tracegap_agent::ebpf::{Counters, EGRESS_PROGRAM, INGRESS_PROGRAM, Observer};
 use tracegap_common::ablate;
 
-use super::Floor;
+use super::{Floor, Spread};
 
 /// Runs per `BPF_PROG_TEST_RUN` call: few enough that the events they
 /// send (up to 2 KiB each) fit the ring buffer (4 MiB) until it is drained.
@@ -231,12 +231,6 @@ pub fn check_cases() -> anyhow::Result<Counters> {
     Ok(counters)
 }
 
-/// min, median, max.
-fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[0], v[v.len() / 2], v[v.len() - 1])
-}
-
 /// Measures every case under every variant, `rounds` times (interleaved,
 /// so drift hits every variant alike), and renders the table.
 pub fn run(floor: &[u8], rounds: usize, batches: u32) -> anyhow::Result<String> {
@@ -277,14 +271,14 @@ pub fn run(floor: &[u8], rounds: usize, batches: u32) -> anyhow::Result<String> 
     }
     out.push('\n');
     for (c, case) in cases.iter().enumerate() {
-        let (_, empty, _) = spread(ns[c][0].clone());
+        let empty = Spread::of(ns[c][0].clone()).med;
         let _ = write!(out, "| {} | {empty:.1} |", case.what);
         for runs in &ns[c][1..] {
-            let (_, med, _) = spread(runs.clone());
+            let med = Spread::of(runs.clone()).med;
             let _ = write!(out, " {med:.1} ({:.1}×) |", med / empty.max(0.1));
         }
-        let (lo, _, hi) = spread(ns[c][1].clone());
-        let _ = writeln!(out, " {lo:.1}–{hi:.1} |");
+        let whole = Spread::of(ns[c][1].clone());
+        let _ = writeln!(out, " {:.1}–{:.1} |", whole.min, whole.max);
     }
     Ok(out)
 }
