@@ -70,3 +70,15 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
         short_starts: sum(counter::SHORT_STARTS),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kernel_counter_has_a_field() {
+        // A counter added to the kernel but not here would be silently cut
+        // off by the zip in `iter` (short_starts once was).
+        assert_eq!(Counters::default().iter().count(), counter::COUNT as usize);
+    }
+}
