@@ -513,20 +513,10 @@ mod tests {
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
-    use crate::{events::Endpoint, http::stream::MAX_STREAMS};
-
-    fn flow() -> Flow {
-        Flow {
-            src: Endpoint {
-                ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-                port: 40000,
-            },
-            dst: Endpoint {
-                ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
-                port: 80,
-            },
-        }
-    }
+    use crate::{
+        events::Endpoint,
+        http::{stream::MAX_STREAMS, testing::flow},
+    };
 
     fn ev(kind: EventKind, flow: Flow, ifindex: u32, seq: u32, payload: &[u8]) -> RawEvent {
         RawEvent {
@@ -594,6 +584,23 @@ mod tests {
             &mut out,
         );
         assert_eq!(out.len(), 1);
+    }
+
+    /// Feeds assembled messages to a pairer in order, as the agent does:
+    /// each response with what it answers, and the pairer with what still
+    /// waits. No request is pushed out of its flow's bound here.
+    fn pair_all(out: Vec<Message>) -> (Pairer, Vec<(Message, Answer<Message>)>) {
+        let mut p = Pairer::default();
+        let mut answers = Vec::new();
+        for m in out {
+            if m.is_request() {
+                assert!(p.request(m.flow, m).is_none());
+            } else {
+                let a = p.response(&m);
+                answers.push((m, a));
+            }
+        }
+        (p, answers)
     }
 
     fn path(m: &Message) -> String {
@@ -696,7 +703,6 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
     #[test]
     fn pipelined_responses_pair_in_order() {
         let mut a = Assembler::default();
-        let mut p = Pairer::default();
         let mut out = Vec::new();
         a.push(
             ev(
@@ -731,18 +737,17 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
             ),
             &mut out,
         );
-        let mut pairs = Vec::new();
-        for m in out {
-            if m.is_request() {
-                assert!(p.request(m.flow, m).is_none());
-            } else {
-                let Answer::Answered { request, skipped } = p.response(&m) else {
+        let (p, answers) = pair_all(out);
+        let pairs: Vec<_> = answers
+            .into_iter()
+            .map(|(m, a)| {
+                let Answer::Answered { request, skipped } = a else {
                     panic!("a pending request for {m:?}");
                 };
                 assert!(skipped.is_empty());
-                pairs.push((request.seq, m.seq));
-            }
-        }
+                (request.seq, m.seq)
+            })
+            .collect();
         assert_eq!(pairs, [(10, 7), (29, 45)]);
         assert_eq!(p.pending(), 0);
     }
@@ -825,7 +830,6 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
     #[test]
     fn a_response_answers_the_request_that_acknowledged_its_start() {
         let mut a = Assembler::default();
-        let mut p = Pairer::default();
         let mut out = Vec::new();
         let get = b"GET /1 HTTP/1.1\r\n\r\n";
         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
@@ -853,18 +857,18 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
                 a.push(r, &mut out);
             }
         }
-        let mut pairs = Vec::new();
-        for m in out {
-            if m.is_request() {
-                p.request(m.flow, m);
-            } else if let Answer::Answered { request, skipped } = p.response(&m) {
-                pairs.push((
+        let pairs: Vec<_> = pair_all(out)
+            .1
+            .into_iter()
+            .filter_map(|(m, a)| match a {
+                Answer::Answered { request, skipped } => Some((
                     request.seq,
                     m.seq,
                     skipped.iter().map(|s| s.seq).collect::<Vec<_>>(),
-                ));
-            }
-        }
+                )),
+                Answer::Interim | Answer::Orphan => None,
+            })
+            .collect();
         assert_eq!(
             pairs,
             [
@@ -877,7 +881,6 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
     #[test]
     fn nothing_is_paired_in_order_across_a_lost_boundary() {
         let mut a = Assembler::default();
-        let mut p = Pairer::default();
         let mut out = Vec::new();
         let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
         let mut first = ev(EventKind::Request, flow(), 1, 0, b"GET /a HTTP/1.1\r\n\r\n");
@@ -903,14 +906,11 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
             ev(EventKind::Response, flow().reversed(), 1, 538, ok),
             &mut out,
         );
-        let mut answers = Vec::new();
-        for m in out {
-            if m.is_request() {
-                p.request(m.flow, m);
-            } else {
-                answers.push(p.response(&m).request().map(|r| path(&r)));
-            }
-        }
+        let (p, answers) = pair_all(out);
+        let answers: Vec<_> = answers
+            .into_iter()
+            .map(|(_, a)| a.request().map(|r| path(&r)))
+            .collect();
         assert_eq!(answers, [Some("/a".to_owned()), None]);
         assert_eq!(p.pending(), 1);
     }
@@ -918,7 +918,6 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
     #[test]
     fn an_interim_response_answers_nothing() {
         let mut a = Assembler::default();
-        let mut p = Pairer::default();
         let mut out = Vec::new();
         a.push(
             ev(
@@ -945,18 +944,15 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
             ),
             &mut out,
         );
-        let mut answers = Vec::new();
-        for m in out {
-            if m.is_request() {
-                p.request(m.flow, m);
-            } else {
-                answers.push(match p.response(&m) {
-                    Answer::Interim => "interim",
-                    Answer::Answered { .. } => "answered",
-                    Answer::Orphan => "orphan",
-                });
-            }
-        }
+        let answers: Vec<_> = pair_all(out)
+            .1
+            .into_iter()
+            .map(|(_, a)| match a {
+                Answer::Interim => "interim",
+                Answer::Answered { .. } => "answered",
+                Answer::Orphan => "orphan",
+            })
+            .collect();
         assert_eq!(answers, ["interim", "answered"]);
     }
 

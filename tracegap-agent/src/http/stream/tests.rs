@@ -1,20 +1,10 @@
 use std::net::{IpAddr, Ipv4Addr};
 
 use super::*;
-use crate::{events::Endpoint, http::message::parse_head};
-
-fn flow() -> Flow {
-    Flow {
-        src: Endpoint {
-            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1)),
-            port: 40000,
-        },
-        dst: Endpoint {
-            ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2)),
-            port: 80,
-        },
-    }
-}
+use crate::{
+    events::Endpoint,
+    http::{message::parse_head, testing::flow},
+};
 
 /// Emits `raw` (a head, maybe followed by body bytes) at `seq`.
 fn emit(s: &mut Streams, flow: &Flow, seq: u32, ack: u32, raw: &[u8]) -> Option<u32> {
