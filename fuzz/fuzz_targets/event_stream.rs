@@ -16,7 +16,11 @@ use libfuzzer_sys::fuzz_target;
 use tracegap_agent::{
     clock::WallClock,
     events::{Endpoint, Flow, RawEvent},
-    gap::{classify::Engine, hop::{Hop, Request}, span},
+    gap::{
+        classify::Engine,
+        hop::{Hop, Request},
+        span,
+    },
     http::{
         assemble::{Answer, Assembler, MAX_PENDING_PER_FLOW, Message, Pairer},
         message::StartLine,
@@ -36,15 +40,28 @@ const PIECES: [&[u8]; 8] = [
 ];
 
 fn flow(i: u8) -> Flow {
-    let a = Endpoint { ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + (i & 1))), port: 40000 + u16::from(i & 2) };
-    let b = Endpoint { ip: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)), port: 80 };
-    if i & 4 == 0 { Flow { src: a, dst: b } } else { Flow { src: b, dst: a } }
+    let a = Endpoint {
+        ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1 + (i & 1))),
+        port: 40000 + u16::from(i & 2),
+    };
+    let b = Endpoint {
+        ip: IpAddr::V4(Ipv4Addr::new(10, 0, 1, 1)),
+        port: 80,
+    };
+    if i & 4 == 0 {
+        Flow { src: a, dst: b }
+    } else {
+        Flow { src: b, dst: a }
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
     let clock = WallClock::new();
-    let (mut a, mut pairer, mut engine) =
-        (Assembler::default(), Pairer::<Arc<Request>>::default(), Engine::default());
+    let (mut a, mut pairer, mut engine) = (
+        Assembler::default(),
+        Pairer::<Arc<Request>>::default(),
+        Engine::default(),
+    );
     // Per flow: the bytes sent, by sequence number (what the wire held).
     let mut wire: HashMap<Flow, HashMap<u32, u8>> = HashMap::new();
     let mut seqs: HashMap<Flow, u32> = HashMap::new();
@@ -87,7 +104,7 @@ fuzz_target!(|data: &[u8]| {
             short_start: payload.len() < 8,
             segment_len: payload.len() as u32,
             budget_exhausted: kind & 0x10 != 0,
-            payload,
+            payload: payload.into(),
             via: None,
         };
         a.push(e, &mut out);
@@ -102,7 +119,11 @@ fuzz_target!(|data: &[u8]| {
                 let at: Vec<u8> = (0..method.len() as u32)
                     .filter_map(|i| bytes.get(&m.seq.wrapping_add(i)).copied())
                     .collect();
-                assert_eq!(at, method.as_bytes(), "a request read where its bytes are not");
+                assert_eq!(
+                    at,
+                    method.as_bytes(),
+                    "a request read where its bytes are not"
+                );
             }
             if let Some(req) = Request::from_message(&m) {
                 let req = Arc::new(req);

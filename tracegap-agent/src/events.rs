@@ -7,6 +7,7 @@ use std::{
 };
 
 use aya::maps::{MapData, RingBuf};
+use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracegap_common::{
@@ -143,7 +144,9 @@ pub struct RawEvent {
     pub segment_len: u32,
     /// The kernel stopped copying this header block at its budget.
     pub budget_exhausted: bool,
-    pub payload: Vec<u8>,
+    /// The copied bytes: the one copy user space makes of them, shared by
+    /// the message heads parsed from it.
+    pub payload: Bytes,
     /// The Service address the client addressed, when the flow was
     /// rewritten to the backend behind it (user space, [`crate::nat`]).
     pub via: Option<Endpoint>,
@@ -180,7 +183,9 @@ impl RawEvent {
             short_start: h.flags & event_flags::SHORT_START != 0,
             segment_len: h.segment_len,
             budget_exhausted: h.flags & event_flags::BUDGET_EXHAUSTED != 0,
-            payload: record[EVENT_HEADER_LEN..EVENT_HEADER_LEN + announced].to_vec(),
+            payload: Bytes::copy_from_slice(
+                &record[EVENT_HEADER_LEN..EVENT_HEADER_LEN + announced],
+            ),
             via: None,
         })
     }
@@ -332,7 +337,7 @@ mod tests {
                 short_start: true,
                 segment_len: 20,
                 budget_exhausted: true,
-                payload: b"HTTP/1.1 200 OK\r\n\r\n".to_vec(),
+                payload: b"HTTP/1.1 200 OK\r\n\r\n".to_vec().into(),
                 via: None,
             };
             let mut record = Vec::new();
@@ -347,7 +352,7 @@ mod tests {
         assert_eq!(e.flow.to_string(), "10.0.0.1:40000 -> 10.0.0.2:80");
         assert_eq!(e.kind, EventKind::Request);
         assert_eq!(e.direction, Direction::Egress);
-        assert_eq!(e.payload, b"GET / HTTP/1.1\r\n\r\n");
+        assert_eq!(&e.payload[..], b"GET / HTTP/1.1\r\n\r\n");
     }
 
     #[test]

@@ -719,7 +719,7 @@ pub fn events(n_pairs: usize) -> impl Iterator<Item = RawEvent> {
                 short_start: false,
                 segment_len: req.len() as u32,
                 budget_exhausted: false,
-                payload: req.into_bytes(),
+                payload: req.into_bytes().into(),
                 via: None,
             },
             RawEvent {
@@ -733,7 +733,7 @@ pub fn events(n_pairs: usize) -> impl Iterator<Item = RawEvent> {
                 short_start: false,
                 segment_len: rsp.len() as u32,
                 budget_exhausted: false,
-                payload: rsp,
+                payload: rsp.into(),
                 via: None,
             },
         ]

@@ -12,7 +12,7 @@ use crate::FastMap;
 use tracegap_common::{Direction, EventKind};
 
 use super::{
-    message::{Head, HeadError, StartLine, parse_head},
+    message::{Head, HeadError, StartLine, parse, parse_head},
     stream::{Admit, BoundaryStats, Streams},
 };
 use crate::events::{Endpoint, Flow, RawEvent};
@@ -80,7 +80,7 @@ struct Partial {
     ack: u32,
     resynced: bool,
     next_seq: u32,
-    buf: Vec<u8>,
+    buf: bytes::Bytes,
 }
 
 /// Counts of what the assembler dropped, for metrics.
@@ -176,7 +176,11 @@ impl Assembler {
                     return;
                 }
                 p.next_seq = p.next_seq.wrapping_add(e.payload.len() as u32);
-                p.buf.extend_from_slice(&e.payload);
+                // Rare (a head longer than a segment): one new buffer.
+                let mut buf = Vec::with_capacity(p.buf.len() + e.payload.len());
+                buf.extend_from_slice(&p.buf);
+                buf.extend_from_slice(&e.payload);
+                p.buf = buf.into();
                 self.advance(key, p, e.budget_exhausted, out);
             }
         }
@@ -188,7 +192,7 @@ impl Assembler {
         // segment, and the kernel reports only the first start. The next
         // one is read only where the last one's length says it starts.
         for _ in 0..MAX_PIPELINED_PER_EVENT {
-            match parse_head(&p.buf) {
+            match parse(&p.buf) {
                 Err(HeadError::Incomplete(_)) if !last => {
                     self.partials.insert(key, p);
                     return;
@@ -326,9 +330,7 @@ impl Waiting for Message {
     /// A waiting message keeps only the headers a hop is built from.
     fn shrink(&mut self) {
         if let Ok(h) = self.head.as_mut() {
-            h.headers
-                .retain(|(n, _)| KEPT_WHILE_PENDING.contains(&n.as_str()));
-            h.headers.shrink_to_fit();
+            h.retain(&KEPT_WHILE_PENDING);
         }
     }
 }
@@ -530,7 +532,7 @@ mod tests {
             short_start: false,
             segment_len: payload.len() as u32,
             budget_exhausted: false,
-            payload: payload.to_vec(),
+            payload: payload.to_vec().into(),
             via: None,
         }
     }

@@ -1,9 +1,13 @@
 //! HTTP/1.x message heads: the request or status line and the header
 //! fields, parsed from the bytes the kernel copied.
 //!
-//! Never trusts its input: any byte sequence gives a head or an error, never
-//! a panic (see the fuzz-style test below and `fuzz/`).
+//! Zero-copy: a [`Head`] keeps the head's bytes as a [`Bytes`] slice of the
+//! event's payload and its fields as offsets into it, so parsing a head
+//! allocates its field list and its path, not a `String` per name and
+//! value. Never trusts its input: any byte sequence gives a head or an
+//! error, never a panic (see the fuzz-style test below and `fuzz/`).
 
+use bytes::Bytes;
 use thiserror::Error;
 
 /// Header fields kept per message at most; the rest are counted, not kept.
@@ -23,29 +27,41 @@ pub enum HeadError {
     HeaderLine(String),
 }
 
-/// Request or response, with what its start line says.
+/// Request or response, with what its start line says. Methods and
+/// versions are one of a known few, so they are `'static`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum StartLine {
     Request {
-        method: String,
+        method: &'static str,
         /// The path, without query string or fragment: queries can carry
         /// secrets and are never kept.
         path: String,
-        version: String,
+        version: &'static str,
     },
     Response {
-        version: String,
+        version: &'static str,
         status: u16,
     },
+}
+
+/// One header field: where its name and value are in [`Head`]'s text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Field {
+    name: (u32, u32),
+    value: (u32, u32),
+    /// A credential: present, its value never shown.
+    redacted: bool,
 }
 
 /// A parsed message head.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Head {
     pub start: StartLine,
-    /// Header fields in order, names lowercased. Values of credentials
-    /// (Authorization, Cookie, ...) are never kept.
-    pub headers: Vec<(String, String)>,
+    /// The head's text, valid UTF-8 (bytes that were not are replaced with
+    /// U+FFFD, in a copy): usually a slice of the event's payload.
+    text: Bytes,
+    /// Header fields in order, at most [`MAX_HEADERS`].
+    fields: Vec<Field>,
     /// Fields beyond [`MAX_HEADERS`], dropped.
     pub dropped_headers: usize,
     /// Length of the head including its final blank line.
@@ -61,21 +77,79 @@ const REDACTED: [&str; 5] = [
     "x-api-key",
 ];
 
+/// What a credential's value reads as.
+pub const REDACTED_VALUE: &str = "[redacted]";
+
 impl Head {
-    /// The first value of header `name` (lowercase).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+    fn bytes(&self, (from, to): (u32, u32)) -> &[u8] {
+        &self.text[from as usize..to as usize]
     }
 
-    /// Every value of header `name` (lowercase), in order.
-    pub fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers
+    fn str(&self, at: (u32, u32)) -> &str {
+        // Fields are cut at ASCII bytes of valid UTF-8, so never fails.
+        std::str::from_utf8(self.bytes(at)).unwrap_or_default()
+    }
+
+    fn value(&self, f: &Field) -> &str {
+        if f.redacted {
+            REDACTED_VALUE
+        } else {
+            self.str(f.value)
+        }
+    }
+
+    /// Header fields in order, names as written, credentials redacted.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.fields
             .iter()
-            .filter(move |(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
+            .map(|f| (self.str(f.name), self.value(f)))
+    }
+
+    /// Header fields kept (at most [`MAX_HEADERS`]).
+    pub fn header_count(&self) -> usize {
+        self.fields.len()
+    }
+
+    /// The first value of header `name` (any case).
+    pub fn header<'a>(&'a self, name: &str) -> Option<&'a str> {
+        self.header_all(name).next()
+    }
+
+    /// Every value of header `name` (any case), in order.
+    pub fn header_all<'a>(&'a self, name: &str) -> impl Iterator<Item = &'a str> {
+        self.fields
+            .iter()
+            .filter(move |f| self.bytes(f.name).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|f| self.value(f))
+    }
+
+    /// Keeps only the fields named in `names` (lowercase), in a copy of
+    /// just their bytes: what a message waiting for its response holds,
+    /// instead of the whole payload its head was a slice of.
+    pub fn retain(&mut self, names: &[&str]) {
+        let mut text = Vec::new();
+        let mut fields = Vec::new();
+        let mut put = |bytes: &[u8]| {
+            let from = text.len() as u32;
+            text.extend_from_slice(bytes);
+            (from, text.len() as u32)
+        };
+        for f in &self.fields {
+            let name = self.bytes(f.name);
+            if !names
+                .iter()
+                .any(|n| n.as_bytes().eq_ignore_ascii_case(name))
+            {
+                continue;
+            }
+            fields.push(Field {
+                name: put(name),
+                value: put(self.bytes(f.value)),
+                redacted: f.redacted,
+            });
+        }
+        self.text = Bytes::from(text);
+        self.fields = fields;
     }
 }
 
@@ -85,28 +159,83 @@ pub fn is_interim(status: u16) -> bool {
     (100..200).contains(&status) && status != 101
 }
 
-fn find_blank_line(buf: &[u8]) -> Option<usize> {
-    buf.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
+/// Where the first CRLF in `buf` starts. `memchr` on the LF: a `memmem`
+/// searcher costs more to build than a head's short lines take to scan.
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(b'\n', &buf[from..]) {
+        let lf = from + i;
+        if lf > 0 && buf[lf - 1] == b'\r' {
+            return Some(lf - 1);
+        }
+        from = lf + 1;
+    }
+    None
 }
 
+fn find_blank_line(buf: &[u8]) -> Option<usize> {
+    let mut from = 0;
+    while let Some(i) = find_crlf(&buf[from..]) {
+        let end = from + i + 2;
+        if buf[end..].starts_with(b"\r\n") {
+            return Some(end + 2);
+        }
+        from = end;
+    }
+    None
+}
+
+/// RFC 9110 `tchar`, as a table: a byte test per character of every name.
+const TCHAR: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        t[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'!' | b'#'
+                    | b'$'
+                    | b'%'
+                    | b'&'
+                    | b'\''
+                    | b'*'
+                    | b'+'
+                    | b'-'
+                    | b'.'
+                    | b'^'
+                    | b'_'
+                    | b'`'
+                    | b'|'
+                    | b'~'
+            );
+        b += 1;
+    }
+    t
+};
+
 fn is_token(s: &str) -> bool {
-    !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !s.is_empty() && s.bytes().all(|b| TCHAR[b as usize])
 }
 
 const METHODS: [&str; 9] = [
     "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
 ];
 
+fn version(v: &str) -> Option<&'static str> {
+    match v {
+        "HTTP/1.1" => Some("HTTP/1.1"),
+        "HTTP/1.0" => Some("HTTP/1.0"),
+        _ => None,
+    }
+}
+
 fn parse_start(line: &str) -> Result<StartLine, HeadError> {
     let bad = || HeadError::StartLine(line.chars().take(80).collect());
     let mut parts = line.splitn(3, ' ');
     let first = parts.next().ok_or_else(bad)?;
-    if let Some(version) = first.strip_prefix("HTTP/") {
-        if version != "1.0" && version != "1.1" {
-            return Err(bad());
-        }
+    if first.starts_with("HTTP/") {
+        let version = version(first).ok_or_else(bad)?;
         let code = parts.next().ok_or_else(bad)?;
         if code.len() != 3 || !code.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
@@ -115,17 +244,12 @@ fn parse_start(line: &str) -> Result<StartLine, HeadError> {
         if !(100..=599).contains(&status) {
             return Err(bad());
         }
-        return Ok(StartLine::Response {
-            version: first.to_owned(),
-            status,
-        });
+        return Ok(StartLine::Response { version, status });
     }
-    if !METHODS.contains(&first) {
-        return Err(bad());
-    }
+    let method = *METHODS.iter().find(|m| **m == first).ok_or_else(bad)?;
     let target = parts.next().ok_or_else(bad)?;
-    let version = parts.next().ok_or_else(bad)?;
-    if version != "HTTP/1.0" && version != "HTTP/1.1" || target.is_empty() {
+    let version = parts.next().and_then(version).ok_or_else(bad)?;
+    if target.is_empty() {
         return Err(bad());
     }
     // absolute-form (proxies) carries scheme and authority: keep the path.
@@ -141,27 +265,69 @@ fn parse_start(line: &str) -> Result<StartLine, HeadError> {
         .filter(|p| !p.is_empty())
         .unwrap_or("/");
     Ok(StartLine::Request {
-        method: first.to_owned(),
+        method,
         path: path.to_owned(),
-        version: version.to_owned(),
+        version,
     })
 }
 
-/// Parses a message head from the start of `buf`.
+/// The CRLF-separated lines of a head (a `str::split` on "\r\n" was a
+/// tenth of the parser's time).
+struct Lines<'a>(&'a str);
+
+impl<'a> Iterator for Lines<'a> {
+    type Item = &'a str;
+    fn next(&mut self) -> Option<&'a str> {
+        let rest = self.0;
+        if rest.is_empty() {
+            return None;
+        }
+        match find_crlf(rest.as_bytes()) {
+            Some(i) => {
+                self.0 = &rest[i + 2..];
+                Some(&rest[..i])
+            }
+            None => {
+                self.0 = "";
+                Some(rest)
+            }
+        }
+    }
+}
+
+/// Parses a message head from the start of `buf`, copying the head's bytes
+/// (see [`parse`] for the zero-copy form).
 pub fn parse_head(buf: &[u8]) -> Result<Head, HeadError> {
+    match find_blank_line(buf) {
+        Some(len) => parse(&Bytes::copy_from_slice(&buf[..len])),
+        None => parse(&Bytes::copy_from_slice(buf)),
+    }
+}
+
+/// Parses a message head from the start of `buf`; the head keeps a slice
+/// of `buf`, not a copy, when its bytes are UTF-8 (as they nearly always are).
+pub fn parse(buf: &Bytes) -> Result<Head, HeadError> {
     let Some(len) = find_blank_line(buf) else {
         // A start line that is already wrong need not wait for more bytes.
-        if let Some(eol) = buf.windows(2).position(|w| w == b"\r\n") {
+        if let Some(eol) = find_crlf(buf) {
             parse_start(&String::from_utf8_lossy(&buf[..eol]))?;
         }
         return Err(HeadError::Incomplete(buf.len()));
     };
     // Header values are ISO-8859-1 in theory and UTF-8 in practice; lossy
     // decoding keeps every ASCII byte, which is all trace context uses.
-    let text = String::from_utf8_lossy(&buf[..len - 4]);
-    let mut lines = text.split("\r\n");
+    let text = match std::str::from_utf8(&buf[..len - 4]) {
+        Ok(_) => buf.slice(..len - 4),
+        Err(_) => Bytes::from(String::from_utf8_lossy(&buf[..len - 4]).into_owned()),
+    };
+    let s = std::str::from_utf8(&text).unwrap_or_default();
+    let at = |part: &str| {
+        let from = part.as_ptr() as usize - s.as_ptr() as usize;
+        (from as u32, (from + part.len()) as u32)
+    };
+    let mut lines = Lines(s);
     let start = parse_start(lines.next().unwrap_or_default())?;
-    let mut headers = Vec::new();
+    let mut fields = Vec::with_capacity(8);
     let mut dropped_headers = 0;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
@@ -170,21 +336,20 @@ pub fn parse_head(buf: &[u8]) -> Result<Head, HeadError> {
         if !is_token(name) {
             return Err(HeadError::HeaderLine(line.chars().take(80).collect()));
         }
-        if headers.len() == MAX_HEADERS {
+        if fields.len() == MAX_HEADERS {
             dropped_headers += 1;
             continue;
         }
-        let name = name.to_ascii_lowercase();
-        let value = if REDACTED.contains(&name.as_str()) {
-            "[redacted]".to_owned()
-        } else {
-            value.trim_matches([' ', '\t']).to_owned()
-        };
-        headers.push((name, value));
+        fields.push(Field {
+            name: at(name),
+            value: at(value.trim_matches([' ', '\t'])),
+            redacted: REDACTED.iter().any(|r| r.eq_ignore_ascii_case(name)),
+        });
     }
     Ok(Head {
         start,
-        headers,
+        text,
+        fields,
         dropped_headers,
         len,
     })
@@ -201,9 +366,9 @@ mod tests {
         assert_eq!(
             h.start,
             StartLine::Request {
-                method: "GET".into(),
+                method: "GET",
                 path: "/api/items/42".into(),
-                version: "HTTP/1.1".into()
+                version: "HTTP/1.1"
             }
         );
         assert_eq!(h.header("host"), Some("shop:8080"));
@@ -218,7 +383,7 @@ mod tests {
         assert_eq!(
             h.start,
             StartLine::Response {
-                version: "HTTP/1.0".into(),
+                version: "HTTP/1.0",
                 status: 503
             }
         );
@@ -238,8 +403,9 @@ mod tests {
             b"GET / HTTP/1.1\r\nAuthorization: Bearer abc\r\nCookie: s=1\r\nX-Api-Key: k\r\n\r\n",
         )
         .unwrap();
-        for (_, v) in &h.headers {
-            assert_eq!(v, "[redacted]");
+        assert_eq!(h.header_count(), 3);
+        for (_, v) in h.headers() {
+            assert_eq!(v, REDACTED_VALUE);
         }
     }
 
@@ -272,6 +438,47 @@ mod tests {
     }
 
     #[test]
+    fn a_head_is_a_slice_of_the_payload_and_names_match_in_any_case() {
+        let payload = Bytes::from_static(
+            b"GET /a HTTP/1.1\r\nHOST: h\r\nTraceParent: 00-x\r\nx: 1\r\nx: 2\r\n\r\nbody",
+        );
+        let h = parse(&payload).unwrap();
+        // No copy: the head's text points into the payload.
+        assert_eq!(h.text.as_ptr(), payload.as_ptr());
+        assert_eq!(h.header("host"), Some("h"));
+        assert_eq!(h.header("traceparent"), Some("00-x"));
+        assert_eq!(h.header_all("X").collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(
+            h.headers().map(|(n, _)| n).collect::<Vec<_>>(),
+            ["HOST", "TraceParent", "x", "x"]
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_are_replaced_in_a_copy() {
+        let payload = Bytes::from_static(b"GET / HTTP/1.1\r\nx-bin: a\xffb\r\nb3: 1\r\n\r\n");
+        let h = parse(&payload).unwrap();
+        assert_ne!(h.text.as_ptr(), payload.as_ptr());
+        assert_eq!(h.header("x-bin"), Some("a\u{fffd}b"));
+        assert_eq!(h.header("b3"), Some("1"));
+    }
+
+    #[test]
+    fn retain_keeps_the_named_fields_in_their_own_copy() {
+        let payload = Bytes::from(
+            b"GET / HTTP/1.1\r\nHost: h\r\nAccept: x\r\nCookie: s\r\nb3: 1\r\n\r\n".to_vec(),
+        );
+        let mut h = parse(&payload).unwrap();
+        h.retain(&["host", "b3", "cookie"]);
+        assert_eq!(
+            h.headers().collect::<Vec<_>>(),
+            [("Host", "h"), ("Cookie", REDACTED_VALUE), ("b3", "1")]
+        );
+        // The payload is no longer held.
+        assert!(payload.is_unique());
+    }
+
+    #[test]
     fn keeps_at_most_max_headers() {
         let mut raw = b"GET / HTTP/1.1\r\n".to_vec();
         for i in 0..(MAX_HEADERS + 5) {
@@ -279,7 +486,7 @@ mod tests {
         }
         raw.extend_from_slice(b"\r\n");
         let h = parse_head(&raw).unwrap();
-        assert_eq!(h.headers.len(), MAX_HEADERS);
+        assert_eq!(h.header_count(), MAX_HEADERS);
         assert_eq!(h.dropped_headers, 5);
     }
 

@@ -295,22 +295,26 @@ impl Streams {
             self.stats.duplicates += 1;
             return Err(Duplicate);
         }
-        let reverse = self.key(&flow.reversed());
+        // The other direction's key, hashed only when a response or a
+        // tunnel needs it.
+        let hash = self.hash.clone();
+        let reverse = || hash.hash_one(flow.reversed());
         let body = match head {
             None => Body::Unknown,
             Some(h) => match &h.start {
                 StartLine::Request { .. } => request_body(h),
                 StartLine::Response { status, .. } => {
                     let status = *status;
-                    let method = self
-                        .map
-                        .get(&reverse)
-                        .map_or(Method::Other, Stream::awaited_front);
-                    if !is_interim(status)
-                        && let Some(r) = self.map.get_mut(&reverse)
-                    {
-                        r.answered();
-                    }
+                    let method = match self.map.get_mut(&reverse()) {
+                        Some(r) => {
+                            let method = r.awaited_front();
+                            if !is_interim(status) {
+                                r.answered();
+                            }
+                            method
+                        }
+                        None => Method::Other,
+                    };
                     response_body(h, status, method)
                 }
             },
@@ -336,7 +340,7 @@ impl Streams {
             Body::Tunnel => (Sync::Tunnel, None),
         };
         if sync == Sync::Tunnel
-            && let Some(r) = self.map.get_mut(&reverse)
+            && let Some(r) = self.map.get_mut(&reverse())
         {
             r.sync = Sync::Tunnel;
         }
@@ -362,7 +366,7 @@ impl Streams {
         s.sync = sync;
         s.note_ack(ack);
         if let Some(StartLine::Request { method, .. }) = head.map(|h| &h.start) {
-            s.await_response(match method.as_str() {
+            s.await_response(match *method {
                 "HEAD" => Method::Head,
                 "CONNECT" => Method::Connect,
                 _ => Method::Other,

@@ -209,7 +209,7 @@ mod tests {
             short_start: false,
             segment_len: 0,
             budget_exhausted: false,
-            payload: Vec::new(),
+            payload: Default::default(),
             via: None,
         }
     }
