@@ -108,3 +108,87 @@ fn http_request_on_a_veth_arrives_through_the_ring_buffer() -> anyhow::Result<()
     assert!(observer.interfaces().is_empty());
     Ok(())
 }
+
+/// A burst larger than a batch, read by the agent's drain task: it comes in
+/// batches of at most `MAX_BATCH` (the first one full, since the whole burst
+/// was waiting), each record once, none lost or undecodable, and the drain
+/// ends cleanly when its receiver goes.
+#[test]
+fn a_burst_comes_through_the_drain_task_in_bounded_batches_none_lost() -> anyhow::Result<()> {
+    use tracegap_agent::{
+        events::{self, EventStream, MAX_BATCH},
+        metrics::Metrics,
+    };
+    if !privileged("a_burst_comes_through_the_drain_task_in_bounded_batches_none_lost") {
+        return Ok(());
+    }
+    const REQUESTS: usize = 1500;
+    let node = Node::new(&["client", "server"])?;
+    let (client, server) = (node.pod("client"), node.pod("server"));
+    let _http = HttpServer::start(server, 8080)?;
+    let mut observer = Observer::load()?;
+    observer.attach(&server.host_if)?;
+    let ring = observer.take_events()?;
+
+    // One curl, one keep-alive connection, REQUESTS requests (URL globbing).
+    let url = format!("http://{}:8080/burst/[1-{REQUESTS}]", server.ipv4);
+    let body = client.curl(&url, &[])?;
+    assert_eq!(body.lines().count(), REQUESTS, "every request answered");
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let metrics = Metrics::new();
+    let undecodable = metrics.events_undecodable.clone();
+    let (batches, drained) = runtime.block_on(async {
+        let (tx, mut rx) = tokio::sync::mpsc::channel(1);
+        let drain = tokio::spawn(events::drain(EventStream::new(ring)?, tx, undecodable));
+        let mut batches = Vec::new();
+        let (mut requests, mut responses) = (0, 0);
+        while requests < REQUESTS || responses < REQUESTS {
+            let Ok(Some(batch)) = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await
+            else {
+                anyhow::bail!("{requests} requests and {responses} responses, then nothing");
+            };
+            requests += batch
+                .iter()
+                .filter(|e| e.kind == EventKind::Request)
+                .count();
+            responses += batch
+                .iter()
+                .filter(|e| e.kind == EventKind::Response)
+                .count();
+            batches.push(batch);
+        }
+        drop(rx);
+        let drained = tokio::time::timeout(Duration::from_secs(5), drain).await;
+        anyhow::Ok((batches, drained))
+    })?;
+    let sizes: Vec<usize> = batches.iter().map(Vec::len).collect();
+    assert!(sizes.iter().all(|&n| n <= MAX_BATCH), "{sizes:?}");
+    assert_eq!(
+        sizes[0], MAX_BATCH,
+        "the waiting burst fills the first batch: {sizes:?}"
+    );
+    let mut paths: Vec<String> = batches
+        .iter()
+        .flatten()
+        .filter(|e| e.kind == EventKind::Request)
+        .filter_map(|e| {
+            let line = e.payload.split(|&b| b == b' ').nth(1)?;
+            Some(String::from_utf8_lossy(line).into_owned())
+        })
+        .collect();
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), REQUESTS, "each request once");
+    assert_eq!(metrics.events_undecodable.get(), 0);
+    assert_eq!(observer.counters()?.ringbuf_full, 0);
+    // The receiver gone, the drain ends by itself, with no event to wake it.
+    assert!(
+        matches!(drained, Ok(Ok(Ok(())))),
+        "drain ended with {drained:?}"
+    );
+    observer.detach_all()?;
+    Ok(())
+}

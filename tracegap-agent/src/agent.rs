@@ -20,7 +20,7 @@ use crate::{
     clock::{WallClock, monotonic_ns},
     cluster::{self, ApiStatus, ClusterConfig},
     ebpf::Observer,
-    events::EventStream,
+    events::{self, EventStream, RawEvent},
     export::{self, ExportConfig, SpanQueue},
     gap::{
         Engine, GapKind, Hop,
@@ -119,6 +119,12 @@ pub async fn run(
         let (queue, exporter) =
             export::start(config.export.clone(), metrics.clone()).context("starting export")?;
         let stream = EventStream::new(observer.take_events()?)?;
+        let (tx, batches) = tokio::sync::mpsc::channel(events::BATCHES_QUEUED);
+        let drain = tokio::spawn(events::drain(
+            stream,
+            tx,
+            metrics.events_undecodable.clone(),
+        ));
         shared.ready.store(true, Ordering::Relaxed);
         if let Some(tx) = started {
             let _ = tx.send(Started {
@@ -128,7 +134,19 @@ pub async fn run(
             });
         }
         let mut pipeline = Pipeline::new(&config, shared.clone(), directory.clone(), queue);
-        let looped = event_loop(&mut observer, interfaces, stream, &mut pipeline, stop).await;
+        let looped = event_loop(&mut observer, interfaces, batches, &mut pipeline, stop).await;
+        let looped = match looped {
+            // The drain ended first: its error is the one to report.
+            Err(Stopped::DrainEnded) => match drain.await {
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("reading the ring buffer")),
+                Ok(Ok(())) => Err(anyhow::anyhow!("the ring buffer drain ended")),
+                Err(e) => Err(anyhow::Error::new(e).context("the ring buffer drain failed")),
+            },
+            Ok(()) => {
+                drain.abort();
+                Ok(())
+            }
+        };
         shared.ready.store(false, Ordering::Relaxed);
         // Close the queue; give the exporter a bounded time for a last flush.
         drop(pipeline);
@@ -171,24 +189,33 @@ async fn watch_cluster(cfg: ClusterConfig, dir: Arc<Directory>, status: Arc<ApiS
     }
 }
 
+/// Why [`event_loop`] returned other than by being stopped.
+enum Stopped {
+    /// The drain task ended: the ring buffer can no longer be read.
+    DrainEnded,
+}
+
+/// The pipeline's loop: batches from the drain task (see [`events::drain`])
+/// through the data path, interface changes, and the periodic work.
 async fn event_loop(
     observer: &mut Observer,
     mut interfaces: Interfaces,
-    mut stream: EventStream,
+    mut batches: tokio::sync::mpsc::Receiver<Vec<RawEvent>>,
     p: &mut Pipeline,
     stop: impl std::future::Future<Output = ()>,
-) -> anyhow::Result<()> {
+) -> Result<(), Stopped> {
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
-    let mut events = Vec::new();
     let mut messages = Vec::new();
     loop {
         tokio::select! {
             () = &mut stop => return Ok(()),
-            n = stream.next_batch(&mut events) => {
-                n?;
+            batch = batches.recv() => {
+                let Some(batch) = batch else {
+                    return Err(Stopped::DrainEnded);
+                };
                 let directory = &p.directory;
-                for mut e in events.drain(..) {
+                for mut e in batch {
                     p.nat.translate(&mut e, |ip| directory.is_service(ip));
                     p.assembler.push(e, &mut messages);
                 }

@@ -245,8 +245,9 @@ impl EventStream {
         })
     }
 
-    /// Waits for at least one record, then appends every record available
-    /// to `out` (decoded) and returns how many it appended.
+    /// Waits for at least one record, then appends the records available,
+    /// at most [`MAX_BATCH`], to `out` (decoded) and returns how many it
+    /// appended.
     ///
     /// The kernel wakes the reader only when [`tracegap_common::WAKEUP_BYTES`] are pending,
     /// so the ring is also drained every [`WAKEUP_POLL_MS`] without a wakeup.
@@ -257,8 +258,11 @@ impl EventStream {
             match tokio::time::timeout(poll, self.ring.readable_mut()).await {
                 Ok(guard) => {
                     let mut guard = guard?;
-                    Self::drain_into(&mut self.decode_errors, guard.get_inner_mut(), out);
-                    guard.clear_ready();
+                    // A batch cut at its bound leaves records behind: the
+                    // fd stays ready, so the next call reads on at once.
+                    if Self::drain_into(&mut self.decode_errors, guard.get_inner_mut(), out) {
+                        guard.clear_ready();
+                    }
                 }
                 Err(_elapsed) => {
                     Self::drain_into(&mut self.decode_errors, self.ring.get_mut(), out);
@@ -270,8 +274,13 @@ impl EventStream {
         }
     }
 
-    fn drain_into(errors: &mut u64, ring: &mut RingBuf<MapData>, out: &mut Vec<RawEvent>) {
-        while let Some(record) = ring.next() {
+    /// Decodes records into `out` until the ring is empty (true) or
+    /// [`MAX_BATCH`] were read (false).
+    fn drain_into(errors: &mut u64, ring: &mut RingBuf<MapData>, out: &mut Vec<RawEvent>) -> bool {
+        for _ in 0..MAX_BATCH {
+            let Some(record) = ring.next() else {
+                return true;
+            };
             match RawEvent::decode(&record) {
                 Ok(e) => out.push(e),
                 Err(e) => {
@@ -279,6 +288,45 @@ impl EventStream {
                     tracing::debug!(error = %e, "undecodable event");
                 }
             }
+        }
+        false
+    }
+}
+
+/// Records read into one batch at most: a batch is handed on while the next
+/// is read, so a long burst does not wait to be read whole.
+pub const MAX_BATCH: usize = 1024;
+
+/// Batches waiting between the drain and the pipeline at most. When the
+/// pipeline falls behind, the drain waits and records wait in the ring
+/// buffer, where the kernel counts what does not fit
+/// (`tracegap_kernel_events_total{counter="ringbuf_full"}`): nothing is
+/// dropped unseen.
+pub const BATCHES_QUEUED: usize = 8;
+
+/// Reads the ring buffer on its own task, so that parsing, classification
+/// and span building never delay the drain: sends each batch to `tx` and
+/// counts undecodable records in `undecodable`. Ends as soon as the receiver
+/// is dropped (Ok), or when the ring cannot be read (Err).
+pub async fn drain(
+    mut stream: EventStream,
+    tx: tokio::sync::mpsc::Sender<Vec<RawEvent>>,
+    undecodable: prometheus_client::metrics::counter::Counter,
+) -> std::io::Result<()> {
+    let mut counted = 0;
+    loop {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        // next_batch is cancelled only while it waits, before it reads.
+        tokio::select! {
+            () = tx.closed() => return Ok(()),
+            read = stream.next_batch(&mut batch) => read?,
+        };
+        if stream.decode_errors > counted {
+            undecodable.inc_by(stream.decode_errors - counted);
+            counted = stream.decode_errors;
+        }
+        if tx.send(batch).await.is_err() {
+            return Ok(());
         }
     }
 }

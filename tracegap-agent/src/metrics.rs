@@ -131,6 +131,7 @@ pub struct Metrics {
     pub export_errors: Counter,
     pub export_queue: Gauge,
     pub ringbuf_lost: Counter,
+    pub events_undecodable: Counter,
     pub kernel: Family<KernelLabels, Counter>,
     pub interfaces: Gauge,
     pub ignored: Family<ReasonLabels, Counter>,
@@ -164,6 +165,7 @@ impl Metrics {
             export_errors: Counter::default(),
             export_queue: Gauge::default(),
             ringbuf_lost: Counter::default(),
+            events_undecodable: Counter::default(),
             kernel: Family::default(),
             interfaces: Gauge::default(),
             ignored: Family::default(),
@@ -228,6 +230,11 @@ impl Metrics {
             "attached_interfaces",
             "Interfaces the programs are attached to",
             m.interfaces.clone(),
+        );
+        registry.register(
+            "events_undecodable",
+            "Ring-buffer records that did not decode (never expected: a sign of an agent and programs from different builds)",
+            m.events_undecodable.clone(),
         );
         registry.register(
             "ignored_requests",
