@@ -124,6 +124,40 @@ fn every_manifest_renders_and_reads_into_its_kubernetes_type() -> anyhow::Result
     assert!(jaeger.iter().any(|k| k == "Deployment"));
     let lab = check_all(&render("lab")?)?;
     assert_eq!(lab.iter().filter(|k| *k == "Deployment").count(), 3);
+    let busy = check_all(&render("busy-nodes")?)?;
+    assert_eq!(busy, base, "the same objects as the base");
+    Ok(())
+}
+
+/// The busy-nodes recipe changes the agent's CPU request and limit, and
+/// nothing else: same objects, same privileges, same memory bounds.
+#[test]
+fn the_busy_nodes_recipe_only_guarantees_cpu_and_lifts_its_limit() -> anyhow::Result<()> {
+    if !kubectl() {
+        return Ok(());
+    }
+    let daemonset = |dir: &str| -> anyhow::Result<Value> {
+        render(dir)?
+            .into_iter()
+            .find(|d| d["kind"] == "DaemonSet")
+            .ok_or_else(|| anyhow::anyhow!("{dir}: no DaemonSet"))
+    };
+    let (mut base, mut busy) = (daemonset("base")?, daemonset("busy-nodes")?);
+    let resources = "/spec/template/spec/containers/0/resources";
+    let (b, r) = (
+        base.pointer(resources).cloned().expect("base resources"),
+        busy.pointer(resources).cloned().expect("busy resources"),
+    );
+    assert_eq!(b["requests"]["cpu"], "50m");
+    assert_eq!(b["limits"]["cpu"], "500m");
+    assert_eq!(r["requests"]["cpu"], "250m");
+    assert!(r["limits"].get("cpu").is_none(), "no CPU limit: {r}");
+    assert_eq!(r["requests"]["memory"], b["requests"]["memory"]);
+    assert_eq!(r["limits"]["memory"], b["limits"]["memory"]);
+    for d in [&mut base, &mut busy] {
+        *d.pointer_mut(resources).expect("resources") = Value::Null;
+    }
+    assert_eq!(busy, base, "everything but the resources is the base's");
     Ok(())
 }
 
