@@ -476,6 +476,8 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
     let (mut base_t, mut with_t, mut floor_t) = (vec![], vec![], vec![]);
     let (mut echo_kernel, mut busy_kernel) = (vec![], vec![]);
     let (mut with_low, mut low_kernel, mut lost) = (vec![], vec![], 0.0);
+    // Events the kernel could not hand over (ring buffer full), per load.
+    let (mut lost_echo, mut lost_busy) = (0.0, 0.0);
     // Per round: ns per non-HTTP packet, per header packet, per empty run.
     let (mut non_http, mut header, mut empty) = (vec![], vec![], vec![]);
     let (mut headers_seen, mut bulk_runs) = (0.0, 0.0);
@@ -498,18 +500,23 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         }
         let agent = Agent::start(agent_config(&node, &receiver))?;
         std::thread::sleep(Duration::from_millis(300));
+        let full = || agent.metric("tracegap_kernel_events_total{counter=\"ringbuf_full\"}");
         let (t0, r0) = bpf_stats(&agent)?;
         let h0 = agent.metric("tracegap_kernel_events_total{counter=\"http_")?;
+        let lost_echo0 = full()?;
         with_w.push(wrk(&node, &echo, d.load)?);
         std::thread::sleep(Duration::from_millis(600));
         let (t1, r1) = bpf_stats(&agent)?;
         let h1 = agent.metric("tracegap_kernel_events_total{counter=\"http_")?;
+        lost_echo += full()? - lost_echo0;
         with_t.push(iperf(&node, d.load)?);
         std::thread::sleep(Duration::from_millis(600));
         let (t2, r2) = bpf_stats(&agent)?;
+        let lost_busy0 = full()?;
         with_b.push(wrk(&node, &busy, d.load)?);
         std::thread::sleep(Duration::from_millis(600));
         let (t3, _) = bpf_stats(&agent)?;
+        lost_busy += full()? - lost_busy0;
         agent.stop()?;
         // The agent at the lowest CPU weight, as a node would run it
         // beside busy services: what the services gain, what it loses.
@@ -539,7 +546,9 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         (headers_seen, bulk_runs) = (headers_seen + headers, bulk_runs + r2 - r1);
     }
     http_rows(
-        "HTTP/1.1 keep-alive, echo server at saturation (wrk -t2 -c16, with traceparent)",
+        &format!(
+            "HTTP/1.1 keep-alive, echo server at saturation (wrk -t2 -c16, with traceparent; events lost to a full ring buffer: {lost_echo:.0})"
+        ),
         &base_w,
         &with_w,
         &echo_kernel,
@@ -557,7 +566,9 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         rows,
     );
     http_rows(
-        "HTTP/1.1 keep-alive, a service spending 200 µs CPU per request (wrk -t2 -c16)",
+        &format!(
+            "HTTP/1.1 keep-alive, a service spending 200 µs CPU per request (wrk -t2 -c16; events lost to a full ring buffer: {lost_busy:.0})"
+        ),
         &base_b,
         &with_b,
         &busy_kernel,
