@@ -231,6 +231,8 @@ pub struct EventStream {
     ring: AsyncFd<RingBuf<MapData>>,
     /// Records that failed to decode (never expected; counted, not fatal).
     pub decode_errors: u64,
+    /// The last batch stopped at [`MAX_BATCH`] with records left.
+    more: bool,
 }
 
 impl EventStream {
@@ -242,6 +244,7 @@ impl EventStream {
         Ok(Self {
             ring,
             decode_errors: 0,
+            more: false,
         })
     }
 
@@ -255,19 +258,24 @@ impl EventStream {
         let poll = Duration::from_millis(WAKEUP_POLL_MS);
         loop {
             let before = out.len();
-            match tokio::time::timeout(poll, self.ring.readable_mut()).await {
-                Ok(guard) => {
-                    let mut guard = guard?;
-                    // A batch cut at its bound leaves records behind: the
-                    // fd stays ready, so the next call reads on at once.
-                    if Self::drain_into(&mut self.decode_errors, guard.get_inner_mut(), out) {
+            let ring = if self.more {
+                // The last batch stopped at its bound: read on at once. The
+                // kernel wakes the reader only as the backlog crosses its
+                // mark, so a backlog left behind would bring no wakeup.
+                self.ring.get_mut()
+            } else {
+                match tokio::time::timeout(poll, self.ring.readable_mut()).await {
+                    Ok(guard) => {
+                        let mut guard = guard?;
+                        // Cleared before reading: a wakeup that comes while
+                        // reading stays noted, and is not lost.
                         guard.clear_ready();
+                        self.ring.get_mut()
                     }
+                    Err(_elapsed) => self.ring.get_mut(),
                 }
-                Err(_elapsed) => {
-                    Self::drain_into(&mut self.decode_errors, self.ring.get_mut(), out);
-                }
-            }
+            };
+            self.more = !Self::drain_into(&mut self.decode_errors, ring, out);
             if out.len() > before {
                 return Ok(out.len() - before);
             }
