@@ -11,10 +11,15 @@ use tracegap_agent::{
 
 /// A running agent; stopped (programs detached) when dropped.
 pub struct Agent {
+    /// Where /metrics and the probes are served.
     pub listen: std::net::SocketAddr,
-    pub shared: Arc<Shared>,
+    /// Where /report is served (the agent's own address for it).
+    pub report: Option<std::net::SocketAddr>,
+    /// The in-process agent's state (None for a container).
+    pub shared: Option<Arc<Shared>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<anyhow::Result<()>>>,
+    container: Option<crate::container::AgentContainer>,
 }
 
 impl Agent {
@@ -75,15 +80,36 @@ impl Agent {
         match started_rx.blocking_recv() {
             Ok(s) => Ok(Self {
                 listen: s.listen,
-                shared: s.shared,
+                report: s.report,
+                shared: Some(s.shared),
                 stop: Some(stop_tx),
                 thread: Some(thread),
+                container: None,
             }),
             Err(_) => match thread.join() {
                 Ok(Err(e)) => Err(e.context("the agent failed to start")),
                 _ => anyhow::bail!("the agent stopped before it was ready"),
             },
         }
+    }
+
+    /// An agent running from its image (see [`crate::container`]), once
+    /// its readiness probe passes.
+    pub fn from_container(container: crate::container::AgentContainer) -> anyhow::Result<Self> {
+        container.wait_ready(std::time::Duration::from_secs(30))?;
+        Ok(Self {
+            listen: container.metrics,
+            report: None,
+            shared: None,
+            stop: None,
+            thread: None,
+            container: Some(container),
+        })
+    }
+
+    /// The container the agent runs in, if it does.
+    pub fn container(&self) -> Option<&crate::container::AgentContainer> {
+        self.container.as_ref()
     }
 
     /// Stops the agent and returns how its run ended.
@@ -93,6 +119,9 @@ impl Agent {
 
     /// Stops the agent (programs detached); later calls do nothing.
     pub fn stop_now(&mut self) -> anyhow::Result<()> {
+        if let Some(mut c) = self.container.take() {
+            return c.remove();
+        }
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }
@@ -107,6 +136,17 @@ impl Agent {
     /// GET `path` from the agent's HTTP endpoint: (status, body).
     pub fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
         crate::http::get(self.listen, path)
+    }
+
+    /// GET /report from the agent's report address: (status, body).
+    pub fn get_report(&self) -> anyhow::Result<(u16, String)> {
+        if let Some(c) = &self.container {
+            return c.get_report();
+        }
+        let addr = self
+            .report
+            .ok_or_else(|| anyhow::anyhow!("this agent serves no /report"))?;
+        crate::http::get(addr, "/report")
     }
 
     /// The value of a metric sample line that starts with `prefix`

@@ -188,10 +188,10 @@ impl Cluster {
     }
 
     /// Starts an agent per node, as the DaemonSet would: in the node's
-    /// namespace, on its pods' veths, listening on its uplink address,
+    /// namespace, on its pods' veths, listening on its uplink address (/report too),
     /// exporting to the trace store's gRPC port as the node reaches it,
     /// with its node name. `config` gives everything else (its interfaces,
-    /// listen address, export endpoint and node name are replaced).
+    /// listen addresses, export endpoint and node name are replaced).
     pub fn start_agents(
         &self,
         config: &AgentConfig,
@@ -204,12 +204,57 @@ impl Cluster {
                 c.interfaces =
                     Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect());
                 c.listen = SocketAddr::from((Self::node_address(node), 0));
+                c.report_listen = Some(SocketAddr::from((Self::node_address(node), 0)));
                 c.export.endpoint = Some(format!(
                     "http://{}:{store_grpc_port}",
                     Self::store_address(node)
                 ));
                 c.node_name = Some(node.name.clone());
                 Agent::start_in(c, node.netns.as_deref())
+            })
+            .collect()
+    }
+
+    /// Starts an agent per node from its image, run as `template` (the
+    /// DaemonSet's pod template) says, on the node's network as its host
+    /// network. The lab's overlay on the ConfigMap: its trace store, its
+    /// veths' names, a response timeout past its slowest
+    /// request, and `names` (a names file, the stand-in for the
+    /// Kubernetes API the lab does not have) mounted read-only.
+    pub fn start_container_agents(
+        &self,
+        template: &crate::container::PodTemplate,
+        store_grpc_port: u16,
+        names: &std::path::Path,
+    ) -> anyhow::Result<Vec<Agent>> {
+        use crate::container::{AgentContainer, Placement};
+        const NAMES_IN_CONTAINER: &str = "/etc/tracegap/names";
+        let names = names
+            .canonicalize()
+            .with_context(|| format!("locating {}", names.display()))?;
+        self.nodes
+            .iter()
+            .map(|node| {
+                let at = Placement {
+                    node: node.name.clone(),
+                    netns: node.netns.clone(),
+                    reach: Some(Self::node_address(node).into()),
+                    overlay: vec![
+                        (
+                            "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
+                            format!("http://{}:{store_grpc_port}", Self::store_address(node)),
+                        ),
+                        ("TRACEGAP_IFACE_PATTERNS".into(), node.veth_pattern()),
+                        ("TRACEGAP_NAMES_FILE".into(), NAMES_IN_CONTAINER.into()),
+                        // The slow scenario's request takes 30 s, the
+                        // default's limit.
+                        ("TRACEGAP_RESPONSE_TIMEOUT".into(), "60s".into()),
+                    ],
+                    files: vec![(names.clone(), NAMES_IN_CONTAINER.into())],
+                    without: Vec::new(),
+                };
+                let name = format!("tracegap-lab-{}-{}", node.name, std::process::id());
+                Agent::from_container(AgentContainer::start(template, &at, &name)?)
             })
             .collect()
     }

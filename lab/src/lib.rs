@@ -3,12 +3,14 @@
 //! nodes with kube-proxy-style Services between them ([`cluster`]), services
 //! are real HTTP programs with the propagation behaviours the seed shows
 //! ([`service`]), the trace store is a real OTLP receiver ([`store`]), and
-//! tracegap's agent runs on the pods' veths ([`agent`]). [`scenario`] holds
+//! tracegap's agent runs on the pods' veths ([`agent`]), in-process or from
+//! its image as deploy/base's DaemonSet says ([`container`]). [`scenario`] holds
 //! one scenario per seed lesson; [`tree`] and [`jaeger`] show the traces.
 
 pub mod agent;
 pub mod bench;
 pub mod cluster;
+pub mod container;
 pub mod files;
 pub mod http;
 pub mod load;

@@ -41,6 +41,10 @@ enum Cmd {
         /// Where the trace files and names files go.
         #[arg(long, default_value = "target/lab")]
         out: PathBuf,
+        /// Run each node's agent from its image (`cargo xtask image`), as
+        /// the DaemonSet in this kustomize directory says (podman).
+        #[arg(long, value_name = "KUSTOMIZE_DIR", num_args = 0..=1, default_missing_value = "deploy/base")]
+        container: Option<PathBuf>,
     },
     /// What tracegap costs: data path, kernel, user space, memory, detection
     /// latency, each against its baseline (as root; `cargo xtask bench`).
@@ -153,6 +157,7 @@ fn main() -> anyhow::Result<()> {
             scenarios,
             short,
             out,
+            container,
         } => {
             on_signal(&INTERRUPTED, None)?;
             let scenarios = if scenarios.is_empty() {
@@ -160,11 +165,26 @@ fn main() -> anyhow::Result<()> {
             } else {
                 scenarios
             };
+            let container = match container {
+                Some(dir) => {
+                    let docs = tracegap_lab::container::render(&dir)?;
+                    let t =
+                        tracegap_lab::container::PodTemplate::from_manifests(&docs, "tracegap")?;
+                    anyhow::ensure!(
+                        tracegap_lab::container::image_present(&t.image),
+                        "no image {} in podman's storage: build it with `cargo xtask image`",
+                        t.image
+                    );
+                    Some(t)
+                }
+                None => None,
+            };
             let opts = Options {
                 scenarios,
                 short,
                 out,
                 lab_bin: std::env::current_exe().context("locating tracegap-lab")?,
+                container,
             };
             let outcomes = match run(&opts, &mut std::io::stdout()) {
                 Ok(o) => o,

@@ -55,6 +55,9 @@ pub struct Options {
     pub out: PathBuf,
     /// The `tracegap-lab` binary, run in the pods as services and clients.
     pub lab_bin: PathBuf,
+    /// Run the agents from their image as this pod template (deploy/base's
+    /// DaemonSet) says, instead of in-process.
+    pub container: Option<crate::container::PodTemplate>,
 }
 
 /// One scenario's result.
@@ -245,7 +248,7 @@ impl Ctx<'_> {
     fn report(&self) -> anyhow::Result<Report> {
         let mut all = Report::default();
         for agent in &self.agents {
-            let (status, body) = agent.get("/report")?;
+            let (status, body) = agent.get_report()?;
             anyhow::ensure!(status == 200, "/report answered {status}");
             let r: Report = serde_json::from_str(&body)?;
             all.edges.extend(r.edges);
@@ -283,8 +286,14 @@ impl Ctx<'_> {
         while self.metric("tracegap_export_queue_spans")? > 0.0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
-        // The batch in flight.
-        std::thread::sleep(Duration::from_millis(400));
+        // The batch in flight: the lab's in-process agents export every
+        // 200 ms, the ConfigMap's every second (the agent's default).
+        let in_flight = if self.opts.container.is_some() {
+            1200
+        } else {
+            400
+        };
+        std::thread::sleep(Duration::from_millis(in_flight));
         Ok(())
     }
 }
@@ -448,26 +457,33 @@ pub fn run_one(
     std::fs::write(&names, cluster.names_file("lab", &uninstrumented))?;
     let identities = tracegap_agent::identity::parse_names_file(&std::fs::read_to_string(&names)?)
         .with_context(|| format!("reading {}", names.display()))?;
-    let agents = cluster.start_agents(
-        &AgentConfig {
-            interfaces: Selection::Explicit(Vec::new()),
-            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            export: ExportConfig {
-                protocol: OtlpProtocol::Grpc,
-                interval: Duration::from_millis(200),
-                queue: 2048,
-                attempts: 3,
-                ..ExportConfig::default()
+    let agents = match &opts.container {
+        Some(template) => {
+            // The ConfigMap's settings, but for what the lab must change.
+            cluster.start_container_agents(template, store.grpc.port(), &names)?
+        }
+        None => cluster.start_agents(
+            &AgentConfig {
+                interfaces: Selection::Explicit(Vec::new()),
+                listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+                report_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
+                export: ExportConfig {
+                    protocol: OtlpProtocol::Grpc,
+                    interval: Duration::from_millis(200),
+                    queue: 2048,
+                    attempts: 3,
+                    ..ExportConfig::default()
+                },
+                export_mode: ExportMode::Gaps,
+                export_unsampled: false,
+                services: identities,
+                response_timeout: Duration::from_secs(60),
+                kubernetes: None,
+                node_name: None,
             },
-            export_mode: ExportMode::Gaps,
-            export_unsampled: false,
-            services: identities,
-            response_timeout: Duration::from_secs(60),
-            kubernetes: None,
-            node_name: None,
-        },
-        store.grpc.port(),
-    )?;
+            store.grpc.port(),
+        )?,
+    };
     let mut ctx = Ctx {
         agents,
         children: Vec::new(),

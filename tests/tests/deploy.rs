@@ -9,6 +9,7 @@ use k8s_openapi::{
     api::{
         apps::v1::{DaemonSet, Deployment},
         core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
+        networking::v1::NetworkPolicy,
         rbac::v1::{ClusterRole, ClusterRoleBinding},
     },
     serde::{Serialize, de::DeserializeOwned},
@@ -75,6 +76,7 @@ fn check_all(docs: &[Value]) -> anyhow::Result<Vec<String>> {
             "DaemonSet" => typed::<DaemonSet>(d).map(drop),
             "Deployment" => typed::<Deployment>(d).map(drop),
             "Service" => typed::<Service>(d).map(drop),
+            "NetworkPolicy" => typed::<NetworkPolicy>(d).map(drop),
             other => Err(anyhow::anyhow!("no check for kind {other}")),
         };
         r.map_err(|e| e.context(format!("{kind} {name}")))?;
@@ -117,6 +119,7 @@ fn every_manifest_renders_and_reads_into_its_kubernetes_type() -> anyhow::Result
         "ConfigMap",
         "DaemonSet",
         "Service",
+        "NetworkPolicy",
     ] {
         assert!(base.iter().any(|b| b == k), "base has no {k}: {base:?}");
     }
@@ -192,7 +195,9 @@ fn the_daemonset_runs_with_least_privilege() -> anyhow::Result<()> {
     assert_eq!(caps.drop.unwrap_or_default(), ["ALL"]);
     let mut add = caps.add.unwrap_or_default();
     add.sort();
-    assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON", "SYS_RESOURCE"]);
+    // Each one shown necessary by tests/tests/container.rs; no SYS_RESOURCE.
+    assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON"]);
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
     let node_name = c
         .env
         .clone()
@@ -218,6 +223,51 @@ fn the_daemonset_runs_with_least_privilege() -> anyhow::Result<()> {
     assert!(res.limits.is_some_and(|r| r.contains_key("memory")));
     let mounts = c.volume_mounts.clone().unwrap_or_default();
     assert!(mounts.iter().any(|m| m.mount_path == "/sys/fs/bpf"));
+    // /report (services, URL paths) on the node's loopback; the metrics
+    // port open only to the monitoring namespace.
+    let cm: ConfigMap = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .map(typed)
+        .expect("a ConfigMap")?;
+    let data = cm.data.unwrap_or_default();
+    let report: std::net::SocketAddr = data["TRACEGAP_REPORT_LISTEN"].parse()?;
+    assert!(report.ip().is_loopback(), "{report}");
+    let np: NetworkPolicy = docs
+        .iter()
+        .find(|d| d["kind"] == "NetworkPolicy")
+        .map(typed)
+        .expect("a NetworkPolicy")?;
+    let np = np.spec.expect("spec");
+    assert_eq!(
+        np.pod_selector.and_then(|s| s.match_labels),
+        ds.spec.selector.match_labels,
+        "it selects the agent's pods"
+    );
+    let rules = np.ingress.unwrap_or_default();
+    let [rule] = rules.as_slice() else {
+        panic!("one ingress rule: {rules:?}");
+    };
+    let ports: Vec<String> = rule
+        .ports
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|p| match p.port? {
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(s) => Some(s),
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(n) => {
+                Some(n.to_string())
+            }
+        })
+        .collect();
+    assert_eq!(ports, ["metrics"]);
+    assert!(
+        rule.from
+            .iter()
+            .flatten()
+            .all(|f| f.namespace_selector.is_some()),
+        "only from selected namespaces"
+    );
     // RBAC: read-only, pods/services/replicasets only.
     let role: ClusterRole = docs
         .iter()

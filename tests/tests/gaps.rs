@@ -43,6 +43,7 @@ fn config(node: &Node, receiver: &Receiver, export: ExportConfig) -> AgentConfig
     AgentConfig {
         interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
         export: ExportConfig {
             endpoint: Some(match export.protocol {
                 OtlpProtocol::Grpc => format!("http://127.0.0.1:{}", receiver.grpc.port()),
@@ -143,7 +144,7 @@ impl Lab {
     }
 
     fn report(&self) -> anyhow::Result<Report> {
-        let (status, body) = self.agent.get("/report")?;
+        let (status, body) = self.agent.get_report()?;
         anyhow::ensure!(status == 200, "/report answered {status}");
         Ok(serde_json::from_str(&body)?)
     }

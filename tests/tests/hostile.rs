@@ -500,6 +500,7 @@ fn the_agent_keeps_running_and_reports_no_forged_hop() -> anyhow::Result<()> {
     let agent = Agent::start(AgentConfig {
         interfaces: Selection::Explicit(pods.node.pods.iter().map(|p| p.host_if.clone()).collect()),
         listen: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
+        report_listen: Some(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))),
         export: ExportConfig {
             endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
             protocol: OtlpProtocol::Grpc,
@@ -529,7 +530,7 @@ fn the_agent_keeps_running_and_reports_no_forged_hop() -> anyhow::Result<()> {
     let expected = 11;
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let report = loop {
-        let (_, body) = agent.get("/report")?;
+        let (_, body) = agent.get_report()?;
         let report: Report = serde_json::from_str(&body)?;
         let hops: u64 = report.edges.iter().map(|e| e.requests).sum();
         if hops >= expected || std::time::Instant::now() > deadline {

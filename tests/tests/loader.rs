@@ -70,3 +70,121 @@ fn a_program_the_verifier_rejects_is_named_with_the_verifier_log() -> anyhow::Re
     );
     Ok(())
 }
+
+/// The programs attached to `iface` on `hook`: netlink filters named like
+/// tracegap's (as `tc filter show` lists them) and TCX programs (queried).
+fn attached(iface: &str, hook: &str) -> anyhow::Result<usize> {
+    let out = run(std::process::Command::new("tc").args(["filter", "show", "dev", iface, hook]))?;
+    let filters = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("tracegap_"))
+        .count();
+    let attach_type = match hook {
+        "ingress" => aya::programs::TcAttachType::Ingress,
+        _ => aya::programs::TcAttachType::Egress,
+    };
+    let tcx = match aya::programs::SchedClassifier::query_tcx(iface, attach_type) {
+        // Program names are cut to 15 bytes: tracegap_ingres, tracegap_egress.
+        Ok((_, programs)) => programs
+            .iter()
+            .filter(|p| p.name_as_str().is_some_and(|n| n.starts_with("tracegap_")))
+            .count(),
+        // No TCX on this kernel (6.1): netlink filters only.
+        Err(_) => 0,
+    };
+    Ok(filters + tcx)
+}
+
+const CHILD_IFACE: &str = "TRACEGAP_TEST_ATTACH_IFACE";
+
+/// The first agent of [`a_restart_after_sigkill_leaves_one_filter_per_direction`]:
+/// run by it as a child process, attached until killed.
+#[test]
+#[ignore = "a child of a_restart_after_sigkill_leaves_one_filter_per_direction"]
+fn attached_until_killed() -> anyhow::Result<()> {
+    let Some(iface) = std::env::var_os(CHILD_IFACE) else {
+        return Ok(());
+    };
+    let mut observer = Observer::load()?;
+    observer.attach(&iface.to_string_lossy())?;
+    println!("ATTACHED");
+    // Bounded: the parent kills it within seconds.
+    std::thread::sleep(std::time::Duration::from_secs(60));
+    Ok(())
+}
+
+#[test]
+fn a_restart_after_sigkill_leaves_one_filter_per_direction() -> anyhow::Result<()> {
+    use std::io::BufRead as _;
+
+    use tracegap_common::EventKind;
+    use tracegap_tests::{Node, collect_events, http::HttpServer};
+
+    if !privileged("a_restart_after_sigkill_leaves_one_filter_per_direction") {
+        return Ok(());
+    }
+    let node = Node::new(&["client", "server"])?;
+    let server = node.pod("server");
+    let _http = HttpServer::start(server, 8080)?;
+    let iface = server.host_if.clone();
+
+    // An agent attaches, then dies as an OOM kill or a SIGKILL ends it:
+    // with no chance to detach.
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args([
+            "--exact",
+            "attached_until_killed",
+            "--ignored",
+            "--nocapture",
+        ])
+        .args(["--test-threads=1", "-q"])
+        .env(CHILD_IFACE, &iface)
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = child.stdout.take().expect("piped");
+    let attached_line = std::io::BufReader::new(stdout)
+        .lines()
+        .map_while(Result::ok)
+        .any(|l| l == "ATTACHED");
+    child.kill()?;
+    child.wait()?;
+    anyhow::ensure!(attached_line, "the first agent never attached");
+
+    let mode = tracegap_agent::ebpf::AttachMode::detect();
+    let left = (attached(&iface, "ingress")?, attached(&iface, "egress")?);
+    match mode {
+        // The kernel keeps netlink filters after their process: the case
+        // the restart must handle (so this test is not vacuous on 6.1).
+        tracegap_agent::ebpf::AttachMode::Netlink => assert_eq!(left, (1, 1), "left behind"),
+        // TCX links go with the process.
+        tracegap_agent::ebpf::AttachMode::Tcx => assert_eq!(left, (0, 0), "left behind"),
+    }
+
+    // The restarted agent.
+    let mut observer = Observer::load()?;
+    observer.attach(&iface)?;
+    assert_eq!(
+        (attached(&iface, "ingress")?, attached(&iface, "egress")?),
+        (1, 1),
+        "one filter per direction after the restart ({mode})"
+    );
+    let mut ring = observer.take_events()?;
+    node.pod("client")
+        .curl(&format!("http://{}:8080/after-restart", server.ipv4), &[])?;
+    let events = collect_events(&mut ring, std::time::Duration::from_secs(3), |ev| {
+        ev.iter().any(|e| e.kind == EventKind::Response)
+    });
+    let count = |kind: EventKind| events.iter().filter(|e| e.kind == kind).count();
+    assert_eq!(
+        (count(EventKind::Request), count(EventKind::Response)),
+        (1, 1),
+        "each message seen once: {events:?}"
+    );
+    observer.detach_all()?;
+    assert_eq!(
+        (attached(&iface, "ingress")?, attached(&iface, "egress")?),
+        (0, 0),
+        "nothing left after a clean stop"
+    );
+    Ok(())
+}

@@ -49,6 +49,7 @@ fn lab(pods: [&[&str]; 2], services: &[&str]) -> anyhow::Result<Lab> {
         &AgentConfig {
             interfaces: Selection::Explicit(Vec::new()),
             listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+            report_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
             export: ExportConfig {
                 protocol: OtlpProtocol::Grpc,
                 interval: Duration::from_millis(100),
@@ -132,7 +133,7 @@ impl Lab {
         self.agents
             .iter()
             .map(|a| {
-                let (status, body) = a.get("/report")?;
+                let (status, body) = a.get_report()?;
                 anyhow::ensure!(status == 200, "/report answered {status}");
                 Ok(serde_json::from_str(&body)?)
             })

@@ -36,6 +36,7 @@ use crate::{
     interfaces::{self, Interfaces, Selection},
     metrics::{BaggageLabels, GapLabels, Metrics, RequestLabels},
     nat::{self, Conntrack, LookupStats, ServiceNat},
+    privileges,
     server::{self, Shared},
 };
 
@@ -61,8 +62,11 @@ const MAX_LOCAL_IPS: usize = 64 * 1024;
 #[derive(Clone, Debug)]
 pub struct AgentConfig {
     pub interfaces: Selection,
-    /// Where /metrics, /report, /healthz and /readyz are served.
+    /// Where /metrics, /healthz and /readyz are served.
     pub listen: SocketAddr,
+    /// Where /report is served: it names services and URL paths, so it
+    /// has its own address, loopback by default. None: not served.
+    pub report_listen: Option<SocketAddr>,
     pub export: ExportConfig,
     pub export_mode: ExportMode,
     pub export_unsampled: bool,
@@ -81,6 +85,8 @@ pub struct AgentConfig {
 /// The running agent's handles, for callers that embed it (tests).
 pub struct Started {
     pub listen: SocketAddr,
+    /// Where /report is served, if it is.
+    pub report: Option<SocketAddr>,
     pub shared: Arc<Shared>,
     pub directory: Arc<Directory>,
 }
@@ -104,18 +110,32 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "listing this node's addresses"),
         }
     }
-    let (listen, server) = server::serve(config.listen, shared.clone())
+    let (listen, server) = server::serve(config.listen, server::probes(shared.clone()))
         .await
         .with_context(|| format!("listening on {}", config.listen))?;
-    tracing::info!(%listen, "serving /metrics /report /healthz /readyz");
-    let mut observer = Observer::load().context("loading the eBPF programs")?;
+    tracing::info!(%listen, "serving /metrics /healthz /readyz");
+    let report = match config.report_listen {
+        Some(addr) => {
+            let (bound, task) = server::serve(addr, server::report(shared.clone()))
+                .await
+                .with_context(|| format!("listening on {addr} for /report"))?;
+            tracing::info!(listen = %bound, "serving /report");
+            Some((bound, task))
+        }
+        None => None,
+    };
+    let mut observer = Observer::load()
+        .context("loading the eBPF programs")
+        .map_err(privileges::explain)?;
     let watcher = config.kubernetes.clone().map(|cluster| {
         let status = Arc::new(ApiStatus::default());
         shared.set_api(status.clone());
         tokio::spawn(watch_cluster(cluster, directory.clone(), status))
     });
     let result = async {
-        let interfaces = Interfaces::start(&mut observer, config.interfaces.clone()).await?;
+        let interfaces = Interfaces::start(&mut observer, config.interfaces.clone())
+            .await
+            .map_err(|e| privileges::explain(e.into()))?;
         let (queue, exporter) =
             export::start(config.export.clone(), metrics.clone()).context("starting export")?;
         let stream = EventStream::new(observer.take_events()?)?;
@@ -129,6 +149,7 @@ pub async fn run(
         if let Some(tx) = started {
             let _ = tx.send(Started {
                 listen,
+                report: report.as_ref().map(|(a, _)| *a),
                 shared: shared.clone(),
                 directory: directory.clone(),
             });
@@ -162,6 +183,9 @@ pub async fn run(
     // Detach before reporting any error, so nothing stays attached.
     let detached = observer.detach_all();
     server.abort();
+    if let Some((_, task)) = report {
+        task.abort();
+    }
     if let Some(w) = watcher {
         w.abort();
     }

@@ -29,8 +29,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent: classify every hop, export synthetic spans for
-    /// the gaps over OTLP, serve /metrics, /report, /healthz and /readyz.
-    Run(RunArgs),
+    /// the gaps over OTLP, serve /metrics, /healthz and /readyz, and /report
+    /// on its own (loopback) address.
+    Run(Box<RunArgs>),
     /// Print every HTTP request and response seen on the wire, one per line.
     Observe(ObserveArgs),
     /// Print a running agent's per-edge gap report as a table.
@@ -41,9 +42,14 @@ pub enum Command {
 pub struct RunArgs {
     #[command(flatten)]
     pub interfaces: InterfaceArgs,
-    /// Address for /metrics, /report, /healthz and /readyz.
+    /// Address for /metrics, /healthz and /readyz (Prometheus, probes).
     #[arg(long, env = "TRACEGAP_LISTEN", default_value = "0.0.0.0:9464")]
     pub listen: SocketAddr,
+    /// Address for /report, which names services and URL paths: loopback
+    /// by default (read it on the node, or through `kubectl exec` or
+    /// `port-forward`); `off` serves no /report.
+    #[arg(long, env = "TRACEGAP_REPORT_LISTEN", default_value = "127.0.0.1:9465", value_parser = parse_report_listen)]
+    pub report_listen: ReportListen,
     /// OTLP endpoint, e.g. http://jaeger-collector:4317 (gRPC) or
     /// http://jaeger-collector:4318 (HTTP; /v1/traces is appended).
     /// Unset: opentelemetry-otlp's default for the protocol
@@ -100,6 +106,19 @@ pub enum KubernetesMode {
     Off,
 }
 
+/// Where /report is served, or `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReportListen(pub Option<SocketAddr>);
+
+fn parse_report_listen(s: &str) -> Result<ReportListen, String> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(ReportListen(None));
+    }
+    s.parse()
+        .map(|a| ReportListen(Some(a)))
+        .map_err(|e| format!("{e}: expected ADDRESS:PORT or off"))
+}
+
 fn parse_service(s: &str) -> Result<(IpAddr, String), String> {
     crate::identity::parse_mapping(s).map_err(|e| e.to_string())
 }
@@ -127,6 +146,7 @@ impl RunArgs {
         Ok(AgentConfig {
             interfaces: self.interfaces.selection(),
             listen: self.listen,
+            report_listen: self.report_listen.0,
             export: ExportConfig {
                 protocol: self.otlp_protocol,
                 endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
@@ -153,8 +173,8 @@ impl RunArgs {
 
 #[derive(Debug, Args)]
 pub struct ReportArgs {
-    /// The agent's address (its --listen).
-    #[arg(long, env = "TRACEGAP_AGENT", default_value = "127.0.0.1:9464")]
+    /// The agent's /report address (its --report-listen).
+    #[arg(long, env = "TRACEGAP_AGENT", default_value = "127.0.0.1:9465")]
     pub agent: String,
     /// Print the JSON instead of a table.
     #[arg(long)]

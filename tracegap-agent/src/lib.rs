@@ -23,6 +23,7 @@ pub mod interfaces;
 pub mod metrics;
 pub mod nat;
 pub mod observe;
+pub mod privileges;
 pub mod report;
 pub mod server;
 pub mod shutdown;

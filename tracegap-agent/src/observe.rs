@@ -104,10 +104,12 @@ pub async fn run_with(
     out: &mut (dyn Write + Send),
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut observer = Observer::load().context("loading the eBPF programs")?;
+    let mut observer = Observer::load()
+        .context("loading the eBPF programs")
+        .map_err(crate::privileges::explain)?;
     let result = match Interfaces::start(&mut observer, args.interfaces.selection()).await {
         Ok(interfaces) => watch(&mut observer, interfaces, args, out, stop).await,
-        Err(e) => Err(e.into()),
+        Err(e) => Err(crate::privileges::explain(e.into())),
     };
     // Detach before reporting any error, so nothing stays attached.
     observer.detach_all()?;

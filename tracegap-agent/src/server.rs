@@ -1,6 +1,8 @@
-//! The agent's HTTP endpoints: `/metrics` (Prometheus), `/report` (JSON),
-//! `/healthz` (the event loop is turning) and `/readyz` (programs attached,
-//! exporter running).
+//! The agent's HTTP endpoints: `/metrics` (Prometheus), `/healthz` (the
+//! event loop is turning) and `/readyz` (programs attached, exporter
+//! running) on one address; `/report` (JSON) on another, because it names
+//! services and URL paths: loopback by default, so only someone on the
+//! node (or `kubectl exec`/`port-forward`) reads it.
 
 use std::{
     net::SocketAddr,
@@ -58,7 +60,7 @@ async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     )
 }
 
-async fn report(State(s): State<Arc<Shared>>) -> impl IntoResponse {
+async fn report_json(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     match s.reporter.lock() {
         Ok(r) => Json(r.report()).into_response(),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
@@ -90,25 +92,32 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     }
 }
 
-pub fn router(shared: Arc<Shared>) -> Router {
+/// `/metrics`, `/healthz` and `/readyz`: for Prometheus and the kubelet.
+pub fn probes(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/report", get(report))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(shared)
 }
 
-/// Binds `addr` and serves until the task is dropped. Binding is done
-/// before returning, so a taken port is a start-up error.
+/// `/report`: the service graph with URL paths, for people on the node.
+pub fn report(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/report", get(report_json))
+        .with_state(shared)
+}
+
+/// Binds `addr` and serves `router` until the task is dropped. Binding is
+/// done before returning, so a taken port is a start-up error.
 pub async fn serve(
     addr: SocketAddr,
-    shared: Arc<Shared>,
+    router: Router,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router(shared)).await {
+        if let Err(e) = axum::serve(listener, router).await {
             tracing::error!(error = %e, "HTTP server stopped");
         }
     });

@@ -19,6 +19,11 @@ pub struct LabArgs {
     /// Where the trace files go.
     #[arg(long, default_value = "target/lab")]
     out: String,
+    /// Run each node's agent from its image (built first, `cargo xtask
+    /// image`) as deploy/base's DaemonSet says, with podman, instead of
+    /// in-process.
+    #[arg(long)]
+    container: bool,
 }
 
 pub fn run(args: &LabArgs) -> anyhow::Result<()> {
@@ -30,6 +35,9 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
         );
     }
     let route = setup::ensure(true)?;
+    if args.container {
+        crate::image::build(&route, None)?;
+    }
     toolchain::run(toolchain::cargo(&route).args(["build", "--package", "tracegap-lab"]))?;
     let bin = toolchain::workspace_root().join("target/debug/tracegap-lab");
     let mut cmd = std::process::Command::new(bin);
@@ -40,6 +48,9 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     }
     if args.short {
         cmd.arg("--short");
+    }
+    if args.container {
+        cmd.arg("--container=deploy/base");
     }
     toolchain::run(&mut cmd)
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod fuzz;
+mod image;
 mod lab;
 mod setup;
 mod test;
@@ -24,6 +25,10 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Build the agent with its embedded eBPF programs.
     Build(BuildArgs),
+    /// The agent's OCI image, offline (buildah, FROM scratch, a static
+    /// binary): deploy/Containerfile's agent stage, tagged tracegap:VERSION
+    /// in podman's storage and saved as target/image/tracegap.oci.tar.
+    Image(image::ImageArgs),
     /// The tracing lab on this machine (as root): every seed scenario, what
     /// tracegap finds, the traces as trees and as a Jaeger JSON file.
     Lab(lab::LabArgs),
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             }
             toolchain::run(&mut cmd)
         }
+        Command::Image(args) => image::run(&args),
         Command::Lab(args) => lab::run(&args),
         Command::Test(args) => test::run(&args),
         Command::Lint => test::lint(),

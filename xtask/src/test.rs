@@ -22,9 +22,17 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
              eBPF) will be SKIPPED, each with a message; run as root for the full suite"
         );
     }
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
     // Unit tests and end-to-end tests, in the default members (the eBPF
     // crate only builds for the BPF target, through the agent's build.rs).
     let mut cmd = toolchain::cargo(&route);
+    if root {
+        // The container test runs the agent's image as deploy/base says:
+        // built here, from this tree, and required (not skipped) in this run.
+        crate::image::build(&route, None)?;
+        cmd.env("TRACEGAP_REQUIRE_IMAGE", crate::image::IMAGE);
+    }
     cmd.args(["test", "--no-fail-fast"]);
     if !args.cargo_test_args.is_empty() {
         cmd.arg("--").args(&args.cargo_test_args);
@@ -32,8 +40,6 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     let host = toolchain::run(&mut cmd);
     // The kernel-side tests again, on the other kernels users run: only
     // as root, and not when the run is filtered to some tests.
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
     let vm = if root && !args.no_vm && args.cargo_test_args.is_empty() {
         crate::vm::run(&crate::vm::VmArgs::default())
     } else {

@@ -117,6 +117,31 @@ fn index_exists(index: u32) -> bool {
     !unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) }.is_null()
 }
 
+/// Removes filters an earlier agent left on `iface`. A netlink filter
+/// outlives the process that attached it: after a SIGKILL or an OOM kill
+/// the old programs stay in the data path, copying into a ring buffer no
+/// one reads, and a restarted agent would stack a second pair. They are
+/// found by the name tracegap gives them (the program's); TCX links need
+/// none of this, they go with their process.
+fn remove_leftovers(iface: &str) {
+    for (program, hook) in [
+        (INGRESS_PROGRAM, TcAttachType::Ingress),
+        (EGRESS_PROGRAM, TcAttachType::Egress),
+    ] {
+        match tc::qdisc_detach_program(iface, hook, program) {
+            Ok(()) => tracing::warn!(
+                iface,
+                program,
+                "removed a filter left by an earlier run (killed before it could detach)"
+            ),
+            Err(tc::TcError::IoError(e)) if e.kind() == std::io::ErrorKind::NotFound => {}
+            // Attaching goes on: a failure to clean up must not leave the
+            // interface unwatched.
+            Err(e) => tracing::warn!(iface, program, error = %e, "looking for leftover filters"),
+        }
+    }
+}
+
 impl Attachments {
     pub(super) fn new(mode: AttachMode) -> Self {
         Self {
@@ -167,6 +192,7 @@ impl Attachments {
         if self.mode == AttachMode::Netlink {
             // Fails when the qdisc exists already, which is what we want.
             let _ = tc::qdisc_add_clsact(iface);
+            remove_leftovers(iface);
         }
         let ingress = self.attach_one(ebpf, INGRESS_PROGRAM, iface, TcAttachType::Ingress)?;
         let egress = match self.attach_one(ebpf, EGRESS_PROGRAM, iface, TcAttachType::Egress) {

@@ -1,0 +1,220 @@
+//! The agent's image (`cargo xtask image`), run as deploy/base's DaemonSet
+//! says: the pod template rendered by `kubectl kustomize` and translated
+//! field by field into `podman run` (lab/src/container.rs), on a lab node's
+//! network as its host network. It finds the lab's broken propagation;
+//! without any one of the capabilities the DaemonSet adds it stops with an
+//! error naming it.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde_json::Value;
+use tracegap_lab::{
+    cluster::Cluster,
+    container::{AgentContainer, Placement, PodTemplate, deploy_base, image_present, render},
+    run::{Options, run},
+};
+
+fn have(tool: &str) -> bool {
+    let args: &[&str] = match tool {
+        "kubectl" => &["version", "--client"],
+        _ => &["--version"],
+    };
+    std::process::Command::new(tool)
+        .args(args)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// deploy/base's rendered documents, or None (with a message) when this
+/// machine cannot run the test. `cargo xtask test` builds the image and
+/// sets TRACEGAP_REQUIRE_IMAGE, so there a missing part is a failure.
+fn manifests(test: &str) -> Option<Vec<Value>> {
+    let required = std::env::var_os("TRACEGAP_REQUIRE_IMAGE").is_some();
+    let skip = |why: &str| {
+        assert!(!required, "{test}: {why}");
+        eprintln!("SKIPPED {test}: {why}");
+        None
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return skip("needs root");
+    }
+    if !have("podman") || !have("kubectl") {
+        return skip("needs podman and kubectl (cargo xtask image installs podman)");
+    }
+    let docs = match render(&deploy_base()) {
+        Ok(d) => d,
+        Err(e) => panic!("rendering deploy/base: {e:#}"),
+    };
+    let t = PodTemplate::from_manifests(&docs, "tracegap").expect("the DaemonSet translates");
+    if !image_present(&t.image) {
+        return skip(&format!("no image {} (cargo xtask image)", t.image));
+    }
+    Some(docs)
+}
+
+#[test]
+fn every_field_of_the_pod_template_is_translated_or_named() -> anyhow::Result<()> {
+    if !have("kubectl") {
+        eprintln!("SKIPPED every_field_of_the_pod_template_is_translated_or_named: no kubectl");
+        return Ok(());
+    }
+    let mut docs = render(&deploy_base())?;
+    let t = PodTemplate::from_manifests(&docs, "tracegap")?;
+    let at = Placement {
+        node: "node-a".into(),
+        netns: Some("tgn-example".into()),
+        ..Placement::default()
+    };
+    let args = AgentContainer::podman_args(&t, &at, "tg")?;
+    for flag in [
+        "--network=ns:/var/run/netns/tgn-example",
+        "--cap-drop=ALL",
+        "--cap-add=BPF",
+        "--cap-add=NET_ADMIN",
+        "--cap-add=PERFMON",
+        "--read-only",
+        "--security-opt=no-new-privileges",
+        "--volume=/sys/fs/bpf:/sys/fs/bpf",
+        "--env=NODE_NAME=node-a",
+        "--env=TRACEGAP_REPORT_LISTEN=127.0.0.1:9465",
+        "--memory=268435456",
+        "--stop-timeout=10",
+    ] {
+        assert!(args.iter().any(|a| a == flag), "no {flag} in {args:?}");
+    }
+    assert!(!args.iter().any(|a| a.contains("SYS_RESOURCE")), "{args:?}");
+    assert!(!args.iter().any(|a| a == "--privileged"), "{args:?}");
+    assert_eq!(args.last().map(String::as_str), Some("run"));
+    assert!(
+        t.ignored
+            .iter()
+            .any(|i| i.starts_with("serviceAccountName"))
+    );
+    let probe = t.readiness.clone().expect("a readiness probe");
+    assert_eq!((probe.path.as_str(), probe.port), ("/readyz", 9464));
+
+    // A field the translation does not know is an error, not a silent skip.
+    let ds = docs
+        .iter_mut()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    ds["spec"]["template"]["spec"]["containers"][0]["workingDir"] = Value::from("/tmp");
+    let err = PodTemplate::from_manifests(&docs, "tracegap").expect_err("workingDir is unknown");
+    assert!(err.to_string().contains("workingDir"), "{err:#}");
+    Ok(())
+}
+
+#[test]
+fn the_image_run_as_the_daemonset_says_finds_the_labs_broken_propagation() -> anyhow::Result<()> {
+    let Some(docs) =
+        manifests("the_image_run_as_the_daemonset_says_finds_the_labs_broken_propagation")
+    else {
+        return Ok(());
+    };
+    let out = std::env::temp_dir().join(format!("tracegap-container-test-{}", std::process::id()));
+    let opts = Options {
+        scenarios: vec!["broken-propagation".into()],
+        short: true,
+        out: out.clone(),
+        lab_bin: PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
+        container: Some(PodTemplate::from_manifests(&docs, "tracegap")?),
+    };
+    let mut text = Vec::new();
+    let outcomes = run(&opts, &mut text);
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let _ = std::fs::remove_dir_all(&out);
+    let outcomes = outcomes.map_err(|e| e.context(text.clone()))?;
+    let [o] = outcomes.as_slice() else {
+        panic!("one outcome: {text}");
+    };
+    assert!(o.passed, "{text}");
+    assert!(
+        o.report
+            .edges
+            .iter()
+            .any(|e| e.kinds.contains_key("broken_propagation")),
+        "the hop that dropped the context found: {text}"
+    );
+    assert!(!o.spans.is_empty(), "synthetic spans exported: {text}");
+    Ok(())
+}
+
+#[test]
+fn each_capability_the_daemonset_adds_is_needed_and_named_when_missing() -> anyhow::Result<()> {
+    let test = "each_capability_the_daemonset_adds_is_needed_and_named_when_missing";
+    let Some(mut docs) = manifests(test) else {
+        return Ok(());
+    };
+    let t = PodTemplate::from_manifests(&docs, "tracegap")?;
+    let cluster = Cluster::new([&["client", "server"], &[]])?;
+    let node = &cluster.nodes[0];
+    let at = Placement {
+        node: node.name.clone(),
+        netns: node.netns.clone(),
+        reach: Some(Cluster::node_address(node).into()),
+        overlay: vec![("TRACEGAP_IFACE_PATTERNS".into(), node.veth_pattern())],
+        ..Placement::default()
+    };
+    let name = |what: &str| format!("tracegap-test-{what}-{}", std::process::id());
+
+    // All of them: ready, attached to the node's pod veths; /metrics on
+    // the node's address, /report only on its loopback.
+    let mut agent = AgentContainer::start(&t, &at, &name("all"))?;
+    agent.wait_ready(Duration::from_secs(30))?;
+    let (status, _) = tracegap_lab::http::get(agent.metrics, "/metrics")?;
+    assert_eq!(status, 200);
+    let report_port = 9465;
+    assert!(
+        tracegap_lab::http::get((Cluster::node_address(node), report_port).into(), "/report")
+            .is_err(),
+        "/report reachable from off the node"
+    );
+    let (status, body) = agent.get_report()?;
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str::<Value>(&body)?;
+    let logs = agent.logs();
+    for pod in &node.pods {
+        assert!(
+            logs.contains(&pod.host_if),
+            "not attached to {}: {logs}",
+            pod.host_if
+        );
+    }
+    agent.remove()?;
+
+    for cap in &t.capabilities {
+        let without = Placement {
+            without: vec![cap.clone()],
+            ..at.clone()
+        };
+        let agent = AgentContainer::start(&t, &without, &name(&cap.to_lowercase()))?;
+        let (code, logs) = agent.wait_exit(Duration::from_secs(30))?;
+        assert_ne!(code, 0, "ran without {cap}: {logs}");
+        assert!(
+            logs.contains("missing capabilities") && logs.contains(&format!("CAP_{cap}")),
+            "the error names CAP_{cap}: {logs}"
+        );
+    }
+
+    // seccompProfile RuntimeDefault: podman's default profile (that of
+    // containers-common, which CRI-O uses too) allows bpf(2) only with
+    // CAP_SYS_ADMIN. The agent says so instead of a bare EPERM.
+    let ds = docs
+        .iter_mut()
+        .find(|d| d["kind"] == "DaemonSet")
+        .expect("a DaemonSet");
+    ds["spec"]["template"]["spec"]["containers"][0]["securityContext"]["seccompProfile"]["type"] =
+        Value::from("RuntimeDefault");
+    let runtime_default = PodTemplate::from_manifests(&docs, "tracegap")?;
+    let agent = AgentContainer::start(&runtime_default, &at, &name("seccomp"))?;
+    match agent.wait_exit(Duration::from_secs(30)) {
+        Ok((code, logs)) => {
+            assert_ne!(code, 0, "{logs}");
+            assert!(logs.contains("seccomp"), "the error names seccomp: {logs}");
+        }
+        // A runtime whose default allows bpf(2) to CAP_BPF: it runs.
+        Err(e) => eprintln!("RuntimeDefault seccomp lets the agent run here: {e:#}"),
+    }
+    Ok(())
+}
