@@ -187,6 +187,29 @@ impl Cluster {
         self.services.iter().find(|v| v.name == name).map(|v| v.ip)
     }
 
+    /// What every node's agent shares; [`Cluster::start_agents`] fills in
+    /// the rest per node (interfaces, addresses, export endpoint, name).
+    pub fn agent_config(
+        export: tracegap_agent::export::ExportConfig,
+        export_mode: tracegap_agent::gap::span::ExportMode,
+        services: Vec<(std::net::IpAddr, tracegap_agent::gap::span::Identity)>,
+        response_timeout: std::time::Duration,
+    ) -> AgentConfig {
+        let any = SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0));
+        AgentConfig {
+            interfaces: Selection::Explicit(Vec::new()),
+            listen: any,
+            report_listen: Some(any),
+            export,
+            export_mode,
+            export_unsampled: false,
+            services,
+            response_timeout,
+            kubernetes: None,
+            node_name: None,
+        }
+    }
+
     /// Starts an agent per node, as the DaemonSet would: in the node's
     /// namespace, on its pods' veths, listening on its uplink address (/report too),
     /// exporting to the trace store's gRPC port as the node reaches it,

@@ -17,10 +17,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use tracegap_agent::{
-    agent::AgentConfig,
     export::{ExportConfig, OtlpProtocol},
     gap::span::ExportMode,
-    interfaces::Selection,
     report::{Report, table},
 };
 
@@ -463,24 +461,18 @@ pub fn run_one(
             cluster.start_container_agents(template, store.grpc.port(), &names)?
         }
         None => cluster.start_agents(
-            &AgentConfig {
-                interfaces: Selection::Explicit(Vec::new()),
-                listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-                report_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
-                export: ExportConfig {
+            &Cluster::agent_config(
+                ExportConfig {
                     protocol: OtlpProtocol::Grpc,
                     interval: Duration::from_millis(200),
                     queue: 2048,
                     attempts: 3,
                     ..ExportConfig::default()
                 },
-                export_mode: ExportMode::Gaps,
-                export_unsampled: false,
-                services: identities,
-                response_timeout: Duration::from_secs(60),
-                kubernetes: None,
-                node_name: None,
-            },
+                ExportMode::Gaps,
+                identities,
+                Duration::from_secs(60),
+            ),
             store.grpc.port(),
         )?,
     };

@@ -6,16 +6,14 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant},
 };
 
 use tracegap_agent::{
-    agent::AgentConfig,
     export::{ExportConfig, OtlpProtocol},
     gap::span::ExportMode,
     identity::parse_names_file,
-    interfaces::Selection,
     report::Report,
 };
 use tracegap_tests::{
@@ -46,22 +44,16 @@ fn lab(pods: [&[&str]; 2], services: &[&str]) -> anyhow::Result<Lab> {
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
     let identities = parse_names_file(&cluster.names_file("lab", &[]))?;
     let agents = cluster.start_agents(
-        &AgentConfig {
-            interfaces: Selection::Explicit(Vec::new()),
-            listen: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-            report_listen: Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))),
-            export: ExportConfig {
+        &Cluster::agent_config(
+            ExportConfig {
                 protocol: OtlpProtocol::Grpc,
                 interval: Duration::from_millis(100),
                 ..ExportConfig::default()
             },
-            export_mode: ExportMode::All,
-            export_unsampled: false,
-            services: identities,
-            response_timeout: Duration::from_secs(30),
-            kubernetes: None,
-            node_name: None,
-        },
+            ExportMode::All,
+            identities,
+            Duration::from_secs(30),
+        ),
         receiver.grpc.port(),
     )?;
     Ok(Lab {
