@@ -29,7 +29,7 @@ use crate::{
     load::LoadSummary,
     netns::{Child, Node, Pod},
     scenario::{self, Expect, Scenario},
-    store::{Received, Receiver},
+    store::{Downtime, Received, Receiver},
     tree,
 };
 
@@ -668,11 +668,11 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Vec<Outcome>> 
         file_spans.extend(keep_for_files(&o.spans, &o.examples));
         outcomes.push(o);
     }
-    write_files(&opts.out, &file_spans)?;
+    write_files(&opts.out, &file_spans, store.downtimes())?;
     writeln!(
         out,
         "\n{} spans stored, {} of them (at most {TRACES_PER_SCENARIO} traces per scenario) in the trace files:\n  {}\n  {}\nOpen the Jaeger one in any Jaeger UI (for example jaegertracing/all-in-one on \
-         http://localhost:16686): Search -> \"JSON File\" -> choose traces.jaeger.json.",
+         http://localhost:16686): Search -> \"Upload\" -> choose traces.jaeger.json.",
         store.spans().len(),
         file_spans.len(),
         opts.out.join("spans.otlp.json").display(),
@@ -698,9 +698,12 @@ fn keep_for_files(spans: &[Received], examples: &[String]) -> Vec<Received> {
         .collect()
 }
 
-fn write_files(dir: &Path, spans: &[Received]) -> anyhow::Result<()> {
+fn write_files(dir: &Path, spans: &[Received], down: &[Downtime]) -> anyhow::Result<()> {
     std::fs::write(dir.join("spans.otlp.json"), files::otlp_json(spans)?)?;
-    std::fs::write(dir.join("traces.jaeger.json"), files::jaeger_json(spans)?)?;
+    std::fs::write(
+        dir.join("traces.jaeger.json"),
+        files::jaeger_json(spans, down)?,
+    )?;
     Ok(())
 }
 

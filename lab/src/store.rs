@@ -67,7 +67,7 @@ pub fn hex(b: &[u8]) -> String {
     b.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn text(v: &AnyValue) -> String {
+pub(crate) fn text(v: &AnyValue) -> String {
     match &v.value {
         Some(Value::StringValue(s)) => s.clone(),
         Some(Value::BoolValue(b)) => b.to_string(),
@@ -132,6 +132,15 @@ pub struct Receiver {
         tokio::sync::oneshot::Sender<()>,
         std::thread::JoinHandle<()>,
     )>,
+    /// When it was stopped and resumed: spans sent then were lost.
+    down: Vec<Downtime>,
+}
+
+/// A time the store was down (`until` None: still down).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Downtime {
+    pub from: std::time::SystemTime,
+    pub until: Option<std::time::SystemTime>,
 }
 
 impl Receiver {
@@ -147,6 +156,7 @@ impl Receiver {
             http: http.local_addr()?,
             spans: Store::default(),
             running: None,
+            down: Vec::new(),
         };
         r.serve(Some((grpc, http)))?;
         Ok(r)
@@ -154,7 +164,16 @@ impl Receiver {
 
     /// Starts serving again (after [`Receiver::stop`]), on the same ports.
     pub fn resume(&mut self) -> anyhow::Result<()> {
-        self.serve(None)
+        self.serve(None)?;
+        if let Some(d) = self.down.last_mut().filter(|d| d.until.is_none()) {
+            d.until = Some(std::time::SystemTime::now());
+        }
+        Ok(())
+    }
+
+    /// The times it was down (stopped until resumed).
+    pub fn downtimes(&self) -> &[Downtime] {
+        &self.down
     }
 
     fn serve(
@@ -249,6 +268,10 @@ impl Receiver {
         if let Some((tx, thread)) = self.running.take() {
             let _ = tx.send(());
             let _ = thread.join();
+            self.down.push(Downtime {
+                from: std::time::SystemTime::now(),
+                until: None,
+            });
         }
     }
 

@@ -236,6 +236,37 @@ fn checks(outcomes: &[Outcome], text: &str, out: &std::path::Path) -> Vec<String
         passthrough,
         "traces.jaeger.json has no passthrough span".into(),
     );
+    // A span whose parent is not in its trace says why; pods are processes
+    // with their k8s tags.
+    let traces = jaeger["data"].as_array().cloned().unwrap_or_default();
+    let mut orphans = 0;
+    for t in &traces {
+        let spans = t["spans"].as_array().cloned().unwrap_or_default();
+        let ids: Vec<&serde_json::Value> = spans.iter().map(|s| &s["spanID"]).collect();
+        for s in &spans {
+            let parent = &s["references"][0]["spanID"];
+            if !parent.is_null() && !ids.contains(&parent) {
+                orphans += 1;
+                check(
+                    s["warnings"][0]
+                        .as_str()
+                        .is_some_and(|w| w.contains("not recorded")),
+                    format!("a span with an unrecorded parent has no warning: {s}"),
+                );
+            }
+        }
+    }
+    eprintln!("{orphans} spans in the Jaeger file have an unrecorded parent");
+    let pod_process = traces.iter().any(|t| {
+        t["processes"].as_object().is_some_and(|p| {
+            p.values().any(|p| {
+                p["tags"]
+                    .as_array()
+                    .is_some_and(|tags| tags.iter().any(|t| t["key"] == "k8s.pod.name"))
+            })
+        })
+    });
+    check(pod_process, "no process carries k8s.pod.name".into());
 
     // Nothing left behind: links, namespaces, attached programs.
     let links = ours("tg");
