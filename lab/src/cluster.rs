@@ -200,6 +200,7 @@ impl Cluster {
             interfaces: Selection::Explicit(Vec::new()),
             listen: any,
             report_listen: Some(any),
+            cors_origin: None,
             export,
             export_mode,
             export_unsampled: false,

@@ -103,14 +103,21 @@ fn missing_parent(s: &Received, down: &[Downtime]) -> String {
     }
 }
 
-/// Jaeger's JSON trace format, one entry per trace. `down`: when the
+/// Jaeger's JSON trace file (`{"data": [trace, ...]}`). `down`: when the
 /// store was down, to say why a parent span is missing.
 pub fn jaeger_json(spans: &[Received], down: &[Downtime]) -> anyhow::Result<String> {
+    let data = jaeger_traces(spans, down);
+    Ok(serde_json::to_string_pretty(&json!({ "data": data }))?)
+}
+
+/// Jaeger's JSON trace format, one entry per trace, in trace id order:
+/// what Jaeger's query API answers and its UI reads.
+pub fn jaeger_traces(spans: &[Received], down: &[Downtime]) -> Vec<Value> {
     let mut traces: BTreeMap<String, Vec<&Received>> = BTreeMap::new();
     for s in spans {
         traces.entry(s.trace_id()).or_default().push(s);
     }
-    let data: Vec<Value> = traces
+    traces
         .into_iter()
         .map(|(trace_id, spans)| {
             let recorded: BTreeSet<String> = spans.iter().map(|s| s.span_id()).collect();
@@ -185,8 +192,7 @@ pub fn jaeger_json(spans: &[Received], down: &[Downtime]) -> anyhow::Result<Stri
                 .collect();
             json!({"traceID": trace_id, "spans": jspans, "processes": processes, "warnings": null})
         })
-        .collect();
-    Ok(serde_json::to_string_pretty(&json!({ "data": data }))?)
+        .collect()
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! ([`service`]), the trace store is a real OTLP receiver ([`store`]), and
 //! tracegap's agent runs on the pods' veths ([`agent`]), in-process or from
 //! its image as deploy/base's DaemonSet says ([`container`]). [`scenario`] holds
-//! one scenario per seed lesson; [`tree`] and [`jaeger`] show the traces.
+//! one scenario per seed lesson; [`tree`], [`files`] and [`query`] (Jaeger's
+//! query API and UI) show the traces.
 
 pub mod agent;
 pub mod bench;
@@ -15,6 +16,7 @@ pub mod files;
 pub mod http;
 pub mod load;
 pub mod netns;
+pub mod query;
 pub mod run;
 pub mod scenario;
 pub mod service;

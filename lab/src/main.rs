@@ -45,6 +45,14 @@ enum Cmd {
         /// the DaemonSet in this kustomize directory says (podman).
         #[arg(long, value_name = "KUSTOMIZE_DIR", num_args = 0..=1, default_missing_value = "deploy/base")]
         container: Option<PathBuf>,
+        /// After the scenarios, serve their traces over Jaeger's query API
+        /// (and the UI, with --jaeger-ui) on this address until Ctrl-C.
+        #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:16686")]
+        serve: Option<std::net::SocketAddr>,
+        /// A Jaeger UI build directory (index.html, static/) to serve with
+        /// --serve, configured with the Trace Quality page on.
+        #[arg(long, value_name = "DIR", requires = "serve")]
+        jaeger_ui: Option<PathBuf>,
     },
     /// What tracegap costs: data path, kernel, user space, memory, detection
     /// latency, each against its baseline (as root; `cargo xtask bench`).
@@ -158,6 +166,8 @@ fn main() -> anyhow::Result<()> {
             short,
             out,
             container,
+            serve,
+            jaeger_ui,
         } => {
             on_signal(&INTERRUPTED, None)?;
             let scenarios = if scenarios.is_empty() {
@@ -185,6 +195,10 @@ fn main() -> anyhow::Result<()> {
                 out,
                 lab_bin: std::env::current_exe().context("locating tracegap-lab")?,
                 container,
+                serve: serve.map(|addr| tracegap_lab::run::Serve {
+                    addr,
+                    ui: jaeger_ui,
+                }),
             };
             let outcomes = match run(&opts, &mut std::io::stdout()) {
                 Ok(o) => o,

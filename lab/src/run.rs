@@ -56,6 +56,16 @@ pub struct Options {
     /// Run the agents from their image as this pod template (deploy/base's
     /// DaemonSet) says, instead of in-process.
     pub container: Option<crate::container::PodTemplate>,
+    /// After the scenarios, serve the traces and the UI until Ctrl-C.
+    pub serve: Option<Serve>,
+}
+
+/// Where the finished run's traces are served, with which UI.
+#[derive(Clone, Debug)]
+pub struct Serve {
+    pub addr: SocketAddr,
+    /// A Jaeger UI build (its index.html and static/).
+    pub ui: Option<PathBuf>,
 }
 
 /// One scenario's result.
@@ -632,8 +642,27 @@ pub fn run_one(
     Ok(outcome)
 }
 
-/// Runs the chosen scenarios; writes the trace files at the end.
+/// Runs the chosen scenarios; writes the trace files at the end. With
+/// [`Options::serve`], then serves the traces and the Jaeger UI until
+/// Ctrl-C.
 pub fn run(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Vec<Outcome>> {
+    let done = run_keeping(opts, out)?;
+    if let Some(serve) = &opts.serve {
+        serve_until_interrupted(&done, serve, out)?;
+    }
+    Ok(done.outcomes)
+}
+
+/// A finished lab run, with its trace store still up.
+pub struct Finished {
+    pub outcomes: Vec<Outcome>,
+    pub store: Receiver,
+    /// Every scenario's report, both nodes' edges.
+    pub reports: std::sync::Arc<std::sync::Mutex<Report>>,
+}
+
+/// [`run`], keeping the store.
+pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finished> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let mut store = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
@@ -668,7 +697,7 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Vec<Outcome>> 
         file_spans.extend(keep_for_files(&o.spans, &o.examples));
         outcomes.push(o);
     }
-    write_files(&opts.out, &file_spans, store.downtimes())?;
+    write_files(&opts.out, &file_spans, &store.downtimes())?;
     writeln!(
         out,
         "\n{} spans stored, {} of them (at most {TRACES_PER_SCENARIO} traces per scenario) in the trace files:\n  {}\n  {}\nOpen the Jaeger one in any Jaeger UI (for example jaegertracing/all-in-one on \
@@ -678,7 +707,94 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Vec<Outcome>> 
         opts.out.join("spans.otlp.json").display(),
         opts.out.join("traces.jaeger.json").display()
     )?;
-    Ok(outcomes)
+    let mut all = Report::default();
+    for o in &outcomes {
+        all.edges.extend(o.report.edges.iter().cloned());
+        all.overflow_hops += o.report.overflow_hops;
+    }
+    Ok(Finished {
+        outcomes,
+        store,
+        reports: std::sync::Arc::new(std::sync::Mutex::new(all)),
+    })
+}
+
+/// Percent-encodes a URL query value.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The links a person opens: each scenario's gaps as a tag search, its
+/// example traces, and each service's Trace Quality page.
+pub fn links(base: &str, done: &Finished) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut services = BTreeSet::new();
+    for o in &done.outcomes {
+        lines.push(format!("  {}:", o.name));
+        let mut kinds = BTreeSet::new();
+        for e in &o.report.edges {
+            services.insert(e.source.clone());
+            services.insert(e.destination.clone());
+            for k in e.kinds.keys().filter(|k| *k != "context_ok") {
+                kinds.insert((e.destination.clone(), k.clone()));
+            }
+        }
+        for (service, kind) in kinds {
+            let tags = format!("{{\"tracegap.gap\":\"{kind}\"}}");
+            lines.push(format!(
+                "    {kind} at {service}: {base}/search?service={}&tags={}&limit=20",
+                encode(&service),
+                encode(&tags)
+            ));
+        }
+        for id in o.examples.iter().take(2) {
+            lines.push(format!("    example trace: {base}/trace/{id}"));
+        }
+    }
+    lines.push("  Trace Quality, per service:".into());
+    for s in services {
+        lines.push(format!("    {base}/quality-metrics?service={}", encode(&s)));
+    }
+    lines
+}
+
+/// Serves the finished run's traces (Jaeger's query API) and the Jaeger UI
+/// until Ctrl-C.
+fn serve_until_interrupted(
+    done: &Finished,
+    serve: &Serve,
+    out: &mut dyn Write,
+) -> anyhow::Result<()> {
+    let server = crate::query::QueryServer::start(
+        serve.addr,
+        done.store.shared(),
+        done.reports.clone(),
+        serve.ui.clone(),
+    )?;
+    let base = format!("http://{}", server.addr);
+    match &serve.ui {
+        Some(_) => writeln!(out, "\nThe Jaeger UI on {base}, with the lab's traces:")?,
+        None => writeln!(
+            out,
+            "\nJaeger's query API on {base}/api/ (no UI: give --jaeger-ui DIR, a Jaeger UI build):"
+        )?,
+    }
+    for l in links(&base, done) {
+        writeln!(out, "{l}")?;
+    }
+    writeln!(out, "Ctrl-C stops.")?;
+    out.flush()?;
+    while !INTERRUPTED.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 /// Traces per scenario written to the files: enough to browse, small

@@ -133,7 +133,23 @@ pub struct Receiver {
         std::thread::JoinHandle<()>,
     )>,
     /// When it was stopped and resumed: spans sent then were lost.
-    down: Vec<Downtime>,
+    down: Arc<Mutex<Vec<Downtime>>>,
+}
+
+/// What readers of the store share with it (the query API).
+#[derive(Clone, Default)]
+pub struct Shared {
+    pub spans: Arc<Mutex<Vec<Received>>>,
+    pub down: Arc<Mutex<Vec<Downtime>>>,
+}
+
+impl Shared {
+    /// Every span so far, and the store's downtimes.
+    pub fn snapshot(&self) -> (Vec<Received>, Vec<Downtime>) {
+        let spans = self.spans.lock().map(|s| s.clone()).unwrap_or_default();
+        let down = self.down.lock().map(|d| d.clone()).unwrap_or_default();
+        (spans, down)
+    }
 }
 
 /// A time the store was down (`until` None: still down).
@@ -156,7 +172,7 @@ impl Receiver {
             http: http.local_addr()?,
             spans: Store::default(),
             running: None,
-            down: Vec::new(),
+            down: Arc::default(),
         };
         r.serve(Some((grpc, http)))?;
         Ok(r)
@@ -165,15 +181,25 @@ impl Receiver {
     /// Starts serving again (after [`Receiver::stop`]), on the same ports.
     pub fn resume(&mut self) -> anyhow::Result<()> {
         self.serve(None)?;
-        if let Some(d) = self.down.last_mut().filter(|d| d.until.is_none()) {
+        if let Ok(mut down) = self.down.lock()
+            && let Some(d) = down.last_mut().filter(|d| d.until.is_none())
+        {
             d.until = Some(std::time::SystemTime::now());
         }
         Ok(())
     }
 
     /// The times it was down (stopped until resumed).
-    pub fn downtimes(&self) -> &[Downtime] {
-        &self.down
+    pub fn downtimes(&self) -> Vec<Downtime> {
+        self.down.lock().map(|d| d.clone()).unwrap_or_default()
+    }
+
+    /// The spans and downtimes, shared with readers that outlive a call.
+    pub fn shared(&self) -> Shared {
+        Shared {
+            spans: self.spans.clone(),
+            down: self.down.clone(),
+        }
     }
 
     fn serve(
@@ -268,10 +294,12 @@ impl Receiver {
         if let Some((tx, thread)) = self.running.take() {
             let _ = tx.send(());
             let _ = thread.join();
-            self.down.push(Downtime {
-                from: std::time::SystemTime::now(),
-                until: None,
-            });
+            if let Ok(mut down) = self.down.lock() {
+                down.push(Downtime {
+                    from: std::time::SystemTime::now(),
+                    until: None,
+                });
+            }
         }
     }
 

@@ -28,6 +28,8 @@ use tracegap_tests::{
 const T1: &str = "0af7651916cd43dd8448eb211c80319c";
 const T2: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const S1: &str = "b7ad6b7169203331";
+/// A Jaeger UI's origin, allowed to read the Trace Quality API.
+const JAEGER_ORIGIN: &str = "http://jaeger.example:16686";
 /// OTLP span kinds.
 const SERVER: i32 = 2;
 
@@ -44,6 +46,7 @@ fn config(node: &Node, receiver: &Receiver, export: ExportConfig) -> AgentConfig
         interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+        cors_origin: Some(JAEGER_ORIGIN.into()),
         export: ExportConfig {
             endpoint: Some(match export.protocol {
                 OtlpProtocol::Grpc => format!("http://127.0.0.1:{}", receiver.grpc.port()),
@@ -185,6 +188,20 @@ impl Lab {
     }
 }
 
+/// A GET with the whole response (head and body) as text.
+fn raw_get(addr: SocketAddr, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read as _, Write as _};
+    let mut c = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut out = String::new();
+    c.read_to_string(&mut out)?;
+    Ok(out)
+}
+
 fn time(ns: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(ns)
 }
@@ -315,6 +332,25 @@ fn broken_propagation_then_fixed() -> anyhow::Result<()> {
     let table = tracegap_agent::report::table(&lab.report()?);
     assert!(table.contains("service-b -> service-c"), "{table}");
     assert!(table.contains("broken_propagation=1"), "{table}");
+    // Jaeger's Trace Quality page for service-b: it drops the context on
+    // its calls, and the failing example is the broken trace.
+    let addr = lab.agent.report.expect("a report address");
+    let raw = raw_get(addr, "/api/quality-metrics?service=service-b&hours=48")?;
+    let (head, body) = raw.split_once("\r\n\r\n").expect("a response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.to_ascii_lowercase()
+            .contains(&format!("access-control-allow-origin: {JAEGER_ORIGIN}")),
+        "{head}"
+    );
+    let q: serde_json::Value = serde_json::from_str(body)?;
+    let out = q["metrics"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "Context propagated out"))
+        .expect("the propagation metric");
+    assert_eq!(out["failureCount"], 1, "{out}");
+    assert_eq!(out["failureExamples"][0]["traceID"], T1, "{out}");
+    assert!(raw_get(addr, "/api/quality-metrics")?.starts_with("HTTP/1.1 400"));
     // Latency is the request's, as the wire saw it: a chain of quick calls.
     let report = lab.report()?;
     for e in &report.edges {

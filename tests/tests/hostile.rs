@@ -501,6 +501,7 @@ fn the_agent_keeps_running_and_reports_no_forged_hop() -> anyhow::Result<()> {
         interfaces: Selection::Explicit(pods.node.pods.iter().map(|p| p.host_if.clone()).collect()),
         listen: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
         report_listen: Some(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))),
+        cors_origin: None,
         export: ExportConfig {
             endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
             protocol: OtlpProtocol::Grpc,

@@ -67,6 +67,9 @@ pub struct AgentConfig {
     /// Where /report is served: it names services and URL paths, so it
     /// has its own address, loopback by default. None: not served.
     pub report_listen: Option<SocketAddr>,
+    /// The origin of a Jaeger UI allowed to call `/api/quality-metrics`
+    /// on the report address (CORS); None: same origin only.
+    pub cors_origin: Option<String>,
     pub export: ExportConfig,
     pub export_mode: ExportMode,
     pub export_unsampled: bool,
@@ -116,10 +119,13 @@ pub async fn run(
     tracing::info!(%listen, "serving /metrics /healthz /readyz");
     let report = match config.report_listen {
         Some(addr) => {
-            let (bound, task) = server::serve(addr, server::report(shared.clone()))
-                .await
-                .with_context(|| format!("listening on {addr} for /report"))?;
-            tracing::info!(listen = %bound, "serving /report");
+            let (bound, task) = server::serve(
+                addr,
+                server::report(shared.clone(), config.cors_origin.clone()),
+            )
+            .await
+            .with_context(|| format!("listening on {addr} for /report"))?;
+            tracing::info!(listen = %bound, "serving /report and /api/quality-metrics");
             Some((bound, task))
         }
         None => None,

@@ -45,11 +45,17 @@ pub struct RunArgs {
     /// Address for /metrics, /healthz and /readyz (Prometheus, probes).
     #[arg(long, env = "TRACEGAP_LISTEN", default_value = "0.0.0.0:9464")]
     pub listen: SocketAddr,
-    /// Address for /report, which names services and URL paths: loopback
+    /// Address for /report and /api/quality-metrics (Jaeger's Trace Quality
+    /// page), which name services and URL paths: loopback
     /// by default (read it on the node, or through `kubectl exec` or
     /// `port-forward`); `off` serves no /report.
     #[arg(long, env = "TRACEGAP_REPORT_LISTEN", default_value = "127.0.0.1:9465", value_parser = parse_report_listen)]
     pub report_listen: ReportListen,
+    /// A Jaeger UI's origin (e.g. http://jaeger.example:16686) allowed to
+    /// read /api/quality-metrics, its Trace Quality page, from the report
+    /// address (CORS). Unset: same origin only.
+    #[arg(long, env = "TRACEGAP_CORS_ORIGIN")]
+    pub cors_origin: Option<String>,
     /// OTLP endpoint, e.g. http://jaeger-collector:4317 (gRPC) or
     /// http://jaeger-collector:4318 (HTTP; /v1/traces is appended).
     /// Unset: opentelemetry-otlp's default for the protocol
@@ -147,6 +153,7 @@ impl RunArgs {
             interfaces: self.interfaces.selection(),
             listen: self.listen,
             report_listen: self.report_listen.0,
+            cors_origin: self.cors_origin.clone(),
             export: ExportConfig {
                 protocol: self.otlp_protocol,
                 endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod nat;
 pub mod observe;
 pub mod privileges;
+pub mod quality;
 pub mod report;
 pub mod server;
 pub mod shutdown;

@@ -12,7 +12,13 @@ use std::{
     },
 };
 
-use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{HeaderValue, StatusCode, header},
+    response::IntoResponse,
+    routing::get,
+};
 
 use crate::{clock::monotonic_ns, metrics::Metrics, report::Reporter};
 
@@ -101,11 +107,55 @@ pub fn probes(shared: Arc<Shared>) -> Router {
         .with_state(shared)
 }
 
-/// `/report`: the service graph with URL paths, for people on the node.
-pub fn report(shared: Arc<Shared>) -> Router {
+/// `/report`: the service graph with URL paths, for people on the node;
+/// `/api/quality-metrics`: the same, as Jaeger's Trace Quality page reads
+/// it, with `Access-Control-Allow-Origin: cors_origin` when a Jaeger UI on
+/// another origin calls it.
+pub fn report(shared: Arc<Shared>, cors_origin: Option<String>) -> Router {
+    let quality = Router::new()
+        .route("/api/quality-metrics", get(quality_metrics))
+        .with_state(shared.clone());
+    let quality = match cors_origin.and_then(|o| HeaderValue::from_str(&o).ok()) {
+        Some(origin) => quality.layer(axum::middleware::map_response(
+            move |mut r: axum::response::Response| {
+                let origin = origin.clone();
+                async move {
+                    r.headers_mut()
+                        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+                    r
+                }
+            },
+        )),
+        None => quality,
+    };
     Router::new()
         .route("/report", get(report_json))
         .with_state(shared)
+        .merge(quality)
+}
+
+async fn quality_metrics(
+    State(s): State<Arc<Shared>>,
+    Query(q): Query<std::collections::BTreeMap<String, String>>,
+) -> axum::response::Response {
+    let Some(service) = q.get("service").filter(|s| !s.is_empty()) else {
+        return (StatusCode::BAD_REQUEST, "service= is required\n").into_response();
+    };
+    match s.reporter.lock() {
+        Ok(r) => {
+            let scope = match &r.node {
+                Some(node) => format!("since the agent on {node} started (hours= is not applied)"),
+                None => "since this agent started (hours= is not applied)".to_owned(),
+            };
+            Json(crate::quality::quality_metrics(
+                &r.report(),
+                service,
+                &scope,
+            ))
+            .into_response()
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 /// Binds `addr` and serves `router` until the task is dropped. Binding is

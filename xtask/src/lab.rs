@@ -24,6 +24,14 @@ pub struct LabArgs {
     /// in-process.
     #[arg(long)]
     container: bool,
+    /// After the scenarios, serve their traces over Jaeger's query API and
+    /// a Jaeger UI on http://127.0.0.1:16686 until Ctrl-C (links printed).
+    #[arg(long)]
+    serve: bool,
+    /// The Jaeger UI build to serve (its index.html and static/); default:
+    /// ../shared/jaeger-ui/build beside the repository, when it is there.
+    #[arg(long, value_name = "DIR", requires = "serve")]
+    jaeger_ui: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: &LabArgs) -> anyhow::Result<()> {
@@ -51,6 +59,22 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     }
     if args.container {
         cmd.arg("--container=deploy/base");
+    }
+    if args.serve {
+        cmd.arg("--serve");
+        let beside = toolchain::workspace_root().join("../shared/jaeger-ui/build");
+        match args
+            .jaeger_ui
+            .clone()
+            .or_else(|| beside.is_dir().then_some(beside))
+        {
+            Some(ui) => {
+                cmd.arg("--jaeger-ui").arg(ui);
+            }
+            None => {
+                println!("lab: no Jaeger UI build (--jaeger-ui DIR): serving the query API only")
+            }
+        }
     }
     toolchain::run(&mut cmd)
 }

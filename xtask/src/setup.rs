@@ -203,3 +203,61 @@ fn apt_install(packages: &[String]) -> anyhow::Result<()> {
             .args(packages),
     )
 }
+
+/// puppeteer-core's newest release that runs on Debian 12's Node 18 (25.x
+/// wants Node 22).
+pub const PUPPETEER_CORE: &str = "24.43.1";
+
+/// Where the browser test finds puppeteer-core.
+pub fn puppeteer_dir() -> std::path::PathBuf {
+    toolchain::workspace_root().join("target/browser")
+}
+
+/// What the browser test needs: Debian's Chromium, Node and npm (each only
+/// when missing: another Node's npm must not be replaced), and
+/// puppeteer-core from npm (no browser download) in target/browser.
+pub fn ensure_browser() -> anyhow::Result<()> {
+    let have = |tool: &str| toolchain::installed_binary(tool).is_some();
+    let mut missing = Vec::new();
+    if !std::path::Path::new("/usr/bin/chromium").exists() {
+        missing.push("chromium".to_owned());
+    }
+    if !have("node") {
+        missing.push("nodejs".to_owned());
+    }
+    if !have("npm") {
+        missing.push("npm".to_owned());
+    }
+    if !missing.is_empty() {
+        if !(is_root() && is_debian_like()) {
+            bail!("the browser test needs {}", missing.join(" "));
+        }
+        apt_install(&missing)?;
+    }
+    let dir = puppeteer_dir();
+    let installed = std::fs::read_to_string(dir.join("node_modules/puppeteer-core/package.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| v["version"].as_str().map(str::to_owned));
+    if installed.as_deref() != Some(PUPPETEER_CORE) {
+        std::fs::create_dir_all(&dir)?;
+        // Its own package, so npm installs here and not in a parent's.
+        std::fs::write(
+            dir.join("package.json"),
+            "{\"name\": \"tracegap-browser-test\", \"private\": true}\n",
+        )?;
+        println!(
+            "setup: npm install puppeteer-core@{PUPPETEER_CORE} (into {})",
+            dir.display()
+        );
+        toolchain::run(
+            Command::new("npm")
+                .current_dir(&dir)
+                .env("PUPPETEER_SKIP_DOWNLOAD", "1")
+                .args(["install", "--no-audit", "--no-fund"])
+                .arg(format!("puppeteer-core@{PUPPETEER_CORE}")),
+        )
+        .context("installing puppeteer-core")?;
+    }
+    Ok(())
+}

@@ -32,6 +32,13 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         // built here, from this tree, and required (not skipped) in this run.
         crate::image::build(&route, None)?;
         cmd.env("TRACEGAP_REQUIRE_IMAGE", crate::image::IMAGE);
+        // The browser test: required when its tools could be installed.
+        match setup::ensure_browser() {
+            Ok(()) => {
+                cmd.env("TRACEGAP_REQUIRE_BROWSER", "1");
+            }
+            Err(e) => println!("xtask test: the browser test will be SKIPPED: {e:#}"),
+        }
     }
     cmd.args(["test", "--no-fail-fast"]);
     if !args.cargo_test_args.is_empty() {

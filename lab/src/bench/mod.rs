@@ -234,6 +234,7 @@ fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
         interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
         listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
         report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+        cors_origin: None,
         export: ExportConfig {
             protocol: OtlpProtocol::Grpc,
             endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),

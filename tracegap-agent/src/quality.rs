@@ -1,0 +1,371 @@
+//! Jaeger's Trace Quality page, fed by tracegap: the UI's `TQualityMetrics`
+//! (scores, metrics with pass and failure counts and example traces,
+//! details tables) computed from the per-edge report for one service.
+//! Jaeger itself never implemented this API; its UI calls
+//! `GET <qualityMetrics.apiEndpoint>?service=&hours=`.
+
+use serde_json::{Value, json};
+
+use crate::report::{Edge, Report};
+
+/// Where the page's "documentation" links point.
+pub const DOCS: &str = "https://example.invalid/tracegap#finding-gaps-tracegap-run";
+
+/// One metric before it becomes JSON.
+struct Metric {
+    name: &'static str,
+    category: &'static str,
+    description: &'static str,
+    weight: f64,
+    pass: u64,
+    fail: u64,
+    exempt: u64,
+    /// Trace ids of failing hops, most telling first.
+    examples: Vec<String>,
+    /// Edges with failures: (source, destination, requests, failures).
+    rows: Vec<(String, String, u64, u64)>,
+}
+
+fn kind(e: &Edge, k: &str) -> u64 {
+    e.kinds.get(k).copied().unwrap_or(0)
+}
+
+/// A metric over `edges`, failing on the gap kinds `failing` and exempting
+/// `exempt` (hops that cannot pass or fail, e.g. unsampled ones).
+fn metric(
+    (name, category, description, weight): (&'static str, &'static str, &'static str, f64),
+    edges: &[&Edge],
+    failing: &[&str],
+    exempt: &[&str],
+) -> Metric {
+    let mut m = Metric {
+        name,
+        category,
+        description,
+        weight,
+        pass: 0,
+        fail: 0,
+        exempt: 0,
+        examples: Vec::new(),
+        rows: Vec::new(),
+    };
+    for e in edges {
+        let fail: u64 = failing.iter().map(|k| kind(e, k)).sum();
+        let ex: u64 = exempt.iter().map(|k| kind(e, k)).sum();
+        m.fail += fail;
+        m.exempt += ex;
+        m.pass += e.requests.saturating_sub(fail + ex);
+        if fail > 0 {
+            m.rows
+                .push((e.source.clone(), e.destination.clone(), e.requests, fail));
+            for k in failing {
+                if let Some(t) = e.examples.get(*k)
+                    && !m.examples.contains(t)
+                {
+                    m.examples.push(t.clone());
+                }
+            }
+        }
+    }
+    m
+}
+
+fn examples(ids: &[String]) -> Value {
+    json!(
+        ids.iter()
+            .take(5)
+            .map(|t| json!({"traceID": t}))
+            .collect::<Vec<_>>()
+    )
+}
+
+impl Metric {
+    fn json(&self) -> Value {
+        let mut v = json!({
+            "name": self.name,
+            "category": self.category,
+            "description": self.description,
+            "metricDocumentationLink": DOCS,
+            "metricWeight": self.weight,
+            "passCount": self.pass,
+            "failureCount": self.fail,
+            "failureExamples": examples(&self.examples),
+            "exemptionCount": self.exempt,
+        });
+        if !self.rows.is_empty() {
+            v["details"] = json!([{
+                "header": "Edges with failures",
+                "columns": [
+                    {"key": "source", "label": "Caller"},
+                    {"key": "destination", "label": "Callee"},
+                    {"key": "requests", "label": "Requests"},
+                    {"key": "failures", "label": "Failing"},
+                ],
+                "rows": self.rows.iter().map(|(s, d, r, f)| json!({
+                    "source": s, "destination": d, "requests": r, "failures": f,
+                })).collect::<Vec<_>>(),
+            }]);
+        }
+        v
+    }
+}
+
+/// The Trace Quality page of `service`, from `report`. `scope` says what
+/// the counts cover (e.g. "since this agent started on node-1").
+pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
+    let calls: Vec<&Edge> = report
+        .edges
+        .iter()
+        .filter(|e| e.source == service)
+        .collect();
+    let called: Vec<&Edge> = report
+        .edges
+        .iter()
+        .filter(|e| e.destination == service)
+        .collect();
+    let both: Vec<&Edge> = report
+        .edges
+        .iter()
+        .filter(|e| e.source == service || e.destination == service)
+        .collect();
+    let metrics = [
+        metric(
+            (
+                "Context propagated out",
+                "propagation",
+                "Calls this service makes carry the trace context it received \
+                 (failing: broken propagation, no context at all).",
+                1.0,
+            ),
+            &calls,
+            &["broken_propagation", "missing_context"],
+            &[],
+        ),
+        metric(
+            (
+                "Context received",
+                "propagation",
+                "Calls to this service arrive with a trace context.",
+                1.0,
+            ),
+            &called,
+            &["missing_context", "broken_propagation"],
+            &[],
+        ),
+        metric(
+            (
+                "Context well-formed",
+                "propagation",
+                "Trace context headers parse, and caller and callee speak the same \
+                 format (W3C, B3, Jaeger).",
+                0.5,
+            ),
+            &both,
+            &["malformed_context", "format_mismatch"],
+            &[],
+        ),
+        metric(
+            (
+                "Sampling consistent",
+                "sampling",
+                "The sampled flag is honoured along the call (unsampled hops are exempt).",
+                0.5,
+            ),
+            &both,
+            &["sampling_inconsistent"],
+            &["unsampled"],
+        ),
+        metric(
+            (
+                "Instrumented callee",
+                "instrumentation",
+                "The called service records its own span (failing: known uninstrumented, \
+                 or it forwards context without a span of its own).",
+                1.0,
+            ),
+            &called,
+            &["uninstrumented", "passthrough"],
+            &[],
+        ),
+    ];
+    let mut baggage = Metric {
+        name: "Baggage carried",
+        category: "propagation",
+        description: "Baggage this service received is passed on to its callees.",
+        weight: 0.25,
+        pass: calls.iter().map(|e| e.baggage_carried).sum(),
+        fail: calls.iter().map(|e| e.baggage_dropped).sum(),
+        exempt: 0,
+        examples: Vec::new(),
+        rows: Vec::new(),
+    };
+    for e in calls.iter().filter(|e| e.baggage_dropped > 0) {
+        baggage.rows.push((
+            e.source.clone(),
+            e.destination.clone(),
+            e.requests,
+            e.baggage_dropped,
+        ));
+    }
+    let scores: Vec<Value> = [
+        ("propagation", "Context propagation"),
+        ("sampling", "Sampling"),
+        ("instrumentation", "Instrumentation"),
+    ]
+    .iter()
+    .map(|(key, label)| {
+        let (mut got, mut max) = (0.0, 0.0);
+        for m in metrics
+            .iter()
+            .chain([&baggage])
+            .filter(|m| m.category == *key)
+        {
+            let judged = m.pass + m.fail;
+            if judged > 0 {
+                got += m.weight * m.pass as f64 / judged as f64;
+                max += m.weight;
+            }
+        }
+        let value = if max > 0.0 {
+            (100.0 * got / max).round()
+        } else {
+            100.0
+        };
+        json!({"key": key, "label": label, "max": 100, "value": value})
+    })
+    .collect();
+    let hops: u64 = both.iter().map(|e| e.requests).sum();
+    json!({
+        "traceQualityDocumentationLink": DOCS,
+        "bannerText": format!(
+            "tracegap saw {hops} hops to or from {service} on the wire, {scope}. \
+             Failing examples open the traces, with tracegap's synthetic spans where the gaps are."
+        ),
+        "scores": scores,
+        "metrics": metrics
+            .iter()
+            .chain([&baggage])
+            .filter(|m| m.pass + m.fail + m.exempt > 0)
+            .map(Metric::json)
+            .collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn edge(source: &str, destination: &str, requests: u64, kinds: &[(&str, u64)]) -> Edge {
+        Edge {
+            source: source.into(),
+            destination: destination.into(),
+            via: Vec::new(),
+            node: None,
+            requests,
+            valid_context_share: 0.0,
+            unsampled_share: 0.0,
+            unanswered: 0,
+            kinds: kinds.iter().map(|(k, n)| (k.to_string(), *n)).collect(),
+            examples: kinds
+                .iter()
+                .map(|(k, _)| (k.to_string(), format!("trace-{source}-{k}")))
+                .collect(),
+            formats: BTreeMap::new(),
+            baggage_carried: 0,
+            baggage_dropped: 0,
+            p50_ms: None,
+            p99_ms: None,
+        }
+    }
+
+    fn metric_named<'a>(v: &'a Value, name: &str) -> &'a Value {
+        v["metrics"]
+            .as_array()
+            .and_then(|m| m.iter().find(|m| m["name"] == name))
+            .expect("the metric")
+    }
+
+    #[test]
+    fn a_service_that_drops_the_context_fails_propagation_with_an_example() {
+        let report = Report {
+            edges: vec![
+                edge("service-a", "service-b", 10, &[("context_ok", 10)]),
+                edge(
+                    "service-b",
+                    "service-c",
+                    10,
+                    &[("broken_propagation", 4), ("context_ok", 6)],
+                ),
+            ],
+            overflow_hops: 0,
+        };
+        let b = quality_metrics(&report, "service-b", "in a test");
+        let out = metric_named(&b, "Context propagated out");
+        assert_eq!(
+            (out["passCount"].as_u64(), out["failureCount"].as_u64()),
+            (Some(6), Some(4))
+        );
+        assert_eq!(
+            out["failureExamples"][0]["traceID"],
+            "trace-service-b-broken_propagation"
+        );
+        assert_eq!(out["details"][0]["rows"][0]["destination"], "service-c");
+        let received = metric_named(&b, "Context received");
+        assert_eq!(received["failureCount"], 0);
+        assert_eq!(received["passCount"], 10);
+        let score = |key: &str| {
+            b["scores"]
+                .as_array()
+                .and_then(|s| s.iter().find(|s| s["key"] == key))
+                .map(|s| s["value"].clone())
+        };
+        assert!(
+            score("propagation")
+                .and_then(|v| v.as_f64())
+                .is_some_and(|v| v < 100.0)
+        );
+        assert_eq!(score("instrumentation"), Some(json!(100.0)));
+        // service-a only sees clean hops.
+        let a = quality_metrics(&report, "service-a", "in a test");
+        assert_eq!(
+            metric_named(&a, "Context propagated out")["failureCount"],
+            0
+        );
+        assert!(
+            b["bannerText"]
+                .as_str()
+                .is_some_and(|t| t.contains("20 hops"))
+        );
+    }
+
+    #[test]
+    fn unsampled_hops_are_exempt_and_an_unknown_service_scores_nothing_against_it() {
+        let report = Report {
+            edges: vec![edge(
+                "a",
+                "b",
+                5,
+                &[("unsampled", 2), ("sampling_inconsistent", 1)],
+            )],
+            overflow_hops: 0,
+        };
+        let a = quality_metrics(&report, "a", "test");
+        let s = metric_named(&a, "Sampling consistent");
+        assert_eq!(
+            (
+                s["passCount"].as_u64(),
+                s["failureCount"].as_u64(),
+                s["exemptionCount"].as_u64()
+            ),
+            (Some(2), Some(1), Some(2))
+        );
+        let none = quality_metrics(&report, "nobody", "test");
+        assert!(
+            none["scores"]
+                .as_array()
+                .is_some_and(|s| s.iter().all(|s| s["value"] == 100.0))
+        );
+    }
+}
