@@ -53,6 +53,10 @@ enum Cmd {
         /// --serve, configured with the Trace Quality page on.
         #[arg(long, value_name = "DIR", requires = "serve")]
         jaeger_ui: Option<PathBuf>,
+        /// Pass every span the lab's store receives on to this OTLP/HTTP
+        /// endpoint too: a Jaeger of your own (e.g. http://localhost:4318).
+        #[arg(long, value_name = "URL")]
+        otlp_endpoint: Option<String>,
     },
     /// What tracegap costs: data path, kernel, user space, memory, detection
     /// latency, each against its baseline (as root; `cargo xtask bench`).
@@ -168,6 +172,7 @@ fn main() -> anyhow::Result<()> {
             container,
             serve,
             jaeger_ui,
+            otlp_endpoint,
         } => {
             on_signal(&INTERRUPTED, None)?;
             let scenarios = if scenarios.is_empty() {
@@ -199,6 +204,7 @@ fn main() -> anyhow::Result<()> {
                     addr,
                     ui: jaeger_ui,
                 }),
+                forward: otlp_endpoint,
             };
             let outcomes = match run(&opts, &mut std::io::stdout()) {
                 Ok(o) => o,

@@ -58,6 +58,9 @@ pub struct Options {
     pub container: Option<crate::container::PodTemplate>,
     /// After the scenarios, serve the traces and the UI until Ctrl-C.
     pub serve: Option<Serve>,
+    /// Pass every span the store receives on to this OTLP/HTTP endpoint
+    /// too (a Jaeger of the user's own, e.g. http://localhost:4318).
+    pub forward: Option<String>,
 }
 
 /// Where the finished run's traces are served, with which UI.
@@ -666,6 +669,10 @@ pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finish
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let mut store = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    if let Some(endpoint) = &opts.forward {
+        store.forward_to(endpoint)?;
+        writeln!(out, "passing every span on to {endpoint} too")?;
+    }
     let mut outcomes = Vec::new();
     let mut file_spans = Vec::new();
     let total = opts.scenarios.len();

@@ -87,7 +87,20 @@ fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
 
 type Store = Arc<Mutex<Vec<Received>>>;
 
-fn store(spans: &Store, req: ExportTraceServiceRequest, via: &'static str) {
+/// Where received batches are passed on (a Jaeger of the user's own), if
+/// anywhere.
+type Forward = Arc<Mutex<Option<std::sync::mpsc::SyncSender<ExportTraceServiceRequest>>>>;
+
+/// Batches waiting to be passed on at most; past it they are not.
+const FORWARD_QUEUE: usize = 1024;
+
+fn store(spans: &Store, forward: &Forward, req: ExportTraceServiceRequest, via: &'static str) {
+    if let Ok(f) = forward.lock()
+        && let Some(tx) = f.as_ref()
+    {
+        // A slow or absent Jaeger must not hold up the lab.
+        let _ = tx.try_send(req.clone());
+    }
     let Ok(mut s) = spans.lock() else { return };
     let arrived = std::time::SystemTime::now();
     for rs in req.resource_spans {
@@ -107,7 +120,7 @@ fn store(spans: &Store, req: ExportTraceServiceRequest, via: &'static str) {
     }
 }
 
-struct Grpc(Store);
+struct Grpc(Store, Forward);
 
 #[tonic::async_trait]
 impl TraceService for Grpc {
@@ -115,7 +128,7 @@ impl TraceService for Grpc {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        store(&self.0, request.into_inner(), "grpc");
+        store(&self.0, &self.1, request.into_inner(), "grpc");
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
         }))
@@ -134,6 +147,7 @@ pub struct Receiver {
     )>,
     /// When it was stopped and resumed: spans sent then were lost.
     down: Arc<Mutex<Vec<Downtime>>>,
+    forward: Forward,
 }
 
 /// What readers of the store share with it (the query API).
@@ -171,6 +185,7 @@ impl Receiver {
             grpc: grpc.local_addr()?,
             http: http.local_addr()?,
             spans: Store::default(),
+            forward: Forward::default(),
             running: None,
             down: Arc::default(),
         };
@@ -210,6 +225,7 @@ impl Receiver {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (grpc, http, spans) = (self.grpc, self.http, self.spans.clone());
+        let forward = self.forward.clone();
         let thread = std::thread::spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -248,14 +264,16 @@ impl Receiver {
                 };
                 let _ = ready_tx.send(Ok(()));
                 let http_spans = spans.clone();
+                let http_forward = forward.clone();
                 let app = axum::Router::new().route(
                     "/v1/traces",
                     axum::routing::post(move |body: axum::body::Bytes| {
                         let spans = http_spans.clone();
+                        let forward = http_forward.clone();
                         async move {
                             match ExportTraceServiceRequest::decode(body) {
                                 Ok(req) => {
-                                    store(&spans, req, "http");
+                                    store(&spans, &forward, req, "http");
                                     (
                                         axum::http::StatusCode::OK,
                                         [("content-type", "application/x-protobuf")],
@@ -275,7 +293,7 @@ impl Receiver {
                     }),
                 );
                 let grpc_server = tonic::transport::Server::builder()
-                    .add_service(TraceServiceServer::new(Grpc(spans)))
+                    .add_service(TraceServiceServer::new(Grpc(spans, forward)))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(g));
                 tokio::select! {
                     _ = stop_rx => {}
@@ -303,6 +321,44 @@ impl Receiver {
         }
     }
 
+    /// Passes every batch received from now on to an OTLP/HTTP endpoint
+    /// too (`http://jaeger:4318`; `/v1/traces` is appended), so the lab's
+    /// traces land in a Jaeger of the user's own. Best effort, on its own
+    /// thread: what cannot be sent is counted and reported once.
+    pub fn forward_to(&mut self, endpoint: &str) -> anyhow::Result<()> {
+        let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()?;
+        let (tx, rx) = std::sync::mpsc::sync_channel::<ExportTraceServiceRequest>(FORWARD_QUEUE);
+        std::thread::Builder::new()
+            .name("lab-forward".into())
+            .spawn(move || {
+                let mut failed = 0u64;
+                for req in rx {
+                    let sent = client
+                        .post(&url)
+                        .header("content-type", "application/x-protobuf")
+                        .body(req.encode_to_vec())
+                        .send()
+                        .and_then(|r| r.error_for_status());
+                    if let Err(e) = sent {
+                        failed += 1;
+                        if failed == 1 {
+                            eprintln!("lab: passing spans on to {url} failed: {e} (counting on)");
+                        }
+                    }
+                }
+                if failed > 0 {
+                    eprintln!("lab: {failed} batches could not be passed on to {url}");
+                }
+            })?;
+        if let Ok(mut f) = self.forward.lock() {
+            *f = Some(tx);
+        }
+        Ok(())
+    }
+
     /// How many spans arrived so far.
     pub fn count(&self) -> usize {
         self.spans.lock().map(|s| s.len()).unwrap_or(0)
@@ -328,5 +384,75 @@ impl Receiver {
 impl Drop for Receiver {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry_proto::tonic::{
+        common::v1::{AnyValue, KeyValue, any_value},
+        resource::v1::Resource,
+        trace::v1::{ResourceSpans, ScopeSpans, Span},
+    };
+
+    use super::*;
+
+    fn request(name: &str) -> ExportTraceServiceRequest {
+        ExportTraceServiceRequest {
+            resource_spans: vec![ResourceSpans {
+                resource: Some(Resource {
+                    attributes: vec![KeyValue {
+                        key: "service.name".into(),
+                        value: Some(AnyValue {
+                            value: Some(any_value::Value::StringValue("svc".into())),
+                        }),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }),
+                scope_spans: vec![ScopeSpans {
+                    spans: vec![Span {
+                        trace_id: vec![1; 16],
+                        span_id: vec![2; 8],
+                        name: name.into(),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        }
+    }
+
+    #[test]
+    fn spans_are_kept_and_passed_on_to_another_otlp_receiver() -> anyhow::Result<()> {
+        let loopback = std::net::IpAddr::from([127, 0, 0, 1]);
+        let jaeger = Receiver::start(loopback)?;
+        let mut lab = Receiver::start(loopback)?;
+        lab.forward_to(&format!("http://{}", jaeger.http))?;
+        let client = reqwest::blocking::Client::new();
+        let status = client
+            .post(format!("http://{}/v1/traces", lab.http))
+            .header("content-type", "application/x-protobuf")
+            .body(request("GET /passed-on").encode_to_vec())
+            .send()?
+            .status();
+        assert!(status.is_success(), "{status}");
+        assert_eq!(lab.count(), 1);
+        let there = jaeger.wait_for(Duration::from_secs(5), |s| !s.is_empty());
+        assert_eq!(there.len(), 1, "{there:?}");
+        assert_eq!(there[0].span.name, "GET /passed-on");
+        assert_eq!(there[0].service, "svc");
+
+        // An endpoint that is down loses nothing in the lab's own store.
+        let mut alone = Receiver::start(loopback)?;
+        alone.forward_to("http://127.0.0.1:9")?;
+        client
+            .post(format!("http://{}/v1/traces", alone.http))
+            .header("content-type", "application/x-protobuf")
+            .body(request("GET /kept").encode_to_vec())
+            .send()?;
+        assert_eq!(alone.count(), 1);
+        Ok(())
     }
 }

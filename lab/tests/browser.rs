@@ -99,6 +99,7 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
         lab_bin: PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
         container: None,
         serve: None,
+        forward: None,
     };
     let mut text = Vec::new();
     let done = run_keeping(&opts, &mut text);

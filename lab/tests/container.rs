@@ -120,6 +120,7 @@ fn the_image_run_as_the_daemonset_says_finds_the_labs_broken_propagation() -> an
         lab_bin: PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
         container: Some(PodTemplate::from_manifests(&docs, "tracegap")?),
         serve: None,
+        forward: None,
     };
     let mut text = Vec::new();
     let outcomes = run(&opts, &mut text);

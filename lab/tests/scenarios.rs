@@ -49,6 +49,7 @@ fn every_scenario_finds_what_the_seed_lab_teaches() -> anyhow::Result<()> {
         lab_bin: PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
         container: None,
         serve: None,
+        forward: None,
     };
     let mut text = Vec::new();
     let outcomes = run(&opts, &mut text);

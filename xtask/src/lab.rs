@@ -32,6 +32,10 @@ pub struct LabArgs {
     /// ../shared/jaeger-ui/build beside the repository, when it is there.
     #[arg(long, value_name = "DIR", requires = "serve")]
     jaeger_ui: Option<std::path::PathBuf>,
+    /// Pass every span the lab's store receives on to this OTLP/HTTP
+    /// endpoint too: a Jaeger of your own (e.g. http://localhost:4318).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
 }
 
 pub fn run(args: &LabArgs) -> anyhow::Result<()> {
@@ -59,6 +63,9 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
     }
     if args.container {
         cmd.arg("--container=deploy/base");
+    }
+    if let Some(e) = &args.otlp_endpoint {
+        cmd.args(["--otlp-endpoint", e]);
     }
     if args.serve {
         cmd.arg("--serve");
