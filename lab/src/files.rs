@@ -160,12 +160,18 @@ pub fn jaeger_traces(spans: &[Received], down: &[Downtime]) -> Vec<Value> {
                         span_tags.push(json!({"key": "error", "type": "bool", "value": true}));
                     }
                     let mut warnings = Vec::new();
+                    // A reference to a span that will never come makes the
+                    // UI call the trace incomplete and "still being
+                    // collected", which is false: such a span is shown as a
+                    // root of its own, its parent's id and the reason in
+                    // its warning. (No nearer recorded ancestor is known
+                    // to refer to instead: spans name only their parent.)
                     let references = if s.span.parent_span_id.is_empty() {
                         vec![]
+                    } else if !recorded.contains(&s.parent_span_id()) {
+                        warnings.push(missing_parent(s, down));
+                        vec![]
                     } else {
-                        if !recorded.contains(&s.parent_span_id()) {
-                            warnings.push(missing_parent(s, down));
-                        }
                         vec![json!({
                             "refType": "CHILD_OF",
                             "traceID": trace_id,

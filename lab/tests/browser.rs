@@ -93,7 +93,9 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
     };
     let out = std::env::temp_dir().join(format!("tracegap-browser-test-{}", std::process::id()));
     let opts = Options {
-        scenarios: vec!["broken-propagation".into()],
+        // Sampling: a caller that does not record leaves spans whose
+        // parent never comes.
+        scenarios: vec!["broken-propagation".into(), "sampling".into()],
         short: true,
         out: out.clone(),
         lab_bin: PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
@@ -116,6 +118,19 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
         .attr("tracegap.caller.service")
         .expect("the caller's service");
 
+    // A trace holding a span whose parent is not in it.
+    let stored = done.store.spans();
+    let orphan_trace = stored
+        .iter()
+        .find(|s| {
+            !s.span.parent_span_id.is_empty()
+                && !stored
+                    .iter()
+                    .any(|p| p.trace_id() == s.trace_id() && p.span_id() == s.parent_span_id())
+        })
+        .map(|s| s.trace_id())
+        .expect("the sampling scenario leaves a span without its parent");
+
     let server = QueryServer::start(
         "127.0.0.1:0".parse()?,
         done.store.shared(),
@@ -133,6 +148,7 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
         .env("GAP", gap)
         .env("TRACE_ID", &trace_id)
         .env("QUALITY_SERVICE", &caller)
+        .env("ORPHAN_TRACE_ID", &orphan_trace)
         .env("SHOTS", &shots)
         .output()?;
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -184,6 +200,17 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
             "{shown} in the span's details: {seen}"
         );
     }
+
+    // The span without its parent: no false "Incomplete", and a warning
+    // that says why.
+    let orphan = &facts["orphan"];
+    assert_eq!(orphan["incomplete"], false, "{seen}");
+    assert!(
+        orphan["details"].as_array().is_some_and(|d| d
+            .iter()
+            .any(|d| d.as_str().is_some_and(|d| d.contains("is not recorded")))),
+        "the warning is shown: {seen}"
+    );
 
     // The caller's Trace Quality page: propagation fails, with examples
     // that open the broken traces.

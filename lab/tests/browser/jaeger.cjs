@@ -78,7 +78,24 @@ async function settle(page) {
       (document.querySelector('.detail-row') || {}).innerText || '');
     await page.screenshot({ path: path.join(shots, 'trace.png') });
 
-    // 3. The Trace Quality page, and where its failing examples lead.
+    // 3. A trace with a span whose parent was never recorded: not called
+    //    incomplete, and the span's warning says why.
+    if (process.env.ORPHAN_TRACE_ID) {
+      await page.goto(`${base}/trace/${process.env.ORPHAN_TRACE_ID}`, { waitUntil: 'networkidle0' });
+      await page.waitForSelector('.span-row', { timeout: 15000 });
+      await page.evaluate(() => document.querySelectorAll('.span-row .span-name').forEach((n) => n.click()));
+      await page.waitForSelector('.detail-row', { timeout: 5000 }).catch(() => {});
+      await page.evaluate(() => document.querySelectorAll('.AccordianWarnings--header')
+        .forEach((e) => e.click()));
+      await new Promise((r) => setTimeout(r, 500));
+      facts.orphan = await page.evaluate(() => ({
+        incomplete: /incomplete/i.test(document.body.innerText),
+        details: [...document.querySelectorAll('.detail-row')].map((d) => d.innerText),
+      }));
+      await page.screenshot({ path: path.join(shots, 'orphan.png') });
+    }
+
+    // 4. The Trace Quality page, and where its failing examples lead.
     await page.goto(`${base}/quality-metrics?service=${encodeURIComponent(env('QUALITY_SERVICE'))}`,
       { waitUntil: 'networkidle0' });
     await page.waitForSelector('.MetricCard', { timeout: 15000 }).catch(() => {});
