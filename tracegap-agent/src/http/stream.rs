@@ -26,9 +26,9 @@
 //! After a `101 Switching Protocols` or a `2xx` answer to `CONNECT`, both
 //! directions carry another protocol: nothing on them is HTTP/1 any more.
 //!
-//! A start far from anything the stream has seen (a client port reused by
-//! a new connection, whose sequence numbers start anywhere) begins the
-//! stream afresh.
+//! A start far from anything the stream has seen, or one that acknowledges
+//! bytes the other direction never sent (a client port reused by a new
+//! connection), begins the stream afresh.
 
 use std::hash::BuildHasher as _;
 
@@ -46,6 +46,12 @@ const DUP_WINDOW: u32 = 64 << 20;
 /// A start this far ahead of the expected boundary is taken as a lost
 /// boundary; further than that, as a new connection on the same ports.
 const AHEAD_WINDOW: u32 = 1 << 30;
+/// The most a peer may leave unread, as acknowledgements trail the other
+/// side's sends (Linux's largest receive buffers are a few tens of MiB).
+const RECEIVE_WINDOW: u32 = 64 << 20;
+/// How far past the old stream's end a new connection's first start is at
+/// least (64 ms of clock-driven sequence numbers).
+const NEW_CONNECTION_GAP: u32 = 1 << 20;
 /// Requests per stream whose response is awaited and whose method matters
 /// to the response's length (HEAD, CONNECT), remembered at most.
 const MAX_AWAITED: u8 = 16;
@@ -225,6 +231,25 @@ impl Streams {
                 .get(&self.hash.hash_one(flow.reversed()))
                 .is_some_and(|r| r.last_ack == seq)
         };
+        // A new connection on the same ports may start just *ahead* of the
+        // old stream rather than far from it: Linux's initial sequence
+        // numbers advance with the clock (~16 MB a second), and a
+        // connection reusing a 4-tuple in TIME_WAIT starts just past the
+        // old one's end (+ 65537). It shows in two facts at once: its start
+        // is megabytes past the old stream's end, and its acknowledgement
+        // lies outside the receive window of the other direction (within
+        // one connection a peer acknowledges at most what was sent, and at
+        // least that minus what it has yet to read). Messages that were
+        // merely not seen, on the same connection, move neither that far.
+        let new_connection = || {
+            seq.wrapping_sub(s.next).wrapping_sub(NEW_CONNECTION_GAP) < AHEAD_WINDOW
+                && self
+                    .map
+                    .get(&self.hash.hash_one(flow.reversed()))
+                    .is_some_and(|r| {
+                        r.sync == Sync::At && r.next.wrapping_sub(ack) >= RECEIVE_WINDOW
+                    })
+        };
         let mut lost = false;
         let verdict = if s.is_duplicate(seq) {
             Admit::Duplicate
@@ -238,6 +263,8 @@ impl Streams {
                         Admit::Accept
                     } else if seq.wrapping_sub(s.last_start) < s.next.wrapping_sub(s.last_start) {
                         Admit::InsideBody
+                    } else if ahead < AHEAD_WINDOW && new_connection() {
+                        Admit::Accept
                     } else if ahead < AHEAD_WINDOW {
                         // The message that started at `next` was not seen.
                         lost = true;
@@ -250,7 +277,7 @@ impl Streams {
                         Admit::Accept
                     }
                 }
-                Sync::Lost if s.far_from(seq) => Admit::Accept,
+                Sync::Lost if s.far_from(seq) || new_connection() => Admit::Accept,
                 Sync::Lost if at_reverse_ack() => Admit::Resync,
                 Sync::Lost => Admit::Unsynchronised,
             }

@@ -52,6 +52,35 @@ fn retransmissions_are_duplicates_and_a_reused_port_starts_afresh() {
 }
 
 #[test]
+fn a_reused_port_whose_sequence_numbers_run_on_is_a_new_connection() {
+    let mut s = Streams::default();
+    let (req, rsp) = (flow(), flow().reversed());
+    let get = b"GET / HTTP/1.1\r\n\r\n";
+    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let (get_len, ok_len) = (get.len() as u32, ok.len() as u32);
+    emit(&mut s, &req, 1000, 5000, get);
+    assert_eq!(s.admit(&rsp, 5000, 1000 + get_len), Admit::Accept);
+    emit(&mut s, &rsp, 5000, 1000 + get_len, ok);
+    // Three seconds later the client's port comes round again: the client's
+    // sequence numbers ran on by ~50 MB (clock-driven), the server's start
+    // just past the old connection's end (TIME_WAIT reuse: + 65537).
+    let (seq, isn) = (1000 + 50_000_000, 5000 + ok_len + 65_537);
+    assert_eq!(s.admit(&req, seq, isn + 1), Admit::Accept);
+    emit(&mut s, &req, seq, isn + 1, get);
+    // The answer: found at the request's acknowledgement.
+    assert_eq!(s.admit(&rsp, isn + 1, seq + get_len), Admit::Resync);
+    // Within one connection, a start past an unseen message that does not
+    // acknowledge anything new stays unsynchronised.
+    emit(&mut s, &rsp, isn + 1, seq + get_len, ok);
+    let ahead = seq + get_len + 100;
+    assert_eq!(
+        s.admit(&req, ahead, isn + 1 + ok_len),
+        Admit::Unsynchronised
+    );
+    assert_eq!(s.stats.unsynchronised, 1);
+}
+
+#[test]
 fn a_lost_boundary_is_found_again_at_the_acknowledged_start() {
     let mut s = Streams::default();
     let (req, rsp) = (flow(), flow().reversed());
