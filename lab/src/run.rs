@@ -63,6 +63,22 @@ pub struct Options {
     pub forward: Option<String>,
 }
 
+impl Options {
+    /// Short runs of `scenarios` with in-process agents, their files in
+    /// `out`, nothing served or passed on: what the tests run.
+    pub fn short(scenarios: &[&str], out: PathBuf, lab_bin: PathBuf) -> Self {
+        Self {
+            scenarios: scenarios.iter().map(|s| s.to_string()).collect(),
+            short: true,
+            out,
+            lab_bin,
+            container: None,
+            serve: None,
+            forward: None,
+        }
+    }
+}
+
 /// Where the finished run's traces are served, with which UI.
 #[derive(Clone, Debug)]
 pub struct Serve {

@@ -92,17 +92,13 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
         return Ok(());
     };
     let out = std::env::temp_dir().join(format!("tracegap-browser-test-{}", std::process::id()));
-    let opts = Options {
-        // Sampling: a caller that does not record leaves spans whose
-        // parent never comes.
-        scenarios: vec!["broken-propagation".into(), "sampling".into()],
-        short: true,
-        out: out.clone(),
-        lab_bin: PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
-        container: None,
-        serve: None,
-        forward: None,
-    };
+    // Sampling: a caller that does not record leaves spans whose parent
+    // never comes.
+    let opts = Options::short(
+        &["broken-propagation", "sampling"],
+        out.clone(),
+        PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
+    );
     let mut text = Vec::new();
     let done = run_keeping(&opts, &mut text);
     let _ = std::fs::remove_dir_all(&out);

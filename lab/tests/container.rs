@@ -114,13 +114,12 @@ fn the_image_run_as_the_daemonset_says_finds_the_labs_broken_propagation() -> an
     };
     let out = std::env::temp_dir().join(format!("tracegap-container-test-{}", std::process::id()));
     let opts = Options {
-        scenarios: vec!["broken-propagation".into()],
-        short: true,
-        out: out.clone(),
-        lab_bin: PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
         container: Some(PodTemplate::from_manifests(&docs, "tracegap")?),
-        serve: None,
-        forward: None,
+        ..Options::short(
+            &["broken-propagation"],
+            out.clone(),
+            PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
+        )
     };
     let mut text = Vec::new();
     let outcomes = run(&opts, &mut text);

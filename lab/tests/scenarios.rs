@@ -42,15 +42,11 @@ fn every_scenario_finds_what_the_seed_lab_teaches() -> anyhow::Result<()> {
         return Ok(());
     }
     let out = std::env::temp_dir().join(format!("tracegap-lab-test-{}", std::process::id()));
-    let opts = Options {
-        scenarios: scenario::ALL.iter().map(|s| s.to_string()).collect(),
-        short: true,
-        out: out.clone(),
-        lab_bin: PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
-        container: None,
-        serve: None,
-        forward: None,
-    };
+    let opts = Options::short(
+        &scenario::ALL,
+        out.clone(),
+        PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
+    );
     let mut text = Vec::new();
     let outcomes = run(&opts, &mut text);
     let text = String::from_utf8_lossy(&text).into_owned();
