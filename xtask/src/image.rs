@@ -137,6 +137,15 @@ pub fn build(route: &toolchain::Route, archive: Option<&Path>) -> anyhow::Result
     let stage = root.join("target/image/build-stage");
     let _ = std::fs::remove_dir_all(&stage);
     let binary = build_binary(route, &stage)?;
+    let image_id = || {
+        Command::new("podman")
+            .args(["image", "inspect", "--format", "{{.Id}}", IMAGE])
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+    };
+    let previous = image_id();
     // The agent stage copies nothing from the context: an empty one.
     let context = root.join("target/image/context");
     std::fs::create_dir_all(&context)?;
@@ -155,6 +164,11 @@ pub fn build(route: &toolchain::Route, archive: Option<&Path>) -> anyhow::Result
         cmd.arg(format!("--timestamp={time}"));
     }
     toolchain::run(cmd.arg(&context))?;
+    // The previous build, untagged now: removed, so rebuilding leaves no
+    // dangling images (kept if a container still uses it).
+    if let Some(old) = previous.filter(|old| Some(old) != image_id().as_ref()) {
+        let _ = Command::new("podman").args(["rmi", &old]).output();
+    }
     let size = Command::new("podman")
         .args(["image", "inspect", "--format", "{{.Size}}", IMAGE])
         .output()
