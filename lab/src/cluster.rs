@@ -208,6 +208,7 @@ impl Cluster {
             response_timeout,
             kubernetes: None,
             node_name: None,
+            reconcile: None,
         }
     }
 
@@ -220,6 +221,7 @@ impl Cluster {
         &self,
         config: &AgentConfig,
         store_grpc_port: u16,
+        store_query_port: Option<u16>,
     ) -> anyhow::Result<Vec<Agent>> {
         self.nodes
             .iter()
@@ -234,6 +236,9 @@ impl Cluster {
                     Self::store_address(node)
                 ));
                 c.node_name = Some(node.name.clone());
+                if let (Some(r), Some(port)) = (&mut c.reconcile, store_query_port) {
+                    r.store = format!("http://{}:{port}", Self::store_address(node));
+                }
                 Agent::start_in(c, node.netns.as_deref())
             })
             .collect()
@@ -249,6 +254,7 @@ impl Cluster {
         &self,
         template: &crate::container::PodTemplate,
         store_grpc_port: u16,
+        store_query_port: u16,
         names: &std::path::Path,
     ) -> anyhow::Result<Vec<Agent>> {
         use crate::container::{AgentContainer, Placement};
@@ -273,6 +279,21 @@ impl Cluster {
                         // The slow scenario's request takes 30 s, the
                         // default's limit.
                         ("TRACEGAP_RESPONSE_TIMEOUT".into(), "60s".into()),
+                        // The store's query API, read back as a cluster's
+                        // Jaeger would be, at the lab's pace.
+                        (
+                            "TRACEGAP_TRACE_STORE".into(),
+                            format!("http://{}:{store_query_port}", Self::store_address(node)),
+                        ),
+                        ("TRACEGAP_TRACE_STORE_KIND".into(), "jaeger".into()),
+                        (
+                            "TRACEGAP_SETTLE_DELAY".into(),
+                            format!("{}ms", crate::run::RECONCILE_SETTLE.as_millis()),
+                        ),
+                        (
+                            "TRACEGAP_TRACE_STORE_QPS".into(),
+                            crate::run::RECONCILE_QPS.to_string(),
+                        ),
                     ],
                     files: vec![(names.clone(), NAMES_IN_CONTAINER.into())],
                     without: Vec::new(),

@@ -170,6 +170,32 @@ fn traces(ctx: &Ctx) -> Arc<Vec<Value>> {
     built
 }
 
+/// The traces holding a span that `pick` picks, built from those traces'
+/// spans alone: what a reader asking for one trace, or searching one
+/// service's recent spans, needs without the whole store as JSON (the
+/// agents read traces back while the store grows).
+fn traces_with(ctx: &Ctx, pick: impl Fn(&crate::store::Received) -> bool) -> Vec<Value> {
+    let Ok(spans) = ctx.store.spans.lock() else {
+        return Vec::new();
+    };
+    let ids: BTreeSet<String> = spans
+        .iter()
+        .filter(|s| pick(s))
+        .map(|s| s.trace_id())
+        .collect();
+    if ids.is_empty() {
+        return Vec::new();
+    }
+    let of: Vec<crate::store::Received> = spans
+        .iter()
+        .filter(|s| ids.contains(&s.trace_id()))
+        .cloned()
+        .collect();
+    drop(spans);
+    let down = ctx.store.down.lock().map(|d| d.clone()).unwrap_or_default();
+    jaeger_traces(&of, &down)
+}
+
 /// (service, operation, span kind) of every span in a trace.
 fn span_services(t: &Value) -> Vec<(String, String, String)> {
     let spans = t["spans"].as_array().cloned().unwrap_or_default();
@@ -403,7 +429,16 @@ async fn search(
         Ok(s) => s,
         Err(msg) => return error(StatusCode::BAD_REQUEST, &msg),
     };
-    let mut found: Vec<Value> = traces(&ctx)
+    let candidates = match (&search.service, search.start, search.end) {
+        // A service's spans in a window (what the agents ask): only the
+        // traces that can match are built.
+        (Some(service), Some(from), Some(to)) => Arc::new(traces_with(&ctx, |r| {
+            let us = r.span.start_time_unix_nano / 1000;
+            &r.service == service && us >= from && us <= to
+        })),
+        _ => traces(&ctx),
+    };
+    let mut found: Vec<Value> = candidates
         .iter()
         .filter(|t| search.matches(t))
         .cloned()
@@ -417,7 +452,7 @@ async fn search(
 
 async fn trace(State(ctx): State<Arc<Ctx>>, UrlPath(id): UrlPath<String>) -> Response {
     let id = id.to_ascii_lowercase();
-    match traces(&ctx).iter().find(|t| t["traceID"] == id.as_str()) {
+    match traces_with(&ctx, |r| r.trace_id() == id).pop() {
         Some(t) => envelope(json!([t]), 1),
         None => error(StatusCode::NOT_FOUND, "trace not found"),
     }

@@ -17,9 +17,12 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use tracegap_agent::{
+    agent::AgentConfig,
     export::{ExportConfig, OtlpProtocol},
     gap::span::ExportMode,
+    reconcile::ReconcileConfig,
     report::{Report, table},
+    tracestore::StoreKind,
 };
 
 use crate::{
@@ -28,6 +31,7 @@ use crate::{
     files,
     load::LoadSummary,
     netns::{Child, Node, Pod},
+    query::QueryServer,
     scenario::{self, Expect, Scenario},
     store::{Downtime, Received, Receiver},
     tree,
@@ -277,9 +281,7 @@ impl Ctx<'_> {
         for agent in &self.agents {
             let (status, body) = agent.get_report()?;
             anyhow::ensure!(status == 200, "/report answered {status}");
-            let r: Report = serde_json::from_str(&body)?;
-            all.edges.extend(r.edges);
-            all.overflow_hops += r.overflow_hops;
+            merge(&mut all, serde_json::from_str(&body)?);
         }
         Ok(all)
     }
@@ -310,6 +312,11 @@ impl Ctx<'_> {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+        // Held for the settle delay, then read back from the store.
+        let deadline = deadline.max(Instant::now() + RECONCILE_SETTLE + Duration::from_secs(10));
+        while self.metric("tracegap_reconcile_pending")? > 0.0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
         while self.metric("tracegap_export_queue_spans")? > 0.0 && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -324,6 +331,22 @@ impl Ctx<'_> {
         Ok(())
     }
 }
+
+/// Adds one node's report to the cluster's.
+fn merge(all: &mut Report, r: Report) {
+    all.edges.extend(r.edges);
+    all.overflow_hops += r.overflow_hops;
+    all.callee_spans.extend(r.callee_spans);
+    all.services.extend(r.services);
+}
+
+/// The agents' settle delay in the lab: its services export each span as
+/// it ends, and its store is readable at once.
+pub const RECONCILE_SETTLE: Duration = Duration::from_millis(1500);
+
+/// Queries per second each agent may make to the lab's store: every hop
+/// is checked (the default, 20, samples them at production rates).
+pub const RECONCILE_QPS: u32 = 2000;
 
 fn explain(kind: &str, src: &str, dst: &str) -> String {
     match kind {
@@ -422,6 +445,88 @@ fn check(
                 ),
             )
         }
+        Expect::Placed(breaking, callee) => {
+            let all = ctx.store.spans();
+            let own: std::collections::HashSet<String> = all
+                .iter()
+                .filter(|s| s.service == *breaking && !s.synthetic())
+                .map(|s| s.span_id())
+                .collect();
+            let stitched: Vec<&Received> = spans
+                .iter()
+                .filter(|s| {
+                    s.synthetic()
+                        && s.service == *callee
+                        && s.gap().as_deref() == Some("broken_propagation")
+                })
+                .collect();
+            let placed = stitched
+                .iter()
+                .filter(|s| own.contains(&s.parent_span_id()))
+                .count();
+            (
+                !stitched.is_empty() && placed == stitched.len(),
+                format!(
+                    "placed under {breaking}'s own spans: {placed} of {} stitched {callee} spans",
+                    stitched.len()
+                ),
+            )
+        }
+        Expect::Linked(callee) => {
+            let all = ctx.store.spans();
+            let roots: std::collections::HashSet<(String, String)> = all
+                .iter()
+                .filter(|s| {
+                    s.service == *callee && !s.synthetic() && s.span.parent_span_id.is_empty()
+                })
+                .map(|s| (s.trace_id(), s.span_id()))
+                .collect();
+            let stitched: Vec<&Received> = spans
+                .iter()
+                .filter(|s| {
+                    s.synthetic()
+                        && s.service == *callee
+                        && s.gap().as_deref() == Some("broken_propagation")
+                })
+                .collect();
+            let linked = stitched
+                .iter()
+                .filter(|s| {
+                    s.span.links.iter().any(|l| {
+                        roots.contains(&(
+                            crate::store::hex(&l.trace_id),
+                            crate::store::hex(&l.span_id),
+                        ))
+                    })
+                })
+                .count();
+            (
+                !stitched.is_empty() && linked == stitched.len(),
+                format!(
+                    "linked to {callee}'s own trace: {linked} of {} stitched spans",
+                    stitched.len()
+                ),
+            )
+        }
+        Expect::Suppressed(caller, callee) => {
+            let bare: u64 = edges(caller, callee).iter().map(|e| e.requests).sum();
+            let added = spans
+                .iter()
+                .filter(|s| {
+                    s.synthetic() && s.attr("tracegap.caller.service").as_deref() == Some(*caller)
+                })
+                .count();
+            (
+                bare > 0 && added == 0,
+                format!(
+                    "{bare} calls without context from {caller} into {callee}, which records its own: {added} spans added"
+                ),
+            )
+        }
+        Expect::SpansLost(_) => {
+            // Judged once the agents stop: the services are asked then.
+            (true, String::new())
+        }
         Expect::KeptUp(share) => {
             let hops: u64 = report.edges.iter().map(|e| e.requests).sum();
             let lost = ctx.metric("tracegap_ringbuf_lost_events_total")?;
@@ -452,6 +557,7 @@ fn check(
 pub fn run_one(
     sc: &Scenario,
     store: &mut Receiver,
+    reader: &QueryServer,
     opts: &Options,
     out: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
@@ -487,22 +593,37 @@ pub fn run_one(
     let agents = match &opts.container {
         Some(template) => {
             // The ConfigMap's settings, but for what the lab must change.
-            cluster.start_container_agents(template, store.grpc.port(), &names)?
+            cluster.start_container_agents(
+                template,
+                store.grpc.port(),
+                reader.addr.port(),
+                &names,
+            )?
         }
         None => cluster.start_agents(
-            &Cluster::agent_config(
-                ExportConfig {
-                    protocol: OtlpProtocol::Grpc,
-                    interval: Duration::from_millis(200),
-                    queue: 2048,
-                    attempts: 3,
-                    ..ExportConfig::default()
-                },
-                ExportMode::Gaps,
-                identities,
-                Duration::from_secs(60),
-            ),
+            &AgentConfig {
+                reconcile: Some(ReconcileConfig {
+                    kind: StoreKind::Jaeger,
+                    settle: RECONCILE_SETTLE,
+                    qps: RECONCILE_QPS,
+                    // Replaced per node by the store's address there.
+                    ..ReconcileConfig::new(String::new())
+                }),
+                ..Cluster::agent_config(
+                    ExportConfig {
+                        protocol: OtlpProtocol::Grpc,
+                        interval: Duration::from_millis(200),
+                        queue: 2048,
+                        attempts: 3,
+                        ..ExportConfig::default()
+                    },
+                    ExportMode::Gaps,
+                    identities,
+                    Duration::from_secs(60),
+                )
+            },
             store.grpc.port(),
+            Some(reader.addr.port()),
         )?,
     };
     let mut ctx = Ctx {
@@ -517,8 +638,8 @@ pub fn run_one(
         ctx.start_service(s)?;
     }
     if sc.store_down {
-        writeln!(out, "  stopping the trace store")?;
-        ctx.store.stop();
+        writeln!(out, "  the trace store refuses exports (503)")?;
+        ctx.store.refuse();
     }
     let mut sent = 0;
     let mut summaries = Vec::new();
@@ -536,8 +657,8 @@ pub fn run_one(
     let mut resumed_at = None;
     if sc.store_down {
         ctx.settle(sent)?;
-        writeln!(out, "  starting the trace store again")?;
-        ctx.store.resume()?;
+        writeln!(out, "  the trace store takes exports again")?;
+        ctx.store.accept();
         resumed_at = Some(ctx.store.spans().len());
         let again = scenario::Load {
             spec: crate::load::LoadSpec {
@@ -557,7 +678,11 @@ pub fn run_one(
     let spans: Vec<Received> = all[resumed_at.unwrap_or(first_span).min(all.len())..].to_vec();
     let mut verdict = Vec::new();
     let mut passed = true;
-    for e in &sc.expect {
+    for e in sc
+        .expect
+        .iter()
+        .filter(|e| !matches!(e, Expect::SpansLost(_)))
+    {
         let (ok, line) = check(e, &report, &ctx, &spans, sent)?;
         passed &= ok;
         verdict.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
@@ -657,6 +782,43 @@ pub fn run_one(
             "info the services could not export {lost} of their own spans while the store was down"
         ));
     }
+    for e in &sc.expect {
+        let Expect::SpansLost(service) = e else {
+            continue;
+        };
+        let failed = ctx.export_failed(service)?;
+        let into = |f: fn(&tracegap_agent::report::CalleeSpans) -> u64| -> u64 {
+            outcome
+                .report
+                .callee_spans
+                .iter()
+                .filter(|c| c.destination == *service)
+                .map(f)
+                .sum()
+        };
+        let (lost, arrived, unexported) = (
+            into(|c| c.lost_in_pipeline),
+            into(|c| c.arrived),
+            into(|c| c.not_exported),
+        );
+        let mut answers: std::collections::BTreeMap<String, u64> = Default::default();
+        for c in outcome
+            .report
+            .callee_spans
+            .iter()
+            .filter(|c| c.destination == *service)
+        {
+            for (a, n) in &c.export_answers {
+                *answers.entry(a.clone()).or_default() += n;
+            }
+        }
+        let ok = lost > 0 && lost == failed;
+        outcome.passed &= ok;
+        outcome.verdict.push(format!(
+            "{} {service}'s spans lost_in_pipeline: {lost} (collector answered {answers:?}), as many as {service} itself failed to export: {failed}; {arrived} arrived, {unexported} not exported",
+            if ok { "ok  " } else { "FAIL" }
+        ));
+    }
     drop(ctx);
     Ok(outcome)
 }
@@ -685,6 +847,13 @@ pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finish
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
     let mut store = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    // The store's Jaeger query API, which the agents read traces back from.
+    let reader = QueryServer::start(
+        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        store.shared(),
+        std::sync::Arc::default(),
+        None,
+    )?;
     if let Some(endpoint) = &opts.forward {
         store.forward_to(endpoint)?;
         writeln!(out, "passing every span on to {endpoint} too")?;
@@ -699,7 +868,7 @@ pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finish
         })?;
         writeln!(out, "\n== {}/{total} {}: {} ==", i + 1, sc.name, sc.lesson)?;
         let started = Instant::now();
-        let o = run_one(&sc, &mut store, opts, out)?;
+        let o = run_one(&sc, &mut store, &reader, opts, out)?;
         write!(out, "{}", table(&o.report))?;
         for t in &o.trees {
             write!(out, "{t}")?;
@@ -732,8 +901,7 @@ pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finish
     )?;
     let mut all = Report::default();
     for o in &outcomes {
-        all.edges.extend(o.report.edges.iter().cloned());
-        all.overflow_hops += o.report.overflow_hops;
+        merge(&mut all, o.report.clone());
     }
     Ok(Finished {
         outcomes,

@@ -53,6 +53,18 @@ pub enum Expect {
     SpanLasting(&'static str, Duration),
     /// The trace store was down for a while; export resumed after.
     ExportRecovered,
+    /// The synthetic spans of the breaking service's (first) calls to the
+    /// callee (second) sit under the breaking service's own spans.
+    Placed(&'static str, &'static str),
+    /// The synthetic spans for calls into this callee link to its own
+    /// new traces.
+    Linked(&'static str),
+    /// Calls from the first to the second (instrumented) service without
+    /// context add no span: the callee's own root span is the record.
+    Suppressed(&'static str, &'static str),
+    /// The service's spans lost while the store refused them are counted
+    /// `lost_in_pipeline`, as many as the service itself failed to export.
+    SpansLost(&'static str),
     /// The agent kept up: at least this share of the requests sent were
     /// classified, and it is still healthy.
     KeptUp(f64),
@@ -65,7 +77,8 @@ pub struct Scenario {
     pub services: Vec<Svc>,
     pub loads: Vec<Load>,
     pub expect: Vec<Expect>,
-    /// Stop the trace store while the loads run, start it after.
+    /// The trace store refuses exports (503) while the loads run, takes
+    /// them again after.
     pub store_down: bool,
 }
 
@@ -102,20 +115,35 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
     use Behaviour::*;
     use Expect::*;
     let s = match name {
-        "broken-propagation" => Scenario {
-            name: "broken-propagation",
-            lesson: "service-b does not propagate trace headers: the trace stops at service-a",
-            services: vec![
-                svc("service-b", DropsHeaders, &[("service-c", "/inventory/42")]),
-                svc("service-c", Instrumented, &[]),
-            ],
-            loads: vec![load("service-a", ("service-b", "/checkout"), n(5, 20))],
-            expect: vec![
-                Kind("service-b", "service-c", "broken_propagation"),
-                Kind("service-a", "service-b", "context_ok"),
-            ],
-            store_down: false,
-        },
+        "broken-propagation" => {
+            let mut bare = load("bare-client", ("service-c", "/inventory/7"), n(3, 10));
+            bare.spec.propagator = None;
+            Scenario {
+                name: "broken-propagation",
+                lesson: "service-b (instrumented, but its HTTP client is not) does not propagate trace headers: the trace stops at service-b",
+                services: vec![
+                    svc(
+                        "service-b",
+                        ServerSpansOnly,
+                        &[("service-c", "/inventory/42")],
+                    ),
+                    svc("service-c", Instrumented, &[]),
+                ],
+                loads: vec![
+                    load("service-a", ("service-b", "/checkout"), n(5, 20)),
+                    bare,
+                ],
+                expect: vec![
+                    Kind("service-b", "service-c", "broken_propagation"),
+                    Kind("service-a", "service-b", "context_ok"),
+                    Placed("service-b", "service-c"),
+                    Linked("service-c"),
+                    Kind("bare-client", "service-c", "missing_context"),
+                    Suppressed("bare-client", "service-c"),
+                ],
+                store_down: false,
+            }
+        }
         "fixed" => Scenario {
             name: "fixed",
             lesson: "service-b propagates the headers: one complete trace",
@@ -228,15 +256,16 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
             a.spec.interval = Duration::ZERO;
             Scenario {
                 name: "collector-down",
-                lesson: "the trace store is down under load: drops are counted, export recovers",
+                lesson: "the trace store is down under load (its collector answers 503): the services' lost spans and tracegap's drops are counted, export recovers",
                 services: vec![
-                    svc("service-b", DropsHeaders, &[("service-c", "/")]),
+                    svc("service-b", ServerSpansOnly, &[("service-c", "/")]),
                     svc("service-c", Instrumented, &[]),
                 ],
                 loads: vec![a],
                 expect: vec![
                     Kind("service-b", "service-c", "broken_propagation"),
                     ExportRecovered,
+                    SpansLost("service-b"),
                 ],
                 store_down: true,
             }

@@ -40,6 +40,12 @@ pub enum Behaviour {
     /// server span and a client span per downstream call, injects downstream,
     /// exports its spans over OTLP.
     Instrumented,
+    /// OpenTelemetry SDK for incoming requests only: a server span per
+    /// request, exported, but downstream calls made with a plain HTTP
+    /// client that carries no context (a Python service with the Flask
+    /// instrumentation and not the requests one): propagation breaks
+    /// inside an instrumented service.
+    ServerSpansOnly,
     /// No tracing at all: downstream calls carry no context (the seed's
     /// service B "WITHOUT header propagation"). Without downstream calls,
     /// an uninstrumented leaf (the seed's nginx).
@@ -341,7 +347,10 @@ impl ServiceSpec {
     }
 
     fn instrumented(&self) -> bool {
-        self.behaviour == Behaviour::Instrumented
+        matches!(
+            self.behaviour,
+            Behaviour::Instrumented | Behaviour::ServerSpansOnly
+        )
     }
 
     /// Starts the service inside `pod`, on a thread of this process.
@@ -469,16 +478,34 @@ fn serve(
         }
         let parent = spec.propagator.extract(&headers);
         let tracer = provider.map(|p| p.tracer("tracegap-demo"));
+        let path = target.split('?').next().unwrap_or("/").to_owned();
         let server_cx = tracer.as_ref().map(|t| {
+            // The HTTP server conventions' attributes, as instrumentation
+            // libraries set them: the peer is what tells one connection's
+            // span from another's.
+            let mut attributes = vec![
+                KeyValue::new("http.request.method", "GET"),
+                KeyValue::new("url.path", path.clone()),
+                KeyValue::new("server.port", i64::from(spec.port)),
+            ];
+            if let Ok(peer) = conn.peer_addr() {
+                attributes.push(KeyValue::new(
+                    "client.address",
+                    peer.ip().to_canonical().to_string(),
+                ));
+                attributes.push(KeyValue::new("client.port", i64::from(peer.port())));
+            }
             let span = t
-                .span_builder(format!("GET {}", target.split('?').next().unwrap_or("/")))
+                .span_builder(format!("GET {path}"))
                 .with_kind(SpanKind::Server)
+                .with_attributes(attributes)
                 .start_with_context(t, &parent);
             parent.with_span(span)
         });
         for url in &spec.downstream {
             let mut out = Vec::new();
             let client_cx = match (&tracer, &server_cx) {
+                (_, _) if spec.behaviour == Behaviour::ServerSpansOnly => None,
                 (Some(t), Some(cx)) => {
                     let span = t
                         .span_builder(format!("GET {}", path_of(url)))

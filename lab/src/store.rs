@@ -120,7 +120,15 @@ fn store(spans: &Store, forward: &Forward, req: ExportTraceServiceRequest, via: 
     }
 }
 
-struct Grpc(Store, Forward);
+/// Set while the store refuses exports (a collector whose backend is
+/// down: it answers, and says no).
+type Refusing = Arc<std::sync::atomic::AtomicBool>;
+
+fn refusing(r: &Refusing) -> bool {
+    r.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+struct Grpc(Store, Forward, Refusing);
 
 #[tonic::async_trait]
 impl TraceService for Grpc {
@@ -128,6 +136,9 @@ impl TraceService for Grpc {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        if refusing(&self.2) {
+            return Err(tonic::Status::unavailable("the trace store is down"));
+        }
         store(&self.0, &self.1, request.into_inner(), "grpc");
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
@@ -148,6 +159,7 @@ pub struct Receiver {
     /// When it was stopped and resumed: spans sent then were lost.
     down: Arc<Mutex<Vec<Downtime>>>,
     forward: Forward,
+    refusing: Refusing,
 }
 
 /// What readers of the store share with it (the query API).
@@ -188,6 +200,7 @@ impl Receiver {
             forward: Forward::default(),
             running: None,
             down: Arc::default(),
+            refusing: Refusing::default(),
         };
         r.serve(Some((grpc, http)))?;
         Ok(r)
@@ -226,6 +239,7 @@ impl Receiver {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (grpc, http, spans) = (self.grpc, self.http, self.spans.clone());
         let forward = self.forward.clone();
+        let refuse = self.refusing.clone();
         let thread = std::thread::spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -265,12 +279,23 @@ impl Receiver {
                 let _ = ready_tx.send(Ok(()));
                 let http_spans = spans.clone();
                 let http_forward = forward.clone();
+                let http_refuse = refuse.clone();
                 let app = axum::Router::new().route(
                     "/v1/traces",
                     axum::routing::post(move |body: axum::body::Bytes| {
                         let spans = http_spans.clone();
                         let forward = http_forward.clone();
+                        let refuse = http_refuse.clone();
                         async move {
+                            if refusing(&refuse) {
+                                // What an OpenTelemetry Collector answers
+                                // when it cannot pass data on (retryable).
+                                return (
+                                    axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                                    [("content-type", "text/plain")],
+                                    b"the trace store is down".to_vec(),
+                                );
+                            }
                             match ExportTraceServiceRequest::decode(body) {
                                 Ok(req) => {
                                     store(&spans, &forward, req, "http");
@@ -293,7 +318,7 @@ impl Receiver {
                     }),
                 );
                 let grpc_server = tonic::transport::Server::builder()
-                    .add_service(TraceServiceServer::new(Grpc(spans, forward)))
+                    .add_service(TraceServiceServer::new(Grpc(spans, forward, refuse)))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(g));
                 tokio::select! {
                     _ = stop_rx => {}
@@ -318,6 +343,32 @@ impl Receiver {
                     until: None,
                 });
             }
+        }
+    }
+
+    /// Refuses exports until [`Receiver::accept`]: OTLP/HTTP answers 503,
+    /// OTLP/gRPC UNAVAILABLE, as a collector whose backend is down does.
+    /// Unlike [`Receiver::stop`], the exports are HTTP exchanges the wire
+    /// shows, with the answer.
+    pub fn refuse(&mut self) {
+        self.refusing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut down) = self.down.lock() {
+            down.push(Downtime {
+                from: std::time::SystemTime::now(),
+                until: None,
+            });
+        }
+    }
+
+    /// Takes exports again after [`Receiver::refuse`].
+    pub fn accept(&mut self) {
+        self.refusing
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        if let Ok(mut down) = self.down.lock()
+            && let Some(d) = down.last_mut().filter(|d| d.until.is_none())
+        {
+            d.until = Some(std::time::SystemTime::now());
         }
     }
 

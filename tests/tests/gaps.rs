@@ -62,6 +62,7 @@ fn config(node: &Node, receiver: &Receiver, export: ExportConfig) -> AgentConfig
         response_timeout: Duration::from_secs(30),
         kubernetes: None,
         node_name: None,
+        reconcile: None,
     }
 }
 

@@ -515,6 +515,7 @@ fn the_agent_keeps_running_and_reports_no_forged_hop() -> anyhow::Result<()> {
         response_timeout: Duration::from_secs(1),
         kubernetes: None,
         node_name: None,
+        reconcile: None,
     })?;
     let (v4, v6) = (to(&pods, PORT, false), to(&pods, PORT, true));
     client(pods.node.pod("client"), move || {

@@ -55,6 +55,7 @@ fn lab(pods: [&[&str]; 2], services: &[&str]) -> anyhow::Result<Lab> {
             Duration::from_secs(30),
         ),
         receiver.grpc.port(),
+        None,
     )?;
     Ok(Lab {
         services: Vec::new(),

@@ -37,6 +37,7 @@ use crate::{
     metrics::{BaggageLabels, GapLabels, Metrics, RequestLabels},
     nat::{self, Conntrack, LookupStats, ServiceNat},
     privileges,
+    reconcile::{self, Ctx, HopFacts, ReconcileConfig, learned::Export},
     server::{self, Shared},
 };
 
@@ -83,6 +84,9 @@ pub struct AgentConfig {
     /// several ([`cluster::reports_here`]) and the node's own addresses are
     /// named `node:NAME`. None: the only agent, which reports everything.
     pub node_name: Option<String>,
+    /// Read traces back from the trace store and correct the spans by
+    /// them (None: the wire alone).
+    pub reconcile: Option<ReconcileConfig>,
 }
 
 /// The running agent's handles, for callers that embed it (tests).
@@ -144,6 +148,15 @@ pub async fn run(
             .map_err(|e| privileges::explain(e.into()))?;
         let (queue, exporter) =
             export::start(config.export.clone(), metrics.clone()).context("starting export")?;
+        let reconciler = config.reconcile.clone().map(|rc| {
+            let (handle, status, task) = reconcile::start(rc, queue.clone(), shared.clone());
+            shared.set_store(status);
+            (handle, task)
+        });
+        let (reconcile, reconcile_task) = match reconciler {
+            Some((h, t)) => (Some(h), Some(t)),
+            None => (None, None),
+        };
         let stream = EventStream::new(observer.take_events()?)?;
         let (tx, batches) = tokio::sync::mpsc::channel(events::BATCHES_QUEUED);
         let drain = tokio::spawn(events::drain(
@@ -160,7 +173,8 @@ pub async fn run(
                 directory: directory.clone(),
             });
         }
-        let mut pipeline = Pipeline::new(&config, shared.clone(), directory.clone(), queue);
+        let mut pipeline =
+            Pipeline::new(&config, shared.clone(), directory.clone(), queue, reconcile);
         let looped = event_loop(&mut observer, interfaces, batches, &mut pipeline, stop).await;
         let looped = match looped {
             // The drain ended first: its error is the one to report.
@@ -175,8 +189,16 @@ pub async fn run(
             }
         };
         shared.ready.store(false, Ordering::Relaxed);
-        // Close the queue; give the exporter a bounded time for a last flush.
+        // Close the queue; give the exporter a bounded time for a last flush
+        // (held spans go to it unreconciled first).
         drop(pipeline);
+        if let Some(t) = reconcile_task
+            && tokio::time::timeout(Duration::from_secs(2), t)
+                .await
+                .is_err()
+        {
+            tracing::warn!("reconciliation did not hand its held spans over within 2s");
+        }
         if tokio::time::timeout(Duration::from_secs(5), exporter)
             .await
             .is_err()
@@ -273,6 +295,33 @@ async fn event_loop(
     }
 }
 
+fn ctx(c: &crate::http::context::SpanContext) -> Ctx {
+    Ctx {
+        trace_id: c.trace_id.clone(),
+        parent_span_id: c.parent_span_id.clone(),
+    }
+}
+
+fn facts(
+    hop: &Hop,
+    caller: &Identity,
+    callee: &Identity,
+    received: Option<Ctx>,
+    serving: Option<Ctx>,
+) -> HopFacts {
+    HopFacts {
+        caller: caller.service.clone(),
+        callee: callee.service.clone(),
+        caller_addr: hop.caller(),
+        callee_ip: hop.callee().ip,
+        start: hop.start,
+        end: hop.end(),
+        received,
+        serving,
+        callee_declared: callee.instrumented,
+    }
+}
+
 /// The user-space data path's state.
 struct Pipeline {
     clock: WallClock,
@@ -289,6 +338,8 @@ struct Pipeline {
     shared: Arc<Shared>,
     directory: Arc<Directory>,
     queue: SpanQueue,
+    /// Held spans and callee checks, read back from the trace store.
+    reconcile: Option<reconcile::Handle>,
     export_mode: ExportMode,
     export_unsampled: bool,
     response_timeout: Duration,
@@ -302,6 +353,7 @@ impl Pipeline {
         shared: Arc<Shared>,
         directory: Arc<Directory>,
         queue: SpanQueue,
+        reconcile: Option<reconcile::Handle>,
     ) -> Self {
         let conntrack = Conntrack::open()
             .inspect_err(|e| {
@@ -323,6 +375,7 @@ impl Pipeline {
             shared,
             directory,
             queue,
+            reconcile,
             export_mode: config.export_mode,
             export_unsampled: config.export_unsampled,
             response_timeout: config.response_timeout,
@@ -392,17 +445,59 @@ impl Pipeline {
         }
     }
 
+    /// An OTLP export a pod on this node made, and the collector's answer:
+    /// what the callee checks need to tell a lost span from an unsent one.
+    fn export_seen(&mut self, req: &Request, rsp: Option<&Message>, gave_up_ns: u64) {
+        let Some(r) = &self.reconcile else { return };
+        let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
+        if !self.local.contains(&hop.caller().ip) {
+            return;
+        }
+        let exporter = self.directory.lookup(hop.caller().ip);
+        if exporter.is_node {
+            return;
+        }
+        r.export_seen(
+            &exporter.service,
+            Export {
+                ip: hop.caller().ip,
+                at: hop.end(),
+                status: hop.status,
+            },
+        );
+    }
+
     fn hop(&mut self, req: &Request, rsp: Option<&Message>, gave_up_ns: u64) {
         if req.telemetry {
+            self.export_seen(req, rsp, gave_up_ns);
             return;
         }
         let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
         let caller = self.directory.lookup(hop.caller().ip);
         let callee = self.directory.lookup(hop.callee().ip);
-        let verdict = self.engine.classify(&hop, callee.instrumented);
+        // Declared (names file, annotation) first; else what the trace
+        // store and the wire have shown of the service.
+        let instrumented = callee.instrumented.or_else(|| {
+            self.reconcile
+                .as_ref()
+                .and_then(|r| r.instrumented(&callee.service))
+        });
+        let verdict = self.engine.classify(&hop, instrumented);
         let callee_local = self.local.contains(&hop.callee().ip);
         let caller_local = self.local.contains(&hop.caller().ip);
         let node = self.node.as_deref();
+        // The callee's own span should be in the trace: checked on its node,
+        // which sees its exports.
+        if let Some(r) = &self.reconcile
+            && verdict.kind == GapKind::ContextOk
+            && verdict.forwarded == 0
+            && callee.instrumented != Some(false)
+            && cluster::is_pod(&callee, callee_local)
+            && cluster::on_this_node(&callee, callee_local, node)
+            && let Some(c) = hop.context().filter(|c| c.sampled == Some(true))
+        {
+            r.expect(facts(&hop, &caller, &callee, Some(ctx(c)), None));
+        }
         // A callee that passed this request's context on unchanged has no
         // span for it: its node (the one that saw what it sent) adds it,
         // whichever node reports the hop itself.
@@ -457,7 +552,23 @@ impl Pipeline {
             let callee_is_pod = cluster::is_pod(&callee, callee_local);
             let s = span::build(&hop, &verdict, &caller, &callee, callee_is_pod);
             example = Some(s.trace_id.to_string());
-            self.queue.offer(s);
+            match &self.reconcile {
+                Some(r) => {
+                    // What the callee was sent and reads, or, for a
+                    // stitched span, the request the caller was serving.
+                    let (received, serving) = match (&verdict.link, verdict.kind) {
+                        (Some(l), GapKind::BrokenPropagation | GapKind::FormatMismatch) => {
+                            (None, Some(ctx(&l.context)))
+                        }
+                        (_, GapKind::MissingContext | GapKind::MalformedContext) => (None, None),
+                        _ => (hop.context().map(ctx), None),
+                    };
+                    if let Some(s) = r.hold(s, facts(&hop, &caller, &callee, received, serving)) {
+                        self.queue.offer(s);
+                    }
+                }
+                None => self.queue.offer(s),
+            }
         }
         if verdict.kind != GapKind::ContextOk {
             tracing::debug!(

@@ -16,6 +16,8 @@ use crate::{
     export::{ExportConfig, OtlpProtocol},
     gap::span::{ExportMode, Identity},
     interfaces::Selection,
+    reconcile::ReconcileConfig,
+    tracestore::StoreKind,
 };
 
 /// tracegap: finds the holes in your distributed traces from the network.
@@ -102,6 +104,31 @@ pub struct RunArgs {
     /// A request without a response after this long is reported unanswered.
     #[arg(long, env = "TRACEGAP_RESPONSE_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub response_timeout: Duration,
+    /// The trace store to read traces back from: Jaeger's query service
+    /// (http://jaeger-query:16686) or Grafana Tempo (http://tempo:3200).
+    /// With it, gap spans are held for --settle-delay and corrected by what
+    /// the services recorded (placed under the breaking service's own span,
+    /// linked to the callee's own trace, dropped as duplicates), and each
+    /// sampled hop into an instrumented service says whether its span
+    /// arrived, was lost in the pipeline or never exported. Unset: the wire
+    /// alone.
+    #[arg(long, env = "TRACEGAP_TRACE_STORE")]
+    pub trace_store: Option<String>,
+    /// The trace store's API; auto asks it.
+    #[arg(long, env = "TRACEGAP_TRACE_STORE_KIND", value_enum, default_value_t = StoreKind::Auto)]
+    pub trace_store_kind: StoreKind,
+    /// How long a hop waits before its trace is read: longer than the
+    /// services' export delay (an SDK batch processor: 5 s) plus the
+    /// collector's and the store's.
+    #[arg(long, env = "TRACEGAP_SETTLE_DELAY", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub settle_delay: Duration,
+    /// Queries per second to the trace store at most (per agent); hops past
+    /// it go unreconciled, counted.
+    #[arg(long, env = "TRACEGAP_TRACE_STORE_QPS", default_value_t = crate::reconcile::DEFAULT_QPS)]
+    pub trace_store_qps: u32,
+    /// One query's time at most; a store slower than this is treated as away.
+    #[arg(long, env = "TRACEGAP_TRACE_STORE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub trace_store_timeout: Duration,
 }
 
 /// Whether to watch the Kubernetes API.
@@ -165,6 +192,17 @@ impl RunArgs {
             services,
             response_timeout: self.response_timeout,
             node_name: self.node_name.clone(),
+            reconcile: self
+                .trace_store
+                .as_ref()
+                .filter(|u| !u.is_empty())
+                .map(|url| ReconcileConfig {
+                    kind: self.trace_store_kind,
+                    settle: self.settle_delay,
+                    qps: self.trace_store_qps,
+                    timeout: self.trace_store_timeout,
+                    ..ReconcileConfig::new(url.clone())
+                }),
             kubernetes: match self.kubernetes {
                 KubernetesMode::On => true,
                 KubernetesMode::Off => false,

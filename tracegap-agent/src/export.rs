@@ -179,6 +179,23 @@ fn scope() -> InstrumentationScope {
 /// The SDK's span record for a synthetic span.
 pub fn span_data(s: SyntheticSpan, scope: &InstrumentationScope) -> SpanData {
     let parent_valid = s.parent_span_id != opentelemetry::trace::SpanId::INVALID;
+    let mut links = SpanLinks::default();
+    links.links = s
+        .links
+        .iter()
+        .map(|(t, sp)| {
+            opentelemetry::trace::Link::new(
+                SpanContext::new(*t, *sp, TraceFlags::SAMPLED, true, TraceState::default()),
+                // The OpenTelemetry convention for a link to the other
+                // side's own trace of the same request.
+                vec![opentelemetry::KeyValue::new(
+                    "tracegap.link.kind",
+                    "callee_trace",
+                )],
+                0,
+            )
+        })
+        .collect();
     SpanData {
         span_context: SpanContext::new(
             s.trace_id,
@@ -196,7 +213,7 @@ pub fn span_data(s: SyntheticSpan, scope: &InstrumentationScope) -> SpanData {
         attributes: s.attributes,
         dropped_attributes_count: 0,
         events: SpanEvents::default(),
-        links: SpanLinks::default(),
+        links,
         status: match s.error {
             Some(e) => Status::error(e),
             None => Status::Unset,

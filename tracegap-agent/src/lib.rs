@@ -25,9 +25,11 @@ pub mod nat;
 pub mod observe;
 pub mod privileges;
 pub mod quality;
+pub mod reconcile;
 pub mod report;
 pub mod server;
 pub mod shutdown;
+pub mod tracestore;
 
 /// The hash map of the per-event path (flows, streams, requests in flight,
 /// addresses): foldhash, what hashbrown uses by default, seeded per process

@@ -39,7 +39,7 @@ macro_rules! edge {
         }
     )*};
 }
-edge!(RequestLabels, GapLabels, BaggageLabels);
+edge!(RequestLabels, GapLabels, BaggageLabels, CalleeSpanLabels);
 
 /// The label sets admitted to each per-edge family.
 #[derive(Default)]
@@ -47,6 +47,7 @@ struct EdgeSeries {
     requests: Admitted,
     gaps: Admitted,
     baggage: Admitted,
+    callee_spans: Admitted,
 }
 
 /// The label sets admitted to one family, by hash.
@@ -110,6 +111,27 @@ pub struct BaggageLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CalleeSpanLabels {
+    pub source_service: String,
+    pub destination_service: String,
+    /// `arrived`, `new_trace`, `lost_in_pipeline` or `not_exported`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueryLabels {
+    /// `trace` (by id) or `search`.
+    pub query: &'static str,
+    /// `found`, `not_found`, `error`, `rate_limited` or `store_away`.
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    pub action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProgramLabels {
     pub program: String,
 }
@@ -142,6 +164,10 @@ pub struct Metrics {
     pub bpf_run_seconds: Family<ProgramLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Gauge>,
     pub series_overflow: Family<MetricLabels, Counter>,
+    pub callee_spans: Family<CalleeSpanLabels, Counter>,
+    pub store_queries: Family<QueryLabels, Counter>,
+    pub reconciled: Family<ActionLabels, Counter>,
+    pub reconcile_pending: Gauge,
     admitted: EdgeSeries,
     last_kernel: std::sync::Mutex<Counters>,
 }
@@ -176,6 +202,10 @@ impl Metrics {
             bpf_run_seconds: Family::default(),
             bpf_runs: Family::default(),
             series_overflow: Family::default(),
+            callee_spans: Family::default(),
+            store_queries: Family::default(),
+            reconciled: Family::default(),
+            reconcile_pending: Gauge::default(),
             admitted: Default::default(),
             last_kernel: std::sync::Mutex::new(Counters::default()),
             registry: Registry::default(),
@@ -276,7 +306,49 @@ impl Metrics {
             "Increments counted under the _overflow edge because a per-edge family reached its series bound, by metric",
             m.series_overflow.clone(),
         );
+        registry.register(
+            "callee_spans",
+            "Hops whose callee (instrumented, sent a sampled context) should have recorded a span, by what the trace store holds after the settle delay: arrived; new_trace (in a trace of its own: the callee did not read the context); lost_in_pipeline (the callee exported, the span never arrived); not_exported (no export seen from the callee)",
+            m.callee_spans.clone(),
+        );
+        registry.register(
+            "trace_store_queries",
+            "Queries to the trace store, by query (trace, search) and outcome (found, not_found, error, rate_limited, store_away)",
+            m.store_queries.clone(),
+        );
+        registry.register(
+            "reconciled_spans",
+            "Synthetic spans after the trace store was read, by action (placed: under the breaking service's own span; linked: to the callee's own trace; suppressed: the callee's own span is there; unchanged; unreconciled: the store could not be asked)",
+            m.reconciled.clone(),
+        );
+        registry.register(
+            "reconcile_pending",
+            "Synthetic spans and hop checks waiting for the settle delay",
+            m.reconcile_pending.clone(),
+        );
         Self { registry, ..m }
+    }
+
+    /// Counts a callee-span outcome on its edge, within [`MAX_EDGE_SERIES`].
+    pub fn callee_span(&self, l: CalleeSpanLabels) {
+        self.count_edge(
+            &self.callee_spans,
+            &self.admitted.callee_spans,
+            "callee_spans",
+            l,
+        );
+    }
+
+    pub fn store_query(&self, query: &'static str, outcome: &'static str, n: u64) {
+        self.store_queries
+            .get_or_create(&QueryLabels { query, outcome })
+            .inc_by(n);
+    }
+
+    pub fn reconciled(&self, action: &'static str) {
+        self.reconciled
+            .get_or_create(&ActionLabels { action })
+            .inc();
     }
 
     /// Counts a hop on its edge, within [`MAX_EDGE_SERIES`].

@@ -207,6 +207,43 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
             e.baggage_dropped,
         ));
     }
+    // Checked against the trace store (with --trace-store): the service's
+    // own spans for sampled requests into it.
+    let mut stored = Metric {
+        name: "Spans reach the trace store",
+        category: "instrumentation",
+        description: "For sampled requests into this service, its own span is in the trace \
+                      store under the caller's (failing: in a trace of its own, lost between \
+                      the service and the store, or never exported).",
+        weight: 1.0,
+        pass: 0,
+        fail: 0,
+        exempt: 0,
+        examples: Vec::new(),
+        rows: Vec::new(),
+    };
+    for c in report
+        .callee_spans
+        .iter()
+        .filter(|c| c.destination == service)
+    {
+        let fail = c.new_trace + c.lost_in_pipeline + c.not_exported;
+        stored.pass += c.arrived;
+        stored.fail += fail;
+        if fail > 0 {
+            stored.rows.push((
+                c.source.clone(),
+                c.destination.clone(),
+                c.arrived + fail,
+                fail,
+            ));
+            if let Some(t) = &c.example
+                && !stored.examples.contains(t)
+            {
+                stored.examples.push(t.clone());
+            }
+        }
+    }
     let scores: Vec<Value> = [
         ("propagation", "Context propagation"),
         ("sampling", "Sampling"),
@@ -217,7 +254,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
         let (mut got, mut max) = (0.0, 0.0);
         for m in metrics
             .iter()
-            .chain([&baggage])
+            .chain([&baggage, &stored])
             .filter(|m| m.category == *key)
         {
             let judged = m.pass + m.fail;
@@ -244,7 +281,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
         "scores": scores,
         "metrics": metrics
             .iter()
-            .chain([&baggage])
+            .chain([&baggage, &stored])
             .filter(|m| m.pass + m.fail + m.exempt > 0)
             .map(Metric::json)
             .collect::<Vec<_>>(),
@@ -290,6 +327,8 @@ mod tests {
     #[test]
     fn a_service_that_drops_the_context_fails_propagation_with_an_example() {
         let report = Report {
+            callee_spans: Vec::new(),
+            services: Vec::new(),
             edges: vec![
                 edge("service-a", "service-b", 10, &[("context_ok", 10)]),
                 edge(
@@ -341,8 +380,40 @@ mod tests {
     }
 
     #[test]
+    fn spans_lost_on_the_way_to_the_store_fail_the_callee_with_the_trace_as_example() {
+        let report = Report {
+            callee_spans: vec![crate::report::CalleeSpans {
+                source: "service-a".into(),
+                destination: "service-b".into(),
+                arrived: 7,
+                lost_in_pipeline: 3,
+                example: Some("lost-trace".into()),
+                ..Default::default()
+            }],
+            services: Vec::new(),
+            edges: vec![edge("service-a", "service-b", 10, &[("context_ok", 10)])],
+            overflow_hops: 0,
+        };
+        let b = quality_metrics(&report, "service-b", "in a test");
+        let m = metric_named(&b, "Spans reach the trace store");
+        assert_eq!(
+            (m["passCount"].as_u64(), m["failureCount"].as_u64()),
+            (Some(7), Some(3))
+        );
+        assert_eq!(m["failureExamples"][0]["traceID"], "lost-trace");
+        // Only the callee is judged by it.
+        let a = quality_metrics(&report, "service-a", "in a test");
+        assert!(a["metrics"].as_array().is_some_and(|ms| {
+            ms.iter()
+                .all(|m| m["name"] != "Spans reach the trace store")
+        }));
+    }
+
+    #[test]
     fn unsampled_hops_are_exempt_and_an_unknown_service_scores_nothing_against_it() {
         let report = Report {
+            callee_spans: Vec::new(),
+            services: Vec::new(),
             edges: vec![edge(
                 "a",
                 "b",

@@ -62,17 +62,70 @@ pub struct Edge {
     pub p99_ms: Option<f64>,
 }
 
+/// Whether the callees of one edge recorded their own spans: hops whose
+/// callee should have (instrumented, sent a sampled context it reads),
+/// checked against the trace store after the settle delay by the agent on
+/// the callee's node, which sees the callee's own exports.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CalleeSpans {
+    pub source: String,
+    pub destination: String,
+    #[serde(default)]
+    pub node: Option<String>,
+    /// The callee's span is in the trace, under the span the caller sent.
+    pub arrived: u64,
+    /// The callee's span is in a trace of its own: it did not read the
+    /// context it was sent.
+    pub new_trace: u64,
+    /// The callee exported (its OTLP request was seen) and the span never
+    /// arrived: lost between the service and the store.
+    pub lost_in_pipeline: u64,
+    /// No export from the callee was seen: it never sent the span.
+    pub not_exported: u64,
+    /// For lost spans: the collector's answers to the callee's exports
+    /// (`503`, `no answer`, ...) and how often.
+    pub export_answers: BTreeMap<String, u64>,
+    /// The most recent trace missing the callee's span.
+    pub example: Option<String>,
+}
+
+/// A service's instrumentation as learned from the trace store and the
+/// wire, beside what was declared.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub service: String,
+    /// Learned: Some(true) once its own spans are in the store or its
+    /// exports are seen; Some(false) after many sampled requests with no
+    /// span in the store and no export; None: not yet known.
+    pub instrumented: Option<bool>,
+    /// Why, in a few words.
+    pub evidence: String,
+    pub spans_seen: u64,
+    pub exports_seen: u64,
+    pub exports_failed: u64,
+}
+
 /// The whole report.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     pub edges: Vec<Edge>,
     pub overflow_hops: u64,
+    /// Per edge, whether callees' spans reached the store (with a trace
+    /// store to ask: `--trace-store`).
+    #[serde(default)]
+    pub callee_spans: Vec<CalleeSpans>,
+    /// Per service, its instrumentation as learned.
+    #[serde(default)]
+    pub services: Vec<ServiceStatus>,
 }
 
 /// Collects hops into per-edge statistics.
 #[derive(Default)]
 pub struct Reporter {
     edges: BTreeMap<(String, String), EdgeStats>,
+    callee_spans: BTreeMap<(String, String), CalleeSpans>,
+    /// Set by reconciliation as it learns.
+    pub services: Vec<ServiceStatus>,
     overflow_hops: u64,
     /// This agent's node, written on every edge.
     pub node: Option<String>,
@@ -87,6 +140,41 @@ fn quantile(sorted: &[u64], q: f64) -> Option<f64> {
 }
 
 impl Reporter {
+    /// Records what the store holds of a callee's span for one hop;
+    /// `answer`: the collector's answer to the callee's export, for a lost
+    /// span; `trace`: the hop's trace.
+    pub fn callee_span(
+        &mut self,
+        source: &str,
+        destination: &str,
+        outcome: crate::reconcile::Outcome,
+        answer: Option<&str>,
+        trace: &str,
+    ) {
+        use crate::reconcile::Outcome;
+        let key = (source.to_owned(), destination.to_owned());
+        if !self.callee_spans.contains_key(&key) && self.callee_spans.len() >= MAX_EDGES {
+            return;
+        }
+        let c = self.callee_spans.entry(key).or_insert_with(|| CalleeSpans {
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            ..Default::default()
+        });
+        match outcome {
+            Outcome::Arrived => c.arrived += 1,
+            Outcome::NewTrace => c.new_trace += 1,
+            Outcome::LostInPipeline => c.lost_in_pipeline += 1,
+            Outcome::NotExported => c.not_exported += 1,
+        }
+        if let Some(a) = answer {
+            *c.export_answers.entry(a.to_owned()).or_default() += 1;
+        }
+        if outcome != Outcome::Arrived {
+            c.example = Some(trace.to_owned());
+        }
+    }
+
     /// Records one classified hop; `trace` is the example trace id for it.
     pub fn record(
         &mut self,
@@ -173,6 +261,15 @@ impl Reporter {
         Report {
             edges,
             overflow_hops: self.overflow_hops,
+            callee_spans: self
+                .callee_spans
+                .values()
+                .map(|c| CalleeSpans {
+                    node: self.node.clone(),
+                    ..c.clone()
+                })
+                .collect(),
+            services: self.services.clone(),
         }
     }
 }

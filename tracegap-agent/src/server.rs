@@ -32,6 +32,7 @@ pub struct Shared {
     pub ready: AtomicBool,
     heartbeat_ns: AtomicU64,
     api: std::sync::OnceLock<Arc<crate::cluster::ApiStatus>>,
+    store: std::sync::OnceLock<Arc<crate::reconcile::StoreStatus>>,
 }
 
 impl Shared {
@@ -42,12 +43,18 @@ impl Shared {
             ready: AtomicBool::new(false),
             heartbeat_ns: AtomicU64::new(monotonic_ns()),
             api: std::sync::OnceLock::new(),
+            store: std::sync::OnceLock::new(),
         }
     }
 
     /// The Kubernetes API's status, which `/readyz` reports.
     pub fn set_api(&self, status: Arc<crate::cluster::ApiStatus>) {
         let _ = self.api.set(status);
+    }
+
+    /// The trace store's status, which `/readyz` notes.
+    pub fn set_store(&self, status: Arc<crate::reconcile::StoreStatus>) {
+        let _ = self.store.set(status);
     }
 
     /// Called by the event loop on every turn.
@@ -84,7 +91,9 @@ async fn healthz(State(s): State<Arc<Shared>>) -> StatusCode {
 
 /// 200 `ok` when the programs are attached and the exporter runs; 503
 /// `degraded: ...` while the Kubernetes API is away (the data path still
-/// runs, with address-only names); 503 `starting` before that.
+/// runs, with address-only names); 503 `starting` before that. A trace
+/// store that cannot be read adds a `note:` line and keeps 200: spans still
+/// go out, only uncorrected.
 async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     if !s.ready.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned());
@@ -94,7 +103,10 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
             StatusCode::SERVICE_UNAVAILABLE,
             format!("degraded: {why}\n"),
         ),
-        None => (StatusCode::OK, "ok\n".to_owned()),
+        None => match s.store.get().and_then(|st| st.away()) {
+            Some(why) => (StatusCode::OK, format!("ok\nnote: {why}\n")),
+            None => (StatusCode::OK, "ok\n".to_owned()),
+        },
     }
 }
 

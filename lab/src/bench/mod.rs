@@ -246,6 +246,7 @@ fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
         response_timeout: Duration::from_secs(30),
         kubernetes: None,
         node_name: None,
+        reconcile: None,
     }
 }
 

@@ -163,6 +163,9 @@ pub struct SyntheticSpan {
     pub attributes: Vec<KeyValue>,
     /// Some(description) when the span's status is ERROR.
     pub error: Option<String>,
+    /// Spans this one links to (OTLP span links): the callee's own trace
+    /// for the same request, found in the trace store.
+    pub links: Vec<(TraceId, SpanId)>,
 }
 
 fn trace_id(hex: &str) -> Option<TraceId> {
@@ -347,6 +350,7 @@ pub fn build(
         end: hop.end(),
         attributes,
         error,
+        links: Vec::new(),
     }
 }
 

@@ -1,0 +1,247 @@
+//! What reconciliation learns as it goes: which services record spans
+//! (from the store, and from their exports on the wire) and which pods
+//! exported when, with the collector's answer.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    net::IpAddr,
+    sync::Mutex,
+    time::{Duration, SystemTime},
+};
+
+use crate::report::ServiceStatus;
+
+/// Sampled requests into a service with no span of it in the store and no
+/// export from it before it is taken for uninstrumented.
+pub const UNINSTRUMENTED_AFTER: u64 = 20;
+/// Services tracked at most.
+const MAX_SERVICES: usize = 4096;
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Evidence {
+    spans_seen: u64,
+    exports_seen: u64,
+    exports_failed: u64,
+    /// Sampled requests checked with no span of the service found.
+    checked_without: u64,
+}
+
+/// Each service's instrumentation, learned; shared with the data path,
+/// which asks it for services nobody declared.
+#[derive(Debug, Default)]
+pub struct Learned(Mutex<HashMap<String, Evidence>>);
+
+impl Learned {
+    fn with(&self, service: &str, f: impl FnOnce(&mut Evidence)) {
+        let Ok(mut m) = self.0.lock() else { return };
+        if !m.contains_key(service) && m.len() >= MAX_SERVICES {
+            return;
+        }
+        f(m.entry(service.to_owned()).or_default());
+    }
+
+    /// The store holds a span the service recorded itself.
+    pub fn span_seen(&self, service: &str) {
+        self.with(service, |e| e.spans_seen += 1);
+    }
+
+    /// One of the service's pods exported spans (`ok`: and the collector
+    /// took them).
+    pub fn export_seen(&self, service: &str, ok: bool) {
+        self.with(service, |e| {
+            e.exports_seen += 1;
+            if !ok {
+                e.exports_failed += 1;
+            }
+        });
+    }
+
+    /// A sampled request into the service has no span of it in the store.
+    pub fn checked_without(&self, service: &str) {
+        self.with(service, |e| e.checked_without += 1);
+    }
+
+    /// Some(true): it records spans (seen in the store, or exporting);
+    /// Some(false): [`UNINSTRUMENTED_AFTER`] sampled requests with nothing
+    /// in the store and no export ever; None: not known yet.
+    pub fn instrumented(&self, service: &str) -> Option<bool> {
+        let m = self.0.lock().ok()?;
+        m.get(service).and_then(status)
+    }
+
+    /// Every service's status, for the report.
+    pub fn statuses(&self) -> Vec<ServiceStatus> {
+        let Ok(m) = self.0.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<ServiceStatus> = m
+            .iter()
+            .map(|(service, e)| ServiceStatus {
+                service: service.clone(),
+                instrumented: status(e),
+                evidence: match status(e) {
+                    Some(true) if e.spans_seen > 0 => "its own spans are in the trace store".into(),
+                    Some(true) => "it exports spans (seen on the wire)".into(),
+                    Some(false) => format!(
+                        "{} sampled requests, none with a span of it in the store, and no export from it",
+                        e.checked_without
+                    ),
+                    None => "not known yet".into(),
+                },
+                spans_seen: e.spans_seen,
+                exports_seen: e.exports_seen,
+                exports_failed: e.exports_failed,
+            })
+            .collect();
+        out.sort_by(|a, b| a.service.cmp(&b.service));
+        out
+    }
+}
+
+fn status(e: &Evidence) -> Option<bool> {
+    if e.spans_seen > 0 || e.exports_seen > 0 {
+        Some(true)
+    } else if e.checked_without >= UNINSTRUMENTED_AFTER {
+        Some(false)
+    } else {
+        None
+    }
+}
+
+/// One OTLP export seen on the wire.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Export {
+    /// The exporting pod.
+    pub ip: IpAddr,
+    pub at: SystemTime,
+    /// The collector's HTTP status; None: no answer.
+    pub status: Option<u16>,
+}
+
+impl Export {
+    /// The answer as the report counts it.
+    pub fn answer(&self) -> String {
+        self.status
+            .map_or_else(|| "no answer".to_owned(), |s| s.to_string())
+    }
+}
+
+/// Exports kept per pod at most, and for how long.
+const EXPORTS_PER_POD: usize = 256;
+const PODS: usize = 4096;
+
+/// Recent exports by pod address.
+#[derive(Debug, Default)]
+pub struct Ledger {
+    by_ip: HashMap<IpAddr, VecDeque<Export>>,
+}
+
+impl Ledger {
+    pub fn record(&mut self, e: Export) {
+        if !self.by_ip.contains_key(&e.ip) && self.by_ip.len() >= PODS {
+            return;
+        }
+        let q = self.by_ip.entry(e.ip).or_default();
+        if q.len() >= EXPORTS_PER_POD {
+            q.pop_front();
+        }
+        q.push_back(e);
+    }
+
+    /// The pod's export nearest after `from` and before `until`: the one
+    /// that would have carried a span that ended in between (the earliest
+    /// failed one if any failed, since a failure is what loses it).
+    pub fn export_between(
+        &self,
+        ip: IpAddr,
+        from: SystemTime,
+        until: SystemTime,
+    ) -> Option<&Export> {
+        let q = self.by_ip.get(&ip)?;
+        let mut within = q.iter().filter(|e| e.at >= from && e.at <= until);
+        let first = within.clone().next()?;
+        Some(
+            within
+                .find(|e| !e.status.is_some_and(|s| (200..300).contains(&s)))
+                .unwrap_or(first),
+        )
+    }
+
+    /// Forgets exports older than `keep`.
+    pub fn forget_before(&mut self, cutoff: SystemTime) {
+        self.by_ip.retain(|_, q| {
+            while q.front().is_some_and(|e| e.at < cutoff) {
+                q.pop_front();
+            }
+            !q.is_empty()
+        });
+    }
+}
+
+/// How long exports are kept: past any settle delay worth having.
+pub const LEDGER_KEEP: Duration = Duration::from_secs(120);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn instrumentation_is_learned_from_spans_exports_and_long_absence() {
+        let l = Learned::default();
+        assert_eq!(l.instrumented("a"), None);
+        l.span_seen("a");
+        assert_eq!(l.instrumented("a"), Some(true));
+        l.export_seen("b", false);
+        assert_eq!(l.instrumented("b"), Some(true));
+        for _ in 0..UNINSTRUMENTED_AFTER - 1 {
+            l.checked_without("c");
+        }
+        assert_eq!(l.instrumented("c"), None);
+        l.checked_without("c");
+        assert_eq!(l.instrumented("c"), Some(false));
+        // Exports outweigh absence: its spans are being lost, not unmade.
+        for _ in 0..UNINSTRUMENTED_AFTER {
+            l.checked_without("b");
+        }
+        assert_eq!(l.instrumented("b"), Some(true));
+        let s = l.statuses();
+        assert_eq!(s.len(), 3);
+        assert_eq!(s[1].exports_failed, 1);
+        assert!(s[2].evidence.contains("no export"), "{}", s[2].evidence);
+    }
+
+    #[test]
+    fn the_export_that_would_have_carried_a_span_is_found_failed_first() {
+        let ip: IpAddr = "10.0.0.3".parse().unwrap();
+        let t = |ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms);
+        let mut l = Ledger::default();
+        l.record(Export {
+            ip,
+            at: t(100),
+            status: Some(200),
+        });
+        l.record(Export {
+            ip,
+            at: t(200),
+            status: Some(503),
+        });
+        l.record(Export {
+            ip,
+            at: t(300),
+            status: None,
+        });
+        assert_eq!(l.export_between(ip, t(50), t(150)).unwrap().answer(), "200");
+        assert_eq!(l.export_between(ip, t(50), t(350)).unwrap().answer(), "503");
+        assert_eq!(
+            l.export_between(ip, t(250), t(350)).unwrap().answer(),
+            "no answer"
+        );
+        assert!(l.export_between(ip, t(400), t(500)).is_none());
+        assert!(
+            l.export_between("10.0.0.4".parse().unwrap(), t(0), t(500))
+                .is_none()
+        );
+        l.forget_before(t(250));
+        assert!(l.export_between(ip, t(0), t(250)).is_none());
+    }
+}
