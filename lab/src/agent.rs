@@ -149,6 +149,14 @@ impl Agent {
         crate::http::get(addr, "/report")
     }
 
+    /// GET `path` from the agent's report address (in-process agents).
+    pub fn get_report_path(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let addr = self
+            .report
+            .ok_or_else(|| anyhow::anyhow!("this agent serves no report address"))?;
+        crate::http::get(addr, path)
+    }
+
     /// The value of a metric sample line that starts with `prefix`
     /// (name and labels), summed over matching lines.
     pub fn metric(&self, prefix: &str) -> anyhow::Result<f64> {

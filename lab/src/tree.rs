@@ -37,6 +37,16 @@ fn line(s: &Received) -> String {
         if let Some(c) = s.attr("tracegap.link.confidence") {
             l.push_str(&format!(" ({c})"));
         }
+        if s.attr("tracegap.parent").as_deref() == Some("store") {
+            l.push_str(" parent=from store");
+        }
+        for link in &s.span.links {
+            l.push_str(&format!(
+                "  -> {}'s own trace {}",
+                s.service,
+                crate::store::hex(&link.trace_id)
+            ));
+        }
     }
     if let Some(st) = &s.span.status
         && st.code == 2

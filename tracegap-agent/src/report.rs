@@ -358,6 +358,60 @@ pub fn table(report: &Report) -> String {
             report.overflow_hops
         ));
     }
+    out.push_str(&callee_table(&report.callee_spans));
+    out
+}
+
+/// The callee-span checks as a table: whether each edge's callees' own
+/// spans reached the trace store, and why not.
+fn callee_table(checks: &[CalleeSpans]) -> String {
+    if checks.is_empty() {
+        return String::new();
+    }
+    let mut rows = vec![[
+        "CALLEE SPANS".to_owned(),
+        "NODE".to_owned(),
+        "ARRIVED".to_owned(),
+        "NEW_TRACE".to_owned(),
+        "LOST_IN_PIPELINE".to_owned(),
+        "NOT_EXPORTED".to_owned(),
+        "COLLECTOR ANSWERED".to_owned(),
+        "EXAMPLE TRACE".to_owned(),
+    ]];
+    for c in checks {
+        let answers: Vec<String> = c
+            .export_answers
+            .iter()
+            .map(|(a, n)| format!("{a} x{n}"))
+            .collect();
+        rows.push([
+            format!("{} -> {}", c.source, c.destination),
+            c.node.clone().unwrap_or_else(|| "-".to_owned()),
+            c.arrived.to_string(),
+            c.new_trace.to_string(),
+            c.lost_in_pipeline.to_string(),
+            c.not_exported.to_string(),
+            if answers.is_empty() {
+                "-".to_owned()
+            } else {
+                answers.join(" ")
+            },
+            c.example.clone().unwrap_or_else(|| "-".to_owned()),
+        ]);
+    }
+    let widths: Vec<usize> = (0..8)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(v, w)| format!("{v:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
     out
 }
 

@@ -370,11 +370,21 @@ impl Task {
     async fn round(&mut self) {
         let now = Instant::now();
         let mut due = Vec::new();
+        // A cached trace serves an item only if it was read after the item
+        // was due (its spans had settled by then).
+        let mut fresh_after: HashMap<String, Instant> = HashMap::new();
         while due.len() < PER_ROUND
             && let Some((at, _)) = self.pending.front()
             && *at <= now
         {
-            if let Some((_, item)) = self.pending.pop_front() {
+            if let Some((at, item)) = self.pending.pop_front() {
+                let f = match &item {
+                    Item::Span(_, f) | Item::Expect(f) => f,
+                };
+                for c in [&f.serving, &f.received].into_iter().flatten() {
+                    let e = fresh_after.entry(c.trace_id.clone()).or_insert(at);
+                    *e = (*e).max(at);
+                }
                 due.push(item);
             }
         }
@@ -409,7 +419,7 @@ impl Task {
                 wanted.push(Query::Search(search(facts)));
             }
         }
-        self.ask(merge(wanted), &mut answers).await;
+        self.ask(merge(wanted), &fresh_after, &mut answers).await;
         let second: Vec<Query> = due
             .iter()
             .filter_map(|item| match item {
@@ -417,7 +427,7 @@ impl Task {
                 _ => None,
             })
             .collect();
-        self.ask(merge(second), &mut answers).await;
+        self.ask(merge(second), &fresh_after, &mut answers).await;
         for item in due {
             match item {
                 Item::Span(s, f) => self.settle_span(*s, &f, &answers),
@@ -470,16 +480,21 @@ impl Task {
 
     /// Makes the queries (those the rate allows, cached traces free),
     /// filling `answers`.
-    async fn ask(&mut self, queries: Vec<Query>, answers: &mut Answers) {
+    async fn ask(
+        &mut self,
+        queries: Vec<Query>,
+        fresh_after: &HashMap<String, Instant>,
+        answers: &mut Answers,
+    ) {
         let mut to_ask = Vec::new();
         for q in queries {
             match &q {
                 Query::Trace(id) if answers.traces.contains_key(id) => {}
                 Query::Trace(id) => match self.cache.get(id) {
-                    Some((_, t)) => {
+                    Some((read, t)) if fresh_after.get(id).is_none_or(|due| read >= due) => {
                         answers.traces.insert(id.clone(), t.clone());
                     }
-                    None => to_ask.push(q),
+                    _ => to_ask.push(q),
                 },
                 Query::Search(_) => to_ask.push(q),
             }
@@ -570,7 +585,8 @@ impl Task {
                 .get(&c.trace_id)
                 .and_then(|t| t.as_deref())
                 .is_some_and(|t| {
-                    decide::own_child(t, &f.callee, &c.parent_span_id, &self.claimed).is_some()
+                    decide::own_child(t, &f.callee, &c.parent_span_id, f.window(), &self.claimed)
+                        .is_some()
                 })
         })
     }
@@ -585,10 +601,9 @@ impl Task {
             && let Some(t) = answers.traces.get(&c.trace_id)
         {
             asked = true;
-            if let Some(own) = t
-                .as_deref()
-                .and_then(|t| decide::own_child(t, &f.callee, &c.parent_span_id, &self.claimed))
-            {
+            if let Some(own) = t.as_deref().and_then(|t| {
+                decide::own_child(t, &f.callee, &c.parent_span_id, f.window(), &self.claimed)
+            }) {
                 self.claimed.claim(&own.span_id);
                 m.reconciled("suppressed");
                 return;
@@ -658,11 +673,16 @@ impl Task {
         };
         let own = trace
             .as_deref()
-            .and_then(|t| decide::own_child(t, &f.callee, &c.parent_span_id, &self.claimed))
+            .and_then(|t| {
+                decide::own_child(t, &f.callee, &c.parent_span_id, f.window(), &self.claimed)
+            })
             .map(|s| s.span_id.clone());
+        // A root of the callee's in another trace: it did not continue the
+        // context it was sent.
         let new_root = || match answers.searches.get(&f.callee) {
             Some(spans) => {
-                match decide::own_root(spans.iter(), &f.callee, f.window(), &self.claimed) {
+                let elsewhere = spans.iter().filter(|s| s.trace_id != c.trace_id);
+                match decide::own_root(elsewhere, &f.callee, f.window(), &self.claimed) {
                     Root::One(r) => Some(r.span_id.clone()),
                     _ => None,
                 }
