@@ -73,10 +73,6 @@ impl QueryServer {
                 dir.display()
             );
         }
-        let listener =
-            std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
         let ctx = Arc::new(Ctx {
             store,
             reports,
@@ -84,6 +80,35 @@ impl QueryServer {
             config,
             cache: std::sync::Mutex::default(),
         });
+        Self::serve(addr, router(ctx))
+    }
+
+    /// Serves `store` as Grafana Tempo's query API answers (`/api/echo`,
+    /// `/api/search` by `service.name`, `/api/traces/{id}` as OTLP JSON in
+    /// Tempo's `batches` envelope): an imitation, since Tempo cannot run
+    /// here, for the agent's Tempo reader to be tested end to end. Ids are
+    /// hex (Tempo's JSON has base64; the reader takes both).
+    pub fn start_tempo(addr: SocketAddr, store: Shared) -> anyhow::Result<Self> {
+        let ctx = Arc::new(Ctx {
+            store,
+            reports: Arc::default(),
+            ui: None,
+            config: Value::Null,
+            cache: std::sync::Mutex::default(),
+        });
+        let app = Router::new()
+            .route("/api/echo", get(|| async { "echo" }))
+            .route("/api/search", get(tempo_search))
+            .route("/api/traces/{id}", get(tempo_trace))
+            .with_state(ctx);
+        Self::serve(addr, app)
+    }
+
+    fn serve(addr: SocketAddr, app: Router) -> anyhow::Result<Self> {
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let addr = listener.local_addr()?;
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -93,7 +118,7 @@ impl QueryServer {
                 let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                     return;
                 };
-                let served = axum::serve(listener, router(ctx)).with_graceful_shutdown(async {
+                let served = axum::serve(listener, app).with_graceful_shutdown(async {
                     let _ = stop_rx.await;
                 });
                 if let Err(e) = served.await {
@@ -106,6 +131,68 @@ impl QueryServer {
             stop: Some(stop_tx),
             thread: Some(thread),
         })
+    }
+}
+
+/// Tempo's search: trace ids with a span of `service.name` starting in
+/// `start..=end` (seconds).
+async fn tempo_search(
+    State(ctx): State<Arc<Ctx>>,
+    Query(q): Query<BTreeMap<String, String>>,
+) -> Response {
+    let Some(service) = q
+        .get("tags")
+        .and_then(|t| t.strip_prefix("service.name="))
+        .map(|v| v.trim_matches('"').to_owned())
+    else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "tags=service.name=\"...\" expected",
+        )
+            .into_response();
+    };
+    let secs = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok());
+    let (from, to) = (secs("start").unwrap_or(0), secs("end").unwrap_or(u64::MAX));
+    let limit = q
+        .get("limit")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20usize);
+    let Ok(spans) = ctx.store.spans.lock() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let ids: BTreeSet<String> = spans
+        .iter()
+        .filter(|r| {
+            let s = r.span.start_time_unix_nano / 1_000_000_000;
+            r.service == service && s >= from && s <= to
+        })
+        .map(|r| r.trace_id())
+        .take(limit)
+        .collect();
+    let traces: Vec<Value> = ids.iter().map(|id| json!({"traceID": id})).collect();
+    axum::Json(json!({ "traces": traces })).into_response()
+}
+
+/// Tempo's trace by id: OTLP JSON in a `batches` envelope.
+async fn tempo_trace(State(ctx): State<Arc<Ctx>>, UrlPath(id): UrlPath<String>) -> Response {
+    let id = id.to_ascii_lowercase();
+    let of: Vec<crate::store::Received> = match ctx.store.spans.lock() {
+        Ok(spans) => spans
+            .iter()
+            .filter(|r| r.trace_id() == id)
+            .cloned()
+            .collect(),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    };
+    if of.is_empty() {
+        return (StatusCode::NOT_FOUND, "trace not found").into_response();
+    }
+    match crate::files::otlp_json(&of)
+        .ok()
+        .and_then(|j| serde_json::from_str::<Value>(&j).ok())
+    {
+        Some(v) => axum::Json(json!({ "batches": v["resourceSpans"] })).into_response(),
+        None => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
 

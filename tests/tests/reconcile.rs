@@ -49,28 +49,45 @@ struct Lab {
     node: Node,
 }
 
-/// A node with `pods`, the agent reading traces back from `store` (None:
-/// the lab's own query API), `instrumented` declared so in its names.
-fn lab(pods: &[&str], store: Option<String>, instrumented: &[&str]) -> anyhow::Result<Lab> {
+/// Which API the agent reads the store through.
+enum Store {
+    /// The lab's store's Jaeger query API.
+    Jaeger,
+    /// The lab's store answering as Grafana Tempo does (an imitation:
+    /// Tempo cannot run here).
+    Tempo,
+    /// Somewhere else.
+    At(String),
+}
+
+/// A node with `pods`, the agent reading traces back from `store` (its
+/// kind detected), `instrumented` declared so in its names.
+fn lab(pods: &[&str], store: Store, instrumented: &[&str]) -> anyhow::Result<Lab> {
     let node = Node::new(pods)?;
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
     let mut refusing = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
     refusing.refuse();
-    let reader = match store {
-        Some(_) => None,
-        None => Some(tracegap_lab::query::QueryServer::start(
-            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+    let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let reader = match &store {
+        Store::At(_) => None,
+        Store::Jaeger => Some(tracegap_lab::query::QueryServer::start(
+            local,
             receiver.shared(),
             std::sync::Arc::default(),
             None,
         )?),
+        Store::Tempo => Some(tracegap_lab::query::QueryServer::start_tempo(
+            local,
+            receiver.shared(),
+        )?),
     };
-    let url = store.unwrap_or_else(|| {
-        format!(
+    let url = match store {
+        Store::At(url) => url,
+        _ => format!(
             "http://127.0.0.1:{}",
             reader.as_ref().map_or(0, |r| r.addr.port())
-        )
-    });
+        ),
+    };
     let mut services = node.identities("lab");
     for (_, id) in &mut services {
         if instrumented.contains(&id.service.as_str()) {
@@ -201,7 +218,19 @@ fn a_stitched_span_sits_under_the_breaking_service_s_own_span_and_links_the_call
     if !privileged("a_stitched_span_sits_under_the_breaking_service_s_own_span") {
         return Ok(());
     }
-    let mut lab = lab(&["client", "service-b", "service-c"], None, &[])?;
+    stitched_under_the_breaking_span(Store::Jaeger)
+}
+
+#[test]
+fn the_same_through_tempo_s_api() -> anyhow::Result<()> {
+    if !privileged("the_same_through_tempo_s_api") {
+        return Ok(());
+    }
+    stitched_under_the_breaking_span(Store::Tempo)
+}
+
+fn stitched_under_the_breaking_span(store: Store) -> anyhow::Result<()> {
+    let mut lab = lab(&["client", "service-b", "service-c"], store, &[])?;
     let port = lab.receiver.http.port();
     // service-b records its server span but calls service-c with a plain
     // client: no context crosses; service-c starts traces of its own.
@@ -302,7 +331,7 @@ fn a_bare_call_into_a_service_that_records_it_adds_no_span_but_one_into_a_silent
     if !privileged("a_bare_call_into_a_service_that_records_it_adds_no_span") {
         return Ok(());
     }
-    let mut lab = lab(&["client", "service-c", "service-d"], None, &[])?;
+    let mut lab = lab(&["client", "service-c", "service-d"], Store::Jaeger, &[])?;
     let port = lab.receiver.http.port();
     lab.start("service-c", Behaviour::Instrumented, &[], port, |s| s)?;
     lab.start("service-d", Behaviour::DropsHeaders, &[], port, |s| s)?;
@@ -350,7 +379,7 @@ fn a_missing_span_says_whether_it_arrived_was_lost_never_left_or_started_a_new_t
     // HTTP exchange to see), declared instrumented as an operator would.
     let mut lab = lab(
         &["client", "fine", "lossy", "quiet", "b3-only"],
-        None,
+        Store::Jaeger,
         &["quiet"],
     )?;
     let (good, bad) = (lab.receiver.http.port(), lab.refusing.http.port());
@@ -429,7 +458,7 @@ fn a_trace_store_that_is_away_leaves_the_wire_s_spans_as_they_are_with_a_note() 
         .port();
     let mut lab = lab(
         &["client", "service-b", "service-c"],
-        Some(format!("http://127.0.0.1:{closed}")),
+        Store::At(format!("http://127.0.0.1:{closed}")),
         &[],
     )?;
     let port = lab.receiver.http.port();
