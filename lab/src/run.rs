@@ -332,6 +332,33 @@ impl Ctx<'_> {
     }
 }
 
+/// What reading the trace store back cost and did in a scenario: queries
+/// made (not those rate-limited or skipped while it was away) per second
+/// per node, and what became of the held spans.
+fn reconcile_cost(ctx: &Ctx, took: Duration, report: &Report) -> anyhow::Result<String> {
+    let mut queries = 0.0;
+    for q in ["trace", "search"] {
+        for o in ["found", "not_found", "error"] {
+            queries += ctx.metric(&format!(
+                "tracegap_trace_store_queries_total{{query=\"{q}\",outcome=\"{o}\"}}"
+            ))?;
+        }
+    }
+    let action = |a: &str| ctx.metric(&format!("tracegap_reconciled_spans_total{{action=\"{a}\"}}"));
+    let hops: u64 = report.edges.iter().map(|e| e.requests).sum();
+    let nodes = ctx.agents.len().max(1) as f64;
+    Ok(format!(
+        "info trace store read back: {queries} queries for {hops} hops in {:.1}s ({:.1}/s per node); \
+         spans placed {}, linked {}, suppressed {}, unchanged {}",
+        took.as_secs_f64(),
+        queries / took.as_secs_f64().max(0.001) / nodes,
+        action("placed")?,
+        action("linked")?,
+        action("suppressed")?,
+        action("unchanged")?,
+    ))
+}
+
 /// Adds one node's report to the cluster's.
 fn merge(all: &mut Report, r: Report) {
     all.edges.extend(r.edges);
@@ -561,6 +588,7 @@ pub fn run_one(
     opts: &Options,
     out: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
+    let began = Instant::now();
     let services: Vec<&str> = sc.services.iter().map(|s| s.spec.name.as_str()).collect();
     let mut per_node: [BTreeSet<&str>; 2] = [BTreeSet::new(), BTreeSet::new()];
     for n in &mut per_node {
@@ -758,6 +786,7 @@ pub fn run_one(
             (!of.is_empty()).then(|| tree::render(t, &of))
         })
         .collect();
+    verdict.push(reconcile_cost(&ctx, began.elapsed(), &report)?);
     let outcome = Outcome {
         name: sc.name.to_owned(),
         report,
