@@ -172,11 +172,23 @@ pub fn jaeger_traces(spans: &[Received], down: &[Downtime]) -> Vec<Value> {
                         warnings.push(missing_parent(s, down));
                         vec![]
                     } else {
-                        vec![json!({
+                        // Span links (tracegap's to the callee's own trace)
+                        // as Jaeger's OTLP receiver keeps them: FOLLOWS_FROM
+                        // references after the parent, which the UI lists
+                        // under the span's References.
+                        let mut refs = vec![json!({
                             "refType": "CHILD_OF",
                             "traceID": trace_id,
                             "spanID": s.parent_span_id(),
-                        })]
+                        })];
+                        refs.extend(s.span.links.iter().map(|l| {
+                            json!({
+                                "refType": "FOLLOWS_FROM",
+                                "traceID": crate::store::hex(&l.trace_id),
+                                "spanID": crate::store::hex(&l.span_id),
+                            })
+                        }));
+                        refs
                     };
                     json!({
                         "traceID": trace_id,

@@ -170,8 +170,9 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
         "{trace_id} among the results: {seen}"
     );
 
-    // The synthetic span nests under the span that made the call, with
-    // its tags and its pod; the trace is not called incomplete.
+    // The synthetic span nests under the breaking service's own span (read
+    // back from the store), with its tags and its pod; the trace is not
+    // called incomplete.
     let trace = &facts["trace"];
     let rows = trace["rows"].as_array().cloned().unwrap_or_default();
     let at = rows
@@ -183,6 +184,12 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
         at > 0 && (0..at).any(|i| depth(i) < depth(at)),
         "nested under an earlier span: {seen}"
     );
+    let parent = (0..at).rev().find(|i| depth(*i) < depth(at));
+    assert_eq!(
+        parent.map(|i| rows[i]["service"].clone()),
+        Some(serde_json::json!("service-b")),
+        "under service-b's own span: {seen}"
+    );
     assert_eq!(trace["incomplete"], false, "{seen}");
     let detail = trace["detail"].as_str().unwrap_or_default();
     for shown in [
@@ -190,6 +197,8 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
         "tracegap.gap=broken_propagation",
         "Process:",
         "k8s.pod.name=",
+        // The link to service-c's own trace of the same request.
+        "References",
     ] {
         assert!(
             detail.contains(shown),

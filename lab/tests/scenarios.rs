@@ -106,7 +106,8 @@ fn checks(outcomes: &[Outcome], text: &str, out: &std::path::Path) -> Vec<String
     }
 
     // Broken propagation: the synthetic span for service-c sits in
-    // service-a's trace, under service-a's own client span.
+    // service-a's trace, under service-b's own server span (read back from
+    // the store: its id never crossed the wire), itself under service-a's.
     if let Some(broken) = outcome(outcomes, "broken-propagation") {
         let synthetic: Vec<_> = broken.spans.iter().filter(|s| s.synthetic()).collect();
         check(
@@ -118,12 +119,20 @@ fn checks(outcomes: &[Outcome], text: &str, out: &std::path::Path) -> Vec<String
                 .spans
                 .iter()
                 .find(|p| p.span_id() == s.parent_span_id());
+            let grandparent = parent.and_then(|p| {
+                broken
+                    .spans
+                    .iter()
+                    .find(|g| g.span_id() == p.parent_span_id())
+            });
             check(
                 s.service == "service-c"
-                    && parent
-                        .is_some_and(|p| p.service == "service-a" && p.trace_id() == s.trace_id()),
+                    && parent.is_some_and(|p| {
+                        p.service == "service-b" && !p.synthetic() && p.trace_id() == s.trace_id()
+                    })
+                    && grandparent.is_some_and(|g| g.service == "service-a"),
                 format!(
-                    "broken-propagation: synthetic span for {} should sit under service-a's span in its trace, parent {:?}",
+                    "broken-propagation: synthetic span for {} should sit under service-b's own span, under service-a's, in its trace; parent {:?}",
                     s.service,
                     parent.map(|p| &p.service)
                 ),
