@@ -344,7 +344,11 @@ fn reconcile_cost(ctx: &Ctx, took: Duration, report: &Report) -> anyhow::Result<
             ))?;
         }
     }
-    let action = |a: &str| ctx.metric(&format!("tracegap_reconciled_spans_total{{action=\"{a}\"}}"));
+    let action = |a: &str| {
+        ctx.metric(&format!(
+            "tracegap_reconciled_spans_total{{action=\"{a}\"}}"
+        ))
+    };
     let hops: u64 = report.edges.iter().map(|e| e.requests).sum();
     let nodes = ctx.agents.len().max(1) as f64;
     Ok(format!(

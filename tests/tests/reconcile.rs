@@ -63,6 +63,12 @@ enum Store {
 /// A node with `pods`, the agent reading traces back from `store` (its
 /// kind detected), `instrumented` declared so in its names.
 fn lab(pods: &[&str], store: Store, instrumented: &[&str]) -> anyhow::Result<Lab> {
+    let declared: Vec<(&str, bool)> = instrumented.iter().map(|s| (*s, true)).collect();
+    lab_declaring(pods, store, &declared)
+}
+
+/// As [`lab`], with services declared instrumented or not.
+fn lab_declaring(pods: &[&str], store: Store, declared: &[(&str, bool)]) -> anyhow::Result<Lab> {
     let node = Node::new(pods)?;
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
     let mut refusing = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
@@ -90,8 +96,8 @@ fn lab(pods: &[&str], store: Store, instrumented: &[&str]) -> anyhow::Result<Lab
     };
     let mut services = node.identities("lab");
     for (_, id) in &mut services {
-        if instrumented.contains(&id.service.as_str()) {
-            id.instrumented = Some(true);
+        if let Some((_, d)) = declared.iter().find(|(s, _)| *s == id.service) {
+            id.instrumented = Some(*d);
         }
     }
     let agent = Agent::start(AgentConfig {
@@ -505,5 +511,72 @@ fn a_trace_store_that_is_away_leaves_the_wire_s_spans_as_they_are_with_a_note() 
     );
     // Nothing claimed about callees: the store could not say.
     assert!(lab.report()?.callee_spans.is_empty());
+    Ok(())
+}
+
+#[test]
+fn what_the_store_shows_of_a_service_outweighs_what_was_guessed_or_declared() -> anyhow::Result<()>
+{
+    if !privileged("what_the_store_shows_of_a_service_outweighs") {
+        return Ok(());
+    }
+    // silent: receives sampled context, records nothing, exports nothing.
+    // recorder: records every request, but is declared uninstrumented.
+    let mut lab = lab_declaring(
+        &["client", "silent", "recorder"],
+        Store::Jaeger,
+        &[("recorder", false)],
+    )?;
+    let port = lab.receiver.http.port();
+    lab.start("silent", Behaviour::DropsHeaders, &[], port, |s| s)?;
+    lab.start("recorder", Behaviour::Instrumented, &[], port, |s| s)?;
+    let n = tracegap_agent::reconcile::learned::UNINSTRUMENTED_AFTER;
+    let mut parent = 0x2000u64;
+    let mut call = |lab: &Lab, svc: &str| -> anyhow::Result<()> {
+        parent += 1;
+        lab.curl(
+            "client",
+            &lab.url(svc, "/"),
+            &[&traceparent(T1, &format!("{parent:016x}"))],
+        )
+    };
+    for _ in 0..n {
+        call(&lab, "silent")?;
+    }
+    for _ in 0..3 {
+        call(&lab, "recorder")?;
+    }
+    lab.settle(n + 3)?;
+    // Learned: silent does not record.
+    let services = lab.report()?.services;
+    let silent = services.iter().find(|s| s.service == "silent");
+    assert_eq!(
+        silent.and_then(|s| s.instrumented),
+        Some(false),
+        "{services:?}"
+    );
+    // ...so its next hops are gaps, with spans of tracegap's.
+    for _ in 0..3 {
+        call(&lab, "silent")?;
+    }
+    lab.settle(n + 6)?;
+    let kinds = lab
+        .report()?
+        .edges
+        .into_iter()
+        .find(|e| e.source == "client" && e.destination == "silent")
+        .map(|e| e.kinds)
+        .unwrap_or_default();
+    assert_eq!(kinds.get("context_ok"), Some(&n), "{kinds:?}");
+    assert_eq!(kinds.get("uninstrumented"), Some(&3), "{kinds:?}");
+    assert_eq!(lab.synthetic("silent").len(), 3);
+    // recorder's hops are uninstrumented as declared, but its own spans are
+    // in the store under the context it was sent: no duplicates.
+    assert_eq!(lab.own("recorder").len(), 3);
+    assert!(
+        lab.synthetic("recorder").is_empty(),
+        "{:#?}",
+        lab.synthetic("recorder")
+    );
     Ok(())
 }
