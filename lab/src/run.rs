@@ -23,6 +23,7 @@ use tracegap_agent::{
     reconcile::ReconcileConfig,
     report::{Report, table},
     tracestore::StoreKind,
+    tracestore::jaeger::encode,
 };
 
 use crate::{
@@ -332,6 +333,16 @@ impl Ctx<'_> {
     }
 }
 
+/// tracegap's spans stitching `callee`'s hops into their callers' traces.
+fn stitched<'s>(spans: &'s [Received], callee: &str) -> Vec<&'s Received> {
+    spans
+        .iter()
+        .filter(|s| {
+            s.synthetic() && s.service == callee && s.gap().as_deref() == Some("broken_propagation")
+        })
+        .collect()
+}
+
 /// What reading the trace store back cost and did in a scenario: queries
 /// made (not those rate-limited or skipped while it was away) per second
 /// per node, and what became of the held spans.
@@ -483,14 +494,7 @@ fn check(
                 .filter(|s| s.service == *breaking && !s.synthetic())
                 .map(|s| s.span_id())
                 .collect();
-            let stitched: Vec<&Received> = spans
-                .iter()
-                .filter(|s| {
-                    s.synthetic()
-                        && s.service == *callee
-                        && s.gap().as_deref() == Some("broken_propagation")
-                })
-                .collect();
+            let stitched = stitched(spans, callee);
             let placed = stitched
                 .iter()
                 .filter(|s| own.contains(&s.parent_span_id()))
@@ -512,14 +516,7 @@ fn check(
                 })
                 .map(|s| (s.trace_id(), s.span_id()))
                 .collect();
-            let stitched: Vec<&Received> = spans
-                .iter()
-                .filter(|s| {
-                    s.synthetic()
-                        && s.service == *callee
-                        && s.gap().as_deref() == Some("broken_propagation")
-                })
-                .collect();
+            let stitched = stitched(spans, callee);
             let linked = stitched
                 .iter()
                 .filter(|s| {
@@ -941,18 +938,6 @@ pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finish
         store,
         reports: std::sync::Arc::new(std::sync::Mutex::new(all)),
     })
-}
-
-/// Percent-encodes a URL query value.
-fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// The links a person opens: each scenario's gaps as a tag search, its

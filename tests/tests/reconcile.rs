@@ -134,6 +134,23 @@ fn lab_declaring(pods: &[&str], store: Store, declared: &[(&str, bool)]) -> anyh
     })
 }
 
+/// client -> service-b -> service-c: service-b records its server span
+/// but calls service-c with a plain client, so no context crosses and
+/// service-c starts traces of its own.
+fn broken_chain(store: Store) -> anyhow::Result<Lab> {
+    let mut lab = lab(&["client", "service-b", "service-c"], store, &[])?;
+    let port = lab.receiver.http.port();
+    lab.start(
+        "service-b",
+        Behaviour::ServerSpansOnly,
+        &["service-c"],
+        port,
+        |s| s,
+    )?;
+    lab.start("service-c", Behaviour::Instrumented, &[], port, |s| s)?;
+    Ok(lab)
+}
+
 impl Lab {
     fn url(&self, pod: &str, path: &str) -> String {
         format!("http://{}:8080{path}", self.node.pod(pod).ipv4)
@@ -236,18 +253,7 @@ fn the_same_through_tempo_s_api() -> anyhow::Result<()> {
 }
 
 fn stitched_under_the_breaking_span(store: Store) -> anyhow::Result<()> {
-    let mut lab = lab(&["client", "service-b", "service-c"], store, &[])?;
-    let port = lab.receiver.http.port();
-    // service-b records its server span but calls service-c with a plain
-    // client: no context crosses; service-c starts traces of its own.
-    lab.start(
-        "service-b",
-        Behaviour::ServerSpansOnly,
-        &["service-c"],
-        port,
-        |s| s,
-    )?;
-    lab.start("service-c", Behaviour::Instrumented, &[], port, |s| s)?;
+    let lab = broken_chain(store)?;
     let parents = ["00f067aa0ba902b7", "00f067aa0ba902b8", "00f067aa0ba902b9"];
     for p in parents {
         lab.curl(
@@ -462,20 +468,7 @@ fn a_trace_store_that_is_away_leaves_the_wire_s_spans_as_they_are_with_a_note() 
     let closed = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port();
-    let mut lab = lab(
-        &["client", "service-b", "service-c"],
-        Store::At(format!("http://127.0.0.1:{closed}")),
-        &[],
-    )?;
-    let port = lab.receiver.http.port();
-    lab.start(
-        "service-b",
-        Behaviour::ServerSpansOnly,
-        &["service-c"],
-        port,
-        |s| s,
-    )?;
-    lab.start("service-c", Behaviour::Instrumented, &[], port, |s| s)?;
+    let lab = broken_chain(Store::At(format!("http://127.0.0.1:{closed}")))?;
     for p in ["00f067aa0ba902b7", "00f067aa0ba902b8"] {
         lab.curl(
             "client",

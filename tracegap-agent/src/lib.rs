@@ -4,7 +4,9 @@
 //! The data path, from packet to output:
 //! [`ebpf`] (load and attach the TC programs) → [`events`] (ring-buffer
 //! records) → [`nat`] (Service addresses to the pods behind them) → [`http`] (message heads, trace context, pairing) → [`gap`]
-//! (hops, classification, synthetic spans) → [`export`] (OTLP), with
+//! (hops, classification, synthetic spans) → [`reconcile`] (held for the
+//! settle delay, corrected by what [`tracestore`] reads back; optional) →
+//! [`export`] (OTLP), with
 //! [`metrics`], [`report`] and [`server`] for people. [`agent`] runs it all;
 //! [`observe`] prints the wire for a person.
 

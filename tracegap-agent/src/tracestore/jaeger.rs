@@ -64,8 +64,8 @@ impl TraceStore for Jaeger {
     }
 }
 
-/// Percent-encodes a query value.
-pub(crate) fn encode(s: &str) -> String {
+/// Percent-encodes a URL query value.
+pub fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
