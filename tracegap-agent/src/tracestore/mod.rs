@@ -262,6 +262,30 @@ pub(crate) const PEER_PORT: [&str; 4] = [
 mod tests {
     use super::*;
 
+    #[tokio::test]
+    async fn a_store_that_accepts_and_never_answers_times_out_and_one_that_is_not_there_is_unreachable()
+     {
+        // Accepts connections (the kernel's backlog) and never reads them.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let started = std::time::Instant::now();
+        let e = connect(&url, StoreKind::Jaeger, Duration::from_millis(200))
+            .await
+            .unwrap()
+            .trace("0af7651916cd43dd8448eb211c80319c")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Error::Timeout(_)), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        drop(silent);
+        let e = connect(&url, StoreKind::Auto, Duration::from_millis(200))
+            .await
+            .err()
+            .expect("nothing there to detect");
+        assert!(matches!(e, Error::Unreachable(_)), "{e}");
+        assert!(e.to_string().contains("refused"), "{e}");
+    }
+
     #[test]
     fn ids_are_normalised_from_hex_and_base64() {
         assert_eq!(
