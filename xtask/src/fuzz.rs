@@ -18,7 +18,7 @@ pub struct FuzzArgs {
 }
 
 /// The targets in fuzz/fuzz_targets, in the order they run.
-const TARGETS: [&str; 2] = ["http_head", "event_stream"];
+const TARGETS: [&str; 3] = ["http_head", "event_stream", "h2"];
 
 pub fn run(args: &FuzzArgs) -> anyhow::Result<()> {
     let route = crate::setup::ensure(false)?;

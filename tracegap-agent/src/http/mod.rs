@@ -4,6 +4,7 @@
 
 pub mod assemble;
 pub mod context;
+pub mod h2;
 pub mod message;
 pub mod stream;
 

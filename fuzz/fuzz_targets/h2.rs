@@ -1,0 +1,40 @@
+//! Any bytes on an HTTP/2 connection, from its start or joined mid-way,
+//! must give header blocks or an error, never a panic; and any header
+//! block must decode or fail cleanly, whatever the table holds.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use tracegap_agent::http::h2::{
+    frame::{Direction, PREFACE},
+    hpack::Decoder,
+};
+
+fuzz_target!(|data: &[u8]| {
+    // The first byte splits the input into pieces of varying size, so
+    // frames straddle pushes as they straddle segments.
+    let Some((&step, rest)) = data.split_first() else {
+        return;
+    };
+    let step = usize::from(step % 64) + 1;
+    let mut with_preface = PREFACE.to_vec();
+    with_preface.extend_from_slice(rest);
+    for (mut d, bytes) in [
+        (Direction::client(), with_preface.as_slice()),
+        (Direction::server(), rest),
+        (Direction::joined(), rest),
+    ] {
+        let mut out = Vec::new();
+        for piece in bytes.chunks(step) {
+            if d.push(piece, &mut out).is_err() {
+                assert!(d.lost());
+                break;
+            }
+        }
+    }
+    for mut d in [Decoder::new(), Decoder::joined()] {
+        d.set_allowed(usize::from(step) * 64);
+        for block in rest.split(|b| *b == 0xff) {
+            let _ = d.decode(block);
+        }
+    }
+});

@@ -1,0 +1,488 @@
+//! HTTP/2 frames (RFC 9113 §4) on one cleartext connection, as an observer
+//! reads them: the bytes of each direction in order, in pieces of any size,
+//! out of which come the header blocks (HEADERS + CONTINUATION, decoded
+//! with that direction's HPACK table) and what changes decoding (SETTINGS).
+//! DATA and every other payload are skipped by length, never buffered.
+//!
+//! Bounded: a header block at most [`MAX_BLOCK`] bytes; a frame header is
+//! the only other thing buffered.
+
+use thiserror::Error;
+
+use super::hpack::{self, Decoder};
+
+/// The client connection preface (RFC 9113 §3.4).
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Header block bytes gathered per stream at most (a 16 KiB metadata block
+/// and more fits).
+pub const MAX_BLOCK: usize = 64 * 1024;
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const SETTINGS: u8 = 0x4;
+const PUSH_PROMISE: u8 = 0x5;
+const CONTINUATION: u8 = 0x9;
+
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+/// SETTINGS_HEADER_TABLE_SIZE.
+const HEADER_TABLE_SIZE: u16 = 0x1;
+
+/// Why a direction stopped being read.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum Error {
+    /// The client's bytes do not begin with the preface.
+    #[error("not an HTTP/2 connection preface")]
+    Preface,
+    /// CONTINUATION without a header block open, or for another stream.
+    #[error("CONTINUATION out of sequence on stream {0}")]
+    Continuation(u32),
+    /// Another frame while a header block is open (RFC 9113 §6.10).
+    #[error("frame type {0} inside a header block")]
+    Interleaved(u8),
+    /// A header block past [`MAX_BLOCK`].
+    #[error("header block past {MAX_BLOCK} bytes")]
+    Block,
+    /// Padding or priority fields longer than the frame.
+    #[error("HEADERS frame shorter than its padding")]
+    Padding,
+    /// The block does not decode.
+    #[error("HPACK: {0}")]
+    Hpack(#[from] hpack::Error),
+}
+
+/// What one direction's bytes said.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    /// A whole header block on a stream: a request's or a response's
+    /// headers, or trailers.
+    Headers {
+        stream: u32,
+        block: hpack::Block,
+        end_stream: bool,
+    },
+    /// DATA ended a stream (the request or response is complete).
+    EndStream { stream: u32 },
+    /// The sender's SETTINGS_HEADER_TABLE_SIZE: what the *other* direction's
+    /// encoder may use.
+    TableSize(usize),
+}
+
+/// Where a direction is within its byte stream.
+#[derive(Debug)]
+enum State {
+    /// The client's preface, this many bytes of it seen.
+    Preface(usize),
+    /// Reading a frame header: the bytes so far.
+    Header(Vec<u8>),
+    /// Inside a frame's payload.
+    Payload(Frame),
+    /// Gave up (an error): nothing more is read on this direction.
+    Lost,
+}
+
+#[derive(Debug)]
+struct Frame {
+    kind: u8,
+    flags: u8,
+    stream: u32,
+    /// Payload bytes still to come.
+    left: usize,
+    /// The payload, for the frames that are read (HEADERS, CONTINUATION,
+    /// SETTINGS); empty for skipped ones.
+    bytes: Vec<u8>,
+    keep: bool,
+}
+
+/// One direction of one HTTP/2 connection.
+#[derive(Debug)]
+pub struct Direction {
+    state: State,
+    decoder: Decoder,
+    /// An open header block: stream, bytes, END_STREAM.
+    block: Option<(u32, Vec<u8>, bool)>,
+}
+
+impl Direction {
+    /// The client's side from the connection's start: the preface first.
+    pub fn client() -> Self {
+        Self {
+            state: State::Preface(0),
+            decoder: Decoder::new(),
+            block: None,
+        }
+    }
+
+    /// The server's side from the connection's start.
+    pub fn server() -> Self {
+        Self {
+            state: State::Header(Vec::new()),
+            decoder: Decoder::new(),
+            block: None,
+        }
+    }
+
+    /// Either side, joined at a frame boundary mid-connection: its HPACK
+    /// table holds entries this reader never saw.
+    pub fn joined() -> Self {
+        Self {
+            state: State::Header(Vec::new()),
+            decoder: Decoder::joined(),
+            block: None,
+        }
+    }
+
+    /// Whether an error stopped this direction.
+    pub fn lost(&self) -> bool {
+        matches!(self.state, State::Lost)
+    }
+
+    /// Whether every HPACK index resolves.
+    pub fn synchronised(&self) -> bool {
+        self.decoder.synchronised()
+    }
+
+    /// The table size the other side's SETTINGS allow this direction.
+    pub fn set_table_size(&mut self, size: usize) {
+        self.decoder.set_allowed(size);
+    }
+
+    /// Reads the next bytes of this direction. On an error the direction
+    /// is lost (and says so); what came before it is in `out`.
+    pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<Event>) -> Result<(), Error> {
+        let r = self.read(&mut bytes, out);
+        if r.is_err() {
+            self.state = State::Lost;
+            self.block = None;
+        }
+        r
+    }
+
+    fn read(&mut self, bytes: &mut &[u8], out: &mut Vec<Event>) -> Result<(), Error> {
+        while !bytes.is_empty() {
+            match &mut self.state {
+                State::Lost => return Ok(()),
+                State::Preface(seen) => {
+                    let want = &PREFACE[*seen..];
+                    let n = want.len().min(bytes.len());
+                    if bytes[..n] != want[..n] {
+                        return Err(Error::Preface);
+                    }
+                    *seen += n;
+                    *bytes = &bytes[n..];
+                    if *seen == PREFACE.len() {
+                        self.state = State::Header(Vec::new());
+                    }
+                }
+                State::Header(h) => {
+                    let n = (9 - h.len()).min(bytes.len());
+                    h.extend_from_slice(&bytes[..n]);
+                    *bytes = &bytes[n..];
+                    if h.len() == 9 {
+                        let header = h_to_array(h);
+                        let frame = self.begin(header)?;
+                        self.state = State::Payload(frame);
+                        self.finish_if_empty(out)?;
+                    }
+                }
+                State::Payload(f) => {
+                    let n = f.left.min(bytes.len());
+                    if f.keep {
+                        f.bytes.extend_from_slice(&bytes[..n]);
+                    }
+                    f.left -= n;
+                    *bytes = &bytes[n..];
+                    self.finish_if_empty(out)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn begin(&self, h: [u8; 9]) -> Result<Frame, Error> {
+        let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
+        let (kind, flags) = (h[3], h[4]);
+        let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+        if let Some((open, bytes, _)) = &self.block {
+            if kind != CONTINUATION {
+                return Err(Error::Interleaved(kind));
+            }
+            if stream != *open {
+                return Err(Error::Continuation(stream));
+            }
+            if bytes.len() + len > MAX_BLOCK {
+                return Err(Error::Block);
+            }
+        } else if kind == CONTINUATION {
+            return Err(Error::Continuation(stream));
+        }
+        let keep = matches!(kind, HEADERS | CONTINUATION | PUSH_PROMISE)
+            || (kind == SETTINGS && flags & ACK == 0);
+        if keep && len > MAX_BLOCK {
+            return Err(Error::Block);
+        }
+        Ok(Frame {
+            kind,
+            flags,
+            stream,
+            left: len,
+            bytes: Vec::new(),
+            keep,
+        })
+    }
+
+    /// Ends the current frame once its payload is all read.
+    fn finish_if_empty(&mut self, out: &mut Vec<Event>) -> Result<(), Error> {
+        let State::Payload(f) = &self.state else {
+            return Ok(());
+        };
+        if f.left > 0 {
+            return Ok(());
+        }
+        let State::Payload(f) = std::mem::replace(&mut self.state, State::Header(Vec::new()))
+        else {
+            return Ok(());
+        };
+        match f.kind {
+            DATA if f.flags & END_STREAM != 0 => out.push(Event::EndStream { stream: f.stream }),
+            HEADERS => {
+                let fragment = headers_fragment(&f)?;
+                self.block = Some((f.stream, fragment.to_vec(), f.flags & END_STREAM != 0));
+                if f.flags & END_HEADERS != 0 {
+                    self.end_block(out)?;
+                }
+            }
+            CONTINUATION => {
+                if let Some((_, bytes, _)) = &mut self.block {
+                    bytes.extend_from_slice(&f.bytes);
+                }
+                if f.flags & END_HEADERS != 0 {
+                    self.end_block(out)?;
+                }
+            }
+            PUSH_PROMISE => {
+                // Its header block changes the table like any other: decoded
+                // (and dropped) to keep the table right.
+                let fragment = headers_fragment(&f)?;
+                let promised = fragment.get(4..).unwrap_or_default();
+                self.block = Some((f.stream, promised.to_vec(), false));
+                if f.flags & END_HEADERS != 0 {
+                    self.block = None;
+                    self.decoder.decode(promised)?;
+                }
+            }
+            SETTINGS => {
+                for s in f.bytes.chunks_exact(6) {
+                    if u16::from_be_bytes([s[0], s[1]]) == HEADER_TABLE_SIZE {
+                        let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
+                        out.push(Event::TableSize(v as usize));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn end_block(&mut self, out: &mut Vec<Event>) -> Result<(), Error> {
+        if let Some((stream, bytes, end_stream)) = self.block.take() {
+            let block = self.decoder.decode(&bytes)?;
+            out.push(Event::Headers {
+                stream,
+                block,
+                end_stream,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn h_to_array(h: &[u8]) -> [u8; 9] {
+    let mut a = [0u8; 9];
+    a.copy_from_slice(&h[..9]);
+    a
+}
+
+/// A HEADERS (or PUSH_PROMISE) payload without its padding and priority.
+fn headers_fragment(f: &Frame) -> Result<&[u8], Error> {
+    let mut p = f.bytes.as_slice();
+    let mut pad = 0usize;
+    if f.flags & PADDED != 0 {
+        let (&n, rest) = p.split_first().ok_or(Error::Padding)?;
+        pad = usize::from(n);
+        p = rest;
+    }
+    if f.kind == HEADERS && f.flags & PRIORITY != 0 {
+        p = p.get(5..).ok_or(Error::Padding)?;
+    }
+    p.get(..p.len().checked_sub(pad).ok_or(Error::Padding)?)
+        .ok_or(Error::Padding)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A header block of literal fields without indexing, new names.
+    fn block(fields: &[(&str, &str)]) -> Vec<u8> {
+        let mut b = Vec::new();
+        for (n, v) in fields {
+            b.push(0x00);
+            for s in [n, v] {
+                // 7-bit prefix length (§5.1), no Huffman.
+                if s.len() < 127 {
+                    b.push(s.len() as u8);
+                } else {
+                    b.push(0x7f);
+                    let mut rest = s.len() - 127;
+                    while rest >= 128 {
+                        b.push((rest % 128) as u8 | 0x80);
+                        rest /= 128;
+                    }
+                    b.push(rest as u8);
+                }
+                b.extend_from_slice(s.as_bytes());
+            }
+        }
+        b
+    }
+
+    fn names(e: &Event) -> Vec<String> {
+        match e {
+            Event::Headers { block, .. } => block
+                .fields
+                .iter()
+                .map(|f| String::from_utf8_lossy(f.name.as_deref().unwrap_or(b"?")).into_owned())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_request_read_a_byte_at_a_time_gives_its_headers_and_skips_data() {
+        let mut wire = PREFACE.to_vec();
+        wire.extend(frame(SETTINGS, 0, 0, &[0, 1, 0, 0, 0x10, 0]));
+        wire.extend(frame(
+            HEADERS,
+            END_HEADERS,
+            1,
+            &[
+                &[0x82, 0x86, 0x84][..],
+                &block(&[(
+                    "traceparent",
+                    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                )]),
+            ]
+            .concat(),
+        ));
+        // A big DATA frame: skipped, not kept.
+        wire.extend(frame(DATA, END_STREAM, 1, &vec![0xaa; 20000]));
+        let mut d = Direction::client();
+        let mut out = Vec::new();
+        for b in &wire {
+            d.push(std::slice::from_ref(b), &mut out).unwrap();
+        }
+        assert_eq!(out[0], Event::TableSize(4096));
+        assert_eq!(
+            names(&out[1]),
+            [":method", ":scheme", ":path", "traceparent"]
+        );
+        assert!(matches!(
+            out[1],
+            Event::Headers {
+                stream: 1,
+                end_stream: false,
+                ..
+            }
+        ));
+        assert_eq!(out[2], Event::EndStream { stream: 1 });
+        assert_eq!(out.len(), 3);
+        assert!(!d.lost());
+    }
+
+    #[test]
+    fn a_16_kib_metadata_block_over_continuation_frames_is_one_block() {
+        let big = "x".repeat(16 * 1024);
+        let b = block(&[
+            (":status", "200"),
+            ("x-metadata", &big),
+            ("grpc-status", "0"),
+        ]);
+        let (first, rest) = b.split_at(5000);
+        let (second, third) = rest.split_at(8000);
+        // Padded and with priority, as a server may send it.
+        let mut headers = vec![3u8];
+        headers.extend([0, 0, 0, 0, 16]);
+        headers.extend_from_slice(first);
+        headers.extend([0, 0, 0]);
+        let mut wire = frame(HEADERS, PADDED | PRIORITY | END_STREAM, 3, &headers);
+        wire.extend(frame(CONTINUATION, 0, 3, second));
+        wire.extend(frame(CONTINUATION, END_HEADERS, 3, third));
+        let mut d = Direction::server();
+        let mut out = Vec::new();
+        for chunk in wire.chunks(1400) {
+            d.push(chunk, &mut out).unwrap();
+        }
+        assert_eq!(out.len(), 1);
+        assert_eq!(names(&out[0]), [":status", "x-metadata", "grpc-status"]);
+        let Event::Headers {
+            block,
+            end_stream,
+            stream,
+        } = &out[0]
+        else {
+            panic!("{out:?}");
+        };
+        assert_eq!((*stream, *end_stream), (3, true));
+        assert_eq!(
+            block.fields[1].value.as_ref().map(Vec::len),
+            Some(16 * 1024)
+        );
+    }
+
+    #[test]
+    fn out_of_order_frames_lose_the_direction_with_a_reason() {
+        let mut out = Vec::new();
+        let mut d = Direction::server();
+        assert_eq!(
+            d.push(&frame(CONTINUATION, END_HEADERS, 1, &[0x88]), &mut out),
+            Err(Error::Continuation(1))
+        );
+        assert!(d.lost());
+        // Lost stays lost: nothing more is read.
+        assert!(
+            d.push(&frame(HEADERS, END_HEADERS, 1, &[0x88]), &mut out)
+                .is_ok()
+        );
+        assert!(out.is_empty());
+        let mut d = Direction::server();
+        let mut wire = frame(HEADERS, 0, 1, &[0x88]);
+        wire.extend(frame(DATA, 0, 1, b"x"));
+        assert_eq!(d.push(&wire, &mut out), Err(Error::Interleaved(DATA)));
+        assert_eq!(
+            Direction::client().push(b"GET / HTTP/1.1\r\n", &mut out),
+            Err(Error::Preface)
+        );
+        assert_eq!(
+            Direction::server().push(
+                &frame(HEADERS, END_HEADERS | PADDED, 1, &[9, 0x88]),
+                &mut out
+            ),
+            Err(Error::Padding)
+        );
+        let huge = [0x7f, 0xff, 0xff, HEADERS, 0, 0, 0, 0, 1];
+        assert_eq!(Direction::server().push(&huge, &mut out), Err(Error::Block));
+    }
+}

@@ -1,0 +1,8 @@
+//! HTTP/2 in user space, as an observer reads it: frames out of each
+//! direction's bytes ([`frame`]), header blocks decoded with that
+//! direction's HPACK table ([`hpack`], tolerant of joining mid-connection),
+//! and RFC 7541's tables ([`tables`]).
+
+pub mod frame;
+pub mod hpack;
+pub mod tables;
