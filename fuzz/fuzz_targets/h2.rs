@@ -5,6 +5,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use tracegap_agent::http::h2::{
+    exchange::Connection,
     frame::{Direction, PREFACE},
     hpack::Decoder,
 };
@@ -30,6 +31,20 @@ fuzz_target!(|data: &[u8]| {
                 break;
             }
         }
+    }
+    // Both directions of one connection, the bytes split between them.
+    let mut c = Connection::joined();
+    let mut out = Vec::new();
+    for (i, piece) in rest.chunks(step).enumerate() {
+        let _ = if i % 2 == 0 {
+            c.client_bytes(piece, i as u64)
+        } else {
+            c.server_bytes(piece, i as u64, &mut out)
+        };
+    }
+    for e in &out {
+        let _ = (e.rpc(), e.grpc_status(), e.status(), e.unobservable());
+        let _ = tracegap_agent::http::context::Propagation::from_headers(&e.request);
     }
     for mut d in [Decoder::new(), Decoder::joined()] {
         d.set_allowed(usize::from(step) * 64);

@@ -85,6 +85,24 @@ pub struct Baggage {
     pub keys: Vec<String>,
 }
 
+/// Where request headers are read from: an HTTP/1 head, or an HTTP/2
+/// header block. Names match in any case.
+pub trait Headers {
+    /// Every value of header `name`, in order.
+    fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str>;
+
+    /// The first value of header `name`.
+    fn header<'a>(&'a self, name: &'a str) -> Option<&'a str> {
+        self.header_all(name).next()
+    }
+}
+
+impl Headers for Head {
+    fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
+        Head::header_all(self, name)
+    }
+}
+
 /// Everything about propagation in one request head.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Propagation {
@@ -98,6 +116,11 @@ pub struct Propagation {
 impl Propagation {
     /// Reads propagation headers from a request head.
     pub fn from_head(head: &Head) -> Self {
+        Self::from_headers(head)
+    }
+
+    /// Reads propagation headers from any request's headers.
+    pub fn from_headers(head: &impl Headers) -> Self {
         let mut contexts = Vec::new();
         if let Some(v) = head.header("traceparent") {
             contexts.push(
@@ -189,7 +212,7 @@ fn pad_hex(s: &str, len: usize) -> Option<String> {
 /// callee's SDK reads is up to it (the first, the last, or the comma-joined
 /// list RFC 9110 makes of them, which is no valid context), so no one
 /// context is taken for the request's. The same value twice is harmless.
-fn conflicting(head: &Head, name: &str, format: Format) -> Option<Found> {
+fn conflicting(head: &impl Headers, name: &str, format: Format) -> Option<Found> {
     let first = head.header(name)?;
     let n = head.header_all(name).count();
     head.header_all(name)
