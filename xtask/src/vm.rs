@@ -469,7 +469,14 @@ struct GuestResult {
     /// Tests that said they skipped themselves (they pass, doing nothing).
     skipped: BTreeSet<String>,
     done: bool,
+    /// The guest kernel panicked before the init started: a boot that
+    /// software emulation can break (an int3 oops in early text patching
+    /// was seen under TCG), not a test's result.
+    panicked_booting: bool,
 }
+
+/// Boots per kernel at most, when the guest panics before its init runs.
+const BOOT_ATTEMPTS: u32 = 3;
 
 fn boot(kernel: &Kernel, initrd: &Path, log: &Path) -> anyhow::Result<GuestResult> {
     let vmlinuz = kernel.root.join(format!("boot/vmlinuz-{}", kernel.release));
@@ -546,6 +553,10 @@ fn boot(kernel: &Kernel, initrd: &Path, log: &Path) -> anyhow::Result<GuestResul
             let name = rest.split(':').next().unwrap_or_default();
             r.skipped.insert(format!("{current}::{name}"));
         }
+        if line.contains("Kernel panic") && r.release.is_none() {
+            r.panicked_booting = true;
+            break;
+        }
         if line.contains("attached with") {
             println!("  [{}] {}", kernel.series, line.trim_start_matches("test "));
         }
@@ -585,7 +596,26 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
             log.display()
         );
         let started = Instant::now();
-        let r = boot(&kernel, &initrd, &log)?;
+        let mut r = boot(&kernel, &initrd, &log)?;
+        // A guest that panics before its init ran no test: boot it again
+        // (twice at most), keeping the console of the failed boot.
+        for attempt in 2..=BOOT_ATTEMPTS {
+            if !r.panicked_booting {
+                break;
+            }
+            let kept = scratch.join(format!(
+                "console-{}-boot{}.log",
+                kernel.release,
+                attempt - 1
+            ));
+            std::fs::rename(&log, &kept)?;
+            println!(
+                "vm-test: {} panicked while booting, before any test (see {}): booting again ({attempt}/{BOOT_ATTEMPTS})",
+                kernel.release,
+                kept.display()
+            );
+            r = boot(&kernel, &initrd, &log)?;
+        }
         let secs = started.elapsed().as_secs();
         if !r.done {
             failures.push(format!(
