@@ -551,6 +551,29 @@ fn check(
                 ),
             )
         }
+        Expect::CalleeSpans(src, dst, outcome) => {
+            let of = |c: &tracegap_agent::report::CalleeSpans| match *outcome {
+                "arrived" => c.arrived,
+                "new_trace" => c.new_trace,
+                "lost_in_pipeline" => c.lost_in_pipeline,
+                "not_exported" => c.not_exported,
+                _ => 0,
+            };
+            let on_edge = report
+                .callee_spans
+                .iter()
+                .filter(|c| c.source == *src && c.destination == *dst);
+            let (n, all): (u64, u64) = on_edge.fold((0, 0), |(n, all), c| {
+                (
+                    n + of(c),
+                    all + c.arrived + c.new_trace + c.lost_in_pipeline + c.not_exported,
+                )
+            });
+            (
+                n > 0 && n == all,
+                format!("{dst}'s spans for {src}'s calls in the store: {outcome} {n} of {all}"),
+            )
+        }
         Expect::SpansLost(_) => {
             // Judged once the agents stop: the services are asked then.
             (true, String::new())

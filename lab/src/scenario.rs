@@ -62,6 +62,9 @@ pub enum Expect {
     /// Calls from the first to the second (instrumented) service without
     /// context add no span: the callee's own root span is the record.
     Suppressed(&'static str, &'static str),
+    /// Hops on this edge whose callee's own span the store shows with this
+    /// outcome (`arrived`, `new_trace`, ...), after the settle delay.
+    CalleeSpans(&'static str, &'static str, &'static str),
     /// The service's spans lost while the store refused them are counted
     /// `lost_in_pipeline`, as many as the service itself failed to export.
     SpansLost(&'static str),
@@ -136,6 +139,7 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                 expect: vec![
                     Kind("service-b", "service-c", "broken_propagation"),
                     Kind("service-a", "service-b", "context_ok"),
+                    CalleeSpans("service-a", "service-b", "arrived"),
                     Placed("service-b", "service-c"),
                     Linked("service-c"),
                     Kind("bare-client", "service-c", "missing_context"),
@@ -220,6 +224,12 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                 expect: vec![
                     Kind("b3-client", "service-w", "context_ok"),
                     Kind("jaeger-client", "service-w", "context_ok"),
+                    // The store shows what the wire cannot: service-w's
+                    // spans for B3 and Jaeger callers are roots of new
+                    // traces; for the W3C caller, children of its span.
+                    CalleeSpans("b3-client", "service-w", "new_trace"),
+                    CalleeSpans("jaeger-client", "service-w", "new_trace"),
+                    CalleeSpans("w3c-client", "service-w", "arrived"),
                     Kind("service-w", "service-c", "format_mismatch"),
                     Kind("service-w", "service-c", "context_ok"),
                 ],
