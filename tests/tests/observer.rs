@@ -524,3 +524,33 @@ fn binary_and_tls_like_traffic_produce_no_events() -> anyhow::Result<()> {
     s.observer.detach_all()?;
     Ok(())
 }
+
+#[test]
+fn an_http2_connection_is_counted_once_and_not_taken_for_http1() -> anyhow::Result<()> {
+    if !privileged("an_http2_connection_is_counted_once_and_not_taken_for_http1") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    let server = (s.node.pod("server").ipv4, 8080).into();
+    // The client preface, an empty SETTINGS frame, and a HEADERS frame
+    // (GET / over http, indexed from the static table), as an h2c client
+    // with prior knowledge sends them.
+    let mut h2 = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2.extend([0, 0, 0, 4, 0, 0, 0, 0, 0]);
+    h2.extend([0, 0, 3, 1, 5, 0, 0, 0, 1, 0x82, 0x86, 0x84]);
+    s.node
+        .pod("client")
+        .send_tcp(server, vec![h2], Duration::from_millis(200))?;
+    let events = collect_events(&mut s.ring, Duration::from_millis(500), |_| false);
+    assert!(
+        events.iter().all(|e| e.kind != EventKind::Request),
+        "no HTTP/1 request: {events:?}"
+    );
+    let c = s.observer.counters()?;
+    // It crossed both veths: counted leaving the client, not again entering
+    // the server.
+    assert_eq!(c.h2_prefaces, 1, "{c:?}");
+    assert_eq!(c.http_requests, 0, "{c:?}");
+    s.observer.detach_all()?;
+    Ok(())
+}

@@ -259,8 +259,12 @@ pub mod counter {
     /// Message starts shorter than 8 bytes (a request written a few bytes
     /// at a time), followed as [`crate::event_flags::SHORT_START`].
     pub const SHORT_STARTS: u32 = 9;
+    /// HTTP/2 client connection prefaces (`PRI * HTTP/2.0`) seen, once per
+    /// connection as messages are (not yet read further: HTTP/2 and gRPC
+    /// traffic is counted, not observed).
+    pub const H2_PREFACES: u32 = 10;
     /// Number of counters.
-    pub const COUNT: u32 = 10;
+    pub const COUNT: u32 = 11;
 
     /// Prometheus-style names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -274,6 +278,7 @@ pub mod counter {
         "header_budget_exhausted",
         "second_sightings_skipped",
         "short_starts",
+        "h2_prefaces",
     ];
 }
 

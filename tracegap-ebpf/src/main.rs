@@ -299,6 +299,19 @@ fn try_http(
     } else {
         classify_start(&head)
     };
+    if start.is_none() && !short && head == *b"PRI * HT" {
+        // An HTTP/2 connection: counted once (leaving the pod that opened
+        // it, or entering one from elsewhere), not read further yet.
+        let now = clock();
+        match direction {
+            _ if ablated(ablate::FLOW_MAPS) => {}
+            Direction::Ingress => note_local_source(&seg.flow, now),
+            Direction::Egress if from_local_source(&seg.flow, now) => return Ok(()),
+            Direction::Egress => {}
+        }
+        count(counters, counter::H2_PREFACES);
+        return Ok(());
+    }
     let (kind, budget, ts_ns) = match start {
         Some(kind) => {
             count(

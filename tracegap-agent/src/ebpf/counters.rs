@@ -21,6 +21,8 @@ pub struct Counters {
     pub second_sightings_skipped: u64,
     /// Message starts shorter than 8 bytes, followed until complete.
     pub short_starts: u64,
+    /// HTTP/2 connection prefaces: connections counted, not yet read.
+    pub h2_prefaces: u64,
 }
 
 impl Counters {
@@ -37,6 +39,7 @@ impl Counters {
             self.header_budget_exhausted,
             self.second_sightings_skipped,
             self.short_starts,
+            self.h2_prefaces,
         ];
         counter::NAMES.into_iter().zip(values)
     }
@@ -68,6 +71,7 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
         header_budget_exhausted: sum(counter::BUDGET_EXHAUSTED),
         second_sightings_skipped: sum(counter::SECOND_SIGHTINGS),
         short_starts: sum(counter::SHORT_STARTS),
+        h2_prefaces: sum(counter::H2_PREFACES),
     })
 }
 
