@@ -18,7 +18,7 @@ use tracegap_agent::{
     events::{Endpoint, Flow, RawEvent},
     gap::{
         classify::Engine,
-        hop::{Hop, Request},
+        hop::{Hop, Reply, Request},
         span,
     },
     http::{
@@ -134,7 +134,7 @@ fuzz_target!(|data: &[u8]| {
                 for s in skipped.iter().chain([&request]) {
                     assert_eq!(s.flow, m.flow.reversed());
                 }
-                let hop = Hop::new(&clock, &request, Some(&m), m.ts_ns);
+                let hop = Hop::new(&clock, &request, Reply::from_message(&m), m.ts_ns);
                 let v = engine.classify(&hop, None);
                 let id = span::Identity::default();
                 let _ = span::build(&hop, &v, &id, &id, true);

@@ -554,3 +554,200 @@ fn an_http2_connection_is_counted_once_and_not_taken_for_http1() -> anyhow::Resu
     s.observer.detach_all()?;
     Ok(())
 }
+
+/// An HTTP/2 frame: 9-byte header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// A request header block: POST, http, `path` and a traceparent, as
+/// literals without indexing (the HPACK table stays empty).
+fn h2_request_block(path: &str, span: &str) -> Vec<u8> {
+    let mut b = vec![0x83, 0x86];
+    let tp = format!("00-0af7651916cd43dd8448eb211c80319c-{span}-01");
+    for (n, v) in [(":path", path), ("traceparent", tp.as_str())] {
+        b.push(0x00);
+        b.push(n.len() as u8);
+        b.extend_from_slice(n.as_bytes());
+        b.push(v.len() as u8);
+        b.extend_from_slice(v.as_bytes());
+    }
+    b
+}
+
+/// Each write in its own segment (no Nagle, a pause between writes).
+fn send_segments(
+    pod: &tracegap_tests::Pod,
+    to: std::net::SocketAddr,
+    writes: Vec<Vec<u8>>,
+) -> anyhow::Result<()> {
+    pod.spawn(move || -> std::io::Result<()> {
+        use std::io::Write as _;
+        let mut c = std::net::TcpStream::connect(to)?;
+        c.set_nodelay(true)?;
+        for w in writes {
+            c.write_all(&w)?;
+            std::thread::sleep(Duration::from_millis(40));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        Ok(())
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    Ok(())
+}
+
+#[test]
+fn http2_header_frames_are_copied_whole_and_data_frames_skipped() -> anyhow::Result<()> {
+    if !privileged("http2_header_frames_are_copied_whole_and_data_frames_skipped") {
+        return Ok(());
+    }
+    const HEADERS: u8 = 1;
+    const DATA: u8 = 0;
+    const END_STREAM: u8 = 1;
+    const END_HEADERS: u8 = 4;
+    let mut s = setup()?;
+    let server = (s.node.pod("server").ipv4, 8080).into();
+    let mut first = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    first.extend(h2_frame(4, 0, 0, &[]));
+    first.extend(h2_frame(
+        HEADERS,
+        END_HEADERS,
+        1,
+        &h2_request_block("/one", "00000000000000a1"),
+    ));
+    // A stream's body: skipped, but for the header of its last frame.
+    let body = h2_frame(DATA, 0, 1, &[b'x'; 3000]);
+    let last = h2_frame(DATA, END_STREAM, 1, &[b'y'; 100]);
+    // A frame header cut after 3 bytes by the segment's end.
+    let three = h2_frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        3,
+        &h2_request_block("/three", "00000000000000a3"),
+    );
+    // DATA, then a request, in one segment: only the request is copied.
+    let mut mixed = h2_frame(DATA, 0, 1, &[b'z'; 1000]);
+    mixed.extend(h2_frame(
+        HEADERS,
+        END_HEADERS | END_STREAM,
+        5,
+        &h2_request_block("/five", "00000000000000a5"),
+    ));
+    let sent: usize = [&first, &body, &last, &three, &mixed]
+        .iter()
+        .map(|w| w.len())
+        .sum();
+    send_segments(
+        s.node.pod("client"),
+        server,
+        vec![
+            first,
+            body,
+            last,
+            three[..3].to_vec(),
+            three[3..].to_vec(),
+            mixed,
+        ],
+    )?;
+    let events = collect_events(&mut s.ring, Duration::from_millis(500), |_| false);
+    let h2: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Http2 && e.flow.dst.port == 8080)
+        .cloned()
+        .collect();
+    assert!(
+        events.iter().all(|e| e.kind != EventKind::Request),
+        "no HTTP/1 request: {events:?}"
+    );
+    // Once, on the client's veth; DATA payloads never copied.
+    assert!(
+        h2.iter().all(|e| e.direction == Direction::Ingress),
+        "{h2:?}"
+    );
+    let copied: usize = h2.iter().map(|e| e.payload.len()).sum();
+    assert!(
+        copied < sent - 4000,
+        "copied {copied} of {sent} bytes: {h2:?}"
+    );
+    assert!(
+        h2.iter().all(|e| !e
+            .payload
+            .windows(16)
+            .any(|w| w == [b'x'; 16] || w == [b'z'; 16])),
+        "a DATA payload was copied: {h2:?}"
+    );
+    // What user space makes of them: three requests, their paths and
+    // contexts, read across the gaps and the cut frame header.
+    let mut conns = tracegap_agent::http::h2::follow::Connections::default();
+    let mut out = Vec::new();
+    for e in &h2 {
+        conns.push(e, e.payload.is_empty(), &mut out);
+    }
+    let started: Vec<(u32, String, String)> = out
+        .iter()
+        .filter_map(|o| match o {
+            tracegap_agent::http::h2::follow::Out::Started {
+                stream, request, ..
+            } => {
+                use tracegap_agent::http::context::Headers as _;
+                Some((
+                    *stream,
+                    request.header(":path")?.to_owned(),
+                    request.header("traceparent")?.to_owned(),
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    let want: Vec<(u32, String, String)> =
+        [(1, "/one", "a1"), (3, "/three", "a3"), (5, "/five", "a5")]
+            .into_iter()
+            .map(|(id, p, span)| {
+                (
+                    id,
+                    p.to_owned(),
+                    format!("00-0af7651916cd43dd8448eb211c80319c-00000000000000{span}-01"),
+                )
+            })
+            .collect();
+    assert_eq!(started, want, "{:?}", conns.stats);
+    assert_eq!(conns.stats.protocol_errors, 0, "{:?}", conns.stats);
+    let c = s.observer.counters()?;
+    assert_eq!((c.h2_prefaces, c.h2_lost), (1, 0), "{c:?}");
+    assert!(c.h2_segments >= 4, "{c:?}");
+    s.observer.detach_all()?;
+    Ok(())
+}
+
+#[test]
+fn an_http2_connection_whose_boundaries_are_lost_is_given_up_and_said_so() -> anyhow::Result<()> {
+    if !privileged("an_http2_connection_whose_boundaries_are_lost_is_given_up_and_said_so") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    let server = (s.node.pod("server").ipv4, 8080).into();
+    let mut first = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    first.extend(h2_frame(4, 0, 0, &[]));
+    // More frames in one segment than the kernel walks (PINGs).
+    let pings: Vec<u8> = (0..40).flat_map(|_| h2_frame(6, 0, 0, &[0; 8])).collect();
+    let after = h2_frame(1, 4, 1, &h2_request_block("/after", "00000000000000b1"));
+    send_segments(s.node.pod("client"), server, vec![first, pings, after])?;
+    let events = collect_events(&mut s.ring, Duration::from_millis(500), |_| false);
+    let h2: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Http2 && e.flow.dst.port == 8080)
+        .collect();
+    // The preface's event, then the one that says the connection is lost;
+    // nothing after it is read as frames.
+    assert_eq!(h2.len(), 2, "{h2:?}");
+    assert!(h2[1].payload.is_empty(), "{h2:?}");
+    let c = s.observer.counters()?;
+    assert_eq!((c.h2_prefaces, c.h2_lost), (1, 1), "{c:?}");
+    s.observer.detach_all()?;
+    Ok(())
+}

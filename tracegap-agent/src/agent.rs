@@ -2,7 +2,8 @@
 //!
 //! ring buffer → [`ServiceNat`] (calls through a Service rebound to the pod
 //! that served them) → [`Assembler`] (whole heads, no duplicates) → [`Pairer`]
-//! (request + response) → [`Hop`] → [`Engine`] (classification) →
+//! (request + response), or for HTTP/2 [`Connections`] (frames, HPACK,
+//! streams) → [`Hop`] → [`Engine`] (classification) →
 //! metrics, report, and for gap hops a synthetic span offered to the
 //! bounded export queue.
 
@@ -14,7 +15,7 @@ use std::{
 };
 
 use anyhow::Context as _;
-use tracegap_common::Direction;
+use tracegap_common::{Direction, EventKind};
 
 use crate::{
     clock::{WallClock, monotonic_ns},
@@ -25,11 +26,12 @@ use crate::{
     gap::{
         Engine, GapKind, Hop,
         classify::{RETENTION_NS, formats_label},
-        hop::Request,
+        hop::{Reply, Request},
         span::{self, ExportMode, Identity},
     },
     http::{
         assemble::{Answer, Assembler, HEAD_TIMEOUT, Message, Pairer},
+        h2::follow::{self, Connections, H2Stats},
         stream::BoundaryStats,
     },
     identity::{self, Directory},
@@ -41,15 +43,20 @@ use crate::{
     server::{self, Shared},
 };
 
-/// Paths that telemetry is exported to (OTLP/HTTP, Jaeger, Zipkin). Those
-/// requests are the tracing system's own traffic, not application hops; the
-/// agent's own exports would otherwise come back to it as gaps, forever.
-const TELEMETRY_PATHS: [&str; 5] = [
+/// Paths that telemetry is exported to (OTLP/HTTP, OTLP/gRPC, Jaeger,
+/// Zipkin). Those requests are the tracing system's own traffic, not
+/// application hops; the agent's own exports would otherwise come back to
+/// it as gaps, forever.
+const TELEMETRY_PATHS: [&str; 9] = [
     "/v1/traces",
     "/v1/metrics",
     "/v1/logs",
     "/api/traces",
     "/api/v2/spans",
+    "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+    "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export",
+    "/opentelemetry.proto.collector.logs.v1.LogsService/Export",
+    "/jaeger.api_v2.CollectorService/PostSpans",
 ];
 
 fn is_telemetry(req: &Request) -> bool {
@@ -259,6 +266,7 @@ async fn event_loop(
     tokio::pin!(stop);
     let mut tick = tokio::time::interval(Duration::from_millis(250));
     let mut messages = Vec::new();
+    let mut h2_out = Vec::new();
     loop {
         tokio::select! {
             () = &mut stop => return Ok(()),
@@ -266,10 +274,17 @@ async fn event_loop(
                 let Some(batch) = batch else {
                     return Err(Stopped::DrainEnded);
                 };
-                let directory = &p.directory;
+                let directory = p.directory.clone();
                 for mut e in batch {
                     p.nat.translate(&mut e, |ip| directory.is_service(ip));
-                    p.assembler.push(e, &mut messages);
+                    if e.kind == EventKind::Http2 {
+                        if e.direction == Direction::Ingress {
+                            p.local_ip(e.flow.src.ip);
+                        }
+                        p.h2.push(&e, e.payload.is_empty(), &mut h2_out);
+                    } else {
+                        p.assembler.push(e, &mut messages);
+                    }
                 }
             }
             change = interfaces.changed() => {
@@ -277,7 +292,7 @@ async fn event_loop(
                 p.shared.metrics.interfaces.set(observer.interfaces().len() as i64);
             }
             _ = tick.tick() => {
-                p.tick(&mut messages);
+                p.tick(&mut messages, &mut h2_out);
                 match observer.counters() {
                     Ok(c) => p.shared.metrics.kernel_counters(c),
                     Err(e) => tracing::warn!(error = %e, "reading kernel counters"),
@@ -291,6 +306,9 @@ async fn event_loop(
         }
         for m in messages.drain(..) {
             p.message(m);
+        }
+        for o in h2_out.drain(..) {
+            p.h2_stream(o);
         }
     }
 }
@@ -332,6 +350,10 @@ struct Pipeline {
     boundaries_counted: BoundaryStats,
     assembler: Assembler,
     pairer: Pairer<Arc<Request>>,
+    /// HTTP/2 connections: their streams are paired by id, not here.
+    h2: Connections,
+    /// HTTP/2 counts already counted in the metrics.
+    h2_counted: H2Stats,
     engine: Engine,
     /// Addresses seen sending from a watched pod veth: pods on this node.
     local: HashSet<IpAddr>,
@@ -370,6 +392,8 @@ impl Pipeline {
             boundaries_counted: BoundaryStats::default(),
             assembler: Assembler::default(),
             pairer: Pairer::default(),
+            h2: Connections::default(),
+            h2_counted: H2Stats::default(),
             engine: Engine::default(),
             local: HashSet::new(),
             shared,
@@ -384,7 +408,7 @@ impl Pipeline {
         }
     }
 
-    fn tick(&mut self, messages: &mut Vec<Message>) {
+    fn tick(&mut self, messages: &mut Vec<Message>, h2_out: &mut Vec<follow::Out>) {
         let now = monotonic_ns();
         self.assembler
             .flush_before(now.saturating_sub(HEAD_TIMEOUT.as_nanos() as u64), messages);
@@ -393,6 +417,11 @@ impl Pipeline {
             let gave_up = req.ts_ns + self.response_timeout.as_nanos() as u64;
             self.hop(&req, None, gave_up);
         }
+        self.h2.expire_before(cutoff, h2_out);
+        self.h2.forget_before(now.saturating_sub(follow::IDLE_NS));
+        self.shared
+            .metrics
+            .h2(self.h2.stats, self.h2.len(), &mut self.h2_counted);
         self.engine.forget_before(now.saturating_sub(RETENTION_NS));
         self.nat
             .forget_before(now.saturating_sub(2 * nat::REVALIDATE_NS));
@@ -409,12 +438,54 @@ impl Pipeline {
         }
     }
 
+    /// An address seen sending from a watched pod veth.
+    fn local_ip(&mut self, ip: IpAddr) {
+        if self.local.len() >= MAX_LOCAL_IPS {
+            self.local.clear();
+        }
+        self.local.insert(ip);
+    }
+
+    /// An HTTP/2 stream's start or end: the engine learns of a request as
+    /// it starts (a service's calls are related to what it was serving
+    /// then), the hop is made as it ends.
+    fn h2_stream(&mut self, o: follow::Out) {
+        match o {
+            follow::Out::Started {
+                flow,
+                via,
+                stream,
+                ts_ns,
+                request,
+            } => {
+                let mut req = Request::from_h2(ts_ns, flow, stream, &request);
+                req.via = via;
+                if !is_telemetry(&req) {
+                    self.engine.request_started(&Arc::new(req));
+                }
+            }
+            follow::Out::Done {
+                flow,
+                via,
+                exchange,
+            } => {
+                let mut req =
+                    Request::from_h2(exchange.start_ns, flow, exchange.stream, &exchange.request);
+                req.via = via;
+                if is_telemetry(&req) {
+                    self.shared.metrics.ignored("telemetry");
+                    req.telemetry = true;
+                }
+                let answered = exchange.response.is_some() || exchange.trailers.is_some();
+                let reply = answered.then(|| Reply::from_exchange(&exchange));
+                self.hop(&req, reply, exchange.end_ns);
+            }
+        }
+    }
+
     fn message(&mut self, m: Message) {
         if m.direction == Direction::Ingress {
-            if self.local.len() >= MAX_LOCAL_IPS {
-                self.local.clear();
-            }
-            self.local.insert(m.flow.src.ip);
+            self.local_ip(m.flow.src.ip);
         }
         if m.head.is_err() {
             tracing::debug!(flow = %m.flow, "unparsed message head");
@@ -441,13 +512,13 @@ impl Pipeline {
             for unseen in skipped {
                 self.hop(&unseen, None, m.ts_ns);
             }
-            self.hop(&request, Some(&m), m.ts_ns);
+            self.hop(&request, Reply::from_message(&m), m.ts_ns);
         }
     }
 
     /// An OTLP export a pod on this node made, and the collector's answer:
     /// what the callee checks need to tell a lost span from an unsent one.
-    fn export_seen(&mut self, req: &Request, rsp: Option<&Message>, gave_up_ns: u64) {
+    fn export_seen(&mut self, req: &Request, rsp: Option<Reply>, gave_up_ns: u64) {
         let Some(r) = &self.reconcile else { return };
         let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
         if !self.local.contains(&hop.caller().ip) {
@@ -463,11 +534,12 @@ impl Pipeline {
                 ip: hop.caller().ip,
                 at: hop.end(),
                 status: hop.status,
+                grpc_status: hop.grpc_status,
             },
         );
     }
 
-    fn hop(&mut self, req: &Request, rsp: Option<&Message>, gave_up_ns: u64) {
+    fn hop(&mut self, req: &Request, rsp: Option<Reply>, gave_up_ns: u64) {
         if req.telemetry {
             self.export_seen(req, rsp, gave_up_ns);
             return;

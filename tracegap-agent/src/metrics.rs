@@ -161,6 +161,8 @@ pub struct Metrics {
     pub starts_ignored: Family<ReasonLabels, Counter>,
     pub resyncs: Counter,
     pub boundaries_lost: Counter,
+    pub h2_connections: Gauge,
+    pub h2_unread: Family<ReasonLabels, Counter>,
     pub bpf_run_seconds: Family<ProgramLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Gauge>,
     pub series_overflow: Family<MetricLabels, Counter>,
@@ -199,6 +201,8 @@ impl Metrics {
             starts_ignored: Family::default(),
             resyncs: Counter::default(),
             boundaries_lost: Counter::default(),
+            h2_connections: Gauge::default(),
+            h2_unread: Family::default(),
             bpf_run_seconds: Family::default(),
             bpf_runs: Family::default(),
             series_overflow: Family::default(),
@@ -290,6 +294,16 @@ impl Metrics {
             "resyncs",
             "Times a stream that lost its message boundary found it again at an acknowledged start",
             m.resyncs.clone(),
+        );
+        registry.register(
+            "h2_connections",
+            "Cleartext HTTP/2 connections followed now (from their client preface on)",
+            m.h2_connections.clone(),
+        );
+        registry.register(
+            "h2_unread",
+            "HTTP/2 that could not be read, by reason (unknown_connection: events of a connection whose preface was not seen; protocol_error: bytes that are not HTTP/2 as it should be; lost: connections the kernel stopped following; streams_dropped: streams open when their connection was lost or went idle; unobservable: requests naming HPACK entries never seen)",
+            m.h2_unread.clone(),
         );
         registry.register(
             "bpf_run_seconds",
@@ -407,6 +421,37 @@ impl Metrics {
             if n > l {
                 self.service_lookups
                     .get_or_create(&ResultLabels { result })
+                    .inc_by(n - l);
+            }
+        }
+        *last = now;
+    }
+
+    /// Adds what HTTP/2 reading skipped since the last call (`last` is
+    /// updated), and sets the followed connections.
+    pub fn h2(
+        &self,
+        now: crate::http::h2::follow::H2Stats,
+        connections: usize,
+        last: &mut crate::http::h2::follow::H2Stats,
+    ) {
+        self.h2_connections.set(connections as i64);
+        for (reason, n, l) in [
+            (
+                "unknown_connection",
+                now.unknown_connection,
+                last.unknown_connection,
+            ),
+            ("protocol_error", now.protocol_errors, last.protocol_errors),
+            ("lost", now.lost, last.lost),
+            ("streams_dropped", now.streams_dropped, last.streams_dropped),
+            ("unobservable", now.unobservable, last.unobservable),
+        ] {
+            if n > l {
+                self.h2_unread
+                    .get_or_create(&ReasonLabels {
+                        reason: reason.to_owned(),
+                    })
                     .inc_by(n - l);
             }
         }

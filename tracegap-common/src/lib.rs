@@ -105,6 +105,12 @@ pub enum EventKind {
     Response = 2,
     /// More of a header block that began in an earlier segment of the flow.
     Continuation = 3,
+    /// Bytes of a followed cleartext HTTP/2 connection (see [`H2Follow`]):
+    /// the frames user space reads, in order; a gap before an event's
+    /// `seq` is bytes the kernel skipped, and the event starts at a frame
+    /// boundary. Flag [`event_flags::H2_LOST`] with no payload: the kernel
+    /// stopped following the connection.
+    Http2 = 4,
 }
 
 impl EventKind {
@@ -113,6 +119,7 @@ impl EventKind {
             1 => Some(Self::Request),
             2 => Some(Self::Response),
             3 => Some(Self::Continuation),
+            4 => Some(Self::Http2),
             _ => None,
         }
     }
@@ -129,6 +136,10 @@ pub mod event_flags {
     /// [`crate::SHORT_START_BUDGET`], whatever its kind, because the line
     /// that tells request from response is not complete yet.
     pub const SHORT_START: u8 = 1 << 2;
+    /// [`crate::EventKind::Http2`]: the kernel lost this connection's frame
+    /// boundaries (a segment missed, too many frames in one) and stopped
+    /// following it, both directions.
+    pub const H2_LOST: u8 = 1 << 3;
 }
 
 /// Bytes a short start ([`event_flags::SHORT_START`]) is followed for at
@@ -232,6 +243,33 @@ pub struct OpenHeader {
     pub budget_left: u32,
 }
 
+/// Entries of the map of followed HTTP/2 connections (one per direction
+/// per interface).
+pub const MAX_H2_FLOWS: u32 = 16 * 1024;
+
+/// Where the kernel is in one direction of a cleartext HTTP/2 connection
+/// it follows from the client preface on: frame by frame, copying the
+/// frames that carry header blocks (HEADERS, CONTINUATION, PUSH_PROMISE,
+/// SETTINGS, RST_STREAM), the 9-byte header of a DATA frame that ends its
+/// stream, and skipping every other byte by the frames' lengths.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct H2Follow {
+    /// Sequence number of the next frame header (or of the header whose
+    /// first `have` bytes ended an earlier segment).
+    pub next: u32,
+    /// Sequence number after the last byte read: the next segment's.
+    pub end: u32,
+    /// Bytes before this sequence number are copied: the rest of a frame
+    /// that began in an earlier segment.
+    pub copy_until: u32,
+    /// The first bytes of a frame header cut by a segment's end.
+    pub partial: [u8; 8],
+    /// How many of `partial` are valid (0..=4).
+    pub have: u8,
+    pub _pad: [u8; 3],
+}
+
 /// Indexes into the per-CPU counters: one map entry per CPU holding all of
 /// them, so a program run looks the counters up once.
 pub mod counter {
@@ -260,11 +298,15 @@ pub mod counter {
     /// at a time), followed as [`crate::event_flags::SHORT_START`].
     pub const SHORT_STARTS: u32 = 9;
     /// HTTP/2 client connection prefaces (`PRI * HTTP/2.0`) seen, once per
-    /// connection as messages are (not yet read further: HTTP/2 and gRPC
-    /// traffic is counted, not observed).
+    /// connection as messages are: each starts following the connection.
     pub const H2_PREFACES: u32 = 10;
+    /// Segments of followed HTTP/2 connections that had frames to copy.
+    pub const H2_SEGMENTS: u32 = 11;
+    /// Followed HTTP/2 connections given up: a segment missed or
+    /// overlapping, or more frames in one segment than the kernel walks.
+    pub const H2_LOST: u32 = 12;
     /// Number of counters.
-    pub const COUNT: u32 = 11;
+    pub const COUNT: u32 = 13;
 
     /// Prometheus-style names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -279,6 +321,8 @@ pub mod counter {
         "second_sightings_skipped",
         "short_starts",
         "h2_prefaces",
+        "h2_segments",
+        "h2_lost",
     ];
 }
 
@@ -290,6 +334,7 @@ mod pod {
     unsafe impl aya::Pod for super::OpenHeader {}
     unsafe impl aya::Pod for super::OpenKey {}
     unsafe impl aya::Pod for super::SourceKey {}
+    unsafe impl aya::Pod for super::H2Follow {}
 }
 
 #[cfg(test)]
@@ -305,6 +350,8 @@ mod tests {
         assert_eq!(core::mem::size_of::<SourceKey>(), 20);
         // 8 + 40 + 4 + 4 + 4 + 2 + 1 + 1 + 1 + 3 + 4
         assert_eq!(EVENT_HEADER_LEN, 72);
+        // 4 + 4 + 4 + 8 + 1 + 3
+        assert_eq!(core::mem::size_of::<H2Follow>(), 24);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! tracegap's TC programs: find the start of HTTP/1.x messages in TCP
-//! segments and copy their header block to user space.
+//! segments and copy their header block to user space; follow cleartext
+//! HTTP/2 connections frame by frame and copy their header frames ([`h2`]).
 //!
 //! Why the kernel copies bytes instead of parsing headers: matching header
 //! names case-insensitively at arbitrary offsets, across segments, is what
@@ -16,6 +17,7 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+mod h2;
 mod net;
 
 use aya_ebpf::{
@@ -146,7 +148,28 @@ fn observe(ctx: &TcContext, direction: Direction) {
         Ok(Some(_)) if ablated(ablate::AFTER_PARSE) => {}
         Ok(Some(seg)) => {
             count(counters, counter::TCP_PAYLOAD);
-            if try_http(ctx, &seg, direction, counters).is_err() {
+            // A followed HTTP/2 connection's segment is its frames,
+            // whatever its first bytes look like (a DATA payload may well
+            // start with "GET "). Called from here, not from try_http: its
+            // stack frame then adds to this one's alone.
+            let read = if ablated(ablate::FLOW_MAPS) || !h2::maybe_followed(&seg) {
+                Ok(false)
+            } else {
+                h2::segment(ctx, &seg, direction, counters)
+            };
+            let read = match read {
+                Ok(false) => try_http(ctx, &seg, direction, counters),
+                other => other.map(|_| false),
+            };
+            // A client preface: the connection is followed from here, and
+            // this segment is its first.
+            let read = match read {
+                Ok(true) if h2::start(ctx, &seg) => {
+                    h2::segment(ctx, &seg, direction, counters).map(|_| false)
+                }
+                other => other,
+            };
+            if read.is_err() {
                 count(counters, counter::PARSE_ERRORS);
             }
         }
@@ -246,12 +269,14 @@ fn is_short_start(head: &[u8; 8], len: u32) -> bool {
     any
 }
 
+/// Reads an HTTP/1.x segment. `Ok(true)`: it starts an HTTP/2 connection
+/// to follow (the caller starts following it: [`h2::start`]).
 fn try_http(
     ctx: &TcContext,
     seg: &Segment,
     direction: Direction,
     counters: &mut Counters,
-) -> Result<(), ()> {
+) -> Result<bool, ()> {
     let mut head = [0u8; 8];
     let short = seg.payload_len < 8;
     if !short {
@@ -285,7 +310,7 @@ fn try_http(
         if !short && classify_start(&head).is_some() {
             count(counters, counter::HTTP_REQUESTS);
         }
-        return Ok(());
+        return Ok(false);
     }
     let start = if short {
         // A few bytes that continue the block being followed are just
@@ -300,17 +325,17 @@ fn try_http(
         classify_start(&head)
     };
     if start.is_none() && !short && head == *b"PRI * HT" {
-        // An HTTP/2 connection: counted once (leaving the pod that opened
-        // it, or entering one from elsewhere), not read further yet.
+        // An HTTP/2 connection: followed from here (leaving the pod that
+        // opened it, or entering one from elsewhere), once.
         let now = clock();
         match direction {
             _ if ablated(ablate::FLOW_MAPS) => {}
             Direction::Ingress => note_local_source(&seg.flow, now),
-            Direction::Egress if from_local_source(&seg.flow, now) => return Ok(()),
+            Direction::Egress if from_local_source(&seg.flow, now) => return Ok(false),
             Direction::Egress => {}
         }
         count(counters, counter::H2_PREFACES);
-        return Ok(());
+        return Ok(!ablated(ablate::FLOW_MAPS));
     }
     let (kind, budget, ts_ns) = match start {
         Some(kind) => {
@@ -332,7 +357,7 @@ fn try_http(
                     // Its continuations are skipped too: no block is opened
                     // for this interface.
                     count(counters, counter::SECOND_SIGHTINGS);
-                    return Ok(());
+                    return Ok(false);
                 }
                 Direction::Egress => {}
             }
@@ -346,19 +371,19 @@ fn try_http(
         None => {
             // Not a start: only interesting if it continues a block we follow.
             if ablated(ablate::FLOW_MAPS) {
-                return Ok(());
+                return Ok(false);
             }
             let Some(now) = recently_opened(seg, clock) else {
-                return Ok(());
+                return Ok(false);
             };
             let Some(open) = OPEN_HEADERS.get_ptr_mut(key) else {
-                return Ok(());
+                return Ok(false);
             };
             let open = unsafe { &mut *open };
             if open.next_seq != seg.seq || open.budget_left == 0 {
                 // Out of order, retransmitted or done: user space marks the
                 // block truncated rather than guess what is missing.
-                return Ok(());
+                return Ok(false);
             }
             count(counters, counter::CONTINUATIONS);
             (EventKind::Continuation, open.budget_left, now)
@@ -395,7 +420,7 @@ fn try_http(
     }
 
     if !followed || ablated(ablate::FLOW_MAPS) {
-        return Ok(());
+        return Ok(false);
     }
     let budget_left = budget - copied;
     if ended || budget_left == 0 {
@@ -416,7 +441,7 @@ fn try_http(
             note_open(seg, ts_ns);
         }
     }
-    Ok(())
+    Ok(false)
 }
 
 /// Whether the segment's payload ends with CRLFCRLF: the common request

@@ -62,6 +62,17 @@ fn slot(addrs: u32, ports: u32) -> u32 {
     (addrs ^ ports).wrapping_mul(0x9E37_79B1) >> (32 - OPEN_SLOTS.trailing_zeros())
 }
 
+/// [`slot`] of a flow from its key: the same words as [`tcp_segment`]
+/// reads from the packet (IPv4's addresses, IPv6's last words), for the
+/// other direction of a connection (each direction has its own slot).
+#[inline(always)]
+pub fn slot_of(flow: &FlowKey) -> u32 {
+    let word = |b: &[u8; 16], i: usize| u32::from_ne_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    let i = if flow.family == family::IPV6 { 12 } else { 0 };
+    let addrs = word(&flow.saddr, i) ^ word(&flow.daddr, i).rotate_left(11);
+    slot(addrs, u32::from(flow.sport) << 16 | u32::from(flow.dport))
+}
+
 /// The TCP segment in this packet, if it is one with payload.
 ///
 /// `Ok(None)`: not TCP over IPv4/IPv6 on Ethernet, or no payload (the cheap,

@@ -21,7 +21,7 @@ use tracegap_agent::{
     export::{self, ExportConfig, OtlpProtocol},
     gap::{
         Engine, Hop,
-        hop::Request,
+        hop::{Reply, Request},
         span::{self, ExportMode, Identity},
     },
     http::assemble::{Answer, Assembler, Message, Pairer},
@@ -776,7 +776,7 @@ fn run_pipeline(
                 engine.request_started(&req);
                 pairer.request(m.flow, req);
             } else if let Answer::Answered { request: req, .. } = pairer.response(&m) {
-                let hop = Hop::new(&clock, &req, Some(&m), m.ts_ns);
+                let hop = Hop::new(&clock, &req, Reply::from_message(&m), m.ts_ns);
                 let v = engine.classify(&hop, None);
                 if span::wanted(v.kind, ExportMode::Gaps, false) {
                     on_span(span::build(&hop, &v, &id, &id, true));

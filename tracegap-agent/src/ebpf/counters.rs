@@ -21,8 +21,12 @@ pub struct Counters {
     pub second_sightings_skipped: u64,
     /// Message starts shorter than 8 bytes, followed until complete.
     pub short_starts: u64,
-    /// HTTP/2 connection prefaces: connections counted, not yet read.
+    /// HTTP/2 connection prefaces: connections followed from their start.
     pub h2_prefaces: u64,
+    /// Segments of followed HTTP/2 connections with frames copied.
+    pub h2_segments: u64,
+    /// Followed HTTP/2 connections the kernel lost track of.
+    pub h2_lost: u64,
 }
 
 impl Counters {
@@ -40,6 +44,8 @@ impl Counters {
             self.second_sightings_skipped,
             self.short_starts,
             self.h2_prefaces,
+            self.h2_segments,
+            self.h2_lost,
         ];
         counter::NAMES.into_iter().zip(values)
     }
@@ -72,6 +78,8 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
         second_sightings_skipped: sum(counter::SECOND_SIGHTINGS),
         short_starts: sum(counter::SHORT_STARTS),
         h2_prefaces: sum(counter::H2_PREFACES),
+        h2_segments: sum(counter::H2_SEGMENTS),
+        h2_lost: sum(counter::H2_LOST),
     })
 }
 

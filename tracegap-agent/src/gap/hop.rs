@@ -12,9 +12,66 @@ use crate::{
     http::{
         assemble::{Message, Waiting},
         context::{Found, Propagation, SpanContext},
+        h2::exchange::{Exchange, Fields},
         message::StartLine,
     },
 };
+
+/// What carried a request.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    Http1,
+    /// An HTTP/2 stream.
+    Http2,
+    /// An HTTP/2 stream with a gRPC content type.
+    Grpc,
+}
+
+impl Protocol {
+    /// `network.protocol.version`.
+    pub fn version(self) -> &'static str {
+        match self {
+            Self::Http1 => "1.1",
+            Self::Http2 | Self::Grpc => "2",
+        }
+    }
+}
+
+/// What came back for a request: when, and its status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reply {
+    /// Monotonic time: an HTTP/1.x response's first segment, an HTTP/2
+    /// stream's end.
+    pub ts_ns: u64,
+    /// None: an HTTP/2 stream that ended without response headers (reset).
+    pub status: Option<u16>,
+    /// gRPC's status code (trailers, or a trailers-only response).
+    pub grpc_status: Option<u32>,
+}
+
+impl Reply {
+    /// A response message's; None if it is not a response.
+    pub fn from_message(m: &Message) -> Option<Self> {
+        match m.head.as_ref().map(|h| &h.start) {
+            Ok(StartLine::Response { status, .. }) => Some(Self {
+                ts_ns: m.ts_ns,
+                status: Some(*status),
+                grpc_status: None,
+            }),
+            _ => None,
+        }
+    }
+
+    /// An HTTP/2 exchange's.
+    pub fn from_exchange(x: &Exchange) -> Self {
+        Self {
+            ts_ns: x.end_ns,
+            status: x.status(),
+            grpc_status: x.grpc_status(),
+        }
+    }
+}
 
 /// A request waiting for its response: what its hop is built from, read
 /// out of the head once, when the request is seen. The pairer and the
@@ -38,6 +95,7 @@ pub struct Request {
     pub telemetry: bool,
     /// The Service address the client addressed, if it went through one.
     pub via: Option<Endpoint>,
+    pub protocol: Protocol,
     /// Method, path and Host, one after the other, in one allocation.
     text: Box<str>,
     method_end: u32,
@@ -73,6 +131,7 @@ impl Request {
             truncated,
             telemetry: false,
             via: None,
+            protocol: Protocol::Http1,
             method_end: method.len() as u32,
             path_end: (method.len() + path.len()) as u32,
             has_host: host.is_some(),
@@ -101,6 +160,33 @@ impl Request {
         req.ack = m.ack;
         req.resynced = m.resynced;
         Some(req)
+    }
+
+    /// The request on an HTTP/2 stream, from its header block: `seq` is
+    /// the stream id, its identity on the connection.
+    pub fn from_h2(ts_ns: u64, flow: Flow, stream: u32, fields: &Fields) -> Self {
+        use crate::http::context::Headers as _;
+        let path = fields.header(":path").unwrap_or("");
+        let path = path.split('?').next().unwrap_or(path);
+        let mut req = Self::new(
+            ts_ns,
+            flow,
+            stream,
+            fields.header(":method").unwrap_or(""),
+            path,
+            fields.header(":authority"),
+            Propagation::from_headers(fields),
+            false,
+        );
+        req.protocol = if fields
+            .header("content-type")
+            .is_some_and(|c| c.starts_with("application/grpc"))
+        {
+            Protocol::Grpc
+        } else {
+            Protocol::Http2
+        };
+        req
     }
 
     pub fn method(&self) -> &str {
@@ -162,6 +248,9 @@ pub struct Hop {
     /// The Service address the client called, when kube-proxy translated it
     /// to the callee (see [`crate::nat`]).
     pub via: Option<Endpoint>,
+    pub protocol: Protocol,
+    /// gRPC's status code, for a gRPC call that got one.
+    pub grpc_status: Option<u32>,
 }
 
 impl Hop {
@@ -170,13 +259,10 @@ impl Hop {
     pub fn new(
         clock: &WallClock,
         request: &Request,
-        response: Option<&Message>,
+        response: Option<Reply>,
         gave_up_ns: u64,
     ) -> Self {
-        let status = response.and_then(|r| match r.head.as_ref().map(|h| &h.start) {
-            Ok(StartLine::Response { status, .. }) => Some(*status),
-            _ => None,
-        });
+        let status = response.and_then(|r| r.status);
         let end_ns = response.map_or(gave_up_ns, |r| r.ts_ns).max(request.ts_ns);
         Self {
             flow: request.flow,
@@ -192,7 +278,19 @@ impl Hop {
             propagation: request.propagation.clone(),
             truncated: request.truncated,
             via: request.via,
+            protocol: request.protocol,
+            grpc_status: response.and_then(|r| r.grpc_status),
         }
+    }
+
+    /// gRPC's service and method (`/pkg.Service/Method`), for a gRPC call.
+    pub fn rpc(&self) -> Option<(&str, &str)> {
+        if self.protocol != Protocol::Grpc {
+            return None;
+        }
+        let (service, method) = self.path.strip_prefix('/')?.split_once('/')?;
+        (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+            .then_some((service, method))
     }
 
     pub fn caller(&self) -> Endpoint {

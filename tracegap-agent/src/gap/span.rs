@@ -15,7 +15,7 @@ use opentelemetry::{
 };
 use serde::Serialize;
 
-use super::{GapKind, Hop, Verdict, route};
+use super::{GapKind, Hop, Verdict, hop::Protocol, route};
 
 /// Who is behind an address: what names the span's service and resource.
 /// Filled by the Kubernetes watcher in a cluster and by the names file (or
@@ -273,8 +273,12 @@ pub fn build(
         _ => (new_trace, SpanId::INVALID),
     };
 
-    let route = route::template(&hop.path);
-    let name = format!("{} {route}", hop.method);
+    // gRPC: the RPC conventions' name (`pkg.Service/Method`); HTTP: the
+    // method and the path's route template.
+    let name = match hop.rpc() {
+        Some((service, method)) => format!("{service}/{method}"),
+        None => format!("{} {}", hop.method, route::template(&hop.path)),
+    };
     let (kind, identity, peer) = if callee_is_pod {
         (SpanKind::Server, callee.clone(), hop.caller())
     } else {
@@ -300,6 +304,22 @@ pub fn build(
     ]);
     if let Some(s) = hop.status {
         attributes.push(KeyValue::new("http.response.status_code", i64::from(s)));
+    }
+    if hop.protocol != Protocol::Http1 {
+        attributes.push(KeyValue::new(
+            "network.protocol.version",
+            hop.protocol.version(),
+        ));
+    }
+    if let Some((service, method)) = hop.rpc() {
+        attributes.extend([
+            KeyValue::new("rpc.system", "grpc"),
+            KeyValue::new("rpc.service", service.to_owned()),
+            KeyValue::new("rpc.method", method.to_owned()),
+        ]);
+        if let Some(g) = hop.grpc_status {
+            attributes.push(KeyValue::new("rpc.grpc.status_code", i64::from(g)));
+        }
     }
     if let Some(f) = hop.format() {
         attributes.push(KeyValue::new("tracegap.context.format", f));
@@ -327,17 +347,26 @@ pub fn build(
         attributes.push(KeyValue::new("tracegap.headers.truncated", true));
     }
     // Server spans: 5xx is an error, 4xx is the client's. Client spans: both.
-    let error = match hop.status {
-        None => {
+    // gRPC (its conventions): any status but OK on a client span; on a
+    // server span, only those that are the server's fault.
+    let grpc_error = hop.grpc_status.filter(|&g| {
+        g != 0 && (kind == SpanKind::Client || matches!(g, 2 | 4 | 12 | 13 | 14 | 15))
+    });
+    let error = match (grpc_error.filter(|_| hop.rpc().is_some()), hop.status) {
+        (Some(g), _) => {
+            attributes.push(KeyValue::new("error.type", g.to_string()));
+            Some(format!("gRPC status {g}"))
+        }
+        (None, None) => {
             attributes.push(KeyValue::new("tracegap.unanswered", true));
             attributes.push(KeyValue::new("error.type", "timeout"));
             Some(format!("no response within {:?}", hop.duration()))
         }
-        Some(s) if s >= 500 || (s >= 400 && kind == SpanKind::Client) => {
+        (None, Some(s)) if s >= 500 || (s >= 400 && kind == SpanKind::Client) => {
             attributes.push(KeyValue::new("error.type", s.to_string()));
             Some(format!("HTTP {s}"))
         }
-        Some(_) => None,
+        (None, Some(_)) => None,
     };
     SyntheticSpan {
         identity,
@@ -398,6 +427,8 @@ mod tests {
             },
             truncated: false,
             via: None,
+            protocol: Default::default(),
+            grpc_status: None,
         }
     }
 
@@ -481,6 +512,42 @@ mod tests {
         let s = build(&h, &verdict(GapKind::Passthrough, None), &a, &b, false);
         assert_eq!(s.kind, SpanKind::Client);
         assert_eq!(s.identity.service, "service-a");
+    }
+
+    #[test]
+    fn a_grpc_hop_follows_the_rpc_conventions() {
+        let (a, b) = ids();
+        let mut h = hop(None, Some(200));
+        h.protocol = super::Protocol::Grpc;
+        h.method = "POST".into();
+        h.path = "/shop.Cart/AddItem".into();
+        h.grpc_status = Some(14);
+        let s = build(&h, &verdict(GapKind::MissingContext, None), &a, &b, true);
+        let get = |k| attr(&s, k).map(|v| v.as_str().into_owned());
+        assert_eq!(s.name, "shop.Cart/AddItem");
+        assert_eq!(get("rpc.system").as_deref(), Some("grpc"));
+        assert_eq!(get("rpc.service").as_deref(), Some("shop.Cart"));
+        assert_eq!(get("rpc.method").as_deref(), Some("AddItem"));
+        assert_eq!(get("network.protocol.version").as_deref(), Some("2"));
+        assert_eq!(
+            attr(&s, "rpc.grpc.status_code"),
+            Some(&opentelemetry::Value::I64(14))
+        );
+        // UNAVAILABLE is the server's fault: an error on its span, though
+        // HTTP said 200.
+        assert_eq!(s.error.as_deref(), Some("gRPC status 14"));
+        // NOT_FOUND is the caller's: not an error on the server's span,
+        // an error on the client's.
+        h.grpc_status = Some(5);
+        let s = build(&h, &verdict(GapKind::MissingContext, None), &a, &b, true);
+        assert_eq!(s.error, None);
+        let s = build(&h, &verdict(GapKind::MissingContext, None), &a, &b, false);
+        assert_eq!(s.error.as_deref(), Some("gRPC status 5"));
+        // HTTP/2 without gRPC keeps the HTTP name.
+        h.protocol = super::Protocol::Http2;
+        let s = build(&h, &verdict(GapKind::MissingContext, None), &a, &b, true);
+        assert_eq!(s.name, "POST /shop.Cart/AddItem");
+        assert!(attr(&s, "rpc.system").is_none());
     }
 
     #[test]

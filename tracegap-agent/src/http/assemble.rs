@@ -183,6 +183,8 @@ impl Assembler {
                 p.buf = buf.into();
                 self.advance(key, p, e.budget_exhausted, out);
             }
+            // HTTP/2 connections are read by `super::h2::follow`.
+            EventKind::Http2 => {}
         }
     }
 

@@ -96,7 +96,14 @@ impl<L: BackendLookup> ServiceNat<L> {
                     e.flow.dst = b;
                 }
             }
-            EventKind::Response if is_service(e.flow.src.ip) => {
+            // HTTP/2: either direction of a connection to a Service.
+            EventKind::Http2 if is_service(e.flow.dst.ip) => {
+                if let Some(b) = self.resolve(e.flow, e.ts_ns, None) {
+                    e.via = Some(e.flow.dst);
+                    e.flow.dst = b;
+                }
+            }
+            EventKind::Response | EventKind::Http2 if is_service(e.flow.src.ip) => {
                 if let Some(b) = self.resolve(e.flow.reversed(), e.ts_ns, None) {
                     e.via = Some(e.flow.src);
                     e.flow.src = b;

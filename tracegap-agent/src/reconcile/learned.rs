@@ -116,13 +116,25 @@ pub struct Export {
     pub at: SystemTime,
     /// The collector's HTTP status; None: no answer.
     pub status: Option<u16>,
+    /// An OTLP/gRPC export's gRPC status (0: OK).
+    pub grpc_status: Option<u32>,
 }
 
 impl Export {
-    /// The answer as the report counts it.
+    /// The answer as the report counts it: the HTTP status, or gRPC's
+    /// (`grpc 14`) when the call failed past HTTP.
     pub fn answer(&self) -> String {
-        self.status
-            .map_or_else(|| "no answer".to_owned(), |s| s.to_string())
+        match (self.status, self.grpc_status) {
+            (_, Some(g)) if g != 0 => format!("grpc {g}"),
+            (Some(s), _) => s.to_string(),
+            (None, _) => "no answer".to_owned(),
+        }
+    }
+
+    /// The collector took the spans.
+    pub fn accepted(&self) -> bool {
+        self.status.is_some_and(|s| (200..300).contains(&s))
+            && self.grpc_status.is_none_or(|g| g == 0)
     }
 }
 
@@ -160,11 +172,7 @@ impl Ledger {
         let q = self.by_ip.get(&ip)?;
         let mut within = q.iter().filter(|e| e.at >= from && e.at <= until);
         let first = within.clone().next()?;
-        Some(
-            within
-                .find(|e| !e.status.is_some_and(|s| (200..300).contains(&s)))
-                .unwrap_or(first),
-        )
+        Some(within.find(|e| !e.accepted()).unwrap_or(first))
     }
 
     /// Forgets exports older than `keep`.
@@ -219,16 +227,19 @@ mod tests {
             ip,
             at: t(100),
             status: Some(200),
+            grpc_status: None,
         });
         l.record(Export {
             ip,
             at: t(200),
             status: Some(503),
+            grpc_status: None,
         });
         l.record(Export {
             ip,
             at: t(300),
             status: None,
+            grpc_status: None,
         });
         assert_eq!(l.export_between(ip, t(50), t(150)).unwrap().answer(), "200");
         assert_eq!(l.export_between(ip, t(50), t(350)).unwrap().answer(), "503");

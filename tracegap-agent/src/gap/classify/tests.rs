@@ -59,6 +59,8 @@ fn hop(from: u8, to: u8, start_ms: u64, end_ms: u64, contexts: Vec<Found>) -> Ho
         },
         truncated: false,
         via: None,
+        protocol: Default::default(),
+        grpc_status: None,
     }
 }
 

@@ -178,8 +178,44 @@ impl Connection {
 
     /// The client's next bytes, seen at `ts_ns`.
     pub fn client_bytes(&mut self, bytes: &[u8], ts_ns: u64) -> Result<(), Error> {
+        self.client_bytes_started(bytes, ts_ns, &mut Vec::new())
+    }
+
+    /// [`Self::client_bytes`], with the streams whose request began in
+    /// them appended to `started` (see [`Self::request`]).
+    pub fn client_bytes_started(
+        &mut self,
+        bytes: &[u8],
+        ts_ns: u64,
+        started: &mut Vec<u32>,
+    ) -> Result<(), Error> {
         let mut events = Vec::new();
         let r = self.client.push(bytes, &mut events);
+        self.client_events(events, ts_ns, started);
+        r
+    }
+
+    /// Bytes of the client's the kernel skipped (see [`Direction::gap`]).
+    pub fn client_gap(&mut self, n: usize) {
+        let mut events = Vec::new();
+        self.client.gap(n, &mut events);
+        self.client_events(events, 0, &mut Vec::new());
+    }
+
+    /// Bytes of the server's the kernel skipped; streams a DATA frame in
+    /// them ended are appended to `out`.
+    pub fn server_gap(&mut self, n: usize, ts_ns: u64, out: &mut Vec<Exchange>) {
+        let mut events = Vec::new();
+        self.server.gap(n, &mut events);
+        self.server_events(events, ts_ns, out);
+    }
+
+    /// An open stream's request.
+    pub fn request(&self, stream: u32) -> Option<&Fields> {
+        self.open.get(&stream).map(|o| &o.request)
+    }
+
+    fn client_events(&mut self, events: Vec<Event>, ts_ns: u64, started: &mut Vec<u32>) {
         for e in events {
             match e {
                 Event::Headers { stream, block, .. } => {
@@ -196,6 +232,7 @@ impl Connection {
                     {
                         self.open.remove(&oldest);
                     }
+                    started.push(stream);
                     self.opened += 1;
                     self.open.insert(
                         stream,
@@ -212,7 +249,6 @@ impl Connection {
                 Event::EndStream { .. } => {}
             }
         }
-        r
     }
 
     /// The server's next bytes, seen at `ts_ns`; completed exchanges go to
@@ -225,6 +261,11 @@ impl Connection {
     ) -> Result<(), Error> {
         let mut events = Vec::new();
         let r = self.server.push(bytes, &mut events);
+        self.server_events(events, ts_ns, out);
+        r
+    }
+
+    fn server_events(&mut self, events: Vec<Event>, ts_ns: u64, out: &mut Vec<Exchange>) {
         for e in events {
             match e {
                 Event::Headers {
@@ -253,7 +294,6 @@ impl Connection {
                 Event::TableSize(n) => self.client.set_table_size(n),
             }
         }
-        r
     }
 
     fn complete(&mut self, stream: u32, ts_ns: u64, out: &mut Vec<Exchange>) {
@@ -266,6 +306,22 @@ impl Connection {
                 start_ns: o.start_ns,
                 end_ns: ts_ns,
             });
+        }
+    }
+
+    /// Streams whose request started before `ts_ns` and that have no
+    /// response headers yet: ended as unanswered (no response, no
+    /// trailers), at `ts_ns`. A stream that was answered and streams on
+    /// stays open until it ends.
+    pub fn expire_before(&mut self, ts_ns: u64, out: &mut Vec<Exchange>) {
+        let expired: Vec<u32> = self
+            .open
+            .iter()
+            .filter(|(_, o)| o.response.is_none() && o.start_ns < ts_ns)
+            .map(|(id, _)| *id)
+            .collect();
+        for stream in expired {
+            self.complete(stream, ts_ns, out);
         }
     }
 

@@ -151,6 +151,33 @@ impl Direction {
         self.decoder.set_allowed(size);
     }
 
+    /// `n` bytes of this direction the kernel did not copy: the rest of a
+    /// frame it skips (DATA), whole skipped frames, and the bytes after it
+    /// start a frame. Inside a frame that is read (the kernel's budget ran
+    /// out) the block is lost: the table may have changed unseen, so the
+    /// decoder starts over as if joined (see [`Decoder::joined`]).
+    pub fn gap(&mut self, n: usize, out: &mut Vec<Event>) {
+        match &mut self.state {
+            State::Lost => {}
+            State::Payload(f) if !f.keep => {
+                // Its end is in the gap (the bytes after one start a
+                // frame): a DATA frame's END_STREAM counts.
+                let _ = n;
+                f.left = 0;
+                let _ = self.finish_if_empty(out);
+                self.state = State::Header(Vec::new());
+            }
+            State::Header(h) if h.is_empty() => {}
+            // A frame header cut short whose frame was skipped.
+            State::Header(_) if self.block.is_none() => self.state = State::Header(Vec::new()),
+            _ => {
+                self.state = State::Header(Vec::new());
+                self.block = None;
+                self.decoder.lose_table();
+            }
+        }
+    }
+
     /// Reads the next bytes of this direction. On an error the direction
     /// is lost (and says so); what came before it is in `out`.
     pub fn push(&mut self, mut bytes: &[u8], out: &mut Vec<Event>) -> Result<(), Error> {

@@ -130,6 +130,15 @@ impl Decoder {
         }
     }
 
+    /// A header block went by unread: its insertions are unknown, and
+    /// every entry's index with them. What was known is dropped; the
+    /// decoder goes on as one that joined now, within the same bounds.
+    pub fn lose_table(&mut self) {
+        self.entries.clear();
+        self.size = 0;
+        self.unseen = true;
+    }
+
     /// Whether every table index resolves.
     pub fn synchronised(&self) -> bool {
         !self.unseen

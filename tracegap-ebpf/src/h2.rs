@@ -1,0 +1,358 @@
+//! Cleartext HTTP/2 (h2c, and gRPC without TLS): a connection is followed
+//! from its client preface on, frame by frame, each direction on each
+//! interface on its own ([`H2Follow`]).
+//!
+//! Why frames and not bytes: a gRPC connection carries every call's
+//! messages, and the DATA frames are nearly all its bytes. The kernel reads
+//! each frame's 5 first header bytes (length, type, flags) and copies only
+//! what user space decodes: header-carrying frames whole, the header of a
+//! DATA frame that ends its stream, nothing of other DATA. Per segment the
+//! copy is one range, from the first wanted byte to the last, so a segment
+//! costs one copy however many frames it holds (DATA between two wanted
+//! frames comes along, within the budget).
+//!
+//! What user space relies on: events of one direction in sequence order;
+//! bytes missing before an event's `seq` were skipped on purpose and the
+//! event starts at a frame boundary, or its bytes continue the previous
+//! event's. When a boundary cannot be known any more (a segment missed,
+//! more frames in one segment than [`MAX_FRAMES`]), the kernel says so once
+//! ([`event_flags::H2_LOST`]) and stops following the connection: nothing
+//! is guessed.
+
+use aya_ebpf::{
+    bindings::BPF_RB_NO_WAKEUP,
+    macros::map,
+    maps::{Array, LruHashMap},
+    programs::TcContext,
+};
+use tracegap_common::{
+    Direction, EventHeader, EventKind, H2Follow, HEADER_BUDGET, MAX_H2_FLOWS, MAX_PAYLOAD, OpenKey,
+    counter, event_flags,
+};
+
+use crate::{Chunks, Counters, EVENTS, count, net::Segment};
+
+/// Followed connections, per direction and interface.
+#[map]
+static H2_FLOWS: LruHashMap<OpenKey, H2Follow> = LruHashMap::with_max_entries(MAX_H2_FLOWS, 0);
+
+/// Whether a connection followed as HTTP/2 ever hashed to each flow slot:
+/// a segment of any other flow then costs an array read, not a hash
+/// lookup. Never cleared (a stale slot costs a lookup, nothing more).
+#[map]
+static H2_SLOTS: Array<u32> = Array::with_max_entries(crate::net::OPEN_SLOTS, 0);
+
+/// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
+const PREFACE_LEN: u32 = 24;
+/// Frame headers read per segment at most. A segment with more (many
+/// tiny frames) loses the connection: counted, never guessed past. A
+/// 64 KiB GSO segment of 16 KiB DATA frames holds five; a burst of small
+/// unary calls about ten per 1448-byte segment.
+const MAX_FRAMES: usize = 24;
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PUSH_PROMISE: u8 = 0x5;
+const CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+
+/// Bytes of a frame user space needs from its start: a header-carrying
+/// frame whole (they change the HPACK table, or end a stream), the header
+/// of a DATA frame that ends its stream, nothing of the rest.
+#[inline(always)]
+fn wanted(kind: u8, flags: u8, len: u32) -> u32 {
+    match kind {
+        HEADERS | CONTINUATION | PUSH_PROMISE | SETTINGS | RST_STREAM => 9 + len,
+        DATA if flags & END_STREAM != 0 => 9,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn set_slot(slot: u32) {
+    if let Some(p) = H2_SLOTS.get_ptr_mut(slot) {
+        unsafe { core::ptr::write_volatile(p, 1) };
+    }
+}
+
+/// Whether a connection followed as HTTP/2 may own this segment's flow.
+#[inline(always)]
+pub fn maybe_followed(seg: &Segment) -> bool {
+    H2_SLOTS
+        .get_ptr(seg.slot)
+        .is_none_or(|p| unsafe { core::ptr::read_volatile(p) } != 0)
+}
+
+/// A client preface starts `seg`: follow both directions of its
+/// connection on this interface from here. True: followed, and `seg` is
+/// for [`segment`] to read (the preface, then usually the client's
+/// SETTINGS and first requests). Not inlined: its two entries and keys
+/// take their own stack frame, not the HTTP/1.x path's.
+#[inline(never)]
+pub fn start(ctx: &TcContext, seg: &Segment) -> bool {
+    let key = &OpenKey {
+        flow: seg.flow,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        _pad: 0,
+    };
+    let client = H2Follow {
+        next: seg.seq.wrapping_add(PREFACE_LEN),
+        end: seg.seq,
+        // The preface is copied: user space checks it.
+        copy_until: seg.seq.wrapping_add(PREFACE_LEN),
+        ..H2Follow::default()
+    };
+    // The server's bytes start where the client's acknowledgement says the
+    // server has got to: nothing but the handshake (prior knowledge), or
+    // the 101 answer to an `Upgrade: h2c` request, which ends a write.
+    let server = H2Follow {
+        next: seg.ack,
+        end: seg.ack,
+        copy_until: seg.ack,
+        ..H2Follow::default()
+    };
+    let back = OpenKey {
+        flow: seg.flow.reversed(),
+        ifindex: key.ifindex,
+        _pad: 0,
+    };
+    if H2_FLOWS.insert(*key, client, 0).is_err() || H2_FLOWS.insert(back, server, 0).is_err() {
+        return false;
+    }
+    set_slot(seg.slot);
+    set_slot(crate::net::slot_of(&back.flow));
+    true
+}
+
+/// Reads `seg` if its flow is a followed HTTP/2 connection on this
+/// interface: `Ok(true)`, it was (and nothing else is to be done with it).
+///
+/// Not inlined: its frame walk and copy take their own stack frame instead
+/// of adding to the HTTP/1.x path's past the 512-byte limit (and BPF
+/// functions take five arguments at most).
+#[inline(never)]
+pub fn segment(
+    ctx: &TcContext,
+    seg: &Segment,
+    direction: Direction,
+    counters: &mut Counters,
+) -> Result<bool, ()> {
+    let key = &OpenKey {
+        flow: seg.flow,
+        ifindex: unsafe { (*ctx.skb.skb).ifindex },
+        _pad: 0,
+    };
+    let Some(st) = H2_FLOWS.get_ptr_mut(*key) else {
+        return Ok(false);
+    };
+    // SAFETY: the entry stays valid while the program runs (LRU deletion
+    // by another CPU leaves the memory readable until the RCU grace period).
+    let st = unsafe { &mut *st };
+    match walk(ctx, seg, st) {
+        Walk::Copy { lo, hi } => {
+            count(counters, counter::H2_SEGMENTS);
+            let part = Segment {
+                flow: seg.flow,
+                seq: seg.seq.wrapping_add(lo),
+                ack: seg.ack,
+                payload_off: seg.payload_off + lo,
+                payload_len: hi - lo,
+                slot: seg.slot,
+            };
+            copy(ctx, &part, key.ifindex, direction, counters)?;
+        }
+        Walk::Nothing => {}
+        Walk::Lost => lose(seg, key, direction, crate::clock(), counters),
+    }
+    Ok(true)
+}
+
+/// Copies `part` (some of a segment's payload) in events of at most
+/// MAX_PAYLOAD bytes, within the budget. Not inlined: the ring-buffer
+/// records' code takes its own stack frame, not [`segment`]'s.
+#[inline(never)]
+fn copy(
+    ctx: &TcContext,
+    part: &Segment,
+    ifindex: u32,
+    direction: Direction,
+    counters: &mut Counters,
+) -> Result<(), ()> {
+    let c = Chunks {
+        seg: part,
+        ifindex,
+        ts_ns: crate::clock(),
+        direction,
+        short: false,
+        budget: HEADER_BUDGET,
+    };
+    let mut copied = c.send(ctx, EventKind::Http2, 0, true, counters)?;
+    for _ in 1..(HEADER_BUDGET as usize / MAX_PAYLOAD) {
+        let n = c.send(ctx, EventKind::Http2, copied, false, counters)?;
+        if n == 0 {
+            break;
+        }
+        copied += n;
+    }
+    if copied < part.payload_len {
+        count(counters, counter::BUDGET_EXHAUSTED);
+    }
+    Ok(())
+}
+
+enum Walk {
+    /// Copy the segment's bytes `lo..hi` (offsets in its payload).
+    Copy { lo: u32, hi: u32 },
+    /// Nothing in it is wanted (DATA, or a retransmission).
+    Nothing,
+    /// Frame boundaries are lost.
+    Lost,
+}
+
+/// Reads the frame headers in `seg`, advancing `st`, and says which of
+/// its bytes user space wants.
+#[inline(always)]
+fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow) -> Walk {
+    let (s, l) = (seg.seq, seg.payload_len);
+    let behind = st.end.wrapping_sub(s) as i32;
+    if behind != 0 {
+        // A retransmission of bytes already read changes nothing; a gap
+        // (a segment this hook never saw) or a partial overlap loses the
+        // boundaries.
+        let new_end = s.wrapping_add(l).wrapping_sub(st.end) as i32;
+        return if behind > 0 && new_end <= 0 {
+            Walk::Nothing
+        } else {
+            Walk::Lost
+        };
+    }
+    // A frame header the last segment cut: its first 5 bytes complete.
+    if st.have > 0 {
+        let have = (st.have & 7) as usize;
+        let need = 5u32.saturating_sub(have as u32);
+        if need == 0 || l < need {
+            return Walk::Lost;
+        }
+        let mut b = [0u8; 8];
+        if load(ctx, seg.payload_off, &mut b, need).is_err() {
+            return Walk::Lost;
+        }
+        // The header's first bytes: `have` from before, then this
+        // segment's, joined as big-endian integers (shifts, not indexes
+        // into the stack the verifier would refuse).
+        let shift = 8 * have as u32;
+        let before = u64::from_be_bytes(st.partial) & !(u64::MAX >> shift);
+        let joined = (before | u64::from_be_bytes(b) >> shift).to_be_bytes();
+        let h = [joined[0], joined[1], joined[2], joined[3], joined[4]];
+        let len = frame_len(&h);
+        let w = wanted(h[3], h[4], len);
+        if w > 0 {
+            st.copy_until = st.next.wrapping_add(w);
+        }
+        st.next = st.next.wrapping_add(9 + len);
+        st.have = 0;
+    }
+    let (mut lo, mut hi) = (l, 0u32);
+    let rest = st.copy_until.wrapping_sub(s) as i32;
+    if rest > 0 {
+        lo = 0;
+        hi = (rest as u32).min(l);
+    }
+    let mut off = st.next.wrapping_sub(s);
+    if (off as i32) < 0 {
+        return Walk::Lost;
+    }
+    let mut done = false;
+    for _ in 0..MAX_FRAMES {
+        if off >= l {
+            done = true;
+            break;
+        }
+        if l - off < 5 {
+            // A frame header cut by the segment's end: its bytes kept for
+            // the next segment, and copied in case the frame is wanted
+            // (user space drops them at the gap if it is not).
+            if load(ctx, seg.payload_off + off, &mut st.partial, l - off).is_err() {
+                return Walk::Lost;
+            }
+            st.have = (l - off) as u8;
+            lo = lo.min(off);
+            hi = l;
+            done = true;
+            break;
+        }
+        let Ok(h) = ctx.load::<[u8; 5]>((seg.payload_off + off) as usize) else {
+            return Walk::Lost;
+        };
+        let len = frame_len(&h);
+        let w = wanted(h[3], h[4], len);
+        if w > 0 {
+            lo = lo.min(off);
+            hi = hi.max(off.saturating_add(w).min(l));
+            st.copy_until = s.wrapping_add(off).wrapping_add(w);
+        }
+        off = off.saturating_add(9 + len);
+    }
+    if !done {
+        return Walk::Lost;
+    }
+    st.next = s.wrapping_add(off);
+    st.end = s.wrapping_add(l);
+    if lo < hi {
+        Walk::Copy { lo, hi }
+    } else {
+        Walk::Nothing
+    }
+}
+
+#[inline(always)]
+fn frame_len(h: &[u8; 5]) -> u32 {
+    u32::from(h[0]) << 16 | u32::from(h[1]) << 8 | u32::from(h[2])
+}
+
+/// Loads `n` (1..=4 as the callers use it; masked to 1..=8) bytes at `off`.
+#[inline(always)]
+fn load(ctx: &TcContext, off: u32, buf: &mut [u8; 8], n: u32) -> Result<(), ()> {
+    // The volatile read keeps LLVM from folding the mask away: the
+    // verifier must see a length of 1..=8 (see `send` in main.rs).
+    let w = unsafe { core::ptr::read_volatile(&n) };
+    let len = (w.wrapping_sub(1) & 7) + 1;
+    let ret = unsafe {
+        aya_ebpf::helpers::bpf_skb_load_bytes(ctx.skb.skb.cast(), off, buf.as_mut_ptr().cast(), len)
+    };
+    if ret == 0 { Ok(()) } else { Err(()) }
+}
+
+/// Stops following both directions, and tells user space once.
+#[inline(always)]
+fn lose(seg: &Segment, key: &OpenKey, direction: Direction, ts_ns: u64, counters: &mut Counters) {
+    count(counters, counter::H2_LOST);
+    let _ = H2_FLOWS.remove(*key);
+    let back = OpenKey {
+        flow: seg.flow.reversed(),
+        ifindex: key.ifindex,
+        _pad: 0,
+    };
+    let _ = H2_FLOWS.remove(back);
+    let header = EventHeader {
+        ts_ns,
+        flow: seg.flow,
+        ifindex: key.ifindex,
+        seq: seg.seq,
+        segment_len: seg.payload_len,
+        payload_len: 0,
+        direction: direction as u8,
+        kind: EventKind::Http2 as u8,
+        flags: event_flags::H2_LOST,
+        _pad: [0; 3],
+        ack: seg.ack,
+    };
+    if EVENTS
+        .output::<EventHeader>(&header, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        count(counters, counter::RINGBUF_FULL);
+    }
+}
