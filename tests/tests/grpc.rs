@@ -1,0 +1,165 @@
+//! gRPC end to end: curl's HTTP/2 (nghttp2: HPACK with its dynamic table,
+//! several calls on one connection) against a real gRPC server (the lab's
+//! OTLP receiver, tonic), the agent on the client's veth, spans at the
+//! receiver. A call is a hop named by the RPC conventions and carries its
+//! gRPC status; the trace context in its metadata is read; OTLP/gRPC
+//! exports on the same wire are telemetry, never hops.
+
+use std::{
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::Duration,
+};
+
+use tracegap_agent::{
+    agent::AgentConfig,
+    export::{ExportConfig, OtlpProtocol},
+    gap::span::{ExportMode, Identity},
+    interfaces::Selection,
+    report::Report,
+};
+use tracegap_tests::{Node, TempDir, agent::Agent, otlp::Receiver, privileged};
+
+const T1: &str = "0af7651916cd43dd8448eb211c80319c";
+const S1: &str = "b7ad6b7169203331";
+const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+
+#[test]
+fn grpc_calls_are_hops_with_the_rpc_conventions_and_otlp_grpc_exports_are_not() -> anyhow::Result<()>
+{
+    if !privileged("grpc_calls_are_hops_with_the_rpc_conventions_and_otlp_grpc_exports_are_not") {
+        return Ok(());
+    }
+    let node = Node::new(&["client"])?;
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    // The receiver, as the pods reach it: a service that makes no spans of
+    // its own, so a call carrying context into it is a gap to fill.
+    let mut services = node.identities("lab");
+    services.push((
+        IpAddr::V4(node.gateway()),
+        Identity {
+            service: "collector".into(),
+            instrumented: Some(false),
+            ..Default::default()
+        },
+    ));
+    let agent = Agent::start(AgentConfig {
+        interfaces: Selection::Explicit(vec![node.pod("client").host_if.clone()]),
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+        cors_origin: None,
+        export: ExportConfig {
+            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
+            protocol: OtlpProtocol::Grpc,
+            interval: Duration::from_millis(100),
+            ..ExportConfig::default()
+        },
+        export_mode: ExportMode::Gaps,
+        export_unsampled: false,
+        services,
+        response_timeout: Duration::from_secs(30),
+        kubernetes: None,
+        node_name: None,
+        reconcile: None,
+    })?;
+    // An empty message, gRPC-framed: uncompressed, length 0.
+    let dir = TempDir::new("grpc")?;
+    let body = dir.path().join("empty.grpc");
+    std::fs::write(&body, [0u8; 5])?;
+    let data = format!("@{}", body.display());
+    let base = format!("http://{}:{}", node.gateway(), receiver.grpc.port());
+    let tp = format!("traceparent: 00-{T1}-{S1}-01");
+    let call = |path: &str, extra: Option<&str>| {
+        let mut a = vec![
+            "--http2-prior-knowledge".to_owned(),
+            "-o".into(),
+            "/dev/null".into(),
+            "-H".into(),
+            "content-type: application/grpc".into(),
+            "-H".into(),
+            "te: trailers".into(),
+            "--data-binary".into(),
+            data.clone(),
+        ];
+        if let Some(h) = extra {
+            a.extend(["-H".into(), h.to_owned()]);
+        }
+        a.push(format!("{base}{path}"));
+        a
+    };
+    // tonic answers a method it does not serve with UNIMPLEMENTED and
+    // resets the stream, which curl 7.88 reports as a framing error: its
+    // exit status says nothing here, the wire and the receiver do.
+    let curl = |mut args: Vec<String>| {
+        let url = args.pop().unwrap_or_default();
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _ = node.pod("client").curl(&url, &args);
+    };
+    // An export, a call with context, a call without: a connection each.
+    curl(call(EXPORT, Some(&tp)));
+    curl(call("/shop.Cart/AddItem", Some(&tp)));
+    curl(call("/shop.Cart/Checkout", None));
+
+    let spans = receiver.wait_for(Duration::from_secs(10), |s| {
+        s.iter().filter(|s| s.synthetic()).count() >= 2
+    });
+    let synthetic: Vec<_> = spans.iter().filter(|s| s.synthetic()).collect();
+    let by_name = |name: &str| {
+        synthetic
+            .iter()
+            .find(|s| s.span.name == name)
+            .ok_or_else(|| {
+                let m = agent.get("/metrics").map(|(_, b)| b).unwrap_or_default();
+                let m: Vec<&str> = m
+                    .lines()
+                    .filter(|l| l.contains("h2") || l.contains("ignored"))
+                    .collect();
+                anyhow::anyhow!(
+                    "no span {name}: {m:#?} {:#?}",
+                    synthetic.iter().map(|s| &s.span.name).collect::<Vec<_>>()
+                )
+            })
+    };
+    // Context carried into a service that makes no span: the span joins
+    // the caller's trace, under the caller's span.
+    let add = by_name("shop.Cart/AddItem")?;
+    assert_eq!(add.gap().as_deref(), Some("uninstrumented"));
+    assert_eq!(
+        (add.trace_id(), add.parent_span_id()),
+        (T1.to_owned(), S1.to_owned())
+    );
+    assert_eq!(add.attr("rpc.system").as_deref(), Some("grpc"));
+    assert_eq!(add.attr("rpc.service").as_deref(), Some("shop.Cart"));
+    assert_eq!(add.attr("rpc.method").as_deref(), Some("AddItem"));
+    assert_eq!(add.attr("network.protocol.version").as_deref(), Some("2"));
+    // tonic has no such service: UNIMPLEMENTED, in a trailers-only answer.
+    assert_eq!(add.attr("rpc.grpc.status_code").as_deref(), Some("12"));
+    assert_eq!(
+        add.attr("http.response.status_code").as_deref(),
+        Some("200")
+    );
+    // No context: a gap of its own, in a new trace.
+    let checkout = by_name("shop.Cart/Checkout")?;
+    assert_eq!(checkout.gap().as_deref(), Some("missing_context"));
+    assert_ne!(checkout.trace_id(), T1);
+    // The export is not a hop: no span, not in the report.
+    assert!(
+        synthetic
+            .iter()
+            .all(|s| !s.span.name.contains("TraceService")),
+        "{synthetic:#?}"
+    );
+    let (status, body) = agent.get_report()?;
+    anyhow::ensure!(status == 200, "/report answered {status}");
+    let report: Report = serde_json::from_str(&body)?;
+    let edge = report
+        .edges
+        .iter()
+        .find(|e| e.source == "client" && e.destination == "collector")
+        .ok_or_else(|| anyhow::anyhow!("no client -> collector edge: {report:#?}"))?;
+    let hops: u64 = edge.kinds.values().sum();
+    assert_eq!(hops, 2, "{edge:#?}");
+    drop(agent);
+    drop(receiver);
+    drop(node);
+    Ok(())
+}
