@@ -23,48 +23,87 @@ const T1: &str = "0af7651916cd43dd8448eb211c80319c";
 const S1: &str = "b7ad6b7169203331";
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 
+/// Dropped in field order: the agent, the receiver, then the node.
+struct Grpc {
+    agent: Agent,
+    receiver: Receiver,
+    node: Node,
+    /// Holds `empty.grpc`: an empty message, gRPC-framed (uncompressed,
+    /// length 0).
+    dir: TempDir,
+}
+
+impl Grpc {
+    /// A client pod, the receiver on the host (its gRPC server is tonic),
+    /// the agent on the client's veth exporting to the receiver.
+    fn start() -> anyhow::Result<Self> {
+        let node = Node::new(&["client"])?;
+        let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+        // The receiver, as the pods reach it: a service that makes no spans of
+        // its own, so a call carrying context into it is a gap to fill.
+        let mut services = node.identities("lab");
+        services.push((
+            IpAddr::V4(node.gateway()),
+            Identity {
+                service: "collector".into(),
+                instrumented: Some(false),
+                ..Default::default()
+            },
+        ));
+        let agent = Agent::start(AgentConfig {
+            interfaces: Selection::Explicit(vec![node.pod("client").host_if.clone()]),
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+            cors_origin: None,
+            export: ExportConfig {
+                endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
+                protocol: OtlpProtocol::Grpc,
+                interval: Duration::from_millis(100),
+                ..ExportConfig::default()
+            },
+            export_mode: ExportMode::Gaps,
+            export_unsampled: false,
+            services,
+            response_timeout: Duration::from_secs(30),
+            kubernetes: None,
+            node_name: None,
+            reconcile: None,
+        })?;
+        let dir = TempDir::new("grpc")?;
+        std::fs::write(dir.path().join("empty.grpc"), [0u8; 5])?;
+        Ok(Self {
+            agent,
+            receiver,
+            node,
+            dir,
+        })
+    }
+
+    /// The agent's metric line that starts with `prefix`, its value.
+    fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
+        let (_, body) = self.agent.get("/metrics")?;
+        Ok(body
+            .lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0))
+    }
+}
+
 #[test]
 fn grpc_calls_are_hops_with_the_rpc_conventions_and_otlp_grpc_exports_are_not() -> anyhow::Result<()>
 {
     if !privileged("grpc_calls_are_hops_with_the_rpc_conventions_and_otlp_grpc_exports_are_not") {
         return Ok(());
     }
-    let node = Node::new(&["client"])?;
-    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
-    // The receiver, as the pods reach it: a service that makes no spans of
-    // its own, so a call carrying context into it is a gap to fill.
-    let mut services = node.identities("lab");
-    services.push((
-        IpAddr::V4(node.gateway()),
-        Identity {
-            service: "collector".into(),
-            instrumented: Some(false),
-            ..Default::default()
-        },
-    ));
-    let agent = Agent::start(AgentConfig {
-        interfaces: Selection::Explicit(vec![node.pod("client").host_if.clone()]),
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-        cors_origin: None,
-        export: ExportConfig {
-            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
-            protocol: OtlpProtocol::Grpc,
-            interval: Duration::from_millis(100),
-            ..ExportConfig::default()
-        },
-        export_mode: ExportMode::Gaps,
-        export_unsampled: false,
-        services,
-        response_timeout: Duration::from_secs(30),
-        kubernetes: None,
-        node_name: None,
-        reconcile: None,
-    })?;
-    // An empty message, gRPC-framed: uncompressed, length 0.
-    let dir = TempDir::new("grpc")?;
+    let Grpc {
+        node,
+        receiver,
+        agent,
+        dir,
+    } = Grpc::start()?;
     let body = dir.path().join("empty.grpc");
-    std::fs::write(&body, [0u8; 5])?;
     let data = format!("@{}", body.display());
     let base = format!("http://{}:{}", node.gateway(), receiver.grpc.port());
     let tp = format!("traceparent: 00-{T1}-{S1}-01");
@@ -161,5 +200,106 @@ fn grpc_calls_are_hops_with_the_rpc_conventions_and_otlp_grpc_exports_are_not() 
     drop(agent);
     drop(receiver);
     drop(node);
+    Ok(())
+}
+
+#[test]
+fn many_concurrent_streams_on_one_connection_are_each_read() -> anyhow::Result<()> {
+    if !privileged("many_concurrent_streams_on_one_connection_are_each_read") {
+        return Ok(());
+    }
+    if std::process::Command::new("h2load")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!(
+            "SKIPPED many_concurrent_streams_on_one_connection_are_each_read: no h2load (nghttp2-client; cargo xtask setup installs it)"
+        );
+        return Ok(());
+    }
+    let g = Grpc::start()?;
+    const CALLS: usize = 300;
+    let base = format!("http://{}:{}", g.node.gateway(), g.receiver.grpc.port());
+    let body = g.dir.path().join("empty.grpc");
+    // h2load (nghttp2): one connection, 50 streams open at once, HPACK
+    // with its dynamic table; first exports (telemetry), then calls.
+    for path in [EXPORT, "/shop.Cart/AddItem"] {
+        let out = g
+            .node
+            .pod("client")
+            .command("h2load")
+            .args([
+                "-n",
+                &CALLS.to_string(),
+                "-c",
+                "1",
+                "-m",
+                "50",
+                "-H",
+                "content-type: application/grpc",
+                "-H",
+                "te: trailers",
+                "-H",
+                &format!("traceparent: 00-{T1}-{S1}-01"),
+                "-d",
+            ])
+            .arg(&body)
+            .arg(format!("{base}{path}"))
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        anyhow::ensure!(
+            text.contains(&format!("{CALLS} done")),
+            "h2load: {text} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // Every export paired with its answer and set aside; every call a hop.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let (mut exports, mut hops) = (0.0, 0u64);
+    while std::time::Instant::now() < deadline {
+        exports = g.metric("tracegap_ignored_requests_total{reason=\"telemetry\"}")?;
+        let (_, body) = g.agent.get_report()?;
+        let report: Report = serde_json::from_str(&body)?;
+        hops = report
+            .edges
+            .iter()
+            .filter(|e| e.source == "client" && e.destination == "collector")
+            .flat_map(|e| e.kinds.values())
+            .sum();
+        if exports >= CALLS as f64 && hops >= CALLS as u64 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let metrics = || {
+        g.agent
+            .get("/metrics")
+            .map(|(_, b)| {
+                b.lines()
+                    .filter(|l| {
+                        l.contains("h2") || l.contains("ignored") || l.contains("requests_total")
+                    })
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(exports, CALLS as f64, "{:#?}", metrics());
+    assert_eq!(hops, CALLS as u64, "{:#?}", metrics());
+    // Nothing unread, nothing lost, the connection still followed.
+    assert_eq!(g.metric("tracegap_h2_unread_total")?, 0.0);
+    assert_eq!(
+        g.metric("tracegap_kernel_events_total{counter=\"h2_lost\"}")?,
+        0.0
+    );
+    let spans = g.receiver.wait_for(Duration::from_secs(10), |s| {
+        s.iter().filter(|s| s.synthetic()).count() >= CALLS
+    });
+    let calls: Vec<_> = spans.iter().filter(|s| s.synthetic()).collect();
+    assert_eq!(calls.len(), CALLS);
+    assert!(calls.iter().all(|s| s.span.name == "shop.Cart/AddItem"
+        && s.attr("rpc.grpc.status_code").as_deref() == Some("12")
+        && s.parent_span_id() == S1));
     Ok(())
 }

@@ -26,11 +26,11 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracegap_common::{
-    Direction, EventHeader, EventKind, H2Follow, HEADER_BUDGET, MAX_H2_FLOWS, MAX_PAYLOAD, OpenKey,
-    counter, event_flags,
+    Direction, EventHeader, EventKind, H2Follow, HEADER_BUDGET, MAX_H2_FLOWS, OpenKey, counter,
+    event_flags,
 };
 
-use crate::{Chunks, Counters, EVENTS, count, net::Segment};
+use crate::{Chunks, Counters, EVENTS, Next, count, net::Segment};
 
 /// Followed connections, per direction and interface.
 #[map]
@@ -44,11 +44,12 @@ static H2_SLOTS: Array<u32> = Array::with_max_entries(crate::net::OPEN_SLOTS, 0)
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
 const PREFACE_LEN: u32 = 24;
-/// Frame headers read per segment at most. A segment with more (many
-/// tiny frames) loses the connection: counted, never guessed past. A
-/// 64 KiB GSO segment of 16 KiB DATA frames holds five; a burst of small
-/// unary calls about ten per 1448-byte segment.
-const MAX_FRAMES: usize = 24;
+/// Frame headers read per segment at most. A segment with more loses the
+/// connection: counted, never guessed past. A 64 KiB GSO segment of 16 KiB
+/// DATA frames holds five; of the smallest calls a client writes at once
+/// (a HEADERS frame of a few indexed fields and a short DATA frame, about
+/// 40 bytes a call), about 3200 frames.
+const MAX_FRAMES: u32 = 4096;
 
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
@@ -118,7 +119,7 @@ pub fn start(ctx: &TcContext, seg: &Segment) -> bool {
         ifindex: key.ifindex,
         _pad: 0,
     };
-    if H2_FLOWS.insert(*key, client, 0).is_err() || H2_FLOWS.insert(back, server, 0).is_err() {
+    if H2_FLOWS.insert(key, &client, 0).is_err() || H2_FLOWS.insert(&back, &server, 0).is_err() {
         return false;
     }
     set_slot(seg.slot);
@@ -127,30 +128,30 @@ pub fn start(ctx: &TcContext, seg: &Segment) -> bool {
 }
 
 /// Reads `seg` if its flow is a followed HTTP/2 connection on this
-/// interface: `Ok(true)`, it was (and nothing else is to be done with it).
+/// interface ([`Next::Pass`] if not): the state is advanced here, the copy
+/// is the caller's.
 ///
-/// Not inlined: its frame walk and copy take their own stack frame instead
-/// of adding to the HTTP/1.x path's past the 512-byte limit (and BPF
-/// functions take five arguments at most).
+/// Not inlined: its frame walk takes its own stack frame instead of adding
+/// to the HTTP/1.x path's past the 512-byte limit.
 #[inline(never)]
 pub fn segment(
     ctx: &TcContext,
     seg: &Segment,
     direction: Direction,
     counters: &mut Counters,
-) -> Result<bool, ()> {
+) -> Result<Next, ()> {
     let key = &OpenKey {
         flow: seg.flow,
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         _pad: 0,
     };
-    let Some(st) = H2_FLOWS.get_ptr_mut(*key) else {
-        return Ok(false);
+    let Some(st) = H2_FLOWS.get_ptr_mut(key) else {
+        return Ok(Next::Pass);
     };
     // SAFETY: the entry stays valid while the program runs (LRU deletion
     // by another CPU leaves the memory readable until the RCU grace period).
     let st = unsafe { &mut *st };
-    match walk(ctx, seg, st) {
+    Ok(match walk(ctx, seg, st) {
         Walk::Copy { lo, hi } => {
             count(counters, counter::H2_SEGMENTS);
             let part = Segment {
@@ -161,45 +162,23 @@ pub fn segment(
                 payload_len: hi - lo,
                 slot: seg.slot,
             };
-            copy(ctx, &part, key.ifindex, direction, counters)?;
+            crate::plan(Chunks {
+                seg: part,
+                ifindex: key.ifindex,
+                ts_ns: crate::clock(),
+                direction,
+                short: false,
+                budget: HEADER_BUDGET,
+                first: EventKind::Http2,
+                then: Some(EventKind::Http2),
+            })
         }
-        Walk::Nothing => {}
-        Walk::Lost => lose(seg, key, direction, crate::clock(), counters),
-    }
-    Ok(true)
-}
-
-/// Copies `part` (some of a segment's payload) in events of at most
-/// MAX_PAYLOAD bytes, within the budget. Not inlined: the ring-buffer
-/// records' code takes its own stack frame, not [`segment`]'s.
-#[inline(never)]
-fn copy(
-    ctx: &TcContext,
-    part: &Segment,
-    ifindex: u32,
-    direction: Direction,
-    counters: &mut Counters,
-) -> Result<(), ()> {
-    let c = Chunks {
-        seg: part,
-        ifindex,
-        ts_ns: crate::clock(),
-        direction,
-        short: false,
-        budget: HEADER_BUDGET,
-    };
-    let mut copied = c.send(ctx, EventKind::Http2, 0, true, counters)?;
-    for _ in 1..(HEADER_BUDGET as usize / MAX_PAYLOAD) {
-        let n = c.send(ctx, EventKind::Http2, copied, false, counters)?;
-        if n == 0 {
-            break;
+        Walk::Nothing => Next::Nothing,
+        Walk::Lost => {
+            lose(seg, key, direction, crate::clock(), counters);
+            Next::Nothing
         }
-        copied += n;
-    }
-    if copied < part.payload_len {
-        count(counters, counter::BUDGET_EXHAUSTED);
-    }
-    Ok(())
+    })
 }
 
 enum Walk {
@@ -260,51 +239,112 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow) -> Walk {
         lo = 0;
         hi = (rest as u32).min(l);
     }
-    let mut off = st.next.wrapping_sub(s);
+    let off = st.next.wrapping_sub(s);
     if (off as i32) < 0 {
         return Walk::Lost;
     }
-    let mut done = false;
-    for _ in 0..MAX_FRAMES {
-        if off >= l {
-            done = true;
-            break;
-        }
-        if l - off < 5 {
-            // A frame header cut by the segment's end: its bytes kept for
-            // the next segment, and copied in case the frame is wanted
-            // (user space drops them at the gap if it is not).
-            if load(ctx, seg.payload_off + off, &mut st.partial, l - off).is_err() {
-                return Walk::Lost;
-            }
-            st.have = (l - off) as u8;
-            lo = lo.min(off);
-            hi = l;
-            done = true;
-            break;
-        }
-        let Ok(h) = ctx.load::<[u8; 5]>((seg.payload_off + off) as usize) else {
-            return Walk::Lost;
-        };
-        let len = frame_len(&h);
-        let w = wanted(h[3], h[4], len);
-        if w > 0 {
-            lo = lo.min(off);
-            hi = hi.max(off.saturating_add(w).min(l));
-            st.copy_until = s.wrapping_add(off).wrapping_add(w);
-        }
-        off = off.saturating_add(9 + len);
-    }
-    if !done {
+    let mut f = Frames {
+        skb: ctx.skb.skb,
+        payload_off: seg.payload_off,
+        len: l,
+        seq: s,
+        off,
+        lo,
+        hi,
+        copy_until: st.copy_until,
+        cut: 0,
+        end: 0,
+        partial: [0; 8],
+    };
+    // A bounded loop the verifier checks once (bpf_loop, Linux 5.17),
+    // not unrolled: a segment of many small frames (a client with many
+    // calls in flight writes hundreds at once) costs a helper call per
+    // frame, and the verifier's work does not grow with the bound.
+    let ret = unsafe {
+        aya_ebpf::helpers::generated::bpf_loop(
+            MAX_FRAMES,
+            frame_step as *mut core::ffi::c_void,
+            core::ptr::addr_of_mut!(f).cast(),
+            0,
+        )
+    };
+    if ret < 0 || f.end == 0 {
         return Walk::Lost;
     }
-    st.next = s.wrapping_add(off);
+    st.copy_until = f.copy_until;
+    if f.cut > 0 {
+        st.partial = f.partial;
+        st.have = f.cut as u8;
+    }
+    st.next = s.wrapping_add(f.off);
     st.end = s.wrapping_add(l);
-    if lo < hi {
-        Walk::Copy { lo, hi }
+    if f.lo < f.hi {
+        Walk::Copy { lo: f.lo, hi: f.hi }
     } else {
         Walk::Nothing
     }
+}
+
+/// The frame walk's state, on the caller's stack, for [`frame_step`].
+#[repr(C)]
+struct Frames {
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    payload_off: u32,
+    /// The segment's payload length and first sequence number.
+    len: u32,
+    seq: u32,
+    /// Offset of the next frame header in the payload.
+    off: u32,
+    /// The payload's bytes to copy: `lo..hi`.
+    lo: u32,
+    hi: u32,
+    copy_until: u32,
+    /// Bytes of a frame header cut by the segment's end (0: none), kept in
+    /// `partial`.
+    cut: u32,
+    /// 1: the walk reached the segment's end.
+    end: u32,
+    partial: [u8; 8],
+}
+
+/// One frame header of [`Frames`]: 0 to go on, 1 to stop (the segment's
+/// end, or an error: `end` stays 0).
+extern "C" fn frame_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+    // SAFETY: bpf_loop passes back the pointer `walk` gave it, to its
+    // `Frames` on the stack, for as long as the loop runs.
+    let f = unsafe { &mut *ctx.cast::<Frames>() };
+    let (l, off) = (f.len, f.off);
+    if off >= l {
+        f.end = 1;
+        return 1;
+    }
+    if l - off < 5 {
+        // A frame header cut by the segment's end: its bytes kept for the
+        // next segment, and copied in case the frame is wanted (user space
+        // drops them at the gap if it is not).
+        if load_skb(f.skb, f.payload_off + off, &mut f.partial, l - off).is_err() {
+            return 1;
+        }
+        f.cut = l - off;
+        f.lo = f.lo.min(off);
+        f.hi = l;
+        f.end = 1;
+        return 1;
+    }
+    let mut b = [0u8; 8];
+    if load_skb(f.skb, f.payload_off + off, &mut b, 5).is_err() {
+        return 1;
+    }
+    let h = [b[0], b[1], b[2], b[3], b[4]];
+    let len = frame_len(&h);
+    let w = wanted(h[3], h[4], len);
+    if w > 0 {
+        f.lo = f.lo.min(off);
+        f.hi = f.hi.max(off.saturating_add(w).min(l));
+        f.copy_until = f.seq.wrapping_add(off).wrapping_add(w);
+    }
+    f.off = off.saturating_add(9 + len);
+    0
 }
 
 #[inline(always)]
@@ -312,15 +352,25 @@ fn frame_len(h: &[u8; 5]) -> u32 {
     u32::from(h[0]) << 16 | u32::from(h[1]) << 8 | u32::from(h[2])
 }
 
-/// Loads `n` (1..=4 as the callers use it; masked to 1..=8) bytes at `off`.
+/// Loads `n` (1..=5 as the callers use it; masked to 1..=8) bytes at `off`.
 #[inline(always)]
 fn load(ctx: &TcContext, off: u32, buf: &mut [u8; 8], n: u32) -> Result<(), ()> {
+    load_skb(ctx.skb.skb, off, buf, n)
+}
+
+#[inline(always)]
+fn load_skb(
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    off: u32,
+    buf: &mut [u8; 8],
+    n: u32,
+) -> Result<(), ()> {
     // The volatile read keeps LLVM from folding the mask away: the
     // verifier must see a length of 1..=8 (see `send` in main.rs).
     let w = unsafe { core::ptr::read_volatile(&n) };
     let len = (w.wrapping_sub(1) & 7) + 1;
     let ret = unsafe {
-        aya_ebpf::helpers::bpf_skb_load_bytes(ctx.skb.skb.cast(), off, buf.as_mut_ptr().cast(), len)
+        aya_ebpf::helpers::bpf_skb_load_bytes(skb.cast(), off, buf.as_mut_ptr().cast(), len)
     };
     if ret == 0 { Ok(()) } else { Err(()) }
 }
@@ -329,13 +379,13 @@ fn load(ctx: &TcContext, off: u32, buf: &mut [u8; 8], n: u32) -> Result<(), ()> 
 #[inline(always)]
 fn lose(seg: &Segment, key: &OpenKey, direction: Direction, ts_ns: u64, counters: &mut Counters) {
     count(counters, counter::H2_LOST);
-    let _ = H2_FLOWS.remove(*key);
+    let _ = H2_FLOWS.remove(key);
     let back = OpenKey {
         flow: seg.flow.reversed(),
         ifindex: key.ifindex,
         _pad: 0,
     };
-    let _ = H2_FLOWS.remove(back);
+    let _ = H2_FLOWS.remove(&back);
     let header = EventHeader {
         ts_ns,
         flow: seg.flow,

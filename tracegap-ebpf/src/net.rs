@@ -37,6 +37,7 @@ pub fn read<const N: usize>(ctx: &TcContext, off: usize) -> Result<[u8; N], ()> 
 }
 
 /// A TCP segment that carries payload.
+#[derive(Clone, Copy)]
 pub struct Segment {
     pub flow: FlowKey,
     /// Sequence number of the first payload byte.

@@ -21,7 +21,15 @@ const BPF_PACKAGES: &[&str] = &[
     "libzstd-dev",
 ];
 /// Debian packages the tests and the lab run.
-const RUNTIME_PACKAGES: &[&str] = &["iproute2", "curl", "util-linux", "openssl", "iptables"];
+const RUNTIME_PACKAGES: &[&str] = &[
+    "iproute2",
+    "curl",
+    "util-linux",
+    "openssl",
+    "iptables",
+    // h2load: many HTTP/2 streams on one connection (tests, bench).
+    "nghttp2-client",
+];
 
 const BPF_LINKER_VERSION: &str = "^0.13";
 

@@ -108,11 +108,38 @@ impl Observer {
                 program: name,
                 source: Box::new(source),
             })?;
+            // How close the programs come to the verifier's 1M-instruction
+            // bound on this kernel: the first thing to look at when a
+            // change or an older kernel is near it.
+            if let Ok(info) = program.info() {
+                tracing::debug!(
+                    program = name,
+                    verified_instructions = info.verified_instruction_count(),
+                    "loaded"
+                );
+            }
         }
         Ok(Self {
             ebpf,
             attached: attach::Attachments::new(AttachMode::detect()),
         })
+    }
+
+    /// Instructions the verifier walked to accept each program (None: the
+    /// kernel does not say, before 5.16): how far it is from the
+    /// 1M-instruction bound.
+    pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
+        [INGRESS_PROGRAM, EGRESS_PROGRAM]
+            .into_iter()
+            .map(|name| {
+                let n = self
+                    .ebpf
+                    .program(name)
+                    .and_then(|p| p.info().ok())
+                    .and_then(|i| i.verified_instruction_count());
+                (name, n)
+            })
+            .collect()
     }
 
     /// How programs are attached on this kernel.

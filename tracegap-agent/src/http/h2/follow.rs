@@ -256,3 +256,140 @@ impl MaxSeq for u32 {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tracegap_common::Direction;
+
+    use super::*;
+    use crate::http::testing::flow;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len();
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// POST, http, `path` (literals, not indexed).
+    fn request(stream: u32, path: &str) -> Vec<u8> {
+        let mut b = vec![0x83, 0x86, 0x04, path.len() as u8];
+        b.extend_from_slice(path.as_bytes());
+        frame(1, 4, stream, &b)
+    }
+
+    fn ev(flow: Flow, seq: u32, payload: &[u8]) -> RawEvent {
+        RawEvent {
+            ts_ns: u64::from(seq),
+            flow,
+            ifindex: 7,
+            direction: Direction::Ingress,
+            kind: EventKind::Http2,
+            seq,
+            ack: 0,
+            short_start: false,
+            segment_len: payload.len() as u32,
+            budget_exhausted: false,
+            payload: payload.to_vec().into(),
+            via: None,
+        }
+    }
+
+    fn started(out: &[Out]) -> Vec<u32> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::Started { stream, .. } => Some(*stream),
+                Out::Done { .. } => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_connection_is_known_by_its_preface_and_read_across_skipped_bytes() {
+        let mut c = Connections::default();
+        let mut out = Vec::new();
+        let mut first = PREFACE.to_vec();
+        first.extend(request(1, "/a"));
+        c.push(&ev(flow(), 1000, &first), false, &mut out);
+        // A DATA frame's header (it ends the stream), its payload skipped
+        // by the kernel, then the next request after the gap.
+        let end = 1000 + first.len() as u32;
+        c.push(&ev(flow(), end, &frame(0, 1, 1, &[])[..9]), false, &mut out);
+        c.push(
+            &ev(flow(), end + 9 + 300, &request(3, "/b")),
+            false,
+            &mut out,
+        );
+        // A retransmission of the last event: nothing new.
+        c.push(
+            &ev(flow(), end + 9 + 300, &request(3, "/b")),
+            false,
+            &mut out,
+        );
+        assert_eq!(started(&out), [1, 3]);
+        assert_eq!(c.stats.protocol_errors, 0, "{:?}", c.stats);
+        // The server's first bytes: a response on stream 1, ending it.
+        let mut rsp = frame(4, 0, 0, &[]);
+        rsp.extend(frame(1, 5, 1, &[0x88]));
+        c.push(&ev(flow().reversed(), 50, &rsp), false, &mut out);
+        let done: Vec<_> = out
+            .iter()
+            .filter_map(|o| match o {
+                Out::Done {
+                    exchange, flow: f, ..
+                } => Some((exchange.stream, exchange.status(), *f)),
+                Out::Started { .. } => None,
+            })
+            .collect();
+        assert_eq!(done, [(1, Some(200), flow())]);
+    }
+
+    #[test]
+    fn a_connection_the_kernel_lost_or_never_started_is_not_read() {
+        let mut c = Connections::default();
+        let mut out = Vec::new();
+        // No preface seen: counted, not decoded.
+        c.push(&ev(flow(), 5, &request(1, "/x")), false, &mut out);
+        assert_eq!(c.stats.unknown_connection, 1);
+        let mut first = PREFACE.to_vec();
+        first.extend(request(1, "/a"));
+        c.push(&ev(flow(), 1000, &first), false, &mut out);
+        assert_eq!(c.len(), 1);
+        // The kernel lost it: dropped, its open stream counted.
+        c.push(&ev(flow(), 2000, &[]), true, &mut out);
+        assert!(c.is_empty());
+        assert_eq!(
+            (c.stats.lost, c.stats.streams_dropped),
+            (1, 1),
+            "{:?}",
+            c.stats
+        );
+        // What comes after is of an unknown connection.
+        c.push(&ev(flow(), 2000, &request(3, "/b")), false, &mut out);
+        assert_eq!(started(&out), [1]);
+        assert_eq!(c.stats.unknown_connection, 2);
+    }
+
+    #[test]
+    fn a_request_never_answered_ends_unanswered_and_idle_connections_go() {
+        let mut c = Connections::default();
+        let mut out = Vec::new();
+        let mut first = PREFACE.to_vec();
+        first.extend(request(1, "/a"));
+        c.push(&ev(flow(), 1000, &first), false, &mut out);
+        out.clear();
+        c.expire_before(500, &mut out);
+        assert!(out.is_empty());
+        c.expire_before(2000, &mut out);
+        match out.as_slice() {
+            [Out::Done { exchange, .. }] => {
+                assert_eq!(exchange.stream, 1);
+                assert!(exchange.response.is_none() && exchange.trailers.is_none());
+            }
+            other => panic!("{other:?}"),
+        }
+        c.forget_before(2000);
+        assert!(c.is_empty());
+    }
+}
