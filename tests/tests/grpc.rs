@@ -78,17 +78,6 @@ impl Grpc {
             dir,
         })
     }
-
-    /// The agent's metric line that starts with `prefix`, its value.
-    fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
-        let (_, body) = self.agent.get("/metrics")?;
-        Ok(body
-            .lines()
-            .find(|l| l.starts_with(prefix))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0))
-    }
 }
 
 #[test]
@@ -258,7 +247,9 @@ fn many_concurrent_streams_on_one_connection_are_each_read() -> anyhow::Result<(
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let (mut exports, mut hops) = (0.0, 0u64);
     while std::time::Instant::now() < deadline {
-        exports = g.metric("tracegap_ignored_requests_total{reason=\"telemetry\"}")?;
+        exports = g
+            .agent
+            .metric("tracegap_ignored_requests_total{reason=\"telemetry\"}")?;
         let (_, body) = g.agent.get_report()?;
         let report: Report = serde_json::from_str(&body)?;
         hops = report
@@ -288,9 +279,10 @@ fn many_concurrent_streams_on_one_connection_are_each_read() -> anyhow::Result<(
     assert_eq!(exports, CALLS as f64, "{:#?}", metrics());
     assert_eq!(hops, CALLS as u64, "{:#?}", metrics());
     // Nothing unread, nothing lost, the connection still followed.
-    assert_eq!(g.metric("tracegap_h2_unread_total")?, 0.0);
+    assert_eq!(g.agent.metric("tracegap_h2_unread_total")?, 0.0);
     assert_eq!(
-        g.metric("tracegap_kernel_events_total{counter=\"h2_lost\"}")?,
+        g.agent
+            .metric("tracegap_kernel_events_total{counter=\"h2_lost\"}")?,
         0.0
     );
     let spans = g.receiver.wait_for(Duration::from_secs(10), |s| {

@@ -211,6 +211,70 @@ fn wrk(node: &Node, url: &str, d: Duration) -> anyhow::Result<Wrk> {
     })
 }
 
+/// h2load (nghttp2) from the client pod: gRPC unary calls over HTTP/2,
+/// `-c4 -m16` (4 connections, 16 calls in flight on each), with context,
+/// for `d`. h2load's summary has no latency percentiles: its mean time per
+/// request is kept as `p50_ms`, its max as `p99_ms`, and the rows show no
+/// latency (see [`http_rows`]).
+fn h2load(node: &Node, url: &str, body: &std::path::Path, d: Duration) -> anyhow::Result<Wrk> {
+    let (busy0, agent0) = (machine_busy_seconds(), agent_cpu_seconds());
+    let out = crate::netns::run(
+        node.pod("client")
+            .command("h2load")
+            .args(["-c4", "-m16", "-t2"])
+            .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+            .args([
+                "-H",
+                "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            ])
+            .arg("-d")
+            .arg(body)
+            .arg(format!("-D{}", d.as_secs().max(1)))
+            .arg(url),
+    )?;
+    let (busy1, agent1) = (machine_busy_seconds(), agent_cpu_seconds());
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "finished in 2.00s, 52123.50 req/s, 1.2MB/s"
+    let rps = text
+        .lines()
+        .find(|l| l.starts_with("finished in"))
+        .and_then(|l| l.split(", ").nth(1))
+        .and_then(|v| v.strip_suffix(" req/s"))
+        .and_then(|v| v.parse().ok())
+        .with_context(|| format!("no req/s in h2load's output: {text}"))?;
+    // "requests: 104247 total, 104247 started, 104247 done, 104247 succeeded, ..."
+    let requests = text
+        .lines()
+        .find(|l| l.starts_with("requests:"))
+        .and_then(|l| l.split(", ").find(|f| f.ends_with(" done")))
+        .and_then(|f| f.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .with_context(|| format!("no request count in h2load's output: {text}"))?;
+    // "time for request:   123us   4.56ms   789us   12us   95.00%"
+    let times: Vec<f64> = text
+        .lines()
+        .find(|l| l.starts_with("time for request:"))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(3)
+                .take(3)
+                .filter_map(ms)
+                .collect()
+        })
+        .unwrap_or_default();
+    let [_, max, mean] = times[..] else {
+        bail!("no request times in h2load's output: {text}");
+    };
+    Ok(Wrk {
+        rps,
+        requests,
+        p50_ms: mean,
+        p99_ms: max,
+        busy_s: busy1 - busy0,
+        agent_s: agent1 - agent0,
+    })
+}
+
 fn iperf(node: &Node, d: Duration) -> anyhow::Result<f64> {
     let server = node.pod("server").ipv4.to_string();
     let out = crate::netns::run(
@@ -362,23 +426,26 @@ impl Spread {
 
 /// The HTTP rows for one server: requests/s, p50, p99 and CPU per request,
 /// each round's baseline against the same round's run with tracegap.
+/// A figure of each round without and with the agent, and the change in %.
+fn per_round(base: &[Wrk], with: &[Wrk], f: fn(&Wrk) -> f64) -> (Spread, Spread, Spread) {
+    let b: Vec<f64> = base.iter().map(f).collect();
+    let w: Vec<f64> = with.iter().map(f).collect();
+    let ratio: Vec<f64> = b.iter().zip(&w).map(|(b, w)| pct(*w, *b)).collect();
+    (Spread::of(b), Spread::of(w), Spread::of(ratio))
+}
+
 fn http_rows(
     what: &str,
     base: &[Wrk],
     with: &[Wrk],
     kernel_s: &[f64],
-    // Targets: requests/s fewer, p99 added, CPU added, in %.
-    targets: (f64, f64, f64),
+    // Targets: requests/s fewer, p99 added (None: no latency rows, the
+    // client reports no percentiles), CPU added, in %.
+    targets: (f64, Option<f64>, f64),
     rows: &mut Vec<Row>,
 ) {
     let f0 = |v: f64| format!("{v:.0}");
-    let f3 = |v: f64| format!("{v:.3} ms");
-    let per_round = |f: fn(&Wrk) -> f64| {
-        let b: Vec<f64> = base.iter().map(f).collect();
-        let w: Vec<f64> = with.iter().map(f).collect();
-        let ratio: Vec<f64> = b.iter().zip(&w).map(|(b, w)| pct(*w, *b)).collect();
-        (Spread::of(b), Spread::of(w), Spread::of(ratio))
-    };
+    let per_round = |f: fn(&Wrk) -> f64| per_round(base, with, f);
     let (b, w, r) = per_round(|x| x.rps);
     let loss = -r.med;
     rows.push(row(
@@ -392,6 +459,15 @@ fn http_rows(
         &format!("≤ {}% fewer", targets.0),
         Some(loss <= targets.0),
     ));
+    if let Some(p99_target) = targets.1 {
+        latency_rows(what, (base, with), p99_target, rows);
+    }
+    cpu_row(what, (base, with), kernel_s, targets.2, rows);
+}
+
+fn latency_rows(what: &str, (base, with): (&[Wrk], &[Wrk]), p99_target: f64, rows: &mut Vec<Row>) {
+    let f3 = |v: f64| format!("{v:.3} ms");
+    let per_round = |f: fn(&Wrk) -> f64| per_round(base, with, f);
     let (b, w, r) = per_round(|x| x.p50_ms);
     rows.push(row(
         &format!("{what}: p50 latency"),
@@ -413,9 +489,18 @@ fn http_rows(
             r.max,
             b.noise_pct()
         ),
-        &format!("≤ +{}%", targets.1),
-        Some(r.med <= targets.1),
+        &format!("≤ +{p99_target}%"),
+        Some(r.med <= p99_target),
     ));
+}
+
+fn cpu_row(
+    what: &str,
+    (base, with): (&[Wrk], &[Wrk]),
+    kernel_s: &[f64],
+    target: f64,
+    rows: &mut Vec<Row>,
+) {
     // What a request costs the machine, and what tracegap adds to it: the
     // figure that carries over to other loads. At saturation every
     // microsecond tracegap takes is one the client and server lose.
@@ -430,7 +515,6 @@ fn http_rows(
     let agent = Spread::of(with.iter().map(|x| us(x.agent_s, x.requests)).collect());
     let added = kernel.med + agent.med;
     let share = added / machine.med * 100.0;
-    let target = targets.2;
     rows.push(row(
         &format!("{what}: CPU per request, machine total / added by tracegap (kernel + agent)"),
         machine.show(|v| format!("{v:.1} µs")),
@@ -471,6 +555,21 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         format!("http://{server}:8081/bench"),
     );
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::LOCALHOST))?;
+    // A gRPC server in the server pod (the receiver's tonic), and calls to
+    // a method it does not serve: an UNIMPLEMENTED answer as cheap as the
+    // echo server's, every call still a hop.
+    let grpc_server = node
+        .pod("server")
+        .spawn(|| Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED)))?
+        .join()
+        .map_err(|_| anyhow::anyhow!("gRPC server thread panicked"))??;
+    let grpc = format!(
+        "http://{server}:{}/bench.Echo/Call",
+        grpc_server.grpc.port()
+    );
+    let grpc_dir = crate::netns::TempDir::new("bench-grpc")?;
+    let grpc_body = grpc_dir.path().join("empty.grpc");
+    std::fs::write(&grpc_body, [0u8; 5])?;
     // BPF run-time statistics, on while this is held.
     let _stats =
         aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF statistics")?;
@@ -480,7 +579,8 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
     let (mut echo_kernel, mut busy_kernel) = (vec![], vec![]);
     let (mut with_low, mut low_kernel, mut lost) = (vec![], vec![], 0.0);
     // Events the kernel could not hand over (ring buffer full), per load.
-    let (mut lost_echo, mut lost_busy) = (0.0, 0.0);
+    let (mut lost_echo, mut lost_busy, mut lost_grpc) = (0.0, 0.0, 0.0);
+    let (mut base_g, mut with_g, mut grpc_kernel) = (vec![], vec![], vec![]);
     // Per round: ns per non-HTTP packet, per header packet, per empty run.
     let (mut non_http, mut header, mut empty) = (vec![], vec![], vec![]);
     let (mut headers_seen, mut bulk_runs) = (0.0, 0.0);
@@ -490,6 +590,7 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         base_w.push(wrk(&node, &echo, d.load)?);
         base_b.push(wrk(&node, &busy, d.load)?);
         base_t.push(iperf(&node, d.load)?);
+        base_g.push(h2load(&node, &grpc, &grpc_body, d.load)?);
         if let Some(object) = floor {
             // The same bulk load with only the empty program attached, on
             // the same hooks: what any program costs per packet here.
@@ -520,6 +621,12 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         std::thread::sleep(Duration::from_millis(600));
         let (t3, _) = bpf_stats(&agent)?;
         lost_busy += full()? - lost_busy0;
+        let lost_grpc0 = full()?;
+        with_g.push(h2load(&node, &grpc, &grpc_body, d.load)?);
+        std::thread::sleep(Duration::from_millis(600));
+        let (t6, _) = bpf_stats(&agent)?;
+        lost_grpc += full()? - lost_grpc0;
+        grpc_kernel.push(t6 - t3);
         agent.stop()?;
         // The agent at the lowest CPU weight, as a node would run it
         // beside busy services: what the services gain, what it loses.
@@ -555,7 +662,7 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         &base_w,
         &with_w,
         &echo_kernel,
-        (5.0, 10.0, 5.0),
+        (5.0, Some(10.0), 5.0),
         rows,
     );
     http_rows(
@@ -565,7 +672,7 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         &base_w,
         &with_low,
         &low_kernel,
-        (5.0, 10.0, 5.0),
+        (5.0, Some(10.0), 5.0),
         rows,
     );
     http_rows(
@@ -575,7 +682,17 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         &base_b,
         &with_b,
         &busy_kernel,
-        (1.0, 1.0, 1.0),
+        (1.0, Some(1.0), 1.0),
+        rows,
+    );
+    http_rows(
+        &format!(
+            "gRPC unary calls over HTTP/2, tonic at saturation (h2load -c4 -m16, with traceparent; every call a hop; events lost to a full ring buffer: {lost_grpc:.0})"
+        ),
+        &base_g,
+        &with_g,
+        &grpc_kernel,
+        (5.0, None, 5.0),
         rows,
     );
 
