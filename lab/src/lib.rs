@@ -2,7 +2,7 @@
 //! machine. Pods are network namespaces on a bridge ([`netns`]), on two
 //! nodes with kube-proxy-style Services between them ([`cluster`]), services
 //! are real HTTP programs with the propagation behaviours the seed shows
-//! ([`service`]), the trace store is a real OTLP receiver ([`store`]), and
+//! ([`service`]; gRPC ones through [`grpc`]), the trace store is a real OTLP receiver ([`store`]), and
 //! tracegap's agent runs on the pods' veths ([`agent`]), in-process or from
 //! its image as deploy/base's DaemonSet says ([`container`]). [`scenario`] holds
 //! one scenario per seed lesson; [`tree`], [`files`] and [`query`] (Jaeger's
@@ -13,6 +13,7 @@ pub mod bench;
 pub mod cluster;
 pub mod container;
 pub mod files;
+pub mod grpc;
 pub mod http;
 pub mod load;
 pub mod netns;

@@ -113,6 +113,15 @@ enum Cmd {
         /// OTLP/HTTP endpoint for the service's own spans.
         #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
         otlp: Option<String>,
+        /// Serve gRPC (cleartext HTTP/2, any method of lab.Inventory)
+        /// instead of HTTP/1.1. Downstream `grpc://host:port/pkg.Svc/Method`
+        /// URLs are called over gRPC either way.
+        #[arg(long)]
+        grpc: bool,
+        /// Bytes of extra metadata on each gRPC call made (a header block
+        /// split over CONTINUATION frames past 16 KiB).
+        #[arg(long, default_value_t = 0)]
+        metadata_bytes: usize,
     },
     /// An instrumented client sending requests (runs inside a pod); prints
     /// a JSON summary.
@@ -280,6 +289,8 @@ fn main() -> anyhow::Result<()> {
             status,
             delay,
             otlp,
+            grpc,
+            metadata_bytes,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             on_signal(&INTERRUPTED, Some(stop.clone()))?;
@@ -290,6 +301,8 @@ fn main() -> anyhow::Result<()> {
                 status,
                 delay,
                 otlp,
+                grpc,
+                metadata_bytes,
                 ..ServiceSpec::new(&name, port, behaviour)
             };
             let mut failed = None;

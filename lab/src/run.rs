@@ -127,13 +127,17 @@ impl Ctx<'_> {
         )
     }
 
-    /// A service's URL: its ClusterIP.
+    /// A service's URL: its ClusterIP. A path `grpc:/pkg.Svc/Method` is a
+    /// gRPC method: `grpc://ip:port/pkg.Svc/Method`.
     fn url(&self, service: &str, path: &str) -> String {
         let ip = self
             .cluster
             .service_ip(service)
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
-        format!("http://{ip}:{SERVICE_PORT}{path}")
+        match path.strip_prefix("grpc:") {
+            Some(method) => format!("grpc://{ip}:{SERVICE_PORT}{method}"),
+            None => format!("http://{ip}:{SERVICE_PORT}{path}"),
+        }
     }
 
     fn in_pod(&self, pod: &Pod) -> Command {
@@ -170,7 +174,12 @@ impl Ctx<'_> {
             .arg("--delay")
             .arg(format!("{}ms", s.delay.as_millis()))
             .arg("--otlp")
-            .arg(otlp);
+            .arg(otlp)
+            .arg("--metadata-bytes")
+            .arg(s.metadata_bytes.to_string());
+        if s.grpc {
+            cmd.arg("--grpc");
+        }
         for (pod, path) in &svc.calls {
             cmd.arg("--downstream").arg(self.url(pod, path));
         }

@@ -9,7 +9,7 @@ use crate::{
 };
 
 /// The scenario names, in the order they run.
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     "broken-propagation",
     "fixed",
     "uninstrumented",
@@ -19,6 +19,7 @@ pub const ALL: [&str; 9] = [
     "collector-down",
     "slow",
     "flood",
+    "grpc",
 ];
 
 /// A service in a scenario: its pod is named after it.
@@ -311,6 +312,47 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                 services: vec![svc("service-c", DropsHeaders, &[])],
                 loads: vec![f],
                 expect: vec![KeptUp(0.95)],
+                store_down: false,
+            }
+        }
+        "grpc" => {
+            // A gRPC server behind two HTTP/1.1 services: service-b (SDK
+            // server spans, plain gRPC client) drops the context on its
+            // call; service-d carries it, with 16.5 KiB of metadata (its
+            // header block past HTTP/2's 16 KiB frame: HEADERS, then
+            // CONTINUATION), four requests at a time, so its calls are
+            // concurrent streams on its one connection.
+            let mut inventory = svc("inventory", Instrumented, &[]);
+            inventory.spec.grpc = true;
+            let mut d = svc(
+                "service-d",
+                Instrumented,
+                &[("inventory", "grpc:/lab.Inventory/Check")],
+            );
+            d.spec.metadata_bytes = 16 * 1024 + 512;
+            let mut e = load("service-e", ("service-d", "/stock"), n(12, 40));
+            e.parallel = 4;
+            e.spec.interval = Duration::from_millis(20);
+            Scenario {
+                name: "grpc",
+                lesson: "gRPC behind HTTP/1.1: service-b drops the context on its gRPC call to inventory; service-d carries it, many calls on one connection",
+                services: vec![
+                    svc(
+                        "service-b",
+                        ServerSpansOnly,
+                        &[("inventory", "grpc:/lab.Inventory/Reserve")],
+                    ),
+                    d,
+                    inventory,
+                ],
+                loads: vec![load("service-a", ("service-b", "/checkout"), n(5, 20)), e],
+                expect: vec![
+                    Kind("service-b", "inventory", "broken_propagation"),
+                    Kind("service-a", "service-b", "context_ok"),
+                    Placed("service-b", "inventory"),
+                    Kind("service-d", "inventory", "context_ok"),
+                    CalleeSpans("service-d", "inventory", "arrived"),
+                ],
                 store_down: false,
             }
         }

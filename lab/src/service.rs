@@ -135,6 +135,12 @@ pub struct ServiceSpec {
     pub delay: Duration,
     /// OTLP/HTTP base endpoint for the SDK, e.g. `http://10.209.3.1:4318`.
     pub otlp: Option<String>,
+    /// Serves gRPC (cleartext HTTP/2, any method of [`crate::grpc::SERVICE`])
+    /// instead of HTTP/1.1.
+    pub grpc: bool,
+    /// Bytes of extra metadata (`x-lab-blob`) on each gRPC call it makes: a
+    /// header block past HTTP/2's 16 KiB frame, split over CONTINUATION.
+    pub metadata_bytes: usize,
 }
 
 impl ServiceSpec {
@@ -149,6 +155,8 @@ impl ServiceSpec {
             status: 200,
             delay: Duration::ZERO,
             otlp: None,
+            grpc: false,
+            metadata_bytes: 0,
         }
     }
 }
@@ -379,6 +387,10 @@ impl ServiceSpec {
         } else {
             None
         };
+        if self.grpc {
+            crate::grpc::serve_until(Arc::new(self), provider, stop, ready);
+            return;
+        }
         let listener = match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.port)))
         {
             Ok(l) => l,
@@ -453,6 +465,117 @@ fn header_map(head: &str) -> HashMap<String, String> {
         .collect()
 }
 
+/// What a request came as: an HTTP/1.1 GET of a path, or a gRPC call of
+/// `/pkg.Service/Method`.
+pub(crate) enum Inbound<'a> {
+    Http(&'a str),
+    Grpc(&'a str),
+}
+
+/// Serves one request as `spec` behaves, whatever carried it: the caller's
+/// context read from `headers` (HTTP headers or gRPC metadata), the SDK's
+/// server span (returned, to end once answered), each downstream call with
+/// its client span and context, then the delay.
+pub(crate) fn handle(
+    spec: &ServiceSpec,
+    provider: Option<&SdkTracerProvider>,
+    headers: &HashMap<String, String>,
+    inbound: Inbound<'_>,
+    peer: Option<SocketAddr>,
+) -> Option<Context> {
+    let parent = spec.propagator.extract(headers);
+    let tracer = provider.map(|p| p.tracer("tracegap-demo"));
+    let server_cx = tracer.as_ref().map(|t| {
+        // The HTTP and RPC server conventions' attributes, as
+        // instrumentation libraries set them: the peer is what tells one
+        // connection's span from another's.
+        let (name, mut attributes) = match inbound {
+            Inbound::Http(path) => (
+                format!("GET {path}"),
+                vec![
+                    KeyValue::new("http.request.method", "GET"),
+                    KeyValue::new("url.path", path.to_owned()),
+                ],
+            ),
+            Inbound::Grpc(path) => {
+                let (service, method) = path
+                    .trim_start_matches('/')
+                    .split_once('/')
+                    .unwrap_or((path, ""));
+                (
+                    format!("{service}/{method}"),
+                    vec![
+                        KeyValue::new("rpc.system", "grpc"),
+                        KeyValue::new("rpc.service", service.to_owned()),
+                        KeyValue::new("rpc.method", method.to_owned()),
+                    ],
+                )
+            }
+        };
+        attributes.push(KeyValue::new("server.port", i64::from(spec.port)));
+        if let Some(peer) = peer {
+            attributes.push(KeyValue::new(
+                "client.address",
+                peer.ip().to_canonical().to_string(),
+            ));
+            attributes.push(KeyValue::new("client.port", i64::from(peer.port())));
+        }
+        let span = t
+            .span_builder(name)
+            .with_kind(SpanKind::Server)
+            .with_attributes(attributes)
+            .start_with_context(t, &parent);
+        parent.with_span(span)
+    });
+    let path = match inbound {
+        Inbound::Http(p) | Inbound::Grpc(p) => p,
+    };
+    for url in &spec.downstream {
+        let mut out = Vec::new();
+        let client_cx = match (&tracer, &server_cx) {
+            (_, _) if spec.behaviour == Behaviour::ServerSpansOnly => None,
+            (Some(t), Some(cx)) => {
+                let name = match url.starts_with("grpc://") {
+                    true => path_of(url).trim_start_matches('/').to_owned(),
+                    false => format!("GET {}", path_of(url)),
+                };
+                let span = t
+                    .span_builder(name)
+                    .with_kind(SpanKind::Client)
+                    .start_with_context(t, cx);
+                Some(cx.with_span(span))
+            }
+            _ => None,
+        };
+        match (spec.behaviour, &client_cx) {
+            (_, Some(cx)) => spec.propagator.inject(cx, &mut out),
+            (Behaviour::PassesThrough, None) => {
+                for h in TRACE_HEADERS {
+                    if let Some(v) = headers.get(h) {
+                        out.push((h.to_owned(), v.clone()));
+                    }
+                }
+            }
+            _ => {}
+        }
+        let called = if url.starts_with("grpc://") {
+            crate::grpc::call(url, &out, spec.metadata_bytes).map(|_| ())
+        } else {
+            call(url, &out).map(|_| ()).map_err(|e| e.to_string())
+        };
+        if let Err(e) = called {
+            eprintln!("{}: calling {url} for {path}: {e}", spec.name);
+        }
+        if let Some(cx) = client_cx {
+            cx.span().end();
+        }
+    }
+    if !spec.delay.is_zero() {
+        std::thread::sleep(spec.delay);
+    }
+    server_cx
+}
+
 fn serve(
     mut conn: TcpStream,
     spec: &ServiceSpec,
@@ -476,66 +599,9 @@ fn serve(
             let _ = conn.write_all(resp.as_bytes());
             return;
         }
-        let parent = spec.propagator.extract(&headers);
-        let tracer = provider.map(|p| p.tracer("tracegap-demo"));
         let path = target.split('?').next().unwrap_or("/").to_owned();
-        let server_cx = tracer.as_ref().map(|t| {
-            // The HTTP server conventions' attributes, as instrumentation
-            // libraries set them: the peer is what tells one connection's
-            // span from another's.
-            let mut attributes = vec![
-                KeyValue::new("http.request.method", "GET"),
-                KeyValue::new("url.path", path.clone()),
-                KeyValue::new("server.port", i64::from(spec.port)),
-            ];
-            if let Ok(peer) = conn.peer_addr() {
-                attributes.push(KeyValue::new(
-                    "client.address",
-                    peer.ip().to_canonical().to_string(),
-                ));
-                attributes.push(KeyValue::new("client.port", i64::from(peer.port())));
-            }
-            let span = t
-                .span_builder(format!("GET {path}"))
-                .with_kind(SpanKind::Server)
-                .with_attributes(attributes)
-                .start_with_context(t, &parent);
-            parent.with_span(span)
-        });
-        for url in &spec.downstream {
-            let mut out = Vec::new();
-            let client_cx = match (&tracer, &server_cx) {
-                (_, _) if spec.behaviour == Behaviour::ServerSpansOnly => None,
-                (Some(t), Some(cx)) => {
-                    let span = t
-                        .span_builder(format!("GET {}", path_of(url)))
-                        .with_kind(SpanKind::Client)
-                        .start_with_context(t, cx);
-                    Some(cx.with_span(span))
-                }
-                _ => None,
-            };
-            match (spec.behaviour, &client_cx) {
-                (_, Some(cx)) => spec.propagator.inject(cx, &mut out),
-                (Behaviour::PassesThrough, None) => {
-                    for h in TRACE_HEADERS {
-                        if let Some(v) = headers.get(h) {
-                            out.push((h.to_owned(), v.clone()));
-                        }
-                    }
-                }
-                _ => {}
-            }
-            if let Err(e) = call(url, &out) {
-                eprintln!("{}: calling {url}: {e}", spec.name);
-            }
-            if let Some(cx) = client_cx {
-                cx.span().end();
-            }
-        }
-        if !spec.delay.is_zero() {
-            std::thread::sleep(spec.delay);
-        }
+        let peer = conn.peer_addr().ok();
+        let server_cx = handle(spec, provider, &headers, Inbound::Http(&path), peer);
         if let Some(cx) = server_cx {
             cx.span().end();
         }
@@ -558,9 +624,9 @@ fn serve(
     }
 }
 
-/// The path of an `http://authority/path` URL.
+/// The path of an `http://authority/path` (or `grpc://`) URL.
 pub fn path_of(url: &str) -> &str {
-    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
     rest.find('/').map_or("/", |i| &rest[i..])
 }
 

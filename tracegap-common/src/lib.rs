@@ -19,6 +19,12 @@ pub const MAX_PAYLOAD: usize = 4096;
 /// over its first segment and the segments that continue it. Header blocks
 /// longer than this are reported as truncated, never guessed at.
 pub const HEADER_BUDGET: u32 = 16 * 1024;
+/// Bytes of one segment of a followed HTTP/2 connection the kernel copies
+/// at most: a 64 KiB GSO segment may hold several calls' header blocks, and
+/// one 16 KiB metadata block is already past [`HEADER_BUDGET`]. A range cut
+/// here loses its blocks, and the HPACK table with them (user space says
+/// so), so it is as large as a segment gets.
+pub const H2_BUDGET: u32 = 64 * 1024;
 
 /// Entries of the per-flow continuation map: flows whose header block did
 /// not end in the segment that started it.

@@ -26,7 +26,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracegap_common::{
-    Direction, EventHeader, EventKind, H2Follow, HEADER_BUDGET, MAX_H2_FLOWS, OpenKey, counter,
+    Direction, EventHeader, EventKind, H2_BUDGET, H2Follow, MAX_H2_FLOWS, OpenKey, counter,
     event_flags,
 };
 
@@ -168,7 +168,7 @@ pub fn segment(
                 ts_ns: crate::clock(),
                 direction,
                 short: false,
-                budget: HEADER_BUDGET,
+                budget: H2_BUDGET,
                 first: EventKind::Http2,
                 then: Some(EventKind::Http2),
             })

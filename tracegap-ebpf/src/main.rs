@@ -29,7 +29,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use tracegap_common::{
-    Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, HEADER_BUDGET,
+    Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, H2_BUDGET, HEADER_BUDGET,
     LOCAL_SOURCE_WINDOW_NS, MAX_LOCAL_SOURCES, MAX_OPEN_HEADERS, MAX_PAYLOAD, OpenHeader, OpenKey,
     RING_BUFFER_BYTES, SHORT_START_BUDGET, SourceKey, WAKEUP_BYTES, ablate, counter, event_flags,
 };
@@ -524,7 +524,9 @@ fn ends_with_blank_line(ctx: &TcContext, seg: &Segment) -> bool {
 fn copy(ctx: &TcContext, c: &Chunks, counters: &mut Counters) -> Result<u32, ()> {
     let mut copied = c.send(ctx, c.first, 0, true, counters)?;
     if let Some(kind) = c.then {
-        for _ in 1..(HEADER_BUDGET as usize / MAX_PAYLOAD) {
+        // As many chunks as the largest budget (HTTP/2's) allows; the
+        // budget and the segment end the loop.
+        for _ in 1..(H2_BUDGET as usize / MAX_PAYLOAD) {
             let n = c.send(ctx, kind, copied, false, counters)?;
             if n == 0 {
                 break;

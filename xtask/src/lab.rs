@@ -8,9 +8,9 @@ use crate::{setup, toolchain};
 
 #[derive(Debug, clap::Args)]
 pub struct LabArgs {
-    /// Scenario to run (repeat); all nine when none is given:
+    /// Scenario to run (repeat); all ten when none is given:
     /// broken-propagation, fixed, uninstrumented, sampling, formats,
-    /// baggage, collector-down, slow, flood.
+    /// baggage, collector-down, slow, flood, grpc.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Short counts and delays (a 2 s slow request instead of 30 s).

@@ -345,6 +345,9 @@ mount -t tmpfs run /run
 mkdir -p /run/netns /var
 ln -sf /run /var/run
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+# Kernel messages off the console: they land inside the markers' lines
+# (a "sysrq: Power Off" once cut an "end ... rc=0" in two).
+dmesg -n 1 2>/dev/null
 for m in $(cat /modules/order); do insmod /modules/$m.ko || echo "TRACEGAP-VM module $m failed"; done
 ip link set lo up
 echo "TRACEGAP-VM kernel $(uname -r)"
@@ -354,6 +357,7 @@ for t in /tests/*; do
   echo "TRACEGAP-VM end $(basename $t) rc=$?"
 done
 echo "TRACEGAP-VM done"
+sleep 1
 echo o > /proc/sysrq-trigger
 sleep 10
 "#;
