@@ -350,6 +350,7 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                     Kind("service-b", "inventory", "broken_propagation"),
                     Kind("service-a", "service-b", "context_ok"),
                     Placed("service-b", "inventory"),
+                    Linked("inventory"),
                     Kind("service-d", "inventory", "context_ok"),
                     CalleeSpans("service-d", "inventory", "arrived"),
                 ],

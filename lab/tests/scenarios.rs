@@ -144,6 +144,43 @@ fn checks(outcomes: &[Outcome], text: &str, out: &std::path::Path) -> Vec<String
         );
     }
 
+    // gRPC: the stitched call follows the RPC conventions, and service-d's
+    // HTTP/1.1 -> gRPC chain is one trace: inventory's own span sits under
+    // service-d's span, in service-e's trace.
+    if let Some(grpc) = outcome(outcomes, "grpc") {
+        let synthetic: Vec<_> = grpc.spans.iter().filter(|s| s.synthetic()).collect();
+        check(
+            !synthetic.is_empty()
+                && synthetic.iter().all(|s| {
+                    s.span.name == "lab.Inventory/Reserve"
+                        && s.attr("rpc.system").as_deref() == Some("grpc")
+                        && s.attr("rpc.method").as_deref() == Some("Reserve")
+                        && s.attr("rpc.grpc.status_code").as_deref() == Some("0")
+                }),
+            format!(
+                "grpc: the synthetic spans should be lab.Inventory/Reserve with the RPC attributes: {:?}",
+                synthetic.iter().map(|s| &s.span.name).collect::<Vec<_>>()
+            ),
+        );
+        let chained = grpc.spans.iter().filter(|s| {
+            s.service == "inventory" && !s.synthetic() && s.span.name == "lab.Inventory/Check"
+        });
+        let in_chain = |s: &&tracegap_lab::store::Received| {
+            let parent = grpc
+                .spans
+                .iter()
+                .find(|p| p.span_id() == s.parent_span_id());
+            parent.is_some_and(|p| p.service == "service-d" && p.trace_id() == s.trace_id())
+        };
+        let (n, joined) = chained.fold((0, 0), |(n, j), s| (n + 1, j + usize::from(in_chain(&s))));
+        check(
+            n > 0 && joined == n,
+            format!(
+                "grpc: {joined} of {n} of inventory's Check spans under service-d's, in its trace"
+            ),
+        );
+    }
+
     // Fixed: nothing synthetic at all, and whole four-span traces.
     if let Some(fixed) = outcome(outcomes, "fixed") {
         check(
