@@ -17,7 +17,13 @@ use tracegap_agent::{
     interfaces::Selection,
     report::Report,
 };
-use tracegap_tests::{Node, TempDir, agent::Agent, otlp::Receiver, privileged};
+use tracegap_tests::{
+    Node, TempDir,
+    agent::Agent,
+    demo::{Behaviour, ServiceSpec},
+    otlp::Receiver,
+    privileged,
+};
 
 const T1: &str = "0af7651916cd43dd8448eb211c80319c";
 const S1: &str = "b7ad6b7169203331";
@@ -293,5 +299,98 @@ fn many_concurrent_streams_on_one_connection_are_each_read() -> anyhow::Result<(
     assert!(calls.iter().all(|s| s.span.name == "shop.Cart/AddItem"
         && s.attr("rpc.grpc.status_code").as_deref() == Some("12")
         && s.parent_span_id() == S1));
+    Ok(())
+}
+
+#[test]
+fn a_grpc_service_that_drops_the_context_on_its_http_call_is_stitched() -> anyhow::Result<()> {
+    if !privileged("a_grpc_service_that_drops_the_context_on_its_http_call_is_stitched") {
+        return Ok(());
+    }
+    // gRPC in, HTTP/1.1 out: a gRPC service (no tracing) serving a call
+    // that carries context, calling a web server without it. The call in
+    // is read when it starts, so the call out, which ends first, is
+    // related to it.
+    let node = Node::new(&["client", "grpcsvc", "web"])?;
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    let agent = Agent::start(AgentConfig {
+        interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+        cors_origin: None,
+        export: ExportConfig {
+            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
+            protocol: OtlpProtocol::Grpc,
+            interval: Duration::from_millis(100),
+            ..ExportConfig::default()
+        },
+        export_mode: ExportMode::Gaps,
+        export_unsampled: false,
+        services: node.identities("lab"),
+        response_timeout: Duration::from_secs(30),
+        kubernetes: None,
+        node_name: None,
+        reconcile: None,
+    })?;
+    let web = tracegap_tests::http::HttpServer::start(node.pod("web"), 8080)?;
+    let grpcsvc = ServiceSpec {
+        grpc: true,
+        downstream: vec![format!("http://{}:8080/items/7", node.pod("web").ipv4)],
+        ..ServiceSpec::new("grpcsvc", 8080, Behaviour::DropsHeaders)
+    }
+    .start(node.pod("grpcsvc"))?;
+    let dir = TempDir::new("grpc-in")?;
+    let body = dir.path().join("empty.grpc");
+    std::fs::write(&body, [0u8; 5])?;
+    let data = format!("@{}", body.display());
+    let tp = format!("traceparent: 00-{T1}-{S1}-01");
+    let url = format!("http://{}:8080/lab.Inventory/Get", node.pod("grpcsvc").ipv4);
+    node.pod("client").curl(
+        &url,
+        &[
+            "--http2-prior-knowledge",
+            "-o",
+            "/dev/null",
+            "-H",
+            "content-type: application/grpc",
+            "-H",
+            "te: trailers",
+            "-H",
+            &tp,
+            "--data-binary",
+            &data,
+        ],
+    )?;
+    let spans = receiver.wait_for(Duration::from_secs(10), |s| {
+        s.iter()
+            .any(|s| s.gap().as_deref() == Some("broken_propagation"))
+    });
+    let stitched = spans
+        .iter()
+        .find(|s| s.gap().as_deref() == Some("broken_propagation"))
+        .ok_or_else(|| anyhow::anyhow!("no broken_propagation span: {spans:#?}"))?;
+    // The web hop, in the gRPC caller's trace, under the span it sent.
+    assert_eq!(stitched.span.name, "GET /items/{id}");
+    assert_eq!(
+        (stitched.trace_id(), stitched.parent_span_id()),
+        (T1.to_owned(), S1.to_owned())
+    );
+    assert_eq!(stitched.attr("tracegap.link").as_deref(), Some("inferred"));
+    // The gRPC call itself carried context into a service of unknown
+    // instrumentation: a hop, no gap.
+    let (_, body) = agent.get_report()?;
+    let report: Report = serde_json::from_str(&body)?;
+    let kinds = |src: &str, dst: &str| {
+        report
+            .edges
+            .iter()
+            .find(|e| e.source == src && e.destination == dst)
+            .map(|e| e.kinds.clone())
+    };
+    assert!(
+        kinds("client", "grpcsvc").is_some_and(|k| k.get("context_ok") == Some(&1)),
+        "{report:#?}"
+    );
+    drop((grpcsvc, web, agent, receiver));
     Ok(())
 }

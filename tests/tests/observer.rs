@@ -770,3 +770,66 @@ fn an_http2_connection_of_thousands_of_tiny_frames_keeps_its_boundaries() -> any
     s.observer.detach_all()?;
     Ok(())
 }
+
+#[test]
+fn an_http2_connection_open_before_the_programs_is_joined_at_a_request() -> anyhow::Result<()> {
+    if !privileged("an_http2_connection_open_before_the_programs_is_joined_at_a_request") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    let server = (s.node.pod("server").ipv4, 8080).into();
+    // No preface: as the programs see a connection opened before they were
+    // loaded (an agent restart). First a request of literal fields only,
+    // then one naming `traceparent` by a dynamic entry the programs never
+    // saw inserted (index 62), its value literal.
+    let first = h2_frame(1, 4, 1, &h2_request_block("/one", "00000000000000c1"));
+    let tp = "00-0af7651916cd43dd8448eb211c80319c-00000000000000c3-01".to_owned();
+    let mut block = vec![0x83, 0x86, 0x04, 6];
+    block.extend_from_slice(b"/three");
+    block.extend([0x0f, 0x2f, tp.len() as u8]);
+    block.extend_from_slice(tp.as_bytes());
+    let third = h2_frame(1, 4, 3, &block);
+    send_segments(s.node.pod("client"), server, vec![first, third])?;
+    let events = collect_events(&mut s.ring, Duration::from_millis(500), |_| false);
+    let h2: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Http2 && e.flow.dst.port == 8080)
+        .cloned()
+        .collect();
+    let mut conns = tracegap_agent::http::h2::follow::Connections::default();
+    let mut out = Vec::new();
+    for e in &h2 {
+        conns.push(e, e.payload.is_empty(), &mut out);
+    }
+    let started: Vec<(String, Option<String>)> = out
+        .iter()
+        .filter_map(|o| match o {
+            tracegap_agent::http::h2::follow::Out::Started { request, .. } => {
+                use tracegap_agent::http::context::Headers as _;
+                Some((
+                    request.header(":path")?.to_owned(),
+                    request.header("traceparent").map(str::to_owned),
+                ))
+            }
+            _ => None,
+        })
+        .collect();
+    // The second request's traceparent is known by its value's shape.
+    assert_eq!(
+        started,
+        [
+            (
+                "/one".to_owned(),
+                Some("00-0af7651916cd43dd8448eb211c80319c-00000000000000c1-01".to_owned())
+            ),
+            ("/three".to_owned(), Some(tp)),
+        ],
+        "{:?}",
+        conns.stats
+    );
+    assert_eq!(conns.stats.joined, 1, "{:?}", conns.stats);
+    let c = s.observer.counters()?;
+    assert_eq!((c.h2_prefaces, c.h2_joins, c.h2_lost), (0, 1, 0), "{c:?}");
+    s.observer.detach_all()?;
+    Ok(())
+}

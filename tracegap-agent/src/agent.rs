@@ -275,6 +275,10 @@ async fn event_loop(
                     return Err(Stopped::DrainEnded);
                 };
                 let directory = p.directory.clone();
+                // Each event's messages and streams go through at once, in
+                // the ring's order: a request must be known as started
+                // before a call its service made meanwhile is classified
+                // (an HTTP/2 request and an HTTP/1.1 call in one batch).
                 for mut e in batch {
                     p.nat.translate(&mut e, |ip| directory.is_service(ip));
                     if e.kind == EventKind::Http2 {
@@ -282,8 +286,14 @@ async fn event_loop(
                             p.local_ip(e.flow.src.ip);
                         }
                         p.h2.push(&e, e.payload.is_empty(), &mut h2_out);
+                        for o in h2_out.drain(..) {
+                            p.h2_stream(o);
+                        }
                     } else {
                         p.assembler.push(e, &mut messages);
+                        for m in messages.drain(..) {
+                            p.message(m);
+                        }
                     }
                 }
             }

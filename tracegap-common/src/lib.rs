@@ -273,7 +273,18 @@ pub struct H2Follow {
     pub partial: [u8; 8],
     /// How many of `partial` are valid (0..=4).
     pub have: u8,
-    pub _pad: [u8; 3],
+    /// [`h2_follow`] bits.
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Bits of [`H2Follow::flags`].
+pub mod h2_follow {
+    /// Followed from a HEADERS frame, its preface unseen: a frame no
+    /// HTTP/2 sender would write (an unknown type, a length past the
+    /// default 16 KiB) ends the following instead of being walked past, as
+    /// the start may have been bytes that only looked like a frame.
+    pub const JOINED: u8 = 1 << 0;
 }
 
 /// Indexes into the per-CPU counters: one map entry per CPU holding all of
@@ -311,8 +322,11 @@ pub mod counter {
     /// Followed HTTP/2 connections given up: a segment missed or
     /// overlapping, or more frames in one segment than the kernel walks.
     pub const H2_LOST: u32 = 12;
+    /// HTTP/2 connections already open when first seen, followed from a
+    /// segment that starts with a HEADERS frame.
+    pub const H2_JOINS: u32 = 13;
     /// Number of counters.
-    pub const COUNT: u32 = 13;
+    pub const COUNT: u32 = 14;
 
     /// Prometheus-style names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -329,6 +343,7 @@ pub mod counter {
         "h2_prefaces",
         "h2_segments",
         "h2_lost",
+        "h2_joins",
     ];
 }
 
@@ -356,7 +371,7 @@ mod tests {
         assert_eq!(core::mem::size_of::<SourceKey>(), 20);
         // 8 + 40 + 4 + 4 + 4 + 2 + 1 + 1 + 1 + 3 + 4
         assert_eq!(EVENT_HEADER_LEN, 72);
-        // 4 + 4 + 4 + 8 + 1 + 3
+        // 4 + 4 + 4 + 8 + 1 + 1 + 2
         assert_eq!(core::mem::size_of::<H2Follow>(), 24);
     }
 

@@ -27,7 +27,7 @@ use aya_ebpf::{
 };
 use tracegap_common::{
     Direction, EventHeader, EventKind, H2_BUDGET, H2Follow, MAX_H2_FLOWS, OpenKey, counter,
-    event_flags,
+    event_flags, h2_follow,
 };
 
 use crate::{Chunks, Counters, EVENTS, Next, count, net::Segment};
@@ -44,12 +44,13 @@ static H2_SLOTS: Array<u32> = Array::with_max_entries(crate::net::OPEN_SLOTS, 0)
 
 /// `PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n`.
 const PREFACE_LEN: u32 = 24;
-/// Frame headers read per segment at most. A segment with more loses the
-/// connection: counted, never guessed past. A 64 KiB GSO segment of 16 KiB
-/// DATA frames holds five; of the smallest calls a client writes at once
-/// (a HEADERS frame of a few indexed fields and a short DATA frame, about
-/// 40 bytes a call), about 3200 frames.
-const MAX_FRAMES: u32 = 4096;
+/// Frame headers read per segment at most: more than a 64 KiB GSO segment
+/// can hold (a frame is 9 bytes at least: 7282), so only a BIG TCP segment
+/// of tiny frames loses the connection (counted, never guessed past). A
+/// segment costs a helper call per frame: a 64 KiB one of 16 KiB DATA
+/// frames five, of the smallest calls a client writes at once (a HEADERS
+/// frame of a few indexed fields and a short DATA frame) about 3200.
+const MAX_FRAMES: u32 = 8192;
 
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
@@ -86,32 +87,51 @@ pub fn maybe_followed(seg: &Segment) -> bool {
         .is_none_or(|p| unsafe { core::ptr::read_volatile(p) } != 0)
 }
 
-/// A client preface starts `seg`: follow both directions of its
-/// connection on this interface from here. True: followed, and `seg` is
-/// for [`segment`] to read (the preface, then usually the client's
-/// SETTINGS and first requests). Not inlined: its two entries and keys
-/// take their own stack frame, not the HTTP/1.x path's.
+/// Whether a segment's first bytes are a HEADERS frame's header as an
+/// HTTP/2 sender writes one: a length within the default maximum frame
+/// (16 KiB), only HEADERS' flags, a stream id with the reserved bit clear.
+/// Text never starts so (its first byte would be NUL), nor TLS (0x14..0x17).
+/// By chance, about one segment of random bytes in ten million; such a
+/// false start is lost at its first impossible frame, and user space reads
+/// nothing out of it.
+#[inline(always)]
+pub fn headers_frame(head: &[u8; 8]) -> bool {
+    let len = u32::from(head[0]) << 16 | u32::from(head[1]) << 8 | u32::from(head[2]);
+    head[3] == HEADERS && head[4] & !0x2d == 0 && head[5] & 0x80 == 0 && (1..=16384).contains(&len)
+}
+
+/// Follow both directions of `seg`'s connection on this interface from
+/// here: a client preface starts `seg` (`preface`), or a HEADERS frame of
+/// a connection already open (either way: user space tells a request
+/// from a response). True: followed, and `seg` is for [`segment`] to read
+/// (the preface, then usually the client's SETTINGS and first requests).
+/// Not inlined: its two entries and keys take their own stack frame, not
+/// the HTTP/1.x path's.
 #[inline(never)]
-pub fn start(ctx: &TcContext, seg: &Segment) -> bool {
+pub fn start(ctx: &TcContext, seg: &Segment, preface: bool) -> bool {
+    let at = if preface { PREFACE_LEN } else { 0 };
     let key = &OpenKey {
         flow: seg.flow,
         ifindex: unsafe { (*ctx.skb.skb).ifindex },
         _pad: 0,
     };
     let client = H2Follow {
-        next: seg.seq.wrapping_add(PREFACE_LEN),
+        next: seg.seq.wrapping_add(at),
         end: seg.seq,
         // The preface is copied: user space checks it.
-        copy_until: seg.seq.wrapping_add(PREFACE_LEN),
+        copy_until: seg.seq.wrapping_add(at),
+        flags: if preface { 0 } else { h2_follow::JOINED },
         ..H2Follow::default()
     };
-    // The server's bytes start where the client's acknowledgement says the
-    // server has got to: nothing but the handshake (prior knowledge), or
-    // the 101 answer to an `Upgrade: h2c` request, which ends a write.
+    // The other side's bytes start where this segment's acknowledgement
+    // says it has got to: nothing but the handshake (prior knowledge), the
+    // 101 answer to an `Upgrade: h2c` request, or (joined) the end of its
+    // last write, a frame boundary unless it was mid-write.
     let server = H2Follow {
         next: seg.ack,
         end: seg.ack,
         copy_until: seg.ack,
+        flags: if preface { 0 } else { h2_follow::JOINED },
         ..H2Follow::default()
     };
     let back = OpenKey {
@@ -254,6 +274,7 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow) -> Walk {
         copy_until: st.copy_until,
         cut: 0,
         end: 0,
+        strict: u32::from(st.flags & h2_follow::JOINED),
         partial: [0; 8],
     };
     // A bounded loop the verifier checks once (bpf_loop, Linux 5.17),
@@ -304,6 +325,9 @@ struct Frames {
     cut: u32,
     /// 1: the walk reached the segment's end.
     end: u32,
+    /// 1: a frame no sender would write ends the walk, lost (see
+    /// [`h2_follow::JOINED`]).
+    strict: u32,
     partial: [u8; 8],
 }
 
@@ -337,6 +361,9 @@ extern "C" fn frame_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     }
     let h = [b[0], b[1], b[2], b[3], b[4]];
     let len = frame_len(&h);
+    if f.strict != 0 && (h[3] > CONTINUATION || len > 16384) {
+        return 1;
+    }
     let w = wanted(h[3], h[4], len);
     if w > 0 {
         f.lo = f.lo.min(off);

@@ -161,8 +161,9 @@ fn observe(ctx: &TcContext, direction: Direction) {
             }
             // A client preface: the connection is followed from here, and
             // this segment is its first.
-            if let Ok(Next::H2Start) = next {
-                next = if h2::start(ctx, &seg) {
+            if let Ok(step @ (Next::H2Start | Next::H2Join)) = next {
+                let preface = matches!(step, Next::H2Start);
+                next = if h2::start(ctx, &seg, preface) {
                     h2::segment(ctx, &seg, direction, counters)
                 } else {
                     Ok(Next::Nothing)
@@ -293,6 +294,9 @@ enum Next {
     Nothing,
     /// It starts an HTTP/2 connection to follow ([`h2::start`]).
     H2Start,
+    /// It starts with a HEADERS frame of an HTTP/2 connection not
+    /// followed: follow it from here ([`h2::start`]).
+    H2Join,
     /// Copy what [`PLAN`] says ([`copy`]).
     Copy,
 }
@@ -371,9 +375,17 @@ fn try_http(
     } else {
         classify_start(&head)
     };
-    if start.is_none() && !short && head == *b"PRI * HT" {
-        // An HTTP/2 connection: followed from here (leaving the pod that
-        // opened it, or entering one from elsewhere), once.
+    // An HTTP/2 connection: followed from here (leaving the pod that opened
+    // it, or entering one from elsewhere), once. From its preface; or,
+    // one already open when the programs were loaded (an agent restart:
+    // gRPC connections live for hours), from a segment that starts with a
+    // HEADERS frame (user space decodes what it can without the table).
+    let h2 = match start {
+        None if !short && head == *b"PRI * HT" => Some(counter::H2_PREFACES),
+        None if !short && h2::headers_frame(&head) => Some(counter::H2_JOINS),
+        _ => None,
+    };
+    if let Some(counted) = h2 {
         let now = clock();
         match direction {
             _ if ablated(ablate::FLOW_MAPS) => {}
@@ -381,11 +393,11 @@ fn try_http(
             Direction::Egress if from_local_source(&seg.flow, now) => return Ok(Next::Nothing),
             Direction::Egress => {}
         }
-        count(counters, counter::H2_PREFACES);
-        return Ok(if ablated(ablate::FLOW_MAPS) {
-            Next::Nothing
-        } else {
-            Next::H2Start
+        count(counters, counted);
+        return Ok(match () {
+            _ if ablated(ablate::FLOW_MAPS) => Next::Nothing,
+            _ if counted == counter::H2_PREFACES => Next::H2Start,
+            _ => Next::H2Join,
         });
     }
     let (kind, budget, ts_ns) = match start {

@@ -24,7 +24,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     let route = setup::ensure(true)?;
     if !args.kernel {
-        setup::ensure_packages(&["wrk", "iperf3"])?;
+        setup::ensure_packages(&["wrk", "iperf3", "nghttp2-client"])?;
     }
     toolchain::run(toolchain::cargo(&route).args([
         "build",

@@ -27,6 +27,8 @@ pub struct Counters {
     pub h2_segments: u64,
     /// Followed HTTP/2 connections the kernel lost track of.
     pub h2_lost: u64,
+    /// HTTP/2 connections followed from the middle (their preface unseen).
+    pub h2_joins: u64,
 }
 
 impl Counters {
@@ -46,6 +48,7 @@ impl Counters {
             self.h2_prefaces,
             self.h2_segments,
             self.h2_lost,
+            self.h2_joins,
         ];
         counter::NAMES.into_iter().zip(values)
     }
@@ -80,6 +83,7 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
         h2_prefaces: sum(counter::H2_PREFACES),
         h2_segments: sum(counter::H2_SEGMENTS),
         h2_lost: sum(counter::H2_LOST),
+        h2_joins: sum(counter::H2_JOINS),
     })
 }
 

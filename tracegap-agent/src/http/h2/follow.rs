@@ -4,10 +4,14 @@
 //! (the engine relates a service's calls to what it was serving then) and
 //! exchanges as they end.
 //!
-//! A connection is known from its client preface: the kernel follows only
-//! connections whose start it saw, so an event of an unknown connection
-//! (the agent restarted while the kernel's maps lived on) is counted and
-//! dropped, never decoded without its table.
+//! A connection is known from its client preface, or joined mid-way: the
+//! kernel follows a connection already open (the agent restarted, and gRPC
+//! connections live for hours) from a segment that starts with a HEADERS
+//! frame. Its first header block says which side is the client (a request
+//! starts with `:method`, `:path` or `:scheme`, a response with `:status`:
+//! pseudo-header fields come first); the tables are read as joined (see
+//! [`super::hpack::Decoder::joined`]): what an unseen entry names is not
+//! guessed. An event of a connection neither starts is counted and dropped.
 
 use serde::Serialize;
 use tracegap_common::EventKind;
@@ -47,10 +51,12 @@ pub enum Out {
     },
 }
 
-/// Counts for metrics: what could not be read, and why.
+/// Counts for metrics: connections, what could not be read, and why.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct H2Stats {
     pub connections: u64,
+    /// Connections read from the middle (their preface unseen).
+    pub joined: u64,
     /// Events of a connection whose preface was not seen.
     pub unknown_connection: u64,
     /// Directions that stopped on bytes that are not HTTP/2 as it should be.
@@ -98,19 +104,16 @@ impl Connections {
         } else if self.conns.contains_key(&(e.flow.reversed(), e.ifindex)) {
             ((e.flow.reversed(), e.ifindex), false)
         } else if !lost && e.payload.starts_with(PREFACE) {
-            if self.conns.len() >= MAX_CONNECTIONS {
-                self.evict_oldest();
-            }
-            self.stats.connections += 1;
-            let c = Conn {
-                conn: Connection::new(),
-                client_next: None,
-                server_next: None,
-                via: e.via,
-                last_ns: e.ts_ns,
-            };
-            self.conns.insert((e.flow, e.ifindex), c);
+            self.insert((e.flow, e.ifindex), Connection::new(), e);
             ((e.flow, e.ifindex), true)
+        } else if let Some(side) = (!lost).then(|| first_block_side(&e.payload)).flatten() {
+            self.stats.joined += 1;
+            let key = match side {
+                Side::Client => (e.flow, e.ifindex),
+                Side::Server => (e.flow.reversed(), e.ifindex),
+            };
+            self.insert(key, Connection::joined(), e);
+            (key, side == Side::Client)
         } else {
             if !lost {
                 self.stats.unknown_connection += 1;
@@ -212,6 +215,21 @@ impl Connections {
         }
     }
 
+    fn insert(&mut self, key: (Flow, u32), conn: Connection, e: &RawEvent) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            self.evict_oldest();
+        }
+        self.stats.connections += 1;
+        let c = Conn {
+            conn,
+            client_next: None,
+            server_next: None,
+            via: e.via,
+            last_ns: e.ts_ns,
+        };
+        self.conns.insert(key, c);
+    }
+
     /// Forgets connections idle since before `ts_ns`.
     pub fn forget_before(&mut self, ts_ns: u64) {
         let idle: Vec<_> = self
@@ -240,6 +258,49 @@ impl Connections {
         if let Some(c) = self.conns.remove(key) {
             self.stats.streams_dropped += c.conn.in_flight() as u64;
         }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Side {
+    Client,
+    Server,
+}
+
+/// Which side sent `bytes`, a HEADERS frame first, by its block's first
+/// field: a request's pseudo-header (`:authority`, `:method`, `:path`,
+/// `:scheme`: static entries 1-7) or a response's (`:status`, 8-14), as an
+/// indexed field or a literal's name. None: a dynamic entry, or not a
+/// HEADERS frame of a client-initiated (odd) stream.
+fn first_block_side(bytes: &[u8]) -> Option<Side> {
+    let h = bytes.get(..9)?;
+    let (kind, flags) = (h[3], h[4]);
+    let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+    if kind != 0x1 || stream % 2 == 0 {
+        return None;
+    }
+    let mut at = 9;
+    if flags & 0x8 != 0 {
+        at += 1;
+    }
+    if flags & 0x20 != 0 {
+        at += 5;
+    }
+    let first = *bytes.get(at)?;
+    // RFC 7541 §6: indexed (1xxxxxxx, 7-bit index), literal with
+    // incremental indexing (01xxxxxx, 6-bit name index), the others
+    // (0000xxxx / 0001xxxx, 4-bit name index). A dynamic table size update
+    // (001xxxxx) may come first: then it cannot tell.
+    let index = match first {
+        b if b & 0x80 != 0 => b & 0x7f,
+        b if b & 0xc0 == 0x40 => b & 0x3f,
+        b if b & 0xe0 == 0x20 => return None,
+        b => b & 0x0f,
+    };
+    match index {
+        1..=7 => Some(Side::Client),
+        8..=14 => Some(Side::Server),
+        _ => None,
     }
 }
 
@@ -349,8 +410,8 @@ mod tests {
     fn a_connection_the_kernel_lost_or_never_started_is_not_read() {
         let mut c = Connections::default();
         let mut out = Vec::new();
-        // No preface seen: counted, not decoded.
-        c.push(&ev(flow(), 5, &request(1, "/x")), false, &mut out);
+        // No preface seen, and no HEADERS frame to join at: counted.
+        c.push(&ev(flow(), 5, &frame(0, 0, 1, b"body")), false, &mut out);
         assert_eq!(c.stats.unknown_connection, 1);
         let mut first = PREFACE.to_vec();
         first.extend(request(1, "/a"));
@@ -365,10 +426,54 @@ mod tests {
             "{:?}",
             c.stats
         );
-        // What comes after is of an unknown connection.
-        c.push(&ev(flow(), 2000, &request(3, "/b")), false, &mut out);
+        // What comes after is of an unknown connection, until a segment
+        // starts with a request again (the kernel joins it there too).
+        c.push(&ev(flow(), 2000, &frame(0, 1, 1, b"end")), false, &mut out);
         assert_eq!(started(&out), [1]);
         assert_eq!(c.stats.unknown_connection, 2);
+        c.push(&ev(flow(), 2100, &request(3, "/b")), false, &mut out);
+        assert_eq!(started(&out), [1, 3]);
+        assert_eq!(c.stats.joined, 1);
+    }
+
+    #[test]
+    fn a_connection_joined_mid_way_is_read_from_either_sides_first_block() {
+        // The response side first: the connection is keyed by the client.
+        let mut c = Connections::default();
+        let mut out = Vec::new();
+        c.push(
+            &ev(flow().reversed(), 50, &frame(1, 5, 1, &[0x88])),
+            false,
+            &mut out,
+        );
+        assert_eq!((c.len(), c.stats.joined), (1, 1));
+        // Then a request: literal fields, readable without the table.
+        c.push(&ev(flow(), 1000, &request(3, "/a")), false, &mut out);
+        assert_eq!(started(&out), [3]);
+        // A request naming a dynamic entry never seen is not guessed at.
+        let mut b = vec![0x83, 0x86, 0x04, 2, b'/', b'b', 0xbe];
+        let f = frame(1, 4, 5, &std::mem::take(&mut b));
+        c.push(
+            &ev(flow(), 1000 + request(3, "/a").len() as u32, &f),
+            false,
+            &mut out,
+        );
+        assert_eq!(started(&out), [3]);
+        assert_eq!(c.stats.unobservable, 1, "{:?}", c.stats);
+        // A first block that starts from the dynamic table says nothing.
+        let mut d = Connections::default();
+        let other = Flow {
+            src: crate::events::Endpoint {
+                port: 40001,
+                ..flow().src
+            },
+            ..flow()
+        };
+        d.push(&ev(other, 7, &frame(1, 4, 1, &[0xbe])), false, &mut out);
+        assert_eq!((d.len(), d.stats.unknown_connection), (0, 1));
+        // Nor does a frame of a server-initiated (even) stream.
+        d.push(&ev(other, 7, &frame(1, 4, 2, &[0x82])), false, &mut out);
+        assert_eq!(d.stats.unknown_connection, 2);
     }
 
     #[test]
