@@ -9,8 +9,6 @@
 //! request is marked unobservable, for its caller to count and not to
 //! classify, until the table is resynchronised.
 
-use std::collections::HashMap;
-
 use super::{
     frame::{Direction, Error, Event},
     hpack::Block,
@@ -21,10 +19,11 @@ use crate::http::context::{Found, Headers, traceparent};
 /// dropped (its response will find nothing to pair with).
 pub const MAX_STREAMS: usize = 1024;
 
-/// One header block's fields, names lowercase.
+/// One header block's fields, names lowercase. Shared, not copied, by the
+/// stream's start and its exchange.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Fields {
-    fields: Vec<(String, String)>,
+    fields: std::sync::Arc<[(String, String)]>,
     /// Fields whose name (or whole field) came from an unseen table entry
     /// and whose value's shape tells nothing.
     pub unknown: usize,
@@ -33,25 +32,34 @@ pub struct Fields {
 }
 
 impl Fields {
-    pub fn from_block(block: &Block) -> Self {
-        let mut out = Self::default();
-        for f in &block.fields {
-            let value = f
-                .value
-                .as_deref()
-                .map(|v| String::from_utf8_lossy(v).into_owned());
-            match (&f.name, value) {
-                (Some(n), Some(v)) => out
-                    .fields
-                    .push((String::from_utf8_lossy(n).to_ascii_lowercase(), v)),
-                (None, Some(v)) if matches!(traceparent(&v), Found::Valid(_)) => {
-                    out.inferred += 1;
-                    out.fields.push(("traceparent".to_owned(), v));
+    pub fn from_block(block: Block) -> Self {
+        // The decoded bytes become the strings (no copy when they are
+        // UTF-8, as header fields almost always are).
+        let text = |b: Vec<u8>| {
+            String::from_utf8(b)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+        };
+        let (mut fields, mut unknown, mut inferred) =
+            (Vec::with_capacity(block.fields.len()), 0, 0);
+        for f in block.fields {
+            match (f.name, f.value.map(text)) {
+                (Some(n), Some(v)) => {
+                    let mut n = text(n);
+                    n.make_ascii_lowercase();
+                    fields.push((n, v));
                 }
-                _ => out.unknown += 1,
+                (None, Some(v)) if matches!(traceparent(&v), Found::Valid(_)) => {
+                    inferred += 1;
+                    fields.push(("traceparent".to_owned(), v));
+                }
+                _ => unknown += 1,
             }
         }
-        out
+        Self {
+            fields: fields.into(),
+            unknown,
+            inferred,
+        }
     }
 
     /// Whether a field may be missing from what was read.
@@ -147,7 +155,7 @@ struct Open {
 pub struct Connection {
     client: Direction,
     server: Direction,
-    open: HashMap<u32, Open>,
+    open: crate::FastMap<u32, Open>,
     opened: u64,
 }
 
@@ -157,7 +165,7 @@ impl Connection {
         Self {
             client: Direction::client(),
             server: Direction::server(),
-            open: HashMap::new(),
+            open: crate::FastMap::default(),
             opened: 0,
         }
     }
@@ -237,7 +245,7 @@ impl Connection {
                     self.open.insert(
                         stream,
                         Open {
-                            request: Fields::from_block(&block),
+                            request: Fields::from_block(block),
                             response: None,
                             trailers: None,
                             start_ns: ts_ns,
@@ -276,7 +284,7 @@ impl Connection {
                     let Some(o) = self.open.get_mut(&stream) else {
                         continue;
                     };
-                    let fields = Fields::from_block(&block);
+                    let fields = Fields::from_block(block);
                     let informational =
                         fields.header(":status").is_some_and(|s| s.starts_with('1'));
                     if o.response.is_none() {

@@ -78,11 +78,24 @@ enum State {
     /// The client's preface, this many bytes of it seen.
     Preface(usize),
     /// Reading a frame header: the bytes so far.
-    Header(Vec<u8>),
+    Header(Partial),
     /// Inside a frame's payload.
     Payload(Frame),
     /// Gave up (an error): nothing more is read on this direction.
     Lost,
+}
+
+/// A frame header's first bytes: on the stack, as every frame has one.
+#[derive(Debug, Default)]
+struct Partial {
+    bytes: [u8; 9],
+    len: usize,
+}
+
+impl Partial {
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 #[derive(Debug)]
@@ -120,7 +133,7 @@ impl Direction {
     /// The server's side from the connection's start.
     pub fn server() -> Self {
         Self {
-            state: State::Header(Vec::new()),
+            state: State::Header(Partial::default()),
             decoder: Decoder::new(),
             block: None,
         }
@@ -130,7 +143,7 @@ impl Direction {
     /// table holds entries this reader never saw.
     pub fn joined() -> Self {
         Self {
-            state: State::Header(Vec::new()),
+            state: State::Header(Partial::default()),
             decoder: Decoder::joined(),
             block: None,
         }
@@ -165,13 +178,15 @@ impl Direction {
                 let _ = n;
                 f.left = 0;
                 let _ = self.finish_if_empty(out);
-                self.state = State::Header(Vec::new());
+                self.state = State::Header(Partial::default());
             }
             State::Header(h) if h.is_empty() => {}
             // A frame header cut short whose frame was skipped.
-            State::Header(_) if self.block.is_none() => self.state = State::Header(Vec::new()),
+            State::Header(_) if self.block.is_none() => {
+                self.state = State::Header(Partial::default())
+            }
             _ => {
-                self.state = State::Header(Vec::new());
+                self.state = State::Header(Partial::default());
                 self.block = None;
                 self.decoder.lose_table();
             }
@@ -202,15 +217,16 @@ impl Direction {
                     *seen += n;
                     *bytes = &bytes[n..];
                     if *seen == PREFACE.len() {
-                        self.state = State::Header(Vec::new());
+                        self.state = State::Header(Partial::default());
                     }
                 }
                 State::Header(h) => {
-                    let n = (9 - h.len()).min(bytes.len());
-                    h.extend_from_slice(&bytes[..n]);
+                    let n = (9 - h.len).min(bytes.len());
+                    h.bytes[h.len..h.len + n].copy_from_slice(&bytes[..n]);
+                    h.len += n;
                     *bytes = &bytes[n..];
-                    if h.len() == 9 {
-                        let header = h_to_array(h);
+                    if h.len == 9 {
+                        let header = h.bytes;
                         let frame = self.begin(header)?;
                         self.state = State::Payload(frame);
                         self.finish_if_empty(out)?;
@@ -270,15 +286,21 @@ impl Direction {
         if f.left > 0 {
             return Ok(());
         }
-        let State::Payload(f) = std::mem::replace(&mut self.state, State::Header(Vec::new()))
+        let State::Payload(f) =
+            std::mem::replace(&mut self.state, State::Header(Partial::default()))
         else {
             return Ok(());
         };
         match f.kind {
             DATA if f.flags & END_STREAM != 0 => out.push(Event::EndStream { stream: f.stream }),
             HEADERS => {
-                let fragment = headers_fragment(&f)?;
-                self.block = Some((f.stream, fragment.to_vec(), f.flags & END_STREAM != 0));
+                // The payload becomes the block in place (the common frame
+                // has no padding or priority: nothing moves).
+                let range = fragment_range(&f)?;
+                let mut block = f.bytes;
+                block.truncate(range.end);
+                block.drain(..range.start);
+                self.block = Some((f.stream, block, f.flags & END_STREAM != 0));
                 if f.flags & END_HEADERS != 0 {
                     self.end_block(out)?;
                 }
@@ -328,26 +350,28 @@ impl Direction {
     }
 }
 
-fn h_to_array(h: &[u8]) -> [u8; 9] {
-    let mut a = [0u8; 9];
-    a.copy_from_slice(&h[..9]);
-    a
+/// Where a HEADERS (or PUSH_PROMISE) payload's block fragment lies, its
+/// padding and priority left out.
+fn fragment_range(f: &Frame) -> Result<std::ops::Range<usize>, Error> {
+    let mut start = 0usize;
+    let mut pad = 0usize;
+    if f.flags & PADDED != 0 {
+        pad = usize::from(*f.bytes.first().ok_or(Error::Padding)?);
+        start = 1;
+    }
+    if f.kind == HEADERS && f.flags & PRIORITY != 0 {
+        start += 5;
+    }
+    let end = f.bytes.len().checked_sub(pad).ok_or(Error::Padding)?;
+    if start > end {
+        return Err(Error::Padding);
+    }
+    Ok(start..end)
 }
 
 /// A HEADERS (or PUSH_PROMISE) payload without its padding and priority.
 fn headers_fragment(f: &Frame) -> Result<&[u8], Error> {
-    let mut p = f.bytes.as_slice();
-    let mut pad = 0usize;
-    if f.flags & PADDED != 0 {
-        let (&n, rest) = p.split_first().ok_or(Error::Padding)?;
-        pad = usize::from(n);
-        p = rest;
-    }
-    if f.kind == HEADERS && f.flags & PRIORITY != 0 {
-        p = p.get(5..).ok_or(Error::Padding)?;
-    }
-    p.get(..p.len().checked_sub(pad).ok_or(Error::Padding)?)
-        .ok_or(Error::Padding)
+    Ok(&f.bytes[fragment_range(f)?])
 }
 
 #[cfg(test)]
