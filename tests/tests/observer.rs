@@ -10,6 +10,7 @@ use tracegap_agent::{
     http::{
         assemble::{Assembler, Message, Pairer},
         context::{Format, Found, Propagation},
+        h2::follow::{Connections, H2Stats, Out},
         message::StartLine,
     },
 };
@@ -555,6 +556,40 @@ fn an_http2_connection_is_counted_once_and_not_taken_for_http1() -> anyhow::Resu
     Ok(())
 }
 
+/// The HTTP/2 events of the connections to the server's :8080.
+fn h2_events(events: &[RawEvent]) -> Vec<RawEvent> {
+    events
+        .iter()
+        .filter(|e| e.kind == EventKind::Http2 && e.flow.dst.port == 8080)
+        .cloned()
+        .collect()
+}
+
+/// The requests user space reads out of HTTP/2 events, as they start:
+/// stream, path and traceparent; with what it counted.
+fn h2_requests(events: &[RawEvent]) -> (Vec<(u32, String, Option<String>)>, H2Stats) {
+    use tracegap_agent::http::context::Headers as _;
+    let mut conns = Connections::default();
+    let mut out = Vec::new();
+    for e in events {
+        conns.push(e, e.payload.is_empty(), &mut out);
+    }
+    let started = out
+        .iter()
+        .filter_map(|o| match o {
+            Out::Started {
+                stream, request, ..
+            } => Some((
+                *stream,
+                request.header(":path")?.to_owned(),
+                request.header("traceparent").map(str::to_owned),
+            )),
+            Out::Done { .. } => None,
+        })
+        .collect();
+    (started, conns.stats)
+}
+
 /// An HTTP/2 frame: 9-byte header and payload.
 fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len();
@@ -587,6 +622,14 @@ fn send_segments(
 ) -> anyhow::Result<()> {
     pod.spawn(move || -> std::io::Result<()> {
         use std::io::Write as _;
+        // On one CPU: a sender moving between CPUs can have its segments
+        // reordered on the veth under load (README, HTTP/2 limits).
+        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+        unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(0, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+        }
         let mut c = std::net::TcpStream::connect(to)?;
         c.set_nodelay(true)?;
         for w in writes {
@@ -655,11 +698,7 @@ fn http2_header_frames_are_copied_whole_and_data_frames_skipped() -> anyhow::Res
         ],
     )?;
     let events = collect_events(&mut s.ring, Duration::from_millis(500), |_| false);
-    let h2: Vec<_> = events
-        .iter()
-        .filter(|e| e.kind == EventKind::Http2 && e.flow.dst.port == 8080)
-        .cloned()
-        .collect();
+    let h2 = h2_events(&events);
     assert!(
         events.iter().all(|e| e.kind != EventKind::Request),
         "no HTTP/1 request: {events:?}"
@@ -683,40 +722,22 @@ fn http2_header_frames_are_copied_whole_and_data_frames_skipped() -> anyhow::Res
     );
     // What user space makes of them: three requests, their paths and
     // contexts, read across the gaps and the cut frame header.
-    let mut conns = tracegap_agent::http::h2::follow::Connections::default();
-    let mut out = Vec::new();
-    for e in &h2 {
-        conns.push(e, e.payload.is_empty(), &mut out);
-    }
-    let started: Vec<(u32, String, String)> = out
-        .iter()
-        .filter_map(|o| match o {
-            tracegap_agent::http::h2::follow::Out::Started {
-                stream, request, ..
-            } => {
-                use tracegap_agent::http::context::Headers as _;
-                Some((
-                    *stream,
-                    request.header(":path")?.to_owned(),
-                    request.header("traceparent")?.to_owned(),
-                ))
-            }
-            _ => None,
-        })
-        .collect();
-    let want: Vec<(u32, String, String)> =
+    let (started, stats) = h2_requests(&h2);
+    let want: Vec<(u32, String, Option<String>)> =
         [(1, "/one", "a1"), (3, "/three", "a3"), (5, "/five", "a5")]
             .into_iter()
             .map(|(id, p, span)| {
                 (
                     id,
                     p.to_owned(),
-                    format!("00-0af7651916cd43dd8448eb211c80319c-00000000000000{span}-01"),
+                    Some(format!(
+                        "00-0af7651916cd43dd8448eb211c80319c-00000000000000{span}-01"
+                    )),
                 )
             })
             .collect();
-    assert_eq!(started, want, "{:?}", conns.stats);
-    assert_eq!(conns.stats.protocol_errors, 0, "{:?}", conns.stats);
+    assert_eq!(started, want, "{stats:?}");
+    assert_eq!(stats.protocol_errors, 0, "{stats:?}");
     let c = s.observer.counters()?;
     assert_eq!((c.h2_prefaces, c.h2_lost), (1, 0), "{c:?}");
     assert!(c.h2_segments >= 4, "{c:?}");
@@ -740,31 +761,14 @@ fn an_http2_connection_of_thousands_of_tiny_frames_keeps_its_boundaries() -> any
     let after = h2_frame(1, 4, 1, &h2_request_block("/after", "00000000000000b1"));
     send_segments(s.node.pod("client"), server, vec![first, tiny, after])?;
     let events = collect_events(&mut s.ring, Duration::from_millis(500), |_| false);
-    let h2: Vec<_> = events
-        .iter()
-        .filter(|e| e.kind == EventKind::Http2 && e.flow.dst.port == 8080)
-        .cloned()
-        .collect();
+    let h2 = h2_events(&events);
     // Only the cut headers' few bytes copied besides the preface and the
     // request, and the request read after them.
     let copied: usize = h2.iter().map(|e| e.payload.len()).sum();
     assert!(copied < 1000, "copied {copied} bytes: {h2:?}");
-    let mut conns = tracegap_agent::http::h2::follow::Connections::default();
-    let mut out = Vec::new();
-    for e in &h2 {
-        conns.push(e, e.payload.is_empty(), &mut out);
-    }
-    let paths: Vec<String> = out
-        .iter()
-        .filter_map(|o| match o {
-            tracegap_agent::http::h2::follow::Out::Started { request, .. } => {
-                use tracegap_agent::http::context::Headers as _;
-                request.header(":path").map(str::to_owned)
-            }
-            _ => None,
-        })
-        .collect();
-    assert_eq!(paths, ["/after"], "{:?}", conns.stats);
+    let (started, stats) = h2_requests(&h2);
+    let paths: Vec<&str> = started.iter().map(|(_, p, _)| p.as_str()).collect();
+    assert_eq!(paths, ["/after"], "{stats:?}");
     let c = s.observer.counters()?;
     assert_eq!((c.h2_prefaces, c.h2_lost), (1, 0), "{c:?}");
     s.observer.detach_all()?;
@@ -791,43 +795,22 @@ fn an_http2_connection_open_before_the_programs_is_joined_at_a_request() -> anyh
     let third = h2_frame(1, 4, 3, &block);
     send_segments(s.node.pod("client"), server, vec![first, third])?;
     let events = collect_events(&mut s.ring, Duration::from_millis(500), |_| false);
-    let h2: Vec<_> = events
-        .iter()
-        .filter(|e| e.kind == EventKind::Http2 && e.flow.dst.port == 8080)
-        .cloned()
-        .collect();
-    let mut conns = tracegap_agent::http::h2::follow::Connections::default();
-    let mut out = Vec::new();
-    for e in &h2 {
-        conns.push(e, e.payload.is_empty(), &mut out);
-    }
-    let started: Vec<(String, Option<String>)> = out
-        .iter()
-        .filter_map(|o| match o {
-            tracegap_agent::http::h2::follow::Out::Started { request, .. } => {
-                use tracegap_agent::http::context::Headers as _;
-                Some((
-                    request.header(":path")?.to_owned(),
-                    request.header("traceparent").map(str::to_owned),
-                ))
-            }
-            _ => None,
-        })
-        .collect();
+    let h2 = h2_events(&events);
+    let (started, stats) = h2_requests(&h2);
     // The second request's traceparent is known by its value's shape.
     assert_eq!(
         started,
         [
             (
+                1,
                 "/one".to_owned(),
                 Some("00-0af7651916cd43dd8448eb211c80319c-00000000000000c1-01".to_owned())
             ),
-            ("/three".to_owned(), Some(tp)),
+            (3, "/three".to_owned(), Some(tp)),
         ],
-        "{:?}",
-        conns.stats
+        "{stats:?}"
     );
-    assert_eq!(conns.stats.joined, 1, "{:?}", conns.stats);
+    assert_eq!(stats.joined, 1, "{stats:?}");
     let c = s.observer.counters()?;
     assert_eq!((c.h2_prefaces, c.h2_joins, c.h2_lost), (0, 1, 0), "{c:?}");
     s.observer.detach_all()?;

@@ -216,16 +216,19 @@ enum Walk {
 fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow) -> Walk {
     let (s, l) = (seg.seq, seg.payload_len);
     let behind = st.end.wrapping_sub(s) as i32;
-    if behind != 0 {
-        // A retransmission of bytes already read changes nothing; a gap
-        // (a segment this hook never saw) or a partial overlap loses the
-        // boundaries.
-        let new_end = s.wrapping_add(l).wrapping_sub(st.end) as i32;
-        return if behind > 0 && new_end <= 0 {
-            Walk::Nothing
-        } else {
-            Walk::Lost
-        };
+    if behind < 0 {
+        // A gap: a segment this hook never saw.
+        return Walk::Lost;
+    }
+    if behind > 0 {
+        // A retransmission of bytes already read changes nothing. One
+        // that also carries new bytes (TCP sent it again, cut otherwise)
+        // is read on from the next frame header, which it holds whole if
+        // the last segment cut it: user space keeps only the new bytes.
+        if s.wrapping_add(l).wrapping_sub(st.end) as i32 <= 0 {
+            return Walk::Nothing;
+        }
+        st.have = 0;
     }
     // A frame header the last segment cut: its first 5 bytes complete.
     if st.have > 0 {

@@ -523,20 +523,7 @@ mod tests {
     };
 
     fn ev(kind: EventKind, flow: Flow, ifindex: u32, seq: u32, payload: &[u8]) -> RawEvent {
-        RawEvent {
-            ts_ns: seq as u64,
-            flow,
-            ifindex,
-            direction: Direction::Egress,
-            kind,
-            seq,
-            ack: 0,
-            short_start: false,
-            segment_len: payload.len() as u32,
-            budget_exhausted: false,
-            payload: payload.to_vec().into(),
-            via: None,
-        }
+        crate::http::testing::event(kind, flow, ifindex, seq, payload)
     }
 
     #[test]

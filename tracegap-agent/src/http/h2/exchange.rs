@@ -348,17 +348,10 @@ impl Default for Connection {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::h2::testing::frame;
     use crate::http::{context::Propagation, h2::frame::PREFACE};
 
     const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len();
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
 
     /// Literal fields; `index` ones are added to the table (§6.2.1).
     fn block(fields: &[(&str, &str)], index: bool) -> Vec<u8> {

@@ -320,18 +320,10 @@ impl MaxSeq for u32 {
 
 #[cfg(test)]
 mod tests {
-    use tracegap_common::Direction;
 
     use super::*;
+    use crate::http::h2::testing::frame;
     use crate::http::testing::flow;
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len();
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
 
     /// POST, http, `path` (literals, not indexed).
     fn request(stream: u32, path: &str) -> Vec<u8> {
@@ -341,20 +333,7 @@ mod tests {
     }
 
     fn ev(flow: Flow, seq: u32, payload: &[u8]) -> RawEvent {
-        RawEvent {
-            ts_ns: u64::from(seq),
-            flow,
-            ifindex: 7,
-            direction: Direction::Ingress,
-            kind: EventKind::Http2,
-            seq,
-            ack: 0,
-            short_start: false,
-            segment_len: payload.len() as u32,
-            budget_exhausted: false,
-            payload: payload.to_vec().into(),
-            via: None,
-        }
+        crate::http::testing::event(EventKind::Http2, flow, 7, seq, payload)
     }
 
     fn started(out: &[Out]) -> Vec<u32> {

@@ -377,14 +377,7 @@ fn headers_fragment(f: &Frame) -> Result<&[u8], Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-        let len = payload.len();
-        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-        f.extend_from_slice(&stream.to_be_bytes());
-        f.extend_from_slice(payload);
-        f
-    }
+    use crate::http::h2::testing::frame;
 
     /// A header block of literal fields without indexing, new names.
     fn block(fields: &[(&str, &str)]) -> Vec<u8> {
