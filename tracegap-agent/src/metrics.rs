@@ -180,6 +180,18 @@ impl Default for Metrics {
     }
 }
 
+/// Adds to `family`'s `reason` what a running count gained since it was
+/// last `l` (now `n`).
+fn add_since(family: &Family<ReasonLabels, Counter>, reason: &str, n: u64, l: u64) {
+    if n > l {
+        family
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc_by(n - l);
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tracegap");
@@ -447,13 +459,7 @@ impl Metrics {
             ("streams_dropped", now.streams_dropped, last.streams_dropped),
             ("unobservable", now.unobservable, last.unobservable),
         ] {
-            if n > l {
-                self.h2_unread
-                    .get_or_create(&ReasonLabels {
-                        reason: reason.to_owned(),
-                    })
-                    .inc_by(n - l);
-            }
+            add_since(&self.h2_unread, reason, n, l);
         }
         *last = now;
     }
@@ -470,13 +476,7 @@ impl Metrics {
             ("unsynchronised", now.unsynchronised, last.unsynchronised),
             ("tunnel", now.tunnel, last.tunnel),
         ] {
-            if n > l {
-                self.starts_ignored
-                    .get_or_create(&ReasonLabels {
-                        reason: reason.to_owned(),
-                    })
-                    .inc_by(n - l);
-            }
+            add_since(&self.starts_ignored, reason, n, l);
         }
         self.resyncs
             .inc_by(now.resyncs.saturating_sub(last.resyncs));
