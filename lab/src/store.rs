@@ -124,6 +124,22 @@ fn store(spans: &Store, forward: &Forward, req: ExportTraceServiceRequest, via: 
 /// down: it answers, and says no).
 type Refusing = Arc<std::sync::atomic::AtomicBool>;
 
+/// Keeps a stopped receiver's port bound without listening: connections
+/// to it are refused, as to a collector that is down, but the port cannot
+/// be handed to another socket's connect() in the meantime (seen in CI: a
+/// port chosen from the ephemeral range, let go of for seconds, was taken
+/// by some test's outgoing connection and the receiver could not come
+/// back). Both ends set SO_REUSEADDR, so a listener binds beside it.
+fn hold(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
+}
+
 fn refusing(r: &Refusing) -> bool {
     r.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -160,6 +176,8 @@ pub struct Receiver {
     down: Arc<Mutex<Vec<Downtime>>>,
     forward: Forward,
     refusing: Refusing,
+    /// While stopped: the ports kept bound, not listening (see [`hold`]).
+    held: Vec<tokio::net::TcpSocket>,
 }
 
 /// What readers of the store share with it (the query API).
@@ -201,6 +219,7 @@ impl Receiver {
             running: None,
             down: Arc::default(),
             refusing: Refusing::default(),
+            held: Vec::new(),
         };
         r.serve(Some((grpc, http)))?;
         Ok(r)
@@ -209,6 +228,7 @@ impl Receiver {
     /// Starts serving again (after [`Receiver::stop`]), on the same ports.
     pub fn resume(&mut self) -> anyhow::Result<()> {
         self.serve(None)?;
+        self.held.clear();
         if let Ok(mut down) = self.down.lock()
             && let Some(d) = down.last_mut().filter(|d| d.until.is_none())
         {
@@ -337,6 +357,10 @@ impl Receiver {
         if let Some((tx, thread)) = self.running.take() {
             let _ = tx.send(());
             let _ = thread.join();
+            self.held = [self.grpc, self.http]
+                .into_iter()
+                .filter_map(|addr| hold(addr).ok())
+                .collect();
             if let Ok(mut down) = self.down.lock() {
                 down.push(Downtime {
                     from: std::time::SystemTime::now(),
