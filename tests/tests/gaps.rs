@@ -13,13 +13,12 @@ use std::{
 use tracegap_agent::{
     agent::AgentConfig,
     export::{ExportConfig, OtlpProtocol},
-    gap::span::ExportMode,
-    interfaces::Selection,
     report::Report,
 };
 use tracegap_tests::{
     Node,
     agent::Agent,
+    agent_config,
     demo::{Behaviour, Propagator, SamplerSpec, Service, ServiceSpec},
     otlp::{Received, Receiver},
     privileged,
@@ -43,9 +42,6 @@ struct Lab {
 
 fn config(node: &Node, receiver: &Receiver, export: ExportConfig) -> AgentConfig {
     AgentConfig {
-        interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
         cors_origin: Some(JAEGER_ORIGIN.into()),
         export: ExportConfig {
             endpoint: Some(match export.protocol {
@@ -56,13 +52,7 @@ fn config(node: &Node, receiver: &Receiver, export: ExportConfig) -> AgentConfig
             }),
             ..export
         },
-        export_mode: ExportMode::Gaps,
-        export_unsampled: false,
-        services: node.identities("lab"),
-        response_timeout: Duration::from_secs(30),
-        kubernetes: None,
-        node_name: None,
-        reconcile: None,
+        ..agent_config(node, receiver)
     }
 }
 

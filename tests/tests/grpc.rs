@@ -6,20 +6,17 @@
 //! exports on the same wire are telemetry, never hops.
 
 use std::{
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
 use tracegap_agent::{
-    agent::AgentConfig,
-    export::{ExportConfig, OtlpProtocol},
-    gap::span::{ExportMode, Identity},
-    interfaces::Selection,
-    report::Report,
+    agent::AgentConfig, gap::span::Identity, interfaces::Selection, report::Report,
 };
 use tracegap_tests::{
     Node, TempDir,
     agent::Agent,
+    agent_config,
     demo::{Behaviour, ServiceSpec},
     otlp::Receiver,
     privileged,
@@ -28,30 +25,6 @@ use tracegap_tests::{
 const T1: &str = "0af7651916cd43dd8448eb211c80319c";
 const S1: &str = "b7ad6b7169203331";
 const EXPORT: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
-
-/// An agent exporting to `receiver` over gRPC at once, naming `services`
-/// (interfaces: none yet, the caller's to say).
-fn agent_config(receiver: &Receiver, services: Vec<(IpAddr, Identity)>) -> AgentConfig {
-    AgentConfig {
-        interfaces: Selection::Explicit(Vec::new()),
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-        cors_origin: None,
-        export: ExportConfig {
-            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
-            protocol: OtlpProtocol::Grpc,
-            interval: Duration::from_millis(100),
-            ..ExportConfig::default()
-        },
-        export_mode: ExportMode::Gaps,
-        export_unsampled: false,
-        services,
-        response_timeout: Duration::from_secs(30),
-        kubernetes: None,
-        node_name: None,
-        reconcile: None,
-    }
-}
 
 /// Dropped in field order: the agent, the receiver, then the node.
 struct Grpc {
@@ -82,7 +55,8 @@ impl Grpc {
         ));
         let agent = Agent::start(AgentConfig {
             interfaces: Selection::Explicit(vec![node.pod("client").host_if.clone()]),
-            ..agent_config(&receiver, services)
+            services,
+            ..agent_config(&node, &receiver)
         })?;
         let dir = TempDir::new("grpc")?;
         std::fs::write(dir.path().join("empty.grpc"), [0u8; 5])?;
@@ -329,10 +303,7 @@ fn a_grpc_service_that_drops_the_context_on_its_http_call_is_stitched() -> anyho
     // related to it.
     let node = Node::new(&["client", "grpcsvc", "web"])?;
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
-    let agent = Agent::start(AgentConfig {
-        interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
-        ..agent_config(&receiver, node.identities("lab"))
-    })?;
+    let agent = Agent::start(agent_config(&node, &receiver))?;
     let web = tracegap_tests::http::HttpServer::start(node.pod("web"), 8080)?;
     let grpcsvc = ServiceSpec {
         grpc: true,

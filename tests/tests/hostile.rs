@@ -14,21 +14,19 @@ use tracegap_agent::{
     agent::AgentConfig,
     clock::WallClock,
     events::RawEvent,
-    export::{ExportConfig, OtlpProtocol},
     gap::span::ExportMode,
     http::{
         assemble::{Answer, Assembler, Message, Pairer},
         context::{Found, Propagation},
         message::StartLine,
     },
-    interfaces::Selection,
     observe::format_line,
     report::Report,
 };
 use tracegap_tests::{
     Node, Pod,
     agent::Agent,
-    collect_events,
+    agent_config, collect_events,
     http::{HttpServer, read_response},
     otlp::Receiver,
     privileged,
@@ -498,24 +496,11 @@ fn the_agent_keeps_running_and_reports_no_forged_hop() -> anyhow::Result<()> {
     let pods = pods()?;
     let receiver = Receiver::start(std::net::Ipv4Addr::LOCALHOST.into())?;
     let agent = Agent::start(AgentConfig {
-        interfaces: Selection::Explicit(pods.node.pods.iter().map(|p| p.host_if.clone()).collect()),
-        listen: SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0)),
-        report_listen: Some(SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, 0))),
-        cors_origin: None,
-        export: ExportConfig {
-            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
-            protocol: OtlpProtocol::Grpc,
-            interval: Duration::from_millis(100),
-            ..ExportConfig::default()
-        },
         // A span for every hop: a forged one would show.
         export_mode: ExportMode::All,
         export_unsampled: true,
-        services: pods.node.identities("lab"),
         response_timeout: Duration::from_secs(1),
-        kubernetes: None,
-        node_name: None,
-        reconcile: None,
+        ..agent_config(&pods.node, &receiver)
     })?;
     let (v4, v6) = (to(&pods, PORT, false), to(&pods, PORT, true));
     client(pods.node.pod("client"), move || {

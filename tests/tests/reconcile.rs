@@ -15,9 +15,6 @@ use std::{
 
 use tracegap_agent::{
     agent::AgentConfig,
-    export::{ExportConfig, OtlpProtocol},
-    gap::span::ExportMode,
-    interfaces::Selection,
     reconcile::ReconcileConfig,
     report::{CalleeSpans, Report},
     tracestore::StoreKind,
@@ -25,6 +22,7 @@ use tracegap_agent::{
 use tracegap_tests::{
     Node,
     agent::Agent,
+    agent_config,
     demo::{Behaviour, Propagator, Service, ServiceSpec},
     otlp::{Received, Receiver},
     privileged,
@@ -101,28 +99,14 @@ fn lab_declaring(pods: &[&str], store: Store, declared: &[(&str, bool)]) -> anyh
         }
     }
     let agent = Agent::start(AgentConfig {
-        interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-        cors_origin: None,
-        export: ExportConfig {
-            protocol: OtlpProtocol::Grpc,
-            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
-            interval: Duration::from_millis(100),
-            ..ExportConfig::default()
-        },
-        export_mode: ExportMode::Gaps,
-        export_unsampled: false,
         services,
-        response_timeout: Duration::from_secs(30),
-        kubernetes: None,
-        node_name: None,
         reconcile: Some(ReconcileConfig {
             kind: StoreKind::Auto,
             settle: SETTLE,
             qps: 500,
             ..ReconcileConfig::new(url)
         }),
+        ..agent_config(&node, &receiver)
     })?;
     Ok(Lab {
         services: Vec::new(),
