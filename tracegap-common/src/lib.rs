@@ -285,6 +285,15 @@ pub mod h2_follow {
     /// default 16 KiB) ends the following instead of being walked past, as
     /// the start may have been bytes that only looked like a frame.
     pub const JOINED: u8 = 1 << 0;
+    /// The server's side of a connection followed from its client
+    /// preface, nothing of it read yet. A server writes its own preface
+    /// (SETTINGS) as it accepts, not after the client's: the two cross,
+    /// and the server's can pass this interface before the client's
+    /// preface does while the client's acknowledgement does not cover it
+    /// yet. Such a side starts at its first segment seen past the
+    /// acknowledgement instead of being lost, read as a joined side
+    /// ([`JOINED`]); see [`crate::counter::H2_SERVER_PREFACE_MISSED`].
+    pub const UNREAD: u8 = 1 << 1;
 }
 
 /// Indexes into the per-CPU counters: one map entry per CPU holding all of
@@ -325,8 +334,12 @@ pub mod counter {
     /// HTTP/2 connections already open when first seen, followed from a
     /// segment that starts with a HEADERS frame.
     pub const H2_JOINS: u32 = 13;
+    /// HTTP/2 server sides read from their second write: the server's
+    /// preface went by before the client's was seen (they crossed; see
+    /// [`crate::h2_follow::UNREAD`]).
+    pub const H2_SERVER_PREFACE_MISSED: u32 = 14;
     /// Number of counters.
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 15;
 
     /// Prometheus-style names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -344,6 +357,7 @@ pub mod counter {
         "h2_segments",
         "h2_lost",
         "h2_joins",
+        "h2_server_preface_missed",
     ];
 }
 

@@ -131,7 +131,11 @@ pub fn start(ctx: &TcContext, seg: &Segment, preface: bool) -> bool {
         next: seg.ack,
         end: seg.ack,
         copy_until: seg.ack,
-        flags: if preface { 0 } else { h2_follow::JOINED },
+        flags: if preface {
+            h2_follow::UNREAD
+        } else {
+            h2_follow::JOINED
+        },
         ..H2Follow::default()
     };
     let back = OpenKey {
@@ -171,7 +175,7 @@ pub fn segment(
     // SAFETY: the entry stays valid while the program runs (LRU deletion
     // by another CPU leaves the memory readable until the RCU grace period).
     let st = unsafe { &mut *st };
-    Ok(match walk(ctx, seg, st) {
+    Ok(match walk(ctx, seg, st, counters) {
         Walk::Copy { lo, hi } => {
             count(counters, counter::H2_SEGMENTS);
             let part = Segment {
@@ -213,9 +217,25 @@ enum Walk {
 /// Reads the frame headers in `seg`, advancing `st`, and says which of
 /// its bytes user space wants.
 #[inline(always)]
-fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow) -> Walk {
+fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counters) -> Walk {
     let (s, l) = (seg.seq, seg.payload_len);
-    let behind = st.end.wrapping_sub(s) as i32;
+    let mut behind = st.end.wrapping_sub(s) as i32;
+    if behind < 0 && st.flags & h2_follow::UNREAD != 0 {
+        // The server's preface (written as it accepted) went by before
+        // the client's was seen: only it can be missing, whole writes of
+        // frames the server sent unprompted, so this segment starts at a
+        // frame boundary. Read on from here, strictly as when joining.
+        count(counters, counter::H2_SERVER_PREFACE_MISSED);
+        *st = H2Follow {
+            next: s,
+            end: s,
+            copy_until: s,
+            flags: h2_follow::JOINED,
+            ..H2Follow::default()
+        };
+        behind = 0;
+    }
+    st.flags &= !h2_follow::UNREAD;
     if behind < 0 {
         // A gap: a segment this hook never saw.
         return Walk::Lost;

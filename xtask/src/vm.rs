@@ -24,7 +24,7 @@ pub const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
 /// The kernel-side test binaries (tests/tests/<name>.rs).
 const TESTS: [&str; 4] = ["ring_buffer", "observer", "discovery", "loader"];
 /// Modules the tests need that Debian builds as modules.
-const MODULES: [&str; 4] = ["veth", "bridge", "sch_ingress", "cls_bpf"];
+const MODULES: [&str; 5] = ["veth", "bridge", "sch_ingress", "cls_bpf", "sch_tbf"];
 /// Host tools the tests run, copied into the guest with their libraries.
 const TOOLS: [&str; 5] = ["ip", "tc", "nsenter", "curl", "openssl"];
 const GUEST_TIMEOUT: Duration = Duration::from_secs(25 * 60);

@@ -29,6 +29,9 @@ pub struct Counters {
     pub h2_lost: u64,
     /// HTTP/2 connections followed from the middle (their preface unseen).
     pub h2_joins: u64,
+    /// HTTP/2 server sides read from their second write: the server's
+    /// preface crossed the client's and went by first.
+    pub h2_server_preface_missed: u64,
 }
 
 impl Counters {
@@ -49,6 +52,7 @@ impl Counters {
             self.h2_segments,
             self.h2_lost,
             self.h2_joins,
+            self.h2_server_preface_missed,
         ];
         counter::NAMES.into_iter().zip(values)
     }
@@ -84,6 +88,7 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
         h2_segments: sum(counter::H2_SEGMENTS),
         h2_lost: sum(counter::H2_LOST),
         h2_joins: sum(counter::H2_JOINS),
+        h2_server_preface_missed: sum(counter::H2_SERVER_PREFACE_MISSED),
     })
 }
 

@@ -367,6 +367,7 @@ mod tests {
     }
 
     const HEADERS: u8 = 1;
+    const SETTINGS: u8 = 4;
     const DATA: u8 = 0;
     const END_STREAM: u8 = 1;
     const END_HEADERS: u8 = 4;
@@ -491,6 +492,10 @@ mod tests {
         w.extend(frame(HEADERS, END_HEADERS | END_STREAM, 3, &[0xbe]));
         fresh.client_bytes(&w, 1).unwrap();
         let mut out = Vec::new();
+        // The server's preface first, as a server writes it.
+        fresh
+            .server_bytes(&frame(SETTINGS, 0, 0, &[]), 2, &mut out)
+            .unwrap();
         for s in [1, 3] {
             fresh
                 .server_bytes(

@@ -118,6 +118,9 @@ pub struct Direction {
     decoder: Decoder,
     /// An open header block: stream, bytes, END_STREAM.
     block: Option<(u32, Vec<u8>, bool)>,
+    /// The server's side from the connection's start, no frame read yet:
+    /// its first must be its preface, a SETTINGS frame (RFC 9113 §3.4).
+    preface_due: bool,
 }
 
 impl Direction {
@@ -127,15 +130,19 @@ impl Direction {
             state: State::Preface(0),
             decoder: Decoder::new(),
             block: None,
+            preface_due: false,
         }
     }
 
-    /// The server's side from the connection's start.
+    /// The server's side from the connection's start: its preface first,
+    /// or (the kernel read on from the server's next write when the two
+    /// prefaces crossed) whatever it wrote next, read as joined.
     pub fn server() -> Self {
         Self {
             state: State::Header(Partial::default()),
             decoder: Decoder::new(),
             block: None,
+            preface_due: true,
         }
     }
 
@@ -146,6 +153,7 @@ impl Direction {
             state: State::Header(Partial::default()),
             decoder: Decoder::joined(),
             block: None,
+            preface_due: false,
         }
     }
 
@@ -227,6 +235,15 @@ impl Direction {
                     *bytes = &bytes[n..];
                     if h.len == 9 {
                         let header = h.bytes;
+                        if std::mem::take(&mut self.preface_due)
+                            && !(header[3] == SETTINGS && header[4] & ACK == 0)
+                        {
+                            // The server's preface went by unseen, and
+                            // whatever else it wrote before the kernel
+                            // followed: its table may hold entries never
+                            // seen (an `Upgrade: h2c` answer's headers).
+                            self.decoder.lose_table();
+                        }
                         let frame = self.begin(header)?;
                         self.state = State::Payload(frame);
                         self.finish_if_empty(out)?;
@@ -494,6 +511,31 @@ mod tests {
             block.fields[1].value.as_ref().map(Vec::len),
             Some(16 * 1024)
         );
+    }
+
+    #[test]
+    fn a_server_side_that_does_not_start_with_its_preface_is_read_as_joined() {
+        // An index no block inserted: an error on a side read from its
+        // preface, an unknown field on one whose start went by unseen.
+        let answer = frame(HEADERS, END_HEADERS | END_STREAM, 1, &[0x88, 0xbe]);
+        let mut out = Vec::new();
+        let mut d = Direction::server();
+        let mut wire = frame(SETTINGS, 0, 0, &[]);
+        wire.extend(&answer);
+        assert_eq!(
+            d.push(&wire, &mut out),
+            Err(Error::Hpack(hpack::Error::Index(62)))
+        );
+        let mut d = Direction::server();
+        let mut wire = frame(SETTINGS, ACK, 0, &[]);
+        wire.extend(&answer);
+        d.push(&wire, &mut out).unwrap();
+        let [Event::Headers { block, .. }] = &out[..] else {
+            panic!("{out:?}");
+        };
+        assert_eq!(block.fields.len(), 2);
+        assert!(!block.complete);
+        assert!(!d.synchronised());
     }
 
     #[test]
