@@ -604,14 +604,20 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 fn h2_request_block(path: &str, span: &str) -> Vec<u8> {
     let mut b = vec![0x83, 0x86];
     let tp = format!("00-0af7651916cd43dd8448eb211c80319c-{span}-01");
-    for (n, v) in [(":path", path), ("traceparent", tp.as_str())] {
+    h2_literals(&mut b, &[(":path", path), ("traceparent", &tp)]);
+    b
+}
+
+/// Appends `fields` as literals without indexing (names and values
+/// shorter than 127 bytes: one-byte lengths).
+fn h2_literals(b: &mut Vec<u8>, fields: &[(&str, &str)]) {
+    for (n, v) in fields {
         b.push(0x00);
         b.push(n.len() as u8);
         b.extend_from_slice(n.as_bytes());
         b.push(v.len() as u8);
         b.extend_from_slice(v.as_bytes());
     }
-    b
 }
 
 /// Each write in its own segment (no Nagle, a pause between writes).
@@ -827,21 +833,10 @@ fn an_http2_server_preface_that_crosses_the_clients_is_not_lost() -> anyhow::Res
     let server_pod = s.node.pod("server");
     let to: std::net::SocketAddr = (server_pod.ipv4, PORT).into();
     // The client's request: preface, SETTINGS, one HEADERS frame padded
-    // to 355 bytes (literal fields, each shorter than 127 bytes).
-    let mut block = vec![0x83, 0x86];
+    // to 355 bytes.
     let path = format!("/late/{}", "p".repeat(100));
-    let tp = "00-0af7651916cd43dd8448eb211c80319c-00000000000000d1-01";
-    let pad = "x".repeat(120);
-    for (n, v) in [
-        (":path", path.as_str()),
-        ("traceparent", tp),
-        ("x-pad", &pad),
-    ] {
-        block.extend([0x00, n.len() as u8]);
-        block.extend_from_slice(n.as_bytes());
-        block.push(v.len() as u8);
-        block.extend_from_slice(v.as_bytes());
-    }
+    let mut block = h2_request_block(&path, "00000000000000d1");
+    h2_literals(&mut block, &[("x-pad", &"x".repeat(120))]);
     let mut request = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     request.extend(h2_frame(4, 0, 0, &[]));
     request.extend(h2_frame(1, 4 | 1, 1, &block));
@@ -871,10 +866,10 @@ fn an_http2_server_preface_that_crosses_the_clients_is_not_lost() -> anyhow::Res
     // the handshake through at once and holds the request's segment for
     // about 120 ms (its 500-byte bucket less the handshake's ~140 bytes
     // is short of the segment's ~420, refilled at 500 bytes/s; a packet
-    // past the bucket would be dropped). The
-    // request's acknowledgement is taken as it is queued, before the
-    // server's preface arrives 20 ms later; that preface passes the
-    // client's veth long before the request does.
+    // past the bucket would be dropped). The request's acknowledgement is
+    // taken as it is queued, before the server's preface arrives 20 ms
+    // later; that preface passes the client's veth long before the
+    // request does.
     tracegap_tests::run(s.node.pod("client").command("tc").args([
         "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "4kbit", "burst", "500", "latency",
         "2s",
