@@ -2,6 +2,8 @@
 //! receiver and in-process agent are the lab's (`tracegap-lab`), so the
 //! tests and `cargo xtask lab` exercise the same parts.
 
+pub mod memcg;
+
 pub use tracegap_lab::{
     agent, cluster, http,
     netns::{Child, Node, Pod, TempDir, run},

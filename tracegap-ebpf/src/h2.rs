@@ -369,10 +369,23 @@ extern "C" fn frame_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         // A frame header cut by the segment's end: its bytes kept for the
         // next segment, and copied in case the frame is wanted (user space
         // drops them at the gap if it is not).
-        if load_skb(f.skb, f.payload_off + off, &mut f.partial, l - off).is_err() {
+        //
+        // Loaded as the payload's last (up to) 8 bytes, then shifted: a
+        // load whose length depended on `off` would make the verifier
+        // track `off` exactly, and as it differs in every iteration the
+        // loop's states would never converge (the walk's verified
+        // instructions grow with each kernel's appetite for iterations).
+        let k = l.min(8);
+        let mut tail = [0u8; 8];
+        if load_skb(f.skb, f.payload_off + l - k, &mut tail, k).is_err() {
             return 1;
         }
-        f.cut = l - off;
+        let cut = l - off;
+        // The cut bytes are the last `cut` of the `k` loaded: moved to the
+        // front, where `walk` reads them back (big-endian, first `have`).
+        let shift = (8 * (k - cut)) & 63;
+        f.partial = (u64::from_be_bytes(tail) << shift).to_be_bytes();
+        f.cut = cut;
         f.lo = f.lo.min(off);
         f.hi = l;
         f.end = 1;

@@ -7,6 +7,7 @@ mod lab;
 mod setup;
 mod test;
 mod toolchain;
+mod verifier;
 mod vm;
 
 use clap::{Parser, Subcommand};
@@ -43,6 +44,10 @@ enum Command {
     /// The kernel-side end-to-end tests inside qemu VMs on other kernels
     /// (Debian's 6.1 and 6.12 by default).
     VmTest(vm::VmArgs),
+    /// Instructions verified and the memory charged while loading, per
+    /// program, on this host and the VM kernels (6.1 and 6.12 by default):
+    /// a Markdown table on stdout and in target/verifier.md.
+    Verifier(verifier::VerifierArgs),
     /// Fuzz the user-space HTTP parsers for a bounded time (cargo-fuzz).
     Fuzz(fuzz::FuzzArgs),
 }
@@ -72,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         Command::Lint => test::lint(),
         Command::Bench(args) => bench::run(&args),
         Command::VmTest(args) => vm::run(&args),
+        Command::Verifier(args) => verifier::run(&args),
         Command::Fuzz(args) => fuzz::run(&args),
     }
 }

@@ -34,7 +34,7 @@ const MARK: &str = "TRACEGAP-VM";
 pub struct VmArgs {
     /// Kernel series to boot (repeat), e.g. 6.1 or 6.12.
     #[arg(long = "kernel", default_values_t = DEFAULT_KERNELS.map(String::from))]
-    kernels: Vec<String>,
+    pub kernels: Vec<String>,
 }
 
 impl Default for VmArgs {
@@ -43,6 +43,17 @@ impl Default for VmArgs {
             kernels: DEFAULT_KERNELS.map(String::from).to_vec(),
         }
     }
+}
+
+/// The line the loader test prints per program and kernel: instructions
+/// verified and the memory charged while loading
+/// (`VERIFIER <release> <program> insns=N peak_mib=M baseline_mib=B load_ms=T`).
+pub const VERIFIER_LINE: &str = "VERIFIER ";
+
+/// The [`VERIFIER_LINE`] in a line of output: with `--nocapture` the
+/// first one follows libtest's "test NAME ... " on the same line.
+pub fn verifier_line(line: &str) -> Option<&str> {
+    line.find(VERIFIER_LINE).map(|at| &line[at..])
 }
 
 fn cache_dir() -> PathBuf {
@@ -345,6 +356,9 @@ mount -t tmpfs run /run
 mkdir -p /run/netns /var
 ln -sf /run /var/run
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
+# cgroup v2 with the memory controller: the loader test measures what
+# loading the programs charges to a memory cgroup (the verifier's memory).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup 2>/dev/null && echo +memory > /sys/fs/cgroup/cgroup.subtree_control
 # Kernel messages off the console: they land inside the markers' lines
 # (a "sysrq: Power Off" once cut an "end ... rc=0" in two).
 dmesg -n 1 2>/dev/null
@@ -429,7 +443,10 @@ fn initramfs(
 }
 
 /// Builds the kernel-side test binaries and returns them by name.
-fn build_tests(route: &toolchain::Route) -> anyhow::Result<BTreeMap<String, PathBuf>> {
+fn build_tests(
+    route: &toolchain::Route,
+    names: &[&str],
+) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let mut cmd = toolchain::cargo(route);
     cmd.args([
         "test",
@@ -438,7 +455,7 @@ fn build_tests(route: &toolchain::Route) -> anyhow::Result<BTreeMap<String, Path
         "-p",
         "tracegap-tests",
     ]);
-    for t in TESTS {
+    for t in names {
         cmd.args(["--test", t]);
     }
     let out = cmd.stderr(Stdio::inherit()).output()?;
@@ -451,12 +468,12 @@ fn build_tests(route: &toolchain::Route) -> anyhow::Result<BTreeMap<String, Path
             continue;
         };
         let name = v["target"]["name"].as_str().unwrap_or_default();
-        if let (Some(exe), true) = (v["executable"].as_str(), TESTS.contains(&name)) {
+        if let (Some(exe), true) = (v["executable"].as_str(), names.contains(&name)) {
             bins.insert(name.to_owned(), PathBuf::from(exe));
         }
     }
     anyhow::ensure!(
-        bins.len() == TESTS.len(),
+        bins.len() == names.len(),
         "test binaries not found: {bins:?}"
     );
     Ok(bins)
@@ -472,6 +489,8 @@ struct GuestResult {
     tests: BTreeMap<String, String>,
     /// Tests that said they skipped themselves (they pass, doing nothing).
     skipped: BTreeSet<String>,
+    /// The loader test's [`VERIFIER_LINE`]s.
+    verifier: Vec<String>,
     done: bool,
     /// The guest kernel panicked before the init started: a boot that
     /// software emulation can break (an int3 oops in early text patching
@@ -561,6 +580,9 @@ fn boot(kernel: &Kernel, initrd: &Path, log: &Path) -> anyhow::Result<GuestResul
             r.panicked_booting = true;
             break;
         }
+        if let Some(v) = verifier_line(line) {
+            r.verifier.push(v.to_owned());
+        }
         if line.contains("attached with") {
             println!("  [{}] {}", kernel.series, line.trim_start_matches("test "));
         }
@@ -574,13 +596,21 @@ fn boot(kernel: &Kernel, initrd: &Path, log: &Path) -> anyhow::Result<GuestResul
 }
 
 pub fn run(args: &VmArgs) -> anyhow::Result<()> {
+    run_tests(args, &TESTS).map(|_| ())
+}
+
+/// Boots each kernel with the test binaries `names` (tests/tests/<name>.rs)
+/// and fails on any failure; returns the [`VERIFIER_LINE`]s the guests
+/// printed.
+pub fn run_tests(args: &VmArgs, names: &[&str]) -> anyhow::Result<Vec<String>> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         bail!("vm-test installs qemu and kernel packages: run it as root");
     }
     let route = setup::ensure(true)?;
     setup::ensure_vm_packages()?;
-    let tests = build_tests(&route)?;
+    let tests = build_tests(&route, names)?;
+    let mut verifier = Vec::new();
     let scratch = toolchain::workspace_root().join("target/vm");
     std::fs::create_dir_all(&scratch)?;
     let mut failures = Vec::new();
@@ -628,8 +658,9 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
                 log.display()
             ));
         }
-        for name in TESTS {
-            match r.binaries.get(name) {
+        verifier.append(&mut r.verifier);
+        for name in names {
+            match r.binaries.get(*name) {
                 Some(0) => {}
                 Some(rc) => failures.push(format!("{}: {name} exited {rc}", kernel.release)),
                 None => failures.push(format!("{}: {name} did not run", kernel.release)),
@@ -653,9 +684,10 @@ pub fn run(args: &VmArgs) -> anyhow::Result<()> {
         );
     }
     println!("\n{}", table.join("\n"));
+    println!("\n{}", verifier.join("\n"));
     if !failures.is_empty() {
         bail!("vm-test failed:\n  {}", failures.join("\n  "));
     }
     println!("vm-test: every test passed on {}", args.kernels.join(", "));
-    Ok(())
+    Ok(verifier)
 }
