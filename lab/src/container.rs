@@ -96,6 +96,16 @@ pub struct PodTemplate {
     pub ignored: Vec<String>,
 }
 
+impl PodTemplate {
+    /// The container's memory limit in bytes (`resources.limits.memory`).
+    pub fn memory_limit(&self) -> Option<u64> {
+        self.flags
+            .iter()
+            .find_map(|f| f.strip_prefix("--memory="))
+            .and_then(|b| b.parse().ok())
+    }
+}
+
 /// Renders a kustomize directory (`kubectl kustomize DIR`) into documents.
 pub fn render(dir: &Path) -> anyhow::Result<Vec<Value>> {
     let out = run(Command::new("kubectl").arg("kustomize").arg(dir))?;
@@ -585,6 +595,36 @@ impl AgentContainer {
             (Some("exited" | "stopped"), Some(code)) => Ok(Some(code.parse()?)),
             _ => Ok(None),
         }
+    }
+
+    /// The most memory the container's cgroup has been charged since it
+    /// started, in bytes: its processes and what the kernel charges to
+    /// them, the verifier's memory while the programs load among it
+    /// (cgroup v2's `memory.peak`, v1's `memory.max_usage_in_bytes`).
+    pub fn memory_peak(&self) -> anyhow::Result<u64> {
+        let out = run(Command::new("podman").args([
+            "inspect",
+            "--format",
+            "{{.State.Pid}}",
+            &self.name,
+        ]))?;
+        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
+        for line in groups.lines() {
+            let mut f = line.splitn(3, ':');
+            let (_, controllers, path) = (f.next(), f.next(), f.next().unwrap_or_default());
+            let file = match controllers {
+                Some(c) if c.split(',').any(|c| c == "memory") => {
+                    format!("/sys/fs/cgroup/memory{path}/memory.max_usage_in_bytes")
+                }
+                Some("") => format!("/sys/fs/cgroup{path}/memory.peak"),
+                _ => continue,
+            };
+            if let Ok(text) = std::fs::read_to_string(&file) {
+                return Ok(text.trim().parse()?);
+            }
+        }
+        bail!("no memory peak in the cgroups of pid {pid}: {groups}")
     }
 
     /// What it printed (stdout and stderr).

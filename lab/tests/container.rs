@@ -163,6 +163,21 @@ fn each_capability_the_daemonset_adds_is_needed_and_named_when_missing() -> anyh
     // the node's address, /report only on its loopback.
     let mut agent = AgentContainer::start(&t, &at, &name("all"))?;
     agent.wait_ready(Duration::from_secs(30))?;
+    // Ready means loaded: the verifier's memory, charged to the
+    // container, is in the peak. One kernel build's verifier once took
+    // more than the limit and the kubelet would have OOM-killed the agent
+    // at every start; a quarter of the limit is kept free.
+    let peak = agent.memory_peak()?;
+    let limit = t.memory_limit().expect("deploy/base sets a memory limit");
+    println!(
+        "the agent's container: memory peak {:.1} MiB while loading and starting, of its {:.0} MiB limit",
+        peak as f64 / 1048576.0,
+        limit as f64 / 1048576.0
+    );
+    assert!(
+        peak <= limit / 4 * 3,
+        "memory peak {peak} B after loading, past three quarters of the limit {limit} B"
+    );
     let (status, _) = tracegap_lab::http::get(agent.metrics, "/metrics")?;
     assert_eq!(status, 200);
     let report_port = 9465;

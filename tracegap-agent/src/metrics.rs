@@ -458,6 +458,11 @@ impl Metrics {
             ("lost", now.lost, last.lost),
             ("streams_dropped", now.streams_dropped, last.streams_dropped),
             ("unobservable", now.unobservable, last.unobservable),
+            (
+                "second_sighting",
+                now.second_sightings,
+                last.second_sightings,
+            ),
         ] {
             add_since(&self.h2_unread, reason, n, l);
         }

@@ -211,7 +211,7 @@ fn source_key(flow: &FlowKey) -> SourceKey {
 /// Leaving a pod: its address is local. Written at most once a second per
 /// source, so the common case is a lookup, not an LRU update.
 #[inline(always)]
-fn note_local_source(flow: &FlowKey, now: u64) {
+pub(crate) fn note_local_source(flow: &FlowKey, now: u64) {
     let key = source_key(flow);
     if let Some(seen) = LOCAL_SOURCES.get_ptr(&key)
         && now.saturating_sub(unsafe { *seen }) < 1_000_000_000
@@ -224,7 +224,24 @@ fn note_local_source(flow: &FlowKey, now: u64) {
 /// Entering a pod: was this packet already copied leaving a local one?
 #[inline(always)]
 fn from_local_source(flow: &FlowKey, now: u64) -> bool {
-    match LOCAL_SOURCES.get_ptr(source_key(flow)) {
+    recent_local(&source_key(flow), now)
+}
+
+/// Leaving a pod: is it going to a pod of this node (one seen sending
+/// lately)?
+#[inline(always)]
+fn to_local_source(flow: &FlowKey, now: u64) -> bool {
+    let key = SourceKey {
+        addr: flow.daddr,
+        family: flow.family,
+        _pad: [0; 3],
+    };
+    recent_local(&key, now)
+}
+
+#[inline(always)]
+fn recent_local(key: &SourceKey, now: u64) -> bool {
+    match LOCAL_SOURCES.get_ptr(key) {
         Some(seen) => now.saturating_sub(unsafe { *seen }) < LOCAL_SOURCE_WINDOW_NS,
         None => false,
     }
@@ -391,10 +408,29 @@ fn try_http(
     };
     if let Some(counted) = h2 {
         let now = clock();
+        // Between two pods of this node a connection crosses both their
+        // veths: it is followed on the client's only. A preface leaves
+        // the client's pod first; a joined connection is told by its
+        // segment's side: a server's answer leaving its pod for a client
+        // in a pod here, or entering the server's pod from one, is left
+        // to the client's veth, where the same connection is (or will
+        // be) followed. Followed on both, every call would be read twice.
+        let answer = counted == counter::H2_JOINS && h2::answer_starts(ctx, seg, &head);
         match direction {
             _ if ablated(ablate::FLOW_MAPS) => {}
-            Direction::Ingress => note_local_source(&seg.flow, now),
-            Direction::Egress if from_local_source(&seg.flow, now) => return Ok(Next::Nothing),
+            Direction::Ingress => {
+                note_local_source(&seg.flow, now);
+                if answer && to_local_source(&seg.flow, now) {
+                    count(counters, counter::SECOND_SIGHTINGS);
+                    return Ok(Next::Nothing);
+                }
+            }
+            // An answer entering the client's pod: its veth is the one.
+            Direction::Egress if answer => {}
+            Direction::Egress if from_local_source(&seg.flow, now) => {
+                count(counters, counter::SECOND_SIGHTINGS);
+                return Ok(Next::Nothing);
+            }
             Direction::Egress => {}
         }
         count(counters, counted);

@@ -68,6 +68,10 @@ pub struct H2Stats {
     /// Requests whose header block named table entries never seen (after a
     /// lost block): not classified.
     pub unobservable: u64,
+    /// Connections refused because the same client end is read on
+    /// another interface already (between two pods of one node a
+    /// connection crosses both veths): each stream is one hop.
+    pub second_sightings: u64,
 }
 
 struct Conn {
@@ -84,6 +88,10 @@ struct Conn {
 pub struct Connections {
     /// By client → server flow and interface.
     conns: FastMap<(Flow, u32), Conn>,
+    /// Which of `conns` each client end is read in. A client's address
+    /// and port make one connection at a time, whatever address it is
+    /// seen going to (a Service's before DNAT, its pod's after).
+    clients: FastMap<Endpoint, (Flow, u32)>,
     pub stats: H2Stats,
 }
 
@@ -104,15 +112,19 @@ impl Connections {
         } else if self.conns.contains_key(&(e.flow.reversed(), e.ifindex)) {
             ((e.flow.reversed(), e.ifindex), false)
         } else if !lost && e.payload.starts_with(PREFACE) {
-            self.insert((e.flow, e.ifindex), Connection::new(), e);
+            if !self.insert((e.flow, e.ifindex), Connection::new(), e) {
+                return;
+            }
             ((e.flow, e.ifindex), true)
         } else if let Some(side) = (!lost).then(|| first_block_side(&e.payload)).flatten() {
-            self.stats.joined += 1;
             let key = match side {
                 Side::Client => (e.flow, e.ifindex),
                 Side::Server => (e.flow.reversed(), e.ifindex),
             };
-            self.insert(key, Connection::joined(), e);
+            if !self.insert(key, Connection::joined(), e) {
+                return;
+            }
+            self.stats.joined += 1;
             (key, side == Side::Client)
         } else {
             if !lost {
@@ -215,10 +227,21 @@ impl Connections {
         }
     }
 
-    fn insert(&mut self, key: (Flow, u32), conn: Connection, e: &RawEvent) {
+    /// Starts reading a connection; false (counted) if its client end is
+    /// read on another interface already.
+    fn insert(&mut self, key: (Flow, u32), conn: Connection, e: &RawEvent) -> bool {
+        let client = key.0.src;
+        if let Some(other) = self.clients.get(&client)
+            && other.1 != key.1
+            && self.conns.contains_key(other)
+        {
+            self.stats.second_sightings += 1;
+            return false;
+        }
         if self.conns.len() >= MAX_CONNECTIONS {
             self.evict_oldest();
         }
+        self.clients.insert(client, key);
         self.stats.connections += 1;
         let c = Conn {
             conn,
@@ -228,6 +251,7 @@ impl Connections {
             last_ns: e.ts_ns,
         };
         self.conns.insert(key, c);
+        true
     }
 
     /// Forgets connections idle since before `ts_ns`.
@@ -257,6 +281,9 @@ impl Connections {
     fn drop_conn(&mut self, key: &(Flow, u32)) {
         if let Some(c) = self.conns.remove(key) {
             self.stats.streams_dropped += c.conn.in_flight() as u64;
+        }
+        if self.clients.get(&key.0.src) == Some(key) {
+            self.clients.remove(&key.0.src);
         }
     }
 }
@@ -383,6 +410,39 @@ mod tests {
             })
             .collect();
         assert_eq!(done, [(1, Some(200), flow())]);
+    }
+
+    #[test]
+    fn a_connection_seen_on_two_interfaces_is_read_on_the_first_only() {
+        let mut c = Connections::default();
+        let mut out = Vec::new();
+        let on = |ifindex: u32, flow: Flow, seq: u32, payload: &[u8]| {
+            crate::http::testing::event(EventKind::Http2, flow, ifindex, seq, payload)
+        };
+        let mut first = PREFACE.to_vec();
+        first.extend(request(1, "/a"));
+        // The client's veth: from the preface.
+        c.push(&on(7, flow(), 1000, &first), false, &mut out);
+        // The server's veth, after DNAT (the same client end, another
+        // destination): joined at the server's answer, then a request.
+        let mut dnat = flow();
+        dnat.dst.port = 8080;
+        c.push(
+            &on(9, dnat.reversed(), 50, &frame(1, 4, 1, &[0x88])),
+            false,
+            &mut out,
+        );
+        let next = 1000 + first.len() as u32;
+        c.push(&on(9, dnat, next, &request(3, "/b")), false, &mut out);
+        c.push(&on(7, flow(), next, &request(3, "/b")), false, &mut out);
+        assert_eq!(started(&out), [1, 3], "each stream once");
+        // Each event there that could start a reading is refused.
+        assert_eq!(c.stats.second_sightings, 2, "{:?}", c.stats);
+        assert_eq!(c.stats.joined, 0, "{:?}", c.stats);
+        // Once the first reading is gone, the other interface may read it.
+        c.forget_before(u64::MAX);
+        c.push(&on(9, dnat, next + 100, &request(5, "/c")), false, &mut out);
+        assert_eq!(started(&out), [1, 3, 5]);
     }
 
     #[test]
