@@ -223,6 +223,18 @@ fn main() -> anyhow::Result<()> {
                 }
                 Err(e) => return Err(e),
             };
+            // One line per scenario, for `cargo xtask lab --repeat` to tally.
+            let results: String = outcomes
+                .iter()
+                .map(|o| {
+                    format!(
+                        "{} {}\n",
+                        o.name,
+                        if o.passed { "passed" } else { "FAILED" }
+                    )
+                })
+                .collect();
+            std::fs::write(opts.out.join("results.txt"), results)?;
             let failed: Vec<_> = outcomes
                 .iter()
                 .filter(|o| !o.passed)

@@ -284,6 +284,33 @@ impl Ctx<'_> {
         Ok(failed)
     }
 
+    /// The calls `service`'s replicas made, by the Service they called:
+    /// (made, failed), as the service itself counted them.
+    fn calls_made(
+        &self,
+        service: &str,
+    ) -> anyhow::Result<std::collections::BTreeMap<String, (u64, u64)>> {
+        let mut by = std::collections::BTreeMap::new();
+        for (_, pod) in self.cluster.replicas(service) {
+            let addr = SocketAddr::from((pod.ipv4, 8080));
+            let (status, body) = crate::http::get(addr, "/_lab/stats")?;
+            anyhow::ensure!(status == 200, "/_lab/stats answered {status}");
+            let v: serde_json::Value = serde_json::from_str(&body)?;
+            for (host, c) in v["calls"].as_object().into_iter().flatten() {
+                let name = self
+                    .cluster
+                    .services
+                    .iter()
+                    .find(|s| s.ip.to_string() == *host)
+                    .map_or_else(|| host.clone(), |s| s.name.clone());
+                let e: &mut (u64, u64) = by.entry(name).or_default();
+                e.0 += c["made"].as_u64().unwrap_or_default();
+                e.1 += c["failed"].as_u64().unwrap_or_default();
+            }
+        }
+        Ok(by)
+    }
+
     /// Every node's report, one after the other: each edge says which
     /// node's agent reported it.
     fn report(&self) -> anyhow::Result<Report> {
@@ -566,6 +593,7 @@ fn check(
                 "new_trace" => c.new_trace,
                 "lost_in_pipeline" => c.lost_in_pipeline,
                 "not_exported" => c.not_exported,
+                "unknown" => c.unknown,
                 _ => 0,
             };
             let on_edge = report
@@ -575,7 +603,7 @@ fn check(
             let (n, all): (u64, u64) = on_edge.fold((0, 0), |(n, all), c| {
                 (
                     n + of(c),
-                    all + c.arrived + c.new_trace + c.lost_in_pipeline + c.not_exported,
+                    all + c.arrived + c.new_trace + c.lost_in_pipeline + c.not_exported + c.unknown,
                 )
             });
             (
@@ -774,6 +802,35 @@ pub fn run_one(
             "{} each hop once: {pod} sent {n} requests, {hops} hops reported across both nodes",
             if ok { "ok  " } else { "FAIL" }
         ));
+    }
+    // Each hop once on every edge whose true count is known: the calls
+    // each service made, counted by the service itself (HTTP/1.1 and
+    // gRPC alike). A destination some of whose calls failed is shown, not
+    // judged: a call that failed may or may not have left as a request.
+    for svc in sc
+        .services
+        .iter()
+        .filter(|s| !s.spec.grpc && !s.calls.is_empty())
+    {
+        let name = svc.spec.name.as_str();
+        for (dst, (made, failed)) in ctx.calls_made(name)? {
+            let hops: u64 = report
+                .edges
+                .iter()
+                .filter(|e| e.source == name && e.destination == dst)
+                .map(|e| e.requests)
+                .sum();
+            let ok = if failed > 0 || flood {
+                hops <= made
+            } else {
+                hops == made
+            };
+            passed &= ok;
+            verdict.push(format!(
+                "{} each hop once: {name} made {made} calls to {dst} ({failed} failed), {hops} hops reported across both nodes",
+                if ok { "ok  " } else { "FAIL" }
+            ));
+        }
     }
     // Per edge across both nodes.
     let mut found: std::collections::BTreeMap<(&str, &str, &str), u64> = Default::default();

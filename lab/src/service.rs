@@ -284,6 +284,51 @@ const TRACE_HEADERS: [&str; 8] = [
 /// at `/_lab/stats` to show what the services themselves lost.
 pub static EXPORT_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
+/// Calls this service made downstream, by the host it called (a
+/// Service's ClusterIP in the lab), and how many of them failed: the lab
+/// compares them with the hops tracegap reports on each edge (at
+/// `/_lab/stats`). A call counts when it is made, not by its answer.
+static CALLS: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>> =
+    std::sync::Mutex::new(std::collections::BTreeMap::new());
+
+fn count_call(url: &str, failed: bool) {
+    let host = url
+        .split_once("://")
+        .map_or(url, |(_, rest)| rest)
+        .split(['/', ':'])
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    if let Ok(mut calls) = CALLS.lock() {
+        let c = calls.entry(host).or_default();
+        c.0 += 1;
+        c.1 += u64::from(failed);
+    }
+}
+
+/// `/_lab/stats`: spans the SDK failed to export, and the calls made per
+/// host (`{"export_failed":N,"calls":{"10.96.0.3":{"made":N,"failed":N}}}`).
+fn stats_json() -> String {
+    let calls: serde_json::Map<String, serde_json::Value> = CALLS
+        .lock()
+        .map(|c| {
+            c.iter()
+                .map(|(h, (made, failed))| {
+                    (
+                        h.clone(),
+                        serde_json::json!({"made": made, "failed": failed}),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    serde_json::json!({
+        "export_failed": EXPORT_FAILED.load(Ordering::Relaxed),
+        "calls": calls,
+    })
+    .to_string()
+}
+
 /// Counts what the wrapped exporter fails to deliver.
 #[derive(Debug)]
 struct Counting<E>(E);
@@ -563,6 +608,7 @@ pub(crate) fn handle(
         } else {
             call(url, &out).map(|_| ()).map_err(|e| e.to_string())
         };
+        count_call(url, called.is_err());
         if let Err(e) = called {
             eprintln!("{}: calling {url} for {path}: {e}", spec.name);
         }
@@ -588,10 +634,7 @@ fn serve(
         let headers = header_map(&head);
         let target = head.split(' ').nth(1).unwrap_or("/").to_owned();
         if target == "/_lab/stats" {
-            let body = format!(
-                "{{\"export_failed\":{}}}",
-                EXPORT_FAILED.load(Ordering::Relaxed)
-            );
+            let body = stats_json();
             let resp = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()

@@ -372,12 +372,15 @@ fn a_missing_span_says_whether_it_arrived_was_lost_never_left_or_started_a_new_t
         return Ok(());
     }
     // quiet exports to a port nobody listens on (connection refused: no
-    // HTTP exchange to see), declared instrumented as an operator would.
+    // HTTP exchange to see), declared instrumented as an operator would;
+    // elsewhere exports to a collector that takes its spans (200) and
+    // keeps them from the store the agent reads: the facts disagree.
     let mut lab = lab(
-        &["client", "fine", "lossy", "quiet", "b3-only"],
+        &["client", "fine", "lossy", "quiet", "b3-only", "elsewhere"],
         Store::Jaeger,
-        &["quiet"],
+        &["quiet", "elsewhere"],
     )?;
+    let other = tracegap_tests::otlp::Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
     let (good, bad) = (lab.receiver.http.port(), lab.refusing.http.port());
     lab.start("fine", Behaviour::Instrumented, &[], good, |s| s)?;
     lab.start("lossy", Behaviour::Instrumented, &[], bad, |s| s)?;
@@ -385,6 +388,13 @@ fn a_missing_span_says_whether_it_arrived_was_lost_never_left_or_started_a_new_t
         .local_addr()?
         .port();
     lab.start("quiet", Behaviour::Instrumented, &[], closed, |s| s)?;
+    lab.start(
+        "elsewhere",
+        Behaviour::Instrumented,
+        &[],
+        other.http.port(),
+        |s| s,
+    )?;
     lab.start("b3-only", Behaviour::Instrumented, &[], good, |s| {
         ServiceSpec {
             propagator: Propagator::B3,
@@ -392,7 +402,7 @@ fn a_missing_span_says_whether_it_arrived_was_lost_never_left_or_started_a_new_t
         }
     })?;
     let mut parent = 0x1000u64;
-    for svc in ["fine", "lossy", "quiet", "b3-only"] {
+    for svc in ["fine", "lossy", "quiet", "b3-only", "elsewhere"] {
         for _ in 0..3 {
             parent += 1;
             lab.curl(
@@ -416,6 +426,14 @@ fn a_missing_span_says_whether_it_arrived_was_lost_never_left_or_started_a_new_t
     assert_eq!(lossy.example.as_deref(), Some(T1));
     let quiet = got("quiet")?;
     assert_eq!(quiet.not_exported, 3, "{quiet:?}");
+    // Taken (200) and not in the store: unknown, never lost_in_pipeline.
+    let elsewhere = got("elsewhere")?;
+    assert_eq!(
+        (elsewhere.unknown, elsewhere.lost_in_pipeline),
+        (3, 0),
+        "{elsewhere:?}"
+    );
+    assert!(other.spans().iter().any(|s| s.service == "elsewhere"));
     // b3-only cannot read traceparent: its spans are roots of new traces.
     let b3 = got("b3-only")?;
     assert_eq!(b3.new_trace, 3, "{b3:?}");

@@ -114,7 +114,7 @@ pub struct BaggageLabels {
 pub struct CalleeSpanLabels {
     pub source_service: String,
     pub destination_service: String,
-    /// `arrived`, `new_trace`, `lost_in_pipeline` or `not_exported`.
+    /// `arrived`, `new_trace`, `lost_in_pipeline`, `not_exported` or `unknown`.
     pub outcome: String,
 }
 
@@ -334,7 +334,7 @@ impl Metrics {
         );
         registry.register(
             "callee_spans",
-            "Hops whose callee (instrumented, sent a sampled context) should have recorded a span, by what the trace store holds after the settle delay: arrived; new_trace (in a trace of its own: the callee did not read the context); lost_in_pipeline (the callee exported, the span never arrived); not_exported (no export seen from the callee)",
+            "Hops whose callee (instrumented, sent a sampled context) should have recorded a span, by what the trace store holds after the settle delay: arrived; new_trace (in a trace of its own: the callee did not read the context); lost_in_pipeline (the callee exported, the span never arrived); not_exported (no export seen from the callee); unknown (the collector took the callee's exports, 2xx, and the span is not in the store: the facts disagree)",
             m.callee_spans.clone(),
         );
         registry.register(

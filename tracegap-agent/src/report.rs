@@ -82,7 +82,11 @@ pub struct CalleeSpans {
     pub lost_in_pipeline: u64,
     /// No export from the callee was seen: it never sent the span.
     pub not_exported: u64,
-    /// For lost spans: the collector's answers to the callee's exports
+    /// The facts disagree: the collector took the callee's exports (2xx)
+    /// and the span is not in the store. Neither a gap nor a finding.
+    #[serde(default)]
+    pub unknown: u64,
+    /// For lost and unknown spans: the collector's answers to the callee's exports
     /// (`503`, `no answer`, ...) and how often.
     pub export_answers: BTreeMap<String, u64>,
     /// The most recent trace missing the callee's span.
@@ -166,6 +170,7 @@ impl Reporter {
             Outcome::NewTrace => c.new_trace += 1,
             Outcome::LostInPipeline => c.lost_in_pipeline += 1,
             Outcome::NotExported => c.not_exported += 1,
+            Outcome::Unknown => c.unknown += 1,
         }
         if let Some(a) = answer {
             *c.export_answers.entry(a.to_owned()).or_default() += 1;
@@ -375,6 +380,7 @@ fn callee_table(checks: &[CalleeSpans]) -> String {
         "NEW_TRACE".to_owned(),
         "LOST_IN_PIPELINE".to_owned(),
         "NOT_EXPORTED".to_owned(),
+        "UNKNOWN".to_owned(),
         "COLLECTOR ANSWERED".to_owned(),
         "EXAMPLE TRACE".to_owned(),
     ]];
@@ -391,6 +397,7 @@ fn callee_table(checks: &[CalleeSpans]) -> String {
             c.new_trace.to_string(),
             c.lost_in_pipeline.to_string(),
             c.not_exported.to_string(),
+            c.unknown.to_string(),
             if answers.is_empty() {
                 "-".to_owned()
             } else {

@@ -36,6 +36,11 @@ pub struct LabArgs {
     /// endpoint too: a Jaeger of your own (e.g. http://localhost:4318).
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// Run the whole lab this many times, each in OUT/run-N, and tally the
+    /// runs and scenarios that passed: checks that depend on timing must
+    /// hold every time.
+    #[arg(long, default_value_t = 1, value_name = "N", conflicts_with = "serve")]
+    repeat: u32,
 }
 
 pub fn run(args: &LabArgs) -> anyhow::Result<()> {
@@ -51,10 +56,56 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
         crate::image::build(&route, None)?;
     }
     toolchain::run(toolchain::cargo(&route).args(["build", "--package", "tracegap-lab"]))?;
+    if args.repeat > 1 {
+        return repeat(args);
+    }
+    toolchain::run(&mut lab_command(args, &args.out))
+}
+
+/// `--repeat N`: N runs, then the tally.
+fn repeat(args: &LabArgs) -> anyhow::Result<()> {
+    let root = toolchain::workspace_root();
+    let mut failed_runs = Vec::new();
+    let mut tally: std::collections::BTreeMap<String, (u32, u32)> = Default::default();
+    for i in 1..=args.repeat {
+        let out = format!("{}/run-{i}", args.out);
+        println!("lab: run {i} of {} (output in {out})", args.repeat);
+        let status = lab_command(args, &out).status()?;
+        if status.code() == Some(130) {
+            bail!("interrupted in run {i}");
+        }
+        if !status.success() {
+            failed_runs.push(i);
+        }
+        let results =
+            std::fs::read_to_string(root.join(&out).join("results.txt")).unwrap_or_default();
+        for line in results.lines() {
+            if let Some((name, verdict)) = line.split_once(' ') {
+                let t = tally.entry(name.to_owned()).or_default();
+                t.0 += u32::from(verdict == "passed");
+                t.1 += 1;
+            }
+        }
+    }
+    println!(
+        "\nlab: {} of {} runs passed",
+        args.repeat - failed_runs.len() as u32,
+        args.repeat
+    );
+    for (name, (passed, ran)) in &tally {
+        println!("  {name:<20} passed {passed} of {ran}");
+    }
+    if !failed_runs.is_empty() {
+        bail!("runs that failed: {failed_runs:?}");
+    }
+    Ok(())
+}
+
+fn lab_command(args: &LabArgs, out: &str) -> std::process::Command {
     let bin = toolchain::workspace_root().join("target/debug/tracegap-lab");
     let mut cmd = std::process::Command::new(bin);
     cmd.current_dir(toolchain::workspace_root())
-        .args(["run", "--out", &args.out]);
+        .args(["run", "--out", out]);
     for s in &args.scenarios {
         cmd.args(["--scenario", s]);
     }
@@ -83,5 +134,5 @@ pub fn run(args: &LabArgs) -> anyhow::Result<()> {
             }
         }
     }
-    toolchain::run(&mut cmd)
+    cmd
 }

@@ -112,6 +112,11 @@ pub enum Outcome {
     NewTrace,
     LostInPipeline,
     NotExported,
+    /// The facts disagree: the callee exported and the collector took
+    /// every export around the hop (2xx), yet the store holds no span of
+    /// it for the context sent. Not called lost: the hop itself may be
+    /// wrong (read twice, or not the call it seemed), or the store late.
+    Unknown,
 }
 
 impl Outcome {
@@ -121,6 +126,7 @@ impl Outcome {
             Self::NewTrace => "new_trace",
             Self::LostInPipeline => "lost_in_pipeline",
             Self::NotExported => "not_exported",
+            Self::Unknown => "unknown",
         }
     }
 }
@@ -711,6 +717,7 @@ impl Task {
                 );
             let until = f.end + self.config.settle;
             match self.ledger.export_between(f.callee_ip, from, until) {
+                Some(e) if e.accepted() => (Outcome::Unknown, Some(e.answer())),
                 Some(e) => (Outcome::LostInPipeline, Some(e.answer())),
                 None => (Outcome::NotExported, None),
             }
