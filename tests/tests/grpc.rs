@@ -449,13 +449,25 @@ fn a_grpc_connection_between_two_pods_of_one_node_is_read_once() -> anyhow::Resu
     let (_, body) = agent.get_report()?;
     report = serde_json::from_str::<Report>(&body)?;
     let joins = agent.metric("tracegap_kernel_events_total{counter=\"h2_joins\"}")?;
+    let lost = agent.metric("tracegap_kernel_events_total{counter=\"h2_lost\"}")?;
+    let errors = agent.metric("tracegap_kernel_events_total{counter=\"parse_errors\"}")?;
     assert_eq!(
         hops(&report, "inventory"),
         CALLS,
-        "one hop per call; kernel joins {joins}; {report:#?}"
+        "one hop per call; kernel joins {joins}, lost {lost}; {report:#?}"
     );
-    // Opened after the programs loaded: read from its preface, never joined.
-    assert_eq!(joins, 0.0, "a connection seen from its start was joined");
+    // Opened after the programs loaded: read from its preface, and joined
+    // again only where its reading was lost (a segment seen out of order
+    // on a busy machine ends it: README, limits), never by the server's
+    // veth beside the client's (its answers, and its trailers when they
+    // start a segment of their own, once made it join).
+    assert!(
+        joins <= lost,
+        "a connection seen from its start was joined {joins} times, lost {lost} times"
+    );
+    // Every copy made: a header block of 16.5 KiB is several chunks, and
+    // the chunk after a short one once started past the segment's end.
+    assert_eq!(errors, 0.0, "copies that failed");
     drop((caller, inventory, agent, receiver));
     Ok(())
 }

@@ -100,27 +100,48 @@ pub fn headers_frame(head: &[u8; 8]) -> bool {
     head[3] == HEADERS && head[4] & !0x2d == 0 && head[5] & 0x80 == 0 && (1..=16384).contains(&len)
 }
 
-/// Whether the HEADERS frame that starts `seg` (`head`: its first 8
-/// bytes) is a server's answer: its header block's first field is
-/// `:status` (static entries 8-14, indexed or as a literal's name), as
-/// every HTTP/2 sender writes pseudo-header fields first. False when it
-/// is a request's (entries 1-7) or cannot be told (a dynamic entry, a
-/// table size update first, a block shorter than 8 bytes, an even
-/// stream). The same reading as user space's `first_block_side`.
+/// Which side sent the HEADERS frame that starts a segment.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Side {
+    /// Its block starts with a request's pseudo-header (static entries
+    /// 1-7: `:authority`, `:method`, `:path`, `:scheme`).
+    Client,
+    /// Its block starts with `:status` (static entries 8-14).
+    Server,
+    /// Cannot be told: a dynamic entry, a table size update first, a
+    /// block of trailers (`grpc-status` first: a server's, but no start
+    /// to go by), a block shorter than 8 bytes, an even stream.
+    Unknown,
+}
+
+/// [`Side`] of the HEADERS frame that starts `seg` (`head`: its first 8
+/// bytes), by its header block's first field, indexed or as a literal's
+/// name: every HTTP/2 sender writes pseudo-header fields first. The same
+/// reading as user space's `first_block_side`.
 #[inline(always)]
-pub fn answer_starts(ctx: &TcContext, seg: &Segment, head: &[u8; 8]) -> bool {
+pub fn side_of(ctx: &TcContext, seg: &Segment, head: &[u8; 8]) -> Side {
+    match side_index(ctx, seg, head) {
+        Some(1..=7) => Side::Client,
+        Some(8..=14) => Side::Server,
+        _ => Side::Unknown,
+    }
+}
+
+/// The static-table index the block's first field names, if any.
+#[inline(always)]
+fn side_index(ctx: &TcContext, seg: &Segment, head: &[u8; 8]) -> Option<u8> {
     let flags = head[4];
     // The stream id's last byte is head[8]: odd for client-initiated
     // streams, read with the block below.
     if seg.payload_len < 16 {
-        return false;
+        return None;
     }
     let mut b = [0u8; 8];
     if load(ctx, seg.payload_off + 8, &mut b, 8).is_err() {
-        return false;
+        return None;
     }
     if b[0] & 1 == 0 {
-        return false;
+        return None;
     }
     // The block starts after the pad length (PADDED) and the priority
     // fields (PRIORITY): at b[1 + skip].
@@ -129,10 +150,10 @@ pub fn answer_starts(ctx: &TcContext, seg: &Segment, head: &[u8; 8]) -> bool {
     let index = match first {
         f if f & 0x80 != 0 => f & 0x7f,
         f if f & 0xc0 == 0x40 => f & 0x3f,
-        f if f & 0xe0 == 0x20 => return false,
+        f if f & 0xe0 == 0x20 => return None,
         f => f & 0x0f,
     };
-    (8..=14).contains(&index)
+    Some(index)
 }
 
 /// Follow both directions of `seg`'s connection on this interface from

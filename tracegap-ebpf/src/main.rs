@@ -410,23 +410,29 @@ fn try_http(
         let now = clock();
         // Between two pods of this node a connection crosses both their
         // veths: it is followed on the client's only. A preface leaves
-        // the client's pod first; a joined connection is told by its
-        // segment's side: a server's answer leaving its pod for a client
-        // in a pod here, or entering the server's pod from one, is left
-        // to the client's veth, where the same connection is (or will
-        // be) followed. Followed on both, every call would be read twice.
-        let answer = counted == counter::H2_JOINS && h2::answer_starts(ctx, seg, &head);
+        // the client's pod first. A connection joined is told by its
+        // segment's side: a request leaving its pod, or an answer
+        // entering it, is on the client's veth; anything else (a request
+        // entering the server's pod, an answer or a block of trailers
+        // leaving it, a side that cannot be told) is left alone when the
+        // other end is a pod here, whose veth follows the same connection
+        // (or will, at its next request). Followed on both, every call
+        // would be read twice.
+        let side = match counted {
+            counter::H2_JOINS => h2::side_of(ctx, seg, &head),
+            _ => h2::Side::Client,
+        };
         match direction {
             _ if ablated(ablate::FLOW_MAPS) => {}
             Direction::Ingress => {
                 note_local_source(&seg.flow, now);
-                if answer && to_local_source(&seg.flow, now) {
+                if side != h2::Side::Client && to_local_source(&seg.flow, now) {
                     count(counters, counter::SECOND_SIGHTINGS);
                     return Ok(Next::Nothing);
                 }
             }
             // An answer entering the client's pod: its veth is the one.
-            Direction::Egress if answer => {}
+            Direction::Egress if side == h2::Side::Server => {}
             Direction::Egress if from_local_source(&seg.flow, now) => {
                 count(counters, counter::SECOND_SIGHTINGS);
                 return Ok(Next::Nothing);
@@ -642,7 +648,9 @@ extern "C" fn copy_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         Ok(0) => 1,
         Ok(n) => {
             l.copied = at.wrapping_add(n);
-            0
+            // A chunk short of full was the last: the next would start
+            // past the segment's end.
+            i64::from(n < MAX_PAYLOAD as u32)
         }
         Err(()) => {
             l.failed = 1;
@@ -678,10 +686,10 @@ impl Chunks {
         counters: &mut Counters,
     ) -> Result<u32, ()> {
         let seg = &self.seg;
-        let (remaining, left) = (seg.payload_len - copied, self.budget - copied);
-        if remaining == 0 || left == 0 {
+        if copied >= seg.payload_len || copied >= self.budget {
             return Ok(0);
         }
+        let (remaining, left) = (seg.payload_len - copied, self.budget - copied);
         let n = remaining.min(left).min(MAX_PAYLOAD as u32);
         let mut flags = 0;
         if self.short && kind != EventKind::Continuation {
