@@ -934,11 +934,7 @@ pub fn run_one(
         // Hops into the service whose callee span was never checked (a
         // store query that timed out under load, say): each may be one
         // of the lost spans, so they are the margin, shown, never a guess.
-        let checked = arrived
-            + lost
-            + unexported
-            + into(|c| c.new_trace)
-            + into(|c| c.unknown);
+        let checked = arrived + lost + unexported + into(|c| c.new_trace) + into(|c| c.unknown);
         let hops: u64 = outcome
             .report
             .edges
