@@ -67,6 +67,16 @@ fn lab(pods: &[&str], store: Store, instrumented: &[&str]) -> anyhow::Result<Lab
 
 /// As [`lab`], with services declared instrumented or not.
 fn lab_declaring(pods: &[&str], store: Store, declared: &[(&str, bool)]) -> anyhow::Result<Lab> {
+    lab_at_rate(pods, store, declared, 500)
+}
+
+/// As [`lab_declaring`], asking the store `qps` times a second at most.
+fn lab_at_rate(
+    pods: &[&str],
+    store: Store,
+    declared: &[(&str, bool)],
+    qps: u32,
+) -> anyhow::Result<Lab> {
     let node = Node::new(pods)?;
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
     let mut refusing = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
@@ -103,7 +113,7 @@ fn lab_declaring(pods: &[&str], store: Store, declared: &[(&str, bool)]) -> anyh
         reconcile: Some(ReconcileConfig {
             kind: StoreKind::Auto,
             settle: SETTLE,
-            qps: 500,
+            qps,
             ..ReconcileConfig::new(url)
         }),
         ..agent_config(&node, &receiver)
@@ -470,7 +480,22 @@ fn a_trace_store_that_is_away_leaves_the_wire_s_spans_as_they_are_with_a_note() 
     let closed = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port();
-    let lab = broken_chain(Store::At(format!("http://127.0.0.1:{closed}")))?;
+    // As broken_chain, and service-c declared instrumented: a direct,
+    // sampled call into it is a check the store cannot answer.
+    let mut lab = lab(
+        &["client", "service-b", "service-c"],
+        Store::At(format!("http://127.0.0.1:{closed}")),
+        &["service-c"],
+    )?;
+    let port = lab.receiver.http.port();
+    lab.start(
+        "service-b",
+        Behaviour::ServerSpansOnly,
+        &["service-c"],
+        port,
+        |s| s,
+    )?;
+    lab.start("service-c", Behaviour::Instrumented, &[], port, |s| s)?;
     for p in ["00f067aa0ba902b7", "00f067aa0ba902b8"] {
         lab.curl(
             "client",
@@ -478,7 +503,12 @@ fn a_trace_store_that_is_away_leaves_the_wire_s_spans_as_they_are_with_a_note() 
             &[&traceparent(T1, p)],
         )?;
     }
-    lab.settle(4)?;
+    lab.curl(
+        "client",
+        &lab.url("service-c", "/"),
+        &[&traceparent(T1, "00f067aa0ba902b9")],
+    )?;
+    lab.settle(5)?;
     // The spans go out as the wire alone places them: under the span the
     // client sent, unlinked.
     let stitched = lab.synthetic("service-c");
@@ -504,8 +534,52 @@ fn a_trace_store_that_is_away_leaves_the_wire_s_spans_as_they_are_with_a_note() 
         body.contains("note: trace store") && body.contains(&closed.to_string()),
         "{body}"
     );
-    // Nothing claimed about callees: the store could not say.
-    assert!(lab.report()?.callee_spans.is_empty());
+    // Nothing claimed about callees: the store could not say. Each check
+    // of a callee known to record (service-c declared, service-b seen
+    // exporting) waited for the store, then counts as not checked.
+    let report = lab.report()?;
+    let not_checked: u64 = report.callee_spans.iter().map(|c| c.not_checked).sum();
+    assert_eq!(not_checked, 3, "{:?}", report.callee_spans);
+    for c in &report.callee_spans {
+        assert_eq!(
+            c.arrived + c.new_trace + c.lost_in_pipeline + c.not_exported + c.unknown,
+            0,
+            "{c:?}"
+        );
+        assert_eq!(c.example, None, "{c:?}");
+    }
+    Ok(())
+}
+
+#[test]
+fn checks_the_query_rate_puts_off_are_asked_in_a_later_round_not_dropped() -> anyhow::Result<()> {
+    if !privileged("checks_the_query_rate_puts_off") {
+        return Ok(());
+    }
+    // Two queries a second: five sampled calls, each in a trace of its
+    // own, come due within a round or two, more than the rate allows.
+    let mut lab = lab_at_rate(&["client", "fine"], Store::Jaeger, &[("fine", true)], 2)?;
+    let port = lab.receiver.http.port();
+    lab.start("fine", Behaviour::Instrumented, &[], port, |s| s)?;
+    let n = 5u64;
+    for i in 0..n {
+        let trace = format!("{:032x}", 0x5eed_0000u64 + i);
+        lab.curl(
+            "client",
+            &lab.url("fine", "/"),
+            &[&traceparent(&trace, "00f067aa0ba902b7")],
+        )?;
+    }
+    lab.settle(n)?;
+    let deferred = lab
+        .agent
+        .metric("tracegap_trace_store_queries_total{query=\"trace\",outcome=\"rate_limited\"}")?;
+    assert!(
+        deferred > 0.0,
+        "the rate was never spent: the test shows nothing"
+    );
+    let fine = lab.callee_spans("client", "fine")?;
+    assert_eq!((fine.arrived, fine.not_checked), (n, 0), "{fine:?}");
     Ok(())
 }
 

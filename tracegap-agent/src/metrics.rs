@@ -334,12 +334,12 @@ impl Metrics {
         );
         registry.register(
             "callee_spans",
-            "Hops whose callee (instrumented, sent a sampled context) should have recorded a span, by what the trace store holds after the settle delay: arrived; new_trace (in a trace of its own: the callee did not read the context); lost_in_pipeline (the callee exported, the span never arrived); not_exported (no export seen from the callee); unknown (the collector took the callee's exports, 2xx, and the span is not in the store: the facts disagree)",
+            "Hops whose callee (instrumented, sent a sampled context) should have recorded a span, by what the trace store holds after the settle delay: arrived; new_trace (in a trace of its own: the callee did not read the context); lost_in_pipeline (the callee exported, the span never arrived); not_exported (no export seen from the callee); unknown (the collector took the callee's exports, 2xx, and the span is not in the store: the facts disagree); not_checked (the store could not be asked within a settle delay: nothing known)",
             m.callee_spans.clone(),
         );
         registry.register(
             "trace_store_queries",
-            "Queries to the trace store, by query (trace, search) and outcome (found, not_found, error, rate_limited, store_away)",
+            "Queries to the trace store, by query (trace, search) and outcome (found, not_found, error; rate_limited: put off to a later round; store_away: a span sent on unreconciled)",
             m.store_queries.clone(),
         );
         registry.register(

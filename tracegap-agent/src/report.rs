@@ -86,6 +86,10 @@ pub struct CalleeSpans {
     /// and the span is not in the store. Neither a gap nor a finding.
     #[serde(default)]
     pub unknown: u64,
+    /// The trace store could not be asked in time (away, or its query
+    /// rate spent for longer than a settle delay): nothing known.
+    #[serde(default)]
+    pub not_checked: u64,
     /// For lost and unknown spans: the collector's answers to the callee's exports
     /// (`503`, `no answer`, ...) and how often.
     pub export_answers: BTreeMap<String, u64>,
@@ -171,11 +175,12 @@ impl Reporter {
             Outcome::LostInPipeline => c.lost_in_pipeline += 1,
             Outcome::NotExported => c.not_exported += 1,
             Outcome::Unknown => c.unknown += 1,
+            Outcome::NotChecked => c.not_checked += 1,
         }
         if let Some(a) = answer {
             *c.export_answers.entry(a.to_owned()).or_default() += 1;
         }
-        if outcome != Outcome::Arrived {
+        if !matches!(outcome, Outcome::Arrived | Outcome::NotChecked) {
             c.example = Some(trace.to_owned());
         }
     }
@@ -381,6 +386,7 @@ fn callee_table(checks: &[CalleeSpans]) -> String {
         "LOST_IN_PIPELINE".to_owned(),
         "NOT_EXPORTED".to_owned(),
         "UNKNOWN".to_owned(),
+        "NOT_CHECKED".to_owned(),
         "COLLECTOR ANSWERED".to_owned(),
         "EXAMPLE TRACE".to_owned(),
     ]];
@@ -398,6 +404,7 @@ fn callee_table(checks: &[CalleeSpans]) -> String {
             c.lost_in_pipeline.to_string(),
             c.not_exported.to_string(),
             c.unknown.to_string(),
+            c.not_checked.to_string(),
             if answers.is_empty() {
                 "-".to_owned()
             } else {
@@ -406,7 +413,7 @@ fn callee_table(checks: &[CalleeSpans]) -> String {
             c.example.clone().unwrap_or_else(|| "-".to_owned()),
         ]);
     }
-    let widths: Vec<usize> = (0..8)
+    let widths: Vec<usize> = (0..9)
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

@@ -75,6 +75,9 @@ const SEARCH_LIMIT: usize = 500;
 const AWAY_BACKOFF: Duration = Duration::from_secs(5);
 /// Queries in flight at once.
 const CONCURRENCY: usize = 4;
+/// An item the store could not answer for is asked again for a settle
+/// delay, and at least this long (the query rate refills within it).
+const MIN_RETRY: Duration = Duration::from_secs(2);
 /// A trace read is reused for this long by later rounds.
 const CACHE_FOR: Duration = Duration::from_secs(1);
 
@@ -117,6 +120,9 @@ pub enum Outcome {
     /// it for the context sent. Not called lost: the hop itself may be
     /// wrong (read twice, or not the call it seemed), or the store late.
     Unknown,
+    /// The store could not be asked in time (away, or the query rate
+    /// spent for longer than a settle delay): nothing is known.
+    NotChecked,
 }
 
 impl Outcome {
@@ -127,6 +133,7 @@ impl Outcome {
             Self::LostInPipeline => "lost_in_pipeline",
             Self::NotExported => "not_exported",
             Self::Unknown => "unknown",
+            Self::NotChecked => "not_checked",
         }
     }
 }
@@ -171,6 +178,22 @@ impl HopFacts {
 enum Item {
     Span(Box<SyntheticSpan>, HopFacts),
     Expect(HopFacts),
+}
+
+impl Item {
+    fn facts(&self) -> &HopFacts {
+        match self {
+            Self::Span(_, f) | Self::Expect(f) => f,
+        }
+    }
+}
+
+/// An item waiting: due after the settle delay; asked again each round
+/// the store could not answer for it, until `give_up`.
+struct Held {
+    due: Instant,
+    give_up: Instant,
+    item: Item,
 }
 
 enum Observed {
@@ -226,12 +249,12 @@ impl Handle {
 
     /// Checks, after the settle delay, that the callee's span arrived.
     pub fn expect(&self, facts: HopFacts) {
-        if self
-            .tx
-            .try_send(Observed::Item(Item::Expect(facts)))
-            .is_err()
+        if let Err(
+            mpsc::error::TrySendError::Full(Observed::Item(Item::Expect(f)))
+            | mpsc::error::TrySendError::Closed(Observed::Item(Item::Expect(f))),
+        ) = self.tx.try_send(Observed::Item(Item::Expect(facts)))
         {
-            self.shared.metrics.store_query("trace", "rate_limited", 1);
+            not_checked(&self.shared, &self.learned, &f);
         }
     }
 
@@ -313,7 +336,7 @@ struct Task {
     status: Arc<StoreStatus>,
     store: Option<Box<dyn TraceStore>>,
     away_until: Option<Instant>,
-    pending: VecDeque<(Instant, Item)>,
+    pending: VecDeque<Held>,
     ledger: Ledger,
     claimed: Claimed,
     cache: HashMap<String, (Instant, Option<Arc<Trace>>)>,
@@ -346,7 +369,12 @@ impl Task {
                         if self.pending.len() >= MAX_PENDING {
                             self.release(item, "unreconciled");
                         } else {
-                            self.pending.push_back((Instant::now() + self.config.settle, item));
+                            let due = Instant::now() + self.config.settle;
+                            self.pending.push_back(Held {
+                                due,
+                                give_up: due + self.config.settle.max(MIN_RETRY),
+                                item,
+                            });
                         }
                     }
                     None => break,
@@ -359,8 +387,8 @@ impl Task {
                 .set(self.pending.len() as i64);
         }
         // Shutting down: what is held goes out as it is, now.
-        while let Some((_, item)) = self.pending.pop_front() {
-            self.release(item, "unreconciled");
+        while let Some(h) = self.pending.pop_front() {
+            self.release(h.item, "unreconciled");
         }
         self.shared.metrics.reconcile_pending.set(0);
     }
@@ -379,19 +407,14 @@ impl Task {
         // A cached trace serves an item only if it was read after the item
         // was due (its spans had settled by then).
         let mut fresh_after: HashMap<String, Instant> = HashMap::new();
-        while due.len() < PER_ROUND
-            && let Some((at, _)) = self.pending.front()
-            && *at <= now
-        {
-            if let Some((at, item)) = self.pending.pop_front() {
-                let f = match &item {
-                    Item::Span(_, f) | Item::Expect(f) => f,
-                };
+        while due.len() < PER_ROUND && self.pending.front().is_some_and(|h| h.due <= now) {
+            if let Some(h) = self.pending.pop_front() {
+                let f = h.item.facts();
                 for c in [&f.serving, &f.received].into_iter().flatten() {
-                    let e = fresh_after.entry(c.trace_id.clone()).or_insert(at);
-                    *e = (*e).max(at);
+                    let e = fresh_after.entry(c.trace_id.clone()).or_insert(h.due);
+                    *e = (*e).max(h.due);
                 }
-                due.push(item);
+                due.push(h);
             }
         }
         if due.is_empty() {
@@ -401,11 +424,19 @@ impl Task {
         self.cache
             .retain(|_, (at, _)| now.duration_since(*at) < CACHE_FOR);
         if !self.store_usable().await {
-            let n = due.len() as u64;
-            for item in due {
-                self.release(item, "unreconciled");
+            // Spans go out as they are, not later than they would have;
+            // checks wait for the store (counted once, if they give up).
+            let mut wait = Vec::new();
+            for h in due {
+                match h.item {
+                    Item::Span(..) => {
+                        self.shared.metrics.store_query("trace", "store_away", 1);
+                        self.release(h.item, "unreconciled");
+                    }
+                    Item::Expect(_) => wait.push(h),
+                }
             }
-            self.shared.metrics.store_query("trace", "store_away", n);
+            self.again(wait, now);
             return;
         }
         // First the traces the items are in and the callees' own new
@@ -413,8 +444,8 @@ impl Task {
         // the callee started a trace of its own.
         let mut answers = Answers::default();
         let mut wanted = Vec::new();
-        for item in &due {
-            let (facts, search_root) = match item {
+        for h in &due {
+            let (facts, search_root) = match &h.item {
                 Item::Span(_, f) => (f, f.received.is_none()),
                 Item::Expect(f) => (f, false),
             };
@@ -428,20 +459,62 @@ impl Task {
         self.ask(merge(wanted), &fresh_after, &mut answers).await;
         let second: Vec<Query> = due
             .iter()
-            .filter_map(|item| match item {
+            .filter_map(|h| match &h.item {
                 Item::Expect(f) if !self.arrived(f, &answers) => Some(Query::Search(search(f))),
                 _ => None,
             })
             .collect();
         self.ask(merge(second), &fresh_after, &mut answers).await;
-        for item in due {
-            match item {
+        // An item the store did not answer for (the rate spent, a query
+        // failed) is asked again next round rather than decided on half
+        // the facts: under load, a check dropped here was a hop missing
+        // from the callee-span counts.
+        let mut wait = Vec::new();
+        for h in due {
+            if !self.answered(&h.item, &answers) {
+                wait.push(h);
+                continue;
+            }
+            match h.item {
                 Item::Span(s, f) => self.settle_span(*s, &f, &answers),
                 Item::Expect(f) => self.settle_expectation(&f, &answers),
             }
         }
+        self.again(wait, now);
         if let Ok(mut r) = self.shared.reporter.lock() {
             r.services = self.learned.statuses();
+        }
+    }
+
+    /// Puts unanswered items back in front, oldest first; past their time
+    /// a span goes out as it is and a check counts as not checked.
+    fn again(&mut self, held: Vec<Held>, now: Instant) {
+        for h in held.into_iter().rev() {
+            if now < h.give_up {
+                self.pending.push_front(h);
+                continue;
+            }
+            match h.item {
+                Item::Span(..) => self.release(h.item, "unreconciled"),
+                Item::Expect(f) => not_checked(&self.shared, &self.learned, &f),
+            }
+        }
+    }
+
+    /// Whether the store answered every query the item needs.
+    fn answered(&self, item: &Item, answers: &Answers) -> bool {
+        let traced = |c: &Option<Ctx>| {
+            c.as_ref()
+                .is_none_or(|c| answers.traces.contains_key(&c.trace_id))
+        };
+        let searched = |f: &HopFacts| answers.searches.contains_key(&f.callee);
+        match item {
+            Item::Span(_, f) => {
+                traced(&f.serving)
+                    && traced(&f.received)
+                    && (f.received.is_some() || !self.callee_may_record(f) || searched(f))
+            }
+            Item::Expect(f) => traced(&f.received) && (self.arrived(f, answers) || searched(f)),
         }
     }
 
@@ -674,7 +747,7 @@ impl Task {
     fn settle_expectation(&mut self, f: &HopFacts, answers: &Answers) {
         let Some(c) = &f.received else { return };
         let Some(trace) = answers.traces.get(&c.trace_id) else {
-            // Not asked (rate-limited or the store away): nothing known.
+            not_checked(&self.shared, &self.learned, f);
             return;
         };
         let own = trace
@@ -741,6 +814,26 @@ impl Task {
                 &c.trace_id,
             );
         }
+    }
+}
+
+/// Counts a hop whose callee span could not be checked, for a callee
+/// known to record (for any other, no check would have been a finding).
+fn not_checked(shared: &Shared, learned: &Learned, f: &HopFacts) {
+    let Some(c) = &f.received else { return };
+    if f.callee_declared
+        .or_else(|| learned.instrumented(&f.callee))
+        != Some(true)
+    {
+        return;
+    }
+    shared.metrics.callee_span(CalleeSpanLabels {
+        source_service: f.caller.clone(),
+        destination_service: f.callee.clone(),
+        outcome: Outcome::NotChecked.as_str().to_owned(),
+    });
+    if let Ok(mut r) = shared.reporter.lock() {
+        r.callee_span(&f.caller, &f.callee, Outcome::NotChecked, None, &c.trace_id);
     }
 }
 
