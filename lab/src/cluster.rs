@@ -209,6 +209,7 @@ impl Cluster {
             kubernetes: None,
             node_name: None,
             reconcile: None,
+            thread_evidence: true,
         }
     }
 

@@ -122,6 +122,10 @@ enum Cmd {
         /// split over CONTINUATION frames past 16 KiB).
         #[arg(long, default_value_t = 0)]
         metadata_bytes: usize,
+        /// Up to this long, at random, before each downstream call (the
+        /// handler's work before it calls on), e.g. `20ms`.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+        think: Duration,
     },
     /// An instrumented client sending requests (runs inside a pod); prints
     /// a JSON summary.
@@ -303,6 +307,7 @@ fn main() -> anyhow::Result<()> {
             otlp,
             grpc,
             metadata_bytes,
+            think,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             on_signal(&INTERRUPTED, Some(stop.clone()))?;
@@ -315,6 +320,7 @@ fn main() -> anyhow::Result<()> {
                 otlp,
                 grpc,
                 metadata_bytes,
+                think,
                 ..ServiceSpec::new(&name, port, behaviour)
             };
             let mut failed = None;

@@ -176,7 +176,9 @@ impl Ctx<'_> {
             .arg("--otlp")
             .arg(otlp)
             .arg("--metadata-bytes")
-            .arg(s.metadata_bytes.to_string());
+            .arg(s.metadata_bytes.to_string())
+            .arg("--think")
+            .arg(format!("{}ms", s.think.as_millis()));
         if s.grpc {
             cmd.arg("--grpc");
         }
@@ -307,6 +309,23 @@ impl Ctx<'_> {
                 e.0 += c["made"].as_u64().unwrap_or_default();
                 e.1 += c["failed"].as_u64().unwrap_or_default();
             }
+        }
+        Ok(by)
+    }
+
+    /// Which request each call of a service's replicas was made for, by
+    /// the call's own address: what the service recorded itself.
+    fn causes(
+        &self,
+        service: &str,
+    ) -> anyhow::Result<std::collections::HashMap<SocketAddr, String>> {
+        let mut by = std::collections::HashMap::new();
+        for (_, pod) in self.cluster.replicas(service) {
+            let addr = SocketAddr::from((pod.ipv4, 8080));
+            let (status, body) = crate::http::get(addr, "/_lab/causes")?;
+            anyhow::ensure!(status == 200, "/_lab/causes answered {status}");
+            let causes: Vec<crate::service::Cause> = serde_json::from_str(&body)?;
+            by.extend(causes.into_iter().map(|c| (c.from, c.trace_id)));
         }
         Ok(by)
     }
@@ -540,6 +559,34 @@ fn check(
                 format!(
                     "placed under {breaking}'s own spans: {placed} of {} stitched {callee} spans",
                     stitched.len()
+                ),
+            )
+        }
+        Expect::Caused(breaking, callee) => {
+            let causes = ctx.causes(breaking)?;
+            let stitched = stitched(spans, callee);
+            let (mut right, mut wrong, mut unplaced, mut untold) = (0, 0, 0, 0);
+            for s in &stitched {
+                let from = s
+                    .attr("network.peer.address")
+                    .zip(s.attr("network.peer.port"))
+                    .and_then(|(a, p)| format!("{a}:{p}").parse::<SocketAddr>().ok());
+                match (from.and_then(|f| causes.get(&f)), s.attr("tracegap.link")) {
+                    (None, _) => untold += 1,
+                    (Some(t), Some(l)) if l == "inferred" && s.trace_id() == *t => right += 1,
+                    (Some(_), Some(l)) if l == "inferred" => wrong += 1,
+                    (Some(_), _) => unplaced += 1,
+                }
+            }
+            (
+                !stitched.is_empty() && wrong == 0 && untold == 0,
+                format!(
+                    "{breaking}'s calls to {callee} against what {breaking} recorded: {right} under the request that caused them, {wrong} under a wrong one, {unplaced} unplaced (linked to their candidates){}",
+                    if untold > 0 {
+                        format!(", {untold} with no cause recorded")
+                    } else {
+                        String::new()
+                    }
                 ),
             )
         }

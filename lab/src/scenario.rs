@@ -9,8 +9,9 @@ use crate::{
 };
 
 /// The scenario names, in the order they run.
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     "broken-propagation",
+    "concurrent",
     "fixed",
     "uninstrumented",
     "sampling",
@@ -57,6 +58,12 @@ pub enum Expect {
     /// The synthetic spans of the breaking service's (first) calls to the
     /// callee (second) sit under the breaking service's own spans.
     Placed(&'static str, &'static str),
+    /// The breaking service's (first) calls to the callee (second), made
+    /// while it served many requests at once: each stitched span sits
+    /// under the request that caused it (as the service itself recorded,
+    /// `/_lab/causes`) or is left unplaced, linked to its candidates;
+    /// none under a wrong one.
+    Caused(&'static str, &'static str),
     /// The synthetic spans for calls into this callee link to its own
     /// new traces.
     Linked(&'static str),
@@ -145,6 +152,28 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                     Linked("service-c"),
                     Kind("bare-client", "service-c", "missing_context"),
                     Suppressed("bare-client", "service-c"),
+                ],
+                store_down: false,
+            }
+        }
+        "concurrent" => {
+            let mut b = svc(
+                "service-b",
+                ServerSpansOnly,
+                &[("service-c", "/inventory/42")],
+            );
+            b.spec.think = Duration::from_millis(20);
+            let mut a = load("service-a", ("service-b", "/checkout"), n(4, 12));
+            a.parallel = 16;
+            a.spec.interval = Duration::from_millis(5);
+            Scenario {
+                name: "concurrent",
+                lesson: "broken-propagation under load: service-b serves 16 callers at once and thinks up to 20 ms before its call; a call whose cause the evidence does not single out is linked to its candidates, never put under a wrong request",
+                services: vec![b, svc("service-c", Instrumented, &[])],
+                loads: vec![a],
+                expect: vec![
+                    Kind("service-b", "service-c", "broken_propagation"),
+                    Caused("service-b", "service-c"),
                 ],
                 store_down: false,
             }

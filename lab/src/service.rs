@@ -141,6 +141,10 @@ pub struct ServiceSpec {
     /// Bytes of extra metadata (`x-lab-blob`) on each gRPC call it makes: a
     /// header block past HTTP/2's 16 KiB frame, split over CONTINUATION.
     pub metadata_bytes: usize,
+    /// Up to this long, at random, before each downstream call: a
+    /// handler's work before it calls on, which interleaves concurrent
+    /// requests' calls.
+    pub think: Duration,
 }
 
 impl ServiceSpec {
@@ -157,6 +161,7 @@ impl ServiceSpec {
             otlp: None,
             grpc: false,
             metadata_bytes: 0,
+            think: Duration::ZERO,
         }
     }
 }
@@ -304,6 +309,49 @@ fn count_call(url: &str, failed: bool) {
         c.0 += 1;
         c.1 += u64::from(failed);
     }
+}
+
+/// Which inbound request each HTTP downstream call was made for: the
+/// call's own address (a connection per call) and the trace of the request
+/// being served. Ground truth for the tests and the lab, never read by
+/// tracegap.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Cause {
+    pub service: String,
+    pub from: SocketAddr,
+    pub trace_id: String,
+}
+
+/// Causes kept at most (the oldest go).
+const MAX_CAUSES: usize = 1 << 20;
+
+static CAUSES: std::sync::Mutex<Vec<Cause>> = std::sync::Mutex::new(Vec::new());
+
+fn record_cause(c: Cause) {
+    if let Ok(mut all) = CAUSES.lock() {
+        if all.len() >= MAX_CAUSES {
+            all.clear();
+        }
+        all.push(c);
+    }
+}
+
+/// Every cause recorded in this process (`/_lab/causes` serves the same).
+pub fn causes() -> Vec<Cause> {
+    CAUSES.lock().map(|c| c.clone()).unwrap_or_default()
+}
+
+/// A random duration below `max` (zero for zero).
+fn up_to(max: Duration) -> Duration {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    if max.is_zero() {
+        return max;
+    }
+    // RandomState is seeded at random per instance: enough for jitter.
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    max.mul_f64((r >> 11) as f64 / (1u64 << 53) as f64)
 }
 
 /// `/_lab/stats`: spans the SDK failed to export, and the calls made per
@@ -575,6 +623,10 @@ pub(crate) fn handle(
     let path = match inbound {
         Inbound::Http(p) | Inbound::Grpc(p) => p,
     };
+    let inbound_trace = {
+        let sc = parent.span().span_context().clone();
+        sc.is_valid().then(|| sc.trace_id().to_string())
+    };
     for url in &spec.downstream {
         let mut out = Vec::new();
         let client_cx = match (&tracer, &server_cx) {
@@ -603,10 +655,21 @@ pub(crate) fn handle(
             }
             _ => {}
         }
+        std::thread::sleep(up_to(spec.think));
         let called = if url.starts_with("grpc://") {
             crate::grpc::call(url, &out, spec.metadata_bytes).map(|_| ())
         } else {
-            call(url, &out).map(|_| ()).map_err(|e| e.to_string())
+            call_from(url, &out, |from| {
+                if let Some(t) = inbound_trace.as_ref() {
+                    record_cause(Cause {
+                        service: spec.name.clone(),
+                        from,
+                        trace_id: t.clone(),
+                    });
+                }
+            })
+            .map(|_| ())
+            .map_err(|e| e.to_string())
         };
         count_call(url, called.is_err());
         if let Err(e) = called {
@@ -633,8 +696,12 @@ fn serve(
     while let Some(head) = read_head(&mut conn, &mut buf, stop) {
         let headers = header_map(&head);
         let target = head.split(' ').nth(1).unwrap_or("/").to_owned();
-        if target == "/_lab/stats" {
-            let body = stats_json();
+        if target == "/_lab/stats" || target == "/_lab/causes" {
+            let body = if target == "/_lab/stats" {
+                stats_json()
+            } else {
+                serde_json::to_string(&causes()).unwrap_or_default()
+            };
             let resp = format!(
                 "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
                 body.len()
@@ -675,6 +742,16 @@ pub fn path_of(url: &str) -> &str {
 
 /// GET `url` (http://ip:port/path) with `headers`, reading the whole answer.
 pub fn call(url: &str, headers: &[(String, String)]) -> std::io::Result<u16> {
+    call_from(url, headers, |_| {})
+}
+
+/// As [`call`]; `connected` is told the call's own address before the
+/// request is sent.
+fn call_from(
+    url: &str,
+    headers: &[(String, String)],
+    connected: impl FnOnce(SocketAddr),
+) -> std::io::Result<u16> {
     let rest = url.strip_prefix("http://").unwrap_or(url);
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
@@ -684,6 +761,7 @@ pub fn call(url: &str, headers: &[(String, String)]) -> std::io::Result<u16> {
         .ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "no address"))?;
     let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    connected(c.local_addr()?);
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));

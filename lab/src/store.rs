@@ -77,6 +77,11 @@ pub(crate) fn text(v: &AnyValue) -> String {
     }
 }
 
+/// A span link's `tracegap.link.kind` (`callee_trace`, `candidate`).
+pub fn link_kind(link: &opentelemetry_proto::tonic::trace::v1::span::Link) -> Option<String> {
+    attr(&link.attributes, "tracegap.link.kind")
+}
+
 fn attr(attrs: &[KeyValue], key: &str) -> Option<String> {
     attrs
         .iter()

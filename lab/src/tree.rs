@@ -41,11 +41,11 @@ fn line(s: &Received) -> String {
             l.push_str(" parent=from store");
         }
         for link in &s.span.links {
-            l.push_str(&format!(
-                "  -> {}'s own trace {}",
-                s.service,
-                crate::store::hex(&link.trace_id)
-            ));
+            let t = crate::store::hex(&link.trace_id);
+            match crate::store::link_kind(link).as_deref() {
+                Some("candidate") => l.push_str(&format!("  ~ candidate {t}")),
+                _ => l.push_str(&format!("  -> {}'s own trace {t}", s.service)),
+            }
         }
     }
     if let Some(st) = &s.span.status

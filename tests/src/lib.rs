@@ -38,6 +38,7 @@ pub fn agent_config(node: &Node, receiver: &otlp::Receiver) -> tracegap_agent::a
         kubernetes: None,
         node_name: None,
         reconcile: None,
+        thread_evidence: true,
     }
 }
 

@@ -2,11 +2,12 @@
 //! the agent assembles must be exactly what curl sent, and nothing must be
 //! observed where no HTTP was sent.
 
-use std::time::Duration;
+use std::{net::IpAddr, time::Duration};
 
 use tracegap_agent::{
     ebpf::Observer,
     events::RawEvent,
+    gap::threads::Turn,
     http::{
         assemble::{Assembler, Message, Pairer},
         context::{Format, Found, Propagation},
@@ -14,7 +15,7 @@ use tracegap_agent::{
         message::StartLine,
     },
 };
-use tracegap_common::{Direction, EventKind};
+use tracegap_common::{Direction, EventKind, ThreadTurn};
 use tracegap_tests::{Node, collect_events, http::HttpServer, privileged};
 
 const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -236,9 +237,30 @@ fn a_message_between_two_local_pods_is_copied_once() -> anyhow::Result<()> {
     // host veth) and only counted entering the other one.
     let starts: Vec<_> = events
         .iter()
-        .filter(|e| e.kind != EventKind::Continuation)
+        .filter(|e| matches!(e.kind, EventKind::Request | EventKind::Response))
         .collect();
     assert_eq!(starts.len(), 6, "{starts:?}");
+    // Each request's turns, once whatever the veths it crossed: curl's
+    // thread wrote it (another process), the server's thread (this
+    // process's) read it; keyed by the client's end.
+    let turns: Vec<Turn> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Thread)
+        .filter_map(Turn::from_event)
+        .collect();
+    let (wrote, read): (Vec<&Turn>, Vec<&Turn>) = turns
+        .iter()
+        .partition(|t| t.side == ThreadTurn::ClientWrote);
+    assert_eq!((wrote.len(), read.len()), (3, 3), "{turns:?}");
+    let me = std::process::id();
+    assert!(wrote.iter().all(|t| t.thread.pid != me), "{wrote:?}");
+    assert!(read.iter().all(|t| t.thread.pid == me), "{read:?}");
+    for t in &turns {
+        assert_eq!(t.client.ip, IpAddr::V4(client.ipv4), "{t:?}");
+    }
+    let clients: std::collections::HashSet<u16> = wrote.iter().map(|t| t.client.port).collect();
+    let served: std::collections::HashSet<u16> = read.iter().map(|t| t.client.port).collect();
+    assert_eq!(clients, served, "each connection's two turns");
     assert!(
         starts.iter().all(|e| e.direction == Direction::Ingress),
         "{starts:?}"

@@ -28,6 +28,7 @@ use crate::{
         classify::{RETENTION_NS, formats_label},
         hop::{Reply, Request},
         span::{self, ExportMode, Identity},
+        threads::Turn,
     },
     http::{
         assemble::{Answer, Assembler, HEAD_TIMEOUT, Message, Pairer},
@@ -94,6 +95,9 @@ pub struct AgentConfig {
     /// Read traces back from the trace store and correct the spans by
     /// them (None: the wire alone).
     pub reconcile: Option<ReconcileConfig>,
+    /// Record which thread wrote each call and read each request (the
+    /// socket programs; see [`crate::gap::threads`]); off: timing alone.
+    pub thread_evidence: bool,
 }
 
 /// The running agent's handles, for callers that embed it (tests).
@@ -141,9 +145,15 @@ pub async fn run(
         }
         None => None,
     };
-    let mut observer = Observer::load()
+    let mut observer = Observer::load_with_threads(config.thread_evidence)
         .context("loading the eBPF programs")
         .map_err(privileges::explain)?;
+    metrics
+        .thread_evidence
+        .get_or_create(&crate::metrics::SourceLabels {
+            source: observer.thread_evidence().as_str().to_owned(),
+        })
+        .set(1);
     let watcher = config.kubernetes.clone().map(|cluster| {
         let status = Arc::new(ApiStatus::default());
         shared.set_api(status.clone());
@@ -280,6 +290,13 @@ async fn event_loop(
                 // before a call its service made meanwhile is classified
                 // (an HTTP/2 request and an HTTP/1.1 call in one batch).
                 for mut e in batch {
+                    if e.kind == EventKind::Thread {
+                        // Keyed by the client's end, which no NAT rewrites.
+                        if let Some(t) = Turn::from_event(&e) {
+                            p.engine.thread_turn(t);
+                        }
+                        continue;
+                    }
                     p.nat.translate(&mut e, |ip| directory.is_service(ip));
                     if e.kind == EventKind::Http2 {
                         if e.direction == Direction::Ingress {
@@ -347,6 +364,7 @@ fn facts(
         received,
         serving,
         callee_declared: callee.instrumented,
+        unplaced: false,
     }
 }
 
@@ -604,6 +622,18 @@ impl Pipeline {
             context_status: verdict.kind.as_str().to_owned(),
             context_format: format.clone(),
         });
+        if let Some(l) = &verdict.link
+            && matches!(
+                verdict.kind,
+                GapKind::BrokenPropagation | GapKind::FormatMismatch
+            )
+        {
+            m.causes
+                .get_or_create(&crate::metrics::ConfidenceLabels {
+                    confidence: l.confidence.as_str().to_owned(),
+                })
+                .inc();
+        }
         if verdict.kind.is_gap() {
             m.gap(GapLabels {
                 kind: verdict.kind.as_str().to_owned(),
@@ -640,12 +670,16 @@ impl Pipeline {
                     // stitched span, the request the caller was serving.
                     let (received, serving) = match (&verdict.link, verdict.kind) {
                         (Some(l), GapKind::BrokenPropagation | GapKind::FormatMismatch) => {
-                            (None, Some(ctx(&l.context)))
+                            (None, l.confidence.places().then(|| ctx(&l.context)))
                         }
                         (_, GapKind::MissingContext | GapKind::MalformedContext) => (None, None),
                         _ => (hop.context().map(ctx), None),
                     };
-                    if let Some(s) = r.hold(s, facts(&hop, &caller, &callee, received, serving)) {
+                    let facts = HopFacts {
+                        unplaced: !s.links.is_empty(),
+                        ..facts(&hop, &caller, &callee, received, serving)
+                    };
+                    if let Some(s) = r.hold(s, facts) {
                         self.queue.offer(s);
                     }
                 }

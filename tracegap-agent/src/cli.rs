@@ -75,6 +75,12 @@ pub struct RunArgs {
     /// Export spans for unsampled hops too (by default they are counted).
     #[arg(long, env = "TRACEGAP_EXPORT_UNSAMPLED")]
     pub export_unsampled: bool,
+    /// Record which thread wrote each call and which read each request
+    /// (programs on socket sends and receives), so a thread-per-request
+    /// service's calls are tied to the request they were made for; false:
+    /// by the wire alone.
+    #[arg(long, env = "TRACEGAP_THREAD_EVIDENCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub thread_evidence: bool,
     /// Synthetic spans waiting for export at most; past it they are dropped
     /// and counted (tracegap_spans_dropped_total{reason="queue_full"}).
     #[arg(long, env = "TRACEGAP_EXPORT_QUEUE", default_value_t = 8192)]
@@ -122,8 +128,9 @@ pub struct RunArgs {
     /// collector's and the store's.
     #[arg(long, env = "TRACEGAP_SETTLE_DELAY", default_value = "10s", value_parser = humantime::parse_duration)]
     pub settle_delay: Duration,
-    /// Queries per second to the trace store at most (per agent); hops past
-    /// it go unreconciled, counted.
+    /// Queries per second to the trace store at most (per agent); a query
+    /// past it waits for a later round, and a hop still unasked a settle
+    /// delay later goes on unreconciled (its check counted not_checked).
     #[arg(long, env = "TRACEGAP_TRACE_STORE_QPS", default_value_t = crate::reconcile::DEFAULT_QPS)]
     pub trace_store_qps: u32,
     /// One query's time at most; a store slower than this is treated as away.
@@ -189,6 +196,7 @@ impl RunArgs {
             },
             export_mode: self.export,
             export_unsampled: self.export_unsampled,
+            thread_evidence: self.thread_evidence,
             services,
             response_timeout: self.response_timeout,
             node_name: self.node_name.clone(),

@@ -183,15 +183,10 @@ pub fn span_data(s: SyntheticSpan, scope: &InstrumentationScope) -> SpanData {
     links.links = s
         .links
         .iter()
-        .map(|(t, sp)| {
+        .map(|(t, sp, kind)| {
             opentelemetry::trace::Link::new(
                 SpanContext::new(*t, *sp, TraceFlags::SAMPLED, true, TraceState::default()),
-                // The OpenTelemetry convention for a link to the other
-                // side's own trace of the same request.
-                vec![opentelemetry::KeyValue::new(
-                    "tracegap.link.kind",
-                    "callee_trace",
-                )],
+                vec![opentelemetry::KeyValue::new("tracegap.link.kind", *kind)],
                 0,
             )
         })

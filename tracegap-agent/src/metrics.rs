@@ -98,6 +98,16 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConfidenceLabels {
+    pub confidence: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: &'static str,
 }
@@ -170,6 +180,8 @@ pub struct Metrics {
     pub store_queries: Family<QueryLabels, Counter>,
     pub reconciled: Family<ActionLabels, Counter>,
     pub reconcile_pending: Gauge,
+    pub thread_evidence: Family<SourceLabels, Gauge>,
+    pub causes: Family<ConfidenceLabels, Counter>,
     admitted: EdgeSeries,
     last_kernel: std::sync::Mutex<Counters>,
 }
@@ -222,6 +234,8 @@ impl Metrics {
             store_queries: Family::default(),
             reconciled: Family::default(),
             reconcile_pending: Gauge::default(),
+            thread_evidence: Family::default(),
+            causes: Family::default(),
             admitted: Default::default(),
             last_kernel: std::sync::Mutex::new(Counters::default()),
             registry: Registry::default(),
@@ -346,6 +360,16 @@ impl Metrics {
             "reconciled_spans",
             "Synthetic spans after the trace store was read, by action (placed: under the breaking service's own span; linked: to the callee's own trace; suppressed: the callee's own span is there; unchanged; unreconciled: the store could not be asked)",
             m.reconciled.clone(),
+        );
+        registry.register(
+            "thread_evidence",
+            "Where the threads' turns (which thread wrote each call, which read each request) come from on this kernel: 1 for the source in use (tracepoints, fexit, none)",
+            m.thread_evidence.clone(),
+        );
+        registry.register(
+            "stitched_causes",
+            "Hops sent without the context of a request their caller was serving, by how that request was found: exact (same trace), sole (the only one open), thread (the writing thread read it), ambiguous (not placed: a root linked to its candidates)",
+            m.causes.clone(),
         );
         registry.register(
             "reconcile_pending",

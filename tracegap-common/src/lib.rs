@@ -117,6 +117,14 @@ pub enum EventKind {
     /// boundary. Flag [`event_flags::H2_LOST`] with no payload: the kernel
     /// stopped following the connection.
     Http2 = 4,
+    /// A thread's turn on a connection with an HTTP exchange (see
+    /// [`ThreadTurn`]): no payload; the header's fields say who and when.
+    /// `flow` is the connection as its requests are keyed (client to
+    /// server, as the client's socket names them on its end and the
+    /// server's on its own); `direction` is [`ThreadTurn`] as u8; `seq` is
+    /// the process (tgid), `ack` the thread (pid); `segment_len` the bytes
+    /// sent or received.
+    Thread = 5,
 }
 
 impl EventKind {
@@ -126,9 +134,65 @@ impl EventKind {
             2 => Some(Self::Response),
             3 => Some(Self::Continuation),
             4 => Some(Self::Http2),
+            5 => Some(Self::Thread),
             _ => None,
         }
     }
+}
+
+/// Which turn a [`EventKind::Thread`] event records: the first send of a
+/// request on the client's socket (after it last received), or the first
+/// receive of one on the server's (after it last sent).
+#[repr(u8)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadTurn {
+    ClientWrote = 0,
+    ServerRead = 1,
+}
+
+impl ThreadTurn {
+    pub fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            0 => Some(Self::ClientWrote),
+            1 => Some(Self::ServerRead),
+            _ => None,
+        }
+    }
+}
+
+/// Entries of the map of connections whose sockets' turns are recorded:
+/// those an HTTP/1.x request was seen on (keyed as the request's flow).
+pub const MAX_WATCHED: u32 = 16 * 1024;
+
+/// Value of the watched-connections map: each end's last operation
+/// ([`turn`]), so only the first send or receive of a turn is an event.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Turns {
+    pub client: u8,
+    pub server: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Values of [`Turns`]' fields.
+pub mod turn {
+    pub const NONE: u8 = 0;
+    pub const SENT: u8 = 1;
+    pub const RECEIVED: u8 = 2;
+}
+
+/// Where the fields of `struct sock` the thread programs read are, in the
+/// running kernel (found in its BTF by the agent, set as globals before
+/// loading): aya-ebpf emits no CO-RE relocations.
+pub mod sock_field {
+    /// Global names, each a `u32` byte offset into `struct sock`.
+    pub const DADDR: &str = "SK_DADDR";
+    pub const RCV_SADDR: &str = "SK_RCV_SADDR";
+    pub const DPORT: &str = "SK_DPORT";
+    pub const NUM: &str = "SK_NUM";
+    pub const FAMILY: &str = "SK_FAMILY";
+    pub const V6_DADDR: &str = "SK_V6_DADDR";
+    pub const V6_RCV_SADDR: &str = "SK_V6_RCV_SADDR";
 }
 
 /// Bits of [`EventHeader::flags`].
@@ -338,8 +402,10 @@ pub mod counter {
     /// preface went by before the client's was seen (they crossed; see
     /// [`crate::h2_follow::UNREAD`]).
     pub const H2_SERVER_PREFACE_MISSED: u32 = 14;
+    /// Thread turns sent ([`crate::EventKind::Thread`]).
+    pub const THREAD_TURNS: u32 = 15;
     /// Number of counters.
-    pub const COUNT: u32 = 15;
+    pub const COUNT: u32 = 16;
 
     /// Prometheus-style names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -358,6 +424,7 @@ pub mod counter {
         "h2_lost",
         "h2_joins",
         "h2_server_preface_missed",
+        "thread_turns",
     ];
 }
 
@@ -370,6 +437,7 @@ mod pod {
     unsafe impl aya::Pod for super::OpenKey {}
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::H2Follow {}
+    unsafe impl aya::Pod for super::Turns {}
 }
 
 #[cfg(test)]

@@ -23,6 +23,7 @@
 
 mod h2;
 mod net;
+mod threads;
 
 use aya_ebpf::{
     Global,
@@ -459,6 +460,12 @@ fn try_http(
                 },
             );
             let now = clock();
+            // Its sockets' turns say which threads wrote and read it; on
+            // every veth it crosses, as each end's socket may name it
+            // differently (a Service address before DNAT, the pod's after).
+            if kind == EventKind::Request && !ablated(ablate::FLOW_MAPS) {
+                threads::watch(&seg.flow);
+            }
             match direction {
                 _ if ablated(ablate::FLOW_MAPS) => {}
                 Direction::Ingress => note_local_source(&seg.flow, now),

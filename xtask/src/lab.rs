@@ -8,8 +8,8 @@ use crate::{setup, toolchain};
 
 #[derive(Debug, clap::Args)]
 pub struct LabArgs {
-    /// Scenario to run (repeat); all ten when none is given:
-    /// broken-propagation, fixed, uninstrumented, sampling, formats,
+    /// Scenario to run (repeat); all eleven when none is given:
+    /// broken-propagation, concurrent, fixed, uninstrumented, sampling, formats,
     /// baggage, collector-down, slow, flood, grpc.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,

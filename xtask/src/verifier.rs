@@ -57,7 +57,7 @@ pub fn run(args: &VerifierArgs) -> anyhow::Result<()> {
 /// A Markdown table of the [`vm::VERIFIER_LINE`]s.
 fn table(lines: &[String]) -> String {
     let mut t = String::from(
-        "| kernel | program | instructions verified | of the 1M bound | memory peak while loading (both programs) | load time |\n\
+        "| kernel | program | instructions verified | of the 1M bound | memory peak while loading (all programs) | load time |\n\
          | --- | --- | ---: | ---: | ---: | ---: |\n",
     );
     for line in lines {

@@ -311,14 +311,24 @@ fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
         kubernetes: None,
         node_name: None,
         reconcile: None,
+        thread_evidence: true,
     }
 }
 
-/// The kernel's per-program run time and count, summed over both programs.
-fn bpf_stats(agent: &Agent) -> anyhow::Result<(f64, f64)> {
+/// The kernel's run time and run count of the two TC programs (what the
+/// per-packet figures divide), and the run time of every program the agent
+/// loaded (the thread programs too: what tracegap costs the kernel).
+fn bpf_stats(agent: &Agent) -> anyhow::Result<(f64, f64, f64)> {
+    let tc = |metric: &str| -> anyhow::Result<f64> {
+        Ok(
+            agent.metric(&format!("{metric}{{program=\"tracegap_ingress\"}}"))?
+                + agent.metric(&format!("{metric}{{program=\"tracegap_egress\"}}"))?,
+        )
+    };
     Ok((
+        tc("tracegap_bpf_run_seconds")?,
+        tc("tracegap_bpf_runs")?,
         agent.metric("tracegap_bpf_run_seconds{")?,
-        agent.metric("tracegap_bpf_runs{")?,
     ))
 }
 
@@ -577,6 +587,8 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
     let (mut base_w, mut with_w, mut base_b, mut with_b) = (vec![], vec![], vec![], vec![]);
     let (mut base_t, mut with_t, mut floor_t) = (vec![], vec![], vec![]);
     let (mut echo_kernel, mut busy_kernel) = (vec![], vec![]);
+    let (mut thread_kernel, mut without_threads, mut without_threads_kernel) =
+        (vec![], vec![], vec![]);
     let (mut with_low, mut low_kernel, mut lost) = (vec![], vec![], 0.0);
     // Events the kernel could not hand over (ring buffer full), per load.
     let (mut lost_echo, mut lost_busy, mut lost_grpc) = (0.0, 0.0, 0.0);
@@ -605,43 +617,57 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         let agent = Agent::start(agent_config(&node, &receiver))?;
         std::thread::sleep(Duration::from_millis(300));
         let full = || agent.metric("tracegap_kernel_events_total{counter=\"ringbuf_full\"}");
-        let (t0, r0) = bpf_stats(&agent)?;
+        let (t0, r0, k0) = bpf_stats(&agent)?;
         let h0 = agent.metric("tracegap_kernel_events_total{counter=\"http_")?;
         let lost_echo0 = full()?;
         with_w.push(wrk(&node, &echo, d.load)?);
         std::thread::sleep(Duration::from_millis(600));
-        let (t1, r1) = bpf_stats(&agent)?;
+        let (t1, r1, k1) = bpf_stats(&agent)?;
         let h1 = agent.metric("tracegap_kernel_events_total{counter=\"http_")?;
         lost_echo += full()? - lost_echo0;
         with_t.push(iperf(&node, d.load)?);
         std::thread::sleep(Duration::from_millis(600));
-        let (t2, r2) = bpf_stats(&agent)?;
+        let (t2, r2, k2) = bpf_stats(&agent)?;
         let lost_busy0 = full()?;
         with_b.push(wrk(&node, &busy, d.load)?);
         std::thread::sleep(Duration::from_millis(600));
-        let (t3, _) = bpf_stats(&agent)?;
+        let (_, _, k3) = bpf_stats(&agent)?;
         lost_busy += full()? - lost_busy0;
         let lost_grpc0 = full()?;
         with_g.push(h2load(&node, &grpc, &grpc_body, d.load)?);
         std::thread::sleep(Duration::from_millis(600));
-        let (t6, _) = bpf_stats(&agent)?;
+        let (_, _, k6) = bpf_stats(&agent)?;
         lost_grpc += full()? - lost_grpc0;
-        grpc_kernel.push(t6 - t3);
+        grpc_kernel.push(k6 - k3);
         agent.stop()?;
         // The agent at the lowest CPU weight, as a node would run it
         // beside busy services: what the services gain, what it loses.
         let agent = Agent::start_with(agent_config(&node, &receiver), None, 19)?;
         std::thread::sleep(Duration::from_millis(300));
-        let (t4, _) = bpf_stats(&agent)?;
+        let (_, _, k4) = bpf_stats(&agent)?;
         let lost0 = agent.metric("tracegap_kernel_events_total{counter=\"ringbuf_full\"}")?;
         with_low.push(wrk(&node, &echo, d.load)?);
         std::thread::sleep(Duration::from_millis(600));
-        let (t5, _) = bpf_stats(&agent)?;
+        let (_, _, k5) = bpf_stats(&agent)?;
         lost += agent.metric("tracegap_kernel_events_total{counter=\"ringbuf_full\"}")? - lost0;
         agent.stop()?;
-        low_kernel.push(t5 - t4);
-        echo_kernel.push(t1 - t0);
-        busy_kernel.push(t3 - t2);
+        low_kernel.push(k5 - k4);
+        echo_kernel.push(k1 - k0);
+        busy_kernel.push(k3 - k2);
+        thread_kernel.push((k1 - k0) - (t1 - t0));
+        // The same echo load without the thread programs: what recording
+        // which thread wrote and read each request costs, same run.
+        let agent = Agent::start(AgentConfig {
+            thread_evidence: false,
+            ..agent_config(&node, &receiver)
+        })?;
+        std::thread::sleep(Duration::from_millis(300));
+        let (_, _, k7) = bpf_stats(&agent)?;
+        without_threads.push(wrk(&node, &echo, d.load)?);
+        std::thread::sleep(Duration::from_millis(600));
+        let (_, _, k8) = bpf_stats(&agent)?;
+        agent.stop()?;
+        without_threads_kernel.push(k8 - k7);
         // Per packet: the bulk phase is all non-HTTP packets; in the HTTP
         // phase the non-HTTP ones (ACKs) cost what bulk packets cost, the
         // rest is the header packets'.
@@ -665,6 +691,39 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         (5.0, Some(10.0), 5.0),
         rows,
     );
+    // tracegap's own CPU per request (kernel programs + agent), with the
+    // thread programs and without, each round's median.
+    let tracegap_us = |w: &[Wrk], k: &[f64]| {
+        Spread::of(
+            w.iter()
+                .zip(k)
+                .map(|(x, k)| (x.agent_s + k) / x.requests.max(1.0) * 1e6)
+                .collect(),
+        )
+    };
+    let (with_us, without_us) = (
+        tracegap_us(&with_w, &echo_kernel),
+        tracegap_us(&without_threads, &without_threads_kernel),
+    );
+    let added = (with_us.med / without_us.med - 1.0) * 100.0;
+    let thread_only = Spread::of(
+        with_w
+            .iter()
+            .zip(&thread_kernel)
+            .map(|(x, k)| k / x.requests.max(1.0) * 1e6)
+            .collect(),
+    );
+    rows.push(row(
+        "thread evidence, echo server at saturation (wrk -t2 -c16): tracegap's CPU per request (kernel + agent), without / with the thread programs",
+        without_us.show(|v| format!("{v:.2} µs")),
+        with_us.show(|v| format!("{v:.2} µs")),
+        format!(
+            "{added:+.1}% ({:.3} µs in the thread programs themselves)",
+            thread_only.med
+        ),
+        "≤ +5%",
+        Some(added <= 5.0),
+    ));
     http_rows(
         &format!(
             "the same with the agent at nice 19 (lowest CPU weight; events lost to a full ring buffer: {lost:.0})"

@@ -32,6 +32,9 @@ pub struct Counters {
     /// HTTP/2 server sides read from their second write: the server's
     /// preface crossed the client's and went by first.
     pub h2_server_preface_missed: u64,
+    /// Thread turns sent: a request's first send by its client's thread or
+    /// first receive by its server's.
+    pub thread_turns: u64,
 }
 
 impl Counters {
@@ -53,6 +56,7 @@ impl Counters {
             self.h2_lost,
             self.h2_joins,
             self.h2_server_preface_missed,
+            self.thread_turns,
         ];
         counter::NAMES.into_iter().zip(values)
     }
@@ -89,6 +93,7 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
         h2_lost: sum(counter::H2_LOST),
         h2_joins: sum(counter::H2_JOINS),
         h2_server_preface_missed: sum(counter::H2_SERVER_PREFACE_MISSED),
+        thread_turns: sum(counter::THREAD_TURNS),
     })
 }
 

@@ -6,7 +6,9 @@
 //! how SIGTERM and SIGINT leave the node clean.
 
 mod attach;
+pub mod btf;
 mod counters;
+pub mod threads;
 
 use aya::{
     Ebpf, EbpfLoader,
@@ -65,34 +67,50 @@ pub enum Error {
 pub struct Observer {
     ebpf: Ebpf,
     attached: attach::Attachments,
+    threads: threads::Evidence,
 }
 
 impl Observer {
     /// Loads the embedded programs into the kernel, without attaching them.
     pub fn load() -> Result<Self, Error> {
-        Self::load_object(OBJECT)
+        Self::load_with_threads(true)
+    }
+
+    /// As [`Observer::load`]; `threads`: attach the thread programs too.
+    pub fn load_with_threads(threads: bool) -> Result<Self, Error> {
+        Self::load_with(OBJECT, 0, threads)
     }
 
     /// Loads programs from another object with the same program names:
     /// how the tests make the kernel refuse a program on purpose.
     pub fn load_object(object: &[u8]) -> Result<Self, Error> {
-        Self::load_with(object, 0)
+        Self::load_with(object, 0, true)
     }
 
     /// Loads the embedded programs with some of their steps switched off
     /// ([`tracegap_common::ablate`] bits): how the bench measures what each
     /// step costs. Never used by the agent.
     pub fn load_ablated(ablate: u32) -> Result<Self, Error> {
-        Self::load_with(OBJECT, ablate)
+        Self::load_with(OBJECT, ablate, false)
     }
 
-    fn load_with(object: &[u8], ablate: u32) -> Result<Self, Error> {
+    fn load_with(object: &[u8], ablate: u32, with_threads: bool) -> Result<Self, Error> {
         if object.is_empty() {
             return Err(Error::NoObject);
         }
+        // The thread programs read `struct sock` where this kernel has its
+        // fields; without them they are not attached.
+        let offsets = btf::SockOffsets::from_kernel();
+        let globals = offsets.as_ref().map(btf::SockOffsets::globals).ok();
+        let offsets_found = offsets
+            .map(|_| ())
+            .map_err(|e| format!("struct sock's layout: {e}"));
         let mut loader = EbpfLoader::new();
         if ablate != 0 {
             loader.override_global("ABLATE", &ablate, true);
+        }
+        for (name, offset) in globals.iter().flatten() {
+            loader.override_global(name, offset, false);
         }
         let mut ebpf = loader.load(object).map_err(Box::new)?;
         for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
@@ -119,18 +137,47 @@ impl Observer {
                 );
             }
         }
+        let threads = if with_threads {
+            threads::attach(&mut ebpf, offsets_found)
+        } else {
+            threads::Evidence::Unavailable("switched off (--thread-evidence=false)".into())
+        };
+        match &threads {
+            threads::Evidence::Unavailable(why) => tracing::warn!(
+                %why,
+                "no thread evidence: a service's calls are related to the requests it serves by the wire alone"
+            ),
+            e => tracing::info!(source = e.as_str(), "thread evidence attached"),
+        }
         Ok(Self {
             ebpf,
             attached: attach::Attachments::new(AttachMode::detect()),
+            threads,
         })
+    }
+
+    /// Where the threads' turns come from on this kernel.
+    pub fn thread_evidence(&self) -> &threads::Evidence {
+        &self.threads
+    }
+
+    /// The programs loaded: the TC pair, and the thread pair in use.
+    fn programs(&self) -> impl Iterator<Item = &'static str> + use<> {
+        let threads: &'static [&'static str] = match self.threads {
+            threads::Evidence::Tracepoints => &[threads::SOCK_SEND, threads::SOCK_RECV],
+            threads::Evidence::Fexit => &[threads::TCP_SENDMSG, threads::TCP_RECVMSG],
+            threads::Evidence::Unavailable(_) => &[],
+        };
+        [INGRESS_PROGRAM, EGRESS_PROGRAM]
+            .into_iter()
+            .chain(threads.iter().copied())
     }
 
     /// Instructions the verifier walked to accept each program (None: the
     /// kernel does not say, before 5.16): how far it is from the
     /// 1M-instruction bound.
     pub fn verified_instructions(&self) -> Vec<(&'static str, Option<u32>)> {
-        [INGRESS_PROGRAM, EGRESS_PROGRAM]
-            .into_iter()
+        self.programs()
             .map(|name| {
                 let n = self
                     .ebpf
@@ -200,7 +247,7 @@ impl Observer {
     /// enabled ([`aya::sys::enable_stats`]; zero while they are off).
     pub fn program_stats(&self) -> Result<Vec<(&'static str, std::time::Duration, u64)>, Error> {
         let mut out = Vec::new();
-        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+        for name in self.programs() {
             let program = self.ebpf.program(name).ok_or(Error::MissingProgram(name))?;
             let info = program.info().map_err(|source| Error::Load {
                 program: name,

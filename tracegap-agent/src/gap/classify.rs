@@ -16,9 +16,14 @@
 //! 2. otherwise, if exactly one inbound request is open, it is the parent
 //!    (`Confidence::Sole`: nothing else could have caused the call, short of
 //!    background work);
-//! 3. otherwise the most recently started open request is taken
-//!    (`Confidence::Ambiguous`, with the number of candidates), because a
-//!    handler usually calls downstream soon after its request arrives.
+//! 3. otherwise, if the thread that wrote the call read exactly one of
+//!    them, and no request since (a thread per request), that one
+//!    (`Confidence::Thread`: the kernel's turns, see [`super::threads`]);
+//! 4. otherwise the call is `Confidence::Ambiguous`: the candidates are
+//!    named (span links), none is made its parent. Under load the newest
+//!    open request is almost never the cause (measured: 4 of 320 right at
+//!    16 in flight), and a wrong parent in Jaeger reads as a fact; no
+//!    parent, with the candidates linked, reads as what it is.
 //!
 //! Synthetic spans carry the confidence, so nobody mistakes a guess for a
 //! fact.
@@ -27,7 +32,10 @@ use std::{collections::VecDeque, net::IpAddr, sync::Arc};
 
 use serde::Serialize;
 
-use super::hop::{Hop, Request};
+use super::{
+    hop::{Hop, Request},
+    threads::{Evidence, Threads, Turn},
+};
 use crate::http::context::{Format, Found, SpanContext};
 
 /// Why a hop is, or is not, visible in the trace.
@@ -99,8 +107,16 @@ pub enum Confidence {
     Exact,
     /// The only request the caller was serving at the time.
     Sole,
-    /// One of several requests the caller was serving; the newest was taken.
-    Ambiguous { candidates: usize },
+    /// The thread that wrote the call read this request, and no other
+    /// since.
+    Thread,
+    /// One of several requests the caller was serving: the evidence does
+    /// not single one out. `multiplexed`: the writing thread held several
+    /// of them open (an async runtime), so its turns could not tell.
+    Ambiguous {
+        candidates: usize,
+        multiplexed: bool,
+    },
 }
 
 impl Confidence {
@@ -108,19 +124,35 @@ impl Confidence {
         match self {
             Self::Exact => "exact",
             Self::Sole => "sole",
+            Self::Thread => "thread",
             Self::Ambiguous { .. } => "ambiguous",
         }
     }
+
+    /// Whether the evidence singles the inbound request out, so a hop may
+    /// be placed under it.
+    pub fn places(&self) -> bool {
+        matches!(self, Self::Exact | Self::Sole | Self::Thread)
+    }
 }
+
+/// Candidates named (as span links) at most for an ambiguous hop.
+pub const MAX_CANDIDATES: usize = 8;
 
 /// The inbound request an outbound hop was made for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Link {
-    /// The inbound request's context.
+    /// The inbound request's context. When not [`Confidence::places`], one
+    /// of the candidates (the newest), which only judges the hop's kind
+    /// (all candidates are traced): never a parent.
     pub context: SpanContext,
     pub confidence: Confidence,
-    /// Whether the inbound request carried baggage.
+    /// Whether the inbound request carried baggage (ambiguous: every
+    /// candidate did).
     pub baggage: bool,
+    /// Ambiguous: the candidates' contexts, newest first, at most
+    /// [`MAX_CANDIDATES`].
+    pub candidates: Vec<SpanContext>,
 }
 
 /// The engine's diagnosis of one hop.
@@ -212,9 +244,15 @@ fn close(q: &mut VecDeque<Open>, flow: &crate::events::Flow, seq: u32, end_ns: u
 #[derive(Default)]
 pub struct Engine {
     pods: crate::FastMap<IpAddr, Pod>,
+    threads: Threads,
 }
 
 impl Engine {
+    /// A thread's turn on a connection, from the kernel.
+    pub fn thread_turn(&mut self, t: Turn) {
+        self.threads.turn(t);
+    }
+
     /// Records a request as it starts, so requests that start while it is
     /// open can be related to it.
     pub fn request_started(&mut self, req: &Arc<Request>) {
@@ -382,26 +420,54 @@ impl Engine {
             .filter(|o| o.covers(hop.start_ns) && o.primary().is_some())
             .collect();
         let trace = hop.context().map(|c| c.trace_id.as_str());
-        let (chosen, confidence) = if let Some(o) = open
+        if let Some(o) = open
             .iter()
             .find(|o| o.primary().map(|c| c.trace_id.as_str()) == trace)
         {
-            (*o, Confidence::Exact)
-        } else if open.len() == 1 {
-            (open[0], Confidence::Sole)
-        } else {
-            let newest = open.iter().max_by_key(|o| o.start_ns())?;
-            (
-                *newest,
-                Confidence::Ambiguous {
-                    candidates: open.len(),
-                },
-            )
-        };
+            return Some(Link {
+                context: o.primary()?.clone(),
+                confidence: Confidence::Exact,
+                baggage: o.baggage(),
+                candidates: Vec::new(),
+            });
+        }
+        if let [o] = open[..] {
+            return Some(Link {
+                context: o.primary()?.clone(),
+                confidence: Confidence::Sole,
+                baggage: o.baggage(),
+                candidates: Vec::new(),
+            });
+        }
+        let by_thread = self.threads.cause(
+            hop.caller(),
+            hop.start_ns,
+            open.iter()
+                .map(|o| (*o, o.req.flow.src, o.start_ns(), o.end_ns())),
+        );
+        if let Evidence::Thread(o) = by_thread {
+            return Some(Link {
+                context: o.primary()?.clone(),
+                confidence: Confidence::Thread,
+                baggage: o.baggage(),
+                candidates: Vec::new(),
+            });
+        }
+        let mut by_recency = open.clone();
+        by_recency.sort_by_key(|o| std::cmp::Reverse(o.start_ns()));
+        let newest = by_recency.first()?;
         Some(Link {
-            context: chosen.primary()?.clone(),
-            confidence,
-            baggage: chosen.baggage(),
+            context: newest.primary()?.clone(),
+            confidence: Confidence::Ambiguous {
+                candidates: open.len(),
+                multiplexed: matches!(by_thread, Evidence::Multiplexed(_)),
+            },
+            baggage: open.iter().all(|o| o.baggage()),
+            candidates: by_recency
+                .iter()
+                .take(MAX_CANDIDATES)
+                .filter_map(|o| o.primary().cloned())
+                .collect(),
         })
     }
 
@@ -425,6 +491,7 @@ impl Engine {
     /// Forgets requests that ended (or, unanswered, started) before `ts_ns`,
     /// and pods with nothing left.
     pub fn forget_before(&mut self, ts_ns: u64) {
+        self.threads.forget_before(ts_ns);
         let old = |o: &Open| o.end_ns().unwrap_or(o.start_ns()) < ts_ns;
         self.pods.retain(|_, p| {
             p.inbound.retain(|o| !old(o));

@@ -6,6 +6,7 @@ pub mod classify;
 pub mod hop;
 pub mod route;
 pub mod span;
+pub mod threads;
 
 pub use classify::{Confidence, Engine, GapKind, Link, Verdict};
 pub use hop::Hop;

@@ -163,9 +163,11 @@ pub struct SyntheticSpan {
     pub attributes: Vec<KeyValue>,
     /// Some(description) when the span's status is ERROR.
     pub error: Option<String>,
-    /// Spans this one links to (OTLP span links): the callee's own trace
-    /// for the same request, found in the trace store.
-    pub links: Vec<(TraceId, SpanId)>,
+    /// Spans this one links to (OTLP span links), each with its
+    /// `tracegap.link.kind`: the callee's own trace for the same request,
+    /// found in the trace store (`callee_trace`), or an inbound request that
+    /// may have caused an unplaced hop (`candidate`).
+    pub links: Vec<(TraceId, SpanId, &'static str)>,
 }
 
 fn trace_id(hex: &str) -> Option<TraceId> {
@@ -238,15 +240,34 @@ pub fn build(
 ) -> SyntheticSpan {
     let (new_trace, span) = new_ids();
     let mut attributes = Vec::with_capacity(20);
+    let mut links = Vec::new();
     let (trace, parent) = match (&verdict.link, verdict.kind) {
         (Some(link), GapKind::BrokenPropagation | GapKind::FormatMismatch) => {
-            attributes.push(KeyValue::new("tracegap.link", "inferred"));
+            let placed = link.confidence.places();
+            attributes.push(KeyValue::new(
+                "tracegap.link",
+                if placed { "inferred" } else { "unplaced" },
+            ));
             attributes.push(KeyValue::new(
                 "tracegap.link.confidence",
                 link.confidence.as_str(),
             ));
-            if let super::Confidence::Ambiguous { candidates } = link.confidence {
+            if let super::Confidence::Ambiguous {
+                candidates,
+                multiplexed,
+            } = link.confidence
+            {
                 attributes.push(KeyValue::new("tracegap.link.candidates", candidates as i64));
+                // Why the threads could not tell: none seen, or a thread
+                // serving several requests at once.
+                attributes.push(KeyValue::new(
+                    "tracegap.link.threads",
+                    if multiplexed {
+                        "multiplexed"
+                    } else {
+                        "unknown"
+                    },
+                ));
             }
             if let Some(c) = hop.context() {
                 // The trace the downstream call went on in, for searching.
@@ -255,10 +276,23 @@ pub fn build(
                     c.trace_id.clone(),
                 ));
             }
-            (
-                trace_id(&link.context.trace_id),
-                span_id(&link.context.parent_span_id),
-            )
+            if placed {
+                (
+                    trace_id(&link.context.trace_id),
+                    span_id(&link.context.parent_span_id),
+                )
+            } else {
+                // A trace of its own, linked to each request that may
+                // have caused it: Jaeger shows the candidates, not a guess.
+                links.extend(link.candidates.iter().filter_map(|c| {
+                    Some((
+                        trace_id(&c.trace_id)?,
+                        span_id(&c.parent_span_id)?,
+                        "candidate",
+                    ))
+                }));
+                (None, None)
+            }
         }
         _ => match hop.context() {
             Some(c) => {
@@ -379,7 +413,7 @@ pub fn build(
         end: hop.end(),
         attributes,
         error,
-        links: Vec::new(),
+        links,
     }
 }
 
@@ -550,15 +584,20 @@ mod tests {
         assert!(attr(&s, "rpc.system").is_none());
     }
 
+    fn valid(tp: &str) -> crate::http::context::SpanContext {
+        match traceparent(tp) {
+            crate::http::context::Found::Valid(c) => c,
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn broken_propagation_is_stitched_into_the_inbound_trace_as_inferred() {
         let link = Link {
-            context: match traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01") {
-                crate::http::context::Found::Valid(c) => c,
-                other => panic!("{other:?}"),
-            },
-            confidence: Confidence::Ambiguous { candidates: 3 },
+            context: valid("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            confidence: Confidence::Sole,
             baggage: false,
+            candidates: Vec::new(),
         };
         let (a, b) = ids();
         let s = build(
@@ -576,7 +615,64 @@ mod tests {
         );
         assert_eq!(
             attr(&s, "tracegap.link.confidence").map(|v| v.as_str().into_owned()),
-            Some("ambiguous".into())
+            Some("sole".into())
+        );
+        assert!(s.links.is_empty());
+    }
+
+    #[test]
+    fn an_ambiguous_hop_is_parented_under_none_of_its_candidates_and_links_each() {
+        let candidates = vec![
+            valid("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            valid("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+        ];
+        let link = Link {
+            context: candidates[0].clone(),
+            confidence: Confidence::Ambiguous {
+                candidates: 2,
+                multiplexed: false,
+            },
+            baggage: false,
+            candidates,
+        };
+        let (a, b) = ids();
+        let s = build(
+            &hop(None, Some(200)),
+            &verdict(GapKind::BrokenPropagation, Some(link)),
+            &a,
+            &b,
+            true,
+        );
+        assert_ne!(s.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(s.trace_id.to_string(), "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(s.parent_span_id, SpanId::INVALID);
+        assert_eq!(
+            attr(&s, "tracegap.link").map(|v| v.as_str().into_owned()),
+            Some("unplaced".into())
+        );
+        assert_eq!(
+            attr(&s, "tracegap.link.candidates").map(|v| v.as_str().into_owned()),
+            Some("2".into())
+        );
+        let linked: Vec<(String, String, &str)> = s
+            .links
+            .iter()
+            .map(|(t, sp, k)| (t.to_string(), sp.to_string(), *k))
+            .collect();
+        assert_eq!(
+            linked,
+            [
+                (
+                    "4bf92f3577b34da6a3ce929d0e0e4736".to_owned(),
+                    "00f067aa0ba902b7".to_owned(),
+                    "candidate"
+                ),
+                (
+                    "0af7651916cd43dd8448eb211c80319c".to_owned(),
+                    "b7ad6b7169203331".to_owned(),
+                    "candidate"
+                ),
+            ]
         );
     }
 

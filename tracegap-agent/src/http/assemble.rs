@@ -183,8 +183,9 @@ impl Assembler {
                 p.buf = buf.into();
                 self.advance(key, p, e.budget_exhausted, out);
             }
-            // HTTP/2 connections are read by `super::h2::follow`.
-            EventKind::Http2 => {}
+            // HTTP/2 connections are read by `super::h2::follow`; thread
+            // turns go to the gap engine.
+            EventKind::Http2 | EventKind::Thread => {}
         }
     }
 

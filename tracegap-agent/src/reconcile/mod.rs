@@ -163,6 +163,10 @@ pub struct HopFacts {
     pub serving: Option<Ctx>,
     /// The callee's instrumentation as declared (names file, annotation).
     pub callee_declared: Option<bool>,
+    /// The span stands for a stitched hop whose cause the evidence did not
+    /// single out (a root linked to its candidates): the callee's own root
+    /// does not make it a duplicate.
+    pub unplaced: bool,
 }
 
 impl HopFacts {
@@ -712,7 +716,7 @@ impl Task {
             match decide::own_root(spans.iter(), &f.callee, f.window(), &self.claimed) {
                 Root::One(root) => {
                     self.claimed.claim(&root.span_id);
-                    if f.serving.is_none() {
+                    if f.serving.is_none() && !f.unplaced {
                         // A root span of ours for a request the callee
                         // recorded as its own root: the same record twice.
                         m.reconciled("suppressed");
@@ -722,7 +726,7 @@ impl Task {
                         TraceId::from_hex(&root.trace_id),
                         SpanId::from_hex(&root.span_id),
                     ) {
-                        s.links.push((t, sp));
+                        s.links.push((t, sp, "callee_trace"));
                         s.attributes.push(KeyValue::new(
                             "tracegap.callee.trace_id",
                             root.trace_id.clone(),

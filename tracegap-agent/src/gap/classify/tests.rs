@@ -238,16 +238,28 @@ fn b3_in_and_a_new_w3c_trace_out_is_a_format_mismatch() {
 }
 
 #[test]
-fn concurrent_inbound_requests_resolve_by_trace_then_by_recency() {
+fn concurrent_inbound_requests_resolve_by_trace_or_stay_ambiguous() {
     // B serves two traced requests at once, then calls C.
     let a1 = hop(1, 2, 0, 100, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]);
     let a2 = hop(4, 2, 5, 100, vec![tp(T2, "dddddddddddddddd", true)]);
-    // Without context: ambiguous, the newest inbound request is taken.
+    // Without context: ambiguous, both named, neither a parent.
     let v = run(&[a1.clone(), a2.clone(), hop(2, 3, 10, 20, vec![])]);
     assert_eq!(v[2].kind, GapKind::BrokenPropagation);
     let link = v[2].link.as_ref().unwrap();
-    assert_eq!(link.confidence, Confidence::Ambiguous { candidates: 2 });
-    assert_eq!(link.context.trace_id, T2);
+    assert_eq!(
+        link.confidence,
+        Confidence::Ambiguous {
+            candidates: 2,
+            multiplexed: false
+        }
+    );
+    assert!(!link.confidence.places());
+    let named: Vec<&str> = link
+        .candidates
+        .iter()
+        .map(|c| c.trace_id.as_str())
+        .collect();
+    assert_eq!(named, [T2, T1], "newest first");
     // With T1's context: the trace id settles it, whatever the order.
     let v = run(&[
         a1,

@@ -1,0 +1,103 @@
+//! Attaching the thread programs (see `tracegap-ebpf/src/threads.rs`): the
+//! raw tracepoints on each socket send and receive where the kernel has
+//! them (6.3 and later), else `fexit` on TCP's own send and receive, else
+//! nothing (calls are then related to requests by the wire alone, and the
+//! agent says so).
+
+use aya::{
+    Btf, Ebpf,
+    programs::{FExit, RawTracePoint},
+};
+
+/// Program names in the object.
+pub const SOCK_SEND: &str = "tracegap_sock_send";
+pub const SOCK_RECV: &str = "tracegap_sock_recv";
+pub const TCP_SENDMSG: &str = "tracegap_tcp_sendmsg";
+pub const TCP_RECVMSG: &str = "tracegap_tcp_recvmsg";
+
+/// Where the threads' turns come from on this kernel (the programs'
+/// names: the raw tracepoints' or the fexit ones).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Evidence {
+    /// `sock_send_length` / `sock_recv_length` raw tracepoints.
+    Tracepoints,
+    /// `fexit` on `tcp_sendmsg` / `tcp_recvmsg`.
+    Fexit,
+    /// None: why, for the log and /readyz.
+    Unavailable(String),
+}
+
+impl Evidence {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Tracepoints => "tracepoints",
+            Self::Fexit => "fexit",
+            Self::Unavailable(_) => "none",
+        }
+    }
+}
+
+/// Loads and attaches the best pair of programs the kernel takes. The
+/// links belong to the programs, which belong to `ebpf`: dropping it
+/// detaches them.
+pub fn attach(ebpf: &mut Ebpf, offsets_found: Result<(), String>) -> Evidence {
+    if let Err(why) = offsets_found {
+        return Evidence::Unavailable(why);
+    }
+    let tracepoints = (|| -> Result<(), String> {
+        for (name, tp) in [
+            (SOCK_SEND, "sock_send_length"),
+            (SOCK_RECV, "sock_recv_length"),
+        ] {
+            let p: &mut RawTracePoint = ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("{name} is not in the object"))?
+                .try_into()
+                .map_err(|e| format!("{name}: {e}"))?;
+            p.load().map_err(|e| format!("{name}: {e}"))?;
+            p.attach(tp).map_err(|e| format!("{tp}: {e}"))?;
+        }
+        Ok(())
+    })();
+    let why_not_tracepoints = match tracepoints {
+        Ok(()) => return Evidence::Tracepoints,
+        Err(e) => e,
+    };
+    // A pair half attached would record one side only: detach it.
+    unload(ebpf, &[SOCK_SEND, SOCK_RECV]);
+    let fexit = (|| -> Result<(), String> {
+        let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
+        for (name, function) in [(TCP_SENDMSG, "tcp_sendmsg"), (TCP_RECVMSG, "tcp_recvmsg")] {
+            let p: &mut FExit = ebpf
+                .program_mut(name)
+                .ok_or_else(|| format!("{name} is not in the object"))?
+                .try_into()
+                .map_err(|e| format!("{name}: {e}"))?;
+            p.load(function, &btf).map_err(|e| format!("{name}: {e}"))?;
+            p.attach().map_err(|e| format!("fexit {function}: {e}"))?;
+        }
+        Ok(())
+    })();
+    match fexit {
+        Ok(()) => Evidence::Fexit,
+        Err(e) => {
+            unload(ebpf, &[TCP_SENDMSG, TCP_RECVMSG]);
+            Evidence::Unavailable(format!(
+                "socket tracepoints: {why_not_tracepoints}; fexit: {e}"
+            ))
+        }
+    }
+}
+
+fn unload(ebpf: &mut Ebpf, names: &[&str]) {
+    for name in names {
+        if let Some(p) = ebpf.program_mut(name) {
+            // Unloading detaches its links; a program never loaded is fine.
+            let _ = match p {
+                aya::programs::Program::RawTracePoint(p) => p.unload(),
+                aya::programs::Program::FExit(p) => p.unload(),
+                _ => Ok(()),
+            };
+        }
+    }
+}

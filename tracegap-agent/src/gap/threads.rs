@@ -1,0 +1,282 @@
+//! Which thread wrote each outbound request and which read each inbound
+//! one, from the kernel's turns (`EventKind::Thread`: the client's first
+//! send of a request on its socket, the server's first receive of one, in
+//! the calling thread).
+//!
+//! A thread-per-request server reads a request, makes its calls, answers,
+//! and only then reads another: the thread that wrote an outbound call
+//! read the request it was made for, and no other open one. An async
+//! runtime reads many requests on one thread before it calls out for any:
+//! a thread then holds several open requests, and its turns prove nothing
+//! (the engine falls back, and says so).
+//!
+//! Turns are keyed by the connection's client end, the one address both
+//! ends' sockets and every interface name alike (a Service's address is
+//! rewritten on the way, the client's is not).
+
+use std::collections::VecDeque;
+
+use tracegap_common::ThreadTurn;
+
+use crate::{
+    FastMap,
+    events::{Endpoint, RawEvent},
+};
+
+/// A thread: process id (tgid) and thread id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Tid {
+    pub pid: u32,
+    pub tid: u32,
+}
+
+/// One turn, decoded from its event.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Turn {
+    pub ts_ns: u64,
+    /// The connection's client end.
+    pub client: Endpoint,
+    pub side: ThreadTurn,
+    pub thread: Tid,
+}
+
+impl Turn {
+    /// The turn an [`tracegap_common::EventKind::Thread`] event carries.
+    pub fn from_event(e: &RawEvent) -> Option<Self> {
+        Some(Self {
+            ts_ns: e.ts_ns,
+            client: e.flow.src,
+            side: ThreadTurn::from_u8(e.direction as u8)?,
+            thread: Tid {
+                pid: e.seq,
+                tid: e.ack,
+            },
+        })
+    }
+}
+
+/// Turns kept per connection and per thread at most (the newest).
+const PER_KEY: usize = 64;
+/// Connections and threads remembered at most each.
+const MAX_KEYS: usize = 64 * 1024;
+/// How far a client's write turn may be from the request's first packet:
+/// the turn is taken when the send returns, the packet seen during it (or,
+/// when the receive path is deferred, just after).
+const WRITE_WINDOW_NS: u64 = 20_000_000;
+
+/// What the turns say of an outbound call's cause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Evidence<T> {
+    /// The writing thread read exactly this open request, and no request
+    /// since.
+    Thread(T),
+    /// The writing thread holds several open requests (an async runtime).
+    Multiplexed(usize),
+    /// No turns to go by (none recorded, or the thread read none of the
+    /// candidates).
+    None,
+}
+
+/// The turns seen lately.
+#[derive(Default)]
+pub struct Threads {
+    writes: FastMap<Endpoint, VecDeque<(u64, Tid)>>,
+    reads: FastMap<Endpoint, VecDeque<(u64, Tid)>>,
+    /// Per thread, the requests it read: when, and the connection.
+    read_by: FastMap<Tid, VecDeque<(u64, Endpoint)>>,
+    pub turns: u64,
+}
+
+fn push<K: std::hash::Hash + Eq, V>(map: &mut FastMap<K, VecDeque<V>>, k: K, v: V) {
+    if map.len() >= MAX_KEYS && !map.contains_key(&k) {
+        // A flood of connections: start over rather than grow.
+        map.clear();
+    }
+    let q = map.entry(k).or_default();
+    if q.len() >= PER_KEY {
+        q.pop_front();
+    }
+    q.push_back(v);
+}
+
+impl Threads {
+    pub fn turn(&mut self, t: Turn) {
+        self.turns += 1;
+        match t.side {
+            ThreadTurn::ClientWrote => push(&mut self.writes, t.client, (t.ts_ns, t.thread)),
+            ThreadTurn::ServerRead => {
+                push(&mut self.reads, t.client, (t.ts_ns, t.thread));
+                push(&mut self.read_by, t.thread, (t.ts_ns, t.client));
+            }
+        }
+    }
+
+    /// The thread that wrote the request `client` sent at `start_ns`.
+    pub fn writer(&self, client: Endpoint, start_ns: u64) -> Option<Tid> {
+        self.writes
+            .get(&client)?
+            .iter()
+            .filter(|(ts, _)| ts.abs_diff(start_ns) <= WRITE_WINDOW_NS)
+            .min_by_key(|(ts, _)| ts.abs_diff(start_ns))
+            .map(|(_, t)| *t)
+    }
+
+    /// The thread that read the request `client` sent at `start_ns`, and
+    /// when: the server's first read turn after the request was seen (it is
+    /// delivered after the interface saw it) and before `until`.
+    pub fn reader(&self, client: Endpoint, start_ns: u64, until: u64) -> Option<(Tid, u64)> {
+        self.reads
+            .get(&client)?
+            .iter()
+            .find(|(ts, _)| *ts >= start_ns && *ts <= until)
+            .map(|(ts, t)| (*t, *ts))
+    }
+
+    /// Which of `open` (each: its client end, start, end if answered) the
+    /// call `caller` wrote at `start_ns` was made for.
+    pub fn cause<T: Copy>(
+        &self,
+        caller: Endpoint,
+        start_ns: u64,
+        open: impl Iterator<Item = (T, Endpoint, u64, Option<u64>)>,
+    ) -> Evidence<T> {
+        let Some(writer) = self.writer(caller, start_ns) else {
+            return Evidence::None;
+        };
+        let mut mine = Vec::new();
+        for (o, client, o_start, o_end) in open {
+            if let Some((t, read_at)) = self.reader(client, o_start, o_end.unwrap_or(u64::MAX))
+                && t == writer
+                && read_at <= start_ns
+            {
+                mine.push((o, read_at));
+            }
+        }
+        match mine[..] {
+            [] => Evidence::None,
+            [(o, read_at)] => {
+                // Nothing else read by the thread since: a request it read
+                // and answered in between would mean it does not work one
+                // request at a time.
+                let since = self
+                    .read_by
+                    .get(&writer)
+                    .is_some_and(|q| q.iter().any(|(ts, _)| *ts > read_at && *ts <= start_ns));
+                if since {
+                    Evidence::None
+                } else {
+                    Evidence::Thread(o)
+                }
+            }
+            _ => Evidence::Multiplexed(mine.len()),
+        }
+    }
+
+    /// Forgets turns before `ts_ns`.
+    pub fn forget_before(&mut self, ts_ns: u64) {
+        fn trim<K, V>(map: &mut FastMap<K, VecDeque<(u64, V)>>, ts_ns: u64) {
+            map.retain(|_, q| {
+                while q.front().is_some_and(|(ts, _)| *ts < ts_ns) {
+                    q.pop_front();
+                }
+                !q.is_empty()
+            });
+        }
+        trim(&mut self.writes, ts_ns);
+        trim(&mut self.reads, ts_ns);
+        trim(&mut self.read_by, ts_ns);
+    }
+
+    /// Connections and threads remembered, for bounds tests.
+    pub fn remembered(&self) -> usize {
+        self.writes.len() + self.reads.len() + self.read_by.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(port: u16) -> Endpoint {
+        Endpoint {
+            ip: "10.0.0.1".parse().unwrap(),
+            port,
+        }
+    }
+
+    const MS: u64 = 1_000_000;
+    const T1: Tid = Tid { pid: 7, tid: 8 };
+    const T2: Tid = Tid { pid: 7, tid: 9 };
+
+    fn turn(t: &mut Threads, at: u64, client: u16, side: ThreadTurn, thread: Tid) {
+        t.turn(Turn {
+            ts_ns: at * MS,
+            client: ep(client),
+            side,
+            thread,
+        });
+    }
+
+    #[test]
+    fn a_thread_per_request_call_goes_to_the_request_its_thread_read() {
+        let mut t = Threads::default();
+        // Two requests in (from ports 1 and 2), read by two threads; the
+        // second thread calls out (from port 9).
+        turn(&mut t, 10, 1, ThreadTurn::ServerRead, T1);
+        turn(&mut t, 11, 2, ThreadTurn::ServerRead, T2);
+        turn(&mut t, 20, 9, ThreadTurn::ClientWrote, T2);
+        let open = [
+            ("a", ep(1), 10 * MS - 1, None),
+            ("b", ep(2), 11 * MS - 1, None),
+        ];
+        assert_eq!(
+            t.cause(ep(9), 20 * MS, open.iter().copied()),
+            Evidence::Thread("b")
+        );
+        // A call whose write was not seen: no evidence.
+        assert_eq!(
+            t.cause(ep(5), 20 * MS, open.iter().copied()),
+            Evidence::None
+        );
+    }
+
+    #[test]
+    fn one_thread_holding_several_open_requests_proves_nothing() {
+        let mut t = Threads::default();
+        turn(&mut t, 10, 1, ThreadTurn::ServerRead, T1);
+        turn(&mut t, 11, 2, ThreadTurn::ServerRead, T1);
+        turn(&mut t, 20, 9, ThreadTurn::ClientWrote, T1);
+        let open = [
+            ("a", ep(1), 10 * MS - 1, None),
+            ("b", ep(2), 11 * MS - 1, None),
+        ];
+        assert_eq!(
+            t.cause(ep(9), 20 * MS, open.iter().copied()),
+            Evidence::Multiplexed(2)
+        );
+        // One open, but the thread read (and answered) another since: not
+        // one request at a time.
+        turn(&mut t, 30, 3, ThreadTurn::ServerRead, T2);
+        turn(&mut t, 31, 4, ThreadTurn::ServerRead, T2);
+        turn(&mut t, 40, 8, ThreadTurn::ClientWrote, T2);
+        let open = [
+            ("c", ep(3), 30 * MS - 1, None),
+            ("d", ep(4), 31 * MS - 1, Some(35 * MS)),
+        ];
+        assert_eq!(
+            t.cause(ep(8), 40 * MS, open[..1].iter().copied()),
+            Evidence::None
+        );
+    }
+
+    #[test]
+    fn old_turns_are_forgotten_and_the_maps_stay_bounded() {
+        let mut t = Threads::default();
+        for i in 0..(PER_KEY as u64 * 2) {
+            turn(&mut t, i, 1, ThreadTurn::ServerRead, T1);
+        }
+        assert_eq!(t.reads[&ep(1)].len(), PER_KEY);
+        t.forget_before(u64::MAX);
+        assert_eq!(t.remembered(), 0);
+    }
+}

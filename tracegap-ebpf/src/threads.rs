@@ -1,0 +1,220 @@
+//! Which thread wrote each HTTP request and which thread read it: the
+//! evidence that ties a service's outbound call to the inbound request it
+//! was serving when the service runs a thread per request (timing alone
+//! cannot, once requests overlap).
+//!
+//! The TC programs mark a connection as watched when they see a request
+//! on it ([`watch`]). Programs on each socket send and receive (the raw
+//! tracepoints `sock_send_length` / `sock_recv_length` since 6.3; `fexit`
+//! on `tcp_sendmsg` / `tcp_recvmsg` where those are missing) run in the
+//! calling thread; for a watched connection they send one event per turn:
+//! the client's first send of a request, the server's first receive of
+//! one. Every other socket costs two hash lookups and is left alone. The
+//! programs read `struct sock` at offsets the agent found in the running
+//! kernel's BTF (globals, set before loading): aya-ebpf emits no CO-RE
+//! relocations. They observe only and return 0.
+
+use aya_ebpf::{
+    Global,
+    bindings::BPF_NOEXIST,
+    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    macros::{fexit, map, raw_tracepoint},
+    maps::LruHashMap,
+    programs::{FExitContext, RawTracePointContext},
+};
+use tracegap_common::{
+    EventHeader, EventKind, FlowKey, MAX_WATCHED, ThreadTurn, Turns, counter, family, turn,
+};
+
+use crate::{COUNTERS, EVENTS, clock, count};
+
+/// Connections a request was seen on, keyed as the request's flow.
+#[map]
+static WATCHED: LruHashMap<FlowKey, Turns> = LruHashMap::with_max_entries(MAX_WATCHED, 0);
+
+// Byte offsets into `struct sock`, set by the agent from the kernel's BTF.
+#[unsafe(no_mangle)]
+static SK_DADDR: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SK_RCV_SADDR: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SK_DPORT: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SK_NUM: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SK_FAMILY: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SK_V6_DADDR: Global<u32> = Global::new(0);
+#[unsafe(no_mangle)]
+static SK_V6_RCV_SADDR: Global<u32> = Global::new(0);
+
+const AF_INET: u16 = 2;
+const AF_INET6: u16 = 10;
+
+/// A request was seen on `flow`: its sockets' turns are recorded from now
+/// on. Only inserts when absent (a keep-alive connection's later requests
+/// cost one lookup).
+#[inline(always)]
+pub(crate) fn watch(flow: &FlowKey) {
+    let _ = WATCHED.insert(flow, Turns::default(), BPF_NOEXIST as u64);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Send,
+    Receive,
+}
+
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn tracegap_sock_send(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct sock *sk, int ret, int flags)
+    let _ = on_socket(ctx.arg::<*const u8>(0), ctx.arg::<i64>(1) as i32, Op::Send);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn tracegap_sock_recv(ctx: RawTracePointContext) -> i32 {
+    let _ = on_socket(
+        ctx.arg::<*const u8>(0),
+        ctx.arg::<i64>(1) as i32,
+        Op::Receive,
+    );
+    0
+}
+
+/// Where the tracepoints are missing (before 6.3): TCP's own send and
+/// receive, on return, in the calling thread.
+#[fexit(function = "tcp_sendmsg")]
+pub fn tracegap_tcp_sendmsg(ctx: FExitContext) -> i32 {
+    let ret: i32 = ctx.ret().unwrap_or(0);
+    let _ = on_socket(ctx.arg::<*const u8>(0), ret, Op::Send);
+    0
+}
+
+#[fexit(function = "tcp_recvmsg")]
+pub fn tracegap_tcp_recvmsg(ctx: FExitContext) -> i32 {
+    let ret: i32 = ctx.ret().unwrap_or(0);
+    let _ = on_socket(ctx.arg::<*const u8>(0), ret, Op::Receive);
+    0
+}
+
+#[inline(always)]
+fn read<T: Copy>(sk: *const u8, offset: u32) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an
+    // error, not a fault.
+    unsafe { bpf_probe_read_kernel(sk.wrapping_add(offset as usize).cast::<T>()) }
+}
+
+/// An IPv4 address mapped into IPv6 (`::ffff:a.b.c.d`): a dual-stack
+/// socket's view of an IPv4 peer, which the wire (and the TC programs)
+/// see as IPv4.
+#[inline(always)]
+fn mapped(a: &[u8; 16]) -> bool {
+    u64::from_ne_bytes([a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]]) == 0
+        && a[8] == 0
+        && a[9] == 0
+        && a[10] == 0xff
+        && a[11] == 0xff
+}
+
+/// The socket's connection as its own end names it: local, then remote.
+#[inline(always)]
+fn connection(sk: *const u8) -> Result<FlowKey, i32> {
+    let mut key = FlowKey::default();
+    match read::<u16>(sk, SK_FAMILY.load())? {
+        AF_INET => {
+            let local: [u8; 4] = read(sk, SK_RCV_SADDR.load())?;
+            let remote: [u8; 4] = read(sk, SK_DADDR.load())?;
+            key.saddr[..4].copy_from_slice(&local);
+            key.daddr[..4].copy_from_slice(&remote);
+            key.family = family::IPV4;
+        }
+        AF_INET6 => {
+            let local: [u8; 16] = read(sk, SK_V6_RCV_SADDR.load())?;
+            let remote: [u8; 16] = read(sk, SK_V6_DADDR.load())?;
+            if mapped(&local) && mapped(&remote) {
+                key.saddr[..4].copy_from_slice(&local[12..]);
+                key.daddr[..4].copy_from_slice(&remote[12..]);
+                key.family = family::IPV4;
+            } else {
+                key.saddr = local;
+                key.daddr = remote;
+                key.family = family::IPV6;
+            }
+        }
+        _ => return Ok(key),
+    }
+    key.sport = read::<u16>(sk, SK_NUM.load())?;
+    key.dport = u16::from_be(read::<u16>(sk, SK_DPORT.load())?);
+    Ok(key)
+}
+
+#[inline(always)]
+fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
+    if bytes <= 0 || sk.is_null() {
+        return Ok(());
+    }
+    let key = connection(sk)?;
+    if key.family == 0 {
+        return Ok(());
+    }
+    let now = match op {
+        Op::Send => turn::SENT,
+        Op::Receive => turn::RECEIVED,
+    };
+    // The client's socket names the request's flow as it is: local to
+    // remote.
+    if let Some(t) = WATCHED.get_ptr_mut(&key) {
+        // SAFETY: a map value; a racing writer only writes a turn too.
+        let t = unsafe { &mut *t };
+        if t.client != now {
+            t.client = now;
+            if op == Op::Send {
+                emit(&key, ThreadTurn::ClientWrote, bytes);
+            }
+        }
+        return Ok(());
+    }
+    // The server's names it the other way round.
+    let key = key.reversed();
+    if let Some(t) = WATCHED.get_ptr_mut(&key) {
+        // SAFETY: as above.
+        let t = unsafe { &mut *t };
+        if t.server != now {
+            t.server = now;
+            if op == Op::Receive {
+                emit(&key, ThreadTurn::ServerRead, bytes);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[inline(always)]
+fn emit(flow: &FlowKey, side: ThreadTurn, bytes: i32) {
+    let Some(counters) = COUNTERS.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: the per-CPU entry is this CPU's alone while the program runs.
+    let counters = unsafe { &mut *counters };
+    let id = bpf_get_current_pid_tgid();
+    let header = EventHeader {
+        ts_ns: clock(),
+        flow: *flow,
+        ifindex: 0,
+        seq: (id >> 32) as u32,
+        segment_len: bytes as u32,
+        payload_len: 0,
+        direction: side as u8,
+        kind: EventKind::Thread as u8,
+        flags: 0,
+        _pad: [0; 3],
+        ack: id as u32,
+    };
+    // No wakeup: the reader drains on its timer, and the request this
+    // turn belongs to wakes it when it matters.
+    match EVENTS.output::<EventHeader>(&header, aya_ebpf::bindings::BPF_RB_NO_WAKEUP as u64) {
+        Ok(()) => count(counters, counter::THREAD_TURNS),
+        Err(_) => count(counters, counter::RINGBUF_FULL),
+    }
+}
