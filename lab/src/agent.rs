@@ -9,6 +9,38 @@ use tracegap_agent::{
     server::Shared,
 };
 
+/// An agent on every pod veth of `node`, /metrics and /report on
+/// loopback, exporting gap spans to `receiver` over OTLP/gRPC every 100 ms
+/// (its readers wait for spans, not for full batches), naming the node's
+/// pods as services in namespace `lab`. A caller changes what it is about
+/// with `AgentConfig { .., ..config_for(node, receiver) }`.
+pub fn config_for(node: &crate::netns::Node, receiver: &crate::store::Receiver) -> AgentConfig {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use tracegap_agent::export::{ExportConfig, OtlpProtocol};
+    AgentConfig {
+        interfaces: tracegap_agent::interfaces::Selection::Explicit(
+            node.pods.iter().map(|p| p.host_if.clone()).collect(),
+        ),
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
+        cors_origin: None,
+        export: ExportConfig {
+            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
+            protocol: OtlpProtocol::Grpc,
+            interval: std::time::Duration::from_millis(100),
+            ..ExportConfig::default()
+        },
+        export_mode: tracegap_agent::gap::span::ExportMode::Gaps,
+        export_unsampled: false,
+        services: node.identities("lab"),
+        response_timeout: std::time::Duration::from_secs(30),
+        kubernetes: None,
+        node_name: None,
+        reconcile: None,
+        thread_evidence: true,
+    }
+}
+
 /// A running agent; stopped (programs detached) when dropped.
 pub struct Agent {
     /// Where /metrics and the probes are served.

@@ -10,6 +10,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod causality;
 pub mod cluster;
 pub mod container;
 pub mod files;

@@ -10,36 +10,10 @@ pub use tracegap_lab::{
     service as demo, store as otlp,
 };
 
-/// An agent on every pod veth of `node`, /metrics and /report on
-/// loopback, exporting gap spans to `receiver` over OTLP/gRPC every 100 ms
-/// (the tests wait for spans, not for full batches), naming the node's pods
-/// as services in namespace `lab`. A test changes what it is about with
-/// `AgentConfig { .., ..agent_config(node, receiver) }`.
+/// The lab's agent configuration for a node of pods (see
+/// [`tracegap_lab::agent::config_for`]).
 pub fn agent_config(node: &Node, receiver: &otlp::Receiver) -> tracegap_agent::agent::AgentConfig {
-    use std::net::{Ipv4Addr, SocketAddr};
-    use tracegap_agent::export::{ExportConfig, OtlpProtocol};
-    tracegap_agent::agent::AgentConfig {
-        interfaces: tracegap_agent::interfaces::Selection::Explicit(
-            node.pods.iter().map(|p| p.host_if.clone()).collect(),
-        ),
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        report_listen: Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))),
-        cors_origin: None,
-        export: ExportConfig {
-            endpoint: Some(format!("http://127.0.0.1:{}", receiver.grpc.port())),
-            protocol: OtlpProtocol::Grpc,
-            interval: std::time::Duration::from_millis(100),
-            ..ExportConfig::default()
-        },
-        export_mode: tracegap_agent::gap::span::ExportMode::Gaps,
-        export_unsampled: false,
-        services: node.identities("lab"),
-        response_timeout: std::time::Duration::from_secs(30),
-        kubernetes: None,
-        node_name: None,
-        reconcile: None,
-        thread_evidence: true,
-    }
+    tracegap_lab::agent::config_for(node, receiver)
 }
 
 /// Whether the tests that need the kernel can run; prints why not.

@@ -279,9 +279,13 @@ async fn event_loop(
     let mut h2_out = Vec::new();
     loop {
         tokio::select! {
-            () = &mut stop => return Ok(()),
+            () = &mut stop => {
+                p.release_deferred(true);
+                return Ok(());
+            }
             batch = batches.recv() => {
                 let Some(batch) = batch else {
+                    p.release_deferred(true);
                     return Err(Stopped::DrainEnded);
                 };
                 let directory = p.directory.clone();
@@ -337,6 +341,7 @@ async fn event_loop(
         for o in h2_out.drain(..) {
             p.h2_stream(o);
         }
+        p.release_deferred(false);
     }
 }
 
@@ -395,7 +400,24 @@ struct Pipeline {
     response_timeout: Duration,
     last_resync_ns: u64,
     node: Option<String>,
+    /// Hops waiting for their caller's write turn.
+    deferred: std::collections::VecDeque<Deferred>,
 }
+
+/// A hop held for its write turn.
+struct Deferred {
+    until_ns: u64,
+    req: Arc<Request>,
+    rsp: Option<Reply>,
+    gave_up_ns: u64,
+}
+
+/// How long a call waits for its write turn at most: the turn is sent
+/// when the writer's send returns, usually microseconds after the request
+/// was seen.
+const TURN_WAIT_NS: u64 = 250_000_000;
+/// Hops held at most; past it they are classified at once.
+const MAX_DEFERRED: usize = 4096;
 
 impl Pipeline {
     fn new(
@@ -433,6 +455,7 @@ impl Pipeline {
             response_timeout: config.response_timeout,
             last_resync_ns: monotonic_ns(),
             node: config.node_name.clone(),
+            deferred: std::collections::VecDeque::new(),
         }
     }
 
@@ -506,7 +529,7 @@ impl Pipeline {
                 }
                 let answered = exchange.response.is_some() || exchange.trailers.is_some();
                 let reply = answered.then(|| Reply::from_exchange(&exchange));
-                self.hop(&req, reply, exchange.end_ns);
+                self.hop(&Arc::new(req), reply, exchange.end_ns);
             }
         }
     }
@@ -567,7 +590,43 @@ impl Pipeline {
         );
     }
 
-    fn hop(&mut self, req: &Request, rsp: Option<Reply>, gave_up_ns: u64) {
+    /// A finished exchange. A call whose cause its thread's write turn may
+    /// decide, the turn not in yet, waits for it a moment ([`TURN_WAIT_NS`]).
+    fn hop(&mut self, req: &Arc<Request>, rsp: Option<Reply>, gave_up_ns: u64) {
+        if !req.telemetry && self.deferred.len() < MAX_DEFERRED {
+            let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
+            if self.engine.awaits_turns(&hop) {
+                self.deferred.push_back(Deferred {
+                    until_ns: monotonic_ns() + TURN_WAIT_NS,
+                    req: req.clone(),
+                    rsp,
+                    gave_up_ns,
+                });
+                return;
+            }
+        }
+        self.settle_hop(req, rsp, gave_up_ns);
+    }
+
+    /// Hops held for their write turn: each as its turn arrives, or at
+    /// its time (`all`: now, shutting down).
+    fn release_deferred(&mut self, all: bool) {
+        if self.deferred.is_empty() {
+            return;
+        }
+        let now = monotonic_ns();
+        let held = std::mem::take(&mut self.deferred);
+        for d in held {
+            let hop = Hop::new(&self.clock, &d.req, d.rsp, d.gave_up_ns);
+            if all || now >= d.until_ns || !self.engine.awaits_turns(&hop) {
+                self.settle_hop(&d.req, d.rsp, d.gave_up_ns);
+            } else {
+                self.deferred.push_back(d);
+            }
+        }
+    }
+
+    fn settle_hop(&mut self, req: &Request, rsp: Option<Reply>, gave_up_ns: u64) {
         if req.telemetry {
             self.export_seen(req, rsp, gave_up_ns);
             return;

@@ -41,7 +41,7 @@ pub const REQUIRED: [Capability; 3] = [
     Capability {
         name: "CAP_PERFMON",
         bit: 38,
-        needed_for: "the verifier to accept the programs' pointer arithmetic on packet data",
+        needed_for: "the verifier to accept the programs' pointer arithmetic on packet data; reading socket fields and attaching the socket tracepoints (thread turns)",
         sys_admin_covers: true,
     },
 ];

@@ -174,6 +174,29 @@ pub struct Turns {
     pub _pad: [u8; 2],
 }
 
+/// A send on a socket no request was seen on yet, noted by the thread
+/// programs in a slot by its flow's hash: the first request of a new
+/// connection can be sent before the interface sees it (the receive path
+/// deferred to a softirq thread), and the TC programs, seeing it then, take
+/// its writer from here.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SendNote {
+    /// The socket's connection, local to remote.
+    pub flow: FlowKey,
+    /// When the send returned (ktime ns); 0: taken.
+    pub ts_ns: u64,
+    /// `bpf_get_current_pid_tgid()` of the sender.
+    pub pid_tgid: u64,
+    pub bytes: u32,
+    pub _pad: u32,
+}
+
+/// Slots of the send notes: a power of two.
+pub const SEND_NOTE_SLOTS: u32 = 4096;
+/// How recent a send note must be for a request's first packet to take it.
+pub const SEND_NOTE_WINDOW_NS: u64 = 100_000_000;
+
 /// Values of [`Turns`]' fields.
 pub mod turn {
     pub const NONE: u8 = 0;
@@ -438,6 +461,7 @@ mod pod {
     unsafe impl aya::Pod for super::SourceKey {}
     unsafe impl aya::Pod for super::H2Follow {}
     unsafe impl aya::Pod for super::Turns {}
+    unsafe impl aya::Pod for super::SendNote {}
 }
 
 #[cfg(test)]
@@ -455,6 +479,8 @@ mod tests {
         assert_eq!(EVENT_HEADER_LEN, 72);
         // 4 + 4 + 4 + 8 + 1 + 1 + 2
         assert_eq!(core::mem::size_of::<H2Follow>(), 24);
+        // 40 + 8 + 8 + 4 + 4
+        assert_eq!(core::mem::size_of::<SendNote>(), 64);
     }
 
     #[test]

@@ -19,18 +19,24 @@ use aya_ebpf::{
     bindings::BPF_NOEXIST,
     helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
     macros::{fexit, map, raw_tracepoint},
-    maps::LruHashMap,
+    maps::{Array, LruHashMap},
     programs::{FExitContext, RawTracePointContext},
 };
 use tracegap_common::{
-    EventHeader, EventKind, FlowKey, MAX_WATCHED, ThreadTurn, Turns, counter, family, turn,
+    EventHeader, EventKind, FlowKey, MAX_WATCHED, SEND_NOTE_SLOTS, SEND_NOTE_WINDOW_NS, SendNote,
+    ThreadTurn, Turns, counter, family, turn,
 };
 
-use crate::{COUNTERS, EVENTS, clock, count};
+use crate::{COUNTERS, EVENTS, clock, count, net};
 
 /// Connections a request was seen on, keyed as the request's flow.
 #[map]
 static WATCHED: LruHashMap<FlowKey, Turns> = LruHashMap::with_max_entries(MAX_WATCHED, 0);
+
+/// The last send on unwatched sockets, by their flow's slot (see
+/// [`SendNote`]): an array write per such send, no hash update.
+#[map]
+static SEND_NOTES: Array<SendNote> = Array::with_max_entries(SEND_NOTE_SLOTS, 0);
 
 // Byte offsets into `struct sock`, set by the agent from the kernel's BTF.
 #[unsafe(no_mangle)]
@@ -53,10 +59,52 @@ const AF_INET6: u16 = 10;
 
 /// A request was seen on `flow`: its sockets' turns are recorded from now
 /// on. Only inserts when absent (a keep-alive connection's later requests
-/// cost one lookup).
+/// cost one lookup). On a new connection the client's send may already
+/// have returned, unwatched: its note names the writer.
 #[inline(always)]
 pub(crate) fn watch(flow: &FlowKey) {
-    let _ = WATCHED.insert(flow, Turns::default(), BPF_NOEXIST as u64);
+    if WATCHED
+        .insert(flow, Turns::default(), BPF_NOEXIST as u64)
+        .is_err()
+    {
+        return;
+    }
+    let Some(n) = SEND_NOTES.get_ptr_mut(net::slot_of(flow) & (SEND_NOTE_SLOTS - 1)) else {
+        return;
+    };
+    // SAFETY: an array slot; a racing writer only writes another note.
+    let n = unsafe { &mut *n };
+    let now = clock();
+    if n.ts_ns == 0 || now.saturating_sub(n.ts_ns) > SEND_NOTE_WINDOW_NS || !same(&n.flow, flow) {
+        return;
+    }
+    let (ts, id, bytes) = (n.ts_ns, n.pid_tgid, n.bytes);
+    n.ts_ns = 0;
+    if let Some(t) = WATCHED.get_ptr_mut(flow) {
+        // SAFETY: a map value.
+        unsafe { (*t).client = turn::SENT };
+    }
+    emit(flow, ThreadTurn::ClientWrote, bytes as i32, id, ts);
+}
+
+/// Two flows, word by word (no memcmp in BPF).
+#[inline(always)]
+fn same(a: &FlowKey, b: &FlowKey) -> bool {
+    let w = |k: &FlowKey, i: usize| -> u64 {
+        // SAFETY: i + 8 <= 32 bytes of the two address arrays.
+        unsafe {
+            core::ptr::read_unaligned(
+                (core::ptr::addr_of!(k.saddr) as *const u8).add(i) as *const u64
+            )
+        }
+    };
+    w(a, 0) == w(b, 0)
+        && w(a, 8) == w(b, 8)
+        && w(a, 16) == w(b, 16)
+        && w(a, 24) == w(b, 24)
+        && a.sport == b.sport
+        && a.dport == b.dport
+        && a.family == b.family
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -170,7 +218,13 @@ fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
         if t.client != now {
             t.client = now;
             if op == Op::Send {
-                emit(&key, ThreadTurn::ClientWrote, bytes);
+                emit(
+                    &key,
+                    ThreadTurn::ClientWrote,
+                    bytes,
+                    bpf_get_current_pid_tgid(),
+                    clock(),
+                );
             }
         }
         return Ok(());
@@ -183,23 +237,49 @@ fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
         if t.server != now {
             t.server = now;
             if op == Op::Receive {
-                emit(&key, ThreadTurn::ServerRead, bytes);
+                emit(
+                    &key,
+                    ThreadTurn::ServerRead,
+                    bytes,
+                    bpf_get_current_pid_tgid(),
+                    clock(),
+                );
             }
         }
+        return Ok(());
+    }
+    // Unwatched: a client's first request may be sent before its packet is
+    // seen (see `watch`); note the sender where the flow's request will
+    // look.
+    // (`key` is reversed by now: the socket's own view, local to remote,
+    // is what its request's flow would be.)
+    let own = key.reversed();
+    if op == Op::Send
+        && let Some(n) = SEND_NOTES.get_ptr_mut(net::slot_of(&own) & (SEND_NOTE_SLOTS - 1))
+    {
+        // SAFETY: an array slot; plain stores, any writer writes a note.
+        unsafe {
+            n.write(SendNote {
+                flow: own,
+                ts_ns: clock(),
+                pid_tgid: bpf_get_current_pid_tgid(),
+                bytes: bytes as u32,
+                _pad: 0,
+            })
+        };
     }
     Ok(())
 }
 
 #[inline(always)]
-fn emit(flow: &FlowKey, side: ThreadTurn, bytes: i32) {
+fn emit(flow: &FlowKey, side: ThreadTurn, bytes: i32, id: u64, ts_ns: u64) {
     let Some(counters) = COUNTERS.get_ptr_mut(0) else {
         return;
     };
     // SAFETY: the per-CPU entry is this CPU's alone while the program runs.
     let counters = unsafe { &mut *counters };
-    let id = bpf_get_current_pid_tgid();
     let header = EventHeader {
-        ts_ns: clock(),
+        ts_ns,
         flow: *flow,
         ifindex: 0,
         seq: (id >> 32) as u32,

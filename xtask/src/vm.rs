@@ -22,7 +22,13 @@ use crate::{setup, toolchain};
 /// 6.12 with TCX links.
 pub const DEFAULT_KERNELS: [&str; 2] = ["6.1", "6.12"];
 /// The kernel-side test binaries (tests/tests/<name>.rs).
-const TESTS: [&str; 4] = ["ring_buffer", "observer", "discovery", "loader"];
+const TESTS: [&str; 5] = [
+    "ring_buffer",
+    "observer",
+    "discovery",
+    "loader",
+    "causality",
+];
 /// Modules the tests need that Debian builds as modules.
 const MODULES: [&str; 5] = ["veth", "bridge", "sch_ingress", "cls_bpf", "sch_tbf"];
 /// Host tools the tests run, copied into the guest with their libraries.
@@ -367,7 +373,7 @@ ip link set lo up
 echo "TRACEGAP-VM kernel $(uname -r)"
 for t in /tests/*; do
   echo "TRACEGAP-VM begin $(basename $t)"
-  TMPDIR=/tmp RUST_BACKTRACE=0 TRACEGAP_REJECTED_OBJECT=/data/rejected.o $t --test-threads=1 --nocapture
+  TMPDIR=/tmp RUST_BACKTRACE=0 TRACEGAP_REJECTED_OBJECT=/data/rejected.o TRACEGAP_VM_GUEST=1 $t --test-threads=1 --nocapture
   echo "TRACEGAP-VM end $(basename $t) rc=$?"
 done
 echo "TRACEGAP-VM done"

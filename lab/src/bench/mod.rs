@@ -1169,6 +1169,38 @@ fn memory(lab_bin: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> 
     Ok(())
 }
 
+/// Which request each call of a thread-per-request service was made for,
+/// at 1 to 64 in flight: with the thread programs, and the same run
+/// without them as the baseline (see [`crate::causality`]).
+fn causality(rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    use crate::causality::{LEVELS, measure};
+    let (with, without) = (measure(&LEVELS, true)?, measure(&LEVELS, false)?);
+    let show = |l: &crate::causality::Level| {
+        format!(
+            "{} right, {} wrong, {} unplaced",
+            l.right, l.wrong, l.unplaced
+        )
+    };
+    for (w, b) in with.levels.iter().zip(&without.levels) {
+        let share = w.right as f64 / w.hops.max(1) as f64 * 100.0;
+        rows.push(row(
+            &format!(
+                "stitching a thread-per-request service's calls, {} in flight ({} hops, think time up to {} ms; thread turns from {}): parents against the service's own record, without / with thread evidence",
+                w.in_flight,
+                w.hops,
+                crate::causality::THINK.as_millis(),
+                with.source
+            ),
+            show(b),
+            show(w),
+            format!("{share:.1}% under the right parent, {} under a wrong one", w.wrong + b.wrong),
+            "≥ 99% right, 0 wrong",
+            Some(share >= 99.0 && w.wrong + b.wrong == 0),
+        ));
+    }
+    Ok(())
+}
+
 /// Runs everything and renders the table.
 /// `floor`: the assembled `lab/bpf/floor.s`, the kernel figures' baseline
 /// (None: they are shown without one).
@@ -1184,6 +1216,8 @@ pub fn run(
     user_space(d, &mut rows)?;
     eprintln!("bench: memory");
     memory(lab_bin, &mut rows)?;
+    eprintln!("bench: stitching under load, against the breaking service's own record");
+    causality(&mut rows)?;
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

@@ -89,16 +89,14 @@ impl SockOffsets {
     }
 }
 
-/// A struct or union: its name and members (name, type id, bit offset).
-struct Composite {
-    name: u32,
-    members: Vec<(u32, u32, u32)>,
-}
-
 struct Types<'a> {
     strings: &'a [u8],
-    /// By type id (id 0 is void); None for kinds without members.
-    types: Vec<Option<Composite>>,
+    /// The type section.
+    t: &'a [u8],
+    /// Where each type's record starts in `t`, by type id (id 0 is void):
+    /// members are read when asked for, not kept (the kernel's BTF has
+    /// some hundred thousand types).
+    at: Vec<u32>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> Result<u32, BtfError> {
@@ -124,14 +122,13 @@ impl<'a> Types<'a> {
                 .ok_or(BtfError::Truncated(hdr_len + off + len))
         };
         let (t, strings) = (section(type_off, type_len)?, section(str_off, str_len)?);
-        let mut types = vec![None];
-        let mut at = 0;
-        while at < t.len() {
-            let (name, info) = (u32_at(t, at)?, u32_at(t, at + 4)?);
+        let mut at = vec![0];
+        let mut pos = 0;
+        while pos < t.len() {
+            let info = u32_at(t, pos + 4)?;
             let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
-            let bitfield_offsets = info >> 31 == 1;
-            at += 12;
-            let extra = match kind {
+            at.push(pos as u32);
+            pos += 12 + match kind {
                 1 | 14 | 17 => 4,
                 3 => 12,
                 KIND_STRUCT | KIND_UNION | 15 | 19 => 12 * vlen,
@@ -139,25 +136,8 @@ impl<'a> Types<'a> {
                 2 | 7..=12 | 16 | 18 => 0,
                 k => return Err(BtfError::Kind(k)),
             };
-            types.push(if matches!(kind, KIND_STRUCT | KIND_UNION) {
-                let mut members = Vec::with_capacity(vlen);
-                for i in 0..vlen {
-                    let m = at + 12 * i;
-                    let offset = u32_at(t, m + 8)?;
-                    let bits = if bitfield_offsets {
-                        offset & 0x00ff_ffff
-                    } else {
-                        offset
-                    };
-                    members.push((u32_at(t, m)?, u32_at(t, m + 4)?, bits));
-                }
-                Some(Composite { name, members })
-            } else {
-                None
-            });
-            at += extra;
         }
-        Ok(Self { strings, types })
+        Ok(Self { strings, t, at })
     }
 
     fn name(&self, off: u32) -> &[u8] {
@@ -165,14 +145,38 @@ impl<'a> Types<'a> {
         &rest[..rest.iter().position(|&c| c == 0).unwrap_or(rest.len())]
     }
 
+    /// A struct's or union's name and members (name, type id, bit offset).
+    fn composite(&self, id: u32) -> Option<(u32, impl Iterator<Item = (u32, u32, u32)> + '_)> {
+        let pos = *self.at.get(id as usize)? as usize;
+        if id == 0 {
+            return None;
+        }
+        let (name, info) = (u32_at(self.t, pos).ok()?, u32_at(self.t, pos + 4).ok()?);
+        let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
+        if !matches!(kind, KIND_STRUCT | KIND_UNION) {
+            return None;
+        }
+        let bitfield_offsets = info >> 31 == 1;
+        let members = (0..vlen).filter_map(move |i| {
+            let m = pos + 12 + 12 * i;
+            let offset = u32_at(self.t, m + 8).ok()?;
+            let bits = if bitfield_offsets {
+                offset & 0x00ff_ffff
+            } else {
+                offset
+            };
+            Some((u32_at(self.t, m).ok()?, u32_at(self.t, m + 4).ok()?, bits))
+        });
+        Some((name, members))
+    }
+
     fn struct_named(&self, name: &'static str) -> Result<u32, BtfError> {
-        self.types
-            .iter()
-            .position(|t| {
-                t.as_ref()
-                    .is_some_and(|c| !c.members.is_empty() && self.name(c.name) == name.as_bytes())
+        (1..self.at.len() as u32)
+            .find(|&id| {
+                self.composite(id).is_some_and(|(n, mut members)| {
+                    self.name(n) == name.as_bytes() && members.next().is_some()
+                })
             })
-            .map(|i| i as u32)
             .ok_or(BtfError::NoStruct(name))
     }
 
@@ -184,8 +188,8 @@ impl<'a> Types<'a> {
     }
 
     fn find(&self, id: u32, member: &[u8], depth: u32) -> Option<u32> {
-        let c = self.types.get(id as usize)?.as_ref()?;
-        for &(name, ty, bits) in &c.members {
+        let (_, members) = self.composite(id)?;
+        for (name, ty, bits) in members {
             if name != 0 && self.name(name) == member {
                 return Some(bits);
             }

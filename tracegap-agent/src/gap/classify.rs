@@ -111,11 +111,11 @@ pub enum Confidence {
     /// since.
     Thread,
     /// One of several requests the caller was serving: the evidence does
-    /// not single one out. `multiplexed`: the writing thread held several
-    /// of them open (an async runtime), so its turns could not tell.
+    /// not single one out. `threads`: why the threads' turns could not
+    /// tell ([`Evidence::why_not`]).
     Ambiguous {
         candidates: usize,
-        multiplexed: bool,
+        threads: &'static str,
     },
 }
 
@@ -251,6 +251,34 @@ impl Engine {
     /// A thread's turn on a connection, from the kernel.
     pub fn thread_turn(&mut self, t: Turn) {
         self.threads.turn(t);
+    }
+
+    /// Whether `hop` is a call the threads' turns may decide (several
+    /// traced requests open on its caller, none of its trace) whose write
+    /// turn has not arrived yet. The turn is sent as the writer's send
+    /// returns, which a busy CPU can delay past the call's answer: such a
+    /// hop is worth holding a moment (see the agent's pipeline).
+    pub fn awaits_turns(&self, hop: &Hop) -> bool {
+        if self.threads.turns == 0 || self.threads.writer(hop.caller(), hop.start_ns).is_some() {
+            return false;
+        }
+        let Some(pod) = self.pods.get(&hop.caller().ip) else {
+            return false;
+        };
+        let trace = hop.context().map(|c| c.trace_id.as_str());
+        let mut open = pod
+            .inbound
+            .iter()
+            .filter(|o| o.covers(hop.start_ns))
+            .filter_map(Open::primary);
+        let mut n = 0;
+        for c in open.by_ref() {
+            if Some(c.trace_id.as_str()) == trace {
+                return false;
+            }
+            n += 1;
+        }
+        n >= 2
     }
 
     /// Records a request as it starts, so requests that start while it is
@@ -460,7 +488,7 @@ impl Engine {
             context: newest.primary()?.clone(),
             confidence: Confidence::Ambiguous {
                 candidates: open.len(),
-                multiplexed: matches!(by_thread, Evidence::Multiplexed(_)),
+                threads: by_thread.why_not(),
             },
             baggage: open.iter().all(|o| o.baggage()),
             candidates: by_recency

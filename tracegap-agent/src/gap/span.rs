@@ -254,20 +254,13 @@ pub fn build(
             ));
             if let super::Confidence::Ambiguous {
                 candidates,
-                multiplexed,
+                threads,
             } = link.confidence
             {
                 attributes.push(KeyValue::new("tracegap.link.candidates", candidates as i64));
-                // Why the threads could not tell: none seen, or a thread
-                // serving several requests at once.
-                attributes.push(KeyValue::new(
-                    "tracegap.link.threads",
-                    if multiplexed {
-                        "multiplexed"
-                    } else {
-                        "unknown"
-                    },
-                ));
+                // Why the threads could not tell: a thread serving several
+                // requests at once, no write turn seen, or no match.
+                attributes.push(KeyValue::new("tracegap.link.threads", threads));
             }
             if let Some(c) = hop.context() {
                 // The trace the downstream call went on in, for searching.
@@ -630,7 +623,7 @@ mod tests {
             context: candidates[0].clone(),
             confidence: Confidence::Ambiguous {
                 candidates: 2,
-                multiplexed: false,
+                threads: "unmatched",
             },
             baggage: false,
             candidates,

@@ -72,9 +72,23 @@ pub enum Evidence<T> {
     Thread(T),
     /// The writing thread holds several open requests (an async runtime).
     Multiplexed(usize),
-    /// No turns to go by (none recorded, or the thread read none of the
-    /// candidates).
-    None,
+    /// No write turn was seen for the call.
+    Unwritten,
+    /// Its thread read none of the open requests, or read another since.
+    Unmatched,
+}
+
+impl<T> Evidence<T> {
+    /// Why the turns did not single out a request, for the span
+    /// (`tracegap.link.threads`).
+    pub fn why_not(&self) -> &'static str {
+        match self {
+            Self::Thread(_) => "thread",
+            Self::Multiplexed(_) => "multiplexed",
+            Self::Unwritten => "no_write_turn",
+            Self::Unmatched => "unmatched",
+        }
+    }
 }
 
 /// The turns seen lately.
@@ -141,7 +155,7 @@ impl Threads {
         open: impl Iterator<Item = (T, Endpoint, u64, Option<u64>)>,
     ) -> Evidence<T> {
         let Some(writer) = self.writer(caller, start_ns) else {
-            return Evidence::None;
+            return Evidence::Unwritten;
         };
         let mut mine = Vec::new();
         for (o, client, o_start, o_end) in open {
@@ -153,7 +167,7 @@ impl Threads {
             }
         }
         match mine[..] {
-            [] => Evidence::None,
+            [] => Evidence::Unmatched,
             [(o, read_at)] => {
                 // Nothing else read by the thread since: a request it read
                 // and answered in between would mean it does not work one
@@ -163,7 +177,7 @@ impl Threads {
                     .get(&writer)
                     .is_some_and(|q| q.iter().any(|(ts, _)| *ts > read_at && *ts <= start_ns));
                 if since {
-                    Evidence::None
+                    Evidence::Unmatched
                 } else {
                     Evidence::Thread(o)
                 }
@@ -236,7 +250,7 @@ mod tests {
         // A call whose write was not seen: no evidence.
         assert_eq!(
             t.cause(ep(5), 20 * MS, open.iter().copied()),
-            Evidence::None
+            Evidence::Unwritten
         );
     }
 
@@ -265,7 +279,7 @@ mod tests {
         ];
         assert_eq!(
             t.cause(ep(8), 40 * MS, open[..1].iter().copied()),
-            Evidence::None
+            Evidence::Unmatched
         );
     }
 

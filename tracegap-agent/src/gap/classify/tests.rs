@@ -250,7 +250,7 @@ fn concurrent_inbound_requests_resolve_by_trace_or_stay_ambiguous() {
         link.confidence,
         Confidence::Ambiguous {
             candidates: 2,
-            multiplexed: false
+            threads: "no_write_turn"
         }
     );
     assert!(!link.confidence.places());

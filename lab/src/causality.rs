@@ -1,0 +1,234 @@
+//! Which inbound request caused each outbound call, measured against the
+//! truth: a service that records its server spans and calls downstream
+//! with a plain client (the context is lost), a random think time before
+//! each call, 1 to 64 requests in flight. The service records which inbound
+//! request each call was made for ([`crate::service::causes`]; tracegap
+//! never reads it); each stitched span is then right (under the request
+//! that caused it), wrong (under another), or unplaced (a root linked to
+//! its candidates). Used by the `causality` test and `cargo xtask bench`.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, Ipv4Addr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tracegap_agent::agent::AgentConfig;
+
+use crate::{
+    agent::Agent,
+    netns::Node,
+    service::{self, Behaviour, ServiceSpec},
+    store::{Received, Receiver},
+};
+
+/// Requests in flight, and requests made, per level.
+pub const LEVELS: [(usize, usize); 4] = [(1, 24), (4, 48), (16, 96), (64, 192)];
+/// The breaking service's think time before its call, at most.
+pub const THINK: Duration = Duration::from_millis(20);
+
+/// One level's outcome.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Level {
+    pub in_flight: usize,
+    pub hops: usize,
+    pub right: usize,
+    pub wrong: usize,
+    pub unplaced: usize,
+    /// Unplaced hops with every candidate named whose cause was not among
+    /// them (never expected: the cause is open when its call starts).
+    pub cause_not_named: usize,
+    /// Unplaced hops by why the threads could not tell
+    /// (`tracegap.link.threads`).
+    pub unplaced_why: std::collections::BTreeMap<String, usize>,
+    /// Wrong parents, as (cause, placed in, confidence).
+    pub wrong_examples: Vec<(String, String, String)>,
+}
+
+/// A whole measurement.
+#[derive(Clone, Debug)]
+pub struct Measured {
+    pub levels: Vec<Level>,
+    /// `tracegap_thread_evidence`'s source: tracepoints, fexit, none.
+    pub source: String,
+    /// Hops placed by their thread (`tracegap_stitched_causes_total`).
+    pub by_thread: f64,
+}
+
+impl Measured {
+    /// The levels as a table.
+    pub fn table(&self) -> String {
+        let mut out = String::from(
+            "IN FLIGHT  HOPS  RIGHT PARENT  WRONG PARENT  UNPLACED (LINKED)  WHY UNPLACED\n",
+        );
+        for r in &self.levels {
+            let why: Vec<String> = r
+                .unplaced_why
+                .iter()
+                .map(|(w, n)| format!("{w} x{n}"))
+                .collect();
+            out.push_str(&format!(
+                "{:<9}  {:<4}  {:<12}  {:<12}  {:<17}  {}\n",
+                r.in_flight,
+                r.hops,
+                r.right,
+                r.wrong,
+                r.unplaced,
+                why.join(" ")
+            ));
+        }
+        out
+    }
+}
+
+/// client -> breaker (server spans, plain client: the context is lost,
+/// `think` before its call) -> leaf, on one node, the agent on its veths
+/// (`thread_evidence` on or off), `levels` driven one after the other.
+pub fn measure(levels: &[(usize, usize)], thread_evidence: bool) -> anyhow::Result<Measured> {
+    let node = Node::new(&["client", "breaker", "leaf"])?;
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    let agent = Agent::start(AgentConfig {
+        thread_evidence,
+        ..crate::agent::config_for(&node, &receiver)
+    })?;
+    let otlp = format!("http://{}:{}", node.gateway(), receiver.http.port());
+    let url = |pod: &str, path: &str| format!("http://{}:8080{path}", node.pod(pod).ipv4);
+    let leaf = ServiceSpec {
+        otlp: Some(otlp.clone()),
+        ..ServiceSpec::new("leaf", 8080, Behaviour::Instrumented)
+    }
+    .start(node.pod("leaf"))?;
+    let breaker = ServiceSpec {
+        otlp: Some(otlp),
+        downstream: vec![url("leaf", "/stock")],
+        think: THINK,
+        ..ServiceSpec::new("breaker", 8080, Behaviour::ServerSpansOnly)
+    }
+    .start(node.pod("breaker"))?;
+    let breaker_ip = node.pod("breaker").ipv4.to_string();
+    // Trace ids unique to this measurement: the causes are process-wide.
+    let run = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_nanos() as u64
+        & 0xffff_ffff;
+
+    let mut out = Vec::new();
+    let mut total = 0;
+    for (row, &(in_flight, n)) in levels.iter().enumerate() {
+        let traces: Arc<Vec<String>> = Arc::new(
+            (0..n)
+                .map(|i| format!("{run:08x}{:02x}{i:022x}", row + 1))
+                .collect(),
+        );
+        let next = Arc::new(AtomicUsize::new(0));
+        let mut callers = Vec::new();
+        for _ in 0..in_flight {
+            let (traces, next, target) =
+                (traces.clone(), next.clone(), url("breaker", "/checkout"));
+            callers.push(node.pod("client").spawn(move || -> anyhow::Result<()> {
+                while let Some(t) = traces.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let tp = format!("00-{t}-b7ad6b7169203331-01");
+                    let status = service::call(&target, &[("traceparent".into(), tp)])?;
+                    anyhow::ensure!(status == 200, "breaker answered {status}");
+                }
+                Ok(())
+            })?);
+        }
+        for c in callers {
+            c.join()
+                .map_err(|_| anyhow::anyhow!("a caller panicked"))??;
+        }
+        total += n;
+        let stitched = |s: &Received| {
+            s.synthetic() && s.service == "leaf" && s.gap().as_deref() == Some("broken_propagation")
+        };
+        let spans = receiver.wait_for(Duration::from_secs(30), |all| {
+            all.iter().filter(|s| stitched(s)).count() >= total
+        });
+        let spans: Vec<&Received> = spans.iter().filter(|s| stitched(s)).collect();
+        anyhow::ensure!(
+            spans.len() >= total,
+            "{} stitched spans of {total} hops",
+            spans.len()
+        );
+        // The truth, by the breaker's end of each call.
+        let causes: HashMap<String, String> = service::causes()
+            .into_iter()
+            .filter(|c| c.service == "breaker")
+            .map(|c| (c.from.port().to_string(), c.trace_id))
+            .collect();
+        let mut r = Level {
+            in_flight,
+            ..Level::default()
+        };
+        for s in spans {
+            anyhow::ensure!(
+                s.attr("network.peer.address") == Some(breaker_ip.clone()),
+                "a stitched span not from the breaker: {s:?}"
+            );
+            let port = s.attr("network.peer.port").unwrap_or_default();
+            let truth = causes
+                .get(&port)
+                .with_context(|| format!("no cause recorded for the call from port {port}"))?;
+            if !traces.contains(truth) {
+                continue; // another level's
+            }
+            r.hops += 1;
+            match s.attr("tracegap.link").as_deref() {
+                Some("inferred") if s.trace_id() == *truth => r.right += 1,
+                Some("inferred") => {
+                    r.wrong += 1;
+                    r.wrong_examples.push((
+                        truth.clone(),
+                        s.trace_id(),
+                        s.attr("tracegap.link.confidence").unwrap_or_default(),
+                    ));
+                }
+                Some("unplaced") => {
+                    r.unplaced += 1;
+                    *r.unplaced_why
+                        .entry(s.attr("tracegap.link.threads").unwrap_or_default())
+                        .or_default() += 1;
+                    let named: Vec<String> = s
+                        .span
+                        .links
+                        .iter()
+                        .map(|l| crate::store::hex(&l.trace_id))
+                        .collect();
+                    let candidates: usize = s
+                        .attr("tracegap.link.candidates")
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(0);
+                    anyhow::ensure!(candidates >= 2, "unplaced with {candidates} candidates");
+                    if named.len() == candidates && !named.contains(truth) {
+                        r.cause_not_named += 1;
+                    }
+                }
+                other => anyhow::bail!("a stitched span with link {other:?}: {s:?}"),
+            }
+        }
+        anyhow::ensure!(r.hops == n, "{} of {n} calls stitched: {r:?}", r.hops);
+        out.push(r);
+    }
+    let source = ["tracepoints", "fexit", "none"]
+        .into_iter()
+        .find(|s| {
+            agent
+                .metric(&format!("tracegap_thread_evidence{{source=\"{s}\"}}"))
+                .is_ok_and(|v| v == 1.0)
+        })
+        .unwrap_or("none")
+        .to_owned();
+    let by_thread = agent.metric("tracegap_stitched_causes_total{confidence=\"thread\"}")?;
+    drop((breaker, leaf, agent));
+    Ok(Measured {
+        levels: out,
+        source,
+        by_thread,
+    })
+}
