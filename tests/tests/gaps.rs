@@ -693,3 +693,87 @@ fn a_request_that_never_gets_an_answer_is_reported_with_its_wait() -> anyhow::Re
     let _ = silent.join();
     Ok(())
 }
+
+#[test]
+fn a_head_not_read_whole_is_unreadable_never_missing_context() -> anyhow::Result<()> {
+    if !privileged("a_head_not_read_whole_is_unreadable_never_missing_context") {
+        return Ok(());
+    }
+    // Every hop exported (`--export all`), so each request's verdict can be
+    // read off its span by its path.
+    let node = Node::new(&["client", "service-b"])?;
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    let agent = Agent::start(AgentConfig {
+        export_mode: tracegap_agent::gap::span::ExportMode::All,
+        ..config(&node, &receiver, fast_export())
+    })?;
+    let _b = ServiceSpec::new("service-b", 8080, Behaviour::DropsHeaders)
+        .start(node.pod("service-b"))?;
+    let url = |path: &str| format!("http://{}:8080{path}", node.pod("service-b").ipv4);
+    // KB of other headers (a cookie, a JWT, forwarded headers) around the
+    // context; the kernel copies 16 KiB of a head (HEADER_BUDGET).
+    let budget = tracegap_common::HEADER_BUDGET as usize;
+    let tp = tp(T1, S1, "01");
+    let mut expected = Vec::new();
+    for kb in [1usize, 8, 12, 24, 40, 48] {
+        for at in ["start", "middle", "end", "none"] {
+            let mut headers: Vec<String> = (0..kb)
+                .map(|i| format!("x-filler-{i}: {}", "a".repeat(1000)))
+                .collect();
+            let before = match at {
+                "start" => 0,
+                "middle" => kb / 2,
+                _ => kb,
+            };
+            if at != "none" {
+                headers.insert(before, tp.clone());
+            }
+            let path = format!("/h{kb}k/{at}");
+            let mut args = Vec::new();
+            for h in &headers {
+                args.extend(["-H", h.as_str()]);
+            }
+            node.pod("client").curl(&url(&path), &args)?;
+            // Bytes of the head up to the context's end (all of it for none).
+            let read_to = 200 + 1016 * if at == "none" { kb } else { before + 1 };
+            let whole = 200 + 1016 * kb + if at == "none" { 0 } else { tp.len() };
+            let kind = match at {
+                "none" if whole <= budget => "missing_context",
+                "none" => "unreadable",
+                _ if read_to <= budget => "context_ok",
+                _ => "unreadable",
+            };
+            expected.push((path, kind));
+        }
+    }
+    let spans = receiver.wait_for(Duration::from_secs(15), |s| {
+        s.iter().filter(|s| s.synthetic()).count() >= expected.len()
+    });
+    let mut wrong = Vec::new();
+    for (path, kind) in &expected {
+        let got: Vec<String> = spans
+            .iter()
+            .filter(|s| s.synthetic() && s.attr("url.path").as_deref() == Some(path.as_str()))
+            .map(|s| s.gap().unwrap_or_default())
+            .collect();
+        if got != [kind.to_string()] {
+            wrong.push(format!("{path}: expected {kind}, got {got:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "{wrong:#?}");
+    // Counted as its own status, never among the gaps.
+    let report: Report = serde_json::from_str(&agent.get_report()?.1)?;
+    let edge = report
+        .edges
+        .iter()
+        .find(|e| e.source == "client" && e.destination == "service-b")
+        .expect("the edge");
+    let unreadable = expected.iter().filter(|(_, k)| *k == "unreadable").count() as u64;
+    assert_eq!(edge.kinds.get("unreadable"), Some(&unreadable), "{edge:?}");
+    assert_eq!(
+        agent.metric("tracegap_gaps_total{kind=\"unreadable\"")?,
+        0.0,
+        "not a gap"
+    );
+    Ok(())
+}

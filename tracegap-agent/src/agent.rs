@@ -192,6 +192,7 @@ pub async fn run(
         }
         let mut pipeline =
             Pipeline::new(&config, shared.clone(), directory.clone(), queue, reconcile);
+        pipeline.relays = observer.take_relays()?;
         let looped = event_loop(&mut observer, interfaces, batches, &mut pipeline, stop).await;
         let looped = match looped {
             // The drain ended first: its error is the one to report.
@@ -402,6 +403,8 @@ struct Pipeline {
     node: Option<String>,
     /// Hops waiting for their caller's write turn.
     deferred: std::collections::VecDeque<Deferred>,
+    /// Pods whose threads the kernel records (None: no thread programs).
+    relays: Option<crate::ebpf::threads::Relays>,
 }
 
 /// A hop held for its write turn.
@@ -456,6 +459,7 @@ impl Pipeline {
             last_resync_ns: monotonic_ns(),
             node: config.node_name.clone(),
             deferred: std::collections::VecDeque::new(),
+            relays: None,
         }
     }
 
@@ -489,6 +493,20 @@ impl Pipeline {
         }
     }
 
+    /// A request the engine relates later calls to; a pod seen both
+    /// serving and calling becomes a relay, whose threads the kernel
+    /// records from then on.
+    fn started(&mut self, req: &Arc<Request>) {
+        self.engine.request_started(req);
+        if let Some(r) = &mut self.relays {
+            for ip in [req.flow.src.ip, req.flow.dst.ip] {
+                if self.engine.is_relay(ip) {
+                    r.mark(ip, req.ts_ns);
+                }
+            }
+        }
+    }
+
     /// An address seen sending from a watched pod veth.
     fn local_ip(&mut self, ip: IpAddr) {
         if self.local.len() >= MAX_LOCAL_IPS {
@@ -512,7 +530,7 @@ impl Pipeline {
                 let mut req = Request::from_h2(ts_ns, flow, stream, &request);
                 req.via = via;
                 if !is_telemetry(&req) {
-                    self.engine.request_started(&Arc::new(req));
+                    self.started(&Arc::new(req));
                 }
             }
             follow::Out::Done {
@@ -553,7 +571,7 @@ impl Pipeline {
             }
             let req = Arc::new(req);
             if !req.telemetry {
-                self.engine.request_started(&req);
+                self.started(&req);
             }
             if let Some(pushed_out) = self.pairer.request(m.flow, req) {
                 let now = monotonic_ns();

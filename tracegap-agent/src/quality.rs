@@ -139,7 +139,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
             ),
             &calls,
             &["broken_propagation", "missing_context"],
-            &[],
+            &["unreadable"],
         ),
         metric(
             (
@@ -150,7 +150,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
             ),
             &called,
             &["missing_context", "broken_propagation"],
-            &[],
+            &["unreadable"],
         ),
         metric(
             (
@@ -162,7 +162,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
             ),
             &both,
             &["malformed_context", "format_mismatch"],
-            &[],
+            &["unreadable"],
         ),
         metric(
             (
@@ -173,7 +173,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
             ),
             &both,
             &["sampling_inconsistent"],
-            &["unsampled"],
+            &["unsampled", "unreadable"],
         ),
         metric(
             (
@@ -185,7 +185,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
             ),
             &called,
             &["uninstrumented", "passthrough"],
-            &[],
+            &["unreadable"],
         ),
     ];
     let mut baggage = Metric {

@@ -290,7 +290,7 @@ pub fn table(report: &Report) -> String {
     let gaps = |e: &Edge| -> u64 {
         e.kinds
             .iter()
-            .filter(|(k, _)| *k != "context_ok" && *k != "unsampled")
+            .filter(|(k, _)| !matches!(k.as_str(), "context_ok" | "unsampled" | "unreadable"))
             .map(|(_, n)| n)
             .sum()
     };

@@ -164,6 +164,11 @@ impl ThreadTurn {
 /// those an HTTP/1.x request was seen on (keyed as the request's flow).
 pub const MAX_WATCHED: u32 = 16 * 1024;
 
+/// Entries of the map of relays: pod addresses the agent has seen both
+/// serve requests and make calls, the only ones whose threads matter (a
+/// call is tied to a request of the same pod).
+pub const MAX_RELAYS: u32 = 4096;
+
 /// Value of the watched-connections map: each end's last operation
 /// ([`turn`]), so only the first send or receive of a turn is an event.
 #[repr(C)]

@@ -3,8 +3,12 @@
 //! was serving when the service runs a thread per request (timing alone
 //! cannot, once requests overlap).
 //!
-//! The TC programs mark a connection as watched when they see a request
-//! on it ([`watch`]). Programs on each socket send and receive (the raw
+//! Only relays matter: pods the agent has seen both serve requests and
+//! make calls (it writes their addresses to `RELAYS`); a call is tied to
+//! a request of the same pod, so an echo server's or a load generator's
+//! threads are never asked about. The TC programs mark a connection with a
+//! relay at either end as watched when they see a request on it
+//! ([`watch`]). Programs on each socket send and receive (the raw
 //! tracepoints `sock_send_length` / `sock_recv_length` since 6.3; `fexit`
 //! on `tcp_sendmsg` / `tcp_recvmsg` where those are missing) run in the
 //! calling thread; for a watched connection they send one event per turn:
@@ -23,8 +27,8 @@ use aya_ebpf::{
     programs::{FExitContext, RawTracePointContext},
 };
 use tracegap_common::{
-    EventHeader, EventKind, FlowKey, MAX_WATCHED, SEND_NOTE_SLOTS, SEND_NOTE_WINDOW_NS, SendNote,
-    ThreadTurn, Turns, counter, family, turn,
+    EventHeader, EventKind, FlowKey, MAX_RELAYS, MAX_WATCHED, SEND_NOTE_SLOTS, SEND_NOTE_WINDOW_NS,
+    SendNote, SourceKey, ThreadTurn, Turns, counter, family, turn,
 };
 
 use crate::{COUNTERS, EVENTS, clock, count, net};
@@ -32,6 +36,20 @@ use crate::{COUNTERS, EVENTS, clock, count, net};
 /// Connections a request was seen on, keyed as the request's flow.
 #[map]
 static WATCHED: LruHashMap<FlowKey, Turns> = LruHashMap::with_max_entries(MAX_WATCHED, 0);
+
+/// Relays' addresses (value unused), written by the agent.
+#[map]
+static RELAYS: LruHashMap<SourceKey, u8> = LruHashMap::with_max_entries(MAX_RELAYS, 0);
+
+#[inline(always)]
+fn relay(addr: &[u8; 16], family: u8) -> bool {
+    let key = SourceKey {
+        addr: *addr,
+        family,
+        _pad: [0; 3],
+    };
+    RELAYS.get_ptr(&key).is_some()
+}
 
 /// The last send on unwatched sockets, by their flow's slot (see
 /// [`SendNote`]): an array write per such send, no hash update.
@@ -63,6 +81,9 @@ const AF_INET6: u16 = 10;
 /// have returned, unwatched: its note names the writer.
 #[inline(always)]
 pub(crate) fn watch(flow: &FlowKey) {
+    if !relay(&flow.saddr, flow.family) && !relay(&flow.daddr, flow.family) {
+        return;
+    }
     if WATCHED
         .insert(flow, Turns::default(), BPF_NOEXIST as u64)
         .is_err()
@@ -165,36 +186,47 @@ fn mapped(a: &[u8; 16]) -> bool {
         && a[11] == 0xff
 }
 
-/// The socket's connection as its own end names it: local, then remote.
+/// The socket's connection as its own end names it: local, then remote;
+/// None when its local address is not a relay's (asked first, so most
+/// sockets cost two reads and a lookup).
 #[inline(always)]
-fn connection(sk: *const u8) -> Result<FlowKey, i32> {
+fn connection(sk: *const u8) -> Result<Option<FlowKey>, i32> {
     let mut key = FlowKey::default();
     match read::<u16>(sk, SK_FAMILY.load())? {
         AF_INET => {
             let local: [u8; 4] = read(sk, SK_RCV_SADDR.load())?;
-            let remote: [u8; 4] = read(sk, SK_DADDR.load())?;
             key.saddr[..4].copy_from_slice(&local);
-            key.daddr[..4].copy_from_slice(&remote);
             key.family = family::IPV4;
+            if !relay(&key.saddr, key.family) {
+                return Ok(None);
+            }
+            let remote: [u8; 4] = read(sk, SK_DADDR.load())?;
+            key.daddr[..4].copy_from_slice(&remote);
         }
         AF_INET6 => {
             let local: [u8; 16] = read(sk, SK_V6_RCV_SADDR.load())?;
-            let remote: [u8; 16] = read(sk, SK_V6_DADDR.load())?;
-            if mapped(&local) && mapped(&remote) {
+            if mapped(&local) {
                 key.saddr[..4].copy_from_slice(&local[12..]);
-                key.daddr[..4].copy_from_slice(&remote[12..]);
                 key.family = family::IPV4;
             } else {
                 key.saddr = local;
-                key.daddr = remote;
                 key.family = family::IPV6;
             }
+            if !relay(&key.saddr, key.family) {
+                return Ok(None);
+            }
+            let remote: [u8; 16] = read(sk, SK_V6_DADDR.load())?;
+            if key.family == family::IPV4 {
+                key.daddr[..4].copy_from_slice(&remote[12..]);
+            } else {
+                key.daddr = remote;
+            }
         }
-        _ => return Ok(key),
+        _ => return Ok(None),
     }
     key.sport = read::<u16>(sk, SK_NUM.load())?;
     key.dport = u16::from_be(read::<u16>(sk, SK_DPORT.load())?);
-    Ok(key)
+    Ok(Some(key))
 }
 
 #[inline(always)]
@@ -202,10 +234,9 @@ fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
     if bytes <= 0 || sk.is_null() {
         return Ok(());
     }
-    let key = connection(sk)?;
-    if key.family == 0 {
+    let Some(key) = connection(sk)? else {
         return Ok(());
-    }
+    };
     let now = match op {
         Op::Send => turn::SENT,
         Op::Receive => turn::RECEIVED,

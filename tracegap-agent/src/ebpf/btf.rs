@@ -128,14 +128,15 @@ impl<'a> Types<'a> {
             let info = u32_at(t, pos + 4)?;
             let (kind, vlen) = ((info >> 24) & 0x1f, (info & 0xffff) as usize);
             at.push(pos as u32);
-            pos += 12 + match kind {
-                1 | 14 | 17 => 4,
-                3 => 12,
-                KIND_STRUCT | KIND_UNION | 15 | 19 => 12 * vlen,
-                6 | 13 => 8 * vlen,
-                2 | 7..=12 | 16 | 18 => 0,
-                k => return Err(BtfError::Kind(k)),
-            };
+            pos += 12
+                + match kind {
+                    1 | 14 | 17 => 4,
+                    3 => 12,
+                    KIND_STRUCT | KIND_UNION | 15 | 19 => 12 * vlen,
+                    6 | 13 => 8 * vlen,
+                    2 | 7..=12 | 16 | 18 => 0,
+                    k => return Err(BtfError::Kind(k)),
+                };
         }
         Ok(Self { strings, t, at })
     }

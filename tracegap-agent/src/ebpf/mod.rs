@@ -230,6 +230,23 @@ impl Observer {
         })
     }
 
+    /// Takes the map of relays the thread programs ask (see
+    /// [`threads::Relays`]); None when they are not attached.
+    pub fn take_relays(&mut self) -> Result<Option<threads::Relays>, Error> {
+        if matches!(self.threads, threads::Evidence::Unavailable(_)) {
+            return Ok(None);
+        }
+        let map = self
+            .ebpf
+            .take_map(threads::RELAYS)
+            .ok_or(Error::MissingMap(threads::RELAYS))?;
+        let map = aya::maps::HashMap::try_from(map).map_err(|source| Error::Map {
+            name: threads::RELAYS,
+            source: Box::new(source),
+        })?;
+        Ok(Some(threads::Relays::new(map)))
+    }
+
     /// One of the loaded programs ([`INGRESS_PROGRAM`], [`EGRESS_PROGRAM`]),
     /// e.g. to run it on a packet with `BPF_PROG_TEST_RUN`.
     pub fn classifier(&self, name: &'static str) -> Result<&SchedClassifier, Error> {

@@ -4,16 +4,79 @@
 //! nothing (calls are then related to requests by the wire alone, and the
 //! agent says so).
 
+use std::net::IpAddr;
+
 use aya::{
     Btf, Ebpf,
+    maps::{HashMap, MapData},
     programs::{FExit, RawTracePoint},
 };
+use tracegap_common::{SourceKey, family};
+
+use crate::FastMap;
 
 /// Program names in the object.
 pub const SOCK_SEND: &str = "tracegap_sock_send";
 pub const SOCK_RECV: &str = "tracegap_sock_recv";
 pub const TCP_SENDMSG: &str = "tracegap_tcp_sendmsg";
 pub const TCP_RECVMSG: &str = "tracegap_tcp_recvmsg";
+
+/// The map of relays' addresses.
+pub const RELAYS: &str = "RELAYS";
+
+/// How often a relay is written again (the kernel's map is an LRU).
+const REFRESH_NS: u64 = 60_000_000_000;
+
+/// The pods whose threads are asked about: those seen both serving
+/// requests and making calls (a call is tied to a request of the same
+/// pod). Everything else, an echo server, a load generator, costs the
+/// thread programs two reads and a lookup per send or receive.
+pub struct Relays {
+    map: HashMap<MapData, SourceKey, u8>,
+    written: FastMap<IpAddr, u64>,
+}
+
+impl Relays {
+    pub fn new(map: HashMap<MapData, SourceKey, u8>) -> Self {
+        Self {
+            map,
+            written: FastMap::default(),
+        }
+    }
+
+    /// `ip` is a relay (seen at `now_ns`): written to the kernel's map when
+    /// new, and again now and then.
+    pub fn mark(&mut self, ip: IpAddr, now_ns: u64) {
+        if self
+            .written
+            .get(&ip)
+            .is_some_and(|at| now_ns.saturating_sub(*at) < REFRESH_NS)
+        {
+            return;
+        }
+        if self.written.len() >= tracegap_common::MAX_RELAYS as usize {
+            self.written.clear();
+        }
+        let mut key = SourceKey::default();
+        match ip.to_canonical() {
+            IpAddr::V4(v4) => {
+                key.addr[..4].copy_from_slice(&v4.octets());
+                key.family = family::IPV4;
+            }
+            IpAddr::V6(v6) => {
+                key.addr = v6.octets();
+                key.family = family::IPV6;
+            }
+        }
+        match self.map.insert(key, 1, 0) {
+            Ok(()) => {
+                self.written.insert(ip, now_ns);
+                tracing::debug!(%ip, "a relay: its threads' turns are recorded");
+            }
+            Err(e) => tracing::warn!(%ip, error = %e, "writing a relay"),
+        }
+    }
+}
 
 /// Where the threads' turns come from on this kernel (the programs'
 /// names: the raw tracepoints' or the fexit ones).

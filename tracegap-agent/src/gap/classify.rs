@@ -69,6 +69,11 @@ pub enum GapKind {
     /// Kubernetes annotations or the names file): the trace shows the call
     /// to it and nothing inside.
     Uninstrumented,
+    /// The head was not read whole (cut at the kernel's copy budget, or a
+    /// segment of it not copied) and what was read has no context: unknown
+    /// whether one was sent. Never a gap: a gap detector that made gaps up
+    /// out of what it could not read would be worse than none.
+    Unreadable,
 }
 
 impl GapKind {
@@ -83,13 +88,14 @@ impl GapKind {
             Self::MalformedContext => "malformed_context",
             Self::FormatMismatch => "format_mismatch",
             Self::Uninstrumented => "uninstrumented",
+            Self::Unreadable => "unreadable",
         }
     }
 
     /// Whether the hop is a gap (something to explain), as opposed to a
     /// healthy or deliberately unrecorded hop.
     pub fn is_gap(&self) -> bool {
-        !matches!(self, Self::ContextOk | Self::Unsampled)
+        !matches!(self, Self::ContextOk | Self::Unsampled | Self::Unreadable)
     }
 }
 
@@ -281,6 +287,14 @@ impl Engine {
         n >= 2
     }
 
+    /// Whether the pod at `ip` both serves requests and makes calls: the
+    /// only pods whose threads' turns can tie a call to a request.
+    pub fn is_relay(&self, ip: IpAddr) -> bool {
+        self.pods
+            .get(&ip)
+            .is_some_and(|p| !p.inbound.is_empty() && !p.outbound.is_empty())
+    }
+
     /// Records a request as it starts, so requests that start while it is
     /// open can be related to it.
     pub fn request_started(&mut self, req: &Arc<Request>) {
@@ -361,6 +375,14 @@ impl Engine {
             );
         }
         let Some(ctx) = valid.first() else {
+            // Part of the head unread: a context may have been in it.
+            if hop.truncated {
+                return Self::verdict(
+                    GapKind::Unreadable,
+                    "the head was not read whole (past the kernel's copy budget) and no \
+                     context was found in what was: unknown whether one was sent",
+                );
+            }
             // No ids. A sampling-only header ("b3: 0") is a decision not to
             // record, not a gap.
             if contexts

@@ -12,6 +12,22 @@ use thiserror::Error;
 
 /// Header fields kept per message at most; the rest are counted, not kept.
 pub const MAX_HEADERS: usize = 64;
+/// Trace-context headers kept past [`MAX_HEADERS`], this many at most: a
+/// context after 64 other headers is still a context, not a missing one.
+const MAX_CONTEXT_PAST: usize = 16;
+/// The headers that carry trace context (W3C, Jaeger, B3, baggage).
+const CONTEXT_HEADERS: [&str; 10] = [
+    "traceparent",
+    "tracestate",
+    "uber-trace-id",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "baggage",
+];
 
 /// Why bytes are not (yet) an HTTP/1.x message head.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -336,7 +352,10 @@ pub fn parse(buf: &Bytes) -> Result<Head, HeadError> {
         if !is_token(name) {
             return Err(HeadError::HeaderLine(line.chars().take(80).collect()));
         }
-        if fields.len() == MAX_HEADERS {
+        if fields.len() >= MAX_HEADERS
+            && (fields.len() >= MAX_HEADERS + MAX_CONTEXT_PAST
+                || !CONTEXT_HEADERS.iter().any(|c| c.eq_ignore_ascii_case(name)))
+        {
             dropped_headers += 1;
             continue;
         }
@@ -487,6 +506,15 @@ mod tests {
         raw.extend_from_slice(b"\r\n");
         let h = parse_head(&raw).unwrap();
         assert_eq!(h.header_count(), MAX_HEADERS);
+        assert_eq!(h.dropped_headers, 5);
+        // A context after them is kept: read, not reported missing.
+        raw.truncate(raw.len() - 2);
+        raw.extend_from_slice(
+            b"traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\r\n",
+        );
+        let h = parse_head(&raw).unwrap();
+        assert_eq!(h.header_count(), MAX_HEADERS + 1);
+        assert!(h.header("traceparent").is_some());
         assert_eq!(h.dropped_headers, 5);
     }
 
