@@ -130,9 +130,9 @@ fn lab_at_rate(
 
 /// client -> service-b -> service-c: service-b records its server span
 /// but calls service-c with a plain client, so no context crosses and
-/// service-c starts traces of its own.
-fn broken_chain(store: Store) -> anyhow::Result<Lab> {
-    let mut lab = lab(&["client", "service-b", "service-c"], store, &[])?;
+/// service-c starts traces of its own. `instrumented`: declared so.
+fn broken_chain(store: Store, instrumented: &[&str]) -> anyhow::Result<Lab> {
+    let mut lab = lab(&["client", "service-b", "service-c"], store, instrumented)?;
     let port = lab.receiver.http.port();
     lab.start(
         "service-b",
@@ -247,7 +247,7 @@ fn the_same_through_tempo_s_api() -> anyhow::Result<()> {
 }
 
 fn stitched_under_the_breaking_span(store: Store) -> anyhow::Result<()> {
-    let lab = broken_chain(store)?;
+    let lab = broken_chain(store, &[])?;
     let parents = ["00f067aa0ba902b7", "00f067aa0ba902b8", "00f067aa0ba902b9"];
     for p in parents {
         lab.curl(
@@ -480,22 +480,12 @@ fn a_trace_store_that_is_away_leaves_the_wire_s_spans_as_they_are_with_a_note() 
     let closed = std::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
         .local_addr()?
         .port();
-    // As broken_chain, and service-c declared instrumented: a direct,
-    // sampled call into it is a check the store cannot answer.
-    let mut lab = lab(
-        &["client", "service-b", "service-c"],
+    // service-c declared instrumented: a direct, sampled call into it is a
+    // check the store cannot answer.
+    let lab = broken_chain(
         Store::At(format!("http://127.0.0.1:{closed}")),
         &["service-c"],
     )?;
-    let port = lab.receiver.http.port();
-    lab.start(
-        "service-b",
-        Behaviour::ServerSpansOnly,
-        &["service-c"],
-        port,
-        |s| s,
-    )?;
-    lab.start("service-c", Behaviour::Instrumented, &[], port, |s| s)?;
     for p in ["00f067aa0ba902b7", "00f067aa0ba902b8"] {
         lab.curl(
             "client",

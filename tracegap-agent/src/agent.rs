@@ -611,19 +611,21 @@ impl Pipeline {
     /// A finished exchange. A call whose cause its thread's write turn may
     /// decide, the turn not in yet, waits for it a moment ([`TURN_WAIT_NS`]).
     fn hop(&mut self, req: &Arc<Request>, rsp: Option<Reply>, gave_up_ns: u64) {
-        if !req.telemetry && self.deferred.len() < MAX_DEFERRED {
-            let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
-            if self.engine.awaits_turns(&hop) {
-                self.deferred.push_back(Deferred {
-                    until_ns: monotonic_ns() + TURN_WAIT_NS,
-                    req: req.clone(),
-                    rsp,
-                    gave_up_ns,
-                });
-                return;
-            }
+        if req.telemetry {
+            self.export_seen(req, rsp, gave_up_ns);
+            return;
         }
-        self.settle_hop(req, rsp, gave_up_ns);
+        let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
+        if self.deferred.len() < MAX_DEFERRED && self.engine.awaits_turns(&hop) {
+            self.deferred.push_back(Deferred {
+                until_ns: monotonic_ns() + TURN_WAIT_NS,
+                req: req.clone(),
+                rsp,
+                gave_up_ns,
+            });
+            return;
+        }
+        self.settle_hop(hop);
     }
 
     /// Hops held for their write turn: each as its turn arrives, or at
@@ -637,19 +639,15 @@ impl Pipeline {
         for d in held {
             let hop = Hop::new(&self.clock, &d.req, d.rsp, d.gave_up_ns);
             if all || now >= d.until_ns || !self.engine.awaits_turns(&hop) {
-                self.settle_hop(&d.req, d.rsp, d.gave_up_ns);
+                self.settle_hop(hop);
             } else {
                 self.deferred.push_back(d);
             }
         }
     }
 
-    fn settle_hop(&mut self, req: &Request, rsp: Option<Reply>, gave_up_ns: u64) {
-        if req.telemetry {
-            self.export_seen(req, rsp, gave_up_ns);
-            return;
-        }
-        let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
+    /// Classifies a hop, counts and reports it, and makes its span.
+    fn settle_hop(&mut self, hop: Hop) {
         let caller = self.directory.lookup(hop.caller().ip);
         let callee = self.directory.lookup(hop.callee().ip);
         // Declared (names file, annotation) first; else what the trace

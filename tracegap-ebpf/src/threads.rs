@@ -229,6 +229,18 @@ fn connection(sk: *const u8) -> Result<Option<FlowKey>, i32> {
     Ok(Some(key))
 }
 
+/// Records `now` as one end's last operation; true when it starts a turn
+/// of the kind `reported` says is sent (a send for the client, a receive
+/// for the server).
+#[inline(always)]
+fn starts_turn(last: &mut u8, now: u8, reported: bool) -> bool {
+    if *last == now {
+        return false;
+    }
+    *last = now;
+    reported
+}
+
 #[inline(always)]
 fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
     if bytes <= 0 || sk.is_null() {
@@ -242,56 +254,44 @@ fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
         Op::Receive => turn::RECEIVED,
     };
     // The client's socket names the request's flow as it is: local to
-    // remote.
+    // remote; the server's names it the other way round.
     if let Some(t) = WATCHED.get_ptr_mut(&key) {
         // SAFETY: a map value; a racing writer only writes a turn too.
-        let t = unsafe { &mut *t };
-        if t.client != now {
-            t.client = now;
-            if op == Op::Send {
-                emit(
-                    &key,
-                    ThreadTurn::ClientWrote,
-                    bytes,
-                    bpf_get_current_pid_tgid(),
-                    clock(),
-                );
-            }
+        if starts_turn(unsafe { &mut (*t).client }, now, op == Op::Send) {
+            emit(
+                &key,
+                ThreadTurn::ClientWrote,
+                bytes,
+                bpf_get_current_pid_tgid(),
+                clock(),
+            );
         }
         return Ok(());
     }
-    // The server's names it the other way round.
-    let key = key.reversed();
-    if let Some(t) = WATCHED.get_ptr_mut(&key) {
+    let served = key.reversed();
+    if let Some(t) = WATCHED.get_ptr_mut(&served) {
         // SAFETY: as above.
-        let t = unsafe { &mut *t };
-        if t.server != now {
-            t.server = now;
-            if op == Op::Receive {
-                emit(
-                    &key,
-                    ThreadTurn::ServerRead,
-                    bytes,
-                    bpf_get_current_pid_tgid(),
-                    clock(),
-                );
-            }
+        if starts_turn(unsafe { &mut (*t).server }, now, op == Op::Receive) {
+            emit(
+                &served,
+                ThreadTurn::ServerRead,
+                bytes,
+                bpf_get_current_pid_tgid(),
+                clock(),
+            );
         }
         return Ok(());
     }
     // Unwatched: a client's first request may be sent before its packet is
-    // seen (see `watch`); note the sender where the flow's request will
-    // look.
-    // (`key` is reversed by now: the socket's own view, local to remote,
-    // is what its request's flow would be.)
-    let own = key.reversed();
+    // seen (see `watch`); note the sender where the flow's request (the
+    // socket's own view, local to remote) will look.
     if op == Op::Send
-        && let Some(n) = SEND_NOTES.get_ptr_mut(net::slot_of(&own) & (SEND_NOTE_SLOTS - 1))
+        && let Some(n) = SEND_NOTES.get_ptr_mut(net::slot_of(&key) & (SEND_NOTE_SLOTS - 1))
     {
         // SAFETY: an array slot; plain stores, any writer writes a note.
         unsafe {
             n.write(SendNote {
-                flow: own,
+                flow: key,
                 ts_ns: clock(),
                 pid_tgid: bpf_get_current_pid_tgid(),
                 bytes: bytes as u32,
