@@ -5,7 +5,9 @@
 //! request each call was made for ([`crate::service::causes`]; tracegap
 //! never reads it); each stitched span is then right (under the request
 //! that caused it), wrong (under another), or unplaced (a root linked to
-//! its candidates). Used by the `causality` test and `cargo xtask bench`.
+//! its candidates). The breaking service serves a thread per request or
+//! multiplexes them on one async thread ([`Runtime`]). Used by the
+//! `causality` test and `cargo xtask bench`.
 
 use std::{
     collections::HashMap,
@@ -23,7 +25,7 @@ use tracegap_agent::agent::AgentConfig;
 use crate::{
     agent::Agent,
     netns::Node,
-    service::{self, Behaviour, ServiceSpec},
+    service::{self, Behaviour, Runtime, ServiceSpec},
     store::{Received, Receiver},
 };
 
@@ -58,6 +60,8 @@ pub struct Measured {
     pub source: String,
     /// Hops placed by their thread (`tracegap_stitched_causes_total`).
     pub by_thread: f64,
+    /// Hops placed by timing (`tracegap_stitched_causes_total`).
+    pub by_timing: f64,
 }
 
 impl Measured {
@@ -87,13 +91,20 @@ impl Measured {
 }
 
 /// client -> breaker (server spans, plain client: the context is lost,
-/// `think` before its call) -> leaf, on one node, the agent on its veths
-/// (`thread_evidence` on or off), `levels` driven one after the other.
-pub fn measure(levels: &[(usize, usize)], thread_evidence: bool) -> anyhow::Result<Measured> {
+/// `think` before its call; serving as `runtime` says) -> leaf, on one
+/// node, the agent on its veths (`thread_evidence` on or off, placing by
+/// timing or not), `levels` driven one after the other.
+pub fn measure(
+    levels: &[(usize, usize)],
+    thread_evidence: bool,
+    place_by_timing: bool,
+    runtime: Runtime,
+) -> anyhow::Result<Measured> {
     let node = Node::new(&["client", "breaker", "leaf"])?;
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
     let agent = Agent::start(AgentConfig {
         thread_evidence,
+        place_by_timing,
         ..crate::agent::config_for(&node, &receiver)
     })?;
     let otlp = format!("http://{}:{}", node.gateway(), receiver.http.port());
@@ -107,6 +118,7 @@ pub fn measure(levels: &[(usize, usize)], thread_evidence: bool) -> anyhow::Resu
         otlp: Some(otlp),
         downstream: vec![url("leaf", "/stock")],
         think: THINK,
+        runtime,
         ..ServiceSpec::new("breaker", 8080, Behaviour::ServerSpansOnly)
     }
     .start(node.pod("breaker"))?;
@@ -225,10 +237,12 @@ pub fn measure(levels: &[(usize, usize)], thread_evidence: bool) -> anyhow::Resu
         .unwrap_or("none")
         .to_owned();
     let by_thread = agent.metric("tracegap_stitched_causes_total{confidence=\"thread\"}")?;
+    let by_timing = agent.metric("tracegap_stitched_causes_total{confidence=\"timing\"}")?;
     drop((breaker, leaf, agent));
     Ok(Measured {
         levels: out,
         source,
         by_thread,
+        by_timing,
     })
 }

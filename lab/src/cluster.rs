@@ -210,6 +210,7 @@ impl Cluster {
             node_name: None,
             reconcile: None,
             thread_evidence: true,
+            place_by_timing: false,
         }
     }
 

@@ -17,6 +17,7 @@ pub mod files;
 pub mod grpc;
 pub mod http;
 pub mod load;
+pub mod multiplexed;
 pub mod netns;
 pub mod query;
 pub mod run;

@@ -14,7 +14,7 @@ use tracegap_lab::{
     load::{LoadSpec, run as run_load},
     run::{INTERRUPTED, Options, run},
     scenario,
-    service::{Behaviour, Propagator, SamplerSpec, ServiceSpec},
+    service::{Behaviour, Propagator, Runtime, SamplerSpec, ServiceSpec},
 };
 
 #[derive(Parser)]
@@ -126,6 +126,10 @@ enum Cmd {
         /// handler's work before it calls on), e.g. `20ms`.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
         think: Duration,
+        /// How it serves requests at once: a thread each, or multiplexed on
+        /// one async thread (HTTP/1.1 only).
+        #[arg(long, value_enum, default_value_t = Runtime::Threads)]
+        runtime: Runtime,
     },
     /// An instrumented client sending requests (runs inside a pod); prints
     /// a JSON summary.
@@ -308,6 +312,7 @@ fn main() -> anyhow::Result<()> {
             grpc,
             metadata_bytes,
             think,
+            runtime,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
             on_signal(&INTERRUPTED, Some(stop.clone()))?;
@@ -321,6 +326,7 @@ fn main() -> anyhow::Result<()> {
                 grpc,
                 metadata_bytes,
                 think,
+                runtime,
                 ..ServiceSpec::new(&name, port, behaviour)
             };
             let mut failed = None;

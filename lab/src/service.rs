@@ -145,6 +145,20 @@ pub struct ServiceSpec {
     /// handler's work before it calls on, which interleaves concurrent
     /// requests' calls.
     pub think: Duration,
+    /// How it serves requests at once: a thread each, or multiplexed on
+    /// one async thread.
+    pub runtime: Runtime,
+}
+
+/// How a service serves several requests at once.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Runtime {
+    /// A thread per connection (Python threads, Java, Ruby, PHP, C).
+    #[default]
+    Threads,
+    /// One async thread for all (tokio, asyncio, Node, Go): see
+    /// [`crate::multiplexed`]. HTTP/1.1 only.
+    Async,
 }
 
 impl ServiceSpec {
@@ -162,6 +176,7 @@ impl ServiceSpec {
             grpc: false,
             metadata_bytes: 0,
             think: Duration::ZERO,
+            runtime: Runtime::Threads,
         }
     }
 }
@@ -296,7 +311,7 @@ pub static EXPORT_FAILED: std::sync::atomic::AtomicU64 = std::sync::atomic::Atom
 static CALLS: std::sync::Mutex<std::collections::BTreeMap<String, (u64, u64)>> =
     std::sync::Mutex::new(std::collections::BTreeMap::new());
 
-fn count_call(url: &str, failed: bool) {
+pub(crate) fn count_call(url: &str, failed: bool) {
     let host = url
         .split_once("://")
         .map_or(url, |(_, rest)| rest)
@@ -342,7 +357,7 @@ pub fn causes() -> Vec<Cause> {
 }
 
 /// A random duration below `max` (zero for zero).
-fn up_to(max: Duration) -> Duration {
+pub(crate) fn up_to(max: Duration) -> Duration {
     use std::hash::{BuildHasher as _, Hasher as _};
     if max.is_zero() {
         return max;
@@ -484,6 +499,10 @@ impl ServiceSpec {
             crate::grpc::serve_until(Arc::new(self), provider, stop, ready);
             return;
         }
+        if self.runtime == Runtime::Async {
+            crate::multiplexed::serve_until(self, provider, stop, ready);
+            return;
+        }
         let listener = match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.port)))
         {
             Ok(l) => l,
@@ -550,7 +569,7 @@ fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>, stop: &AtomicBool) -> Opti
     }
 }
 
-fn header_map(head: &str) -> HashMap<String, String> {
+pub(crate) fn header_map(head: &str) -> HashMap<String, String> {
     head.lines()
         .skip(1)
         .filter_map(|l| l.split_once(':'))
@@ -565,72 +584,91 @@ pub(crate) enum Inbound<'a> {
     Grpc(&'a str),
 }
 
-/// Serves one request as `spec` behaves, whatever carried it: the caller's
-/// context read from `headers` (HTTP headers or gRPC metadata), the SDK's
-/// server span (returned, to end once answered), each downstream call with
-/// its client span and context, then the delay.
-pub(crate) fn handle(
-    spec: &ServiceSpec,
-    provider: Option<&SdkTracerProvider>,
-    headers: &HashMap<String, String>,
-    inbound: Inbound<'_>,
-    peer: Option<SocketAddr>,
-) -> Option<Context> {
-    let parent = spec.propagator.extract(headers);
-    let tracer = provider.map(|p| p.tracer("tracegap-demo"));
-    let server_cx = tracer.as_ref().map(|t| {
-        // The HTTP and RPC server conventions' attributes, as
-        // instrumentation libraries set them: the peer is what tells one
-        // connection's span from another's.
-        let (name, mut attributes) = match inbound {
-            Inbound::Http(path) => (
-                format!("GET {path}"),
-                vec![
-                    KeyValue::new("http.request.method", "GET"),
-                    KeyValue::new("url.path", path.to_owned()),
-                ],
-            ),
-            Inbound::Grpc(path) => {
-                let (service, method) = path
-                    .trim_start_matches('/')
-                    .split_once('/')
-                    .unwrap_or((path, ""));
-                (
-                    format!("{service}/{method}"),
+/// One request being served: the caller's context, the SDK's server span
+/// (when instrumented), and what the handler knows to call downstream.
+pub(crate) struct Serving<'a> {
+    spec: &'a ServiceSpec,
+    headers: &'a HashMap<String, String>,
+    tracer: Option<opentelemetry_sdk::trace::SdkTracer>,
+    /// The server span's context, to end once answered.
+    pub server_cx: Option<Context>,
+    /// The inbound trace, for the causes the service records.
+    inbound_trace: Option<String>,
+}
+
+impl<'a> Serving<'a> {
+    /// Reads the caller's context from `headers` (HTTP headers or gRPC
+    /// metadata) and starts the server span.
+    pub(crate) fn begin(
+        spec: &'a ServiceSpec,
+        provider: Option<&SdkTracerProvider>,
+        headers: &'a HashMap<String, String>,
+        inbound: &Inbound<'_>,
+        peer: Option<SocketAddr>,
+    ) -> Self {
+        let parent = spec.propagator.extract(headers);
+        let tracer = provider.map(|p| p.tracer("tracegap-demo"));
+        let server_cx = tracer.as_ref().map(|t| {
+            // The HTTP and RPC server conventions' attributes, as
+            // instrumentation libraries set them: the peer is what tells
+            // one connection's span from another's.
+            let (name, mut attributes) = match inbound {
+                Inbound::Http(path) => (
+                    format!("GET {path}"),
                     vec![
-                        KeyValue::new("rpc.system", "grpc"),
-                        KeyValue::new("rpc.service", service.to_owned()),
-                        KeyValue::new("rpc.method", method.to_owned()),
+                        KeyValue::new("http.request.method", "GET"),
+                        KeyValue::new("url.path", path.to_string()),
                     ],
-                )
+                ),
+                Inbound::Grpc(path) => {
+                    let (service, method) = path
+                        .trim_start_matches('/')
+                        .split_once('/')
+                        .unwrap_or((path, ""));
+                    (
+                        format!("{service}/{method}"),
+                        vec![
+                            KeyValue::new("rpc.system", "grpc"),
+                            KeyValue::new("rpc.service", service.to_owned()),
+                            KeyValue::new("rpc.method", method.to_owned()),
+                        ],
+                    )
+                }
+            };
+            attributes.push(KeyValue::new("server.port", i64::from(spec.port)));
+            if let Some(peer) = peer {
+                attributes.push(KeyValue::new(
+                    "client.address",
+                    peer.ip().to_canonical().to_string(),
+                ));
+                attributes.push(KeyValue::new("client.port", i64::from(peer.port())));
             }
+            let span = t
+                .span_builder(name)
+                .with_kind(SpanKind::Server)
+                .with_attributes(attributes)
+                .start_with_context(t, &parent);
+            parent.with_span(span)
+        });
+        let inbound_trace = {
+            let sc = parent.span().span_context().clone();
+            sc.is_valid().then(|| sc.trace_id().to_string())
         };
-        attributes.push(KeyValue::new("server.port", i64::from(spec.port)));
-        if let Some(peer) = peer {
-            attributes.push(KeyValue::new(
-                "client.address",
-                peer.ip().to_canonical().to_string(),
-            ));
-            attributes.push(KeyValue::new("client.port", i64::from(peer.port())));
+        Self {
+            spec,
+            headers,
+            tracer,
+            server_cx,
+            inbound_trace,
         }
-        let span = t
-            .span_builder(name)
-            .with_kind(SpanKind::Server)
-            .with_attributes(attributes)
-            .start_with_context(t, &parent);
-        parent.with_span(span)
-    });
-    let path = match inbound {
-        Inbound::Http(p) | Inbound::Grpc(p) => p,
-    };
-    let inbound_trace = {
-        let sc = parent.span().span_context().clone();
-        sc.is_valid().then(|| sc.trace_id().to_string())
-    };
-    for url in &spec.downstream {
+    }
+
+    /// A downstream call's client span (when it makes one) and the
+    /// headers it sends, as the service behaves.
+    pub(crate) fn outbound(&self, url: &str) -> (Option<Context>, Vec<(String, String)>) {
         let mut out = Vec::new();
-        let client_cx = match (&tracer, &server_cx) {
-            (_, _) if spec.behaviour == Behaviour::ServerSpansOnly => None,
+        let client_cx = match (&self.tracer, &self.server_cx) {
+            (_, _) if self.spec.behaviour == Behaviour::ServerSpansOnly => None,
             (Some(t), Some(cx)) => {
                 let name = match url.starts_with("grpc://") {
                     true => path_of(url).trim_start_matches('/').to_owned(),
@@ -644,32 +682,57 @@ pub(crate) fn handle(
             }
             _ => None,
         };
-        match (spec.behaviour, &client_cx) {
-            (_, Some(cx)) => spec.propagator.inject(cx, &mut out),
+        match (self.spec.behaviour, &client_cx) {
+            (_, Some(cx)) => self.spec.propagator.inject(cx, &mut out),
             (Behaviour::PassesThrough, None) => {
                 for h in TRACE_HEADERS {
-                    if let Some(v) = headers.get(h) {
+                    if let Some(v) = self.headers.get(h) {
                         out.push((h.to_owned(), v.clone()));
                     }
                 }
             }
             _ => {}
         }
+        (client_cx, out)
+    }
+
+    /// Notes that the call from `from` was made for this request (the
+    /// truth the causality measurement checks tracegap against).
+    pub(crate) fn caused(&self, from: SocketAddr) {
+        if let Some(t) = self.inbound_trace.as_ref() {
+            record_cause(Cause {
+                service: self.spec.name.clone(),
+                from,
+                trace_id: t.clone(),
+            });
+        }
+    }
+}
+
+/// Serves one request as `spec` behaves, whatever carried it: the caller's
+/// context read from `headers` (HTTP headers or gRPC metadata), the SDK's
+/// server span (returned, to end once answered), each downstream call with
+/// its client span and context, then the delay.
+pub(crate) fn handle(
+    spec: &ServiceSpec,
+    provider: Option<&SdkTracerProvider>,
+    headers: &HashMap<String, String>,
+    inbound: Inbound<'_>,
+    peer: Option<SocketAddr>,
+) -> Option<Context> {
+    let serving = Serving::begin(spec, provider, headers, &inbound, peer);
+    let path = match inbound {
+        Inbound::Http(p) | Inbound::Grpc(p) => p,
+    };
+    for url in &spec.downstream {
+        let (client_cx, out) = serving.outbound(url);
         std::thread::sleep(up_to(spec.think));
         let called = if url.starts_with("grpc://") {
             crate::grpc::call(url, &out, spec.metadata_bytes).map(|_| ())
         } else {
-            call_from(url, &out, |from| {
-                if let Some(t) = inbound_trace.as_ref() {
-                    record_cause(Cause {
-                        service: spec.name.clone(),
-                        from,
-                        trace_id: t.clone(),
-                    });
-                }
-            })
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+            call_from(url, &out, |from| serving.caused(from))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
         };
         count_call(url, called.is_err());
         if let Err(e) = called {
@@ -682,7 +745,7 @@ pub(crate) fn handle(
     if !spec.delay.is_zero() {
         std::thread::sleep(spec.delay);
     }
-    server_cx
+    serving.server_cx
 }
 
 fn serve(

@@ -1,31 +1,31 @@
 //! Which inbound request caused each outbound call, against the truth the
 //! breaking service records (see [`tracegap_lab::causality`]): 1 to 64
-//! requests in flight, a random think time before each call. A wrong
-//! parent is worse than none: there must be none; and a thread-per-request
-//! service's calls sit under the right request, by their thread.
+//! requests in flight, a random think time before each call, a service
+//! with a thread per request and one multiplexing them on one async
+//! thread. A wrong parent is worse than none: there must be none; a
+//! thread-per-request service's calls sit under the right request by their
+//! thread; an async one's are unplaced, linked, and say why.
 
-use tracegap_lab::causality::{LEVELS, measure};
+use tracegap_lab::{
+    causality::{LEVELS, Measured, measure},
+    service::Runtime,
+};
 use tracegap_tests::privileged;
 
-#[test]
-fn stitched_calls_sit_under_the_request_that_caused_them_or_under_none() -> anyhow::Result<()> {
-    if !privileged("stitched_calls_sit_under_the_request_that_caused_them") {
-        return Ok(());
-    }
-    // In a vm-test guest (software emulation here: a CPU some fifty times
-    // slower) 64 callers at once time out before anything is measured.
+/// The levels run here: in a vm-test guest (software emulation, a CPU some
+/// fifty times slower) 64 callers at once time out before anything is
+/// measured.
+fn levels() -> Vec<(usize, usize)> {
     let emulated = std::env::var_os("TRACEGAP_VM_GUEST").is_some();
-    let levels: Vec<_> = LEVELS
+    LEVELS
         .into_iter()
         .filter(|(in_flight, _)| !emulated || *in_flight <= 16)
-        .collect();
-    let m = measure(&levels, true)?;
-    println!(
-        "thread evidence: {} ({} hops placed by their thread), kernel {}",
-        m.source,
-        m.by_thread,
-        std::fs::read_to_string("/proc/sys/kernel/osrelease")?.trim()
-    );
+        .collect()
+}
+
+/// What holds whatever the service: no wrong parent, every unplaced
+/// call's cause among its candidates, one at a time always right.
+fn never_wrong(m: &Measured) {
     print!("{}", m.table());
     for r in &m.levels {
         assert_eq!(r.wrong, 0, "wrong parents: {r:?}");
@@ -37,6 +37,29 @@ fn stitched_calls_sit_under_the_request_that_caused_them_or_under_none() -> anyh
     }
     // One at a time, the sole open request is the cause, every time.
     assert_eq!(m.levels[0].right, m.levels[0].hops, "{:?}", m.levels[0]);
+}
+
+fn kernel() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_default()
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn stitched_calls_sit_under_the_request_that_caused_them_or_under_none() -> anyhow::Result<()> {
+    if !privileged("stitched_calls_sit_under_the_request_that_caused_them") {
+        return Ok(());
+    }
+    let m = measure(&levels(), true, false, Runtime::Threads)?;
+    println!(
+        "thread per request: thread evidence {} ({} hops placed by their thread, {} by timing), kernel {}",
+        m.source,
+        m.by_thread,
+        m.by_timing,
+        kernel()
+    );
+    never_wrong(&m);
     // Every kernel the project runs on offers thread turns (tracepoints
     // from 6.3, fexit before); with them a thread-per-request service's
     // calls sit under the right request at every level (the bar: 99%).
@@ -49,5 +72,39 @@ fn stitched_calls_sit_under_the_request_that_caused_them_or_under_none() -> anyh
             r.hops
         );
     }
+    Ok(())
+}
+
+#[test]
+fn an_async_services_calls_are_never_tied_by_thread_nor_put_under_a_wrong_request()
+-> anyhow::Result<()> {
+    if !privileged("an_async_services_calls_are_never_tied_by_thread") {
+        return Ok(());
+    }
+    // By default: timing does not place (see --place-by-timing; `cargo
+    // xtask bench` measures it, wrong parents included).
+    let m = measure(&levels(), true, false, Runtime::Async)?;
+    println!(
+        "async: thread evidence {} ({} hops placed by their thread, {} by timing), kernel {}",
+        m.source,
+        m.by_thread,
+        m.by_timing,
+        kernel()
+    );
+    never_wrong(&m);
+    // One thread read every request: the threads never single one out
+    // (a thread holding several open requests proves nothing), and say so.
+    assert_eq!(m.by_thread, 0.0, "an async service's call placed by thread");
+    assert_eq!(m.by_timing, 0.0, "placed by timing, which is off");
+    let many = &m.levels[1..];
+    let multiplexed: usize = many
+        .iter()
+        .map(|r| r.unplaced_why.get("multiplexed").copied().unwrap_or(0))
+        .sum();
+    let unplaced: usize = many.iter().map(|r| r.unplaced).sum();
+    assert!(
+        multiplexed * 10 >= unplaced * 9,
+        "unplaced calls not named multiplexed: {many:?}"
+    );
     Ok(())
 }

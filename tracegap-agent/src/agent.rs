@@ -98,6 +98,10 @@ pub struct AgentConfig {
     /// Record which thread wrote each call and read each request (the
     /// socket programs; see [`crate::gap::threads`]); off: timing alone.
     pub thread_evidence: bool,
+    /// Place a call under the request whose answer followed its own,
+    /// clearly first (`timing`, see [`crate::gap::timing`]); off: such calls
+    /// stay unplaced, linked to their candidates.
+    pub place_by_timing: bool,
 }
 
 /// The running agent's handles, for callers that embed it (tests).
@@ -401,13 +405,13 @@ struct Pipeline {
     response_timeout: Duration,
     last_resync_ns: u64,
     node: Option<String>,
-    /// Hops waiting for their caller's write turn.
+    /// Hops waiting for evidence of their cause (a write turn, answers).
     deferred: std::collections::VecDeque<Deferred>,
     /// Pods whose threads the kernel records (None: no thread programs).
     relays: Option<crate::ebpf::threads::Relays>,
 }
 
-/// A hop held for its write turn.
+/// A hop held for evidence of its cause.
 struct Deferred {
     until_ns: u64,
     req: Arc<Request>,
@@ -415,10 +419,11 @@ struct Deferred {
     gave_up_ns: u64,
 }
 
-/// How long a call waits for its write turn at most: the turn is sent
-/// when the writer's send returns, usually microseconds after the request
-/// was seen.
-const TURN_WAIT_NS: u64 = 250_000_000;
+/// How long a call waits for evidence of its cause at most: its write
+/// turn (sent when the writer's send returns, usually microseconds after
+/// the request was seen) or the answers of the requests its caller was
+/// serving (timing; usually within a millisecond of the call's own).
+const HOLD_NS: u64 = 250_000_000;
 /// Hops held at most; past it they are classified at once.
 const MAX_DEFERRED: usize = 4096;
 
@@ -447,7 +452,7 @@ impl Pipeline {
             pairer: Pairer::default(),
             h2: Connections::default(),
             h2_counted: H2Stats::default(),
-            engine: Engine::default(),
+            engine: Engine::new(config.place_by_timing),
             local: HashSet::new(),
             shared,
             directory,
@@ -608,17 +613,22 @@ impl Pipeline {
         );
     }
 
-    /// A finished exchange. A call whose cause its thread's write turn may
-    /// decide, the turn not in yet, waits for it a moment ([`TURN_WAIT_NS`]).
+    /// A finished exchange. A call whose cause evidence not in yet may
+    /// decide (its thread's write turn, the answers' timing) waits for it
+    /// a moment ([`HOLD_NS`]).
     fn hop(&mut self, req: &Arc<Request>, rsp: Option<Reply>, gave_up_ns: u64) {
         if req.telemetry {
             self.export_seen(req, rsp, gave_up_ns);
             return;
         }
         let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
-        if self.deferred.len() < MAX_DEFERRED && self.engine.awaits_turns(&hop) {
+        // Known answered at once: the calls held before it are timed by
+        // this answer.
+        self.engine.ended(&hop);
+        let now = monotonic_ns();
+        if self.deferred.len() < MAX_DEFERRED && self.engine.awaits(&hop) {
             self.deferred.push_back(Deferred {
-                until_ns: monotonic_ns() + TURN_WAIT_NS,
+                until_ns: now + HOLD_NS,
                 req: req.clone(),
                 rsp,
                 gave_up_ns,
@@ -628,8 +638,9 @@ impl Pipeline {
         self.settle_hop(hop);
     }
 
-    /// Hops held for their write turn: each as its turn arrives, or at
-    /// its time (`all`: now, shutting down).
+    /// Hops held for evidence: each as it arrives, or at its time (`all`:
+    /// now, shutting down). In the order they ended: a call placed takes
+    /// its request from the later ones (one to one).
     fn release_deferred(&mut self, all: bool) {
         if self.deferred.is_empty() {
             return;
@@ -638,7 +649,7 @@ impl Pipeline {
         let held = std::mem::take(&mut self.deferred);
         for d in held {
             let hop = Hop::new(&self.clock, &d.req, d.rsp, d.gave_up_ns);
-            if all || now >= d.until_ns || !self.engine.awaits_turns(&hop) {
+            if all || now >= d.until_ns || !self.engine.awaits(&hop) {
                 self.settle_hop(hop);
             } else {
                 self.deferred.push_back(d);

@@ -368,7 +368,7 @@ impl Metrics {
         );
         registry.register(
             "stitched_causes",
-            "Hops sent without the context of a request their caller was serving, by how that request was found: exact (same trace), sole (the only one open), thread (the writing thread read it), ambiguous (not placed: a root linked to its candidates)",
+            "Hops sent without the context of a request their caller was serving, by how that request was found: exact (same trace), sole (the only one open), thread (the writing thread read it), timing (its answer followed the call's, clearly first), ambiguous (not placed: a root linked to its candidates)",
             m.causes.clone(),
         );
         registry.register(

@@ -288,16 +288,30 @@ fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
     if op == Op::Send
         && let Some(n) = SEND_NOTES.get_ptr_mut(net::slot_of(&key) & (SEND_NOTE_SLOTS - 1))
     {
+        let (ts, id) = (clock(), bpf_get_current_pid_tgid());
         // SAFETY: an array slot; plain stores, any writer writes a note.
         unsafe {
             n.write(SendNote {
                 flow: key,
-                ts_ns: clock(),
-                pid_tgid: bpf_get_current_pid_tgid(),
+                ts_ns: ts,
+                pid_tgid: id,
                 bytes: bytes as u32,
                 _pad: 0,
             })
         };
+        // The packet may have been seen between the lookup above and the
+        // note (a softirq taken on this CPU meanwhile): its `watch` found
+        // no note, so the turn is this program's to send.
+        if let Some(t) = WATCHED.get_ptr_mut(&key) {
+            // SAFETY: the slot and a map value, as above.
+            unsafe {
+                if (*n).ts_ns == ts {
+                    (*n).ts_ns = 0;
+                    (*t).client = turn::SENT;
+                    emit(&key, ThreadTurn::ClientWrote, bytes, id, ts);
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -43,7 +43,7 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The kernel-side end-to-end tests inside qemu VMs on other kernels
     /// (Debian's 6.1 and 6.12 by default).
-    VmTest(vm::VmArgs),
+    VmTest(vm::VmTestArgs),
     /// Instructions verified and the memory charged while loading, per
     /// program, on this host and the VM kernels (6.1 and 6.12 by default):
     /// a Markdown table on stdout and in target/verifier.md.

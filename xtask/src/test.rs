@@ -48,7 +48,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
     // The kernel-side tests again, on the other kernels users run: only
     // as root, and not when the run is filtered to some tests.
     let vm = if root && !args.no_vm && args.cargo_test_args.is_empty() {
-        crate::vm::run(&crate::vm::VmArgs::default())
+        crate::vm::run(&crate::vm::VmTestArgs::default())
     } else {
         Ok(())
     };

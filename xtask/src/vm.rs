@@ -601,8 +601,24 @@ fn boot(kernel: &Kernel, initrd: &Path, log: &Path) -> anyhow::Result<GuestResul
     Ok(r)
 }
 
-pub fn run(args: &VmArgs) -> anyhow::Result<()> {
-    run_tests(args, &TESTS).map(|_| ())
+/// `cargo xtask vm-test`'s arguments.
+#[derive(Debug, Default, clap::Args)]
+pub struct VmTestArgs {
+    #[command(flatten)]
+    pub vm: VmArgs,
+    /// Only this test binary (repeat): ring_buffer, observer, discovery,
+    /// loader, causality.
+    #[arg(long = "test", value_parser = clap::builder::PossibleValuesParser::new(TESTS))]
+    pub tests: Vec<String>,
+}
+
+pub fn run(args: &VmTestArgs) -> anyhow::Result<()> {
+    let names: Vec<&str> = if args.tests.is_empty() {
+        TESTS.to_vec()
+    } else {
+        args.tests.iter().map(String::as_str).collect()
+    };
+    run_tests(&args.vm, &names).map(|_| ())
 }
 
 /// Boots each kernel with the test binaries `names` (tests/tests/<name>.rs)

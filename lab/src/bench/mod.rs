@@ -312,6 +312,7 @@ fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
         node_name: None,
         reconcile: None,
         thread_evidence: true,
+        place_by_timing: false,
     }
 }
 
@@ -659,6 +660,7 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         // which thread wrote and read each request costs, same run.
         let agent = Agent::start(AgentConfig {
             thread_evidence: false,
+            place_by_timing: false,
             ..agent_config(&node, &receiver)
         })?;
         std::thread::sleep(Duration::from_millis(300));
@@ -1169,12 +1171,17 @@ fn memory(lab_bin: &std::path::Path, rows: &mut Vec<Row>) -> anyhow::Result<()> 
     Ok(())
 }
 
-/// Which request each call of a thread-per-request service was made for,
-/// at 1 to 64 in flight: with the thread programs, and the same run
-/// without them as the baseline (see [`crate::causality`]).
+/// Which request each call was made for, at 1 to 64 in flight, for a
+/// thread-per-request service (with the thread programs, and the same run
+/// without them as the baseline) and for an async one (see
+/// [`crate::causality`]).
 fn causality(rows: &mut Vec<Row>) -> anyhow::Result<()> {
-    use crate::causality::{LEVELS, measure};
-    let (with, without) = (measure(&LEVELS, true)?, measure(&LEVELS, false)?);
+    use crate::{
+        causality::{LEVELS, measure},
+        service::Runtime,
+    };
+    let with = measure(&LEVELS, true, false, Runtime::Threads)?;
+    let without = measure(&LEVELS, false, false, Runtime::Threads)?;
     let show = |l: &crate::causality::Level| {
         format!(
             "{} right, {} wrong, {} unplaced",
@@ -1196,6 +1203,22 @@ fn causality(rows: &mut Vec<Row>) -> anyhow::Result<()> {
             format!("{share:.1}% under the right parent, {} under a wrong one", w.wrong + b.wrong),
             "≥ 99% right, 0 wrong",
             Some(share >= 99.0 && w.wrong + b.wrong == 0),
+        ));
+    }
+    let unplaced = measure(&LEVELS, true, false, Runtime::Async)?;
+    let timed = measure(&LEVELS, true, true, Runtime::Async)?;
+    for (a, b) in timed.levels.iter().zip(&unplaced.levels) {
+        let share = a.right as f64 / a.hops.max(1) as f64 * 100.0;
+        rows.push(row(
+            &format!(
+                "stitching an async service's calls (one thread for all requests), {} in flight ({} hops): parents against its own record, by default / with --place-by-timing",
+                a.in_flight, a.hops,
+            ),
+            show(b),
+            show(a),
+            format!("{share:.1}% under the right parent, {} under a wrong one", a.wrong),
+            if a.in_flight == 16 { "≥ 90% right, 0 wrong" } else { "0 wrong" },
+            Some(a.wrong + b.wrong == 0 && (a.in_flight != 16 || share >= 90.0)),
         ));
     }
     Ok(())

@@ -7,6 +7,7 @@ pub mod hop;
 pub mod route;
 pub mod span;
 pub mod threads;
+pub mod timing;
 
 pub use classify::{Confidence, Engine, GapKind, Link, Verdict};
 pub use hop::Hop;

@@ -252,15 +252,21 @@ pub fn build(
                 "tracegap.link.confidence",
                 link.confidence.as_str(),
             ));
-            if let super::Confidence::Ambiguous {
-                candidates,
-                threads,
-            } = link.confidence
-            {
-                attributes.push(KeyValue::new("tracegap.link.candidates", candidates as i64));
-                // Why the threads could not tell: a thread serving several
-                // requests at once, no write turn seen, or no match.
-                attributes.push(KeyValue::new("tracegap.link.threads", threads));
+            match link.confidence {
+                super::Confidence::Ambiguous {
+                    candidates,
+                    threads,
+                } => {
+                    attributes.push(KeyValue::new("tracegap.link.candidates", candidates as i64));
+                    // Why the threads could not tell: a thread serving
+                    // several requests at once, no write turn seen, or no
+                    // match.
+                    attributes.push(KeyValue::new("tracegap.link.threads", threads));
+                }
+                super::Confidence::Timing { candidates } => {
+                    attributes.push(KeyValue::new("tracegap.link.candidates", candidates as i64));
+                }
+                _ => {}
             }
             if let Some(c) = hop.context() {
                 // The trace the downstream call went on in, for searching.
