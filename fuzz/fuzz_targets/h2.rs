@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
         };
     }
     for e in &out {
-        let _ = (e.rpc(), e.grpc_status(), e.status(), e.unobservable());
+        let _ = (e.rpc(), e.grpc_status(), e.status(), e.partly_read());
         let _ = tracegap_agent::http::context::Propagation::from_headers(&e.request);
     }
     for mut d in [Decoder::new(), Decoder::joined()] {

@@ -711,11 +711,11 @@ fn a_head_not_read_whole_is_unreadable_never_missing_context() -> anyhow::Result
         .start(node.pod("service-b"))?;
     let url = |path: &str| format!("http://{}:8080{path}", node.pod("service-b").ipv4);
     // KB of other headers (a cookie, a JWT, forwarded headers) around the
-    // context; the kernel copies 16 KiB of a head (HEADER_BUDGET).
+    // context; the kernel copies 32 KiB of a head (HEADER_BUDGET).
     let budget = tracegap_common::HEADER_BUDGET as usize;
     let tp = tp(T1, S1, "01");
     let mut expected = Vec::new();
-    for kb in [1usize, 8, 12, 24, 40, 48] {
+    for kb in [1usize, 8, 16, 24, 30, 40, 48] {
         for at in ["start", "middle", "end", "none"] {
             let mut headers: Vec<String> = (0..kb)
                 .map(|i| format!("x-filler-{i}: {}", "a".repeat(1000)))
@@ -770,6 +770,142 @@ fn a_head_not_read_whole_is_unreadable_never_missing_context() -> anyhow::Result
         .expect("the edge");
     let unreadable = expected.iter().filter(|(_, k)| *k == "unreadable").count() as u64;
     assert_eq!(edge.kinds.get("unreadable"), Some(&unreadable), "{edge:?}");
+    assert_eq!(
+        agent.metric("tracegap_gaps_total{kind=\"unreadable\"")?,
+        0.0,
+        "not a gap"
+    );
+    Ok(())
+}
+
+/// An HTTP/2 frame: 9-byte header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// HPACK: a literal field without indexing (one-byte lengths).
+fn h2_literal(b: &mut Vec<u8>, name: &str, value: &str) {
+    b.push(0x00);
+    b.push(name.len() as u8);
+    b.extend_from_slice(name.as_bytes());
+    b.push(value.len() as u8);
+    b.extend_from_slice(value.as_bytes());
+}
+
+#[test]
+fn an_http2_request_whose_context_sits_in_fields_not_decoded_is_unreadable() -> anyhow::Result<()> {
+    if !privileged("an_http2_request_whose_context_sits_in_fields_not_decoded_is_unreadable") {
+        return Ok(());
+    }
+    const PORT: u16 = 8082;
+    const HEADERS: u8 = 1;
+    const END: u8 = 4 | 1; // END_HEADERS | END_STREAM
+    let node = Node::new(&["client", "service-b"])?;
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    let agent = Agent::start(AgentConfig {
+        export_mode: tracegap_agent::gap::span::ExportMode::All,
+        ..config(&node, &receiver, fast_export())
+    })?;
+    // A connection as an agent restarted mid-way sees it: no preface, the
+    // client's HPACK table filled before (index 62 is an entry inserted
+    // then, unknown here). Its requests, each its own stream:
+    let tp = |span: &str| format!("00-{T1}-{span}-01");
+    let block = |path: &str| {
+        let mut b = vec![0x83, 0x86]; // :method POST, :scheme http
+        h2_literal(&mut b, ":path", path);
+        b
+    };
+    // 1: the context a literal field: read.
+    let mut one = block("/literal");
+    h2_literal(&mut one, "traceparent", &tp("00000000000000e1"));
+    // 3: its name an unknown entry, its value literal: known by its shape.
+    let mut three = block("/shape");
+    let v = tp("00000000000000e3");
+    three.extend([0x0f, 0x2f, v.len() as u8]);
+    three.extend_from_slice(v.as_bytes());
+    // 5: a whole field from the unknown entry (the context may be it).
+    let mut five = block("/unknown-entry");
+    five.push(0xbe);
+    // 7: every field read, none a context.
+    let seven = block("/none");
+    let writes: Vec<Vec<u8>> = [(1, one), (3, three), (5, five), (7, seven)]
+        .into_iter()
+        .map(|(id, b)| h2_frame(HEADERS, END, id, &b))
+        .collect();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = node
+        .pod("service-b")
+        .spawn(move || -> std::io::Result<()> {
+            use std::io::{Read as _, Write as _};
+            let listener = std::net::TcpListener::bind(("0.0.0.0", PORT))?;
+            let _ = ready_tx.send(());
+            let (mut c, _) = listener.accept()?;
+            c.set_read_timeout(Some(Duration::from_millis(300)))?;
+            // Answers each stream once the client has written them all.
+            let mut got = Vec::new();
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = c.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                got.extend_from_slice(&buf[..n]);
+            }
+            for id in [1u32, 3, 5, 7] {
+                c.write_all(&h2_frame(HEADERS, END, id, &[0x88]))?; // :status 200
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+            Ok(())
+        })?;
+    ready_rx.recv_timeout(Duration::from_secs(5))?;
+    let to: SocketAddr = (node.pod("service-b").ipv4, PORT).into();
+    node.pod("client")
+        .spawn(move || -> std::io::Result<()> {
+            use std::io::{Read as _, Write as _};
+            let mut c = std::net::TcpStream::connect(to)?;
+            c.set_nodelay(true)?;
+            for w in writes {
+                c.write_all(&w)?;
+                std::thread::sleep(Duration::from_millis(40));
+            }
+            c.set_read_timeout(Some(Duration::from_secs(2)))?;
+            let mut answers = Vec::new();
+            let _ = c.read_to_end(&mut answers);
+            Ok(())
+        })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+    let _ = server.join();
+    let expected = [
+        ("/literal", "context_ok"),
+        ("/shape", "context_ok"),
+        ("/unknown-entry", "unreadable"),
+        ("/none", "missing_context"),
+    ];
+    let spans = receiver.wait_for(Duration::from_secs(15), |s| {
+        s.iter().filter(|s| s.synthetic()).count() >= expected.len()
+    });
+    let got: Vec<(String, String)> = expected
+        .iter()
+        .map(|(path, _)| {
+            let kinds: Vec<String> = spans
+                .iter()
+                .filter(|s| s.synthetic() && s.attr("url.path").as_deref() == Some(path))
+                .map(|s| s.gap().unwrap_or_default())
+                .collect();
+            (path.to_string(), kinds.join(","))
+        })
+        .collect();
+    let want: Vec<(String, String)> = expected
+        .iter()
+        .map(|(p, k)| (p.to_string(), k.to_string()))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(agent.metric("tracegap_h2_partly_read_requests_total")?, 1.0);
     assert_eq!(
         agent.metric("tracegap_gaps_total{kind=\"unreadable\"")?,
         0.0,

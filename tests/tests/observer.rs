@@ -190,20 +190,26 @@ fn large_headers_are_followed_across_segments_up_to_the_budget() -> anyhow::Resu
         &format!("{url}/h12k"),
         &["-H", &pad12, "-H", &format!("traceparent: {TP}")],
     )?;
-    // 20 KiB: past the 16 KiB budget, so the context after it is not seen.
-    let pad20 = format!("x-pad: {}", "c".repeat(20 * 1024));
+    // 30 KiB, within the 32 KiB budget (nginx's default limit).
+    let pad30 = format!("x-pad: {}", "c".repeat(30 * 1024));
     client.curl(
-        &format!("{url}/h20k"),
-        &["-H", &pad20, "-H", &format!("traceparent: {TP}")],
+        &format!("{url}/h30k"),
+        &["-H", &pad30, "-H", &format!("traceparent: {TP}")],
     )?;
-    let events = collect_events(&mut s.ring, Duration::from_secs(5), |ev| responses(ev) >= 3);
+    // 40 KiB: past the budget, so the context after it is not seen.
+    let pad40 = format!("x-pad: {}", "d".repeat(40 * 1024));
+    client.curl(
+        &format!("{url}/h40k"),
+        &["-H", &pad40, "-H", &format!("traceparent: {TP}")],
+    )?;
+    let events = collect_events(&mut s.ring, Duration::from_secs(5), |ev| responses(ev) >= 4);
     let reqs = requests(&assemble(events));
     let by_path = |p: &str| {
         reqs.iter()
             .find(|(path, _, _)| path == p)
             .unwrap_or_else(|| panic!("no {p} in {reqs:?}"))
     };
-    for p in ["/h4k", "/h12k"] {
+    for p in ["/h4k", "/h12k", "/h30k"] {
         let (_, prop, truncated) = by_path(p);
         assert!(!truncated, "{p} truncated");
         assert!(
@@ -211,8 +217,8 @@ fn large_headers_are_followed_across_segments_up_to_the_budget() -> anyhow::Resu
             "{p}: {prop:?}"
         );
     }
-    let (_, prop, truncated) = by_path("/h20k");
-    assert!(*truncated, "a 20 KiB head must be marked truncated");
+    let (_, prop, truncated) = by_path("/h40k");
+    assert!(*truncated, "a 40 KiB head must be marked truncated");
     assert!(
         prop.contexts.is_empty(),
         "nothing guessed past the budget: {prop:?}"

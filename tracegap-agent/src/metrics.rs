@@ -173,6 +173,7 @@ pub struct Metrics {
     pub boundaries_lost: Counter,
     pub h2_connections: Gauge,
     pub h2_unread: Family<ReasonLabels, Counter>,
+    pub h2_partly_read: Counter,
     pub bpf_run_seconds: Family<ProgramLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Gauge>,
     pub series_overflow: Family<MetricLabels, Counter>,
@@ -227,6 +228,7 @@ impl Metrics {
             boundaries_lost: Counter::default(),
             h2_connections: Gauge::default(),
             h2_unread: Family::default(),
+            h2_partly_read: Counter::default(),
             bpf_run_seconds: Family::default(),
             bpf_runs: Family::default(),
             series_overflow: Family::default(),
@@ -328,8 +330,13 @@ impl Metrics {
         );
         registry.register(
             "h2_unread",
-            "HTTP/2 that could not be read, by reason (unknown_connection: events of a connection whose preface was not seen; protocol_error: bytes that are not HTTP/2 as it should be; lost: connections the kernel stopped following; streams_dropped: streams open when their connection was lost or went idle; unobservable: requests naming HPACK entries never seen)",
+            "HTTP/2 that could not be read, by reason (unknown_connection: events of a connection whose preface was not seen; protocol_error: bytes that are not HTTP/2 as it should be; lost: connections the kernel stopped following; streams_dropped: streams open when their connection was lost or went idle)",
             m.h2_unread.clone(),
+        );
+        registry.register(
+            "h2_partly_read_requests",
+            "HTTP/2 requests with fields from HPACK table entries never seen (a connection joined mid-way, as after an agent restart, or read on after a block the kernel could not copy): classified from the fields read; with no trace context among them, unreadable",
+            m.h2_partly_read.clone(),
         );
         registry.register(
             "bpf_run_seconds",
@@ -481,7 +488,6 @@ impl Metrics {
             ("protocol_error", now.protocol_errors, last.protocol_errors),
             ("lost", now.lost, last.lost),
             ("streams_dropped", now.streams_dropped, last.streams_dropped),
-            ("unobservable", now.unobservable, last.unobservable),
             (
                 "second_sighting",
                 now.second_sightings,
@@ -490,6 +496,8 @@ impl Metrics {
         ] {
             add_since(&self.h2_unread, reason, n, l);
         }
+        self.h2_partly_read
+            .inc_by(now.partly_read.saturating_sub(last.partly_read));
         *last = now;
     }
 

@@ -538,6 +538,17 @@ fn cpu_row(
 
 /// Data path, kernel cost and detection latency, on real veths.
 fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow::Result<()> {
+    // What one head may be, in the kernel: a runtime bound (the copy loop
+    // is bounded by the HTTP/2 segment budget), so the verifier's figures
+    // (`cargo xtask verifier`) barely move with it.
+    rows.push(row(
+        "HTTP/1 head copied by the kernel at most (HEADER_BUDGET; past it the head is unreadable, never missing_context)",
+        "16 KiB (until issue 38)".to_owned(),
+        format!("{} KiB", tracegap_common::HEADER_BUDGET / 1024),
+        "nginx's default limit: 32 KiB".to_owned(),
+        "≥ 32 KiB",
+        Some(tracegap_common::HEADER_BUDGET >= 32 * 1024),
+    ));
     let node = Node::new(&["client", "server"])?;
     let quiet = Serving {
         record: false,

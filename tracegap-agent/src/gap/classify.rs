@@ -38,7 +38,7 @@ use std::{collections::VecDeque, net::IpAddr, sync::Arc};
 use serde::Serialize;
 
 use super::{
-    hop::{Hop, Request},
+    hop::{Hop, Protocol, Request},
     threads::{Evidence, Threads, Turn},
     timing::{self, Candidate, OtherCall, Timing},
 };
@@ -452,8 +452,15 @@ impl Engine {
             if hop.truncated {
                 return Self::verdict(
                     GapKind::Unreadable,
-                    "the head was not read whole (past the kernel's copy budget) and no \
-                     context was found in what was: unknown whether one was sent",
+                    if hop.protocol == Protocol::Http1 {
+                        "the head was not read whole (past the kernel's copy budget, or a \
+                         segment not copied) and no context was found in what was: unknown \
+                         whether one was sent"
+                    } else {
+                        "fields named by HPACK table entries never seen (the connection was \
+                         joined mid-way, or a block was not copied) and no context among the \
+                         fields read: unknown whether one was sent"
+                    },
                 );
             }
             // No ids. A sampling-only header ("b3: 0") is a decision not to

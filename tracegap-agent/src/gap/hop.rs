@@ -176,7 +176,8 @@ impl Request {
             path,
             fields.header(":authority"),
             Propagation::from_headers(fields),
-            false,
+            // Fields from table entries never seen: not read whole.
+            fields.incomplete(),
         );
         req.protocol = if fields
             .header("content-type")

@@ -310,6 +310,9 @@ pub fn build(
     // method and the path's route template.
     let name = match hop.rpc() {
         Some((service, method)) => format!("{service}/{method}"),
+        // The method not read (an HTTP/2 field from an entry never
+        // seen): the HTTP conventions' name for an unknown method.
+        None if hop.method.is_empty() => "HTTP".to_owned(),
         None => format!("{} {}", hop.method, route::template(&hop.path)),
     };
     let (kind, identity, peer) = if callee_is_pod {

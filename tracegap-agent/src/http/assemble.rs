@@ -19,6 +19,10 @@ use crate::events::{Endpoint, Flow, RawEvent};
 
 /// Header blocks being assembled at most; the oldest is flushed past it.
 pub const MAX_PARTIALS: usize = 16 * 1024;
+/// Bytes of unfinished header blocks held at most (each up to the kernel's
+/// 32 KiB budget): past it the oldest are flushed, as truncated, so a pod
+/// sending many large unfinished heads cannot grow the agent.
+pub const MAX_PARTIAL_BYTES: usize = 32 * 1024 * 1024;
 /// Requests waiting for a response per flow at most (pipelining depth).
 pub const MAX_PENDING_PER_FLOW: usize = 64;
 /// How long an unfinished header block waits for its next segment before
@@ -93,6 +97,8 @@ pub struct AssembleStats {
 #[derive(Default)]
 pub struct Assembler {
     partials: FastMap<(Flow, u32), Partial>,
+    /// Bytes held in `partials`.
+    partial_bytes: usize,
     /// Where each stream's next message starts.
     streams: Streams,
     pub stats: AssembleStats,
@@ -130,7 +136,7 @@ impl Assembler {
                     // Its own retransmission while its head is incomplete.
                     return;
                 }
-                if let Some(p) = self.partials.remove(&key) {
+                if let Some(p) = self.take_partial(&key) {
                     // A new message began before the last one's head ended.
                     self.finish(key, p, out);
                 }
@@ -146,7 +152,7 @@ impl Assembler {
                         .iter()
                         .min_by_key(|(_, p)| p.ts_ns)
                         .map(|(k, _)| *k)
-                    && let Some(p) = self.partials.remove(&oldest)
+                    && let Some(p) = self.take_partial(&oldest)
                 {
                     self.finish(oldest, p, out);
                 }
@@ -166,7 +172,7 @@ impl Assembler {
                 self.advance(key, p, last, out);
             }
             EventKind::Continuation => {
-                let Some(mut p) = self.partials.remove(&key) else {
+                let Some(mut p) = self.take_partial(&key) else {
                     self.stats.orphan_continuations += 1;
                     return;
                 };
@@ -197,7 +203,7 @@ impl Assembler {
         for _ in 0..MAX_PIPELINED_PER_EVENT {
             match parse(&p.buf) {
                 Err(HeadError::Incomplete(_)) if !last => {
-                    self.partials.insert(key, p);
+                    self.hold_partial(key, p, out);
                     return;
                 }
                 Err(HeadError::Incomplete(_)) => return self.finish(key, p, out),
@@ -269,6 +275,34 @@ impl Assembler {
         next
     }
 
+    fn take_partial(&mut self, key: &(Flow, u32)) -> Option<Partial> {
+        let p = self.partials.remove(key)?;
+        self.partial_bytes -= p.buf.len();
+        Some(p)
+    }
+
+    /// Holds an unfinished head for its next segment, within
+    /// [`MAX_PARTIAL_BYTES`]: the oldest go first.
+    fn hold_partial(&mut self, key: (Flow, u32), p: Partial, out: &mut Vec<Message>) {
+        while self.partial_bytes + p.buf.len() > MAX_PARTIAL_BYTES {
+            let Some(oldest) = self
+                .partials
+                .iter()
+                .min_by_key(|(_, p)| p.ts_ns)
+                .map(|(k, _)| *k)
+            else {
+                break;
+            };
+            if let Some(old) = self.take_partial(&oldest) {
+                self.finish(oldest, old, out);
+            }
+        }
+        self.partial_bytes += p.buf.len();
+        if let Some(old) = self.partials.insert(key, p) {
+            self.partial_bytes -= old.buf.len();
+        }
+    }
+
     /// Finishes heads that have waited since before `ts_ns` (their next
     /// segment is not coming) and forgets old flows.
     pub fn flush_before(&mut self, ts_ns: u64, out: &mut Vec<Message>) {
@@ -279,7 +313,7 @@ impl Assembler {
             .map(|(k, _)| *k)
             .collect();
         for k in stale {
-            if let Some(p) = self.partials.remove(&k) {
+            if let Some(p) = self.take_partial(&k) {
                 self.finish(k, p, out);
             }
         }
@@ -653,6 +687,30 @@ HTTP/1.1 200 OK\r\n\r\nHTTP/1.1 500 Not a message\r\n\r\n";
         );
         assert_eq!(out.iter().map(path).collect::<Vec<_>>(), ["/a", "/b"]);
         assert_eq!(out[1].head.as_ref().unwrap().header("x-y"), Some("z"));
+    }
+
+    #[test]
+    fn unfinished_heads_are_held_within_their_byte_bound_the_oldest_flushed() {
+        let mut a = Assembler::default();
+        let mut out = Vec::new();
+        // 32 KiB unfinished heads on distinct flows, twice what fits.
+        let head = {
+            let mut h = b"GET / HTTP/1.1\r\nx-pad: ".to_vec();
+            h.resize(32 * 1024, b'p');
+            h
+        };
+        let n = 2 * MAX_PARTIAL_BYTES / head.len();
+        for i in 0..n {
+            let mut f = flow();
+            f.src.port = 10_000 + i as u16;
+            a.push(ev(EventKind::Request, f, 1, i as u32, &head), &mut out);
+        }
+        assert!(a.partial_bytes <= MAX_PARTIAL_BYTES, "{}", a.partial_bytes);
+        assert_eq!(a.partial_bytes, a.partials.len() * head.len());
+        // The oldest went out first, as truncated.
+        assert_eq!(out.len(), n - a.partials.len());
+        assert!(out.iter().all(|m| m.truncated));
+        assert_eq!(out[0].flow.src.port, 10_000);
     }
 
     #[test]

@@ -316,3 +316,24 @@ fn context_into_a_callee_known_uninstrumented_is_a_gap() {
     );
     assert!(Uninstrumented.is_gap());
 }
+
+#[test]
+fn an_http2_request_partly_read_is_unreadable_unless_a_context_was_read() {
+    // Fields from HPACK entries never seen (a joined connection): no
+    // context among those read is not a missing context.
+    let mut partly = hop(1, 2, 0, 5, vec![]);
+    partly.protocol = Protocol::Http2;
+    partly.truncated = true;
+    let v = run(&[partly.clone()]);
+    assert_eq!(v[0].kind, GapKind::Unreadable);
+    assert!(v[0].detail.contains("HPACK"), "{}", v[0].detail);
+    assert!(!v[0].kind.is_gap());
+    // A traceparent read (by name or by its value's shape): classified as
+    // any request.
+    partly.propagation.contexts = vec![tp(T1, "b7ad6b7169203331", true)];
+    assert_eq!(run(&[partly])[0].kind, GapKind::ContextOk);
+    // Read whole, with no context: missing.
+    let mut whole = hop(1, 2, 0, 5, vec![]);
+    whole.protocol = Protocol::Http2;
+    assert_eq!(run(&[whole])[0].kind, GapKind::MissingContext);
+}

@@ -6,8 +6,9 @@
 //! reader never saw (it joined the connection mid-way) is read for what can
 //! be read: a W3C `traceparent` is recognised by its value alone (its shape
 //! is unambiguous). Any other unknown field could be a trace header: such a
-//! request is marked unobservable, for its caller to count and not to
-//! classify, until the table is resynchronised.
+//! request is read for what it shows and marked partly read; with no
+//! context among the fields read, its context is unknown (`unreadable`),
+//! never missing.
 
 use super::{
     frame::{Direction, Error, Event},
@@ -135,8 +136,8 @@ impl Exchange {
     }
 
     /// Whether trace context may have been in fields that could not be
-    /// read: not to be classified.
-    pub fn unobservable(&self) -> bool {
+    /// read (see [`Fields::incomplete`]).
+    pub fn partly_read(&self) -> bool {
         self.request.incomplete()
     }
 }
@@ -438,11 +439,11 @@ mod tests {
             ctx.primary().map(|c| c.trace_id.as_str()),
             Some("0af7651916cd43dd8448eb211c803103")
         );
-        assert!(!e.unobservable());
+        assert!(!e.partly_read());
     }
 
     #[test]
-    fn joined_mid_connection_a_traceparent_is_known_by_its_shape_and_the_rest_is_unobservable() {
+    fn joined_mid_connection_a_traceparent_is_known_by_its_shape_and_the_rest_partly_read() {
         let mut c = Connection::joined();
         let mut out = Vec::new();
         // Stream 7's request: :method from the static table, the trace
@@ -469,7 +470,7 @@ mod tests {
         }
         let seven = &out[0];
         assert_eq!(seven.request.inferred, 1);
-        assert!(!seven.unobservable());
+        assert!(!seven.partly_read());
         assert_eq!(
             Propagation::from_headers(&seven.request)
                 .primary()
@@ -478,7 +479,7 @@ mod tests {
         );
         assert_eq!(seven.status(), Some(200));
         let nine = &out[1];
-        assert!(nine.unobservable(), "{nine:?}");
+        assert!(nine.partly_read(), "{nine:?}");
         assert!(!c.synchronised());
         // Its own insertions it can read: from the start, all of them.
         let mut fresh = Connection::new();

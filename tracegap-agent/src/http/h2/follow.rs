@@ -26,10 +26,10 @@ use crate::{
 };
 
 /// Connections followed at once at most; past it the least recently used
-/// is dropped (its open streams counted as unobservable).
+/// is dropped (its open streams counted as streams_dropped).
 pub const MAX_CONNECTIONS: usize = 16 * 1024;
 /// A connection with no event for this long is forgotten (its open streams
-/// counted as unobservable): the kernel does not report a connection's end.
+/// counted as streams_dropped): the kernel does not report a connection's end.
 pub const IDLE_NS: u64 = 10 * 60 * 1_000_000_000;
 
 /// What the connections said.
@@ -65,9 +65,10 @@ pub struct H2Stats {
     pub lost: u64,
     /// Streams dropped open: their connection was lost, idle or pushed out.
     pub streams_dropped: u64,
-    /// Requests whose header block named table entries never seen (after a
-    /// lost block): not classified.
-    pub unobservable: u64,
+    /// Requests whose header block named table entries never seen (a
+    /// joined connection, or after a lost block): classified from the
+    /// fields read.
+    pub partly_read: u64,
     /// Connections refused because the same client end is read on
     /// another interface already (between two pods of one node a
     /// connection crosses both veths): each stream is one hop.
@@ -186,8 +187,7 @@ impl Connections {
         for stream in started {
             if let Some(request) = c.conn.request(stream) {
                 if request.incomplete() {
-                    self.stats.unobservable += 1;
-                    continue;
+                    self.stats.partly_read += 1;
                 }
                 out.push(Out::Started {
                     flow,
@@ -199,9 +199,6 @@ impl Connections {
             }
         }
         for exchange in done {
-            if exchange.unobservable() {
-                continue;
-            }
             out.push(Out::Done {
                 flow,
                 via,
@@ -216,13 +213,11 @@ impl Connections {
             let mut done = Vec::new();
             c.conn.expire_before(ts_ns, &mut done);
             for exchange in done {
-                if !exchange.unobservable() {
-                    out.push(Out::Done {
-                        flow: *flow,
-                        via: c.via,
-                        exchange,
-                    });
-                }
+                out.push(Out::Done {
+                    flow: *flow,
+                    via: c.via,
+                    exchange,
+                });
             }
         }
     }
@@ -489,7 +484,8 @@ mod tests {
         // Then a request: literal fields, readable without the table.
         c.push(&ev(flow(), 1000, &request(3, "/a")), false, &mut out);
         assert_eq!(started(&out), [3]);
-        // A request naming a dynamic entry never seen is not guessed at.
+        // A request naming a dynamic entry never seen: read for what it
+        // shows, the entry not guessed at, and counted partly read.
         let mut b = vec![0x83, 0x86, 0x04, 2, b'/', b'b', 0xbe];
         let f = frame(1, 4, 5, &std::mem::take(&mut b));
         c.push(
@@ -497,8 +493,16 @@ mod tests {
             false,
             &mut out,
         );
-        assert_eq!(started(&out), [3]);
-        assert_eq!(c.stats.unobservable, 1, "{:?}", c.stats);
+        assert_eq!(started(&out), [3, 5]);
+        assert_eq!(c.stats.partly_read, 1, "{:?}", c.stats);
+        let Some(Out::Started {
+            request: fields, ..
+        }) = out.last()
+        else {
+            panic!("{out:?}")
+        };
+        assert!(fields.incomplete());
+        assert_eq!(fields.unknown, 1);
         // A first block that starts from the dynamic table says nothing.
         let mut d = Connections::default();
         let other = Flow {
