@@ -102,6 +102,8 @@ pub struct AgentConfig {
     /// clearly first (`timing`, see [`crate::gap::timing`]); off: such calls
     /// stay unplaced, linked to their candidates.
     pub place_by_timing: bool,
+    /// What the agent's HTTP servers grant one client.
+    pub server_limits: server::ServerLimits,
 }
 
 /// The running agent's handles, for callers that embed it (tests).
@@ -132,15 +134,25 @@ pub async fn run(
             Err(e) => tracing::warn!(error = %e, "listing this node's addresses"),
         }
     }
-    let (listen, server) = server::serve(config.listen, server::probes(shared.clone()))
-        .await
-        .with_context(|| format!("listening on {}", config.listen))?;
+    let limits = &config.server_limits;
+    let (listen, server) = server::serve(
+        config.listen,
+        server::probes(shared.clone(), limits),
+        server::PROBES,
+        *limits,
+        shared.metrics.clone(),
+    )
+    .await
+    .with_context(|| format!("listening on {}", config.listen))?;
     tracing::info!(%listen, "serving /metrics /healthz /readyz");
     let report = match config.report_listen {
         Some(addr) => {
             let (bound, task) = server::serve(
                 addr,
-                server::report(shared.clone(), config.cors_origin.clone()),
+                server::report(shared.clone(), config.cors_origin.clone(), limits),
+                server::REPORT,
+                *limits,
+                shared.metrics.clone(),
             )
             .await
             .with_context(|| format!("listening on {addr} for /report"))?;

@@ -89,6 +89,33 @@ pub struct RunArgs {
     /// unplaced, linked to their candidates.
     #[arg(long, env = "TRACEGAP_PLACE_BY_TIMING", default_value_t = false, action = clap::ArgAction::Set)]
     pub place_by_timing: bool,
+    /// The agent's HTTP servers (/metrics and the probes, /report): time a
+    /// client has to send a request's head, and to send its next one on a
+    /// kept-alive connection.
+    #[arg(long, env = "TRACEGAP_HTTP_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub http_header_timeout: std::time::Duration,
+    /// Connections open at once per server; past it new ones are closed at
+    /// once (tracegap_http_server_refused_total{reason="connections"}).
+    #[arg(long, env = "TRACEGAP_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub http_max_connections: usize,
+    /// Connections open at once per server from one client address; past
+    /// it new ones are closed at once (reason="connections_per_client").
+    #[arg(
+        long,
+        env = "TRACEGAP_HTTP_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = 64
+    )]
+    pub http_max_connections_per_client: usize,
+    /// Requests served at once per endpoint; past it answered 503 at once
+    /// (reason="busy").
+    #[arg(long, env = "TRACEGAP_HTTP_MAX_IN_FLIGHT", default_value_t = 4)]
+    pub http_max_in_flight: usize,
+    /// Time to answer one request at most (503, reason="timeout").
+    #[arg(long, env = "TRACEGAP_HTTP_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub http_request_timeout: std::time::Duration,
+    /// Bytes of one request head at most (431 past it).
+    #[arg(long, env = "TRACEGAP_HTTP_MAX_HEAD_BYTES", default_value_t = 16 * 1024)]
+    pub http_max_head_bytes: usize,
     /// Synthetic spans waiting for export at most; past it they are dropped
     /// and counted (tracegap_spans_dropped_total{reason="queue_full"}).
     #[arg(long, env = "TRACEGAP_EXPORT_QUEUE", default_value_t = 8192)]
@@ -206,6 +233,14 @@ impl RunArgs {
             export_unsampled: self.export_unsampled,
             thread_evidence: self.thread_evidence,
             place_by_timing: self.place_by_timing,
+            server_limits: crate::server::ServerLimits {
+                header_timeout: self.http_header_timeout,
+                max_connections: self.http_max_connections,
+                max_connections_per_client: self.http_max_connections_per_client,
+                max_in_flight: self.http_max_in_flight,
+                request_timeout: self.http_request_timeout,
+                max_head_bytes: self.http_max_head_bytes,
+            },
             services,
             response_timeout: self.response_timeout,
             node_name: self.node_name.clone(),

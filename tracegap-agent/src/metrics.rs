@@ -98,6 +98,17 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServerLabels {
+    pub server: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusalLabels {
+    pub server: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
     pub source: String,
 }
@@ -174,6 +185,8 @@ pub struct Metrics {
     pub h2_connections: Gauge,
     pub h2_unread: Family<ReasonLabels, Counter>,
     pub h2_partly_read: Counter,
+    pub server_connections: Family<ServerLabels, Gauge>,
+    pub server_refused: Family<RefusalLabels, Counter>,
     pub bpf_run_seconds: Family<ProgramLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     pub bpf_runs: Family<ProgramLabels, Gauge>,
     pub series_overflow: Family<MetricLabels, Counter>,
@@ -229,6 +242,8 @@ impl Metrics {
             h2_connections: Gauge::default(),
             h2_unread: Family::default(),
             h2_partly_read: Counter::default(),
+            server_connections: Family::default(),
+            server_refused: Family::default(),
             bpf_run_seconds: Family::default(),
             bpf_runs: Family::default(),
             series_overflow: Family::default(),
@@ -332,6 +347,16 @@ impl Metrics {
             "h2_unread",
             "HTTP/2 that could not be read, by reason (unknown_connection: events of a connection whose preface was not seen; protocol_error: bytes that are not HTTP/2 as it should be; lost: connections the kernel stopped following; streams_dropped: streams open when their connection was lost or went idle)",
             m.h2_unread.clone(),
+        );
+        registry.register(
+            "http_server_connections",
+            "Connections open to the agent's own HTTP servers (server: probes for /metrics /healthz /readyz, report for /report and the Trace Quality API)",
+            m.server_connections.clone(),
+        );
+        registry.register(
+            "http_server_refused",
+            "What the agent's own HTTP servers refused, by server and reason (connections: past the cap, closed at once; connections_per_client: past one address's cap, closed at once; busy: past an endpoint's requests in flight, answered 503; timeout: not answered in time, 503)",
+            m.server_refused.clone(),
         );
         registry.register(
             "h2_partly_read_requests",
@@ -440,6 +465,25 @@ impl Metrics {
             (*src, *dst) = (OVERFLOW.into(), OVERFLOW.into());
         }
         family.get_or_create(&l).inc();
+    }
+
+    /// A refusal by the agent's own HTTP server `server`.
+    pub fn server_refused(&self, server: &str, reason: &str) {
+        self.server_refused
+            .get_or_create(&RefusalLabels {
+                server: server.to_owned(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The open-connections gauge of the agent's HTTP server `server`.
+    pub fn server_connections(&self, server: &str) -> Gauge {
+        self.server_connections
+            .get_or_create(&ServerLabels {
+                server: server.to_owned(),
+            })
+            .clone()
     }
 
     pub fn ignored(&self, reason: &str) {

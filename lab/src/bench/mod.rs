@@ -313,6 +313,7 @@ fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
         reconcile: None,
         thread_evidence: true,
         place_by_timing: false,
+        server_limits: Default::default(),
     }
 }
 
@@ -672,6 +673,7 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         let agent = Agent::start(AgentConfig {
             thread_evidence: false,
             place_by_timing: false,
+            server_limits: Default::default(),
             ..agent_config(&node, &receiver)
         })?;
         std::thread::sleep(Duration::from_millis(300));

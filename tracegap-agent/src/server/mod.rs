@@ -2,14 +2,16 @@
 //! event loop is turning) and `/readyz` (programs attached, exporter
 //! running) on one address; `/report` (JSON) on another, because it names
 //! services and URL paths: loopback by default, so only someone on the
-//! node (or `kubectl exec`/`port-forward`) reads it.
+//! node (or `kubectl exec`/`port-forward`) reads it. Both under
+//! [`limits`]: what a hostile client can hold is bounded.
 
-use std::{
-    net::SocketAddr,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+pub mod limits;
+
+pub use limits::{ServerLimits, serve};
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, AtomicU64, Ordering},
 };
 
 use axum::{
@@ -110,22 +112,33 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     }
 }
 
-/// `/metrics`, `/healthz` and `/readyz`: for Prometheus and the kubelet.
-pub fn probes(shared: Arc<Shared>) -> Router {
+/// `/metrics`, `/healthz` and `/readyz`: for Prometheus and the kubelet,
+/// each endpoint under its own limit (a flood of `/metrics` leaves the
+/// probes answering).
+pub fn probes(shared: Arc<Shared>, limits: &ServerLimits) -> Router {
+    let m = &shared.metrics.clone();
     Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        .route("/metrics", limits.endpoint(get(metrics), PROBES, m))
+        .route("/healthz", limits.endpoint(get(healthz), PROBES, m))
+        .route("/readyz", limits.endpoint(get(readyz), PROBES, m))
         .with_state(shared)
 }
+
+/// The servers' names in the metrics.
+pub const PROBES: &str = "probes";
+pub const REPORT: &str = "report";
 
 /// `/report`: the service graph with URL paths, for people on the node;
 /// `/api/quality-metrics`: the same, as Jaeger's Trace Quality page reads
 /// it, with `Access-Control-Allow-Origin: cors_origin` when a Jaeger UI on
 /// another origin calls it.
-pub fn report(shared: Arc<Shared>, cors_origin: Option<String>) -> Router {
+pub fn report(shared: Arc<Shared>, cors_origin: Option<String>, limits: &ServerLimits) -> Router {
+    let m = &shared.metrics.clone();
     let quality = Router::new()
-        .route("/api/quality-metrics", get(quality_metrics))
+        .route(
+            "/api/quality-metrics",
+            limits.endpoint(get(quality_metrics), REPORT, m),
+        )
         .with_state(shared.clone());
     let quality = match cors_origin.and_then(|o| HeaderValue::from_str(&o).ok()) {
         Some(origin) => quality.layer(axum::middleware::map_response(
@@ -141,7 +154,7 @@ pub fn report(shared: Arc<Shared>, cors_origin: Option<String>) -> Router {
         None => quality,
     };
     Router::new()
-        .route("/report", get(report_json))
+        .route("/report", limits.endpoint(get(report_json), REPORT, m))
         .with_state(shared)
         .merge(quality)
 }
@@ -168,20 +181,4 @@ async fn quality_metrics(
         }
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
-}
-
-/// Binds `addr` and serves `router` until the task is dropped. Binding is
-/// done before returning, so a taken port is a start-up error.
-pub async fn serve(
-    addr: SocketAddr,
-    router: Router,
-) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!(error = %e, "HTTP server stopped");
-        }
-    });
-    Ok((bound, task))
 }
