@@ -194,7 +194,9 @@ impl Agent {
     /// The value of a metric sample line that starts with `prefix`
     /// (name and labels), summed over matching lines.
     pub fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
-        let (_, body) = self.get("/metrics")?;
+        let (status, body) = self.get("/metrics")?;
+        // A 503 (the endpoint busy) has no samples: not a zero.
+        anyhow::ensure!(status == 200, "/metrics answered {status}");
         Ok(body
             .lines()
             .filter(|l| l.starts_with(prefix))

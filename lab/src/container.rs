@@ -597,18 +597,34 @@ impl AgentContainer {
         }
     }
 
-    /// The most memory the container's cgroup has been charged since it
-    /// started, in bytes: its processes and what the kernel charges to
-    /// them, the verifier's memory while the programs load among it
-    /// (cgroup v2's `memory.peak`, v1's `memory.max_usage_in_bytes`).
-    pub fn memory_peak(&self) -> anyhow::Result<u64> {
+    /// The agent's process id, as the host sees it.
+    fn pid(&self) -> anyhow::Result<String> {
         let out = run(Command::new("podman").args([
             "inspect",
             "--format",
             "{{.State.Pid}}",
             &self.name,
         ]))?;
-        let pid = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// The agent process's resident memory now, in bytes.
+    pub fn rss(&self) -> anyhow::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?))?;
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .context("no VmRSS")?;
+        Ok(kib * 1024)
+    }
+
+    /// The most memory the container's cgroup has been charged since it
+    /// started, in bytes: its processes and what the kernel charges to
+    /// them, the verifier's memory while the programs load among it
+    /// (cgroup v2's `memory.peak`, v1's `memory.max_usage_in_bytes`).
+    pub fn memory_peak(&self) -> anyhow::Result<u64> {
+        let pid = self.pid()?;
         let groups = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))?;
         for line in groups.lines() {
             let mut f = line.splitn(3, ':');

@@ -257,3 +257,74 @@ fn content_length(head: &str) -> usize {
         .and_then(|(_, v)| v.trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// Scrapers asking the agent's `/metrics` as fast as they can, each a
+/// thread, until stopped (or a minute at most).
+pub struct MetricsFlood {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<(u64, u64)>>,
+}
+
+impl MetricsFlood {
+    pub fn start(agent: std::net::SocketAddr, scrapers: usize) -> Self {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let threads = (0..scrapers)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let (mut ok, mut shed) = (0, 0);
+                    let started = std::time::Instant::now();
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed)
+                        && started.elapsed() < Duration::from_secs(60)
+                    {
+                        match get(agent, "/metrics") {
+                            Ok((200, _)) => ok += 1,
+                            Ok((503, _)) => shed += 1,
+                            _ => {}
+                        }
+                    }
+                    (ok, shed)
+                })
+            })
+            .collect();
+        Self { stop, threads }
+    }
+
+    /// Scrapes answered and shed (503).
+    pub fn stop(self) -> (u64, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.threads
+            .into_iter()
+            .filter_map(|t| t.join().ok())
+            .fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    }
+}
+
+/// Opens `n` connections to `to` and sends each an unfinished request
+/// head, never its end (the slow-headers attack), from the calling
+/// thread's network namespace; raises the process's descriptor limit to
+/// hold them. Connections refused at once are left out.
+pub fn half_requests(to: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>> {
+    // SAFETY: reads and writes a plain struct.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        let want = r.rlim_cur.max(n as u64 * 2 + 1024);
+        r.rlim_cur = want;
+        r.rlim_max = r.rlim_max.max(want);
+        anyhow::ensure!(
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r) == 0,
+            "raising the descriptor limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    let mut held = Vec::with_capacity(n);
+    for _ in 0..n {
+        if let Ok(mut c) = TcpStream::connect_timeout(&to, Duration::from_secs(3))
+            && c.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").is_ok()
+        {
+            held.push(c);
+        }
+    }
+    Ok(held)
+}

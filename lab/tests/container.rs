@@ -180,6 +180,55 @@ fn each_capability_the_daemonset_adds_is_needed_and_named_when_missing() -> anyh
     );
     let (status, _) = tracegap_lab::http::get(agent.metrics, "/metrics")?;
     assert_eq!(status, 200);
+    // A hostile pod: 15,000 idle half-sent requests at the metrics port,
+    // while the test (another address, as the kubelet is) asks for
+    // /metrics. The agent answers within a second throughout and stays
+    // within its memory limit, not OOM-killed.
+    let mib = |b: u64| b as f64 / 1048576.0;
+    let fresh = agent.rss()?;
+    let mut rss = fresh;
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let to = agent.metrics;
+        held.extend(
+            node.pods[0]
+                .spawn(move || tracegap_lab::http::half_requests(to, 5000))?
+                .join()
+                .map_err(|_| anyhow::anyhow!("the attacking thread panicked"))??,
+        );
+        let started = std::time::Instant::now();
+        let (status, _) = tracegap_lab::http::get(agent.metrics, "/metrics")?;
+        assert_eq!(status, 200, "/metrics under {} half-requests", held.len());
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "/metrics took {:?} under the flood",
+            started.elapsed()
+        );
+        rss = rss.max(agent.rss()?);
+    }
+    let peak = agent.memory_peak()?;
+    drop(held);
+    std::thread::sleep(Duration::from_secs(1));
+    let (status, _) = tracegap_lab::http::get(agent.metrics, "/metrics")?;
+    assert_eq!(status, 200, "the agent after the flood");
+    let after = agent.rss()?;
+    println!(
+        "the agent's container under 15,000 half-requests: RSS {:.1} MiB fresh, {:.1} MiB at most, {:.1} MiB after; cgroup peak {:.1} MiB of its {:.0} MiB limit",
+        mib(fresh),
+        mib(rss),
+        mib(after),
+        mib(peak),
+        mib(limit)
+    );
+    assert!(rss < 96 << 20, "RSS {rss} B under the flood");
+    assert!(
+        after < 2 * fresh,
+        "RSS {after} B after the flood, {fresh} B fresh"
+    );
+    assert!(
+        peak < limit,
+        "memory peak {peak} B reached the limit {limit} B"
+    );
     let report_port = 9465;
     assert!(
         tracegap_lab::http::get((Cluster::node_address(node), report_port).into(), "/report")

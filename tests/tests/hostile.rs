@@ -547,3 +547,52 @@ fn the_agent_keeps_running_and_reports_no_forged_hop() -> anyhow::Result<()> {
     assert!(!serde_json::to_string(&report)?.contains(EVIL_TRACE));
     Ok(())
 }
+
+#[test]
+fn a_flood_of_metrics_scrapes_costs_the_event_pipeline_nothing() -> anyhow::Result<()> {
+    if !privileged("a_flood_of_metrics_scrapes_costs_the_event_pipeline_nothing") {
+        return Ok(());
+    }
+    const FLOOD: Duration = Duration::from_secs(10);
+    const REQUESTS: usize = 20_000;
+    let pods = pods()?;
+    let receiver = Receiver::start(std::net::Ipv4Addr::LOCALHOST.into())?;
+    let agent = Agent::start(agent_config(&pods.node, &receiver))?;
+    let listen = agent.listen;
+    // Eight scrapers as fast as they can (from the test's own namespace:
+    // the agent's port, as a pod on the node reaches it).
+    let flood = tracegap_lab::http::MetricsFlood::start(listen, 8);
+    // Meanwhile HTTP traffic between the pods, bounded in count and time.
+    let v4 = to(&pods, PORT, false);
+    let made = client(pods.node.pod("client"), move || {
+        let started = std::time::Instant::now();
+        let mut made = 0;
+        let mut c = connect(v4)?;
+        let mut buf = Vec::new();
+        while made < REQUESTS && started.elapsed() < FLOOD {
+            write!(
+                c,
+                "GET /flooded/{made} HTTP/1.1\r\nHost: s\r\ntraceparent: {TP}\r\n\r\n"
+            )?;
+            read_response(&mut c, &mut buf)?;
+            made += 1;
+        }
+        Ok(made)
+    })?;
+    let (ok, shed) = flood.stop();
+    println!("{made} requests under {ok} scrapes answered and {shed} shed (503)");
+    assert!(ok > 0 && made > 100, "{ok} scrapes, {made} requests");
+    // Every request read: none lost to a full ring buffer, every hop
+    // counted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let counted = loop {
+        let n = agent.metric("tracegap_http_requests_total")?;
+        if n >= made as f64 || std::time::Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(counted, made as f64, "hops counted of {made} made");
+    assert_eq!(agent.metric("tracegap_ringbuf_lost_events_total")?, 0.0);
+    Ok(())
+}

@@ -606,6 +606,8 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
     // Events the kernel could not hand over (ring buffer full), per load.
     let (mut lost_echo, mut lost_busy, mut lost_grpc) = (0.0, 0.0, 0.0);
     let (mut base_g, mut with_g, mut grpc_kernel) = (vec![], vec![], vec![]);
+    // The echo load with a flood of /metrics scrapes at the agent.
+    let (mut with_flood, mut lost_flood, mut scrapes) = (vec![], 0.0, (0u64, 0u64));
     // Per round: ns per non-HTTP packet, per header packet, per empty run.
     let (mut non_http, mut header, mut empty) = (vec![], vec![], vec![]);
     let (mut headers_seen, mut bulk_runs) = (0.0, 0.0);
@@ -652,6 +654,13 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         let (_, _, k6) = bpf_stats(&agent)?;
         lost_grpc += full()? - lost_grpc0;
         grpc_kernel.push(k6 - k3);
+        let lost_flood0 = full()?;
+        let flood = crate::http::MetricsFlood::start(agent.listen, 8);
+        with_flood.push(wrk(&node, &echo, d.load)?);
+        let (ok, shed) = flood.stop();
+        scrapes = (scrapes.0 + ok, scrapes.1 + shed);
+        std::thread::sleep(Duration::from_millis(600));
+        lost_flood += full()? - lost_flood0;
         agent.stop()?;
         // The agent at the lowest CPU weight, as a node would run it
         // beside busy services: what the services gain, what it loses.
@@ -738,6 +747,24 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         ),
         "≤ +5%",
         Some(added <= 5.0),
+    ));
+    // The same load with eight scrapers hammering /metrics: the event
+    // pipeline must not pay for the agent's HTTP server.
+    let (rps, rps_flood) = (
+        Spread::of(with_w.iter().map(|x| x.rps).collect()),
+        Spread::of(with_flood.iter().map(|x| x.rps).collect()),
+    );
+    let flood_loss = -pct(rps_flood.med, rps.med);
+    rows.push(row(
+        &format!(
+            "echo load with the agent, without / with a /metrics flood (8 scrapers: {} answered, {} shed 503; events lost to a full ring buffer: {lost_flood:.0}): requests/s",
+            scrapes.0, scrapes.1
+        ),
+        rps.show(|v| format!("{v:.0}")),
+        rps_flood.show(|v| format!("{v:.0}")),
+        format!("{flood_loss:+.1}% fewer requests/s; {lost_flood:.0} events lost"),
+        "0 events lost",
+        Some(lost_flood == 0.0),
     ));
     http_rows(
         &format!(
