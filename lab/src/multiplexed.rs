@@ -22,7 +22,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::service::{Inbound, ServiceSpec, Serving, count_call, header_map, up_to};
+use crate::service::{Inbound, ServiceSpec, Serving, answer, count_call, header_map, up_to};
 
 /// Serves `spec` on this thread until `stop` is set; `ready` is told
 /// whether listening worked.
@@ -112,14 +112,7 @@ async fn serve(
         if let Some(cx) = serving.server_cx.clone() {
             let _ = ender.send(cx);
         }
-        let body = format!("{} says hi\n", spec.name);
-        let reason = if spec.status < 400 { "OK" } else { "Error" };
-        let resp = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-            spec.status,
-            body.len()
-        );
-        if conn.write_all(resp.as_bytes()).await.is_err() {
+        if conn.write_all(answer(spec).as_bytes()).await.is_err() {
             return;
         }
         if headers

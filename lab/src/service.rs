@@ -778,14 +778,7 @@ fn serve(
         if let Some(cx) = server_cx {
             cx.span().end();
         }
-        let body = format!("{} says hi\n", spec.name);
-        let reason = if spec.status < 400 { "OK" } else { "Error" };
-        let resp = format!(
-            "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
-            spec.status,
-            body.len()
-        );
-        if conn.write_all(resp.as_bytes()).is_err() {
+        if conn.write_all(answer(spec).as_bytes()).is_err() {
             return;
         }
         if headers
@@ -795,6 +788,17 @@ fn serve(
             return;
         }
     }
+}
+
+/// The answer to a request `spec` served: its status and a greeting.
+pub(crate) fn answer(spec: &ServiceSpec) -> String {
+    let body = format!("{} says hi\n", spec.name);
+    let reason = if spec.status < 400 { "OK" } else { "Error" };
+    format!(
+        "HTTP/1.1 {} {reason}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{body}",
+        spec.status,
+        body.len()
+    )
 }
 
 /// The path of an `http://authority/path` (or `grpc://`) URL.

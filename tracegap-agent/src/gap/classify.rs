@@ -326,7 +326,9 @@ impl Engine {
     /// ([`Self::awaits_turns`]), or, timing deciding it, answers of its
     /// candidates not in yet (see [`timing`]).
     pub fn awaits(&self, hop: &Hop) -> bool {
-        self.awaits_turns(hop) || self.cause_of(hop).1
+        // Timing off (the default), nothing waits on answers: the hop's
+        // cause is not worked out twice on every hop.
+        self.awaits_turns(hop) || (self.by_timing && self.cause_of(hop).1)
     }
 
     /// Whether the pod at `ip` both serves requests and makes calls: the
