@@ -48,6 +48,9 @@ pub struct Level {
     /// Unplaced hops by why the threads could not tell
     /// (`tracegap.link.threads`).
     pub unplaced_why: std::collections::BTreeMap<String, usize>,
+    /// Unplaced hops by why the answers could not
+    /// (`tracegap.link.answers`).
+    pub unplaced_answers: std::collections::BTreeMap<String, usize>,
     /// Wrong parents, as (cause, placed in, confidence).
     pub wrong_examples: Vec<(String, String, String)>,
 }
@@ -62,6 +65,8 @@ pub struct Measured {
     pub by_thread: f64,
     /// Hops placed by timing (`tracegap_stitched_causes_total`).
     pub by_timing: f64,
+    /// Hops placed by their answers' handoff (`tracegap_stitched_causes_total`).
+    pub by_handoff: f64,
 }
 
 impl Measured {
@@ -74,6 +79,7 @@ impl Measured {
             let why: Vec<String> = r
                 .unplaced_why
                 .iter()
+                .chain(&r.unplaced_answers)
                 .map(|(w, n)| format!("{w} x{n}"))
                 .collect();
             out.push_str(&format!(
@@ -214,6 +220,9 @@ pub fn measure(
                     *r.unplaced_why
                         .entry(s.attr("tracegap.link.threads").unwrap_or_default())
                         .or_default() += 1;
+                    *r.unplaced_answers
+                        .entry(s.attr("tracegap.link.answers").unwrap_or_default())
+                        .or_default() += 1;
                     let named: Vec<String> = s
                         .span
                         .links
@@ -246,11 +255,13 @@ pub fn measure(
         .to_owned();
     let by_thread = agent.metric("tracegap_stitched_causes_total{confidence=\"thread\"}")?;
     let by_timing = agent.metric("tracegap_stitched_causes_total{confidence=\"timing\"}")?;
+    let by_handoff = agent.metric("tracegap_stitched_causes_total{confidence=\"handoff\"}")?;
     drop((breaker, leaf, agent));
     Ok(Measured {
         levels: out,
         source,
         by_thread,
         by_timing,
+        by_handoff,
     })
 }

@@ -2,8 +2,10 @@
 //! that reads many requests before it calls out for any, as tokio,
 //! asyncio, Node and Go serve them. The threads' turns cannot tie its calls
 //! to its requests (one thread read them all); tracegap must say so and
-//! fall back to timing. HTTP/1.1 only; behaves as [`ServiceSpec`] says,
-//! records the cause of each call as the threaded service does.
+//! fall back to other evidence. HTTP/1.1 only; behaves as [`ServiceSpec`]
+//! says, records the cause of each call as the threaded service does.
+//! [`Runtime::AsyncHanded`] reads each call's answer in a task of its own
+//! and hands it over, as hyper's client does.
 
 use std::{
     net::{Ipv6Addr, SocketAddr},
@@ -22,7 +24,9 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use crate::service::{Inbound, ServiceSpec, Serving, answer, count_call, header_map, up_to};
+use crate::service::{
+    Inbound, Runtime, ServiceSpec, Serving, answer, count_call, header_map, up_to,
+};
 
 /// Serves `spec` on this thread until `stop` is set; `ready` is told
 /// whether listening worked.
@@ -97,7 +101,7 @@ async fn serve(
         for url in &spec.downstream {
             let (client_cx, out) = serving.outbound(url);
             tokio::time::sleep(up_to(spec.think)).await;
-            let called = call(url, &out, &serving).await;
+            let called = call(url, &out, &serving, spec.runtime == Runtime::AsyncHanded).await;
             count_call(url, called.is_err());
             if let Err(e) = called {
                 eprintln!("{}: calling {url} for {path}: {e}", spec.name);
@@ -145,16 +149,18 @@ async fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>, stop: &AtomicBool) -
 }
 
 /// GET `url` (http://ip:port/path) with `headers` on a new connection,
-/// the call's cause recorded once its address is known.
+/// the call's cause recorded once its address is known; `handed`: the
+/// exchange in a task of its own.
 async fn call(
     url: &str,
     headers: &[(String, String)],
     serving: &Serving<'_>,
+    handed: bool,
 ) -> std::io::Result<u16> {
     let rest = url.strip_prefix("http://").unwrap_or(url);
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
-    let mut c = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(authority))
+    let c = tokio::time::timeout(Duration::from_secs(3), TcpStream::connect(authority))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect"))??;
     serving.caused(c.local_addr()?);
@@ -163,6 +169,16 @@ async fn call(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
+    if handed {
+        return tokio::task::spawn_local(exchange(c, req))
+            .await
+            .map_err(std::io::Error::other)?;
+    }
+    exchange(c, req).await
+}
+
+/// Sends `req` on `c`, reads the answer to its end: its status.
+async fn exchange(mut c: TcpStream, req: String) -> std::io::Result<u16> {
     c.write_all(req.as_bytes()).await?;
     let mut answer = Vec::new();
     tokio::time::timeout(Duration::from_secs(5), c.read_to_end(&mut answer))

@@ -157,8 +157,13 @@ pub enum Runtime {
     #[default]
     Threads,
     /// One async thread for all (tokio, asyncio, Node, Go): see
-    /// [`crate::multiplexed`]. HTTP/1.1 only.
+    /// [`crate::multiplexed`]. HTTP/1.1 only. A request's task reads its
+    /// call's answer itself.
     Async,
+    /// The same, but each call's answer is read by a task of its own and
+    /// handed to the request's task (hyper's client connection task,
+    /// asyncio's protocols): other tasks may run in between.
+    AsyncHanded,
 }
 
 impl ServiceSpec {
@@ -499,7 +504,7 @@ impl ServiceSpec {
             crate::grpc::serve_until(Arc::new(self), provider, stop, ready);
             return;
         }
-        if self.runtime == Runtime::Async {
+        if matches!(self.runtime, Runtime::Async | Runtime::AsyncHanded) {
             crate::multiplexed::serve_until(self, provider, stop, ready);
             return;
         }

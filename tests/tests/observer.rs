@@ -259,13 +259,28 @@ fn a_message_between_two_local_pods_is_copied_once() -> anyhow::Result<()> {
         .filter(|e| e.kind == EventKind::Thread)
         .filter_map(Turn::from_event)
         .collect();
-    let (wrote, read): (Vec<&Turn>, Vec<&Turn>) = turns
-        .iter()
-        .partition(|t| t.side == ThreadTurn::ClientWrote);
-    assert_eq!((wrote.len(), read.len()), (3, 3), "{turns:?}");
+    let side = |s: ThreadTurn| -> Vec<&Turn> { turns.iter().filter(|t| t.side == s).collect() };
+    let (wrote, read, answered) = (
+        side(ThreadTurn::ClientWrote),
+        side(ThreadTurn::ServerRead),
+        side(ThreadTurn::ServerWrote),
+    );
+    assert_eq!(
+        (wrote.len(), read.len(), answered.len()),
+        (3, 3, 3),
+        "{turns:?}"
+    );
     let me = std::process::id();
     assert!(wrote.iter().all(|t| t.thread.pid != me), "{wrote:?}");
     assert!(read.iter().all(|t| t.thread.pid == me), "{read:?}");
+    // The server answers right after reading the request, not a call's
+    // answer: its answers name no call.
+    assert!(
+        answered
+            .iter()
+            .all(|t| t.thread.pid == me && t.after_call.is_none()),
+        "{answered:?}"
+    );
     for t in &turns {
         assert_eq!(t.client.ip, IpAddr::V4(client.ipv4), "{t:?}");
     }

@@ -400,7 +400,7 @@ impl Metrics {
         );
         registry.register(
             "stitched_causes",
-            "Hops sent without the context of a request their caller was serving, by how that request was found: exact (same trace), sole (the only one open), thread (the writing thread read it), timing (its answer followed the call's, clearly first), ambiguous (not placed: a root linked to its candidates)",
+            "Hops sent without the context of a request their caller was serving, by how that request was found: exact (same trace), sole (the only one open), thread (the writing thread read it), handoff (its answer was written right after the call's answer was read, by that thread), timing (its answer followed the call's, clearly first), ambiguous (not placed: a root linked to its candidates)",
             m.causes.clone(),
         );
         registry.register(

@@ -124,9 +124,11 @@ pub enum EventKind {
     /// [`ThreadTurn`]): no payload; the header's fields say who and when.
     /// `flow` is the connection as its requests are keyed (client to
     /// server, as the client's socket names them on its end and the
-    /// server's on its own); `direction` is [`ThreadTurn`] as u8; `seq` is
-    /// the process (tgid), `ack` the thread (pid); `segment_len` the bytes
-    /// sent or received.
+    /// server's on its own); `direction` is the end (0: the client's, 1:
+    /// the server's); `ifindex` (no interface here) is a [`thread_word`]:
+    /// the [`ThreadTurn`], and for an answer's write what the thread did
+    /// just before; `seq` is the process (tgid), `ack` the thread (pid);
+    /// `segment_len` the bytes sent or received.
     Thread = 5,
 }
 
@@ -144,13 +146,15 @@ impl EventKind {
 }
 
 /// Which turn a [`EventKind::Thread`] event records: the first send of a
-/// request on the client's socket (after it last received), or the first
-/// receive of one on the server's (after it last sent).
+/// request on the client's socket (after it last received), the first
+/// receive of one on the server's (after it last sent), or the first send
+/// of its answer on the server's (after it last received).
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadTurn {
     ClientWrote = 0,
     ServerRead = 1,
+    ServerWrote = 2,
 }
 
 impl ThreadTurn {
@@ -158,8 +162,61 @@ impl ThreadTurn {
         match v {
             0 => Some(Self::ClientWrote),
             1 => Some(Self::ServerRead),
+            2 => Some(Self::ServerWrote),
             _ => None,
         }
+    }
+}
+
+/// What a thread did on a relay's socket last (the value of the thread
+/// programs' per-thread map), so an answer's write turn can say what came
+/// just before it: an async runtime's task that reads its call's answer and
+/// writes its own without yielding leaves exactly that trace.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LastOp {
+    /// The socket's local port.
+    pub port: u16,
+    /// [`turn::SENT`] or [`turn::RECEIVED`] (an empty read counts: it is
+    /// the task reading that socket to its end).
+    pub op: u8,
+    /// Whether the socket is a watched connection's client end.
+    pub client: u8,
+}
+
+/// Threads whose last operation is remembered at most (an LRU).
+pub const MAX_THREADS: u32 = 16 * 1024;
+
+/// The `ifindex` word of a [`EventKind::Thread`] event: the turn in its
+/// low byte; for a [`ThreadTurn::ServerWrote`], whether the thread's
+/// previous operation on a relay's socket was a receive on a watched
+/// connection's client end, and that socket's local port (high half).
+pub mod thread_word {
+    use super::{LastOp, ThreadTurn, turn};
+
+    /// Set when the previous operation was a receive on a call's socket.
+    pub const AFTER_CALL_READ: u32 = 1 << 8;
+
+    /// The word for `side`, the thread's previous operation being `last`.
+    #[inline(always)]
+    pub fn encode(side: ThreadTurn, last: Option<&LastOp>) -> u32 {
+        match last {
+            Some(l) if l.client != 0 && l.op == turn::RECEIVED => {
+                side as u32 | AFTER_CALL_READ | (l.port as u32) << 16
+            }
+            _ => side as u32,
+        }
+    }
+
+    /// The turn.
+    pub fn side(w: u32) -> Option<ThreadTurn> {
+        ThreadTurn::from_u8(w as u8)
+    }
+
+    /// The call socket's local port, if the previous operation was a
+    /// receive on one.
+    pub fn after_call(w: u32) -> Option<u16> {
+        (w & AFTER_CALL_READ != 0).then_some((w >> 16) as u16)
     }
 }
 
@@ -171,6 +228,23 @@ pub const MAX_WATCHED: u32 = 16 * 1024;
 /// serve requests and make calls, the only ones whose threads matter (a
 /// call is tied to a request of the same pod).
 pub const MAX_RELAYS: u32 = 4096;
+
+/// Slots of the relays' filter: an array the thread programs read before
+/// they look a socket's address up among the relays, so the node's other
+/// sockets cost an array read, not a hash lookup. A slot is set by any
+/// relay address that falls in it and never cleared: a false positive
+/// costs only the lookup it would have saved.
+pub const RELAY_FILTER_SLOTS: u32 = 16 * 1024;
+
+/// A relay address's slot in the filter ([`RELAY_FILTER_SLOTS`]): the
+/// address's last word (IPv4's only one), hashed. The kernel and the agent
+/// must agree.
+#[inline(always)]
+pub fn relay_slot(addr: &[u8; 16], family: u8) -> u32 {
+    let i = if family == family::IPV6 { 12 } else { 0 };
+    let word = u32::from_ne_bytes([addr[i], addr[i + 1], addr[i + 2], addr[i + 3]]);
+    word.wrapping_mul(0x9E37_79B1) >> (32 - RELAY_FILTER_SLOTS.trailing_zeros())
+}
 
 /// Value of the watched-connections map: each end's last operation
 /// ([`turn`]), so only the first send or receive of a turn is an event.

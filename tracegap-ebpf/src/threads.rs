@@ -13,7 +13,12 @@
 //! on `tcp_sendmsg` / `tcp_recvmsg` where those are missing) run in the
 //! calling thread; for a watched connection they send one event per turn:
 //! the client's first send of a request, the server's first receive of
-//! one. Every other socket costs two hash lookups and is left alone. The
+//! one and its first send of the answer. That last one says what the
+//! thread did just before on a relay's socket ([`LastOp`], kept per
+//! thread): an async runtime's task that reads its call's answer and
+//! writes its own answer without yielding in between leaves a receive on
+//! the call's socket right before the write. Every other socket costs two
+//! reads and a lookup and is left alone. The
 //! programs read `struct sock` at offsets the agent found in the running
 //! kernel's BTF (globals, set before loading): aya-ebpf emits no CO-RE
 //! relocations. They observe only and return 0.
@@ -27,8 +32,9 @@ use aya_ebpf::{
     programs::{FExitContext, RawTracePointContext},
 };
 use tracegap_common::{
-    EventHeader, EventKind, FlowKey, MAX_RELAYS, MAX_WATCHED, SEND_NOTE_SLOTS, SEND_NOTE_WINDOW_NS,
-    SendNote, SourceKey, ThreadTurn, Turns, counter, family, turn,
+    EventHeader, EventKind, FlowKey, LastOp, MAX_RELAYS, MAX_THREADS, MAX_WATCHED,
+    RELAY_FILTER_SLOTS, SEND_NOTE_SLOTS, SEND_NOTE_WINDOW_NS, SendNote, SourceKey, ThreadTurn,
+    Turns, counter, family, relay_slot, thread_word, turn,
 };
 
 use crate::{COUNTERS, EVENTS, clock, count, net};
@@ -41,8 +47,19 @@ static WATCHED: LruHashMap<FlowKey, Turns> = LruHashMap::with_max_entries(MAX_WA
 #[map]
 static RELAYS: LruHashMap<SourceKey, u8> = LruHashMap::with_max_entries(MAX_RELAYS, 0);
 
+/// Which [`relay_slot`]s hold a relay (written by the agent): most
+/// sockets stop at this array read.
+#[map]
+static RELAY_FILTER: Array<u8> = Array::with_max_entries(RELAY_FILTER_SLOTS, 0);
+
 #[inline(always)]
 fn relay(addr: &[u8; 16], family: u8) -> bool {
+    if !RELAY_FILTER
+        .get(relay_slot(addr, family))
+        .is_some_and(|v| *v != 0)
+    {
+        return false;
+    }
     let key = SourceKey {
         addr: *addr,
         family,
@@ -50,6 +67,10 @@ fn relay(addr: &[u8; 16], family: u8) -> bool {
     };
     RELAYS.get_ptr(&key).is_some()
 }
+
+/// Each thread's last operation on a relay's socket, by thread id.
+#[map]
+static LAST_OPS: LruHashMap<u32, LastOp> = LruHashMap::with_max_entries(MAX_THREADS, 0);
 
 /// The last send on unwatched sockets, by their flow's slot (see
 /// [`SendNote`]): an array write per such send, no hash update.
@@ -105,7 +126,7 @@ pub(crate) fn watch(flow: &FlowKey) {
         // SAFETY: a map value.
         unsafe { (*t).client = turn::SENT };
     }
-    emit(flow, ThreadTurn::ClientWrote, bytes as i32, id, ts);
+    emit(flow, ThreadTurn::ClientWrote, bytes as i32, id, ts, None);
 }
 
 /// Two flows, word by word (no memcmp in BPF).
@@ -243,81 +264,114 @@ fn starts_turn(last: &mut u8, now: u8, reported: bool) -> bool {
 
 #[inline(always)]
 fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
-    if bytes <= 0 || sk.is_null() {
+    // A failed call (EAGAIN, most of them) is left out: it is frequent on
+    // every socket of the node and tells nothing a read's data does not.
+    if sk.is_null() || bytes < 0 {
         return Ok(());
     }
     let Some(key) = connection(sk)? else {
         return Ok(());
     };
+    let id = bpf_get_current_pid_tgid();
     let now = match op {
         Op::Send => turn::SENT,
         Op::Receive => turn::RECEIVED,
     };
+    let mut last = LastOp {
+        port: key.sport,
+        op: now,
+        client: 0,
+    };
+    // Every operation of the thread on a relay's socket is its last one,
+    // an empty read too (a task reading its call's answer to the end);
+    // only one that moved bytes can start a turn.
+    let moved = bytes > 0;
     // The client's socket names the request's flow as it is: local to
     // remote; the server's names it the other way round.
     if let Some(t) = WATCHED.get_ptr_mut(&key) {
+        last.client = 1;
         // SAFETY: a map value; a racing writer only writes a turn too.
-        if starts_turn(unsafe { &mut (*t).client }, now, op == Op::Send) {
-            emit(
-                &key,
-                ThreadTurn::ClientWrote,
-                bytes,
-                bpf_get_current_pid_tgid(),
-                clock(),
-            );
+        if moved && starts_turn(unsafe { &mut (*t).client }, now, op == Op::Send) {
+            emit(&key, ThreadTurn::ClientWrote, bytes, id, clock(), None);
         }
-        return Ok(());
-    }
-    let served = key.reversed();
-    if let Some(t) = WATCHED.get_ptr_mut(&served) {
+    } else if let Some(t) = WATCHED.get_ptr_mut(&key.reversed()) {
         // SAFETY: as above.
-        if starts_turn(unsafe { &mut (*t).server }, now, op == Op::Receive) {
-            emit(
-                &served,
-                ThreadTurn::ServerRead,
-                bytes,
-                bpf_get_current_pid_tgid(),
-                clock(),
-            );
+        if moved && starts_turn(unsafe { &mut (*t).server }, now, true) {
+            let (side, before) = match op {
+                Op::Receive => (ThreadTurn::ServerRead, None),
+                Op::Send => (ThreadTurn::ServerWrote, last_op(id as u32)),
+            };
+            emit(&key.reversed(), side, bytes, id, clock(), before.as_ref());
         }
-        return Ok(());
+    } else if moved && op == Op::Send {
+        note_send(&key, bytes, id);
     }
-    // Unwatched: a client's first request may be sent before its packet is
-    // seen (see `watch`); note the sender where the flow's request (the
-    // socket's own view, local to remote) will look.
-    if op == Op::Send
-        && let Some(n) = SEND_NOTES.get_ptr_mut(net::slot_of(&key) & (SEND_NOTE_SLOTS - 1))
-    {
-        let (ts, id) = (clock(), bpf_get_current_pid_tgid());
-        // SAFETY: an array slot; plain stores, any writer writes a note.
-        unsafe {
-            n.write(SendNote {
-                flow: key,
-                ts_ns: ts,
-                pid_tgid: id,
-                bytes: bytes as u32,
-                _pad: 0,
-            })
-        };
-        // The packet may have been seen between the lookup above and the
-        // note (a softirq taken on this CPU meanwhile): its `watch` found
-        // no note, so the turn is this program's to send.
-        if let Some(t) = WATCHED.get_ptr_mut(&key) {
-            // SAFETY: the slot and a map value, as above.
-            unsafe {
-                if (*n).ts_ns == ts {
-                    (*n).ts_ns = 0;
-                    (*t).client = turn::SENT;
-                    emit(&key, ThreadTurn::ClientWrote, bytes, id, ts);
-                }
-            }
-        }
-    }
+    remember(id as u32, last);
     Ok(())
 }
 
+/// The thread's last operation on a relay's socket.
 #[inline(always)]
-fn emit(flow: &FlowKey, side: ThreadTurn, bytes: i32, id: u64, ts_ns: u64) {
+fn last_op(tid: u32) -> Option<LastOp> {
+    // SAFETY: a map value, copied out.
+    LAST_OPS.get_ptr(&tid).map(|l| unsafe { *l })
+}
+
+/// Records `last` as the thread's last operation: in place when the
+/// thread is known (no hash update), inserted otherwise.
+#[inline(always)]
+fn remember(tid: u32, last: LastOp) {
+    if let Some(l) = LAST_OPS.get_ptr_mut(&tid) {
+        // SAFETY: a map value; only this thread writes its own entry.
+        unsafe { *l = last };
+    } else {
+        let _ = LAST_OPS.insert(&tid, &last, 0);
+    }
+}
+
+/// A send on an unwatched socket: a client's first request may be sent
+/// before its packet is seen (see `watch`); note the sender where the
+/// flow's request (the socket's own view, local to remote) will look.
+#[inline(always)]
+fn note_send(key: &FlowKey, bytes: i32, id: u64) {
+    let Some(n) = SEND_NOTES.get_ptr_mut(net::slot_of(key) & (SEND_NOTE_SLOTS - 1)) else {
+        return;
+    };
+    let ts = clock();
+    // SAFETY: an array slot; plain stores, any writer writes a note.
+    unsafe {
+        n.write(SendNote {
+            flow: *key,
+            ts_ns: ts,
+            pid_tgid: id,
+            bytes: bytes as u32,
+            _pad: 0,
+        })
+    };
+    // The packet may have been seen between the lookup and the note (a
+    // softirq taken on this CPU meanwhile): its `watch` found no note, so
+    // the turn is this program's to send.
+    if let Some(t) = WATCHED.get_ptr_mut(key) {
+        // SAFETY: the slot and a map value, as above.
+        unsafe {
+            if (*n).ts_ns == ts {
+                (*n).ts_ns = 0;
+                (*t).client = turn::SENT;
+                emit(key, ThreadTurn::ClientWrote, bytes, id, ts, None);
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn emit(
+    flow: &FlowKey,
+    side: ThreadTurn,
+    bytes: i32,
+    id: u64,
+    ts_ns: u64,
+    before: Option<&LastOp>,
+) {
     let Some(counters) = COUNTERS.get_ptr_mut(0) else {
         return;
     };
@@ -326,11 +380,11 @@ fn emit(flow: &FlowKey, side: ThreadTurn, bytes: i32, id: u64, ts_ns: u64) {
     let header = EventHeader {
         ts_ns,
         flow: *flow,
-        ifindex: 0,
+        ifindex: thread_word::encode(side, before),
         seq: (id >> 32) as u32,
         segment_len: bytes as u32,
         payload_len: 0,
-        direction: side as u8,
+        direction: (side != ThreadTurn::ClientWrote) as u8,
         kind: EventKind::Thread as u8,
         flags: 0,
         _pad: [0; 3],

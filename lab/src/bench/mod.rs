@@ -1245,13 +1245,13 @@ fn causality(rows: &mut Vec<Row>) -> anyhow::Result<()> {
             Some(share >= 99.0 && w.wrong + b.wrong == 0),
         ));
     }
-    let unplaced = measure(&LEVELS, true, false, Runtime::Async)?;
-    let timed = measure(&LEVELS, true, true, Runtime::Async)?;
-    for (a, b) in timed.levels.iter().zip(&unplaced.levels) {
+    let without = measure(&LEVELS, false, false, Runtime::Async)?;
+    let with = measure(&LEVELS, true, false, Runtime::Async)?;
+    for (a, b) in with.levels.iter().zip(&without.levels) {
         let share = a.right as f64 / a.hops.max(1) as f64 * 100.0;
         rows.push(row(
             &format!(
-                "stitching an async service's calls (one thread for all requests), {} in flight ({} hops): parents against its own record, by default / with --place-by-timing",
+                "stitching an async service's calls (one thread for all requests, each reading its call's answer), {} in flight ({} hops): parents against its own record, without / with thread evidence (handoff)",
                 a.in_flight, a.hops,
             ),
             show(b),
@@ -1259,6 +1259,22 @@ fn causality(rows: &mut Vec<Row>) -> anyhow::Result<()> {
             format!("{share:.1}% under the right parent, {} under a wrong one", a.wrong),
             if a.in_flight == 16 { "≥ 90% right, 0 wrong" } else { "0 wrong" },
             Some(a.wrong + b.wrong == 0 && (a.in_flight != 16 || share >= 90.0)),
+        ));
+    }
+    let unplaced = measure(&LEVELS, true, false, Runtime::AsyncHanded)?;
+    let timed = measure(&LEVELS, true, true, Runtime::AsyncHanded)?;
+    for (a, b) in timed.levels.iter().zip(&unplaced.levels) {
+        let share = a.right as f64 / a.hops.max(1) as f64 * 100.0;
+        rows.push(row(
+            &format!(
+                "stitching an async service's calls whose answers are handed between tasks (handoff distrusted), {} in flight ({} hops): parents against its own record, by default / with --place-by-timing",
+                a.in_flight, a.hops,
+            ),
+            show(b),
+            show(a),
+            format!("{share:.1}% under the right parent, {} under a wrong one", a.wrong),
+            "0 wrong",
+            Some(a.wrong + b.wrong == 0),
         ));
     }
     Ok(())

@@ -244,7 +244,15 @@ impl Observer {
             name: threads::RELAYS,
             source: Box::new(source),
         })?;
-        Ok(Some(threads::Relays::new(map)))
+        let filter = self
+            .ebpf
+            .take_map(threads::RELAY_FILTER)
+            .ok_or(Error::MissingMap(threads::RELAY_FILTER))?;
+        let filter = aya::maps::Array::try_from(filter).map_err(|source| Error::Map {
+            name: threads::RELAY_FILTER,
+            source: Box::new(source),
+        })?;
+        Ok(Some(threads::Relays::new(map, filter)))
     }
 
     /// One of the loaded programs ([`INGRESS_PROGRAM`], [`EGRESS_PROGRAM`]),

@@ -23,6 +23,8 @@ pub const TCP_RECVMSG: &str = "tracegap_tcp_recvmsg";
 
 /// The map of relays' addresses.
 pub const RELAYS: &str = "RELAYS";
+/// The relays' filter (see [`Relays`]).
+pub const RELAY_FILTER: &str = "RELAY_FILTER";
 
 /// How often a relay is written again (the kernel's map is an LRU).
 const REFRESH_NS: u64 = 60_000_000_000;
@@ -33,13 +35,20 @@ const REFRESH_NS: u64 = 60_000_000_000;
 /// thread programs two reads and a lookup per send or receive.
 pub struct Relays {
     map: HashMap<MapData, SourceKey, u8>,
+    /// Slots of the map's addresses, read first (see
+    /// [`tracegap_common::relay_slot`]).
+    filter: aya::maps::Array<MapData, u8>,
     written: FastMap<IpAddr, u64>,
 }
 
 impl Relays {
-    pub fn new(map: HashMap<MapData, SourceKey, u8>) -> Self {
+    pub fn new(
+        map: HashMap<MapData, SourceKey, u8>,
+        filter: aya::maps::Array<MapData, u8>,
+    ) -> Self {
         Self {
             map,
+            filter,
             written: FastMap::default(),
         }
     }
@@ -67,6 +76,14 @@ impl Relays {
                 key.addr = v6.octets();
                 key.family = family::IPV6;
             }
+        }
+        // The filter's slot first: the programs ask it before the map.
+        if let Err(e) = self
+            .filter
+            .set(tracegap_common::relay_slot(&key.addr, key.family), 1, 0)
+        {
+            tracing::warn!(%ip, error = %e, "marking a relay in the filter");
+            return;
         }
         match self.map.insert(key, 1, 0) {
             Ok(()) => {

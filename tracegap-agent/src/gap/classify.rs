@@ -19,12 +19,17 @@
 //! 3. otherwise, if the thread that wrote the call read exactly one of
 //!    them, and no request since (a thread per request), that one
 //!    (`Confidence::Thread`: the kernel's turns, see [`super::threads`]);
-//! 4. otherwise, if the one request whose answer followed the call's
-//!    answer closely, and clearly sooner than any other's, is open
-//!    (`Confidence::Timing`: one to one, scored on both ends, see
-//!    [`super::timing`]; what an async runtime's calls get, where threads
-//!    serve many requests), that one;
-//! 5. otherwise the call is `Confidence::Ambiguous`: the candidates are
+//! 4. otherwise, if exactly one of them had its answer written by a thread
+//!    whose previous operation was reading the call's answer (a task that
+//!    resumed on its call's answer and answered without yielding: an
+//!    async runtime's, where a thread serves many requests), and the pod's
+//!    calls have been named so cleanly (see [`HandoffRecord`]), that one
+//!    (`Confidence::Handoff`, see [`super::threads::Handoff`]);
+//! 5. otherwise, with `--place-by-timing`, if the one request whose answer
+//!    followed the call's answer closely, and clearly sooner than any
+//!    other's, is open (`Confidence::Timing`: one to one, scored on both
+//!    ends, see [`super::timing`]), that one;
+//! 6. otherwise the call is `Confidence::Ambiguous`: the candidates are
 //!    named (span links), none is made its parent. Under load the newest
 //!    open request is almost never the cause (measured: 4 of 320 right at
 //!    16 in flight), and a wrong parent in Jaeger reads as a fact; no
@@ -39,7 +44,7 @@ use serde::Serialize;
 
 use super::{
     hop::{Hop, Protocol, Request},
-    threads::{Evidence, Threads, Turn},
+    threads::{Evidence, Handoff, Threads, Turn},
     timing::{self, Candidate, OtherCall, Timing},
 };
 use crate::http::context::{Format, Found, SpanContext};
@@ -122,15 +127,20 @@ pub enum Confidence {
     /// The thread that wrote the call read this request, and no other
     /// since.
     Thread,
+    /// Of `candidates` open requests, the one whose answer its thread
+    /// wrote right after reading the call's answer.
+    Handoff { candidates: usize },
     /// Of `candidates` open requests, the one whose answer followed the
     /// call's answer, clearly sooner than any other's.
     Timing { candidates: usize },
     /// One of several requests the caller was serving: the evidence does
     /// not single one out. `threads`: why the threads' turns could not
-    /// tell ([`Evidence::why_not`]).
+    /// tell ([`Evidence::why_not`]); `answers`: why the answers' could not
+    /// ([`HandoffSeen::as_str`]).
     Ambiguous {
         candidates: usize,
         threads: &'static str,
+        answers: HandoffSeen,
     },
 }
 
@@ -140,6 +150,7 @@ impl Confidence {
             Self::Exact => "exact",
             Self::Sole => "sole",
             Self::Thread => "thread",
+            Self::Handoff { .. } => "handoff",
             Self::Timing { .. } => "timing",
             Self::Ambiguous { .. } => "ambiguous",
         }
@@ -150,8 +161,85 @@ impl Confidence {
     pub fn places(&self) -> bool {
         matches!(
             self,
-            Self::Exact | Self::Sole | Self::Thread | Self::Timing { .. }
+            Self::Exact | Self::Sole | Self::Thread | Self::Handoff { .. } | Self::Timing { .. }
         )
+    }
+}
+
+/// What the answers said of a call the threads' turns could not place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HandoffSeen {
+    /// No answer turn to ask (thread evidence off, or the call not yet
+    /// answered).
+    NotAsked,
+    /// One answer named the call, and the pod's record is clean: placed.
+    Named,
+    /// One answer named the call, but the pod's record is not (yet) clean
+    /// enough to trust it.
+    Unproven,
+    /// One answer named the call, but another call answered while that
+    /// request was open, before its answer, was not named exactly once:
+    /// the name may belong to it.
+    Unsettled,
+    /// Several answers named the call.
+    Contested,
+    /// None did.
+    Unnamed,
+}
+
+impl HandoffSeen {
+    /// For spans (`tracegap.link.answers`).
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::NotAsked => "not_asked",
+            Self::Named => "named",
+            Self::Unproven => "unproven",
+            Self::Unsettled => "unsettled",
+            Self::Contested => "contested",
+            Self::Unnamed => "unnamed",
+        }
+    }
+}
+
+/// Outcomes remembered per pod: its last calls the answers were asked
+/// about.
+const HANDOFF_WINDOW: u32 = 128;
+/// Of them, at least this many before the answers place anything.
+const HANDOFF_MIN: u32 = 32;
+/// And at most this many not named exactly once.
+const HANDOFF_MAX_UNCLEAN: u32 = 2;
+
+/// Calls answered while a named request was open checked at most (past
+/// it, the answers do not place).
+const MAX_SETTLED: usize = 64;
+/// How long after a call's answer the answer naming it may be written.
+const HANDOFF_NAMING_NS: u64 = 250_000_000;
+
+/// How cleanly a pod's calls were named by its answers. A runtime whose
+/// tasks read their call's answer and write their own in one go names
+/// each call exactly once. One that hands the answer from a connection's
+/// task to the request's task (hyper's client, asyncio's protocols, Go's
+/// goroutines across threads) lets other tasks run in between: an answer
+/// then names whatever was read last, and the call really read leaves
+/// unnamed, or named twice. Each wrong name leaves a call unnamed or
+/// contested, so a record with almost none of those has almost no wrong
+/// names; a pod earns the rule back as its record clears.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct HandoffRecord {
+    /// The last outcomes, newest in bit 0: 1 when not named exactly once.
+    unclean: u128,
+    seen: u32,
+}
+
+impl HandoffRecord {
+    fn record(&mut self, clean: bool) {
+        self.unclean = (self.unclean << 1) | u128::from(!clean);
+        self.seen = (self.seen + 1).min(HANDOFF_WINDOW);
+    }
+
+    fn trusted(&self) -> bool {
+        self.seen >= HANDOFF_MIN && self.unclean.count_ones() <= HANDOFF_MAX_UNCLEAN
     }
 }
 
@@ -250,6 +338,7 @@ struct Pod {
     /// Requests this pod sent.
     outbound: VecDeque<Open>,
     last_ns: u64,
+    handoffs: HandoffRecord,
 }
 
 fn push_bounded(q: &mut VecDeque<Open>, o: Open) {
@@ -326,9 +415,10 @@ impl Engine {
     /// ([`Self::awaits_turns`]), or, timing deciding it, answers of its
     /// candidates not in yet (see [`timing`]).
     pub fn awaits(&self, hop: &Hop) -> bool {
-        // Timing off (the default), nothing waits on answers: the hop's
-        // cause is not worked out twice on every hop.
-        self.awaits_turns(hop) || (self.by_timing && self.cause_of(hop).1)
+        // Neither timing nor answers' turns asked, nothing waits on
+        // answers: the hop's cause is not worked out twice on every hop.
+        self.awaits_turns(hop)
+            || ((self.by_timing || self.threads.answer_turns > 0) && self.cause_of(hop).1)
     }
 
     /// Whether the pod at `ip` both serves requests and makes calls: the
@@ -382,6 +472,20 @@ impl Engine {
         let parent = self.parent_of(hop);
         if let Some(l) = parent.as_ref().filter(|l| l.confidence.places()) {
             self.take(hop, &l.context);
+        }
+        let answered = match parent.as_ref().map(|l| l.confidence) {
+            Some(Confidence::Handoff { .. }) => Some(true),
+            Some(Confidence::Ambiguous { answers, .. }) => match answers {
+                HandoffSeen::Named | HandoffSeen::Unproven | HandoffSeen::Unsettled => Some(true),
+                HandoffSeen::Contested | HandoffSeen::Unnamed => Some(false),
+                HandoffSeen::NotAsked => None,
+            },
+            _ => None,
+        };
+        if let Some(clean) = answered
+            && let Some(p) = self.pods.get_mut(&hop.caller().ip)
+        {
+            p.handoffs.record(clean);
         }
         let mut v = self.judge(hop, parent.clone(), callee_instrumented);
         if let Some(ctx) = hop.context() {
@@ -586,9 +690,28 @@ impl Engine {
         if let Evidence::Thread(o) = by_thread {
             return (link(o, Confidence::Thread), false);
         }
+        let candidates = open.len();
+        let (handoff, answers_pending) = if self.threads.answer_turns == 0 || hop.unanswered {
+            (HandoffSeen::NotAsked, false)
+        } else {
+            match self.threads.handoff(
+                hop.caller(),
+                open.iter()
+                    .map(|o| (*o, o.req.flow.src, o.start_ns(), o.end_ns())),
+            ) {
+                (Handoff::Named(o), more) if pod.handoffs.trusted() => {
+                    if self.settled(pod, hop, o) {
+                        return (link(o, Confidence::Handoff { candidates }), false);
+                    }
+                    (HandoffSeen::Unsettled, more)
+                }
+                (Handoff::Named(_), more) => (HandoffSeen::Unproven, more),
+                (Handoff::Unnamed, more) => (HandoffSeen::Unnamed, more),
+                (Handoff::Contested(_), _) => (HandoffSeen::Contested, false),
+            }
+        };
         let by_timing = self.timing(pod, hop, &open);
         if let Timing::Placed(o) = by_timing {
-            let candidates = open.len();
             return (link(o, Confidence::Timing { candidates }), false);
         }
         let mut by_recency = open.clone();
@@ -599,8 +722,9 @@ impl Engine {
         let ambiguous = newest.primary().map(|c| Link {
             context: c.clone(),
             confidence: Confidence::Ambiguous {
-                candidates: open.len(),
+                candidates,
                 threads: by_thread.why_not(),
+                answers: handoff,
             },
             baggage: open.iter().all(|o| o.baggage()),
             candidates: by_recency
@@ -609,7 +733,51 @@ impl Engine {
                 .filter_map(|o| o.primary().cloned())
                 .collect(),
         });
-        (ambiguous, matches!(by_timing, Timing::Pending))
+        (
+            ambiguous,
+            matches!(by_timing, Timing::Pending) || answers_pending,
+        )
+    }
+
+    /// Whether every other call of `pod` made while `o` was open and
+    /// answered before `o`'s answer was written was named by exactly one
+    /// answer. A task that waited for its call's answer and wrote its own
+    /// answer after another task read another call's names that other
+    /// call; the call it really waited for, made while its request was
+    /// open and answered before, is then left named by none (or by two):
+    /// a wrong name shows beside it, not only in the pod's record.
+    fn settled(&self, pod: &Pod, hop: &Hop, o: &Open) -> bool {
+        let Some(answered) = self
+            .threads
+            .answered_at(o.req.flow.src, o.start_ns(), o.end_ns())
+        else {
+            return false;
+        };
+        let mut seen = 0;
+        for c in pod
+            .outbound
+            .iter()
+            .rev()
+            .skip_while(|c| c.start_ns() > answered)
+            .take_while(|c| c.start_ns() >= o.start_ns())
+        {
+            if c.is(&hop.flow, hop.seq) {
+                continue;
+            }
+            let Some(end) = c.end_ns().filter(|e| *e <= answered) else {
+                continue;
+            };
+            seen += 1;
+            if seen > MAX_SETTLED
+                || self
+                    .threads
+                    .names(c.req.flow.src.port, end, HANDOFF_NAMING_NS)
+                    != 1
+            {
+                return false;
+            }
+        }
+        true
     }
 
     /// What the answers' timing says of `hop` among `open` (see

@@ -9,5 +9,5 @@ pub mod span;
 pub mod threads;
 pub mod timing;
 
-pub use classify::{Confidence, Engine, GapKind, Link, Verdict};
+pub use classify::{Confidence, Engine, GapKind, HandoffSeen, Link, Verdict};
 pub use hop::Hop;

@@ -256,14 +256,20 @@ pub fn build(
                 super::Confidence::Ambiguous {
                     candidates,
                     threads,
+                    answers,
                 } => {
                     attributes.push(KeyValue::new("tracegap.link.candidates", candidates as i64));
                     // Why the threads could not tell: a thread serving
                     // several requests at once, no write turn seen, or no
                     // match.
                     attributes.push(KeyValue::new("tracegap.link.threads", threads));
+                    // Why the answers could not: none named the call,
+                    // several did, or the pod's record does not earn
+                    // trust (yet).
+                    attributes.push(KeyValue::new("tracegap.link.answers", answers.as_str()));
                 }
-                super::Confidence::Timing { candidates } => {
+                super::Confidence::Timing { candidates }
+                | super::Confidence::Handoff { candidates } => {
                     attributes.push(KeyValue::new("tracegap.link.candidates", candidates as i64));
                 }
                 _ => {}
@@ -633,6 +639,7 @@ mod tests {
             confidence: Confidence::Ambiguous {
                 candidates: 2,
                 threads: "unmatched",
+                answers: crate::gap::HandoffSeen::Unnamed,
             },
             baggage: false,
             candidates,

@@ -1,7 +1,7 @@
 //! Which thread wrote each outbound request and which read each inbound
 //! one, from the kernel's turns (`EventKind::Thread`: the client's first
-//! send of a request on its socket, the server's first receive of one, in
-//! the calling thread).
+//! send of a request on its socket, the server's first receive of one and
+//! first send of its answer, in the calling thread).
 //!
 //! A thread-per-request server reads a request, makes its calls, answers,
 //! and only then reads another: the thread that wrote an outbound call
@@ -10,13 +10,20 @@
 //! a thread then holds several open requests, and its turns prove nothing
 //! (the engine falls back, and says so).
 //!
+//! The answers tell what the requests do not: a task that reads its call's
+//! answer and writes its own request's answer without yielding leaves, on
+//! its thread, a receive on the call's socket right before the answer's
+//! write ([`Handoff`]). A request's answer names at most one call so; a
+//! call named by two answers (a task that yielded mid-read, another task's
+//! answer written meanwhile) is not decided by it.
+//!
 //! Turns are keyed by the connection's client end, the one address both
 //! ends' sockets and every interface name alike (a Service's address is
 //! rewritten on the way, the client's is not).
 
 use std::collections::VecDeque;
 
-use tracegap_common::ThreadTurn;
+use tracegap_common::{ThreadTurn, thread_word};
 
 use crate::{
     FastMap,
@@ -38,6 +45,9 @@ pub struct Turn {
     pub client: Endpoint,
     pub side: ThreadTurn,
     pub thread: Tid,
+    /// An answer's write turn: the local port of the call whose answer
+    /// the thread received just before, if that was its previous operation.
+    pub after_call: Option<u16>,
 }
 
 impl Turn {
@@ -46,11 +56,12 @@ impl Turn {
         Some(Self {
             ts_ns: e.ts_ns,
             client: e.flow.src,
-            side: ThreadTurn::from_u8(e.direction as u8)?,
+            side: thread_word::side(e.ifindex)?,
             thread: Tid {
                 pid: e.seq,
                 tid: e.ack,
             },
+            after_call: thread_word::after_call(e.ifindex),
         })
     }
 }
@@ -91,14 +102,33 @@ impl<T> Evidence<T> {
     }
 }
 
+/// What the answers' write turns say of an outbound call's cause.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Handoff<T> {
+    /// One answer (this request's) was written right after the call's
+    /// answer was read, and no other answer names the call.
+    Named(T),
+    /// Several answers name the call: some task yielded in between.
+    Contested(usize),
+    /// No answer names the call.
+    Unnamed,
+}
+
 /// The turns seen lately.
 #[derive(Default)]
 pub struct Threads {
     writes: FastMap<Endpoint, VecDeque<(u64, Tid)>>,
     reads: FastMap<Endpoint, VecDeque<(u64, Tid)>>,
+    /// Answers written, by the inbound connection's client end: when, and
+    /// the call port named ([`Turn::after_call`]).
+    answers: FastMap<Endpoint, VecDeque<(u64, Option<u16>)>>,
+    /// The same answers by the call port they name: when.
+    named: FastMap<u16, VecDeque<(u64, ())>>,
     /// Per thread, the requests it read: when, and the connection.
     read_by: FastMap<Tid, VecDeque<(u64, Endpoint)>>,
     pub turns: u64,
+    /// Answers' write turns seen: none, no call waits for them.
+    pub answer_turns: u64,
 }
 
 fn push<K: std::hash::Hash + Eq, V>(map: &mut FastMap<K, VecDeque<V>>, k: K, v: V) {
@@ -122,7 +152,77 @@ impl Threads {
                 push(&mut self.reads, t.client, (t.ts_ns, t.thread));
                 push(&mut self.read_by, t.thread, (t.ts_ns, t.client));
             }
+            ThreadTurn::ServerWrote => {
+                self.answer_turns += 1;
+                push(&mut self.answers, t.client, (t.ts_ns, t.after_call));
+                if let Some(port) = t.after_call {
+                    push(&mut self.named, port, (t.ts_ns, ()));
+                }
+            }
         }
+    }
+
+    /// The answer written on `client`'s connection for its request sent
+    /// at `start_ns` and answered (as the interface saw it) at `end_ns`,
+    /// if it was: the first write turn after the request, before the
+    /// answer's packet was seen (or just after: the turn is taken as the
+    /// send returns). The outer None: not seen.
+    fn answer(&self, client: Endpoint, start_ns: u64, end_ns: Option<u64>) -> Option<Option<u16>> {
+        let until = end_ns.map_or(u64::MAX, |e| e.saturating_add(WRITE_WINDOW_NS));
+        self.answers
+            .get(&client)?
+            .iter()
+            .find(|(ts, _)| *ts >= start_ns && *ts <= until)
+            .map(|(_, after)| *after)
+    }
+
+    /// When the answer of `client`'s request sent at `start_ns` (answered
+    /// at `end_ns`, if it was) was written, if its turn was seen.
+    pub fn answered_at(&self, client: Endpoint, start_ns: u64, end_ns: Option<u64>) -> Option<u64> {
+        let until = end_ns.map_or(u64::MAX, |e| e.saturating_add(WRITE_WINDOW_NS));
+        self.answers
+            .get(&client)?
+            .iter()
+            .find(|(ts, _)| *ts >= start_ns && *ts <= until)
+            .map(|(ts, _)| *ts)
+    }
+
+    /// How many answers named the call from local port `port` answered at
+    /// `end_ns` (written after it, within `within_ns`: ports are reused).
+    pub fn names(&self, port: u16, end_ns: u64, within_ns: u64) -> usize {
+        self.named.get(&port).map_or(0, |q| {
+            q.iter()
+                .filter(|(ts, _)| *ts >= end_ns && *ts <= end_ns.saturating_add(within_ns))
+                .count()
+        })
+    }
+
+    /// Which of `open` (each: its client end, start, end if answered) had
+    /// its answer written right after the answer of the call `caller`
+    /// made; and whether some are not answered yet (an answer naming the
+    /// call may still come: a task that yielded mid-read lets another
+    /// task's answer name the call first, its own follows).
+    pub fn handoff<T: Copy>(
+        &self,
+        caller: Endpoint,
+        open: impl Iterator<Item = (T, Endpoint, u64, Option<u64>)>,
+    ) -> (Handoff<T>, bool) {
+        let mut named = Vec::new();
+        let mut pending = false;
+        for (o, client, o_start, o_end) in open {
+            match self.answer(client, o_start, o_end) {
+                Some(after) if after == Some(caller.port) => named.push(o),
+                Some(_) => {}
+                // Its answer's turn may come with or after its packet.
+                None => pending = true,
+            }
+        }
+        let handoff = match named[..] {
+            [] => Handoff::Unnamed,
+            [o] => Handoff::Named(o),
+            _ => Handoff::Contested(named.len()),
+        };
+        (handoff, pending)
     }
 
     /// The thread that wrote the request `client` sent at `start_ns`.
@@ -199,11 +299,17 @@ impl Threads {
         trim(&mut self.writes, ts_ns);
         trim(&mut self.reads, ts_ns);
         trim(&mut self.read_by, ts_ns);
+        trim(&mut self.answers, ts_ns);
+        trim(&mut self.named, ts_ns);
     }
 
     /// Connections and threads remembered, for bounds tests.
     pub fn remembered(&self) -> usize {
-        self.writes.len() + self.reads.len() + self.read_by.len()
+        self.writes.len()
+            + self.reads.len()
+            + self.read_by.len()
+            + self.answers.len()
+            + self.named.len()
     }
 }
 
@@ -228,6 +334,7 @@ mod tests {
             client: ep(client),
             side,
             thread,
+            after_call: None,
         });
     }
 
@@ -283,12 +390,78 @@ mod tests {
         );
     }
 
+    fn answer(t: &mut Threads, at: u64, client: u16, after_call: Option<u16>) {
+        t.turn(Turn {
+            ts_ns: at * MS,
+            client: ep(client),
+            side: ThreadTurn::ServerWrote,
+            thread: T1,
+            after_call,
+        });
+    }
+
+    #[test]
+    fn an_answer_written_right_after_a_calls_answer_names_that_call() {
+        let mut t = Threads::default();
+        // Requests from ports 1 and 2, answered at 30 and 31 ms: the first
+        // right after reading the answer of the call from port 9, the
+        // second after something else.
+        answer(&mut t, 30, 1, Some(9));
+        answer(&mut t, 31, 2, None);
+        let open = [
+            ("a", ep(1), 10 * MS, Some(30 * MS)),
+            ("b", ep(2), 11 * MS, Some(31 * MS)),
+        ];
+        assert_eq!(
+            t.handoff(ep(9), open.iter().copied()),
+            (Handoff::Named("a"), false)
+        );
+        // Another call: named by none.
+        assert_eq!(
+            t.handoff(ep(8), open.iter().copied()),
+            (Handoff::Unnamed, false)
+        );
+        // An answer written before the request (keep-alive: the previous
+        // one on the connection) names nothing for it; its own answer's
+        // turn is still to come.
+        let later = [("c", ep(1), 40 * MS, Some(50 * MS))];
+        assert_eq!(
+            t.handoff(ep(9), later.iter().copied()),
+            (Handoff::Unnamed, true)
+        );
+    }
+
+    #[test]
+    fn a_call_named_by_two_answers_is_contested_and_one_unanswered_may_still_name_it() {
+        let mut t = Threads::default();
+        // A task yielded mid-read of the call's answer: another task's
+        // answer was written meanwhile, then its own.
+        answer(&mut t, 30, 1, Some(9));
+        answer(&mut t, 31, 2, Some(9));
+        let open = [
+            ("a", ep(1), 10 * MS, Some(30 * MS)),
+            ("b", ep(2), 11 * MS, Some(31 * MS)),
+            ("c", ep(3), 12 * MS, None),
+        ];
+        assert_eq!(
+            t.handoff(ep(9), open.iter().copied()),
+            (Handoff::Contested(2), true)
+        );
+        // One named, one not answered yet: it may still name the call.
+        assert_eq!(
+            t.handoff(ep(9), [open[0], open[2]].iter().copied()),
+            (Handoff::Named("a"), true)
+        );
+    }
+
     #[test]
     fn old_turns_are_forgotten_and_the_maps_stay_bounded() {
         let mut t = Threads::default();
         for i in 0..(PER_KEY as u64 * 2) {
             turn(&mut t, i, 1, ThreadTurn::ServerRead, T1);
+            answer(&mut t, i, 1, Some(9));
         }
+        assert_eq!(t.answers[&ep(1)].len(), PER_KEY);
         assert_eq!(t.reads[&ep(1)].len(), PER_KEY);
         t.forget_before(u64::MAX);
         assert_eq!(t.remembered(), 0);

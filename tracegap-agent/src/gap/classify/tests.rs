@@ -250,7 +250,8 @@ fn concurrent_inbound_requests_resolve_by_trace_or_stay_ambiguous() {
         link.confidence,
         Confidence::Ambiguous {
             candidates: 2,
-            threads: "no_write_turn"
+            threads: "no_write_turn",
+            answers: HandoffSeen::NotAsked,
         }
     );
     assert!(!link.confidence.places());
@@ -336,4 +337,119 @@ fn an_http2_request_partly_read_is_unreadable_unless_a_context_was_read() {
     let mut whole = hop(1, 2, 0, 5, vec![]);
     whole.protocol = Protocol::Http2;
     assert_eq!(run(&[whole])[0].kind, GapKind::MissingContext);
+}
+
+/// Pod 2 serves two traced requests at once from pod 1 (`round` apart),
+/// each calling pod 3 without context; the answers' write turns name the
+/// calls as `names` says (per call: which call's port the answer of its
+/// request names, None for none). Returns the calls' confidences.
+fn handed_rounds(
+    e: &mut Engine,
+    rounds: std::ops::Range<u64>,
+    names: [Option<usize>; 2],
+) -> Vec<Confidence> {
+    use super::super::threads::{Tid, Turn};
+    use tracegap_common::ThreadTurn;
+    let mut out = Vec::new();
+    for r in rounds {
+        let t = r * 100;
+        let traces = [T1, T2];
+        let inbound: Vec<Hop> = (0..2)
+            .map(|i| {
+                hop(
+                    1,
+                    2,
+                    t + i,
+                    t + 20 + i,
+                    vec![tp(traces[i as usize], "aaaaaaaaaaaaaaaa", true)],
+                )
+            })
+            .collect();
+        let calls: Vec<Hop> = (0..2)
+            .map(|i| hop(2, 3, t + 5 + i, t + 10 + i, vec![]))
+            .collect();
+        for h in inbound.iter().chain(&calls) {
+            started(e, h);
+        }
+        for (i, h) in inbound.iter().enumerate() {
+            e.thread_turn(Turn {
+                ts_ns: h.end_ns - 1,
+                client: h.flow.src,
+                side: ThreadTurn::ServerWrote,
+                thread: Tid { pid: 2, tid: 2 },
+                after_call: names[i].map(|c| calls[c].flow.src.port),
+            });
+        }
+        for h in &inbound {
+            e.classify(h, None);
+        }
+        for h in &calls {
+            out.push(
+                e.classify(h, None)
+                    .link
+                    .expect("a traced caller")
+                    .confidence,
+            );
+        }
+    }
+    out
+}
+
+#[test]
+fn the_answers_place_a_multiplexed_pods_calls_only_once_its_record_is_clean() {
+    let mut e = Engine::default();
+    // Each request's answer names its own call: 32 calls to earn trust,
+    // then placed.
+    let learning = handed_rounds(&mut e, 0..16, [Some(0), Some(1)]);
+    assert!(
+        learning.iter().all(|c| matches!(
+            c,
+            Confidence::Ambiguous {
+                answers: HandoffSeen::Unproven,
+                ..
+            }
+        )),
+        "{learning:?}"
+    );
+    let placed = handed_rounds(&mut e, 16..20, [Some(0), Some(1)]);
+    assert!(
+        placed
+            .iter()
+            .all(|c| *c == Confidence::Handoff { candidates: 2 }),
+        "{placed:?}"
+    );
+    // Both answers name the first call: contested, and the second unnamed;
+    // the record is no longer clean, and a clean name is not trusted.
+    let contested = handed_rounds(&mut e, 20..22, [Some(0), Some(0)]);
+    assert!(
+        matches!(
+            contested[0],
+            Confidence::Ambiguous {
+                answers: HandoffSeen::Contested,
+                ..
+            }
+        ),
+        "{contested:?}"
+    );
+    assert!(
+        matches!(
+            contested[1],
+            Confidence::Ambiguous {
+                answers: HandoffSeen::Unnamed,
+                ..
+            }
+        ),
+        "{contested:?}"
+    );
+    let distrusted = handed_rounds(&mut e, 22..23, [Some(0), Some(1)]);
+    assert!(
+        distrusted.iter().all(|c| matches!(
+            c,
+            Confidence::Ambiguous {
+                answers: HandoffSeen::Unproven,
+                ..
+            }
+        )),
+        "{distrusted:?}"
+    );
 }
