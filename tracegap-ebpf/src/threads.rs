@@ -18,7 +18,7 @@
 //! thread): an async runtime's task that reads its call's answer and
 //! writes its own answer without yielding in between leaves a receive on
 //! the call's socket right before the write. Every other socket costs two
-//! reads and a lookup and is left alone. The
+//! reads and an array read (the relays' filter) and is left alone. The
 //! programs read `struct sock` at offsets the agent found in the running
 //! kernel's BTF (globals, set before loading): aya-ebpf emits no CO-RE
 //! relocations. They observe only and return 0.
@@ -209,7 +209,7 @@ fn mapped(a: &[u8; 16]) -> bool {
 
 /// The socket's connection as its own end names it: local, then remote;
 /// None when its local address is not a relay's (asked first, so most
-/// sockets cost two reads and a lookup).
+/// sockets cost two reads and an array read).
 #[inline(always)]
 fn connection(sk: *const u8) -> Result<Option<FlowKey>, i32> {
     let mut key = FlowKey::default();

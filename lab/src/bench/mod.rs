@@ -602,6 +602,9 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
     let (mut echo_kernel, mut busy_kernel) = (vec![], vec![]);
     let (mut thread_kernel, mut without_threads, mut without_threads_kernel) =
         (vec![], vec![], vec![]);
+    // The thread programs' runs during the echo load (every program's
+    // runs but the TC ones'), for their cost per run.
+    let mut thread_runs = vec![];
     let (mut with_low, mut low_kernel, mut lost) = (vec![], vec![], 0.0);
     // Events the kernel could not hand over (ring buffer full), per load.
     let (mut lost_echo, mut lost_busy, mut lost_grpc) = (0.0, 0.0, 0.0);
@@ -633,11 +636,13 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
         std::thread::sleep(Duration::from_millis(300));
         let full = || agent.metric("tracegap_kernel_events_total{counter=\"ringbuf_full\"}");
         let (t0, r0, k0) = bpf_stats(&agent)?;
+        let all0 = agent.metric("tracegap_bpf_runs{")?;
         let h0 = agent.metric("tracegap_kernel_events_total{counter=\"http_")?;
         let lost_echo0 = full()?;
         with_w.push(wrk(&node, &echo, d.load)?);
         std::thread::sleep(Duration::from_millis(600));
         let (t1, r1, k1) = bpf_stats(&agent)?;
+        thread_runs.push((agent.metric("tracegap_bpf_runs{")? - all0) - (r1 - r0));
         let h1 = agent.metric("tracegap_kernel_events_total{counter=\"http_")?;
         lost_echo += full()? - lost_echo0;
         with_t.push(iperf(&node, d.load)?);
@@ -737,13 +742,27 @@ fn data_path(d: Durations, floor: Option<&[u8]>, rows: &mut Vec<Row>) -> anyhow:
             .map(|(x, k)| k / x.requests.max(1.0) * 1e6)
             .collect(),
     );
+    let runs_per_request = Spread::of(
+        with_w
+            .iter()
+            .zip(&thread_runs)
+            .map(|(x, n)| n / x.requests.max(1.0))
+            .collect(),
+    );
+    let ns_per_run = Spread::of(
+        thread_kernel
+            .iter()
+            .zip(&thread_runs)
+            .map(|(k, n)| k / n.max(1.0) * 1e9)
+            .collect(),
+    );
     rows.push(row(
         "thread evidence, echo server at saturation (wrk -t2 -c16): tracegap's CPU per request (kernel + agent), without / with the thread programs",
         without_us.show(|v| format!("{v:.2} µs")),
         with_us.show(|v| format!("{v:.2} µs")),
         format!(
-            "{added:+.1}% ({:.3} µs in the thread programs themselves)",
-            thread_only.med
+            "{added:+.1}% ({:.3} µs in the thread programs themselves: {:.1} runs per request, one per socket send or receive, at {:.0} ns each with the kernel's statistics on)",
+            thread_only.med, runs_per_request.med, ns_per_run.med
         ),
         "≤ +5%",
         Some(added <= 5.0),

@@ -32,7 +32,8 @@ const REFRESH_NS: u64 = 60_000_000_000;
 /// The pods whose threads are asked about: those seen both serving
 /// requests and making calls (a call is tied to a request of the same
 /// pod). Everything else, an echo server, a load generator, costs the
-/// thread programs two reads and a lookup per send or receive.
+/// thread programs two reads and an array read per send or receive (the
+/// filter; the map only when its slot is set).
 pub struct Relays {
     map: HashMap<MapData, SourceKey, u8>,
     /// Slots of the map's addresses, read first (see
