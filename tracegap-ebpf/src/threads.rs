@@ -54,9 +54,9 @@ static RELAY_FILTER: Array<u8> = Array::with_max_entries(RELAY_FILTER_SLOTS, 0);
 
 #[inline(always)]
 fn relay(addr: &[u8; 16], family: u8) -> bool {
-    if !RELAY_FILTER
+    if RELAY_FILTER
         .get(relay_slot(addr, family))
-        .is_some_and(|v| *v != 0)
+        .is_none_or(|v| *v == 0)
     {
         return false;
     }
