@@ -220,12 +220,17 @@ impl Observer {
     /// Takes the ring buffer the programs send events through. Only the
     /// first call succeeds: there is one reader.
     pub fn take_events(&mut self) -> Result<RingBuf<MapData>, Error> {
-        let map = self
-            .ebpf
-            .take_map("EVENTS")
-            .ok_or(Error::MissingMap("EVENTS"))?;
-        RingBuf::try_from(map).map_err(|source| Error::Map {
-            name: "EVENTS",
+        self.take_map("EVENTS")
+    }
+
+    /// Takes the map `name` out of the loaded object, as the kind `T`.
+    fn take_map<T>(&mut self, name: &'static str) -> Result<T, Error>
+    where
+        T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+    {
+        let map = self.ebpf.take_map(name).ok_or(Error::MissingMap(name))?;
+        T::try_from(map).map_err(|source| Error::Map {
+            name,
             source: Box::new(source),
         })
     }
@@ -236,23 +241,10 @@ impl Observer {
         if matches!(self.threads, threads::Evidence::Unavailable(_)) {
             return Ok(None);
         }
-        let map = self
-            .ebpf
-            .take_map(threads::RELAYS)
-            .ok_or(Error::MissingMap(threads::RELAYS))?;
-        let map = aya::maps::HashMap::try_from(map).map_err(|source| Error::Map {
-            name: threads::RELAYS,
-            source: Box::new(source),
-        })?;
-        let filter = self
-            .ebpf
-            .take_map(threads::RELAY_FILTER)
-            .ok_or(Error::MissingMap(threads::RELAY_FILTER))?;
-        let filter = aya::maps::Array::try_from(filter).map_err(|source| Error::Map {
-            name: threads::RELAY_FILTER,
-            source: Box::new(source),
-        })?;
-        Ok(Some(threads::Relays::new(map, filter)))
+        Ok(Some(threads::Relays::new(
+            self.take_map(threads::RELAYS)?,
+            self.take_map(threads::RELAY_FILTER)?,
+        )))
     }
 
     /// One of the loaded programs ([`INGRESS_PROGRAM`], [`EGRESS_PROGRAM`]),

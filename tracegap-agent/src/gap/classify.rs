@@ -173,8 +173,6 @@ pub enum HandoffSeen {
     /// No answer turn to ask (thread evidence off, or the call not yet
     /// answered).
     NotAsked,
-    /// One answer named the call, and the pod's record is clean: placed.
-    Named,
     /// One answer named the call, but the pod's record is not (yet) clean
     /// enough to trust it.
     Unproven,
@@ -189,11 +187,20 @@ pub enum HandoffSeen {
 }
 
 impl HandoffSeen {
+    /// Whether the answers named the call exactly once, for the pod's
+    /// record (None: not asked).
+    fn named_once(&self) -> Option<bool> {
+        match self {
+            Self::Unproven | Self::Unsettled => Some(true),
+            Self::Contested | Self::Unnamed => Some(false),
+            Self::NotAsked => None,
+        }
+    }
+
     /// For spans (`tracegap.link.answers`).
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::NotAsked => "not_asked",
-            Self::Named => "named",
             Self::Unproven => "unproven",
             Self::Unsettled => "unsettled",
             Self::Contested => "contested",
@@ -475,11 +482,7 @@ impl Engine {
         }
         let answered = match parent.as_ref().map(|l| l.confidence) {
             Some(Confidence::Handoff { .. }) => Some(true),
-            Some(Confidence::Ambiguous { answers, .. }) => match answers {
-                HandoffSeen::Named | HandoffSeen::Unproven | HandoffSeen::Unsettled => Some(true),
-                HandoffSeen::Contested | HandoffSeen::Unnamed => Some(false),
-                HandoffSeen::NotAsked => None,
-            },
+            Some(Confidence::Ambiguous { answers, .. }) => answers.named_once(),
             _ => None,
         };
         if let Some(clean) = answered
@@ -681,12 +684,12 @@ impl Engine {
         if let [o] = open[..] {
             return (link(o, Confidence::Sole), false);
         }
-        let by_thread = self.threads.cause(
-            hop.caller(),
-            hop.start_ns,
+        // The open requests as the turns know them: client end, start, end.
+        let asked = || {
             open.iter()
-                .map(|o| (*o, o.req.flow.src, o.start_ns(), o.end_ns())),
-        );
+                .map(|o| (*o, o.req.flow.src, o.start_ns(), o.end_ns()))
+        };
+        let by_thread = self.threads.cause(hop.caller(), hop.start_ns, asked());
         if let Evidence::Thread(o) = by_thread {
             return (link(o, Confidence::Thread), false);
         }
@@ -694,11 +697,7 @@ impl Engine {
         let (handoff, answers_pending) = if self.threads.answer_turns == 0 || hop.unanswered {
             (HandoffSeen::NotAsked, false)
         } else {
-            match self.threads.handoff(
-                hop.caller(),
-                open.iter()
-                    .map(|o| (*o, o.req.flow.src, o.start_ns(), o.end_ns())),
-            ) {
+            match self.threads.handoff(hop.caller(), asked()) {
                 (Handoff::Named(o), more) if pod.handoffs.trusted() => {
                     if self.settled(pod, hop, o) {
                         return (link(o, Confidence::Handoff { candidates }), false);
@@ -749,7 +748,8 @@ impl Engine {
     fn settled(&self, pod: &Pod, hop: &Hop, o: &Open) -> bool {
         let Some(answered) = self
             .threads
-            .answered_at(o.req.flow.src, o.start_ns(), o.end_ns())
+            .answer(o.req.flow.src, o.start_ns(), o.end_ns())
+            .map(|(ts, _)| ts)
         else {
             return false;
         };

@@ -166,25 +166,20 @@ impl Threads {
     /// at `start_ns` and answered (as the interface saw it) at `end_ns`,
     /// if it was: the first write turn after the request, before the
     /// answer's packet was seen (or just after: the turn is taken as the
-    /// send returns). The outer None: not seen.
-    fn answer(&self, client: Endpoint, start_ns: u64, end_ns: Option<u64>) -> Option<Option<u16>> {
+    /// send returns). When it was written, and the call it names; None:
+    /// its turn not seen.
+    pub fn answer(
+        &self,
+        client: Endpoint,
+        start_ns: u64,
+        end_ns: Option<u64>,
+    ) -> Option<(u64, Option<u16>)> {
         let until = end_ns.map_or(u64::MAX, |e| e.saturating_add(WRITE_WINDOW_NS));
         self.answers
             .get(&client)?
             .iter()
             .find(|(ts, _)| *ts >= start_ns && *ts <= until)
-            .map(|(_, after)| *after)
-    }
-
-    /// When the answer of `client`'s request sent at `start_ns` (answered
-    /// at `end_ns`, if it was) was written, if its turn was seen.
-    pub fn answered_at(&self, client: Endpoint, start_ns: u64, end_ns: Option<u64>) -> Option<u64> {
-        let until = end_ns.map_or(u64::MAX, |e| e.saturating_add(WRITE_WINDOW_NS));
-        self.answers
-            .get(&client)?
-            .iter()
-            .find(|(ts, _)| *ts >= start_ns && *ts <= until)
-            .map(|(ts, _)| *ts)
+            .copied()
     }
 
     /// How many answers named the call from local port `port` answered at
@@ -211,7 +206,7 @@ impl Threads {
         let mut pending = false;
         for (o, client, o_start, o_end) in open {
             match self.answer(client, o_start, o_end) {
-                Some(after) if after == Some(caller.port) => named.push(o),
+                Some((_, after)) if after == Some(caller.port) => named.push(o),
                 Some(_) => {}
                 // Its answer's turn may come with or after its packet.
                 None => pending = true,
