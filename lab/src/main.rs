@@ -75,6 +75,10 @@ enum Cmd {
         /// whole and with each step switched off, beside the empty program.
         #[arg(long, requires = "floor_object")]
         kernel: bool,
+        /// Only what the thread programs add to each socket send and receive
+        /// (BPF statistics off), beside the empty program.
+        #[arg(long, conflicts_with = "kernel")]
+        sockets: bool,
     },
     /// Holds N open flows in the agent's state and prints the peak RSS in
     /// KiB (used by `bench`).
@@ -256,6 +260,7 @@ fn main() -> anyhow::Result<()> {
             out,
             floor_object,
             kernel,
+            sockets,
         } => {
             let d = if quick {
                 tracegap_lab::bench::Durations::quick()
@@ -264,11 +269,13 @@ fn main() -> anyhow::Result<()> {
             };
             let floor = floor_object.map(std::fs::read).transpose()?;
             let mut table = String::new();
-            if !kernel {
+            if sockets {
+                table = tracegap_lab::bench::sockets_only(d, floor.as_deref())?;
+            } else if !kernel {
                 table = tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
                 table.push('\n');
             }
-            if let Some(floor) = &floor {
+            if let Some(floor) = floor.as_ref().filter(|_| !sockets) {
                 eprintln!("bench: kernel programs on crafted packets (BPF_PROG_TEST_RUN)");
                 table.push_str(&tracegap_lab::bench::kernel::run(
                     floor,

@@ -116,7 +116,7 @@ fn the_programs_verify_well_within_the_verifiers_bound() -> anyhow::Result<()> {
              {VERIFIER_BUDGET} (a fifth of the verifier's 1M bound)"
         );
     }
-    assert_eq!(seen, 4, "a line per program from the probe: {stdout}");
+    assert_eq!(seen, 5, "a line per program from the probe: {stdout}");
     Ok(())
 }
 

@@ -314,6 +314,121 @@ fn a_message_between_two_local_pods_is_copied_once() -> anyhow::Result<()> {
 }
 
 #[test]
+fn a_socket_judged_no_relays_and_reconnected_as_one_is_watched() -> anyhow::Result<()> {
+    if !privileged("a_socket_judged_no_relays_and_reconnected_as_one_is_watched") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    let (client, server) = (s.node.pod("client"), s.node.pod("server"));
+    let mut relays = s.observer.take_relays()?.expect("thread programs attached");
+    relays.mark(IpAddr::V4(client.ipv4), 0);
+    relays.mark(IpAddr::V4(server.ipv4), 0);
+    let server_ip = server.ipv4;
+    // One socket in the client pod: first over its loopback (no relay's:
+    // the programs memoize it as such after its byte), then disconnected
+    // (AF_UNSPEC) and connected again, now from the pod's address, a
+    // relay's. The kernel's memory is the same socket's, as it is when a
+    // closed socket's memory comes back as a new one: the state changes
+    // must void the memo, or the request's write turn is lost.
+    let answer = client
+        .spawn(move || -> anyhow::Result<(String, u16)> { reconnected_request(server_ip) })?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+    assert!(answer.0.starts_with("HTTP/1.1 200"), "{answer:?}");
+    let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 1);
+    let turns: Vec<Turn> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Thread)
+        .filter_map(Turn::from_event)
+        .collect();
+    let me = std::process::id();
+    let wrote: Vec<&Turn> = turns
+        .iter()
+        .filter(|t| t.side == ThreadTurn::ClientWrote)
+        .collect();
+    assert_eq!(wrote.len(), 1, "{turns:?}");
+    assert_eq!(
+        (wrote[0].thread.pid, wrote[0].client.port),
+        (me, answer.1),
+        "{turns:?}"
+    );
+    s.observer.detach_all()?;
+    Ok(())
+}
+
+/// See the test above: a socket that talks over loopback, is disconnected
+/// and then sends a request to `server`; its answer's head and the
+/// socket's local port.
+fn reconnected_request(server: std::net::Ipv4Addr) -> anyhow::Result<(String, u16)> {
+    use std::{
+        io::{Read as _, Write as _},
+        os::fd::FromRawFd as _,
+    };
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let connect = |fd: i32, addr: &libc::sockaddr_in| -> std::io::Result<()> {
+        // SAFETY: a sockaddr_in of its own size.
+        let rc = unsafe {
+            libc::connect(
+                fd,
+                (addr as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(std::io::Error::last_os_error())
+        }
+    };
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))?;
+    // SAFETY: a new socket, owned by the stream below from here on.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    anyhow::ensure!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a socket this function just opened.
+    let mut stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    connect(
+        fd,
+        &sockaddr(std::net::Ipv4Addr::LOCALHOST, listener.local_addr()?.port()),
+    )?;
+    let (mut peer, _) = listener.accept()?;
+    stream.write_all(b"x")?;
+    peer.read_exact(&mut [0u8; 1])?;
+    peer.write_all(b"y")?;
+    stream.read_exact(&mut [0u8; 1])?;
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: AF_UNSPEC disconnects a TCP socket (tcp_disconnect).
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            &unspec,
+            std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    anyhow::ensure!(rc == 0, "disconnect: {}", std::io::Error::last_os_error());
+    connect(fd, &sockaddr(server, 8080))?;
+    let port = stream.local_addr()?.port();
+    stream.write_all(
+        format!(
+            "GET /reconnected HTTP/1.1\r\nHost: server\r\ntraceparent: {TP}\r\nConnection: close\r\n\r\n"
+        )
+        .as_bytes(),
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    Ok((answer.lines().next().unwrap_or_default().to_owned(), port))
+}
+
+#[test]
 fn pipelined_requests_on_one_connection_are_seen_in_order() -> anyhow::Result<()> {
     if !privileged("pipelined_requests_on_one_connection_are_seen_in_order") {
         return Ok(());

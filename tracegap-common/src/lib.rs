@@ -199,7 +199,7 @@ pub mod thread_word {
 
     /// The word for `side`, the thread's previous operation being `last`.
     #[inline(always)]
-    pub fn encode(side: ThreadTurn, last: Option<&LastOp>) -> u32 {
+    pub fn encode(side: ThreadTurn, last: Option<LastOp>) -> u32 {
         match last {
             Some(l) if l.client != 0 && l.op == turn::RECEIVED => {
                 side as u32 | AFTER_CALL_READ | (l.port as u32) << 16
@@ -235,6 +235,30 @@ pub const MAX_RELAYS: u32 = 4096;
 /// relay address that falls in it and never cleared: a false positive
 /// costs only the lookup it would have saved.
 pub const RELAY_FILTER_SLOTS: u32 = 16 * 1024;
+
+/// Slots of the thread programs' memo of sockets found not to be a relay's
+/// (one word each, 128 KiB): a send or receive on a socket already judged
+/// costs an array read instead of two reads of `struct sock`. Direct
+/// mapped by the socket's address ([`verdict_slot`]); a collision only
+/// costs the full check again.
+pub const SOCK_VERDICT_SLOTS: u32 = 16 * 1024;
+
+/// A socket's slot in the memo ([`SOCK_VERDICT_SLOTS`]), from its kernel
+/// address: sockets are slab objects, so the low bits say little and the
+/// address is hashed whole.
+#[inline(always)]
+pub fn verdict_slot(sk: u64) -> u32 {
+    (sk.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SOCK_VERDICT_SLOTS.trailing_zeros())) as u32
+}
+
+/// What the memo holds for a socket judged under relay set `epoch`: the
+/// address with the epoch in its top bits (a kernel address has them all
+/// set), one word, so a racing writer never leaves half an entry. 0, never
+/// a tag, is an empty slot; epoch 0 means the memo is off.
+#[inline(always)]
+pub fn verdict_tag(sk: u64, epoch: u32) -> u64 {
+    sk ^ ((epoch as u64 & 0xffff) << 48)
+}
 
 /// A relay address's slot in the filter ([`RELAY_FILTER_SLOTS`]): the
 /// address's last word (IPv4's only one), hashed. The kernel and the agent

@@ -18,23 +18,26 @@
 //! thread): an async runtime's task that reads its call's answer and
 //! writes its own answer without yielding in between leaves a receive on
 //! the call's socket right before the write. Every other socket costs two
-//! reads and an array read (the relays' filter) and is left alone. The
+//! reads and an array read (the relays' filter) the first time, then one
+//! array read (a memo of sockets judged, [`SOCK_VERDICTS`]), and is left
+//! alone. The
 //! programs read `struct sock` at offsets the agent found in the running
 //! kernel's BTF (globals, set before loading): aya-ebpf emits no CO-RE
 //! relocations. They observe only and return 0.
 
 use aya_ebpf::{
-    Global,
+    EbpfContext as _, Global,
     bindings::BPF_NOEXIST,
-    helpers::{bpf_get_current_pid_tgid, bpf_probe_read_kernel},
+    helpers::{bpf_get_current_pid_tgid, bpf_get_func_arg, bpf_probe_read_kernel},
     macros::{fexit, map, raw_tracepoint},
     maps::{Array, LruHashMap},
     programs::{FExitContext, RawTracePointContext},
 };
 use tracegap_common::{
     EventHeader, EventKind, FlowKey, LastOp, MAX_RELAYS, MAX_THREADS, MAX_WATCHED,
-    RELAY_FILTER_SLOTS, SEND_NOTE_SLOTS, SEND_NOTE_WINDOW_NS, SendNote, SourceKey, ThreadTurn,
-    Turns, counter, family, relay_slot, thread_word, turn,
+    RELAY_FILTER_SLOTS, SEND_NOTE_SLOTS, SEND_NOTE_WINDOW_NS, SOCK_VERDICT_SLOTS, SendNote,
+    SourceKey, ThreadTurn, Turns, counter, family, relay_slot, thread_word, turn, verdict_slot,
+    verdict_tag,
 };
 
 use crate::{COUNTERS, EVENTS, clock, count, net};
@@ -67,6 +70,18 @@ fn relay(addr: &[u8; 16], family: u8) -> bool {
     };
     RELAYS.get_ptr(&key).is_some()
 }
+
+/// The relay set's epoch (one entry): the agent bumps it after each
+/// change, so a socket judged under an older set is judged again. 0 while
+/// the memo is off (its invalidating program not attached).
+#[map]
+static RELAY_EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Sockets found not to be a relay's, by [`verdict_slot`], as
+/// [`verdict_tag`]s: a freed socket's memory comes back as a new socket,
+/// so every TCP state change clears its slot ([`tracegap_sock_state`]).
+#[map]
+static SOCK_VERDICTS: Array<u64> = Array::with_max_entries(SOCK_VERDICT_SLOTS, 0);
 
 /// Each thread's last operation on a relay's socket, by thread id.
 #[map]
@@ -126,7 +141,7 @@ pub(crate) fn watch(flow: &FlowKey) {
         // SAFETY: a map value.
         unsafe { (*t).client = turn::SENT };
     }
-    emit(flow, ThreadTurn::ClientWrote, bytes as i32, id, ts, None);
+    emit(flow, CLIENT_WROTE, bytes as i32, id, ts);
 }
 
 /// Two flows, word by word (no memcmp in BPF).
@@ -158,7 +173,12 @@ enum Op {
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn tracegap_sock_send(ctx: RawTracePointContext) -> i32 {
     // TP_PROTO(struct sock *sk, int ret, int flags)
-    let _ = on_socket(ctx.arg::<*const u8>(0), ctx.arg::<i64>(1) as i32, Op::Send);
+    let _ = on_socket(
+        ctx.arg::<*const u8>(0),
+        ctx.arg::<u64>(0),
+        ctx.arg::<i64>(1) as i32,
+        Op::Send,
+    );
     0
 }
 
@@ -166,9 +186,25 @@ pub fn tracegap_sock_send(ctx: RawTracePointContext) -> i32 {
 pub fn tracegap_sock_recv(ctx: RawTracePointContext) -> i32 {
     let _ = on_socket(
         ctx.arg::<*const u8>(0),
+        ctx.arg::<u64>(0),
         ctx.arg::<i64>(1) as i32,
         Op::Receive,
     );
+    0
+}
+
+/// A TCP socket changed state: whatever the memo says of its address is
+/// forgotten. A socket moves bytes only once connected, and connecting or
+/// being accepted is a state change, so a reused address is never taken
+/// for the socket that had it before.
+#[raw_tracepoint(tracepoint = "inet_sock_set_state")]
+pub fn tracegap_sock_state(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(const struct sock *sk, const int oldstate, const int newstate)
+    let sk = ctx.arg::<u64>(0);
+    if let Some(v) = SOCK_VERDICTS.get_ptr_mut(verdict_slot(sk)) {
+        // SAFETY: an array slot; one word, stored whole.
+        unsafe { v.write_volatile(0) };
+    }
     0
 }
 
@@ -177,15 +213,27 @@ pub fn tracegap_sock_recv(ctx: RawTracePointContext) -> i32 {
 #[fexit(function = "tcp_sendmsg")]
 pub fn tracegap_tcp_sendmsg(ctx: FExitContext) -> i32 {
     let ret: i32 = ctx.ret().unwrap_or(0);
-    let _ = on_socket(ctx.arg::<*const u8>(0), ret, Op::Send);
+    let _ = on_socket(ctx.arg::<*const u8>(0), sock_word(&ctx), ret, Op::Send);
     0
 }
 
 #[fexit(function = "tcp_recvmsg")]
 pub fn tracegap_tcp_recvmsg(ctx: FExitContext) -> i32 {
     let ret: i32 = ctx.ret().unwrap_or(0);
-    let _ = on_socket(ctx.arg::<*const u8>(0), ret, Op::Receive);
+    let _ = on_socket(ctx.arg::<*const u8>(0), sock_word(&ctx), ret, Op::Receive);
     0
+}
+
+/// The socket's address as a number, for the memo: `fexit` arguments are
+/// typed pointers the verifier allows no arithmetic on; the helper hands
+/// the same value over untyped.
+#[inline(always)]
+fn sock_word(ctx: &FExitContext) -> u64 {
+    let mut word = 0u64;
+    // SAFETY: the helper writes argument 0 to `word` (0 on failure, which
+    // the memo never holds: a miss).
+    unsafe { bpf_get_func_arg(ctx.as_ptr(), 0, &mut word) };
+    word
 }
 
 #[inline(always)]
@@ -262,14 +310,34 @@ fn starts_turn(last: &mut u8, now: u8, reported: bool) -> bool {
     reported
 }
 
+/// `sk_word`: `sk` as a number (see [`sock_word`]).
 #[inline(always)]
-fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
+fn on_socket(sk: *const u8, sk_word: u64, bytes: i32, op: Op) -> Result<(), i32> {
     // A failed call (EAGAIN, most of them) is left out: it is frequent on
     // every socket of the node and tells nothing a read's data does not.
     if sk.is_null() || bytes < 0 {
         return Ok(());
     }
+    // Judged already under this relay set: nothing to read.
+    let epoch = RELAY_EPOCH.get(0).copied().unwrap_or(0);
+    let memo = SOCK_VERDICTS.get_ptr_mut(verdict_slot(sk_word));
+    let tag = verdict_tag(sk_word, epoch);
+    if let Some(m) = memo
+        && epoch != 0
+        && sk_word != 0
+        // SAFETY: an array slot, one word.
+        && unsafe { m.read_volatile() } == tag
+    {
+        return Ok(());
+    }
     let Some(key) = connection(sk)? else {
+        if let Some(m) = memo
+            && epoch != 0
+            && sk_word != 0
+        {
+            // SAFETY: as above; a racing writer stores a whole word too.
+            unsafe { m.write_volatile(tag) };
+        }
         return Ok(());
     };
     let id = bpf_get_current_pid_tgid();
@@ -292,16 +360,16 @@ fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
         last.client = 1;
         // SAFETY: a map value; a racing writer only writes a turn too.
         if moved && starts_turn(unsafe { &mut (*t).client }, now, op == Op::Send) {
-            emit(&key, ThreadTurn::ClientWrote, bytes, id, clock(), None);
+            emit(&key, CLIENT_WROTE, bytes, id, clock());
         }
     } else if let Some(t) = WATCHED.get_ptr_mut(&key.reversed()) {
         // SAFETY: as above.
         if moved && starts_turn(unsafe { &mut (*t).server }, now, true) {
-            let (side, before) = match op {
-                Op::Receive => (ThreadTurn::ServerRead, None),
-                Op::Send => (ThreadTurn::ServerWrote, last_op(id as u32)),
+            let word = match op {
+                Op::Receive => thread_word::encode(ThreadTurn::ServerRead, None),
+                Op::Send => thread_word::encode(ThreadTurn::ServerWrote, last_op(id as u32)),
             };
-            emit(&key.reversed(), side, bytes, id, clock(), before.as_ref());
+            emit(&key.reversed(), word, bytes, id, clock());
         }
     } else if moved && op == Op::Send {
         note_send(&key, bytes, id);
@@ -313,8 +381,11 @@ fn on_socket(sk: *const u8, bytes: i32, op: Op) -> Result<(), i32> {
 /// The thread's last operation on a relay's socket.
 #[inline(always)]
 fn last_op(tid: u32) -> Option<LastOp> {
-    // SAFETY: a map value, copied out.
-    LAST_OPS.get_ptr(&tid).map(|l| unsafe { *l })
+    // SAFETY: a map value, copied out (one load: LLVM otherwise may keep
+    // the key's stack address in its place, which the verifier refuses).
+    LAST_OPS
+        .get_ptr(&tid)
+        .map(|l| unsafe { core::ptr::read_volatile(l) })
 }
 
 /// Records `last` as the thread's last operation: in place when the
@@ -357,21 +428,18 @@ fn note_send(key: &FlowKey, bytes: i32, id: u64) {
             if (*n).ts_ns == ts {
                 (*n).ts_ns = 0;
                 (*t).client = turn::SENT;
-                emit(key, ThreadTurn::ClientWrote, bytes, id, ts, None);
+                emit(key, CLIENT_WROTE, bytes, id, ts);
             }
         }
     }
 }
 
+/// The client's turn's [`thread_word`] (it carries nothing else).
+const CLIENT_WROTE: u32 = ThreadTurn::ClientWrote as u32;
+
+/// Sends a turn; `word` is its [`thread_word`].
 #[inline(always)]
-fn emit(
-    flow: &FlowKey,
-    side: ThreadTurn,
-    bytes: i32,
-    id: u64,
-    ts_ns: u64,
-    before: Option<&LastOp>,
-) {
+fn emit(flow: &FlowKey, word: u32, bytes: i32, id: u64, ts_ns: u64) {
     let Some(counters) = COUNTERS.get_ptr_mut(0) else {
         return;
     };
@@ -380,11 +448,11 @@ fn emit(
     let header = EventHeader {
         ts_ns,
         flow: *flow,
-        ifindex: thread_word::encode(side, before),
+        ifindex: word,
         seq: (id >> 32) as u32,
         segment_len: bytes as u32,
         payload_len: 0,
-        direction: (side != ThreadTurn::ClientWrote) as u8,
+        direction: (word != CLIENT_WROTE) as u8,
         kind: EventKind::Thread as u8,
         flags: 0,
         _pad: [0; 3],

@@ -15,6 +15,10 @@ pub struct BenchArgs {
     /// step switched off, beside an empty program (BPF_PROG_TEST_RUN).
     #[arg(long)]
     kernel: bool,
+    /// Only what the thread programs add to each socket send and receive,
+    /// with the kernel's statistics off, beside an empty program.
+    #[arg(long, conflicts_with = "kernel")]
+    sockets: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -23,7 +27,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("the bench creates network namespaces and loads eBPF programs: run it as root");
     }
     let route = setup::ensure(true)?;
-    if !args.kernel {
+    if !args.kernel && !args.sockets {
         setup::ensure_packages(&["wrk", "iperf3", "nghttp2-client"])?;
     }
     toolchain::run(toolchain::cargo(&route).args([
@@ -46,6 +50,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.kernel {
         cmd.arg("--kernel");
+    }
+    if args.sockets {
+        cmd.arg("--sockets");
     }
     toolchain::run(&mut cmd)
 }

@@ -68,6 +68,8 @@ pub struct Observer {
     ebpf: Ebpf,
     attached: attach::Attachments,
     threads: threads::Evidence,
+    /// Whether the thread programs memoize sockets that are no relay's.
+    memo: bool,
 }
 
 impl Observer {
@@ -137,23 +139,40 @@ impl Observer {
                 );
             }
         }
-        let threads = if with_threads {
+        let (threads, memo) = if with_threads {
             threads::attach(&mut ebpf, offsets_found)
         } else {
-            threads::Evidence::Unavailable("switched off (--thread-evidence=false)".into())
+            (
+                threads::Evidence::Unavailable("switched off (--thread-evidence=false)".into()),
+                false,
+            )
         };
         match &threads {
             threads::Evidence::Unavailable(why) => tracing::warn!(
                 %why,
                 "no thread evidence: a service's calls are related to the requests it serves by the wire alone"
             ),
-            e => tracing::info!(source = e.as_str(), "thread evidence attached"),
+            e => tracing::info!(source = e.as_str(), memo, "thread evidence attached"),
         }
         Ok(Self {
             ebpf,
             attached: attach::Attachments::new(AttachMode::detect()),
             threads,
+            memo,
         })
+    }
+
+    /// Detaches the thread programs (`false`) or attaches them again, as at
+    /// load: what they cost every socket operation on the node is measured
+    /// against none, in the same run. Their maps stay.
+    pub fn set_thread_programs(&mut self, on: bool) {
+        if matches!(self.threads, threads::Evidence::Unavailable(_)) {
+            return;
+        }
+        threads::detach(&mut self.ebpf);
+        if on {
+            (self.threads, self.memo) = threads::attach(&mut self.ebpf, Ok(()));
+        }
     }
 
     /// Where the threads' turns come from on this kernel.
@@ -168,9 +187,15 @@ impl Observer {
             threads::Evidence::Fexit => &[threads::TCP_SENDMSG, threads::TCP_RECVMSG],
             threads::Evidence::Unavailable(_) => &[],
         };
+        let memo: &'static [&'static str] = if self.memo {
+            &[threads::SOCK_STATE]
+        } else {
+            &[]
+        };
         [INGRESS_PROGRAM, EGRESS_PROGRAM]
             .into_iter()
             .chain(threads.iter().copied())
+            .chain(memo.iter().copied())
     }
 
     /// Instructions the verifier walked to accept each program (None: the
@@ -241,9 +266,15 @@ impl Observer {
         if matches!(self.threads, threads::Evidence::Unavailable(_)) {
             return Ok(None);
         }
+        let epoch = if self.memo {
+            Some(self.take_map(threads::RELAY_EPOCH)?)
+        } else {
+            None
+        };
         Ok(Some(threads::Relays::new(
             self.take_map(threads::RELAYS)?,
             self.take_map(threads::RELAY_FILTER)?,
+            epoch,
         )))
     }
 

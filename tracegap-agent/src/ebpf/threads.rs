@@ -20,11 +20,16 @@ pub const SOCK_SEND: &str = "tracegap_sock_send";
 pub const SOCK_RECV: &str = "tracegap_sock_recv";
 pub const TCP_SENDMSG: &str = "tracegap_tcp_sendmsg";
 pub const TCP_RECVMSG: &str = "tracegap_tcp_recvmsg";
+/// Forgets a socket's memoized verdict on each TCP state change.
+pub const SOCK_STATE: &str = "tracegap_sock_state";
 
 /// The map of relays' addresses.
 pub const RELAYS: &str = "RELAYS";
 /// The relays' filter (see [`Relays`]).
 pub const RELAY_FILTER: &str = "RELAY_FILTER";
+/// The relay set's epoch: bumped after each change, it voids the
+/// programs' memo of sockets found not to be a relay's.
+pub const RELAY_EPOCH: &str = "RELAY_EPOCH";
 
 /// How often a relay is written again (the kernel's map is an LRU).
 const REFRESH_NS: u64 = 60_000_000_000;
@@ -32,13 +37,16 @@ const REFRESH_NS: u64 = 60_000_000_000;
 /// The pods whose threads are asked about: those seen both serving
 /// requests and making calls (a call is tied to a request of the same
 /// pod). Everything else, an echo server, a load generator, costs the
-/// thread programs two reads and an array read per send or receive (the
-/// filter; the map only when its slot is set).
+/// thread programs two reads and an array read on a socket's first send or
+/// receive (the filter; the map only when its slot is set), then an array
+/// read (their memo of sockets judged, voided by each change here).
 pub struct Relays {
     map: HashMap<MapData, SourceKey, u8>,
     /// Slots of the map's addresses, read first (see
     /// [`tracegap_common::relay_slot`]).
     filter: aya::maps::Array<MapData, u8>,
+    /// The relay set's epoch; None when the memo is off.
+    epoch: Option<aya::maps::Array<MapData, u32>>,
     written: FastMap<IpAddr, u64>,
 }
 
@@ -46,10 +54,12 @@ impl Relays {
     pub fn new(
         map: HashMap<MapData, SourceKey, u8>,
         filter: aya::maps::Array<MapData, u8>,
+        epoch: Option<aya::maps::Array<MapData, u32>>,
     ) -> Self {
         Self {
             map,
             filter,
+            epoch,
             written: FastMap::default(),
         }
     }
@@ -93,7 +103,36 @@ impl Relays {
             }
             Err(e) => tracing::warn!(%ip, error = %e, "writing a relay"),
         }
+        // After the write, so a socket judged under the new epoch was
+        // judged against the new set. A refresh bumps it too: the kernel's
+        // map may have dropped the address meanwhile (an LRU).
+        self.bump();
     }
+
+    fn bump(&mut self) {
+        let Some(map) = &mut self.epoch else {
+            return;
+        };
+        if let Err(e) = bump(map) {
+            // The memo would keep verdicts from the old set: turn it off.
+            tracing::warn!(error = %e, "bumping the relay set's epoch; the programs' memo is off");
+            let _ = map.set(0, 0, 0);
+            self.epoch = None;
+        }
+    }
+}
+
+/// Moves the relay set's epoch on, voiding every verdict the programs
+/// memoized: never to 0 (the memo's off switch) nor to a multiple of 2^16
+/// (the tag keeps 16 bits of it: that one would read as epoch 0's).
+fn bump<T: std::borrow::BorrowMut<MapData>>(
+    map: &mut aya::maps::Array<T, u32>,
+) -> Result<(), aya::maps::MapError> {
+    let mut next = map.get(&0, 0)?.wrapping_add(1);
+    if next & 0xffff == 0 {
+        next = next.wrapping_add(1);
+    }
+    map.set(0, next, 0)
 }
 
 /// Where the threads' turns come from on this kernel (the programs'
@@ -118,12 +157,12 @@ impl Evidence {
     }
 }
 
-/// Loads and attaches the best pair of programs the kernel takes. The
-/// links belong to the programs, which belong to `ebpf`: dropping it
-/// detaches them.
-pub fn attach(ebpf: &mut Ebpf, offsets_found: Result<(), String>) -> Evidence {
+/// Loads and attaches the best pair of programs the kernel takes, and
+/// whether their memo is on (see [`memo_on`]). The links belong to the
+/// programs, which belong to `ebpf`: dropping it detaches them.
+pub fn attach(ebpf: &mut Ebpf, offsets_found: Result<(), String>) -> (Evidence, bool) {
     if let Err(why) = offsets_found {
-        return Evidence::Unavailable(why);
+        return (Evidence::Unavailable(why), false);
     }
     let tracepoints = (|| -> Result<(), String> {
         for (name, tp) in [
@@ -141,7 +180,7 @@ pub fn attach(ebpf: &mut Ebpf, offsets_found: Result<(), String>) -> Evidence {
         Ok(())
     })();
     let why_not_tracepoints = match tracepoints {
-        Ok(()) => return Evidence::Tracepoints,
+        Ok(()) => return (Evidence::Tracepoints, memo_on(ebpf)),
         Err(e) => e,
     };
     // A pair half attached would record one side only: detach it.
@@ -160,14 +199,59 @@ pub fn attach(ebpf: &mut Ebpf, offsets_found: Result<(), String>) -> Evidence {
         Ok(())
     })();
     match fexit {
-        Ok(()) => Evidence::Fexit,
+        Ok(()) => (Evidence::Fexit, memo_on(ebpf)),
         Err(e) => {
             unload(ebpf, &[TCP_SENDMSG, TCP_RECVMSG]);
-            Evidence::Unavailable(format!(
-                "socket tracepoints: {why_not_tracepoints}; fexit: {e}"
-            ))
+            (
+                Evidence::Unavailable(format!(
+                    "socket tracepoints: {why_not_tracepoints}; fexit: {e}"
+                )),
+                false,
+            )
         }
     }
+}
+
+/// Attaches the program that forgets a socket's verdict when its TCP state
+/// changes, and only then turns the programs' memo on (a new epoch: any
+/// verdict left from an earlier attachment is void): without it, a reused
+/// socket address could be taken for a non-relay's. Without it the
+/// programs check every send and receive in full.
+fn memo_on(ebpf: &mut Ebpf) -> bool {
+    let attached = (|| -> Result<(), String> {
+        let p: &mut RawTracePoint = ebpf
+            .program_mut(SOCK_STATE)
+            .ok_or_else(|| format!("{SOCK_STATE} is not in the object"))?
+            .try_into()
+            .map_err(|e| format!("{SOCK_STATE}: {e}"))?;
+        p.load().map_err(|e| format!("{SOCK_STATE}: {e}"))?;
+        p.attach("inet_sock_set_state")
+            .map_err(|e| format!("inet_sock_set_state: {e}"))?;
+        let map = ebpf
+            .map_mut(RELAY_EPOCH)
+            .ok_or_else(|| format!("{RELAY_EPOCH} is not in the object"))?;
+        aya::maps::Array::<_, u32>::try_from(map)
+            .and_then(|mut a| bump(&mut a))
+            .map_err(|e| format!("{RELAY_EPOCH}: {e}"))
+    })();
+    if let Err(why) = &attached {
+        unload(ebpf, &[SOCK_STATE]);
+        // Off: an epoch left from an earlier attachment would keep its
+        // verdicts, unwatched.
+        if let Some(map) = ebpf.map_mut(RELAY_EPOCH) {
+            let _ = aya::maps::Array::<_, u32>::try_from(map).and_then(|mut a| a.set(0, 0, 0));
+        }
+        tracing::warn!(%why, "the thread programs check every socket send and receive in full");
+    }
+    attached.is_ok()
+}
+
+/// Detaches and unloads every thread program (`attach` loads them again).
+pub fn detach(ebpf: &mut Ebpf) {
+    unload(
+        ebpf,
+        &[SOCK_SEND, SOCK_RECV, TCP_SENDMSG, TCP_RECVMSG, SOCK_STATE],
+    );
 }
 
 fn unload(ebpf: &mut Ebpf, names: &[&str]) {
