@@ -1,4 +1,5 @@
-//! Any bytes on an HTTP/2 connection, from its start or joined mid-way,
+//! Any bytes on an HTTP/2 connection, from its start or joined mid-way
+//! (at every offset),
 //! must give header blocks or an error, never a panic; and any header
 //! block must decode or fail cleanly, whatever the table holds.
 #![no_main]
@@ -26,6 +27,20 @@ fuzz_target!(|data: &[u8]| {
     ] {
         let mut out = Vec::new();
         for piece in bytes.chunks(step) {
+            if d.push(piece, &mut out).is_err() {
+                assert!(d.lost());
+                break;
+            }
+        }
+    }
+    // Joined at every offset of the same bytes, as an agent restart lands
+    // anywhere in a connection: a frame boundary found or the direction
+    // given up, never a panic (the first 256 offsets: each is a whole
+    // pass over the input).
+    for offset in 0..rest.len().min(256) {
+        let mut d = Direction::joined();
+        let mut out = Vec::new();
+        for piece in rest[offset..].chunks(step) {
             if d.push(piece, &mut out).is_err() {
                 assert!(d.lost());
                 break;

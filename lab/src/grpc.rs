@@ -92,6 +92,17 @@ pub fn call(url: &str, metadata: &[(String, String)], blob: usize) -> Result<u32
             }
         }
     };
+    unary(&c.runtime, channel, path, metadata, blob)
+}
+
+/// One unary call on `channel`, on `runtime`; the gRPC status code.
+fn unary(
+    runtime: &tokio::runtime::Runtime,
+    channel: Channel,
+    path: &str,
+    metadata: &[(String, String)],
+    blob: usize,
+) -> Result<u32, String> {
     let mut request = tonic::Request::new(());
     for (k, v) in metadata {
         let key = MetadataKey::from_bytes(k.as_bytes()).map_err(|e| e.to_string())?;
@@ -106,7 +117,7 @@ pub fn call(url: &str, metadata: &[(String, String)], blob: usize) -> Result<u32
         request.metadata_mut().insert("x-lab-blob", value);
     }
     let path = http::uri::PathAndQuery::try_from(path).map_err(|e| e.to_string())?;
-    c.runtime.block_on(async move {
+    runtime.block_on(async move {
         let mut grpc = tonic::client::Grpc::new(channel);
         grpc.ready().await.map_err(|e| e.to_string())?;
         let codec = ProstCodec::<(), ()>::default();
@@ -115,6 +126,38 @@ pub fn call(url: &str, metadata: &[(String, String)], blob: usize) -> Result<u32
             Err(status) => Ok(status.code() as u32),
         }
     })
+}
+
+/// A client of its own: one channel (one HTTP/2 connection, kept for as
+/// long as the caller lives), on a runtime built in the creating thread's
+/// network namespace, whatever else in the process calls gRPC.
+pub struct Caller {
+    runtime: tokio::runtime::Runtime,
+    channel: Channel,
+}
+
+impl Caller {
+    /// Connects to `authority` (host:port) now.
+    pub fn connect(authority: &str) -> Result<Self, String> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let endpoint = Endpoint::from_shared(format!("http://{authority}"))
+            .map_err(|e| e.to_string())?
+            .connect_timeout(Duration::from_secs(3))
+            .timeout(Duration::from_secs(5));
+        let channel = runtime
+            .block_on(endpoint.connect())
+            .map_err(|e| e.to_string())?;
+        Ok(Self { runtime, channel })
+    }
+
+    /// Calls `path` (`/pkg.Service/Method`) with `metadata`; the gRPC status
+    /// code (0: OK).
+    pub fn call(&self, path: &str, metadata: &[(String, String)]) -> Result<u32, String> {
+        unary(&self.runtime, self.channel.clone(), path, metadata, 0)
+    }
 }
 
 /// Serves gRPC on `spec.port` in the current thread's network namespace

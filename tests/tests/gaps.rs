@@ -905,6 +905,25 @@ fn an_http2_request_whose_context_sits_in_fields_not_decoded_is_unreadable() -> 
         .map(|(p, k)| (p.to_string(), k.to_string()))
         .collect();
     assert_eq!(got, want);
+    // Each span says it was read on a joined connection; the one with a
+    // field not read says how many.
+    let read: Vec<(String, Option<String>, Option<String>)> = spans
+        .iter()
+        .filter(|s| s.synthetic())
+        .map(|s| {
+            (
+                s.attr("url.path").unwrap_or_default(),
+                s.attr("tracegap.h2.joined"),
+                s.attr("tracegap.h2.unknown_fields"),
+            )
+        })
+        .collect();
+    for (path, joined, unknown) in &read {
+        assert_eq!(joined.as_deref(), Some("true"), "{read:?}");
+        let want = (path == "/unknown-entry").then(|| "1".to_owned());
+        assert_eq!(unknown, &want, "{read:?}");
+    }
+    assert_eq!(agent.metric("tracegap_h2_joined_connections_total")?, 1.0);
     assert_eq!(agent.metric("tracegap_h2_partly_read_requests_total")?, 1.0);
     assert_eq!(
         agent.metric("tracegap_gaps_total{kind=\"unreadable\"")?,

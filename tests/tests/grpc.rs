@@ -471,3 +471,147 @@ fn a_grpc_connection_between_two_pods_of_one_node_is_read_once() -> anyhow::Resu
     drop((caller, inventory, agent, receiver));
     Ok(())
 }
+
+#[test]
+fn a_grpc_channel_open_across_an_agent_restart_is_read_after_it() -> anyhow::Result<()> {
+    if !privileged("a_grpc_channel_open_across_an_agent_restart_is_read_after_it") {
+        return Ok(());
+    }
+    const BEFORE: usize = 40;
+    const AFTER: usize = 200;
+    // A call that carries its context into the collector, which is named
+    // uninstrumented: the status every call with context should get.
+    const CARRIED: &str = "uninstrumented";
+    let node = Node::new(&["client"])?;
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    let config = || {
+        let mut services = node.identities("lab");
+        services.push((
+            IpAddr::V4(node.gateway()),
+            Identity {
+                service: "collector".into(),
+                instrumented: Some(false),
+                ..Default::default()
+            },
+        ));
+        AgentConfig {
+            interfaces: Selection::Explicit(vec![node.pod("client").host_if.clone()]),
+            services,
+            ..agent_config(&node, &receiver)
+        }
+    };
+    let first = Agent::start(config())?;
+    // One tonic channel from the client pod, kept open across the restart:
+    // BEFORE calls, then (told to) AFTER more. Every tenth call carries no
+    // context; the rest each their own span id (h2 indexes the
+    // traceparent's name once, each new value is a literal).
+    let authority = format!("{}:{}", node.gateway(), receiver.grpc.port());
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<usize>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<anyhow::Result<usize>>();
+    let client = node.pod("client").spawn(move || {
+        let caller = match tracegap_lab::grpc::Caller::connect(&authority) {
+            Ok(c) => c,
+            Err(e) => return drop(done_tx.send(Err(anyhow::anyhow!("connect: {e}")))),
+        };
+        let mut n = 0usize;
+        while let Ok(calls) = go_rx.recv() {
+            let mut answered = 0;
+            for _ in 0..calls {
+                n += 1;
+                let metadata = if n.is_multiple_of(10) {
+                    vec![]
+                } else {
+                    vec![("traceparent".to_owned(), format!("00-{T1}-{n:016x}-01"))]
+                };
+                if caller.call("/shop.Cart/AddItem", &metadata).is_ok() {
+                    answered += 1;
+                }
+            }
+            let _ = done_tx.send(Ok(answered));
+        }
+    })?;
+    let requests = |agent: &Agent, status: &str| -> anyhow::Result<f64> {
+        agent.metric(&format!(
+            "tracegap_http_requests_total{{source_service=\"client\",destination_service=\"collector\",context_status=\"{status}\""
+        ))
+    };
+    let wait_for = |agent: &Agent, calls: usize| -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::time::Instant::now() < deadline {
+            let seen: f64 = [CARRIED, "missing_context", "unreadable", "malformed"]
+                .iter()
+                .map(|s| requests(agent, s).unwrap_or(0.0))
+                .sum();
+            if seen >= calls as f64 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        Ok(())
+    };
+    go_tx.send(BEFORE)?;
+    let answered = done_rx.recv_timeout(Duration::from_secs(60))??;
+    anyhow::ensure!(answered == BEFORE, "{answered} of {BEFORE} answered");
+    wait_for(&first, BEFORE)?;
+    let dump = |agent: &Agent| -> String {
+        agent
+            .get("/metrics")
+            .map(|(_, b)| {
+                b.lines()
+                    .filter(|l| l.contains("requests_total") || l.contains("h2_"))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_default()
+    };
+    // From its preface: every call read whole.
+    assert_eq!(
+        requests(&first, CARRIED)?,
+        (BEFORE - BEFORE / 10) as f64,
+        "{}",
+        dump(&first)
+    );
+    assert_eq!(requests(&first, "missing_context")?, (BEFORE / 10) as f64);
+    assert_eq!(first.metric("tracegap_h2_joined_connections_total")?, 0.0);
+    // The rollout: the agent stops (its programs detached) and a new one
+    // starts while the channel stays open.
+    first.stop()?;
+    let second = Agent::start(config())?;
+    go_tx.send(AFTER)?;
+    let answered = done_rx.recv_timeout(Duration::from_secs(60))??;
+    anyhow::ensure!(answered == AFTER, "{answered} of {AFTER} answered");
+    wait_for(&second, AFTER)?;
+    let (ok, missing, unreadable, malformed) = (
+        requests(&second, CARRIED)?,
+        requests(&second, "missing_context")?,
+        requests(&second, "unreadable")?,
+        requests(&second, "malformed")?,
+    );
+    let with_context = (AFTER - AFTER / 10) as f64;
+    let summary = format!(
+        "after the restart: {ok} {CARRIED}, {missing} missing_context, {unreadable} unreadable, {malformed} malformed of {AFTER} calls ({with_context} with context)\n{}",
+        dump(&second)
+    );
+    println!("{summary}");
+    // The channel was joined, and read: at least 95% of the calls with a
+    // context counted so, none taken for one with no context...
+    assert_eq!(
+        second.metric("tracegap_h2_joined_connections_total")?,
+        1.0,
+        "{summary}"
+    );
+    assert!(ok >= 0.95 * with_context, "{summary}");
+    assert!(
+        ok <= with_context,
+        "a call without context read as one: {summary}"
+    );
+    // ...and a call without one never counted as carrying one; it is
+    // missing or, where fields were not read, unreadable.
+    assert!(missing <= (AFTER / 10) as f64, "{summary}");
+    assert_eq!(malformed, 0.0, "{summary}");
+    drop(go_tx);
+    let _ = client.join();
+    drop((second, receiver));
+    Ok(())
+}

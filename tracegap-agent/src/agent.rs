@@ -491,9 +491,11 @@ impl Pipeline {
         }
         self.h2.expire_before(cutoff, h2_out);
         self.h2.forget_before(now.saturating_sub(follow::IDLE_NS));
-        self.shared
-            .metrics
-            .h2(self.h2.stats, self.h2.len(), &mut self.h2_counted);
+        self.shared.metrics.h2(
+            self.h2.stats,
+            (self.h2.len(), self.h2.unsynchronised()),
+            &mut self.h2_counted,
+        );
         self.engine.forget_before(now.saturating_sub(RETENTION_NS));
         self.nat
             .forget_before(now.saturating_sub(2 * nat::REVALIDATE_NS));

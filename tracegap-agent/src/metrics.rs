@@ -185,6 +185,8 @@ pub struct Metrics {
     pub h2_connections: Gauge,
     pub h2_unread: Family<ReasonLabels, Counter>,
     pub h2_partly_read: Counter,
+    pub h2_joined: Counter,
+    pub h2_unsynchronised: Gauge,
     pub server_connections: Family<ServerLabels, Gauge>,
     pub server_refused: Family<RefusalLabels, Counter>,
     pub bpf_run_seconds: Family<ProgramLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
@@ -242,6 +244,8 @@ impl Metrics {
             h2_connections: Gauge::default(),
             h2_unread: Family::default(),
             h2_partly_read: Counter::default(),
+            h2_joined: Counter::default(),
+            h2_unsynchronised: Gauge::default(),
             server_connections: Family::default(),
             server_refused: Family::default(),
             bpf_run_seconds: Family::default(),
@@ -362,6 +366,16 @@ impl Metrics {
             "h2_partly_read_requests",
             "HTTP/2 requests with fields from HPACK table entries never seen (a connection joined mid-way, as after an agent restart, or read on after a block the kernel could not copy): classified from the fields read; with no trace context among them, unreadable",
             m.h2_partly_read.clone(),
+        );
+        registry.register(
+            "h2_joined_connections",
+            "HTTP/2 connections read from the middle, their start unseen (open before the agent started: after a restart, every long-lived gRPC channel)",
+            m.h2_joined.clone(),
+        );
+        registry.register(
+            "h2_unsynchronised_connections",
+            "HTTP/2 connections followed whose HPACK tables still hold entries never seen (joined mid-way, or after a block the kernel could not copy): their requests may be read in part until the entries seen since fill the tables",
+            m.h2_unsynchronised.clone(),
         );
         registry.register(
             "bpf_run_seconds",
@@ -519,10 +533,13 @@ impl Metrics {
     pub fn h2(
         &self,
         now: crate::http::h2::follow::H2Stats,
-        connections: usize,
+        (connections, unsynchronised): (usize, usize),
         last: &mut crate::http::h2::follow::H2Stats,
     ) {
         self.h2_connections.set(connections as i64);
+        self.h2_unsynchronised.set(unsynchronised as i64);
+        self.h2_joined
+            .inc_by(now.joined.saturating_sub(last.joined));
         for (reason, n, l) in [
             (
                 "unknown_connection",

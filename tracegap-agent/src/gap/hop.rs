@@ -90,6 +90,10 @@ pub struct Request {
     pub resynced: bool,
     /// The head did not fit what the kernel copies.
     pub truncated: bool,
+    /// HTTP/2: read on a connection joined mid-way.
+    pub joined: bool,
+    /// HTTP/2: fields that named table entries never seen (not read).
+    pub unknown_fields: u16,
     /// Sent by a telemetry exporter: paired, so its response is not taken
     /// for another's, but never reported.
     pub telemetry: bool,
@@ -129,6 +133,8 @@ impl Request {
             ack: 0,
             resynced: false,
             truncated,
+            joined: false,
+            unknown_fields: 0,
             telemetry: false,
             via: None,
             protocol: Protocol::Http1,
@@ -179,6 +185,8 @@ impl Request {
             // Fields from table entries never seen: not read whole.
             fields.incomplete(),
         );
+        req.joined = fields.joined;
+        req.unknown_fields = fields.unknown.min(u16::MAX as usize) as u16;
         req.protocol = if fields
             .header("content-type")
             .is_some_and(|c| c.starts_with("application/grpc"))
@@ -246,6 +254,10 @@ pub struct Hop {
     pub propagation: Propagation,
     /// The request head did not fit what the kernel copies.
     pub truncated: bool,
+    /// HTTP/2: read on a connection joined mid-way, and the fields that
+    /// could not be read (see [`Request`]).
+    pub joined: bool,
+    pub unknown_fields: u16,
     /// The Service address the client called, when kube-proxy translated it
     /// to the callee (see [`crate::nat`]).
     pub via: Option<Endpoint>,
@@ -278,6 +290,8 @@ impl Hop {
             unanswered: response.is_none(),
             propagation: request.propagation.clone(),
             truncated: request.truncated,
+            joined: request.joined,
+            unknown_fields: request.unknown_fields,
             via: request.via,
             protocol: request.protocol,
             grpc_status: response.and_then(|r| r.grpc_status),

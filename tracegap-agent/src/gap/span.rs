@@ -331,9 +331,15 @@ pub fn build(
         .as_deref()
         .map(|h| host_name(h).to_owned())
         .unwrap_or_else(|| hop.callee().ip.to_string());
+    // A field not read (HTTP/2 from a table entry never seen) is left
+    // out, never guessed.
+    if !hop.method.is_empty() {
+        attributes.push(KeyValue::new("http.request.method", hop.method.clone()));
+    }
+    if !hop.path.is_empty() {
+        attributes.push(KeyValue::new("url.path", hop.path.clone()));
+    }
     attributes.extend([
-        KeyValue::new("http.request.method", hop.method.clone()),
-        KeyValue::new("url.path", hop.path.clone()),
         KeyValue::new("server.address", server_address),
         KeyValue::new("server.port", i64::from(hop.callee().port)),
         KeyValue::new("client.address", hop.caller().ip.to_string()),
@@ -387,6 +393,15 @@ pub fn build(
     }
     if hop.truncated {
         attributes.push(KeyValue::new("tracegap.headers.truncated", true));
+    }
+    if hop.joined {
+        attributes.push(KeyValue::new("tracegap.h2.joined", true));
+    }
+    if hop.unknown_fields > 0 {
+        attributes.push(KeyValue::new(
+            "tracegap.h2.unknown_fields",
+            i64::from(hop.unknown_fields),
+        ));
     }
     // Server spans: 5xx is an error, 4xx is the client's. Client spans: both.
     // gRPC (its conventions): any status but OK on a client span; on a
@@ -468,6 +483,8 @@ mod tests {
                 ..Default::default()
             },
             truncated: false,
+            joined: false,
+            unknown_fields: 0,
             via: None,
             protocol: Default::default(),
             grpc_status: None,
@@ -590,6 +607,47 @@ mod tests {
         let s = build(&h, &verdict(GapKind::MissingContext, None), &a, &b, true);
         assert_eq!(s.name, "POST /shop.Cart/AddItem");
         assert!(attr(&s, "rpc.system").is_none());
+    }
+
+    #[test]
+    fn a_joined_connections_call_says_so_and_leaves_out_what_it_could_not_read() {
+        let (a, b) = ids();
+        // After an agent restart: :path and content-type came from table
+        // entries never seen; :method too.
+        let mut h = hop(None, Some(200));
+        h.protocol = super::Protocol::Http2;
+        h.method = String::new();
+        h.path = String::new();
+        h.joined = true;
+        h.unknown_fields = 4;
+        let s = build(&h, &verdict(GapKind::MissingContext, None), &a, &b, true);
+        let get = |k| attr(&s, k).cloned();
+        assert_eq!(s.name, "HTTP");
+        assert_eq!(
+            get("tracegap.h2.joined"),
+            Some(opentelemetry::Value::Bool(true))
+        );
+        assert_eq!(
+            get("tracegap.h2.unknown_fields"),
+            Some(opentelemetry::Value::I64(4))
+        );
+        for absent in [
+            "http.request.method",
+            "url.path",
+            "rpc.method",
+            "rpc.system",
+        ] {
+            assert!(get(absent).is_none(), "{absent} guessed");
+        }
+        // A connection seen from its start says neither.
+        h.joined = false;
+        h.unknown_fields = 0;
+        h.method = "POST".into();
+        h.path = "/shop.Cart/AddItem".into();
+        let s = build(&h, &verdict(GapKind::MissingContext, None), &a, &b, true);
+        assert!(attr(&s, "tracegap.h2.joined").is_none());
+        assert!(attr(&s, "tracegap.h2.unknown_fields").is_none());
+        assert!(attr(&s, "http.request.method").is_some());
     }
 
     fn valid(tp: &str) -> crate::http::context::SpanContext {

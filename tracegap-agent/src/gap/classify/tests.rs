@@ -58,6 +58,8 @@ fn hop(from: u8, to: u8, start_ms: u64, end_ms: u64, contexts: Vec<Found>) -> Ho
             ..Default::default()
         },
         truncated: false,
+        joined: false,
+        unknown_fields: 0,
         via: None,
         protocol: Default::default(),
         grpc_status: None,

@@ -30,6 +30,8 @@ pub struct Fields {
     pub unknown: usize,
     /// `traceparent` fields recognised by their value's shape alone.
     pub inferred: usize,
+    /// Read on a connection joined mid-way (its start unseen).
+    pub joined: bool,
 }
 
 impl Fields {
@@ -60,6 +62,7 @@ impl Fields {
             fields: fields.into(),
             unknown,
             inferred,
+            joined: false,
         }
     }
 
@@ -158,6 +161,8 @@ pub struct Connection {
     server: Direction,
     open: crate::FastMap<u32, Open>,
     opened: u64,
+    /// Joined mid-way: its requests say so.
+    joined: bool,
 }
 
 impl Connection {
@@ -168,6 +173,7 @@ impl Connection {
             server: Direction::server(),
             open: crate::FastMap::default(),
             opened: 0,
+            joined: false,
         }
     }
 
@@ -176,6 +182,7 @@ impl Connection {
         Self {
             client: Direction::joined(),
             server: Direction::joined(),
+            joined: true,
             ..Self::new()
         }
     }
@@ -243,10 +250,12 @@ impl Connection {
                     }
                     started.push(stream);
                     self.opened += 1;
+                    let mut request = Fields::from_block(block);
+                    request.joined = self.joined;
                     self.open.insert(
                         stream,
                         Open {
-                            request: Fields::from_block(block),
+                            request,
                             response: None,
                             trailers: None,
                             start_ns: ts_ns,
@@ -480,6 +489,9 @@ mod tests {
         assert_eq!(seven.status(), Some(200));
         let nine = &out[1];
         assert!(nine.partly_read(), "{nine:?}");
+        assert_eq!(nine.request.unknown, 1);
+        // Both say where they were read: on a connection joined mid-way.
+        assert!(seven.request.joined && nine.request.joined);
         assert!(!c.synchronised());
         // Its own insertions it can read: from the start, all of them.
         let mut fresh = Connection::new();
@@ -508,7 +520,7 @@ mod tests {
         }
         assert!(
             out.iter()
-                .all(|e| e.request.header("traceparent") == Some(TP))
+                .all(|e| e.request.header("traceparent") == Some(TP) && !e.request.joined)
         );
         assert!(fresh.synchronised());
     }

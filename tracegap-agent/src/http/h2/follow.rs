@@ -105,6 +105,16 @@ impl Connections {
         self.conns.is_empty()
     }
 
+    /// Connections whose HPACK tables still hold entries never seen (joined
+    /// mid-way, or after a block the kernel could not copy): their
+    /// requests may be read in part.
+    pub fn unsynchronised(&self) -> usize {
+        self.conns
+            .values()
+            .filter(|c| !c.conn.synchronised())
+            .count()
+    }
+
     /// Feeds one [`EventKind::Http2`] event.
     pub fn push(&mut self, e: &RawEvent, lost: bool, out: &mut Vec<Out>) {
         debug_assert_eq!(e.kind, EventKind::Http2);
