@@ -658,8 +658,8 @@ fn check(
                 format!("{dst}'s spans for {src}'s calls in the store: {outcome} {n} of {all}"),
             )
         }
-        Expect::SpansLost(_) => {
-            // Judged once the agents stop: the services are asked then.
+        Expect::SpansLost(_) | Expect::AcrossRestart(..) => {
+            // Judged later (once the agents stop; after the restart).
             (true, String::new())
         }
         Expect::KeptUp(share) => {
@@ -681,6 +681,65 @@ fn check(
             )
         }
     })
+}
+
+/// The restart step (see [`Expect::AcrossRestart`]): the agents stop and
+/// start again while `src` keeps its connections open; the load into
+/// `src` runs again; the new agents must read `src`'s calls to `dst` each
+/// once, at least 95% of them with their context, and say they joined.
+fn across_restart(
+    ctx: &mut Ctx,
+    sc: &Scenario,
+    config: Option<&AgentConfig>,
+    (store_port, query_port): (u16, u16),
+    src: &str,
+    dst: &str,
+) -> anyhow::Result<(bool, String)> {
+    let Some(config) = config else {
+        return Ok((
+            true,
+            "info the agents run as containers: no restart step".to_owned(),
+        ));
+    };
+    let load = sc
+        .loads
+        .iter()
+        .find(|l| l.target.0 == src)
+        .with_context(|| format!("no load into {src}"))?;
+    let calls = |ctx: &Ctx| -> anyhow::Result<(u64, u64)> {
+        Ok(ctx.calls_made(src)?.get(dst).copied().unwrap_or((0, 0)))
+    };
+    let before = calls(ctx)?;
+    for a in &mut ctx.agents {
+        a.stop_now()?;
+    }
+    ctx.agents = ctx
+        .cluster
+        .start_agents(config, store_port, Some(query_port))?;
+    let sent = ctx.run_load(load)?.sent;
+    let after = calls(ctx)?;
+    let (made, failed) = (after.0 - before.0, after.1 - before.1);
+    ctx.settle(sent + made)?;
+    let report = ctx.report()?;
+    let edge = |f: &dyn Fn(&tracegap_agent::report::Edge) -> u64| -> u64 {
+        report
+            .edges
+            .iter()
+            .filter(|e| e.source == src && e.destination == dst)
+            .map(f)
+            .sum()
+    };
+    let read = edge(&|e| e.requests);
+    let with_context = edge(&|e| e.kinds.get("context_ok").copied().unwrap_or(0));
+    let joined = ctx.metric("tracegap_h2_joined_connections_total")?;
+    let ok =
+        failed == 0 && read == made && with_context as f64 >= 0.95 * made as f64 && joined >= 1.0;
+    Ok((
+        ok,
+        format!(
+            "across an agent restart: {src} made {made} calls to {dst} on its open connection ({failed} failed); the new agents read {read}, {with_context} with their context; {joined} connection(s) joined"
+        ),
+    ))
 }
 
 /// Runs one scenario on a fresh two-node cluster with an agent per node.
@@ -726,8 +785,31 @@ pub fn run_one(
     std::fs::write(&names, cluster.names_file("lab", &uninstrumented))?;
     let identities = tracegap_agent::identity::parse_names_file(&std::fs::read_to_string(&names)?)
         .with_context(|| format!("reading {}", names.display()))?;
-    let agents = match &opts.container {
-        Some(template) => {
+    // Kept for the restart step (see `across_restart`).
+    let agent_config = opts.container.is_none().then(|| AgentConfig {
+        reconcile: Some(ReconcileConfig {
+            kind: StoreKind::Jaeger,
+            settle: RECONCILE_SETTLE,
+            qps: RECONCILE_QPS,
+            // Replaced per node by the store's address there.
+            ..ReconcileConfig::new(String::new())
+        }),
+        ..Cluster::agent_config(
+            ExportConfig {
+                protocol: OtlpProtocol::Grpc,
+                interval: Duration::from_millis(200),
+                queue: 2048,
+                attempts: 3,
+                ..ExportConfig::default()
+            },
+            ExportMode::Gaps,
+            identities,
+            Duration::from_secs(60),
+        )
+    });
+    let ports = (store.grpc.port(), reader.addr.port());
+    let agents = match (&opts.container, &agent_config) {
+        (Some(template), _) => {
             // The ConfigMap's settings, but for what the lab must change.
             cluster.start_container_agents(
                 template,
@@ -736,30 +818,10 @@ pub fn run_one(
                 &names,
             )?
         }
-        None => cluster.start_agents(
-            &AgentConfig {
-                reconcile: Some(ReconcileConfig {
-                    kind: StoreKind::Jaeger,
-                    settle: RECONCILE_SETTLE,
-                    qps: RECONCILE_QPS,
-                    // Replaced per node by the store's address there.
-                    ..ReconcileConfig::new(String::new())
-                }),
-                ..Cluster::agent_config(
-                    ExportConfig {
-                        protocol: OtlpProtocol::Grpc,
-                        interval: Duration::from_millis(200),
-                        queue: 2048,
-                        attempts: 3,
-                        ..ExportConfig::default()
-                    },
-                    ExportMode::Gaps,
-                    identities,
-                    Duration::from_secs(60),
-                )
-            },
-            store.grpc.port(),
-            Some(reader.addr.port()),
+        (None, config) => cluster.start_agents(
+            config.as_ref().context("the standalone agents' config")?,
+            ports.0,
+            Some(ports.1),
         )?,
     };
     let mut ctx = Ctx {
@@ -817,7 +879,7 @@ pub fn run_one(
     for e in sc
         .expect
         .iter()
-        .filter(|e| !matches!(e, Expect::SpansLost(_)))
+        .filter(|e| !matches!(e, Expect::SpansLost(_) | Expect::AcrossRestart(..)))
     {
         let (ok, line) = check(e, &report, &ctx, &spans, sent)?;
         passed &= ok;
@@ -924,6 +986,15 @@ pub fn run_one(
         })
         .collect();
     verdict.push(reconcile_cost(&ctx, began.elapsed(), &report)?);
+    for e in &sc.expect {
+        let Expect::AcrossRestart(src, dst) = e else {
+            continue;
+        };
+        writeln!(out, "  the agents restart; {src}'s connections stay open")?;
+        let (ok, line) = across_restart(&mut ctx, sc, agent_config.as_ref(), ports, src, dst)?;
+        passed &= ok;
+        verdict.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
+    }
     let outcome = Outcome {
         name: sc.name.to_owned(),
         report,

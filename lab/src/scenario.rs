@@ -76,6 +76,12 @@ pub enum Expect {
     /// The service's spans lost while the store refused them are counted
     /// `lost_in_pipeline`, as many as the service itself failed to export.
     SpansLost(&'static str),
+    /// After the checks above: the agents restart (a DaemonSet rollout)
+    /// while the services keep their connections, the load into the first
+    /// service runs again, and the new agents' report shows the first's
+    /// calls to the second (gRPC on the channel opened before the restart)
+    /// each once, with their context.
+    AcrossRestart(&'static str, &'static str),
     /// The agent kept up: at least this share of the requests sent were
     /// classified, and it is still healthy.
     KeptUp(f64),
@@ -382,6 +388,7 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                     Linked("inventory"),
                     Kind("service-d", "inventory", "context_ok"),
                     CalleeSpans("service-d", "inventory", "arrived"),
+                    AcrossRestart("service-d", "inventory"),
                 ],
                 store_down: false,
             }
