@@ -5,6 +5,7 @@
 //! gRPC status; the trace context in its metadata is read; OTLP/gRPC
 //! exports on the same wire are telemetry, never hops.
 
+use anyhow::Context;
 use std::{
     net::{IpAddr, Ipv4Addr},
     time::Duration,
@@ -36,28 +37,33 @@ struct Grpc {
     dir: TempDir,
 }
 
+/// The agent on the client pod's veth, exporting to the receiver, which the
+/// pods reach as a service that makes no spans of its own (`collector`): a
+/// call carrying context into it is a gap to fill.
+fn collector_config(node: &Node, receiver: &Receiver) -> AgentConfig {
+    let mut services = node.identities("lab");
+    services.push((
+        IpAddr::V4(node.gateway()),
+        Identity {
+            service: "collector".into(),
+            instrumented: Some(false),
+            ..Default::default()
+        },
+    ));
+    AgentConfig {
+        interfaces: Selection::Explicit(vec![node.pod("client").host_if.clone()]),
+        services,
+        ..agent_config(node, receiver)
+    }
+}
+
 impl Grpc {
     /// A client pod, the receiver on the host (its gRPC server is tonic),
     /// the agent on the client's veth exporting to the receiver.
     fn start() -> anyhow::Result<Self> {
         let node = Node::new(&["client"])?;
         let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
-        // The receiver, as the pods reach it: a service that makes no spans of
-        // its own, so a call carrying context into it is a gap to fill.
-        let mut services = node.identities("lab");
-        services.push((
-            IpAddr::V4(node.gateway()),
-            Identity {
-                service: "collector".into(),
-                instrumented: Some(false),
-                ..Default::default()
-            },
-        ));
-        let agent = Agent::start(AgentConfig {
-            interfaces: Selection::Explicit(vec![node.pod("client").host_if.clone()]),
-            services,
-            ..agent_config(&node, &receiver)
-        })?;
+        let agent = Agent::start(collector_config(&node, &receiver))?;
         let dir = TempDir::new("grpc")?;
         std::fs::write(dir.path().join("empty.grpc"), [0u8; 5])?;
         Ok(Self {
@@ -472,11 +478,149 @@ fn a_grpc_connection_between_two_pods_of_one_node_is_read_once() -> anyhow::Resu
     Ok(())
 }
 
-#[test]
-fn a_grpc_channel_open_across_an_agent_restart_is_read_after_it() -> anyhow::Result<()> {
-    if !privileged("a_grpc_channel_open_across_an_agent_restart_is_read_after_it") {
-        return Ok(());
+/// A gRPC channel from the client pod to the receiver, kept open across
+/// agent restarts: `calls(n)` makes `n` more calls on it (every tenth with
+/// no trace context, the rest each with their own span id: the name
+/// indexed once, each value a literal) and says how many were answered.
+trait Channel {
+    fn calls(&mut self, n: usize) -> anyhow::Result<usize>;
+}
+
+/// tonic (the h2 crate's HPACK) on a thread in the client pod.
+struct Tonic {
+    go: std::sync::mpsc::Sender<usize>,
+    done: std::sync::mpsc::Receiver<anyhow::Result<usize>>,
+}
+
+impl Tonic {
+    fn open(node: &Node, authority: String) -> anyhow::Result<Self> {
+        let (go, go_rx) = std::sync::mpsc::channel::<usize>();
+        let (done_tx, done) = std::sync::mpsc::channel::<anyhow::Result<usize>>();
+        // Ends when `go` is dropped.
+        node.pod("client").spawn(move || {
+            let caller = match tracegap_lab::grpc::Caller::connect(&authority) {
+                Ok(c) => c,
+                Err(e) => return drop(done_tx.send(Err(anyhow::anyhow!("connect: {e}")))),
+            };
+            let mut n = 0usize;
+            while let Ok(calls) = go_rx.recv() {
+                let mut answered = 0;
+                for _ in 0..calls {
+                    n += 1;
+                    let metadata = if n.is_multiple_of(10) {
+                        vec![]
+                    } else {
+                        vec![("traceparent".to_owned(), format!("00-{T1}-{n:016x}-01"))]
+                    };
+                    if caller.call("/shop.Cart/AddItem", &metadata).is_ok() {
+                        answered += 1;
+                    }
+                }
+                let _ = done_tx.send(Ok(answered));
+            }
+        })?;
+        Ok(Self { go, done })
     }
+}
+
+impl Channel for Tonic {
+    fn calls(&mut self, n: usize) -> anyhow::Result<usize> {
+        self.go.send(n)?;
+        self.done.recv_timeout(Duration::from_secs(60))?
+    }
+}
+
+/// gRPC C-core (Debian's python3-grpcio) in a process in the client pod
+/// (tests/clients/grpcio_caller.py): it inserts a request's fixed fields
+/// into the HPACK table once and refers to them by index ever after, so a
+/// joined agent never learns them.
+struct Grpcio {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    answers: std::sync::mpsc::Receiver<String>,
+}
+
+impl Grpcio {
+    /// Debian's interpreter, where Debian's grpcio is (`cargo xtask setup`
+    /// installs python3-grpcio), not whichever `python3` is first on PATH.
+    const PYTHON: &str = "/usr/bin/python3";
+
+    fn open(node: &Node, authority: String) -> anyhow::Result<Self> {
+        use std::io::BufRead;
+        let found = std::process::Command::new(Self::PYTHON)
+            .args(["-c", "import grpc"])
+            .output();
+        anyhow::ensure!(
+            found.is_ok_and(|o| o.status.success()),
+            "{} cannot import grpc: install python3-grpcio (cargo xtask setup does)",
+            Self::PYTHON
+        );
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/grpcio_caller.py");
+        let mut child = node
+            .pod("client")
+            .command(Self::PYTHON)
+            .args([script, &authority, "/shop.Cart/AddItem"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().context("grpcio caller's stdout")?;
+        let (tx, answers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Self {
+            child,
+            stdin,
+            answers,
+        })
+    }
+}
+
+impl Channel for Grpcio {
+    fn calls(&mut self, n: usize) -> anyhow::Result<usize> {
+        use std::io::Write;
+        let stdin = self.stdin.as_mut().context("grpcio caller closed")?;
+        writeln!(stdin, "{n}")?;
+        stdin.flush()?;
+        let line = self
+            .answers
+            .recv_timeout(Duration::from_secs(60))
+            .context("grpcio caller: no answer (its errors are on stderr)")?;
+        Ok(line.trim().parse()?)
+    }
+}
+
+impl Drop for Grpcio {
+    fn drop(&mut self) {
+        // End of input ends the caller; the kill is for one that hangs.
+        drop(self.stdin.take());
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One channel kept open across an agent restart (a DaemonSet rollout):
+/// `BEFORE` calls read whole by the first agent, then `AFTER` calls on the
+/// same connection joined by the second, which must count at least 95% of
+/// those with a context so and none without one as carrying one.
+fn across_restart<C: Channel>(
+    open: impl FnOnce(&Node, String) -> anyhow::Result<C>,
+) -> anyhow::Result<()> {
     const BEFORE: usize = 40;
     const AFTER: usize = 200;
     // A call that carries its context into the collector, which is named
@@ -484,52 +628,11 @@ fn a_grpc_channel_open_across_an_agent_restart_is_read_after_it() -> anyhow::Res
     const CARRIED: &str = "uninstrumented";
     let node = Node::new(&["client"])?;
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
-    let config = || {
-        let mut services = node.identities("lab");
-        services.push((
-            IpAddr::V4(node.gateway()),
-            Identity {
-                service: "collector".into(),
-                instrumented: Some(false),
-                ..Default::default()
-            },
-        ));
-        AgentConfig {
-            interfaces: Selection::Explicit(vec![node.pod("client").host_if.clone()]),
-            services,
-            ..agent_config(&node, &receiver)
-        }
-    };
-    let first = Agent::start(config())?;
-    // One tonic channel from the client pod, kept open across the restart:
-    // BEFORE calls, then (told to) AFTER more. Every tenth call carries no
-    // context; the rest each their own span id (h2 indexes the
-    // traceparent's name once, each new value is a literal).
-    let authority = format!("{}:{}", node.gateway(), receiver.grpc.port());
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<usize>();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<anyhow::Result<usize>>();
-    let client = node.pod("client").spawn(move || {
-        let caller = match tracegap_lab::grpc::Caller::connect(&authority) {
-            Ok(c) => c,
-            Err(e) => return drop(done_tx.send(Err(anyhow::anyhow!("connect: {e}")))),
-        };
-        let mut n = 0usize;
-        while let Ok(calls) = go_rx.recv() {
-            let mut answered = 0;
-            for _ in 0..calls {
-                n += 1;
-                let metadata = if n.is_multiple_of(10) {
-                    vec![]
-                } else {
-                    vec![("traceparent".to_owned(), format!("00-{T1}-{n:016x}-01"))]
-                };
-                if caller.call("/shop.Cart/AddItem", &metadata).is_ok() {
-                    answered += 1;
-                }
-            }
-            let _ = done_tx.send(Ok(answered));
-        }
-    })?;
+    let first = Agent::start(collector_config(&node, &receiver))?;
+    let mut channel = open(
+        &node,
+        format!("{}:{}", node.gateway(), receiver.grpc.port()),
+    )?;
     let requests = |agent: &Agent, status: &str| -> anyhow::Result<f64> {
         agent.metric(&format!(
             "tracegap_http_requests_total{{source_service=\"client\",destination_service=\"collector\",context_status=\"{status}\""
@@ -550,8 +653,7 @@ fn a_grpc_channel_open_across_an_agent_restart_is_read_after_it() -> anyhow::Res
         std::thread::sleep(Duration::from_millis(500));
         Ok(())
     };
-    go_tx.send(BEFORE)?;
-    let answered = done_rx.recv_timeout(Duration::from_secs(60))??;
+    let answered = channel.calls(BEFORE)?;
     anyhow::ensure!(answered == BEFORE, "{answered} of {BEFORE} answered");
     wait_for(&first, BEFORE)?;
     let dump = |agent: &Agent| -> String {
@@ -577,9 +679,8 @@ fn a_grpc_channel_open_across_an_agent_restart_is_read_after_it() -> anyhow::Res
     // The rollout: the agent stops (its programs detached) and a new one
     // starts while the channel stays open.
     first.stop()?;
-    let second = Agent::start(config())?;
-    go_tx.send(AFTER)?;
-    let answered = done_rx.recv_timeout(Duration::from_secs(60))??;
+    let second = Agent::start(collector_config(&node, &receiver))?;
+    let answered = channel.calls(AFTER)?;
     anyhow::ensure!(answered == AFTER, "{answered} of {AFTER} answered");
     wait_for(&second, AFTER)?;
     let (ok, missing, unreadable, malformed) = (
@@ -610,8 +711,23 @@ fn a_grpc_channel_open_across_an_agent_restart_is_read_after_it() -> anyhow::Res
     // missing or, where fields were not read, unreadable.
     assert!(missing <= (AFTER / 10) as f64, "{summary}");
     assert_eq!(malformed, 0.0, "{summary}");
-    drop(go_tx);
-    let _ = client.join();
+    drop(channel);
     drop((second, receiver));
     Ok(())
+}
+
+#[test]
+fn a_grpc_channel_open_across_an_agent_restart_is_read_after_it() -> anyhow::Result<()> {
+    if !privileged("a_grpc_channel_open_across_an_agent_restart_is_read_after_it") {
+        return Ok(());
+    }
+    across_restart(Tonic::open)
+}
+
+#[test]
+fn a_grpc_c_core_channel_open_across_an_agent_restart_is_read_after_it() -> anyhow::Result<()> {
+    if !privileged("a_grpc_c_core_channel_open_across_an_agent_restart_is_read_after_it") {
+        return Ok(());
+    }
+    across_restart(Grpcio::open)
 }

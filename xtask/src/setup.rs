@@ -29,6 +29,9 @@ const RUNTIME_PACKAGES: &[&str] = &[
     "iptables",
     // h2load: many HTTP/2 streams on one connection (tests, bench).
     "nghttp2-client",
+    // gRPC C-core (grpcio) as a real client that indexes its fields once
+    // (the agent-restart test).
+    "python3-grpcio",
 ];
 
 const BPF_LINKER_VERSION: &str = "^0.13";

@@ -19,6 +19,7 @@ use tracegap_common::EventKind;
 use super::{
     exchange::{Connection, Exchange, Fields},
     frame::PREFACE,
+    hpack,
 };
 use crate::{
     FastMap,
@@ -299,40 +300,34 @@ enum Side {
     Server,
 }
 
-/// Which side sent `bytes`, a HEADERS frame first, by its block's first
-/// field: a request's pseudo-header (`:authority`, `:method`, `:path`,
-/// `:scheme`: static entries 1-7) or a response's (`:status`, 8-14), as an
-/// indexed field or a literal's name. None: a dynamic entry, or not a
-/// HEADERS frame of a client-initiated (odd) stream.
+/// Which side sent `bytes`, a HEADERS frame first, by the first
+/// pseudo-header its block names: a request's (`:authority`, `:method`,
+/// `:path`, `:scheme`) or a response's (`:status`), from the static table
+/// or a literal's name, past fields from entries never seen. None: no such
+/// field in the frame, or not a HEADERS frame of a client-initiated (odd)
+/// stream.
 fn first_block_side(bytes: &[u8]) -> Option<Side> {
     let h = bytes.get(..9)?;
     let (kind, flags) = (h[3], h[4]);
+    let len = u32::from_be_bytes([0, h[0], h[1], h[2]]) as usize;
     let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
     if kind != 0x1 || stream % 2 == 0 {
         return None;
     }
     let mut at = 9;
+    let mut pad = 0;
     if flags & 0x8 != 0 {
+        pad = usize::from(*bytes.get(at)?);
         at += 1;
     }
     if flags & 0x20 != 0 {
         at += 5;
     }
-    let first = *bytes.get(at)?;
-    // RFC 7541 §6: indexed (1xxxxxxx, 7-bit index), literal with
-    // incremental indexing (01xxxxxx, 6-bit name index), the others
-    // (0000xxxx / 0001xxxx, 4-bit name index). A dynamic table size update
-    // (001xxxxx) may come first: then it cannot tell.
-    let index = match first {
-        b if b & 0x80 != 0 => b & 0x7f,
-        b if b & 0xc0 == 0x40 => b & 0x3f,
-        b if b & 0xe0 == 0x20 => return None,
-        b => b & 0x0f,
-    };
-    match index {
-        1..=7 => Some(Side::Client),
-        8..=14 => Some(Side::Server),
-        _ => None,
+    // The frame may go on past what the event holds: what it holds counts.
+    let end = (9 + len).checked_sub(pad)?.min(bytes.len());
+    match hpack::first_pseudo_header(bytes.get(at..end)?)?.as_slice() {
+        b":status" => Some(Side::Server),
+        _ => Some(Side::Client),
     }
 }
 
@@ -527,6 +522,29 @@ mod tests {
         // Nor does a frame of a server-initiated (even) stream.
         d.push(&ev(other, 7, &frame(1, 4, 2, &[0x82])), false, &mut out);
         assert_eq!(d.stats.unknown_connection, 2);
+        // Nor a known regular field before any pseudo-header (`te`, a
+        // literal name, no indexing).
+        let te = [
+            0x00, 2, b't', b'e', 8, b't', b'r', b'a', b'i', b'l', b'e', b'r', b's', 0x83,
+        ];
+        d.push(&ev(other, 7, &frame(1, 4, 1, &te)), false, &mut out);
+        assert_eq!(d.stats.unknown_connection, 3);
+        // gRPC C-core's order: `:path` and `:authority` from its table,
+        // then `:method POST` from the static one: a request, joined there
+        // and read, the two fields not read counted.
+        let core = [0xbf, 0xbe, 0x83, 0x86];
+        d.push(&ev(other, 9, &frame(1, 4, 7, &core)), false, &mut out);
+        assert_eq!((d.len(), d.stats.joined), (1, 1), "{:?}", d.stats);
+        assert_eq!(started(&out).last(), Some(&7));
+        // A padded response whose `:status` follows an unknown entry.
+        let mut e = Connections::default();
+        let padded = [2, 0xbe, 0x88, 0, 0];
+        e.push(
+            &ev(other.reversed(), 9, &frame(1, 0xc, 9, &padded)),
+            false,
+            &mut out,
+        );
+        assert_eq!((e.len(), e.stats.joined), (1, 1), "{:?}", e.stats);
     }
 
     #[test]

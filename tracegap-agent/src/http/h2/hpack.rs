@@ -159,50 +159,58 @@ impl Decoder {
             fields: Vec::new(),
             complete: true,
         };
-        while let Some(&first) = b.first() {
+        while !b.is_empty() {
             if block.fields.len() >= MAX_FIELDS {
                 return Err(Error::Fields);
             }
-            if first & 0x80 != 0 {
-                // §6.1 Indexed.
-                let i = integer(&mut b, 7)?;
-                let f = self.field(i)?;
+            if let Some(f) = self.next_field(&mut b)? {
                 block.complete &= f.name.is_some() && f.value.is_some();
-                block.fields.push(f);
-            } else if first & 0xc0 == 0x40 {
-                // §6.2.1 Literal with incremental indexing.
-                let f = self.literal(&mut b, 6)?;
-                match (&f.name, &f.value) {
-                    (Some(n), Some(v)) => self.insert(Entry {
-                        name: n.clone(),
-                        value: v.clone(),
-                    }),
-                    // An insertion whose size is unknown: every index
-                    // past it is uncertain until the table turns over.
-                    _ => self.lose_track(),
-                }
-                block.complete &= f.name.is_some();
-                block.fields.push(f);
-            } else if first & 0xe0 == 0x20 {
-                // §6.3 Dynamic table size update.
-                let size = integer(&mut b, 5)?;
-                if size > self.allowed {
-                    return Err(Error::SizeUpdate(size, self.allowed));
-                }
-                self.max = size;
-                self.evict();
-                if size == 0 {
-                    // Emptied: nothing unseen can remain.
-                    self.unseen = false;
-                }
-            } else {
-                // §6.2.2 without indexing, §6.2.3 never indexed.
-                let f = self.literal(&mut b, 4)?;
-                block.complete &= f.name.is_some();
                 block.fields.push(f);
             }
         }
         Ok(block)
+    }
+
+    /// Decodes the representation `b` starts with and moves past it: a
+    /// field, or None for a table size update.
+    fn next_field(&mut self, b: &mut &[u8]) -> Result<Option<Field>, Error> {
+        let Some(&first) = b.first() else {
+            return Ok(None);
+        };
+        if first & 0x80 != 0 {
+            // §6.1 Indexed.
+            let i = integer(b, 7)?;
+            self.field(i).map(Some)
+        } else if first & 0xc0 == 0x40 {
+            // §6.2.1 Literal with incremental indexing.
+            let f = self.literal(b, 6)?;
+            match (&f.name, &f.value) {
+                (Some(n), Some(v)) => self.insert(Entry {
+                    name: n.clone(),
+                    value: v.clone(),
+                }),
+                // An insertion whose size is unknown: every index past it
+                // is uncertain until the table turns over.
+                _ => self.lose_track(),
+            }
+            Ok(Some(f))
+        } else if first & 0xe0 == 0x20 {
+            // §6.3 Dynamic table size update.
+            let size = integer(b, 5)?;
+            if size > self.allowed {
+                return Err(Error::SizeUpdate(size, self.allowed));
+            }
+            self.max = size;
+            self.evict();
+            if size == 0 {
+                // Emptied: nothing unseen can remain.
+                self.unseen = false;
+            }
+            Ok(None)
+        } else {
+            // §6.2.2 without indexing, §6.2.3 never indexed.
+            self.literal(b, 4).map(Some)
+        }
     }
 
     /// The field at a (static or dynamic) index.
@@ -382,6 +390,26 @@ fn huffman_decode(s: &[u8]) -> Result<Vec<u8>, Error> {
         return Err(Error::Huffman);
     }
     Ok(out)
+}
+
+/// The first pseudo-header of a block that starts `fragment` (its first
+/// or only part), read as a decoder that joined the connection now would:
+/// fields from entries never seen are passed over by their encoded length
+/// (gRPC C-core sends its `:path` first, from its table, and `:method`
+/// from the static table after it). None: no pseudo-header named before
+/// the first regular field (RFC 9113 §8.3 puts them first), the end of
+/// `fragment`, or a representation that does not decode.
+pub fn first_pseudo_header(mut fragment: &[u8]) -> Option<Vec<u8>> {
+    let mut decoder = Decoder::joined();
+    for _ in 0..MAX_FIELDS {
+        match decoder.next_field(&mut fragment).ok()? {
+            Some(Field { name: Some(n), .. }) if n.starts_with(b":") => return Some(n),
+            Some(Field { name: Some(_), .. }) => return None,
+            _ if fragment.is_empty() => return None,
+            _ => {}
+        }
+    }
+    None
 }
 
 #[cfg(test)]
