@@ -356,6 +356,56 @@ fn a_socket_judged_no_relays_and_reconnected_as_one_is_watched() -> anyhow::Resu
     Ok(())
 }
 
+#[test]
+fn the_thread_programs_detached_record_nothing_and_attached_again_record_turns()
+-> anyhow::Result<()> {
+    if !privileged("the_thread_programs_detached_record_nothing_and_attached_again_record_turns") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    let (client, server) = (s.node.pod("client"), s.node.pod("server"));
+    let mut relays = s.observer.take_relays()?.expect("thread programs attached");
+    relays.mark(IpAddr::V4(client.ipv4), 0);
+    relays.mark(IpAddr::V4(server.ipv4), 0);
+    let server_ip = server.ipv4;
+    let me = std::process::id();
+    // A request from a relay's thread: the client's write turn, or none.
+    let mut request = |path: &'static str| -> anyhow::Result<Vec<Turn>> {
+        let port = client
+            .spawn(move || -> anyhow::Result<u16> {
+                use std::io::{Read as _, Write as _};
+                let mut stream = std::net::TcpStream::connect((server_ip, 8080))?;
+                stream.write_all(
+                    format!("GET {path} HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )?;
+                stream.read_to_string(&mut String::new())?;
+                Ok(stream.local_addr()?.port())
+            })?
+            .join()
+            .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
+        let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 1);
+        anyhow::ensure!(responses(&events) >= 1, "no answer seen");
+        Ok(events
+            .iter()
+            .filter(|e| e.kind == EventKind::Thread)
+            .filter_map(Turn::from_event)
+            .filter(|t| t.side == ThreadTurn::ClientWrote && t.client.port == port)
+            .collect())
+    };
+    // Detached (loaded still): the wire is read, no thread is asked.
+    s.observer.set_thread_programs(false)?;
+    let turns = request("/detached")?;
+    assert!(turns.is_empty(), "{turns:?}");
+    // Attached again without a new load: the writer is named again.
+    s.observer.set_thread_programs(true)?;
+    let turns = request("/attached")?;
+    assert_eq!(turns.len(), 1, "{turns:?}");
+    assert_eq!(turns[0].thread.pid, me, "{turns:?}");
+    s.observer.detach_all()?;
+    Ok(())
+}
+
 /// See the test above: a socket that talks over loopback, is disconnected
 /// and then sends a request to `server`; its answer's head and the
 /// socket's local port.

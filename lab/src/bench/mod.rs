@@ -422,13 +422,27 @@ impl Floor {
 
     /// Run time (s) and runs so far.
     fn stats(&self) -> anyhow::Result<(f64, f64)> {
-        let info = self
-            .ebpf
-            .program(Self::PROGRAM)
-            .context("no tracegap_floor")?
-            .info()?;
-        Ok((info.run_time().as_secs_f64(), info.run_count() as f64))
+        let (time, runs) = run_stats(&self.ebpf, [Self::PROGRAM])?;
+        Ok((time.as_secs_f64(), runs as f64))
     }
+}
+
+/// The run time and runs so far of `programs` in `ebpf`, added up, as the
+/// kernel's statistics count them (while enabled).
+fn run_stats<'a>(
+    ebpf: &aya::Ebpf,
+    programs: impl IntoIterator<Item = &'a str>,
+) -> anyhow::Result<(std::time::Duration, u64)> {
+    let mut sum = (std::time::Duration::ZERO, 0);
+    for name in programs {
+        let info = ebpf
+            .program(name)
+            .with_context(|| format!("no {name} loaded"))?
+            .info()?;
+        sum.0 += info.run_time();
+        sum.1 += info.run_count();
+    }
+    Ok(sum)
 }
 
 /// min, median and max of a figure's rounds.

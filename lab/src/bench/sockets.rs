@@ -18,7 +18,7 @@ use std::{
 use anyhow::Context as _;
 use tracegap_agent::ebpf::Observer;
 
-use super::Spread;
+use super::{Spread, run_stats};
 
 /// Nanoseconds per program run, each block's.
 pub struct SocketOps {
@@ -59,7 +59,7 @@ pub fn measure(floor: Option<&[u8]>, ops: usize, blocks: usize) -> anyhow::Resul
         "the thread programs are not on the socket tracepoints: {:?}",
         observer.thread_evidence()
     );
-    observer.set_thread_programs(false);
+    observer.set_thread_programs(false)?;
     let _stats =
         aya::sys::enable_stats(aya::sys::Stats::RunTime).context("enabling BPF statistics")?;
     let (mut a, mut b) = UnixStream::pair()?;
@@ -85,11 +85,11 @@ pub fn measure(floor: Option<&[u8]>, ops: usize, blocks: usize) -> anyhow::Resul
                 program(ebpf, name)?.detach(link)?;
             }
         }
-        observer.set_thread_programs(true);
+        observer.set_thread_programs(true)?;
         let before = thread_stats(&observer)?;
         run()?;
         threads.push(per_run(before, thread_stats(&observer)?));
-        observer.set_thread_programs(false);
+        observer.set_thread_programs(false)?;
     }
     Ok(SocketOps {
         empty: (!empty.is_empty()).then(|| Spread::of(empty)),
@@ -113,13 +113,8 @@ fn per_run(before: (f64, f64), after: (f64, f64)) -> f64 {
 }
 
 fn floor_stats(ebpf: &aya::Ebpf) -> anyhow::Result<(f64, f64)> {
-    let mut sum = (0.0, 0.0);
-    for (name, _) in FLOOR_PROGRAMS {
-        let info = ebpf.program(name).context("no floor program")?.info()?;
-        sum.0 += info.run_time().as_nanos() as f64;
-        sum.1 += info.run_count() as f64;
-    }
-    Ok(sum)
+    let (time, runs) = run_stats(ebpf, FLOOR_PROGRAMS.map(|(name, _)| name))?;
+    Ok((time.as_nanos() as f64, runs as f64))
 }
 
 /// The thread programs' (every program but the TC pair, which sees no

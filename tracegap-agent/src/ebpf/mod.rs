@@ -61,6 +61,9 @@ pub enum Error {
     /// Attaching to or detaching from an interface failed.
     #[error(transparent)]
     Attach(#[from] attach::AttachError),
+    /// Attaching or detaching the thread programs' pair failed.
+    #[error("the thread programs: {0}")]
+    ThreadPrograms(String),
 }
 
 /// The loaded programs, their maps and the interfaces they are attached to.
@@ -70,6 +73,8 @@ pub struct Observer {
     threads: threads::Evidence,
     /// Whether the thread programs memoize sockets that are no relay's.
     memo: bool,
+    /// The thread programs' send and receive links.
+    thread_links: threads::Links,
 }
 
 impl Observer {
@@ -139,12 +144,13 @@ impl Observer {
                 );
             }
         }
-        let (threads, memo) = if with_threads {
+        let (threads, memo, thread_links) = if with_threads {
             threads::attach(&mut ebpf, offsets_found)
         } else {
             (
                 threads::Evidence::Unavailable("switched off (--thread-evidence=false)".into()),
                 false,
+                threads::Links::default(),
             )
         };
         match &threads {
@@ -159,20 +165,21 @@ impl Observer {
             attached: attach::Attachments::new(AttachMode::detect()),
             threads,
             memo,
+            thread_links,
         })
     }
 
-    /// Detaches the thread programs (`false`) or attaches them again, as at
-    /// load: what they cost every socket operation on the node is measured
-    /// against none, in the same run. Their maps stay.
-    pub fn set_thread_programs(&mut self, on: bool) {
-        if matches!(self.threads, threads::Evidence::Unavailable(_)) {
-            return;
-        }
-        threads::detach(&mut self.ebpf);
-        if on {
-            (self.threads, self.memo) = threads::attach(&mut self.ebpf, Ok(()));
-        }
+    /// Detaches the thread programs' send and receive pair (`false`) or
+    /// attaches it again, loaded and verified once: what they cost every
+    /// socket operation on the node is measured against none, in the same
+    /// run. Their maps and memo stay (see [`threads::Links`]).
+    pub fn set_thread_programs(&mut self, on: bool) -> Result<(), Error> {
+        let done = if on {
+            self.thread_links.attach(&mut self.ebpf, &self.threads)
+        } else {
+            self.thread_links.detach(&mut self.ebpf)
+        };
+        done.map_err(Error::ThreadPrograms)
     }
 
     /// Where the threads' turns come from on this kernel.

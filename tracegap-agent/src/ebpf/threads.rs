@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use aya::{
     Btf, Ebpf,
     maps::{HashMap, MapData},
-    programs::{FExit, RawTracePoint},
+    programs::{FExit, RawTracePoint, fexit::FExitLinkId, raw_trace_point::RawTracePointLinkId},
 };
 use tracegap_common::{SourceKey, family};
 
@@ -22,6 +22,14 @@ pub const TCP_SENDMSG: &str = "tracegap_tcp_sendmsg";
 pub const TCP_RECVMSG: &str = "tracegap_tcp_recvmsg";
 /// Forgets a socket's memoized verdict on each TCP state change.
 pub const SOCK_STATE: &str = "tracegap_sock_state";
+
+/// The raw tracepoint pair: program, tracepoint.
+const TRACEPOINTS: [(&str, &str); 2] = [
+    (SOCK_SEND, "sock_send_length"),
+    (SOCK_RECV, "sock_recv_length"),
+];
+/// The fexit pair: program, kernel function.
+const FEXITS: [(&str, &str); 2] = [(TCP_SENDMSG, "tcp_sendmsg"), (TCP_RECVMSG, "tcp_recvmsg")];
 
 /// The map of relays' addresses.
 pub const RELAYS: &str = "RELAYS";
@@ -157,49 +165,111 @@ impl Evidence {
     }
 }
 
+/// The send and receive pair's links, to detach the pair and attach it
+/// again without loading (and verifying) it anew. The memo's state
+/// program stays attached meanwhile: a socket that changes state while
+/// the pair is away is forgotten as ever, so the memo holds no verdict of
+/// a socket reused since.
+#[derive(Default)]
+pub struct Links(Vec<Link>);
+
+enum Link {
+    Tracepoint(&'static str, RawTracePointLinkId),
+    Fexit(&'static str, FExitLinkId),
+}
+
+impl Links {
+    /// Detaches the pair; their programs stay loaded.
+    pub fn detach(&mut self, ebpf: &mut Ebpf) -> Result<(), String> {
+        for link in self.0.drain(..) {
+            match link {
+                Link::Tracepoint(name, id) => tracepoint(ebpf, name)?
+                    .detach(id)
+                    .map_err(|e| format!("{name}: {e}"))?,
+                Link::Fexit(name, id) => fexit(ebpf, name)?
+                    .detach(id)
+                    .map_err(|e| format!("{name}: {e}"))?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Attaches the pair `evidence` names again (they are loaded).
+    pub fn attach(&mut self, ebpf: &mut Ebpf, evidence: &Evidence) -> Result<(), String> {
+        if !self.0.is_empty() {
+            return Ok(());
+        }
+        match evidence {
+            Evidence::Tracepoints => {
+                for (name, tp) in TRACEPOINTS {
+                    let id = tracepoint(ebpf, name)?
+                        .attach(tp)
+                        .map_err(|e| format!("{tp}: {e}"))?;
+                    self.0.push(Link::Tracepoint(name, id));
+                }
+            }
+            Evidence::Fexit => {
+                for (name, function) in FEXITS {
+                    let id = fexit(ebpf, name)?
+                        .attach()
+                        .map_err(|e| format!("fexit {function}: {e}"))?;
+                    self.0.push(Link::Fexit(name, id));
+                }
+            }
+            Evidence::Unavailable(_) => {}
+        }
+        Ok(())
+    }
+}
+
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut RawTracePoint, String> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("{name} is not in the object"))?
+        .try_into()
+        .map_err(|e| format!("{name}: {e}"))
+}
+
+fn fexit<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut FExit, String> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("{name} is not in the object"))?
+        .try_into()
+        .map_err(|e| format!("{name}: {e}"))
+}
+
 /// Loads and attaches the best pair of programs the kernel takes, and
 /// whether their memo is on (see [`memo_on`]). The links belong to the
 /// programs, which belong to `ebpf`: dropping it detaches them.
-pub fn attach(ebpf: &mut Ebpf, offsets_found: Result<(), String>) -> (Evidence, bool) {
+pub fn attach(ebpf: &mut Ebpf, offsets_found: Result<(), String>) -> (Evidence, bool, Links) {
     if let Err(why) = offsets_found {
-        return (Evidence::Unavailable(why), false);
+        return (Evidence::Unavailable(why), false, Links::default());
     }
+    let mut links = Links::default();
     let tracepoints = (|| -> Result<(), String> {
-        for (name, tp) in [
-            (SOCK_SEND, "sock_send_length"),
-            (SOCK_RECV, "sock_recv_length"),
-        ] {
-            let p: &mut RawTracePoint = ebpf
-                .program_mut(name)
-                .ok_or_else(|| format!("{name} is not in the object"))?
-                .try_into()
+        for (name, _) in TRACEPOINTS {
+            tracepoint(ebpf, name)?
+                .load()
                 .map_err(|e| format!("{name}: {e}"))?;
-            p.load().map_err(|e| format!("{name}: {e}"))?;
-            p.attach(tp).map_err(|e| format!("{tp}: {e}"))?;
         }
-        Ok(())
+        links.attach(ebpf, &Evidence::Tracepoints)
     })();
     let why_not_tracepoints = match tracepoints {
-        Ok(()) => return (Evidence::Tracepoints, memo_on(ebpf)),
+        Ok(()) => return (Evidence::Tracepoints, memo_on(ebpf), links),
         Err(e) => e,
     };
     // A pair half attached would record one side only: detach it.
     unload(ebpf, &[SOCK_SEND, SOCK_RECV]);
-    let fexit = (|| -> Result<(), String> {
+    links = Links::default();
+    let fexits = (|| -> Result<(), String> {
         let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
-        for (name, function) in [(TCP_SENDMSG, "tcp_sendmsg"), (TCP_RECVMSG, "tcp_recvmsg")] {
-            let p: &mut FExit = ebpf
-                .program_mut(name)
-                .ok_or_else(|| format!("{name} is not in the object"))?
-                .try_into()
+        for (name, function) in FEXITS {
+            fexit(ebpf, name)?
+                .load(function, &btf)
                 .map_err(|e| format!("{name}: {e}"))?;
-            p.load(function, &btf).map_err(|e| format!("{name}: {e}"))?;
-            p.attach().map_err(|e| format!("fexit {function}: {e}"))?;
         }
-        Ok(())
+        links.attach(ebpf, &Evidence::Fexit)
     })();
-    match fexit {
-        Ok(()) => (Evidence::Fexit, memo_on(ebpf)),
+    match fexits {
+        Ok(()) => (Evidence::Fexit, memo_on(ebpf), links),
         Err(e) => {
             unload(ebpf, &[TCP_SENDMSG, TCP_RECVMSG]);
             (
@@ -207,6 +277,7 @@ pub fn attach(ebpf: &mut Ebpf, offsets_found: Result<(), String>) -> (Evidence, 
                     "socket tracepoints: {why_not_tracepoints}; fexit: {e}"
                 )),
                 false,
+                Links::default(),
             )
         }
     }
@@ -219,11 +290,7 @@ pub fn attach(ebpf: &mut Ebpf, offsets_found: Result<(), String>) -> (Evidence, 
 /// programs check every send and receive in full.
 fn memo_on(ebpf: &mut Ebpf) -> bool {
     let attached = (|| -> Result<(), String> {
-        let p: &mut RawTracePoint = ebpf
-            .program_mut(SOCK_STATE)
-            .ok_or_else(|| format!("{SOCK_STATE} is not in the object"))?
-            .try_into()
-            .map_err(|e| format!("{SOCK_STATE}: {e}"))?;
+        let p = tracepoint(ebpf, SOCK_STATE)?;
         p.load().map_err(|e| format!("{SOCK_STATE}: {e}"))?;
         p.attach("inet_sock_set_state")
             .map_err(|e| format!("inet_sock_set_state: {e}"))?;
@@ -244,14 +311,6 @@ fn memo_on(ebpf: &mut Ebpf) -> bool {
         tracing::warn!(%why, "the thread programs check every socket send and receive in full");
     }
     attached.is_ok()
-}
-
-/// Detaches and unloads every thread program (`attach` loads them again).
-pub fn detach(ebpf: &mut Ebpf) {
-    unload(
-        ebpf,
-        &[SOCK_SEND, SOCK_RECV, TCP_SENDMSG, TCP_RECVMSG, SOCK_STATE],
-    );
 }
 
 fn unload(ebpf: &mut Ebpf, names: &[&str]) {
