@@ -319,22 +319,17 @@ impl Cluster {
 
     /// The names file the standalone agents read: every pod with its node,
     /// every Service, every node address.
-    pub fn names_file(&self, namespace: &str, uninstrumented: &[&str]) -> String {
+    pub fn names_file(&self, namespace: &str) -> String {
         let mut s = String::from(
             "# IP NAME [NAMESPACE/POD] [node=NODE] [instrumented=BOOL] [kind=pod|service|node]\n",
         );
         for node in &self.nodes {
             for (ip, id) in node.identities(namespace) {
                 s.push_str(&format!(
-                    "{ip} {} {namespace}/{} node={}{}\n",
+                    "{ip} {} {namespace}/{} node={}\n",
                     id.service,
                     id.pod.unwrap_or_default(),
                     node.name,
-                    if uninstrumented.contains(&id.service.as_str()) {
-                        " instrumented=false"
-                    } else {
-                        ""
-                    }
                 ));
             }
             for ip in [

@@ -419,13 +419,14 @@ fn reconcile_cost(ctx: &Ctx, took: Duration, report: &Report) -> anyhow::Result<
     let nodes = ctx.agents.len().max(1) as f64;
     Ok(format!(
         "info trace store read back: {queries} queries for {hops} hops in {:.1}s ({:.1}/s per node); \
-         spans placed {}, linked {}, suppressed {}, unchanged {}",
+         spans placed {}, linked {}, suppressed {}, unchanged {}, added for uninstrumented callees {}",
         took.as_secs_f64(),
         queries / took.as_secs_f64().max(0.001) / nodes,
         action("placed")?,
         action("linked")?,
         action("suppressed")?,
         action("unchanged")?,
+        action("uninstrumented")?,
     ))
 }
 
@@ -634,6 +635,28 @@ fn check(
                 ),
             )
         }
+        Expect::Spanned(caller, callee, gap) => {
+            let calls: u64 = edges(caller, callee).iter().map(|e| e.requests).sum();
+            let theirs: Vec<_> = spans
+                .iter()
+                .filter(|s| {
+                    s.synthetic()
+                        && s.service == *callee
+                        && s.attr("tracegap.caller.service").as_deref() == Some(*caller)
+                })
+                .collect();
+            let under = theirs
+                .iter()
+                .filter(|s| s.gap().as_deref() == Some(*gap) && !s.span.parent_span_id.is_empty())
+                .count() as u64;
+            (
+                calls > 0 && under == calls && theirs.len() as u64 == calls,
+                format!(
+                    "{calls} calls from {caller} into {callee}: {under} {gap} spans under the caller's, {} synthetic spans in all",
+                    theirs.len()
+                ),
+            )
+        }
         Expect::CalleeSpans(src, dst, outcome) => {
             let of = |c: &tracegap_agent::report::CalleeSpans| match *outcome {
                 "arrived" => c.arrived,
@@ -641,6 +664,7 @@ fn check(
                 "lost_in_pipeline" => c.lost_in_pipeline,
                 "not_exported" => c.not_exported,
                 "unknown" => c.unknown,
+                "uninstrumented" => c.uninstrumented,
                 _ => 0,
             };
             let on_edge = report
@@ -650,7 +674,12 @@ fn check(
             let (n, all): (u64, u64) = on_edge.fold((0, 0), |(n, all), c| {
                 (
                     n + of(c),
-                    all + c.arrived + c.new_trace + c.lost_in_pipeline + c.not_exported + c.unknown,
+                    all + c.arrived
+                        + c.new_trace
+                        + c.lost_in_pipeline
+                        + c.not_exported
+                        + c.unknown
+                        + c.uninstrumented,
                 )
             });
             (
@@ -774,15 +803,10 @@ pub fn run_one(
     }
     // The standalone agents' identities come from a names file, as with
     // `tracegap run --names-file`: pods with their nodes, the Services, the
-    // nodes' own addresses.
-    let uninstrumented: Vec<&str> = sc
-        .services
-        .iter()
-        .filter(|v| v.known_uninstrumented)
-        .map(|v| v.spec.name.as_str())
-        .collect();
+    // nodes' own addresses; no service declared instrumented or not (the
+    // agents learn it).
     let names = opts.out.join(format!("{}.names", sc.name));
-    std::fs::write(&names, cluster.names_file("lab", &uninstrumented))?;
+    std::fs::write(&names, cluster.names_file("lab"))?;
     let identities = tracegap_agent::identity::parse_names_file(&std::fs::read_to_string(&names)?)
         .with_context(|| format!("reading {}", names.display()))?;
     // Kept for the restart step (see `across_restart`).

@@ -281,11 +281,18 @@ fn many_concurrent_streams_on_one_connection_are_each_read() -> anyhow::Result<(
     assert_eq!(exports, CALLS as f64, "{:#?}", metrics());
     assert_eq!(hops, CALLS as u64, "{:#?}", metrics());
     // Nothing unread, nothing lost, the connection still followed.
-    assert_eq!(g.agent.metric("tracegap_h2_unread_total")?, 0.0);
+    assert_eq!(
+        g.agent.metric("tracegap_h2_unread_total")?,
+        0.0,
+        "{:#?}",
+        metrics()
+    );
     assert_eq!(
         g.agent
             .metric("tracegap_kernel_events_total{counter=\"h2_lost\"}")?,
-        0.0
+        0.0,
+        "{:#?}",
+        metrics()
     );
     let spans = g.receiver.wait_for(Duration::from_secs(10), |s| {
         s.iter().filter(|s| s.synthetic()).count() >= CALLS

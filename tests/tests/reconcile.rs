@@ -614,7 +614,28 @@ fn what_the_store_shows_of_a_service_outweighs_what_was_guessed_or_declared() ->
         Some(false),
         "{services:?}"
     );
-    // ...so its next hops are gaps, with spans of tracegap's.
+    // Each call that taught it got its span when its check found nothing
+    // of silent (nothing declared: nobody said so), the evidence on it.
+    let learned = lab.synthetic("silent");
+    assert_eq!(learned.len(), n as usize);
+    assert!(
+        learned.iter().all(|s| {
+            s.gap().as_deref() == Some("uninstrumented")
+                && s.attr("tracegap.gap.detail")
+                    .is_some_and(|d| d.contains("learned") && d.contains("no export"))
+                && s.trace_id() == T1
+        }),
+        "{learned:#?}"
+    );
+    assert_eq!(
+        lab.agent
+            .metric("tracegap_reconciled_spans_total{action=\"uninstrumented\"}")?,
+        n as f64
+    );
+    // The report's callee-span table says why there was no span of its own.
+    let checks = lab.callee_spans("client", "silent")?;
+    assert_eq!(checks.uninstrumented, n, "{checks:?}");
+    // ...and its next hops are gaps, with spans of tracegap's as before.
     for _ in 0..3 {
         call(&lab, "silent")?;
     }
@@ -628,7 +649,7 @@ fn what_the_store_shows_of_a_service_outweighs_what_was_guessed_or_declared() ->
         .unwrap_or_default();
     assert_eq!(kinds.get("context_ok"), Some(&n), "{kinds:?}");
     assert_eq!(kinds.get("uninstrumented"), Some(&3), "{kinds:?}");
-    assert_eq!(lab.synthetic("silent").len(), 3);
+    assert_eq!(lab.synthetic("silent").len(), n as usize + 3);
     // recorder's hops are uninstrumented as declared, but its own spans are
     // in the store under the context it was sent: no duplicates.
     assert_eq!(lab.own("recorder").len(), 3);

@@ -42,7 +42,7 @@ fn lab(pods: [&[&str]; 2], services: &[&str]) -> anyhow::Result<Lab> {
         cluster.add_service_for_pods(name)?;
     }
     let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
-    let identities = parse_names_file(&cluster.names_file("lab", &[]))?;
+    let identities = parse_names_file(&cluster.names_file("lab"))?;
     let agents = cluster.start_agents(
         &Cluster::agent_config(
             ExportConfig {

@@ -25,7 +25,7 @@ use crate::{
     export::{self, ExportConfig, SpanQueue},
     gap::{
         Engine, GapKind, Hop,
-        classify::{RETENTION_NS, formats_label},
+        classify::{RETENTION_NS, Verdict, formats_label},
         hop::{Reply, Request},
         span::{self, ExportMode, Identity},
         threads::Turn,
@@ -686,17 +686,42 @@ impl Pipeline {
         let callee_local = self.local.contains(&hop.callee().ip);
         let caller_local = self.local.contains(&hop.caller().ip);
         let node = self.node.as_deref();
+        // Whether an undeclared callee records spans is its node's to find
+        // out, call by call (below): uninstrumented only as learned so far.
+        let learned_only = verdict.kind == GapKind::Uninstrumented && callee.instrumented.is_none();
         // The callee's own span should be in the trace: checked on its node,
-        // which sees its exports.
-        if let Some(r) = &self.reconcile
-            && verdict.kind == GapKind::ContextOk
+        // which sees its exports. A callee nobody declared gets its
+        // uninstrumented span from that check when the store shows nothing
+        // of it and it exports nothing: from the first call, on the node
+        // that sees its exports, wherever the hop is reported.
+        let checked = self.reconcile.is_some()
+            && (verdict.kind == GapKind::ContextOk || learned_only)
             && verdict.forwarded == 0
             && callee.instrumented != Some(false)
             && cluster::is_pod(&callee, callee_local)
+            && hop.context().is_some_and(|c| c.sampled == Some(true));
+        if let Some(r) = &self.reconcile
+            && checked
             && cluster::on_this_node(&callee, callee_local, node)
-            && let Some(c) = hop.context().filter(|c| c.sampled == Some(true))
+            && let Some(c) = hop.context()
         {
-            r.expect(facts(&hop, &caller, &callee, Some(ctx(c)), None));
+            let absent = (callee.instrumented.is_none()
+                && span::wanted(
+                    GapKind::Uninstrumented,
+                    self.export_mode,
+                    self.export_unsampled,
+                ))
+            .then(|| {
+                let v = Verdict {
+                    kind: GapKind::Uninstrumented,
+                    detail: "callee is not instrumented (learned)".into(),
+                    ..verdict.clone()
+                };
+                span::build(&hop, &v, &caller, &callee, true)
+            });
+            if let Some(s) = r.expect(facts(&hop, &caller, &callee, Some(ctx(c)), None), absent) {
+                self.queue.offer(s);
+            }
         }
         // A callee that passed this request's context on unchanged has no
         // span for it: its node (the one that saw what it sent) adds it,
@@ -760,7 +785,10 @@ impl Pipeline {
             .context()
             .map(|c| c.trace_id.clone())
             .or_else(|| verdict.link.as_ref().map(|l| l.context.trace_id.clone()));
-        if span::wanted(verdict.kind, self.export_mode, self.export_unsampled) {
+        // A learned uninstrumented callee's span comes from its check.
+        if span::wanted(verdict.kind, self.export_mode, self.export_unsampled)
+            && !(learned_only && checked)
+        {
             let callee_is_pod = cluster::is_pod(&callee, callee_local);
             let s = span::build(&hop, &verdict, &caller, &callee, callee_is_pod);
             example = Some(s.trace_id.to_string());

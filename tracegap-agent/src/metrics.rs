@@ -394,7 +394,7 @@ impl Metrics {
         );
         registry.register(
             "callee_spans",
-            "Hops whose callee (instrumented, sent a sampled context) should have recorded a span, by what the trace store holds after the settle delay: arrived; new_trace (in a trace of its own: the callee did not read the context); lost_in_pipeline (the callee exported, the span never arrived); not_exported (no export seen from the callee); unknown (the collector took the callee's exports, 2xx, and the span is not in the store: the facts disagree); not_checked (the store could not be asked within a settle delay: nothing known)",
+            "Hops whose callee (instrumented, sent a sampled context) should have recorded a span, by what the trace store holds after the settle delay: arrived; new_trace (in a trace of its own: the callee did not read the context); lost_in_pipeline (the callee exported, the span never arrived); not_exported (no export seen from the callee); unknown (the collector took the callee's exports, 2xx, and the span is not in the store: the facts disagree); not_checked (the store could not be asked within a settle delay: nothing known); uninstrumented (a callee nobody declared, with no sign of recording spans: nothing of it in the store around the request, no export from it; tracegap's span stands in)",
             m.callee_spans.clone(),
         );
         registry.register(
@@ -404,7 +404,7 @@ impl Metrics {
         );
         registry.register(
             "reconciled_spans",
-            "Synthetic spans after the trace store was read, by action (placed: under the breaking service's own span; linked: to the callee's own trace; suppressed: the callee's own span is there; unchanged; unreconciled: the store could not be asked)",
+            "Synthetic spans after the trace store was read, by action (placed: under the breaking service's own span; linked: to the callee's own trace; suppressed: the callee's own span is there; unchanged; unreconciled: the store could not be asked; uninstrumented: a call whose callee showed no sign of recording spans, no span of it for the context sent and none of its own in the store, no export from it)",
             m.reconciled.clone(),
         );
         registry.register(

@@ -214,7 +214,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
         category: "instrumentation",
         description: "For sampled requests into this service, its own span is in the trace \
                       store under the caller's (failing: in a trace of its own, lost between \
-                      the service and the store, or never exported).",
+                      the service and the store, never exported, or not recorded at all).",
         weight: 1.0,
         pass: 0,
         fail: 0,
@@ -227,7 +227,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
         .iter()
         .filter(|c| c.destination == service)
     {
-        let fail = c.new_trace + c.lost_in_pipeline + c.not_exported;
+        let fail = c.new_trace + c.lost_in_pipeline + c.not_exported + c.uninstrumented;
         stored.pass += c.arrived;
         stored.fail += fail;
         if fail > 0 {

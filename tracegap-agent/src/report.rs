@@ -90,6 +90,11 @@ pub struct CalleeSpans {
     /// rate spent for longer than a settle delay): nothing known.
     #[serde(default)]
     pub not_checked: u64,
+    /// Nobody declared the callee and it shows no sign of recording spans
+    /// (nothing of it in the store around the request, no export from
+    /// it): tracegap's span stands in for its own.
+    #[serde(default)]
+    pub uninstrumented: u64,
     /// For lost and unknown spans: the collector's answers to the callee's exports
     /// (`503`, `no answer`, ...) and how often.
     pub export_answers: BTreeMap<String, u64>,
@@ -176,6 +181,7 @@ impl Reporter {
             Outcome::NotExported => c.not_exported += 1,
             Outcome::Unknown => c.unknown += 1,
             Outcome::NotChecked => c.not_checked += 1,
+            Outcome::Uninstrumented => c.uninstrumented += 1,
         }
         if let Some(a) = answer {
             *c.export_answers.entry(a.to_owned()).or_default() += 1;
@@ -347,7 +353,7 @@ pub fn table(report: &Report) -> String {
         ]);
     }
     let shown = |c: &usize| (*c != 1 || with_via) && (*c != 2 || with_node);
-    let widths: Vec<usize> = (0..10)
+    let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();
@@ -387,6 +393,7 @@ fn callee_table(checks: &[CalleeSpans]) -> String {
         "NOT_EXPORTED".to_owned(),
         "UNKNOWN".to_owned(),
         "NOT_CHECKED".to_owned(),
+        "UNINSTRUMENTED".to_owned(),
         "COLLECTOR ANSWERED".to_owned(),
         "EXAMPLE TRACE".to_owned(),
     ]];
@@ -405,6 +412,7 @@ fn callee_table(checks: &[CalleeSpans]) -> String {
             c.not_exported.to_string(),
             c.unknown.to_string(),
             c.not_checked.to_string(),
+            c.uninstrumented.to_string(),
             if answers.is_empty() {
                 "-".to_owned()
             } else {
@@ -413,7 +421,7 @@ fn callee_table(checks: &[CalleeSpans]) -> String {
             c.example.clone().unwrap_or_else(|| "-".to_owned()),
         ]);
     }
-    let widths: Vec<usize> = (0..9)
+    let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
         .collect();
     let mut out = String::new();

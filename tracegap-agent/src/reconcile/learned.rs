@@ -61,6 +61,15 @@ impl Learned {
         self.with(service, |e| e.checked_without += 1);
     }
 
+    /// Sampled requests into the service checked with no span of it found.
+    pub fn checked_without_count(&self, service: &str) -> u64 {
+        self.0
+            .lock()
+            .ok()
+            .and_then(|m| m.get(service).map(|e| e.checked_without))
+            .unwrap_or(0)
+    }
+
     /// Some(true): it records spans (seen in the store, or exporting);
     /// Some(false): [`UNINSTRUMENTED_AFTER`] sampled requests with nothing
     /// in the store and no export ever; None: not known yet.

@@ -123,6 +123,11 @@ pub enum Outcome {
     /// The store could not be asked in time (away, or the query rate
     /// spent for longer than a settle delay): nothing is known.
     NotChecked,
+    /// Nobody declared the callee, and it shows no sign of recording
+    /// spans: none for the context sent nor a trace of its own, nothing of
+    /// it in the store around the request, no export from it. The hop got
+    /// tracegap's span in its place.
+    Uninstrumented,
 }
 
 impl Outcome {
@@ -134,6 +139,7 @@ impl Outcome {
             Self::NotExported => "not_exported",
             Self::Unknown => "unknown",
             Self::NotChecked => "not_checked",
+            Self::Uninstrumented => "uninstrumented",
         }
     }
 }
@@ -181,13 +187,16 @@ impl HopFacts {
 
 enum Item {
     Span(Box<SyntheticSpan>, HopFacts),
-    Expect(HopFacts),
+    /// A check of the callee's span; with the span the hop gets if the
+    /// check finds no sign that the callee records spans at all (a callee
+    /// nobody declared).
+    Expect(HopFacts, Option<Box<SyntheticSpan>>),
 }
 
 impl Item {
     fn facts(&self) -> &HopFacts {
         match self {
-            Self::Span(_, f) | Self::Expect(f) => f,
+            Self::Span(_, f) | Self::Expect(f, _) => f,
         }
     }
 }
@@ -251,14 +260,28 @@ impl Handle {
         }
     }
 
-    /// Checks, after the settle delay, that the callee's span arrived.
-    pub fn expect(&self, facts: HopFacts) {
-        if let Err(
-            mpsc::error::TrySendError::Full(Observed::Item(Item::Expect(f)))
-            | mpsc::error::TrySendError::Closed(Observed::Item(Item::Expect(f))),
-        ) = self.tx.try_send(Observed::Item(Item::Expect(facts)))
+    /// Checks, after the settle delay, that the callee's span arrived;
+    /// `absent`: the span the hop gets if the callee shows no sign of
+    /// recording spans (no span of it in the store, no export from it).
+    /// Gives that span back when the check cannot be held and the callee
+    /// is already known not to record (to be exported as it is).
+    #[must_use]
+    pub fn expect(&self, facts: HopFacts, absent: Option<SyntheticSpan>) -> Option<SyntheticSpan> {
+        match self
+            .tx
+            .try_send(Observed::Item(Item::Expect(facts, absent.map(Box::new))))
         {
-            not_checked(&self.shared, &self.learned, &f);
+            Ok(()) => None,
+            Err(
+                mpsc::error::TrySendError::Full(Observed::Item(Item::Expect(f, absent)))
+                | mpsc::error::TrySendError::Closed(Observed::Item(Item::Expect(f, absent))),
+            ) => {
+                not_checked(&self.shared, &self.learned, &f);
+                let s = absent.filter(|_| self.learned.instrumented(&f.callee) == Some(false))?;
+                self.shared.metrics.reconciled("unreconciled");
+                Some(*s)
+            }
+            Err(_) => None,
         }
     }
 
@@ -397,12 +420,43 @@ impl Task {
         self.shared.metrics.reconcile_pending.set(0);
     }
 
-    /// Sends a held span on (an expectation has nothing to send).
+    /// Sends a held span on; a check's span only for a callee already
+    /// known not to record spans.
     fn release(&self, item: Item, action: &'static str) {
-        if let Item::Span(s, _) = item {
-            self.shared.metrics.reconciled(action);
-            self.queue.offer(*s);
+        match item {
+            Item::Span(s, _) => {
+                self.shared.metrics.reconciled(action);
+                self.queue.offer(*s);
+            }
+            Item::Expect(f, Some(s)) if self.learned.instrumented(&f.callee) == Some(false) => {
+                self.shared.metrics.reconciled(action);
+                self.queue.offer(*s);
+            }
+            Item::Expect(..) => {}
         }
+    }
+
+    /// A checked hop whose callee shows no sign of recording spans: its
+    /// span goes out, the evidence on it.
+    fn uninstrumented(&self, f: &HopFacts, absent: Option<Box<SyntheticSpan>>) {
+        let Some(mut s) = absent else { return };
+        let detail = format!(
+            "callee is not instrumented (learned): no span of {} for the sampled context it was sent, nor a trace of its own; {} sampled requests into it checked, none with a span of it in the trace store, and no export from it seen",
+            f.callee,
+            self.learned.checked_without_count(&f.callee)
+        );
+        match s
+            .attributes
+            .iter_mut()
+            .find(|kv| kv.key.as_str() == "tracegap.gap.detail")
+        {
+            Some(kv) => kv.value = detail.into(),
+            None => s
+                .attributes
+                .push(KeyValue::new("tracegap.gap.detail", detail)),
+        }
+        self.shared.metrics.reconciled("uninstrumented");
+        self.queue.offer(*s);
     }
 
     async fn round(&mut self) {
@@ -437,7 +491,7 @@ impl Task {
                         self.shared.metrics.store_query("trace", "store_away", 1);
                         self.release(h.item, "unreconciled");
                     }
-                    Item::Expect(_) => wait.push(h),
+                    Item::Expect(..) => wait.push(h),
                 }
             }
             self.again(wait, now);
@@ -451,7 +505,7 @@ impl Task {
         for h in &due {
             let (facts, search_root) = match &h.item {
                 Item::Span(_, f) => (f, f.received.is_none()),
-                Item::Expect(f) => (f, false),
+                Item::Expect(f, _) => (f, false),
             };
             for c in [&facts.serving, &facts.received].into_iter().flatten() {
                 wanted.push(Query::Trace(c.trace_id.clone()));
@@ -464,7 +518,7 @@ impl Task {
         let second: Vec<Query> = due
             .iter()
             .filter_map(|h| match &h.item {
-                Item::Expect(f) if !self.arrived(f, &answers) => Some(Query::Search(search(f))),
+                Item::Expect(f, _) if !self.arrived(f, &answers) => Some(Query::Search(search(f))),
                 _ => None,
             })
             .collect();
@@ -481,7 +535,7 @@ impl Task {
             }
             match h.item {
                 Item::Span(s, f) => self.settle_span(*s, &f, &answers),
-                Item::Expect(f) => self.settle_expectation(&f, &answers),
+                Item::Expect(f, absent) => self.settle_expectation(&f, absent, &answers),
             }
         }
         self.again(wait, now);
@@ -500,7 +554,10 @@ impl Task {
             }
             match h.item {
                 Item::Span(..) => self.release(h.item, "unreconciled"),
-                Item::Expect(f) => not_checked(&self.shared, &self.learned, &f),
+                Item::Expect(ref f, _) => {
+                    not_checked(&self.shared, &self.learned, f);
+                    self.release(h.item, "unreconciled");
+                }
             }
         }
     }
@@ -518,7 +575,7 @@ impl Task {
                     && traced(&f.received)
                     && (f.received.is_some() || !self.callee_may_record(f) || searched(f))
             }
-            Item::Expect(f) => traced(&f.received) && (self.arrived(f, answers) || searched(f)),
+            Item::Expect(f, _) => traced(&f.received) && (self.arrived(f, answers) || searched(f)),
         }
     }
 
@@ -748,7 +805,12 @@ impl Task {
         self.queue.offer(s);
     }
 
-    fn settle_expectation(&mut self, f: &HopFacts, answers: &Answers) {
+    fn settle_expectation(
+        &mut self,
+        f: &HopFacts,
+        absent: Option<Box<SyntheticSpan>>,
+        answers: &Answers,
+    ) {
         let Some(c) = &f.received else { return };
         let Some(trace) = answers.traces.get(&c.trace_id) else {
             not_checked(&self.shared, &self.learned, f);
@@ -799,10 +861,16 @@ impl Task {
                 None => (Outcome::NotExported, None),
             }
         } else {
-            // Unknown whether it records at all: evidence for learning,
-            // not a finding.
+            // Not known to record at all, and nothing of it in the store
+            // around this request (a span of it would have been learned
+            // from the search): evidence for learning, and the hop's span,
+            // as for any call into a service that records nothing.
             self.learned.checked_without(&f.callee);
-            return;
+            if absent.is_none() {
+                return;
+            }
+            self.uninstrumented(f, absent);
+            (Outcome::Uninstrumented, None)
         };
         self.shared.metrics.callee_span(CalleeSpanLabels {
             source_service: f.caller.clone(),
