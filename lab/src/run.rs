@@ -620,6 +620,44 @@ fn check(
                 ),
             )
         }
+        Expect::LinkedDownstream(caller, callee) => {
+            let all = ctx.store.spans();
+            // The callee's own spans, by (trace, parent): each is the child
+            // of the span that called it.
+            let called: std::collections::HashSet<(String, String)> = all
+                .iter()
+                .filter(|s| s.service == *callee && !s.synthetic())
+                .map(|s| (s.trace_id(), s.parent_span_id()))
+                .collect();
+            let mismatched: Vec<&Received> = spans
+                .iter()
+                .filter(|s| {
+                    s.synthetic()
+                        && s.service == *callee
+                        && s.attr("tracegap.caller.service").as_deref() == Some(*caller)
+                        && s.gap().as_deref() == Some("format_mismatch")
+                })
+                .collect();
+            let linked = mismatched
+                .iter()
+                .filter(|s| {
+                    s.span.links.iter().any(|l| {
+                        crate::store::link_kind(l).as_deref() == Some("downstream_trace")
+                            && called.contains(&(
+                                crate::store::hex(&l.trace_id),
+                                crate::store::hex(&l.span_id),
+                            ))
+                    })
+                })
+                .count();
+            (
+                !mismatched.is_empty() && linked == mismatched.len(),
+                format!(
+                    "format_mismatch spans of {caller}'s calls into {callee} linked to the trace {caller} started, at the span {callee}'s own is under: {linked} of {}",
+                    mismatched.len()
+                ),
+            )
+        }
         Expect::Suppressed(caller, callee) => {
             let bare: u64 = edges(caller, callee).iter().map(|e| e.requests).sum();
             let added = spans

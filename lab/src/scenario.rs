@@ -64,6 +64,10 @@ pub enum Expect {
     /// The synthetic spans for calls into this callee link to its own
     /// new traces.
     Linked(&'static str),
+    /// The first service's calls into the second that are `format_mismatch`
+    /// have spans that link to the span that made each call in the trace
+    /// the first service started (the second's own span is its child).
+    LinkedDownstream(&'static str, &'static str),
     /// Every call from the first service into the second has a synthetic
     /// span of this gap, under the caller's span (in the caller's trace).
     Spanned(&'static str, &'static str, &'static str),
@@ -268,6 +272,7 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                     CalleeSpans("jaeger-client", "service-w", "new_trace"),
                     CalleeSpans("w3c-client", "service-w", "arrived"),
                     Kind("service-w", "service-c", "format_mismatch"),
+                    LinkedDownstream("service-w", "service-c"),
                     Kind("service-w", "service-c", "context_ok"),
                 ],
                 store_down: false,

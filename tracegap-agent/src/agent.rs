@@ -804,7 +804,7 @@ impl Pipeline {
                         _ => (hop.context().map(ctx), None),
                     };
                     let facts = HopFacts {
-                        unplaced: !s.links.is_empty(),
+                        unplaced: s.links.iter().any(|(_, _, kind)| *kind == "candidate"),
                         ..facts(&hop, &caller, &callee, received, serving)
                     };
                     if let Some(s) = r.hold(s, facts) {

@@ -165,8 +165,10 @@ pub struct SyntheticSpan {
     pub error: Option<String>,
     /// Spans this one links to (OTLP span links), each with its
     /// `tracegap.link.kind`: the callee's own trace for the same request,
-    /// found in the trace store (`callee_trace`), or an inbound request that
-    /// may have caused an unplaced hop (`candidate`).
+    /// found in the trace store (`callee_trace`), an inbound request that
+    /// may have caused an unplaced hop (`candidate`), or the span that made
+    /// a stitched call in the trace its caller started instead of carrying
+    /// the one it served (`downstream_trace`, from the wire).
     pub links: Vec<(TraceId, SpanId, &'static str)>,
 }
 
@@ -275,11 +277,17 @@ pub fn build(
                 _ => {}
             }
             if let Some(c) = hop.context() {
-                // The trace the downstream call went on in, for searching.
+                // The trace the downstream call went on in, for searching,
+                // and a link to the span that made the call there (the
+                // caller started that trace: a format it could not read, or
+                // a context it dropped): from the wire, exact, store or not.
                 attributes.push(KeyValue::new(
                     "tracegap.downstream.trace_id",
                     c.trace_id.clone(),
                 ));
+                if let (Some(t), Some(s)) = (trace_id(&c.trace_id), span_id(&c.parent_span_id)) {
+                    links.push((t, s, "downstream_trace"));
+                }
             }
             if placed {
                 (
@@ -684,6 +692,44 @@ mod tests {
             Some("sole".into())
         );
         assert!(s.links.is_empty());
+    }
+
+    #[test]
+    fn a_format_mismatch_is_stitched_and_links_the_span_that_made_the_call_in_the_new_trace() {
+        // The caller was served B3 (here as the inbound context) and sent
+        // W3C with a trace of its own: the hop's context.
+        let link = Link {
+            context: valid("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            confidence: Confidence::Sole,
+            baggage: false,
+            candidates: Vec::new(),
+        };
+        let (a, b) = ids();
+        let s = build(
+            &hop(
+                Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+                Some(200),
+            ),
+            &verdict(GapKind::FormatMismatch, Some(link)),
+            &a,
+            &b,
+            true,
+        );
+        assert_eq!(s.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(s.parent_span_id.to_string(), "00f067aa0ba902b7");
+        let links: Vec<(String, String, &str)> = s
+            .links
+            .iter()
+            .map(|(t, sp, k)| (t.to_string(), sp.to_string(), *k))
+            .collect();
+        assert_eq!(
+            links,
+            [(
+                "0af7651916cd43dd8448eb211c80319c".to_owned(),
+                "b7ad6b7169203331".to_owned(),
+                "downstream_trace"
+            )]
+        );
     }
 
     #[test]
