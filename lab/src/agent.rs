@@ -39,6 +39,7 @@ pub fn config_for(node: &crate::netns::Node, receiver: &crate::store::Receiver) 
         reconcile: None,
         thread_evidence: true,
         place_by_timing: false,
+        silence: Some(Default::default()),
         server_limits: Default::default(),
     }
 }

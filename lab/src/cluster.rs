@@ -211,6 +211,7 @@ impl Cluster {
             reconcile: None,
             thread_evidence: true,
             place_by_timing: false,
+            silence: Some(Default::default()),
             server_limits: Default::default(),
         }
     }

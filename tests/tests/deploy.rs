@@ -132,6 +132,46 @@ fn every_manifest_renders_and_reads_into_its_kubernetes_type() -> anyhow::Result
     Ok(())
 }
 
+/// Every variable the ConfigMap sets is one `tracegap run` reads (a flag's
+/// environment fallback, or the log filter), and each value parses: a
+/// misspelt key would be ignored in silence on every node.
+#[test]
+fn every_configmap_variable_is_one_the_agent_reads() -> anyhow::Result<()> {
+    if !kubectl() {
+        return Ok(());
+    }
+    use clap::CommandFactory as _;
+    let docs = render("base")?;
+    let cm: ConfigMap = docs
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .map(typed)
+        .expect("a ConfigMap")?;
+    let cli = tracegap_agent::cli::Cli::command();
+    let run = cli
+        .get_subcommands()
+        .find(|c| c.get_name() == "run")
+        .expect("a run subcommand");
+    let mut args = vec!["tracegap".to_owned(), "run".to_owned()];
+    for (key, value) in cm.data.unwrap_or_default() {
+        if key == "TRACEGAP_LOG" {
+            continue;
+        }
+        let arg = run
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|e| e == key.as_str()))
+            .unwrap_or_else(|| {
+                panic!("the ConfigMap sets {key}, which tracegap run does not read")
+            });
+        args.push(format!(
+            "--{}={value}",
+            arg.get_long().expect("a long flag")
+        ));
+    }
+    <tracegap_agent::cli::Cli as clap::Parser>::try_parse_from(&args)?;
+    Ok(())
+}
+
 /// The busy-nodes recipe changes the agent's CPU request and limit, and
 /// nothing else: same objects, same privileges, same memory bounds.
 #[test]

@@ -932,3 +932,132 @@ fn an_http2_request_whose_context_sits_in_fields_not_decoded_is_unreadable() -> 
     );
     Ok(())
 }
+
+#[test]
+fn without_a_trace_store_a_service_that_never_exports_is_likely_uninstrumented_until_it_does()
+-> anyhow::Result<()> {
+    if !privileged("without_a_trace_store_a_service_that_never_exports") {
+        return Ok(());
+    }
+    let node = Node::new(&["client", "silent"])?;
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    // Learned quickly here: 5 sampled requests over a second (by default
+    // 20 over two minutes). No names declare anything, no store is asked.
+    let agent = Agent::start(AgentConfig {
+        silence: Some(tracegap_agent::gap::silence::SilenceConfig {
+            after: Duration::from_secs(1),
+            requests: 5,
+        }),
+        ..config(&node, &receiver, fast_export())
+    })?;
+    let mut lab = Lab {
+        services: Vec::new(),
+        agent,
+        receiver,
+        node,
+    };
+    // Records nothing and exports nothing.
+    lab.start("silent", Behaviour::DropsHeaders, &[])?;
+    let url = lab.url("silent", "/");
+    let call = |lab: &Lab, n: u64| -> anyhow::Result<()> {
+        let tp = format!("traceparent: 00-{T1}-{n:016x}-01");
+        lab.curl("client", &url, &[tp.as_str()])?;
+        Ok(())
+    };
+    let status = |lab: &Lab| -> anyhow::Result<Option<bool>> {
+        Ok(lab
+            .report()?
+            .services
+            .into_iter()
+            .find(|s| s.service == "silent")
+            .and_then(|s| s.instrumented))
+    };
+    for n in 1..=5 {
+        call(&lab, n)?;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    // Not yet: each of these was served before it was learned.
+    let spans = |lab: &Lab| -> Vec<Received> {
+        lab.receiver
+            .spans()
+            .into_iter()
+            .filter(|s| s.synthetic() && s.service == "silent")
+            .collect()
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(spans(&lab).is_empty(), "{:#?}", spans(&lab));
+    for n in 6..=10 {
+        call(&lab, n)?;
+    }
+    let got = lab
+        .receiver
+        .wait_for(Duration::from_secs(10), |s| {
+            s.iter()
+                .filter(|s| s.synthetic() && s.service == "silent")
+                .count()
+                >= 5
+        })
+        .into_iter()
+        .filter(|s| s.synthetic() && s.service == "silent")
+        .collect::<Vec<_>>();
+    let mut parents: Vec<String> = got.iter().map(|s| s.parent_span_id()).collect();
+    parents.sort();
+    assert_eq!(
+        parents,
+        (6..=10u64).map(|n| format!("{n:016x}")).collect::<Vec<_>>(),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .all(|s| s.gap().as_deref() == Some("uninstrumented")
+                && s.attr("tracegap.gap.confidence").as_deref() == Some("likely")
+                && s.trace_id() == T1
+                && s.attr("tracegap.gap.detail")
+                    .is_some_and(|d| d.contains("exported no span"))),
+        "{got:#?}"
+    );
+    assert_eq!(
+        lab.agent
+            .metric("tracegap_likely_uninstrumented_spans_total")?,
+        5.0
+    );
+    // The report says so (it is refreshed every second).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while status(&lab)? != Some(false) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status(&lab)?, Some(false), "{:?}", lab.report()?.services);
+    // Redeployed with an SDK: its first export flips it, and its calls
+    // get no span of tracegap's from then on.
+    lab.services.clear();
+    lab.start("silent", Behaviour::Instrumented, &[])?;
+    call(&lab, 11)?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while status(&lab)? != Some(true) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(status(&lab)?, Some(true), "{:?}", lab.report()?.services);
+    for n in 12..=16 {
+        call(&lab, n)?;
+    }
+    // Its own spans arrive; none of tracegap's for these calls.
+    let own = lab.receiver.wait_for(Duration::from_secs(10), |s| {
+        s.iter()
+            .filter(|s| !s.synthetic() && s.service == "silent")
+            .count()
+            >= 6
+    });
+    assert!(
+        own.iter()
+            .filter(|s| !s.synthetic() && s.service == "silent")
+            .count()
+            >= 6
+    );
+    let late: Vec<String> = spans(&lab)
+        .iter()
+        .map(|s| s.parent_span_id())
+        .filter(|p| p.as_str() > format!("{:016x}", 11u64).as_str())
+        .collect();
+    assert!(late.is_empty(), "{late:?}");
+    Ok(())
+}

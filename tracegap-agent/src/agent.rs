@@ -27,6 +27,7 @@ use crate::{
         Engine, GapKind, Hop,
         classify::{RETENTION_NS, Verdict, formats_label},
         hop::{Reply, Request},
+        silence::{Silence, SilenceConfig, Status as Silent},
         span::{self, ExportMode, Identity},
         threads::Turn,
     },
@@ -102,6 +103,9 @@ pub struct AgentConfig {
     /// clearly first (`timing`, see [`crate::gap::timing`]); off: such calls
     /// stay unplaced, linked to their candidates.
     pub place_by_timing: bool,
+    /// Without a trace store: learn from the wire which services are
+    /// likely not instrumented (see [`crate::gap::silence`]); None: off.
+    pub silence: Option<SilenceConfig>,
     /// What the agent's HTTP servers grant one client.
     pub server_limits: server::ServerLimits,
 }
@@ -412,6 +416,10 @@ struct Pipeline {
     queue: SpanQueue,
     /// Held spans and callee checks, read back from the trace store.
     reconcile: Option<reconcile::Handle>,
+    /// With no store: services likely not instrumented, from the wire.
+    silence: Option<Silence>,
+    /// When the report last got the silence's statuses.
+    silence_reported_ns: u64,
     export_mode: ExportMode,
     export_unsampled: bool,
     response_timeout: Duration,
@@ -469,6 +477,11 @@ impl Pipeline {
             shared,
             directory,
             queue,
+            silence: config
+                .silence
+                .filter(|_| reconcile.is_none())
+                .map(Silence::new),
+            silence_reported_ns: 0,
             reconcile,
             export_mode: config.export_mode,
             export_unsampled: config.export_unsampled,
@@ -505,6 +518,13 @@ impl Pipeline {
         self.shared
             .metrics
             .boundaries(self.assembler.boundaries(), &mut self.boundaries_counted);
+        if let Some(s) = &self.silence
+            && now.saturating_sub(self.silence_reported_ns) > 1_000_000_000
+            && let Ok(mut r) = self.shared.reporter.lock()
+        {
+            r.services = s.statuses(now).into_iter().map(Into::into).collect();
+            self.silence_reported_ns = now;
+        }
         // NTP may step the wall clock: re-anchor now and then.
         if now.saturating_sub(self.last_resync_ns) > 60_000_000_000 {
             self.clock.resync();
@@ -607,7 +627,9 @@ impl Pipeline {
     /// An OTLP export a pod on this node made, and the collector's answer:
     /// what the callee checks need to tell a lost span from an unsent one.
     fn export_seen(&mut self, req: &Request, rsp: Option<Reply>, gave_up_ns: u64) {
-        let Some(r) = &self.reconcile else { return };
+        if self.reconcile.is_none() && self.silence.is_none() {
+            return;
+        }
         let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
         if !self.local.contains(&hop.caller().ip) {
             return;
@@ -616,6 +638,10 @@ impl Pipeline {
         if exporter.is_node {
             return;
         }
+        if let Some(s) = &mut self.silence {
+            s.exported(&exporter.service, req.ts_ns);
+        }
+        let Some(r) = &self.reconcile else { return };
         r.export_seen(
             &exporter.service,
             Export {
@@ -722,6 +748,43 @@ impl Pipeline {
             if let Some(s) = r.expect(facts(&hop, &caller, &callee, Some(ctx(c)), None), absent) {
                 self.queue.offer(s);
             }
+        }
+        // No trace store: a callee nobody declared whose pods here have
+        // served sampled requests a while and never exported gets its span
+        // on its node (the one that sees its exports), marked likely.
+        if let Some(s) = &mut self.silence
+            && callee_local
+            && callee.instrumented.is_none()
+            && verdict.kind == GapKind::ContextOk
+            && verdict.forwarded == 0
+            && cluster::is_pod(&callee, callee_local)
+            && hop.context().is_some_and(|c| c.sampled == Some(true))
+        {
+            let now = monotonic_ns();
+            if let Silent::LikelySilent { sampled, over } = s.status(&callee.service, now)
+                && span::wanted(
+                    GapKind::Uninstrumented,
+                    self.export_mode,
+                    self.export_unsampled,
+                )
+            {
+                let v = Verdict {
+                    kind: GapKind::Uninstrumented,
+                    detail: format!(
+                        "callee is likely not instrumented (from the wire alone): its pods on this node served {sampled} sampled traced requests over {}s and exported no span; if it exports another way (a Unix socket, a sidecar), declare it (tracegap.io/instrumented)",
+                        over.as_secs()
+                    ),
+                    ..verdict.clone()
+                };
+                let mut likely = span::build(&hop, &v, &caller, &callee, true);
+                likely.attributes.push(opentelemetry::KeyValue::new(
+                    "tracegap.gap.confidence",
+                    "likely",
+                ));
+                self.shared.metrics.likely_uninstrumented_spans.inc();
+                self.queue.offer(likely);
+            }
+            s.served(&callee.service, now);
         }
         // A callee that passed this request's context on unchanged has no
         // span for it: its node (the one that saw what it sent) adds it,

@@ -89,6 +89,18 @@ pub struct RunArgs {
     /// unplaced, linked to their candidates.
     #[arg(long, env = "TRACEGAP_PLACE_BY_TIMING", default_value_t = false, action = clap::ArgAction::Set)]
     pub place_by_timing: bool,
+    /// With no trace store: a service nobody declared whose pods on this
+    /// node serve sampled traced requests this long (and
+    /// --learn-uninstrumented-requests of them) without ever exporting a
+    /// span is likely not instrumented, and its calls get spans marked
+    /// `tracegap.gap.confidence=likely`. Exports the wire cannot see (a Unix
+    /// socket, a sidecar over loopback) fool it: declare such services
+    /// (annotation tracegap.io/instrumented, names file). 0s: off.
+    #[arg(long, env = "TRACEGAP_LEARN_UNINSTRUMENTED_AFTER", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub learn_uninstrumented_after: Duration,
+    /// See --learn-uninstrumented-after.
+    #[arg(long, env = "TRACEGAP_LEARN_UNINSTRUMENTED_REQUESTS", default_value_t = crate::gap::silence::DEFAULT_REQUESTS)]
+    pub learn_uninstrumented_requests: u64,
     /// The agent's HTTP servers (/metrics and the probes, /report): time a
     /// client has to send a request's head, and to send its next one on a
     /// kept-alive connection.
@@ -233,6 +245,12 @@ impl RunArgs {
             export_unsampled: self.export_unsampled,
             thread_evidence: self.thread_evidence,
             place_by_timing: self.place_by_timing,
+            silence: (!self.learn_uninstrumented_after.is_zero()).then_some(
+                crate::gap::silence::SilenceConfig {
+                    after: self.learn_uninstrumented_after,
+                    requests: self.learn_uninstrumented_requests,
+                },
+            ),
             server_limits: crate::server::ServerLimits {
                 header_timeout: self.http_header_timeout,
                 max_connections: self.http_max_connections,

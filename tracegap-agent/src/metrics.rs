@@ -169,6 +169,7 @@ pub struct Metrics {
     pub gaps: Family<GapLabels, Counter>,
     pub baggage: Family<BaggageLabels, Counter>,
     pub unanswered: Counter,
+    pub likely_uninstrumented_spans: Counter,
     pub spans_exported: Counter,
     pub spans_dropped: Family<ReasonLabels, Counter>,
     pub export_errors: Counter,
@@ -228,6 +229,7 @@ impl Metrics {
             gaps: Family::default(),
             baggage: Family::default(),
             unanswered: Counter::default(),
+            likely_uninstrumented_spans: Counter::default(),
             spans_exported: Counter::default(),
             spans_dropped: Family::default(),
             export_errors: Counter::default(),
@@ -276,6 +278,11 @@ impl Metrics {
             "http_unanswered_requests",
             "Requests that got no response within the timeout",
             m.unanswered.clone(),
+        );
+        registry.register(
+            "likely_uninstrumented_spans",
+            "Spans added, with no trace store to ask, for calls into services likely not instrumented: their pods on this node served sampled traced requests for a while and never exported a span (--learn-uninstrumented-after, --learn-uninstrumented-requests)",
+            m.likely_uninstrumented_spans.clone(),
         );
         registry.register(
             "spans_exported",

@@ -322,6 +322,7 @@ fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
         reconcile: None,
         thread_evidence: true,
         place_by_timing: false,
+        silence: Some(Default::default()),
         server_limits: Default::default(),
     }
 }

@@ -5,6 +5,7 @@
 pub mod classify;
 pub mod hop;
 pub mod route;
+pub mod silence;
 pub mod span;
 pub mod threads;
 pub mod timing;
