@@ -19,6 +19,7 @@ use anyhow::{Context as _, bail};
 use tracegap_agent::{
     agent::AgentConfig,
     export::{ExportConfig, OtlpProtocol},
+    gap::silence::SilenceConfig,
     gap::span::ExportMode,
     reconcile::ReconcileConfig,
     report::{Report, table},
@@ -725,7 +726,7 @@ fn check(
                 format!("{dst}'s spans for {src}'s calls in the store: {outcome} {n} of {all}"),
             )
         }
-        Expect::SpansLost(_) | Expect::AcrossRestart(..) => {
+        Expect::SpansLost(_) | Expect::AcrossRestart(..) | Expect::WithoutStore(_) => {
             // Judged later (once the agents stop; after the restart).
             (true, String::new())
         }
@@ -807,6 +808,123 @@ fn across_restart(
             "across an agent restart: {src} made {made} calls to {dst} on its open connection ({failed} failed); the new agents read {read}, {with_context} with their context; {joined} connection(s) joined"
         ),
     ))
+}
+
+/// The no-store step (see [`Expect::WithoutStore`]): the agents restart
+/// with no trace store and a quick learning rule; the loads that reach the
+/// `callees` (directly, or through the service they target) run twice to
+/// teach the agents, then once more; each callee's calls in that last run
+/// must each have got a `likely` span. One verdict line per callee.
+fn without_store(
+    ctx: &mut Ctx,
+    sc: &Scenario,
+    config: Option<&AgentConfig>,
+    (store_port, query_port): (u16, u16),
+    callees: &[&str],
+) -> anyhow::Result<Vec<String>> {
+    let Some(config) = config else {
+        return Ok(vec![
+            "info the agents run as containers: no step without the store".to_owned(),
+        ]);
+    };
+    let reaches = |l: &&scenario::Load, callee: &str| {
+        l.target.0 == callee
+            || sc
+                .services
+                .iter()
+                .any(|s| s.spec.name == l.target.0 && s.calls.iter().any(|(c, _)| *c == callee))
+    };
+    let loads: Vec<&scenario::Load> = sc
+        .loads
+        .iter()
+        .filter(|l| callees.iter().any(|c| reaches(l, c)))
+        .collect();
+    for a in &mut ctx.agents {
+        a.stop_now()?;
+    }
+    let quick = AgentConfig {
+        reconcile: None,
+        silence: Some(SilenceConfig {
+            after: Duration::from_secs(1),
+            requests: 2,
+        }),
+        ..config.clone()
+    };
+    ctx.agents = ctx
+        .cluster
+        .start_agents(&quick, store_port, Some(query_port))?;
+    // Taught: each node's pods of each callee serve a few sampled requests
+    // over more than a second.
+    for _ in 0..2 {
+        for l in &loads {
+            ctx.run_load(l)?;
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    let spans_of = |ctx: &Ctx, callee: &str| -> usize {
+        ctx.store
+            .spans()
+            .iter()
+            .filter(|s| {
+                s.synthetic()
+                    && s.service == callee
+                    && s.attr("tracegap.gap.confidence").as_deref() == Some("likely")
+            })
+            .count()
+    };
+    let before: Vec<usize> = callees.iter().map(|c| spans_of(ctx, c)).collect();
+    // Calls into a callee, as the agents reported them (each once).
+    let hops_into = |ctx: &Ctx, callee: &str| -> anyhow::Result<u64> {
+        Ok(ctx
+            .report()?
+            .edges
+            .iter()
+            .filter(|e| e.destination == callee)
+            .map(|e| e.requests)
+            .sum())
+    };
+    let taught: u64 = callees
+        .iter()
+        .map(|c| hops_into(ctx, c))
+        .sum::<anyhow::Result<u64>>()?;
+    ctx.settle(taught)?;
+    let received: Vec<u64> = callees
+        .iter()
+        .map(|c| hops_into(ctx, c))
+        .collect::<anyhow::Result<_>>()?;
+    let mut sent = 0;
+    for l in &loads {
+        sent += ctx.run_load(l)?.sent;
+    }
+    ctx.settle(received.iter().sum::<u64>() + sent)?;
+    let served: Vec<u64> = callees
+        .iter()
+        .zip(&received)
+        .map(|(c, before)| Ok(hops_into(ctx, c)? - before))
+        .collect::<anyhow::Result<_>>()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline
+        && callees
+            .iter()
+            .zip(&before)
+            .zip(&served)
+            .any(|((c, b), n)| spans_of(ctx, c) - b < *n as usize)
+    {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(callees
+        .iter()
+        .zip(&before)
+        .zip(&served)
+        .map(|((c, b), n)| {
+            let got = spans_of(ctx, c) - b;
+            let ok = *n > 0 && got == *n as usize;
+            format!(
+                "{} without a store, once learned from the wire: {got} likely-uninstrumented spans for {n} calls into {c}",
+                if ok { "ok  " } else { "FAIL" }
+            )
+        })
+        .collect())
 }
 
 /// Runs one scenario on a fresh two-node cluster with an agent per node.
@@ -938,11 +1056,12 @@ pub fn run_one(
     let spans: Vec<Received> = all[resumed_at.unwrap_or(first_span).min(all.len())..].to_vec();
     let mut verdict = Vec::new();
     let mut passed = true;
-    for e in sc
-        .expect
-        .iter()
-        .filter(|e| !matches!(e, Expect::SpansLost(_) | Expect::AcrossRestart(..)))
-    {
+    for e in sc.expect.iter().filter(|e| {
+        !matches!(
+            e,
+            Expect::SpansLost(_) | Expect::AcrossRestart(..) | Expect::WithoutStore(_)
+        )
+    }) {
         let (ok, line) = check(e, &report, &ctx, &spans, sent)?;
         passed &= ok;
         verdict.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
@@ -1056,6 +1175,24 @@ pub fn run_one(
         let (ok, line) = across_restart(&mut ctx, sc, agent_config.as_ref(), ports, src, dst)?;
         passed &= ok;
         verdict.push(format!("{} {line}", if ok { "ok  " } else { "FAIL" }));
+    }
+    let callees: Vec<&str> = sc
+        .expect
+        .iter()
+        .filter_map(|e| match e {
+            Expect::WithoutStore(callee) => Some(*callee),
+            _ => None,
+        })
+        .collect();
+    if !callees.is_empty() {
+        writeln!(
+            out,
+            "  the agents restart with no trace store: the wire alone"
+        )?;
+        for line in without_store(&mut ctx, sc, agent_config.as_ref(), ports, &callees)? {
+            passed &= !line.starts_with("FAIL");
+            verdict.push(line);
+        }
     }
     let outcome = Outcome {
         name: sc.name.to_owned(),

@@ -86,6 +86,12 @@ pub enum Expect {
     /// calls to the second (gRPC on the channel opened before the restart)
     /// each once, with their context.
     AcrossRestart(&'static str, &'static str),
+    /// After the checks above: the agents restart with no trace store to
+    /// ask, learning from the wire alone (quickly: 2 sampled requests a
+    /// node over a second); the loads that reach this callee run twice to
+    /// teach them, then once more, and every call of that last run into it
+    /// gets a span marked `likely`.
+    WithoutStore(&'static str),
     /// The agent kept up: at least this share of the requests sent were
     /// classified, and it is still healthy.
     KeptUp(f64),
@@ -199,10 +205,13 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
             store_down: false,
         },
         "uninstrumented" => {
-            // The seed's nginx: a leaf that makes no spans, declared by
-            // nobody (as in a real cluster): learned from the trace store
-            // and the wire, call by call.
+            // The seed's nginx: a leaf that makes no spans, and a gRPC
+            // server with no instrumentation at all behind an instrumented
+            // caller; declared by nobody (as in a real cluster): learned
+            // from the trace store and the wire, call by call.
             let nginx = svc("nginx", DropsHeaders, &[]);
+            let mut stock = svc("stock", DropsHeaders, &[]);
+            stock.spec.grpc = true;
             Scenario {
                 name: "uninstrumented",
                 lesson: "hops without instrumentation: Jaeger shows the call to them, nothing inside",
@@ -210,16 +219,27 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                     svc("proxy", PassesThrough, &[("service-c", "/items")]),
                     svc("service-c", Instrumented, &[]),
                     nginx,
+                    svc(
+                        "service-d",
+                        Instrumented,
+                        &[("stock", "grpc:/lab.Stock/Check")],
+                    ),
+                    stock,
                 ],
                 loads: vec![
                     load("service-a", ("proxy", "/orders/7"), n(5, 20)),
                     load("service-a", ("nginx", "/index.html"), n(3, 10)),
+                    load("service-e", ("service-d", "/stock"), n(3, 10)),
                 ],
                 expect: vec![
                     Kind("proxy", "service-c", "passthrough"),
                     Kind("service-a", "proxy", "context_ok"),
                     CalleeSpans("service-a", "nginx", "uninstrumented"),
                     Spanned("service-a", "nginx", "uninstrumented"),
+                    CalleeSpans("service-d", "stock", "uninstrumented"),
+                    Spanned("service-d", "stock", "uninstrumented"),
+                    WithoutStore("nginx"),
+                    WithoutStore("stock"),
                 ],
                 store_down: false,
             }
