@@ -650,6 +650,25 @@ fn what_the_store_shows_of_a_service_outweighs_what_was_guessed_or_declared() ->
     assert_eq!(kinds.get("context_ok"), Some(&n), "{kinds:?}");
     assert_eq!(kinds.get("uninstrumented"), Some(&3), "{kinds:?}");
     assert_eq!(lab.synthetic("silent").len(), n as usize + 3);
+    // Redeployed with an SDK: it records and exports, and its calls get
+    // no span of tracegap's from the first one on (each is decided when
+    // its check runs, by what is known then).
+    drop(lab.services.remove(0));
+    lab.start("silent", Behaviour::Instrumented, &[], port, |s| s)?;
+    for _ in 0..3 {
+        call(&lab, "silent")?;
+    }
+    lab.settle(n + 9)?;
+    assert_eq!(lab.own("silent").len(), 3);
+    assert_eq!(lab.synthetic("silent").len(), n as usize + 3);
+    let services = lab.report()?.services;
+    let silent = services.iter().find(|s| s.service == "silent");
+    assert_eq!(
+        silent.and_then(|s| s.instrumented),
+        Some(true),
+        "{services:?}"
+    );
+    assert_eq!(lab.callee_spans("client", "silent")?.arrived, 3);
     // recorder's hops are uninstrumented as declared, but its own spans are
     // in the store under the context it was sent: no duplicates.
     assert_eq!(lab.own("recorder").len(), 3);
