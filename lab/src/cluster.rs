@@ -26,6 +26,14 @@ use crate::{
     netns::{Node, Pod, run},
 };
 
+/// The agents' settle delay in the lab: its services export each span as
+/// it ends, and its store is readable at once.
+pub const RECONCILE_SETTLE: std::time::Duration = std::time::Duration::from_millis(1500);
+
+/// Queries per second each agent may make to the lab's store: every hop
+/// is checked (the default, 20, samples them at production rates).
+pub const RECONCILE_QPS: u32 = 2000;
+
 /// A Service: a ClusterIP and port in front of pods.
 #[derive(Clone, Debug)]
 pub struct ServiceVip {
@@ -292,12 +300,9 @@ impl Cluster {
                         ("TRACEGAP_TRACE_STORE_KIND".into(), "jaeger".into()),
                         (
                             "TRACEGAP_SETTLE_DELAY".into(),
-                            format!("{}ms", crate::run::RECONCILE_SETTLE.as_millis()),
+                            format!("{}ms", RECONCILE_SETTLE.as_millis()),
                         ),
-                        (
-                            "TRACEGAP_TRACE_STORE_QPS".into(),
-                            crate::run::RECONCILE_QPS.to_string(),
-                        ),
+                        ("TRACEGAP_TRACE_STORE_QPS".into(), RECONCILE_QPS.to_string()),
                     ],
                     files: vec![(names.clone(), NAMES_IN_CONTAINER.into())],
                     without: Vec::new(),

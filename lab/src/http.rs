@@ -328,3 +328,32 @@ pub fn half_requests(to: SocketAddr, n: usize) -> anyhow::Result<Vec<TcpStream>>
     }
     Ok(held)
 }
+
+/// From inside `pod`, on one connection: sends each request, reads its
+/// whole response, waits `gap`, and so on (a long-lived keep-alive
+/// connection). Returns the responses' status lines.
+pub fn exchange(
+    pod: &Pod,
+    to: std::net::SocketAddr,
+    requests: Vec<Vec<u8>>,
+    gap: std::time::Duration,
+) -> anyhow::Result<Vec<String>> {
+    pod.spawn(move || -> anyhow::Result<Vec<String>> {
+        use std::io::Write as _;
+        let mut c = std::net::TcpStream::connect(to)?;
+        c.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
+        let mut statuses = Vec::new();
+        let mut buf = Vec::new();
+        for (i, r) in requests.into_iter().enumerate() {
+            if i > 0 {
+                std::thread::sleep(gap);
+            }
+            c.write_all(&r)?;
+            let head = read_response(&mut c, &mut buf)?;
+            statuses.push(head.lines().next().unwrap_or_default().to_owned());
+        }
+        Ok(statuses)
+    })?
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+}

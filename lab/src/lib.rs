@@ -22,6 +22,7 @@ pub mod netns;
 pub mod query;
 pub mod run;
 pub mod scenario;
+pub mod serve;
 pub mod service;
 pub mod store;
 pub mod tree;

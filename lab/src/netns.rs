@@ -328,35 +328,6 @@ impl Pod {
         Ok(())
     }
 
-    /// From inside the pod, on one connection: sends each request, reads
-    /// its whole response, waits `gap`, and so on (a long-lived keep-alive
-    /// connection). Returns the responses' status lines.
-    pub fn exchange(
-        &self,
-        to: std::net::SocketAddr,
-        requests: Vec<Vec<u8>>,
-        gap: std::time::Duration,
-    ) -> anyhow::Result<Vec<String>> {
-        self.spawn(move || -> anyhow::Result<Vec<String>> {
-            use std::io::Write as _;
-            let mut c = std::net::TcpStream::connect(to)?;
-            c.set_read_timeout(Some(std::time::Duration::from_secs(5)))?;
-            let mut statuses = Vec::new();
-            let mut buf = Vec::new();
-            for (i, r) in requests.into_iter().enumerate() {
-                if i > 0 {
-                    std::thread::sleep(gap);
-                }
-                c.write_all(&r)?;
-                let head = crate::http::read_response(&mut c, &mut buf)?;
-                statuses.push(head.lines().next().unwrap_or_default().to_owned());
-            }
-            Ok(statuses)
-        })?
-        .join()
-        .map_err(|_| anyhow::anyhow!("client thread panicked"))?
-    }
-
     /// curl from inside the pod; returns stdout. `args` go before the URL.
     pub fn curl(&self, url: &str, args: &[&str]) -> anyhow::Result<String> {
         let out = run(self

@@ -30,6 +30,7 @@ use tracegap_agent::{
 use crate::{
     agent::Agent,
     cluster::{Cluster, SERVICE_PORT},
+    cluster::{RECONCILE_QPS, RECONCILE_SETTLE},
     files,
     load::LoadSummary,
     netns::{Child, Node, Pod},
@@ -439,14 +440,6 @@ fn merge(all: &mut Report, r: Report) {
     all.services.extend(r.services);
 }
 
-/// The agents' settle delay in the lab: its services export each span as
-/// it ends, and its store is readable at once.
-pub const RECONCILE_SETTLE: Duration = Duration::from_millis(1500);
-
-/// Queries per second each agent may make to the lab's store: every hop
-/// is checked (the default, 20, samples them at production rates).
-pub const RECONCILE_QPS: u32 = 2000;
-
 fn explain(kind: &str, src: &str, dst: &str) -> String {
     match kind {
         "broken_propagation" => format!(
@@ -846,16 +839,17 @@ fn without_store(
         reconcile: None,
         silence: Some(SilenceConfig {
             after: Duration::from_secs(1),
-            requests: 2,
+            requests: 1,
         }),
         ..config.clone()
     };
     ctx.agents = ctx
         .cluster
         .start_agents(&quick, store_port, Some(query_port))?;
-    // Taught: each node's pods of each callee serve a few sampled requests
-    // over more than a second.
-    for _ in 0..2 {
+    // Taught: each node's pods of each callee serve sampled requests over
+    // more than a second. Four rounds: a gRPC caller keeps one connection,
+    // to one pod of the callee, so each caller pod must be reached.
+    for _ in 0..4 {
         for l in &loads {
             ctx.run_load(l)?;
         }

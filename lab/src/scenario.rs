@@ -87,8 +87,8 @@ pub enum Expect {
     /// each once, with their context.
     AcrossRestart(&'static str, &'static str),
     /// After the checks above: the agents restart with no trace store to
-    /// ask, learning from the wire alone (quickly: 2 sampled requests a
-    /// node over a second); the loads that reach this callee run twice to
+    /// ask, learning from the wire alone (quickly: a sampled request a
+    /// node, a second ago); the loads that reach this callee run four times to
     /// teach them, then once more, and every call of that last run into it
     /// gets a span marked `likely`.
     WithoutStore(&'static str),

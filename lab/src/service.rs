@@ -31,8 +31,6 @@ use opentelemetry_sdk::{
     trace::{Sampler, SdkTracerProvider},
 };
 
-use crate::netns::Pod;
-
 /// What a service does with the trace context of a request it serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Behaviour {
@@ -190,6 +188,16 @@ impl ServiceSpec {
 pub struct Service {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+impl Service {
+    /// The service serving on `thread` until `stop` is set.
+    pub(crate) fn new(stop: Arc<AtomicBool>, thread: JoinHandle<()>) -> Self {
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
 }
 
 impl Drop for Service {
@@ -458,7 +466,7 @@ pub fn tracer_provider(service: &str, sampler: Sampler, otlp: Option<&str>) -> S
 }
 
 impl ServiceSpec {
-    fn provider(&self) -> Option<SdkTracerProvider> {
+    pub(crate) fn provider(&self) -> Option<SdkTracerProvider> {
         let otlp = self.otlp.as_deref()?;
         Some(tracer_provider(
             &self.name,
@@ -467,47 +475,22 @@ impl ServiceSpec {
         ))
     }
 
-    fn instrumented(&self) -> bool {
+    pub(crate) fn instrumented(&self) -> bool {
         matches!(
             self.behaviour,
             Behaviour::Instrumented | Behaviour::ServerSpansOnly
         )
     }
 
-    /// Starts the service inside `pod`, on a thread of this process.
-    pub fn start(self, pod: &Pod) -> anyhow::Result<Service> {
-        let stop = Arc::new(AtomicBool::new(false));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let s = stop.clone();
-        let thread = pod.spawn(move || {
-            self.serve_until(&s, |r| {
-                let _ = tx.send(r);
-            })
-        })?;
-        rx.recv()??;
-        Ok(Service {
-            stop,
-            thread: Some(thread),
-        })
-    }
-
-    /// Serves in the current thread's network namespace until `stop` is
-    /// set; `ready` is told whether listening worked.
-    pub fn serve_until(self, stop: &Arc<AtomicBool>, ready: impl FnOnce(std::io::Result<()>)) {
-        // Built here: the exporter's sockets and threads are this namespace's.
-        let provider = if self.instrumented() {
-            self.provider()
-        } else {
-            None
-        };
-        if self.grpc {
-            crate::grpc::serve_until(Arc::new(self), provider, stop, ready);
-            return;
-        }
-        if matches!(self.runtime, Runtime::Async | Runtime::AsyncHanded) {
-            crate::multiplexed::serve_until(self, provider, stop, ready);
-            return;
-        }
+    /// Serves HTTP/1.x, a thread per connection, in the current thread's
+    /// network namespace until `stop` is set; `ready` is told whether
+    /// listening worked. (See [`crate::serve`] for every kind of server.)
+    pub fn serve_threads(
+        self,
+        provider: Option<SdkTracerProvider>,
+        stop: &Arc<AtomicBool>,
+        ready: impl FnOnce(std::io::Result<()>),
+    ) {
         let listener = match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.port)))
         {
             Ok(l) => l,

@@ -20,6 +20,7 @@ use tracegap_tests::{
     agent::Agent,
     agent_config,
     demo::{Behaviour, Propagator, SamplerSpec, Service, ServiceSpec},
+    http,
     otlp::{Received, Receiver},
     privileged,
 };
@@ -590,8 +591,7 @@ fn export_survives_a_collector_outage_with_bounded_memory() -> anyhow::Result<()
     // Down: connections are refused; every failed batch is counted and
     // dropped after its attempts.
     receiver.stop();
-    node.pod("client")
-        .exchange(to, requests("down", 50), Duration::ZERO)?;
+    http::exchange(node.pod("client"), to, requests("down", 50), Duration::ZERO)?;
     wait_for("failed exports are counted and dropped", &|| {
         Ok(agent.metric("tracegap_export_errors_total")? > 0.0
             && agent.metric("tracegap_spans_dropped_total{reason=\"export_failed\"}")? > 0.0)
@@ -599,8 +599,12 @@ fn export_survives_a_collector_outage_with_bounded_memory() -> anyhow::Result<()
     // Slow: a collector that accepts and never answers. Each export waits
     // for its timeout; the queue fills and what does not fit is dropped.
     let black_hole = std::net::TcpListener::bind(receiver.grpc)?;
-    node.pod("client")
-        .exchange(to, requests("slow", 200), Duration::ZERO)?;
+    http::exchange(
+        node.pod("client"),
+        to,
+        requests("slow", 200),
+        Duration::ZERO,
+    )?;
     wait_for("a full queue drops spans", &|| {
         Ok(agent.metric("tracegap_spans_dropped_total{reason=\"queue_full\"}")? > 0.0)
     })?;
@@ -626,8 +630,12 @@ fn export_survives_a_collector_outage_with_bounded_memory() -> anyhow::Result<()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    node.pod("client")
-        .exchange(to, requests("after", 3), Duration::from_millis(100))?;
+    http::exchange(
+        node.pod("client"),
+        to,
+        requests("after", 3),
+        Duration::from_millis(100),
+    )?;
     let spans = receiver.wait_for(Duration::from_secs(20), |s| {
         s.iter()
             .filter(|s| s.attr("url.path").is_some_and(|p| p.starts_with("/after/")))

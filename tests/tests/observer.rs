@@ -16,7 +16,11 @@ use tracegap_agent::{
     },
 };
 use tracegap_common::{Direction, EventKind, ThreadTurn};
-use tracegap_tests::{Node, collect_events, http::HttpServer, privileged};
+use tracegap_tests::{
+    Node, collect_events,
+    http::{self, HttpServer},
+    privileged,
+};
 
 const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
@@ -535,10 +539,12 @@ fn a_long_lived_connection_is_followed_request_by_request() -> anyhow::Result<()
             format!("GET /slow/{i} HTTP/1.1\r\nHost: s\r\ntraceparent: {TP}\r\n\r\n").into_bytes()
         })
         .collect();
-    let statuses = s
-        .node
-        .pod("client")
-        .exchange(server, reqs, Duration::from_millis(400))?;
+    let statuses = http::exchange(
+        s.node.pod("client"),
+        server,
+        reqs,
+        Duration::from_millis(400),
+    )?;
     assert_eq!(statuses.len(), 6);
     let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 6);
     let messages = assemble(events);
@@ -611,9 +617,12 @@ fn the_opentelemetry_sdk_propagators_are_read_as_they_were_written() -> anyhow::
         writes.push(req.into_bytes());
         sent.push(cx.span().span_context().clone());
     }
-    s.node
-        .pod("client")
-        .exchange(server, writes, Duration::from_millis(50))?;
+    http::exchange(
+        s.node.pod("client"),
+        server,
+        writes,
+        Duration::from_millis(50),
+    )?;
     let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 2);
     let reqs = requests(&assemble(events));
     assert_eq!(reqs.len(), 2, "{reqs:?}");

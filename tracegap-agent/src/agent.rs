@@ -186,7 +186,8 @@ pub async fn run(
         let (queue, exporter) =
             export::start(config.export.clone(), metrics.clone()).context("starting export")?;
         let reconciler = config.reconcile.clone().map(|rc| {
-            let (handle, status, task) = reconcile::start(rc, queue.clone(), shared.clone());
+            let (handle, status, task) =
+                reconcile::start(rc, queue.clone(), shared.metrics.clone(), shared.clone());
             shared.set_store(status);
             (handle, task)
         });
@@ -715,6 +716,18 @@ impl Pipeline {
         // Whether an undeclared callee records spans is its node's to find
         // out, call by call (below): uninstrumented only as learned so far.
         let learned_only = verdict.kind == GapKind::Uninstrumented && callee.instrumented.is_none();
+        // A callee that called on in this trace under a span id of its own
+        // makes spans, whatever its sampler keeps: never uninstrumented.
+        if verdict.continued > 0 && callee.instrumented.is_none() {
+            if let Some(r) = &self.reconcile {
+                r.ids_seen(&callee.service);
+            }
+            if let Some(s) = &mut self.silence
+                && callee_local
+            {
+                s.continued(&callee.service, monotonic_ns());
+            }
+        }
         // The callee's own span should be in the trace: checked on its node,
         // which sees its exports. A callee nobody declared gets its
         // uninstrumented span from that check when the store shows nothing
@@ -732,6 +745,7 @@ impl Pipeline {
             && let Some(c) = hop.context()
         {
             let absent = (callee.instrumented.is_none()
+                && verdict.continued == 0
                 && span::wanted(
                     GapKind::Uninstrumented,
                     self.export_mode,
@@ -757,6 +771,7 @@ impl Pipeline {
             && callee.instrumented.is_none()
             && verdict.kind == GapKind::ContextOk
             && verdict.forwarded == 0
+            && verdict.continued == 0
             && cluster::is_pod(&callee, callee_local)
             && hop.context().is_some_and(|c| c.sampled == Some(true))
         {

@@ -26,7 +26,9 @@ fn main() -> anyhow::Result<()> {
                 tracegap_agent::agent::run(args.config()?, stop, None).await
             }
             Command::Observe(args) => tracegap_agent::observe::run(args).await,
-            Command::Report(args) => tracegap_agent::report::fetch_and_print(&args),
+            Command::Report(args) => {
+                tracegap_agent::report::fetch_and_print(&args.agent, args.json)
+            }
         }
     })
 }

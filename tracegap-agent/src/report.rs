@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::reconcile::learned::ServiceStatus;
 use crate::{
     events::Endpoint,
     gap::{GapKind, Hop, Verdict},
@@ -102,22 +103,6 @@ pub struct CalleeSpans {
     pub example: Option<String>,
 }
 
-/// A service's instrumentation as learned from the trace store and the
-/// wire, beside what was declared.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-pub struct ServiceStatus {
-    pub service: String,
-    /// Learned: Some(true) once its own spans are in the store or its
-    /// exports are seen; Some(false) after many sampled requests with no
-    /// span in the store and no export; None: not yet known.
-    pub instrumented: Option<bool>,
-    /// Why, in a few words.
-    pub evidence: String,
-    pub spans_seen: u64,
-    pub exports_seen: u64,
-    pub exports_failed: u64,
-}
-
 /// What the wire alone shows (no trace store): see
 /// [`crate::gap::silence`].
 impl From<(String, crate::gap::silence::Status)> for ServiceStatus {
@@ -128,6 +113,11 @@ impl From<(String, crate::gap::silence::Status)> for ServiceStatus {
                 Some(true),
                 "it exports spans (seen on the wire)".to_owned(),
                 exports,
+            ),
+            Status::MakesSpans { .. } => (
+                Some(true),
+                "its calls carry span ids of its own (seen on the wire)".to_owned(),
+                0,
             ),
             Status::LikelySilent { sampled, over } => (
                 Some(false),
@@ -473,18 +463,19 @@ fn callee_table(checks: &[CalleeSpans]) -> String {
     out
 }
 
-/// `tracegap report`: fetches `/report` from a running agent and prints it.
-pub fn fetch_and_print(args: &crate::cli::ReportArgs) -> anyhow::Result<()> {
+/// `tracegap report`: fetches `/report` from the agent at `agent` (its
+/// --report-listen) and prints it, as a table or (`json`) as it came.
+pub fn fetch_and_print(agent: &str, json: bool) -> anyhow::Result<()> {
     use std::io::{Read as _, Write as _};
 
     use anyhow::Context as _;
-    let mut conn = std::net::TcpStream::connect(&args.agent)
-        .with_context(|| format!("connecting to the agent at {}", args.agent))?;
+    let mut conn = std::net::TcpStream::connect(agent)
+        .with_context(|| format!("connecting to the agent at {}", agent))?;
     conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     write!(
         conn,
         "GET /report HTTP/1.0\r\nHost: {}\r\nAccept: application/json\r\n\r\n",
-        args.agent
+        agent
     )?;
     let mut raw = Vec::new();
     conn.read_to_end(&mut raw)?;
@@ -498,7 +489,7 @@ pub fn fetch_and_print(args: &crate::cli::ReportArgs) -> anyhow::Result<()> {
         head.lines().next().unwrap_or_default()
     );
     let report: Report = serde_json::from_str(body).context("reading the report")?;
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", table(&report));

@@ -4,6 +4,7 @@ mod bench;
 mod fuzz;
 mod image;
 mod lab;
+mod layers;
 mod setup;
 mod test;
 mod toolchain;
@@ -35,7 +36,8 @@ enum Command {
     Lab(lab::LabArgs),
     /// Set up if needed, build, then run the unit and end-to-end tests.
     Test(test::TestArgs),
-    /// cargo fmt --check and cargo clippy on the user-space crates.
+    /// cargo fmt --check, import circles between files (agent, lab), and
+    /// cargo clippy on the user-space crates.
     Lint,
     /// What tracegap costs the node, each figure against its baseline from
     /// the same run (as root): a Markdown table on stdout and in

@@ -57,6 +57,7 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
 
 pub fn lint() -> anyhow::Result<()> {
     toolchain::run(toolchain::plain_cargo().args(["fmt", "--all", "--check"]))?;
+    crate::layers::check(&toolchain::workspace_root())?;
     // Lints need no eBPF toolchain: build.rs skips the kernel object.
     toolchain::run(toolchain::plain_cargo().env("AYA_BUILD_SKIP", "1").args([
         "clippy",

@@ -959,8 +959,7 @@ fn data_path(
     let reqs = (0..n)
         .map(|i| format!("GET /detect/{i} HTTP/1.1\r\nHost: s\r\n\r\n").into_bytes())
         .collect();
-    node.pod("client")
-        .exchange(to, reqs, Duration::from_millis(100))?;
+    crate::http::exchange(node.pod("client"), to, reqs, Duration::from_millis(100))?;
     let spans = receiver.wait_for(Duration::from_secs(15), |s| s.len() >= before + n);
     let mut lat: Vec<f64> = spans[before.min(spans.len())..]
         .iter()

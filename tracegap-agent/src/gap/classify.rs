@@ -287,6 +287,10 @@ pub struct Verdict {
     /// its context unchanged (same trace, same parent span id): when not 0,
     /// the callee passed the context through and has no span for this hop.
     pub forwarded: usize,
+    /// How many requests the callee sent on while serving this one in the
+    /// same trace under a span id of its own: it makes spans (it is
+    /// instrumented), whatever its sampler then keeps.
+    pub continued: usize,
     /// Baggage arrived at the caller and this hop did not carry it on.
     pub baggage_dropped: bool,
 }
@@ -492,7 +496,7 @@ impl Engine {
         }
         let mut v = self.judge(hop, parent.clone(), callee_instrumented);
         if let Some(ctx) = hop.context() {
-            v.forwarded = self.forwarded_unchanged(hop, ctx);
+            (v.forwarded, v.continued) = self.sent_on(hop, ctx);
         }
         // Whatever the verdict, say which request the hop was made for.
         if v.link.is_none() {
@@ -525,6 +529,7 @@ impl Engine {
             detail: detail.into(),
             link: None,
             forwarded: 0,
+            continued: 0,
             baggage_dropped: false,
         }
     }
@@ -835,21 +840,24 @@ impl Engine {
         }
     }
 
-    /// Requests the callee sent while serving `hop` with the same trace and
-    /// the same parent span id: proof it forwarded headers without a span.
-    fn forwarded_unchanged(&self, hop: &Hop, ctx: &SpanContext) -> usize {
+    /// Requests the callee sent while serving `hop` in the same trace: with
+    /// the same parent span id (proof it forwarded headers without a span),
+    /// and with one of its own (proof it makes spans).
+    fn sent_on(&self, hop: &Hop, ctx: &SpanContext) -> (usize, usize) {
         let Some(pod) = self.pods.get(&hop.callee().ip) else {
-            return 0;
+            return (0, 0);
         };
         pod.outbound
             .iter()
             .filter(|o| hop.start_ns <= o.start_ns() && o.start_ns() <= hop.end_ns)
-            .filter(|o| {
-                o.primary().is_some_and(|c| {
-                    c.trace_id == ctx.trace_id && c.parent_span_id == ctx.parent_span_id
-                })
+            .filter_map(|o| o.primary().filter(|c| c.trace_id == ctx.trace_id))
+            .fold((0, 0), |(same, own), c| {
+                if c.parent_span_id == ctx.parent_span_id {
+                    (same + 1, own)
+                } else {
+                    (same, own + 1)
+                }
             })
-            .count()
     }
 
     /// Forgets requests that ended (or, unanswered, started) before `ts_ns`,

@@ -41,6 +41,7 @@ struct Watch {
     first_ns: u64,
     sampled: u64,
     exports: u64,
+    continued: u64,
 }
 
 /// What the wire shows of one service's instrumentation on this node.
@@ -48,6 +49,9 @@ struct Watch {
 pub enum Status {
     /// Its pods export spans.
     Exporting { exports: u64 },
+    /// Its pods export nothing the wire shows, but their calls carry span
+    /// ids of their own: it makes spans (its sampler may keep none).
+    MakesSpans { continued: u64 },
     /// Served `sampled` traced requests over `over` and never exported.
     LikelySilent { sampled: u64, over: Duration },
     /// Not long enough, or not enough requests, to tell.
@@ -77,6 +81,7 @@ impl Silence {
             first_ns: now_ns,
             sampled: 0,
             exports: 0,
+            continued: 0,
         }))
     }
 
@@ -98,6 +103,14 @@ impl Silence {
         }
     }
 
+    /// A pod of `service` here, serving a request, called on in the same
+    /// trace under a span id of its own: it makes spans.
+    pub fn continued(&mut self, service: &str, now_ns: u64) {
+        if let Some(w) = self.watch(service, now_ns) {
+            w.continued += 1;
+        }
+    }
+
     /// What the wire shows of `service` here at `now_ns`.
     pub fn status(&self, service: &str, now_ns: u64) -> Status {
         let Some(w) = self.services.get(service) else {
@@ -105,6 +118,11 @@ impl Silence {
         };
         if w.exports > 0 {
             return Status::Exporting { exports: w.exports };
+        }
+        if w.continued > 0 {
+            return Status::MakesSpans {
+                continued: w.continued,
+            };
         }
         let over = Duration::from_nanos(now_ns.saturating_sub(w.first_ns));
         if w.sampled >= self.config.requests && over >= self.config.after {
@@ -158,11 +176,20 @@ mod tests {
         // Redeployed with an SDK: its first export flips it.
         s.exported("nginx", 80 * S);
         assert_eq!(s.status("nginx", 90 * S), Status::Exporting { exports: 1 });
+        // Calls under span ids of its own: it makes spans.
+        s.served("sampler-off", 0);
+        s.served("sampler-off", 0);
+        s.continued("sampler-off", 0);
+        s.served("sampler-off", 0);
+        assert_eq!(
+            s.status("sampler-off", 600 * S),
+            Status::MakesSpans { continued: 1 }
+        );
         // Long enough, too few requests.
         s.served("quiet", 0);
         assert_eq!(s.status("quiet", 600 * S), Status::Unknown { sampled: 1 });
         let names: Vec<String> = s.statuses(0).into_iter().map(|(n, _)| n).collect();
-        assert_eq!(names, ["nginx", "quiet"]);
+        assert_eq!(names, ["nginx", "quiet", "sampler-off"]);
     }
 
     #[test]

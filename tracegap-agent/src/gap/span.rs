@@ -505,6 +505,7 @@ mod tests {
             detail: "why".into(),
             link,
             forwarded: 0,
+            continued: 0,
             baggage_dropped: false,
         }
     }

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use crate::report::ServiceStatus;
+use serde::{Deserialize, Serialize};
 
 /// Sampled requests into a service with no span of it in the store and no
 /// export from it before it is taken for uninstrumented.
@@ -22,8 +22,26 @@ struct Evidence {
     spans_seen: u64,
     exports_seen: u64,
     exports_failed: u64,
+    /// Calls it made in the trace it was serving under span ids of its own.
+    ids_seen: u64,
     /// Sampled requests checked with no span of the service found.
     checked_without: u64,
+}
+
+/// A service's instrumentation as learned from the trace store and the
+/// wire, beside what was declared.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServiceStatus {
+    pub service: String,
+    /// Learned: Some(true) once its own spans are in the store or its
+    /// exports are seen; Some(false) after many sampled requests with no
+    /// span in the store and no export; None: not yet known.
+    pub instrumented: Option<bool>,
+    /// Why, in a few words.
+    pub evidence: String,
+    pub spans_seen: u64,
+    pub exports_seen: u64,
+    pub exports_failed: u64,
 }
 
 /// Each service's instrumentation, learned; shared with the data path,
@@ -54,6 +72,12 @@ impl Learned {
                 e.exports_failed += 1;
             }
         });
+    }
+
+    /// The service, serving a request, called on in the same trace under a
+    /// span id of its own: it makes spans, whatever its sampler keeps.
+    pub fn ids_seen(&self, service: &str) {
+        self.with(service, |e| e.ids_seen += 1);
     }
 
     /// A sampled request into the service has no span of it in the store.
@@ -90,7 +114,8 @@ impl Learned {
                 instrumented: status(e),
                 evidence: match status(e) {
                     Some(true) if e.spans_seen > 0 => "its own spans are in the trace store".into(),
-                    Some(true) => "it exports spans (seen on the wire)".into(),
+                    Some(true) if e.exports_seen > 0 => "it exports spans (seen on the wire)".into(),
+                    Some(true) => "its calls carry span ids of its own (seen on the wire)".into(),
                     Some(false) => format!(
                         "{} sampled requests, none with a span of it in the store, and no export from it",
                         e.checked_without
@@ -108,7 +133,7 @@ impl Learned {
 }
 
 fn status(e: &Evidence) -> Option<bool> {
-    if e.spans_seen > 0 || e.exports_seen > 0 {
+    if e.spans_seen > 0 || e.exports_seen > 0 || e.ids_seen > 0 {
         Some(true)
     } else if e.checked_without >= UNINSTRUMENTED_AFTER {
         Some(false)

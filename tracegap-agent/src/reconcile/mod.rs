@@ -43,14 +43,13 @@ use tokio::{sync::mpsc, time::Instant};
 
 use self::{
     decide::{Claimed, Root, Window},
-    learned::{Export, LEDGER_KEEP, Learned, Ledger},
+    learned::{Export, LEDGER_KEEP, Learned, Ledger, ServiceStatus},
 };
 use crate::{
     events::Endpoint,
     export::SpanQueue,
     gap::span::SyntheticSpan,
-    metrics::CalleeSpanLabels,
-    server::Shared,
+    metrics::{CalleeSpanLabels, Metrics},
     tracestore::{self, Search, StoreKind, StoredSpan, Trace, TraceStore},
 };
 
@@ -231,12 +230,49 @@ impl StoreStatus {
     }
 }
 
+/// Where reconciliation's findings go (the report, above it): what the
+/// store held of each checked callee's span, and each service's
+/// instrumentation as learned.
+pub trait Findings: Send + Sync {
+    /// One hop's check: `answer`, the collector's answer to the callee's
+    /// export for a lost span; `trace`, the hop's trace.
+    fn callee_span(
+        &self,
+        source: &str,
+        destination: &str,
+        outcome: Outcome,
+        answer: Option<&str>,
+        trace: &str,
+    );
+    /// Every service's status as learned so far.
+    fn services(&self, statuses: Vec<ServiceStatus>);
+}
+
+/// What reconciliation writes to: the metrics and its findings.
+#[derive(Clone)]
+struct Sinks {
+    metrics: Arc<Metrics>,
+    findings: Arc<dyn Findings>,
+}
+
+impl Sinks {
+    fn callee_span(&self, f: &HopFacts, outcome: Outcome, answer: Option<&str>, trace: &str) {
+        self.metrics.callee_span(CalleeSpanLabels {
+            source_service: f.caller.clone(),
+            destination_service: f.callee.clone(),
+            outcome: outcome.as_str().to_owned(),
+        });
+        self.findings
+            .callee_span(&f.caller, &f.callee, outcome, answer, trace);
+    }
+}
+
 /// The data path's side: offering never waits.
 #[derive(Clone)]
 pub struct Handle {
     tx: mpsc::Sender<Observed>,
     learned: Arc<Learned>,
-    shared: Arc<Shared>,
+    out: Sinks,
 }
 
 impl Handle {
@@ -253,7 +289,7 @@ impl Handle {
                 mpsc::error::TrySendError::Full(Observed::Item(Item::Span(s, _)))
                 | mpsc::error::TrySendError::Closed(Observed::Item(Item::Span(s, _))),
             ) => {
-                self.shared.metrics.reconciled("unreconciled");
+                self.out.metrics.reconciled("unreconciled");
                 Some(*s)
             }
             Err(_) => None,
@@ -276,9 +312,9 @@ impl Handle {
                 mpsc::error::TrySendError::Full(Observed::Item(Item::Expect(f, absent)))
                 | mpsc::error::TrySendError::Closed(Observed::Item(Item::Expect(f, absent))),
             ) => {
-                not_checked(&self.shared, &self.learned, &f);
+                not_checked(&self.out, &self.learned, &f);
                 let s = absent.filter(|_| self.learned.instrumented(&f.callee) == Some(false))?;
-                self.shared.metrics.reconciled("unreconciled");
+                self.out.metrics.reconciled("unreconciled");
                 Some(*s)
             }
             Err(_) => None,
@@ -292,6 +328,12 @@ impl Handle {
         let _ = self.tx.try_send(Observed::Export(export));
     }
 
+    /// The service called on in the trace it was serving under a span id of
+    /// its own (it makes spans; see [`Learned::ids_seen`]).
+    pub fn ids_seen(&self, service: &str) {
+        self.learned.ids_seen(service);
+    }
+
     /// The service's instrumentation as learned (None: not known).
     pub fn instrumented(&self, service: &str) -> Option<bool> {
         self.learned.instrumented(service)
@@ -303,15 +345,17 @@ impl Handle {
 pub fn start(
     config: ReconcileConfig,
     queue: SpanQueue,
-    shared: Arc<Shared>,
+    metrics: Arc<Metrics>,
+    findings: Arc<dyn Findings>,
 ) -> (Handle, Arc<StoreStatus>, tokio::task::JoinHandle<()>) {
+    let out = Sinks { metrics, findings };
     let (tx, rx) = mpsc::channel(HAND_OVER);
     let learned = Arc::new(Learned::default());
     let status = Arc::new(StoreStatus::default());
     let task = Task {
         config,
         queue,
-        shared: shared.clone(),
+        out: out.clone(),
         learned: learned.clone(),
         status: status.clone(),
         store: None,
@@ -323,15 +367,7 @@ pub fn start(
         bucket: Bucket::default(),
     };
     let handle = tokio::spawn(task.run(rx));
-    (
-        Handle {
-            tx,
-            learned,
-            shared,
-        },
-        status,
-        handle,
-    )
+    (Handle { tx, learned, out }, status, handle)
 }
 
 /// A token bucket: `qps` per second, a second's worth of burst.
@@ -358,7 +394,7 @@ impl Bucket {
 struct Task {
     config: ReconcileConfig,
     queue: SpanQueue,
-    shared: Arc<Shared>,
+    out: Sinks,
     learned: Arc<Learned>,
     status: Arc<StoreStatus>,
     store: Option<Box<dyn TraceStore>>,
@@ -408,7 +444,7 @@ impl Task {
                 },
                 _ = tick.tick() => self.round().await,
             }
-            self.shared
+            self.out
                 .metrics
                 .reconcile_pending
                 .set(self.pending.len() as i64);
@@ -417,7 +453,7 @@ impl Task {
         while let Some(h) = self.pending.pop_front() {
             self.release(h.item, "unreconciled");
         }
-        self.shared.metrics.reconcile_pending.set(0);
+        self.out.metrics.reconcile_pending.set(0);
     }
 
     /// Sends a held span on; a check's span only for a callee already
@@ -425,11 +461,11 @@ impl Task {
     fn release(&self, item: Item, action: &'static str) {
         match item {
             Item::Span(s, _) => {
-                self.shared.metrics.reconciled(action);
+                self.out.metrics.reconciled(action);
                 self.queue.offer(*s);
             }
             Item::Expect(f, Some(s)) if self.learned.instrumented(&f.callee) == Some(false) => {
-                self.shared.metrics.reconciled(action);
+                self.out.metrics.reconciled(action);
                 self.queue.offer(*s);
             }
             Item::Expect(..) => {}
@@ -455,7 +491,7 @@ impl Task {
                 .attributes
                 .push(KeyValue::new("tracegap.gap.detail", detail)),
         }
-        self.shared.metrics.reconciled("uninstrumented");
+        self.out.metrics.reconciled("uninstrumented");
         self.queue.offer(*s);
     }
 
@@ -488,7 +524,7 @@ impl Task {
             for h in due {
                 match h.item {
                     Item::Span(..) => {
-                        self.shared.metrics.store_query("trace", "store_away", 1);
+                        self.out.metrics.store_query("trace", "store_away", 1);
                         self.release(h.item, "unreconciled");
                     }
                     Item::Expect(..) => wait.push(h),
@@ -539,9 +575,7 @@ impl Task {
             }
         }
         self.again(wait, now);
-        if let Ok(mut r) = self.shared.reporter.lock() {
-            r.services = self.learned.statuses();
-        }
+        self.out.findings.services(self.learned.statuses());
     }
 
     /// Puts unanswered items back in front, oldest first; past their time
@@ -555,7 +589,7 @@ impl Task {
             match h.item {
                 Item::Span(..) => self.release(h.item, "unreconciled"),
                 Item::Expect(ref f, _) => {
-                    not_checked(&self.shared, &self.learned, f);
+                    not_checked(&self.out, &self.learned, f);
                     self.release(h.item, "unreconciled");
                 }
             }
@@ -641,9 +675,7 @@ impl Task {
         }
         let allowed = self.bucket.take(to_ask.len(), self.config.qps);
         for q in to_ask.drain(allowed..) {
-            self.shared
-                .metrics
-                .store_query(kind_of(&q), "rate_limited", 1);
+            self.out.metrics.store_query(kind_of(&q), "rate_limited", 1);
         }
         let Some(store) = self.store.as_deref() else {
             return;
@@ -662,7 +694,7 @@ impl Task {
                 .await;
         let mut failed = None;
         for (q, r) in results {
-            let m = &self.shared.metrics;
+            let m = &self.out.metrics;
             match r {
                 Ok(Answer::Trace(t)) => {
                     let Query::Trace(id) = q else { continue };
@@ -732,7 +764,7 @@ impl Task {
     }
 
     fn settle_span(&mut self, mut s: SyntheticSpan, f: &HopFacts, answers: &Answers) {
-        let m = self.shared.metrics.clone();
+        let m = self.out.metrics.clone();
         let mut asked = false;
         let mut action = "unchanged";
         // A duplicate: the callee recorded this request under the context
@@ -813,7 +845,7 @@ impl Task {
     ) {
         let Some(c) = &f.received else { return };
         let Some(trace) = answers.traces.get(&c.trace_id) else {
-            not_checked(&self.shared, &self.learned, f);
+            not_checked(&self.out, &self.learned, f);
             return;
         };
         let own = trace
@@ -872,26 +904,14 @@ impl Task {
             self.uninstrumented(f, absent);
             (Outcome::Uninstrumented, None)
         };
-        self.shared.metrics.callee_span(CalleeSpanLabels {
-            source_service: f.caller.clone(),
-            destination_service: f.callee.clone(),
-            outcome: outcome.as_str().to_owned(),
-        });
-        if let Ok(mut r) = self.shared.reporter.lock() {
-            r.callee_span(
-                &f.caller,
-                &f.callee,
-                outcome,
-                answer.as_deref(),
-                &c.trace_id,
-            );
-        }
+        self.out
+            .callee_span(f, outcome, answer.as_deref(), &c.trace_id);
     }
 }
 
 /// Counts a hop whose callee span could not be checked, for a callee
 /// known to record (for any other, no check would have been a finding).
-fn not_checked(shared: &Shared, learned: &Learned, f: &HopFacts) {
+fn not_checked(out: &Sinks, learned: &Learned, f: &HopFacts) {
     let Some(c) = &f.received else { return };
     if f.callee_declared
         .or_else(|| learned.instrumented(&f.callee))
@@ -899,14 +919,7 @@ fn not_checked(shared: &Shared, learned: &Learned, f: &HopFacts) {
     {
         return;
     }
-    shared.metrics.callee_span(CalleeSpanLabels {
-        source_service: f.caller.clone(),
-        destination_service: f.callee.clone(),
-        outcome: Outcome::NotChecked.as_str().to_owned(),
-    });
-    if let Ok(mut r) = shared.reporter.lock() {
-        r.callee_span(&f.caller, &f.callee, Outcome::NotChecked, None, &c.trace_id);
-    }
+    out.callee_span(f, Outcome::NotChecked, None, &c.trace_id);
 }
 
 enum Answer {

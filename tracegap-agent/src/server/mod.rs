@@ -182,3 +182,25 @@ async fn quality_metrics(
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
 }
+
+/// The report gathers what reconciliation finds.
+impl crate::reconcile::Findings for Shared {
+    fn callee_span(
+        &self,
+        source: &str,
+        destination: &str,
+        outcome: crate::reconcile::Outcome,
+        answer: Option<&str>,
+        trace: &str,
+    ) {
+        if let Ok(mut r) = self.reporter.lock() {
+            r.callee_span(source, destination, outcome, answer, trace);
+        }
+    }
+
+    fn services(&self, statuses: Vec<crate::reconcile::learned::ServiceStatus>) {
+        if let Ok(mut r) = self.reporter.lock() {
+            r.services = statuses;
+        }
+    }
+}
