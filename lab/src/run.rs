@@ -24,7 +24,7 @@ use tracegap_agent::{
     reconcile::ReconcileConfig,
     report::{Report, table},
     tracestore::StoreKind,
-    tracestore::jaeger::encode,
+    tracestore::jaeger::query,
 };
 
 use crate::{
@@ -1373,9 +1373,8 @@ pub fn links(base: &str, done: &Finished) -> Vec<String> {
         for (service, kind) in kinds {
             let tags = format!("{{\"tracegap.gap\":\"{kind}\"}}");
             lines.push(format!(
-                "    {kind} at {service}: {base}/search?service={}&tags={}&limit=20",
-                encode(&service),
-                encode(&tags)
+                "    {kind} at {service}: {base}/search?{}",
+                query(&[("service", &service), ("tags", &tags), ("limit", "20")])
             ));
         }
         for id in o.examples.iter().take(2) {
@@ -1384,7 +1383,10 @@ pub fn links(base: &str, done: &Finished) -> Vec<String> {
     }
     lines.push("  Trace Quality, per service:".into());
     for s in services {
-        lines.push(format!("    {base}/quality-metrics?service={}", encode(&s)));
+        lines.push(format!(
+            "    {base}/quality-metrics?{}",
+            query(&[("service", &s)])
+        ));
     }
     lines
 }

@@ -48,12 +48,15 @@ impl TraceStore for Jaeger {
     fn search<'a>(&'a self, q: &'a Search) -> BoxFuture<'a, Result<Vec<Trace>, Error>> {
         async move {
             let url = format!(
-                "{}/api/traces?service={}&start={}&end={}&limit={}&lookback=custom",
+                "{}/api/traces?{}",
                 self.base,
-                encode(&q.service),
-                micros(q.start),
-                micros(q.end),
-                q.limit
+                query(&[
+                    ("service", &q.service),
+                    ("start", &micros(q.start).to_string()),
+                    ("end", &micros(q.end).to_string()),
+                    ("limit", &q.limit.to_string()),
+                    ("lookback", "custom"),
+                ])
             );
             match self.http.get_json(&url, "Jaeger's search JSON").await? {
                 Some(v) => traces(&v),
@@ -64,16 +67,12 @@ impl TraceStore for Jaeger {
     }
 }
 
-/// Percent-encodes a URL query value.
-pub fn encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+/// A URL query string of `pairs`, each name and value encoded
+/// (`application/x-www-form-urlencoded`, as query APIs decode it).
+pub fn query(pairs: &[(&str, &str)]) -> String {
+    url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(pairs)
+        .finish()
 }
 
 fn decode_err(reason: impl Into<String>) -> Error {
@@ -224,6 +223,9 @@ mod tests {
             Duration::from_millis(3)
         );
         assert!(traces(&serde_json::json!({"errors": ["nope"]})).is_err());
-        assert_eq!(encode("svc a/b"), "svc%20a%2Fb");
+        assert_eq!(
+            query(&[("service", "svc a/b"), ("tags", "{\"k\":\"v\"}")]),
+            "service=svc+a%2Fb&tags=%7B%22k%22%3A%22v%22%7D"
+        );
     }
 }

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{
     Error, Http, Kind, PEER_ADDRESS, PEER_PORT, Search, StoreKind, StoredSpan, Trace, TraceStore,
-    jaeger::encode, normal_id,
+    jaeger::query, normal_id,
 };
 
 /// A Tempo query frontend at a base URL.
@@ -45,12 +45,14 @@ impl TraceStore for Tempo {
             let secs = |t: SystemTime| t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
             // Whole seconds: widened so the window is inside.
             let url = format!(
-                "{}/api/search?tags={}&start={}&end={}&limit={}",
+                "{}/api/search?{}",
                 self.base,
-                encode(&format!("service.name=\"{}\"", q.service)),
-                secs(q.start),
-                secs(q.end) + 1,
-                q.limit
+                query(&[
+                    ("tags", &format!("service.name=\"{}\"", q.service)),
+                    ("start", &secs(q.start).to_string()),
+                    ("end", &(secs(q.end) + 1).to_string()),
+                    ("limit", &q.limit.to_string()),
+                ])
             );
             let Some(v) = self.http.get_json(&url, "Tempo's search JSON").await? else {
                 return Ok(Vec::new());
