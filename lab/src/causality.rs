@@ -181,12 +181,19 @@ pub fn measure(
             "{} stitched spans of {n} hops",
             spans.len()
         );
-        // The truth, by the breaker's end of each call.
-        let causes: HashMap<String, String> = service::causes()
+        // The truth, by the breaker's end of each call: by address and port,
+        // as the record is the process's and another test's breaker, in a
+        // namespace of its own, may call from the same port at once.
+        let causes: HashMap<(String, String), String> = service::causes()
             .into_iter()
             .skip(causes_before)
             .filter(|c| c.service == "breaker")
-            .map(|c| (c.from.port().to_string(), c.trace_id))
+            .map(|c| {
+                (
+                    (c.from.ip().to_string(), c.from.port().to_string()),
+                    c.trace_id,
+                )
+            })
             .collect();
         let mut r = Level {
             in_flight,
@@ -199,7 +206,7 @@ pub fn measure(
             );
             let port = s.attr("network.peer.port").unwrap_or_default();
             let truth = causes
-                .get(&port)
+                .get(&(breaker_ip.clone(), port.clone()))
                 .with_context(|| format!("no cause recorded for the call from port {port}"))?;
             if !traces.contains(truth) {
                 continue; // another level's
