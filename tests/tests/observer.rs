@@ -48,6 +48,25 @@ fn setup() -> anyhow::Result<Setup> {
     })
 }
 
+/// As [`setup`], both pods relays: their threads' turns are recorded.
+fn setup_relays() -> anyhow::Result<(Setup, tracegap_agent::ebpf::threads::Relays)> {
+    let mut s = setup()?;
+    let mut relays = s.observer.take_relays()?.expect("thread programs attached");
+    for pod in ["client", "server"] {
+        relays.mark(IpAddr::V4(s.node.pod(pod).ipv4), 0);
+    }
+    Ok((s, relays))
+}
+
+/// The thread turns among `events`.
+fn thread_turns(events: &[RawEvent]) -> Vec<Turn> {
+    events
+        .iter()
+        .filter(|e| e.kind == EventKind::Thread)
+        .filter_map(Turn::from_event)
+        .collect()
+}
+
 fn assemble(events: Vec<RawEvent>) -> Vec<Message> {
     let mut a = Assembler::default();
     let mut out = Vec::new();
@@ -258,11 +277,7 @@ fn a_message_between_two_local_pods_is_copied_once() -> anyhow::Result<()> {
     // Each request's turns, once whatever the veths it crossed: curl's
     // thread wrote it (another process), the server's thread (this
     // process's) read it; keyed by the client's end.
-    let turns: Vec<Turn> = events
-        .iter()
-        .filter(|e| e.kind == EventKind::Thread)
-        .filter_map(Turn::from_event)
-        .collect();
+    let turns = thread_turns(&events);
     let side = |s: ThreadTurn| -> Vec<&Turn> { turns.iter().filter(|t| t.side == s).collect() };
     let (wrote, read, answered) = (
         side(ThreadTurn::ClientWrote),
@@ -322,12 +337,8 @@ fn a_socket_judged_no_relays_and_reconnected_as_one_is_watched() -> anyhow::Resu
     if !privileged("a_socket_judged_no_relays_and_reconnected_as_one_is_watched") {
         return Ok(());
     }
-    let mut s = setup()?;
-    let (client, server) = (s.node.pod("client"), s.node.pod("server"));
-    let mut relays = s.observer.take_relays()?.expect("thread programs attached");
-    relays.mark(IpAddr::V4(client.ipv4), 0);
-    relays.mark(IpAddr::V4(server.ipv4), 0);
-    let server_ip = server.ipv4;
+    let (mut s, _relays) = setup_relays()?;
+    let (client, server_ip) = (s.node.pod("client"), s.node.pod("server").ipv4);
     // One socket in the client pod: first over its loopback (no relay's:
     // the programs memoize it as such after its byte), then disconnected
     // (AF_UNSPEC) and connected again, now from the pod's address, a
@@ -340,11 +351,7 @@ fn a_socket_judged_no_relays_and_reconnected_as_one_is_watched() -> anyhow::Resu
         .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
     assert!(answer.0.starts_with("HTTP/1.1 200"), "{answer:?}");
     let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 1);
-    let turns: Vec<Turn> = events
-        .iter()
-        .filter(|e| e.kind == EventKind::Thread)
-        .filter_map(Turn::from_event)
-        .collect();
+    let turns = thread_turns(&events);
     let me = std::process::id();
     let wrote: Vec<&Turn> = turns
         .iter()
@@ -366,12 +373,8 @@ fn the_thread_programs_detached_record_nothing_and_attached_again_record_turns()
     if !privileged("the_thread_programs_detached_record_nothing_and_attached_again_record_turns") {
         return Ok(());
     }
-    let mut s = setup()?;
-    let (client, server) = (s.node.pod("client"), s.node.pod("server"));
-    let mut relays = s.observer.take_relays()?.expect("thread programs attached");
-    relays.mark(IpAddr::V4(client.ipv4), 0);
-    relays.mark(IpAddr::V4(server.ipv4), 0);
-    let server_ip = server.ipv4;
+    let (mut s, _relays) = setup_relays()?;
+    let (client, server_ip) = (s.node.pod("client"), s.node.pod("server").ipv4);
     let me = std::process::id();
     // A request from a relay's thread: the client's write turn, or none.
     let mut request = |path: &'static str| -> anyhow::Result<Vec<Turn>> {
@@ -390,10 +393,8 @@ fn the_thread_programs_detached_record_nothing_and_attached_again_record_turns()
             .map_err(|_| anyhow::anyhow!("the client thread panicked"))??;
         let events = collect_events(&mut s.ring, Duration::from_secs(3), |ev| responses(ev) >= 1);
         anyhow::ensure!(responses(&events) >= 1, "no answer seen");
-        Ok(events
-            .iter()
-            .filter(|e| e.kind == EventKind::Thread)
-            .filter_map(Turn::from_event)
+        Ok(thread_turns(&events)
+            .into_iter()
             .filter(|t| t.side == ThreadTurn::ClientWrote && t.client.port == port)
             .collect())
     };

@@ -395,6 +395,23 @@ fn facts(
     }
 }
 
+/// The span of a call into a pod learned (not declared) to record no spans:
+/// the hop's verdict as `uninstrumented`, under the caller's span.
+fn learned_uninstrumented(
+    hop: &Hop,
+    verdict: &Verdict,
+    caller: &Identity,
+    callee: &Identity,
+    detail: String,
+) -> span::SyntheticSpan {
+    let v = Verdict {
+        kind: GapKind::Uninstrumented,
+        detail,
+        ..verdict.clone()
+    };
+    span::build(hop, &v, caller, callee, true)
+}
+
 /// The user-space data path's state.
 struct Pipeline {
     clock: WallClock,
@@ -716,6 +733,11 @@ impl Pipeline {
         // Whether an undeclared callee records spans is its node's to find
         // out, call by call (below): uninstrumented only as learned so far.
         let learned_only = verdict.kind == GapKind::Uninstrumented && callee.instrumented.is_none();
+        let uninstrumented_wanted = span::wanted(
+            GapKind::Uninstrumented,
+            self.export_mode,
+            self.export_unsampled,
+        );
         // A callee that called on in this trace under a span id of its own
         // makes spans, whatever its sampler keeps: never uninstrumented.
         if verdict.continued > 0 && callee.instrumented.is_none() {
@@ -744,21 +766,18 @@ impl Pipeline {
             && cluster::on_this_node(&callee, callee_local, node)
             && let Some(c) = hop.context()
         {
-            let absent = (callee.instrumented.is_none()
-                && verdict.continued == 0
-                && span::wanted(
-                    GapKind::Uninstrumented,
-                    self.export_mode,
-                    self.export_unsampled,
-                ))
-            .then(|| {
-                let v = Verdict {
-                    kind: GapKind::Uninstrumented,
-                    detail: "callee is not instrumented (learned)".into(),
-                    ..verdict.clone()
-                };
-                span::build(&hop, &v, &caller, &callee, true)
-            });
+            // Its detail, with the evidence, is written when the check runs.
+            let absent =
+                (callee.instrumented.is_none() && verdict.continued == 0 && uninstrumented_wanted)
+                    .then(|| {
+                        learned_uninstrumented(
+                            &hop,
+                            &verdict,
+                            &caller,
+                            &callee,
+                            "callee is not instrumented (learned)".into(),
+                        )
+                    });
             if let Some(s) = r.expect(facts(&hop, &caller, &callee, Some(ctx(c)), None), absent) {
                 self.queue.offer(s);
             }
@@ -777,21 +796,18 @@ impl Pipeline {
         {
             let now = monotonic_ns();
             if let Silent::LikelySilent { sampled, over } = s.status(&callee.service, now)
-                && span::wanted(
-                    GapKind::Uninstrumented,
-                    self.export_mode,
-                    self.export_unsampled,
-                )
+                && uninstrumented_wanted
             {
-                let v = Verdict {
-                    kind: GapKind::Uninstrumented,
-                    detail: format!(
+                let mut likely = learned_uninstrumented(
+                    &hop,
+                    &verdict,
+                    &caller,
+                    &callee,
+                    format!(
                         "callee is likely not instrumented (from the wire alone): its pods on this node served {sampled} sampled traced requests over {}s and exported no span; if it exports another way (a Unix socket, a sidecar), declare it (tracegap.io/instrumented)",
                         over.as_secs()
                     ),
-                    ..verdict.clone()
-                };
-                let mut likely = span::build(&hop, &v, &caller, &callee, true);
+                );
                 likely.attributes.push(opentelemetry::KeyValue::new(
                     "tracegap.gap.confidence",
                     "likely",

@@ -103,47 +103,6 @@ pub struct CalleeSpans {
     pub example: Option<String>,
 }
 
-/// What the wire alone shows (no trace store): see
-/// [`crate::gap::silence`].
-impl From<(String, crate::gap::silence::Status)> for ServiceStatus {
-    fn from((service, status): (String, crate::gap::silence::Status)) -> Self {
-        use crate::gap::silence::Status;
-        let (instrumented, evidence, exports_seen) = match status {
-            Status::Exporting { exports } => (
-                Some(true),
-                "it exports spans (seen on the wire)".to_owned(),
-                exports,
-            ),
-            Status::MakesSpans { .. } => (
-                Some(true),
-                "its calls carry span ids of its own (seen on the wire)".to_owned(),
-                0,
-            ),
-            Status::LikelySilent { sampled, over } => (
-                Some(false),
-                format!(
-                    "likely: {sampled} sampled requests over {}s, and no export from it seen (no trace store to ask)",
-                    over.as_secs()
-                ),
-                0,
-            ),
-            Status::Unknown { sampled } => (
-                None,
-                format!("not known yet: {sampled} sampled requests, no export seen"),
-                0,
-            ),
-        };
-        Self {
-            service,
-            instrumented,
-            evidence,
-            spans_seen: 0,
-            exports_seen,
-            exports_failed: 0,
-        }
-    }
-}
-
 /// The whole report.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {

@@ -9,7 +9,10 @@ use std::net::IpAddr;
 use aya::{
     Btf, Ebpf,
     maps::{HashMap, MapData},
-    programs::{FExit, RawTracePoint, fexit::FExitLinkId, raw_trace_point::RawTracePointLinkId},
+    programs::{
+        FExit, Program, ProgramError, RawTracePoint, fexit::FExitLinkId,
+        raw_trace_point::RawTracePointLinkId,
+    },
 };
 use tracegap_common::{SourceKey, family};
 
@@ -222,18 +225,23 @@ impl Links {
     }
 }
 
-fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut RawTracePoint, String> {
+/// The program `name` of the object, as its kind.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
+{
     ebpf.program_mut(name)
         .ok_or_else(|| format!("{name} is not in the object"))?
         .try_into()
-        .map_err(|e| format!("{name}: {e}"))
+        .map_err(|e: ProgramError| format!("{name}: {e}"))
+}
+
+fn tracepoint<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut RawTracePoint, String> {
+    program(ebpf, name)
 }
 
 fn fexit<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut FExit, String> {
-    ebpf.program_mut(name)
-        .ok_or_else(|| format!("{name} is not in the object"))?
-        .try_into()
-        .map_err(|e| format!("{name}: {e}"))
+    program(ebpf, name)
 }
 
 /// Loads and attaches the best pair of programs the kernel takes, and

@@ -28,13 +28,17 @@ struct Evidence {
     checked_without: u64,
 }
 
+/// Why a service is taken for instrumented, as the report says it.
+const EXPORTS: &str = "it exports spans (seen on the wire)";
+const OWN_IDS: &str = "its calls carry span ids of its own (seen on the wire)";
+
 /// A service's instrumentation as learned from the trace store and the
 /// wire, beside what was declared.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServiceStatus {
     pub service: String,
-    /// Learned: Some(true) once its own spans are in the store or its
-    /// exports are seen; Some(false) after many sampled requests with no
+    /// Learned: Some(true) once its own spans are in the store, its
+    /// exports are seen or its calls carry span ids of its own; Some(false) after many sampled requests with no
     /// span in the store and no export; None: not yet known.
     pub instrumented: Option<bool>,
     /// Why, in a few words.
@@ -42,6 +46,39 @@ pub struct ServiceStatus {
     pub spans_seen: u64,
     pub exports_seen: u64,
     pub exports_failed: u64,
+}
+
+/// What the wire alone shows (no trace store): see
+/// [`crate::gap::silence`].
+impl From<(String, crate::gap::silence::Status)> for ServiceStatus {
+    fn from((service, status): (String, crate::gap::silence::Status)) -> Self {
+        use crate::gap::silence::Status;
+        let (instrumented, evidence, exports_seen) = match status {
+            Status::Exporting { exports } => (Some(true), EXPORTS.to_owned(), exports),
+            Status::MakesSpans { .. } => (Some(true), OWN_IDS.to_owned(), 0),
+            Status::LikelySilent { sampled, over } => (
+                Some(false),
+                format!(
+                    "likely: {sampled} sampled requests over {}s, and no export from it seen (no trace store to ask)",
+                    over.as_secs()
+                ),
+                0,
+            ),
+            Status::Unknown { sampled } => (
+                None,
+                format!("not known yet: {sampled} sampled requests, no export seen"),
+                0,
+            ),
+        };
+        Self {
+            service,
+            instrumented,
+            evidence,
+            spans_seen: 0,
+            exports_seen,
+            exports_failed: 0,
+        }
+    }
 }
 
 /// Each service's instrumentation, learned; shared with the data path,
@@ -114,8 +151,8 @@ impl Learned {
                 instrumented: status(e),
                 evidence: match status(e) {
                     Some(true) if e.spans_seen > 0 => "its own spans are in the trace store".into(),
-                    Some(true) if e.exports_seen > 0 => "it exports spans (seen on the wire)".into(),
-                    Some(true) => "its calls carry span ids of its own (seen on the wire)".into(),
+                    Some(true) if e.exports_seen > 0 => EXPORTS.into(),
+                    Some(true) => OWN_IDS.into(),
                     Some(false) => format!(
                         "{} sampled requests, none with a span of it in the store, and no export from it",
                         e.checked_without

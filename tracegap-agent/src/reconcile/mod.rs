@@ -474,8 +474,7 @@ impl Task {
 
     /// A checked hop whose callee shows no sign of recording spans: its
     /// span goes out, the evidence on it.
-    fn uninstrumented(&self, f: &HopFacts, absent: Option<Box<SyntheticSpan>>) {
-        let Some(mut s) = absent else { return };
+    fn uninstrumented(&self, f: &HopFacts, mut s: SyntheticSpan) {
         let detail = format!(
             "callee is not instrumented (learned): no span of {} for the sampled context it was sent, nor a trace of its own; {} sampled requests into it checked, none with a span of it in the trace store, and no export from it seen",
             f.callee,
@@ -492,7 +491,7 @@ impl Task {
                 .push(KeyValue::new("tracegap.gap.detail", detail)),
         }
         self.out.metrics.reconciled("uninstrumented");
-        self.queue.offer(*s);
+        self.queue.offer(s);
     }
 
     async fn round(&mut self) {
@@ -898,10 +897,8 @@ impl Task {
             // from the search): evidence for learning, and the hop's span,
             // as for any call into a service that records nothing.
             self.learned.checked_without(&f.callee);
-            if absent.is_none() {
-                return;
-            }
-            self.uninstrumented(f, absent);
+            let Some(s) = absent else { return };
+            self.uninstrumented(f, *s);
             (Outcome::Uninstrumented, None)
         };
         self.out
