@@ -454,13 +454,10 @@ fn build_tests(
     names: &[&str],
 ) -> anyhow::Result<BTreeMap<String, PathBuf>> {
     let mut cmd = toolchain::cargo(route);
-    cmd.args([
-        "test",
-        "--no-run",
-        "--message-format=json",
-        "-p",
-        "tracegap-tests",
-    ]);
+    // The same packages as `cargo xtask test` builds (no `-p`): one
+    // package alone resolves features differently and would build the agent
+    // and every test binary a second time, in time and disk.
+    cmd.args(["test", "--no-run", "--message-format=json"]);
     for t in names {
         cmd.args(["--test", t]);
     }
