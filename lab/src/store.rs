@@ -145,6 +145,25 @@ fn hold(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     Ok(socket)
 }
 
+/// Binds `addr` again after [`Receiver::stop`]: a listener closed there
+/// a moment ago (a test's black hole) may leave connections closing that
+/// refuse the bind for a while ("Address already in use", seen once in
+/// CI), so it is tried for up to 5 s.
+async fn rebind(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        match tokio::net::TcpListener::bind(addr).await {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+            bound => return bound,
+        }
+    }
+}
+
 fn refusing(r: &Refusing) -> bool {
     r.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -287,10 +306,7 @@ impl Receiver {
                                 tokio::net::TcpListener::from_std(h)?,
                             )
                         }
-                        None => (
-                            tokio::net::TcpListener::bind(grpc).await?,
-                            tokio::net::TcpListener::bind(http).await?,
-                        ),
+                        None => (rebind(grpc).await?, rebind(http).await?),
                     })
                 }
                 .await;

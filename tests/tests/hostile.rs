@@ -5,14 +5,19 @@
 //! request it answers in `X-Request-Path`), and the agent keeps running.
 
 use std::{
-    io::Write as _,
+    io::Write,
     net::{SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
+use clap::Parser as _;
+
 use tracegap_agent::{
     agent::AgentConfig,
+    cli::{Cli, Command},
     clock::WallClock,
+    ebpf::KernelLog,
     events::RawEvent,
     gap::span::ExportMode,
     http::{
@@ -594,5 +599,209 @@ fn a_flood_of_metrics_scrapes_costs_the_event_pipeline_nothing() -> anyhow::Resu
     };
     assert_eq!(counted, made as f64, "hops counted of {made} made");
     assert_eq!(agent.metric("tracegap_ringbuf_lost_events_total")?, 0.0);
+    Ok(())
+}
+
+/// The agent's log as `tracegap run --kernel-log debug` sets it up (its
+/// filter from the command line), written here instead of to stderr: the
+/// process's one global subscriber, so the agent's runtime threads log to
+/// it too.
+fn agent_log() -> anyhow::Result<Arc<Mutex<Vec<u8>>>> {
+    static LOG: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    let cli = Cli::try_parse_from(["tracegap", "run", "--kernel-log", "debug"])?;
+    Ok(LOG
+        .get_or_init(|| {
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let to = log.clone();
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(cli.log_filter())
+                .with_ansi(false)
+                .with_writer(move || Capture(to.clone()))
+                .try_init();
+            log
+        })
+        .clone())
+}
+
+struct Capture(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Capture {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if let Ok(mut log) = self.0.lock() {
+            log.extend_from_slice(buf);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The lines logged under the kernel's target since the log was cleared.
+fn kernel_lines(log: &Mutex<Vec<u8>>) -> Vec<String> {
+    let text = log.lock().map(|l| l.clone()).unwrap_or_default();
+    String::from_utf8_lossy(&text)
+        .lines()
+        .filter(|l| l.contains(" kernel: "))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// An HTTP/2 frame: 9-byte header and payload.
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len();
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Where an HTTP/2 connection open before the agent started goes on: a
+/// sink that reads whatever its clients write, for as long as they write.
+const H2_PORT: u16 = 8083;
+
+/// The three rare things the kernel logs, each on its own connection from
+/// the client pod; returns the client's port of each: a head past the
+/// copy budget, an HTTP/2 connection (joined: no preface) given up at a
+/// frame of a type no sender writes, and one whose HEADERS frame starts
+/// with a dynamic-table entry, so its side cannot be told between two pods
+/// of the node.
+fn diagnosed(http: SocketAddr, h2: SocketAddr) -> anyhow::Result<[u16; 3]> {
+    let mut c = connect(http)?;
+    let budget_port = c.local_addr()?.port();
+    let pad = "a".repeat(40 * 1024);
+    write!(
+        c,
+        "GET /past-budget HTTP/1.1\r\nHost: s\r\nx-pad: {pad}\r\n\r\n"
+    )?;
+    read_response(&mut c, &mut Vec::new())?;
+    // :method POST, :scheme http, :path /lost: a client's block.
+    let mut block = vec![0x83, 0x86, 0x04, 0x05];
+    block.extend_from_slice(b"/lost");
+    let mut lost = connect(h2)?;
+    let lost_port = lost.local_addr()?.port();
+    write_apart(
+        &mut lost,
+        &[
+            &h2_frame(0x1, 0x4, 1, &block),
+            &h2_frame(0xfa, 0, 0, &[0; 4]),
+        ],
+    )?;
+    let mut unknown = connect(h2)?;
+    let unknown_port = unknown.local_addr()?.port();
+    let dynamic = [0xbe, 0xbf, 0xc0, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7];
+    write_apart(&mut unknown, &[&h2_frame(0x1, 0x4, 1, &dynamic)])?;
+    Ok([budget_port, lost_port, unknown_port])
+}
+
+#[test]
+fn with_kernel_log_debug_the_agent_log_says_what_the_kernel_gave_up_on_and_which_flow()
+-> anyhow::Result<()> {
+    if !privileged(
+        "with_kernel_log_debug_the_agent_log_says_what_the_kernel_gave_up_on_and_which_flow",
+    ) {
+        return Ok(());
+    }
+    let log = agent_log()?;
+    // The level the command line gives the agent.
+    let Command::Run(args) =
+        Cli::try_parse_from(["tracegap", "run", "--kernel-log", "debug"])?.command
+    else {
+        anyhow::bail!("not the run command");
+    };
+    let debug = args.config()?.kernel_log;
+    let pods = pods()?;
+    let server = pods.node.pod("server");
+    let sink = server.spawn(move || -> std::io::Result<()> {
+        use std::io::Read as _;
+        let listener = TcpListener::bind(("0.0.0.0", H2_PORT))?;
+        listener.set_nonblocking(false)?;
+        // Two connections per round, two rounds.
+        for _ in 0..4 {
+            let (mut c, _) = listener.accept()?;
+            std::thread::spawn(move || {
+                let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                let mut buf = [0u8; 4096];
+                while matches!(c.read(&mut buf), Ok(n) if n > 0) {}
+            });
+        }
+        Ok(())
+    })?;
+    let receiver = Receiver::start(std::net::Ipv4Addr::LOCALHOST.into())?;
+    let http = to(&pods, PORT, false);
+    let h2 = SocketAddr::new(server.addr(false), H2_PORT);
+    let metric = |agent: &Agent, counter: &str| {
+        agent.metric(&format!(
+            "tracegap_kernel_events_total{{counter=\"{counter}\"}}"
+        ))
+    };
+    for kernel_log in [debug, KernelLog::Off] {
+        if let Ok(mut l) = log.lock() {
+            l.clear();
+        }
+        let agent = Agent::start(AgentConfig {
+            kernel_log,
+            ..agent_config(&pods.node, &receiver)
+        })?;
+        let [budget, lost, unknown] = client(pods.node.pod("client"), move || diagnosed(http, h2))?;
+        // Counted whether logged or not.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while metric(&agent, "h2_lost")? < 1.0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(metric(&agent, "h2_lost")?, 1.0, "{kernel_log:?}");
+        assert!(metric(&agent, "header_budget_exhausted")? >= 1.0);
+        let flow = |port: u16, to: &SocketAddr| {
+            format!(
+                "::ffff:{}:{port} -> ::ffff:{}:{}",
+                pods.node.pod("client").ipv4,
+                to.ip(),
+                to.port()
+            )
+        };
+        let wanted = [
+            (flow(budget, &http), "past the 32768-byte copy budget"),
+            (
+                flow(lost, &h2),
+                "no longer followed: a frame no sender writes",
+            ),
+            (
+                flow(unknown, &h2),
+                "not joined: its HEADERS frame's side cannot be told",
+            ),
+        ];
+        if kernel_log == KernelLog::Off {
+            // Nothing of the kernel's: the calls are not even in the
+            // programs the kernel verified.
+            std::thread::sleep(Duration::from_millis(500));
+            let lines = kernel_lines(&log);
+            assert!(lines.is_empty(), "logged while off: {lines:#?}");
+            assert_eq!(metric(&agent, "diagnostics_logged")?, 0.0);
+            continue;
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let missing = loop {
+            let lines = kernel_lines(&log);
+            let missing: Vec<_> = wanted
+                .iter()
+                .filter(|(flow, what)| !lines.iter().any(|l| l.contains(flow) && l.contains(what)))
+                .collect();
+            if missing.is_empty() || std::time::Instant::now() > deadline {
+                break (missing, lines);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(
+            missing.0.is_empty(),
+            "not in the agent's log: {:#?}\nits kernel lines: {:#?}",
+            missing.0,
+            missing.1
+        );
+        // What the programs logged, counted as they logged it.
+        assert!(metric(&agent, "diagnostics_logged")? >= wanted.len() as f64);
+        agent.stop()?;
+    }
+    let _ = sink.join();
     Ok(())
 }

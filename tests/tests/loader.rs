@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tracegap_agent::ebpf::{Error, Observer};
+use tracegap_agent::ebpf::{Error, KernelLog, LoadOptions, Observer};
 use tracegap_tests::{TempDir, privileged, run};
 
 /// The assembly of the programs the verifier must refuse.
@@ -45,6 +45,20 @@ fn verifier_probe() -> anyhow::Result<()> {
     }
     let threads = observer.thread_evidence();
     println!("THREADS {} {threads:?}", threads.as_str());
+    drop(observer);
+    // The TC programs again with their diagnostics on (`--kernel-log
+    // debug`): off, the verifier drops the log calls; on, it walks them.
+    let started = std::time::Instant::now();
+    let observer = Observer::load_with(LoadOptions {
+        thread_evidence: false,
+        kernel_log: KernelLog::Debug,
+        ..LoadOptions::default()
+    })?;
+    let took = started.elapsed();
+    for (program, n) in observer.verified_instructions() {
+        let n = n.map_or_else(|| "-".to_owned(), |n| n.to_string());
+        println!("PROBE {program}+kernel-log {n} {}", took.as_millis());
+    }
     Ok(())
 }
 
@@ -116,7 +130,8 @@ fn the_programs_verify_well_within_the_verifiers_bound() -> anyhow::Result<()> {
              {VERIFIER_BUDGET} (a fifth of the verifier's 1M bound)"
         );
     }
-    assert_eq!(seen, 5, "a line per program from the probe: {stdout}");
+    // Five programs, and the two TC ones again with their log on.
+    assert_eq!(seen, 7, "a line per program from the probe: {stdout}");
     Ok(())
 }
 

@@ -20,7 +20,7 @@ use tracegap_common::{Direction, EventKind};
 use crate::{
     clock::{WallClock, monotonic_ns},
     cluster::{self, ApiStatus, ClusterConfig},
-    ebpf::Observer,
+    ebpf::{KernelLog, LoadOptions, Observer},
     events::{self, EventStream, RawEvent},
     export::{self, ExportConfig, SpanQueue},
     gap::{
@@ -99,6 +99,8 @@ pub struct AgentConfig {
     /// Record which thread wrote each call and read each request (the
     /// socket programs; see [`crate::gap::threads`]); off: timing alone.
     pub thread_evidence: bool,
+    /// What the kernel programs log into this log ([`crate::ebpf::kernel_log`]).
+    pub kernel_log: KernelLog,
     /// Place a call under the request whose answer followed its own,
     /// clearly first (`timing`, see [`crate::gap::timing`]); off: such calls
     /// stay unplaced, linked to their candidates.
@@ -165,9 +167,21 @@ pub async fn run(
         }
         None => None,
     };
-    let mut observer = Observer::load_with_threads(config.thread_evidence)
-        .context("loading the eBPF programs")
-        .map_err(privileges::explain)?;
+    let mut observer = Observer::load_with(LoadOptions {
+        thread_evidence: config.thread_evidence,
+        kernel_log: config.kernel_log,
+        ..LoadOptions::default()
+    })
+    .context("loading the eBPF programs")
+    .map_err(privileges::explain)?;
+    // Read while the programs run; ends with this function.
+    let kernel_log = observer.take_kernel_log().map(|r| {
+        tokio::spawn(async move {
+            if let Err(e) = r.drain().await {
+                tracing::warn!(error = %e, "the kernel programs' log is no longer read");
+            }
+        })
+    });
     metrics
         .thread_evidence
         .get_or_create(&crate::metrics::SourceLabels {
@@ -249,6 +263,9 @@ pub async fn run(
     .await;
     // Detach before reporting any error, so nothing stays attached.
     let detached = observer.detach_all();
+    if let Some(t) = kernel_log {
+        t.abort();
+    }
     server.abort();
     if let Some((_, task)) = report {
         task.abort();

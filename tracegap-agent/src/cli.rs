@@ -3,6 +3,7 @@
 
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -13,6 +14,7 @@ use crate::{
     agent::AgentConfig,
     cluster::ClusterConfig,
     discover::{DEFAULT_PATTERNS, Patterns},
+    ebpf::KernelLog,
     export::{ExportConfig, OtlpProtocol},
     gap::span::{ExportMode, Identity},
     interfaces::Selection,
@@ -26,6 +28,25 @@ use crate::{
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+}
+
+impl Cli {
+    /// The agent's log filter: `TRACEGAP_LOG` (default `info`), and the
+    /// kernel's records when `--kernel-log` asks for them, whatever
+    /// `TRACEGAP_LOG` says of other targets.
+    pub fn log_filter(&self) -> EnvFilter {
+        let filter =
+            EnvFilter::try_from_env("TRACEGAP_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+        let kernel_log = match &self.command {
+            Command::Run(args) => args.kernel_log,
+            Command::Observe(args) => args.kernel_log,
+            Command::Report(_) => KernelLog::Off,
+        };
+        match kernel_log.directive().and_then(|d| d.parse().ok()) {
+            Some(directive) => filter.add_directive(directive),
+            None => filter,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,6 +102,13 @@ pub struct RunArgs {
     /// by the wire alone.
     #[arg(long, env = "TRACEGAP_THREAD_EVIDENCE", default_value_t = true, action = clap::ArgAction::Set)]
     pub thread_evidence: bool,
+    /// The kernel programs' rare diagnostics in this log, under target
+    /// `kernel`, each with its flow: an HTTP/2 connection given up and why,
+    /// a joined connection left unread, a record dropped on a full ring or
+    /// cut at its copy budget. Chosen at start: off, the programs carry no
+    /// log call at all.
+    #[arg(long, env = "TRACEGAP_KERNEL_LOG", value_enum, default_value_t = KernelLog::Off)]
+    pub kernel_log: KernelLog,
     /// Place a call the threads cannot tie (an async runtime's) under the
     /// request whose answer followed the call's answer, clearly before any
     /// other's (`tracegap.link.confidence=timing`). Off by default: on a
@@ -244,6 +272,7 @@ impl RunArgs {
             export_mode: self.export,
             export_unsampled: self.export_unsampled,
             thread_evidence: self.thread_evidence,
+            kernel_log: self.kernel_log,
             place_by_timing: self.place_by_timing,
             silence: (!self.learn_uninstrumented_after.is_zero()).then_some(
                 crate::gap::silence::SilenceConfig {
@@ -332,4 +361,39 @@ pub struct ObserveArgs {
     /// Stop after this many messages (0: run until SIGINT/SIGTERM).
     #[arg(long, default_value_t = 0, env = "TRACEGAP_COUNT")]
     pub count: u64,
+    /// As `run --kernel-log`.
+    #[arg(long, env = "TRACEGAP_KERNEL_LOG", value_enum, default_value_t = KernelLog::Off)]
+    pub kernel_log: KernelLog,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whether `filter` lets a debug event of `target` through.
+    fn shows(filter: EnvFilter, target: &'static str) -> bool {
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_writer(std::io::sink)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || match target {
+            "kernel" => tracing::enabled!(target: "kernel", tracing::Level::DEBUG),
+            _ => tracing::enabled!(target: "tracegap_agent", tracing::Level::DEBUG),
+        })
+    }
+
+    #[test]
+    fn kernel_log_debug_shows_the_kernels_records_and_nothing_else_more() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args).expect("parses");
+        let on = parse(&["tracegap", "run", "--kernel-log", "debug"]);
+        assert!(shows(on.log_filter(), "kernel"));
+        assert!(!shows(on.log_filter(), "agent"));
+        let off = parse(&["tracegap", "run"]);
+        assert!(!shows(off.log_filter(), "kernel"));
+        let Command::Run(args) = on.command else {
+            panic!("run")
+        };
+        assert_eq!(args.kernel_log, KernelLog::Debug);
+        assert!(Cli::try_parse_from(["tracegap", "run", "--kernel-log", "loud"]).is_err());
+    }
 }

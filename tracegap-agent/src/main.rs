@@ -1,13 +1,10 @@
 use clap::Parser as _;
 use tracegap_agent::cli::{Cli, Command};
-use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_env("TRACEGAP_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(cli.log_filter())
         .with_writer(std::io::stderr)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()

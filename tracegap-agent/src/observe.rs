@@ -152,15 +152,22 @@ pub async fn run_with(
     out: &mut (dyn Write + Send),
     stop: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
-    let mut observer = Observer::load()
-        .context("loading the eBPF programs")
-        .map_err(crate::privileges::explain)?;
+    let mut observer = Observer::load_with(crate::ebpf::LoadOptions {
+        kernel_log: args.kernel_log,
+        ..Default::default()
+    })
+    .context("loading the eBPF programs")
+    .map_err(crate::privileges::explain)?;
+    let kernel_log = observer.take_kernel_log().map(|r| tokio::spawn(r.drain()));
     let result = match Interfaces::start(&mut observer, args.interfaces.selection()).await {
         Ok(interfaces) => watch(&mut observer, interfaces, args, out, stop).await,
         Err(e) => Err(crate::privileges::explain(e.into())),
     };
     // Detach before reporting any error, so nothing stays attached.
     observer.detach_all()?;
+    if let Some(t) = kernel_log {
+        t.abort();
+    }
     result
 }
 

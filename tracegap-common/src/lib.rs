@@ -533,8 +533,12 @@ pub mod counter {
     pub const H2_SERVER_PREFACE_MISSED: u32 = 14;
     /// Thread turns sent ([`crate::EventKind::Thread`]).
     pub const THREAD_TURNS: u32 = 15;
+    /// Diagnostics the programs logged (`--kernel-log debug`; always 0
+    /// when off): against the lines in the agent's log, what a full log
+    /// ring lost.
+    pub const DIAGNOSTICS: u32 = 16;
     /// Number of counters.
-    pub const COUNT: u32 = 16;
+    pub const COUNT: u32 = 17;
 
     /// Prometheus-style names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -554,6 +558,7 @@ pub mod counter {
         "h2_joins",
         "h2_server_preface_missed",
         "thread_turns",
+        "diagnostics_logged",
     ];
 }
 

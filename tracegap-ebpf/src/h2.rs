@@ -30,7 +30,11 @@ use tracegap_common::{
     event_flags, h2_follow,
 };
 
-use crate::{Chunks, Counters, EVENTS, Next, count, net::Segment};
+use crate::{
+    Chunks, Counters, EVENTS, Next, count,
+    diag::{self, Why},
+    net::Segment,
+};
 
 /// Followed connections, per direction and interface.
 #[map]
@@ -255,7 +259,8 @@ pub fn segment(
             })
         }
         Walk::Nothing => Next::Nothing,
-        Walk::Lost => {
+        Walk::Lost(why) => {
+            diag::note(&seg.flow, why, 0);
             lose(seg, key, direction, now, counters);
             Next::Nothing
         }
@@ -283,7 +288,7 @@ enum Walk {
     /// Nothing in it is wanted (DATA, or a retransmission).
     Nothing,
     /// Frame boundaries are lost.
-    Lost,
+    Lost(Why),
 }
 
 /// Reads the frame headers in `seg`, advancing `st`, and says which of
@@ -310,7 +315,7 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
     st.flags &= !h2_follow::UNREAD;
     if behind < 0 {
         // A gap: a segment this hook never saw.
-        return Walk::Lost;
+        return Walk::Lost(Why::H2Gap);
     }
     if behind > 0 {
         // A retransmission of bytes already read changes nothing. One
@@ -327,11 +332,11 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
         let have = (st.have & 7) as usize;
         let need = 5u32.saturating_sub(have as u32);
         if need == 0 || l < need {
-            return Walk::Lost;
+            return Walk::Lost(Why::H2CutHeader);
         }
         let mut b = [0u8; 8];
         if load(ctx, seg.payload_off, &mut b, need).is_err() {
-            return Walk::Lost;
+            return Walk::Lost(Why::H2CutHeader);
         }
         // The header's first bytes: `have` from before, then this
         // segment's, joined as big-endian integers (shifts, not indexes
@@ -356,7 +361,7 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
     }
     let off = st.next.wrapping_sub(s);
     if (off as i32) < 0 {
-        return Walk::Lost;
+        return Walk::Lost(Why::H2Behind);
     }
     let mut f = Frames {
         skb: ctx.skb.skb,
@@ -385,7 +390,7 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
         )
     };
     if ret < 0 || f.end == 0 {
-        return Walk::Lost;
+        return Walk::Lost(Why::H2Walk);
     }
     st.copy_until = f.copy_until;
     if f.cut > 0 {

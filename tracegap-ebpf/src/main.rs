@@ -21,6 +21,7 @@
 // stack.
 #![allow(clippy::needless_borrows_for_generic_args)]
 
+mod diag;
 mod h2;
 mod net;
 mod threads;
@@ -124,13 +125,28 @@ fn ablated(step: u32) -> bool {
 #[classifier]
 pub fn tracegap_ingress(ctx: TcContext) -> i32 {
     observe(&ctx, Direction::Ingress);
+    diagnose();
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn tracegap_egress(ctx: TcContext) -> i32 {
     observe(&ctx, Direction::Egress);
+    diagnose();
     TC_ACT_UNSPEC
+}
+
+/// Logs what the packet's steps noted (`--kernel-log debug`), from the
+/// classifier's frame: see [`diag`]. Off, the verifier drops it.
+#[inline(always)]
+fn diagnose() {
+    if diag::on()
+        && diag::flush() != 0
+        && let Some(c) = COUNTERS.get_ptr_mut(0)
+    {
+        // SAFETY: the per-CPU entry is this CPU's alone while the program runs.
+        count(unsafe { &mut *c }, counter::DIAGNOSTICS);
+    }
 }
 
 /// Per-CPU: no other writer, a plain add is enough.
@@ -171,6 +187,7 @@ fn observe(ctx: &TcContext, direction: Direction) {
                 next = if h2::start(ctx, &seg, preface) {
                     h2::segment(ctx, &seg, direction, counters)
                 } else {
+                    diag::note(&seg.flow, diag::Why::H2NotFollowed, 0);
                     Ok(Next::Nothing)
                 };
             }
@@ -185,6 +202,7 @@ fn observe(ctx: &TcContext, direction: Direction) {
                     let c = unsafe { &*c };
                     match copy(ctx, c, counters) {
                         Ok(copied) if c.first == EventKind::Http2 && copied < c.seg.payload_len => {
+                            diag::note(&c.seg.flow, diag::Why::H2PastBudget, 0);
                             count(counters, counter::BUDGET_EXHAUSTED)
                         }
                         Ok(_) => {}
@@ -435,6 +453,10 @@ fn try_http(
             // An answer entering the client's pod: its veth is the one.
             Direction::Egress if side == h2::Side::Server => {}
             Direction::Egress if from_local_source(&seg.flow, now) => {
+                // Left alone on both veths: the one place a join is lost.
+                if side == h2::Side::Unknown {
+                    diag::note(&seg.flow, diag::Why::H2JoinRefused, 0);
+                }
                 count(counters, counter::SECOND_SIGHTINGS);
                 return Ok(Next::Nothing);
             }
@@ -539,6 +561,7 @@ fn try_http(
     let budget_left = budget - copied;
     if ended || budget_left == 0 {
         if !ended {
+            diag::note(&seg.flow, diag::Why::Http1PastBudget, 0);
             count(counters, counter::BUDGET_EXHAUSTED);
         }
         // Only a block opened lately can be open still: most requests end
@@ -763,6 +786,7 @@ fn emit(
         _ => send::<MAX_PAYLOAD>(ctx, header, off, n, flags),
     }?;
     if !sent {
+        diag::note(&header.flow, diag::Why::RecordDropped, n);
         count(counters, counter::RINGBUF_FULL);
     }
     Ok(())

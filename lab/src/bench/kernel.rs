@@ -14,7 +14,9 @@ use aya::{
     maps::{MapData, RingBuf},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
 };
-use tracegap_agent::ebpf::{Counters, EGRESS_PROGRAM, INGRESS_PROGRAM, Observer};
+use tracegap_agent::ebpf::{
+    Counters, EGRESS_PROGRAM, INGRESS_PROGRAM, KernelLog, LoadOptions, Observer, kernel_log,
+};
 use tracegap_common::ablate;
 
 use super::{Floor, Spread};
@@ -28,40 +30,47 @@ struct Case {
     what: &'static str,
     program: &'static str,
     packet: Vec<u8>,
+    /// Runs per `BPF_PROG_TEST_RUN` call.
+    repeat: u32,
 }
 
-/// What runs: the empty program, or tracegap's with these steps off.
+/// Runs per call of a case that logs (when logging): the records of one
+/// call must fit aya-log's ring (128 KiB, about 300 of these), drained
+/// between calls, or the rest would be measured failing to reserve.
+const LOGGING_BATCH: u32 = 200;
+
+/// What runs: the empty program, or tracegap's with these steps off and
+/// its kernel log at this level.
 #[derive(Clone, Copy)]
 struct Variant {
     name: &'static str,
     ablate: Option<u32>,
+    kernel_log: KernelLog,
 }
 
-const VARIANTS: [Variant; 6] = [
+impl Variant {
+    const fn new(name: &'static str, ablate: Option<u32>) -> Self {
+        Self {
+            name,
+            ablate,
+            kernel_log: KernelLog::Off,
+        }
+    }
+}
+
+const VARIANTS: [Variant; 7] = [
+    Variant::new("empty program", None),
+    Variant::new("tracegap", Some(0)),
+    // What the diagnostics cost when on (`--kernel-log debug`): nothing
+    // on a packet read as usual, a record where one is logged.
     Variant {
-        name: "empty program",
-        ablate: None,
+        kernel_log: KernelLog::Debug,
+        ..Variant::new("tracegap, kernel log on", Some(0))
     },
-    Variant {
-        name: "tracegap",
-        ablate: Some(0),
-    },
-    Variant {
-        name: "stop after parse",
-        ablate: Some(ablate::AFTER_PARSE),
-    },
-    Variant {
-        name: "stop after classify",
-        ablate: Some(ablate::AFTER_CLASSIFY),
-    },
-    Variant {
-        name: "no flow maps",
-        ablate: Some(ablate::FLOW_MAPS),
-    },
-    Variant {
-        name: "no ring buffer",
-        ablate: Some(ablate::RING),
-    },
+    Variant::new("stop after parse", Some(ablate::AFTER_PARSE)),
+    Variant::new("stop after classify", Some(ablate::AFTER_CLASSIFY)),
+    Variant::new("no flow maps", Some(ablate::FLOW_MAPS)),
+    Variant::new("no ring buffer", Some(ablate::RING)),
 ];
 
 const CLIENT: [u8; 4] = [10, 240, 0, 2];
@@ -107,33 +116,57 @@ fn cases() -> Vec<Case> {
             what: "GET request (205 B) leaving a pod: copied",
             program: INGRESS_PROGRAM,
             packet: request.clone(),
+            repeat: BATCH,
         },
         Case {
             what: "POST with its body (393 B) leaving a pod: copied, followed",
             program: INGRESS_PROGRAM,
             packet: packet(CLIENT, SERVER, 40001, 8080, post.as_bytes()),
+            repeat: BATCH,
         },
         Case {
             what: "response, head and body (1448 B), leaving a pod: copied",
             program: INGRESS_PROGRAM,
             packet: packet(SERVER, CLIENT, 8080, 40000, &response),
+            repeat: BATCH,
         },
         Case {
             what: "the GET entering the server pod: already copied, skipped",
             program: EGRESS_PROGRAM,
             packet: request,
+            repeat: BATCH,
+        },
+        Case {
+            what: "HTTP/2 HEADERS of a connection open before, its side unknown, entering a pod \
+                   from a local one: left alone (a diagnostic, when logging)",
+            program: EGRESS_PROGRAM,
+            packet: packet(CLIENT, SERVER, 40003, 50051, &unknown_side_headers()),
+            repeat: LOGGING_BATCH,
         },
         Case {
             what: "bulk segment, not HTTP (1448 B)",
             program: INGRESS_PROGRAM,
             packet: packet(CLIENT, SERVER, 40002, 5201, &[0x5a; 1448]),
+            repeat: BATCH,
         },
         Case {
             what: "ACK without payload",
             program: INGRESS_PROGRAM,
             packet: packet(SERVER, CLIENT, 8080, 40000, &[]),
+            repeat: BATCH,
         },
     ]
+}
+
+/// A HEADERS frame whose block starts with an entry of the sender's
+/// dynamic table (index 62 on): which side sent it cannot be told.
+fn unknown_side_headers() -> Vec<u8> {
+    let block = [
+        0xbe, 0xbf, 0xc0, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7, 0xc8, 0xc9,
+    ];
+    let mut f = vec![0, 0, block.len() as u8, 0x1, 0x4, 0, 0, 0, 1];
+    f.extend_from_slice(&block);
+    f
 }
 
 /// A loaded variant: tracegap's programs (with their ring buffer, drained
@@ -142,6 +175,8 @@ enum Loaded {
     Tracegap {
         observer: Box<Observer>,
         ring: RingBuf<MapData>,
+        /// The programs' log, drained as the ring is (None: off).
+        log: Option<Box<kernel_log::Reader>>,
     },
     Floor(Floor),
 }
@@ -152,11 +187,20 @@ impl Loaded {
             None => Self::Floor(Floor::load(floor)?),
             Some(bits) => {
                 let mut observer = Box::new(
-                    Observer::load_ablated(bits)
-                        .with_context(|| format!("loading the variant {:?}", v.name))?,
+                    Observer::load_with(LoadOptions {
+                        thread_evidence: false,
+                        kernel_log: v.kernel_log,
+                        ablate: bits,
+                    })
+                    .with_context(|| format!("loading the variant {:?}", v.name))?,
                 );
                 let ring = observer.take_events()?;
-                Self::Tracegap { observer, ring }
+                let log = observer.take_kernel_log().map(Box::new);
+                Self::Tracegap {
+                    observer,
+                    ring,
+                    log,
+                }
             }
         })
     }
@@ -174,7 +218,7 @@ impl Loaded {
         for _ in 0..batches {
             let r = self.program(case.program)?.test_run(TestRunOptions {
                 data_in: Some(&case.packet),
-                repeat: BATCH,
+                repeat: case.repeat,
                 ..TestRunOptions::default()
             })?;
             // TC_ACT_UNSPEC: the programs never decide a packet's fate.
@@ -186,8 +230,11 @@ impl Loaded {
                 );
             }
             total += r.duration;
-            if let Self::Tracegap { ring, .. } = self {
+            if let Self::Tracegap { ring, log, .. } = self {
                 while ring.next().is_some() {}
+                if let Some(log) = log {
+                    log.flush();
+                }
             }
         }
         Ok(total.as_nanos() as f64 / f64::from(batches))
@@ -257,9 +304,11 @@ pub fn run(floor: &[u8], rounds: usize, batches: u32) -> anyhow::Result<String> 
     let _ = writeln!(
         out,
         "Kernel programs on crafted packets (BPF_PROG_TEST_RUN), ns per run: median of {rounds} \
-         rounds of {} runs, each also as a multiple of the empty program; min–max of the rounds \
+         rounds of {} runs ({} for the row that logs, whose records must fit aya-log's ring \
+         between calls), each also as a multiple of the empty program; min–max of the rounds \
          for tracegap.\n",
-        u64::from(batches) * u64::from(BATCH)
+        u64::from(batches) * u64::from(BATCH),
+        u64::from(batches) * u64::from(LOGGING_BATCH)
     );
     out.push_str("| packet |");
     for v in VARIANTS {

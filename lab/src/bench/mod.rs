@@ -321,6 +321,7 @@ fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
         node_name: None,
         reconcile: None,
         thread_evidence: true,
+        kernel_log: Default::default(),
         place_by_timing: false,
         silence: Some(Default::default()),
         server_limits: Default::default(),

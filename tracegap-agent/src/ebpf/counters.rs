@@ -35,6 +35,8 @@ pub struct Counters {
     /// Thread turns sent: a request's first send by its client's thread or
     /// first receive by its server's.
     pub thread_turns: u64,
+    /// Diagnostics logged (`--kernel-log debug`).
+    pub diagnostics_logged: u64,
 }
 
 impl Counters {
@@ -57,6 +59,7 @@ impl Counters {
             self.h2_joins,
             self.h2_server_preface_missed,
             self.thread_turns,
+            self.diagnostics_logged,
         ];
         counter::NAMES.into_iter().zip(values)
     }
@@ -94,6 +97,7 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
         h2_joins: sum(counter::H2_JOINS),
         h2_server_preface_missed: sum(counter::H2_SERVER_PREFACE_MISSED),
         thread_turns: sum(counter::THREAD_TURNS),
+        diagnostics_logged: sum(counter::DIAGNOSTICS),
     })
 }
 

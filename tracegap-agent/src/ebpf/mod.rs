@@ -8,6 +8,7 @@
 mod attach;
 pub mod btf;
 mod counters;
+pub mod kernel_log;
 pub mod threads;
 
 use aya::{
@@ -19,6 +20,7 @@ use thiserror::Error;
 
 pub use attach::{AttachMode, Attached};
 pub use counters::Counters;
+pub use kernel_log::KernelLog;
 
 /// Names of the programs in the object, with the hook each runs on.
 pub const INGRESS_PROGRAM: &str = "tracegap_ingress";
@@ -64,6 +66,32 @@ pub enum Error {
     /// Attaching or detaching the thread programs' pair failed.
     #[error("the thread programs: {0}")]
     ThreadPrograms(String),
+    /// The programs' log ring could not be read.
+    #[error(transparent)]
+    KernelLog(#[from] kernel_log::Error),
+}
+
+/// What [`Observer::load_with`] loads, and how; the default is what
+/// [`Observer::load`] loads.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadOptions {
+    /// Attach the thread programs too.
+    pub thread_evidence: bool,
+    /// What the kernel programs log ([`kernel_log`]).
+    pub kernel_log: KernelLog,
+    /// Steps switched off ([`tracegap_common::ablate`] bits): how the bench
+    /// measures what each step costs. Never set by the agent.
+    pub ablate: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            thread_evidence: true,
+            kernel_log: KernelLog::Off,
+            ablate: 0,
+        }
+    }
 }
 
 /// The loaded programs, their maps and the interfaces they are attached to.
@@ -75,33 +103,43 @@ pub struct Observer {
     memo: bool,
     /// The thread programs' send and receive links.
     thread_links: threads::Links,
+    /// The programs' log, until taken (None: off).
+    kernel_log: Option<kernel_log::Reader>,
 }
 
 impl Observer {
     /// Loads the embedded programs into the kernel, without attaching them.
     pub fn load() -> Result<Self, Error> {
-        Self::load_with_threads(true)
+        Self::load_with(LoadOptions::default())
     }
 
-    /// As [`Observer::load`]; `threads`: attach the thread programs too.
-    pub fn load_with_threads(threads: bool) -> Result<Self, Error> {
-        Self::load_with(OBJECT, 0, threads)
+    /// Loads the embedded programs as `options` say.
+    pub fn load_with(options: LoadOptions) -> Result<Self, Error> {
+        Self::load_object_with(OBJECT, options)
     }
 
     /// Loads programs from another object with the same program names:
     /// how the tests make the kernel refuse a program on purpose.
     pub fn load_object(object: &[u8]) -> Result<Self, Error> {
-        Self::load_with(object, 0, true)
+        Self::load_object_with(object, LoadOptions::default())
     }
 
     /// Loads the embedded programs with some of their steps switched off
-    /// ([`tracegap_common::ablate`] bits): how the bench measures what each
-    /// step costs. Never used by the agent.
+    /// ([`tracegap_common::ablate`] bits), and no thread programs.
     pub fn load_ablated(ablate: u32) -> Result<Self, Error> {
-        Self::load_with(OBJECT, ablate, false)
+        Self::load_with(LoadOptions {
+            thread_evidence: false,
+            ablate,
+            ..LoadOptions::default()
+        })
     }
 
-    fn load_with(object: &[u8], ablate: u32, with_threads: bool) -> Result<Self, Error> {
+    fn load_object_with(object: &[u8], options: LoadOptions) -> Result<Self, Error> {
+        let LoadOptions {
+            thread_evidence: with_threads,
+            kernel_log,
+            ablate,
+        } = options;
         if object.is_empty() {
             return Err(Error::NoObject);
         }
@@ -116,6 +154,11 @@ impl Observer {
         if ablate != 0 {
             loader.override_global("ABLATE", &ablate, true);
         }
+        // Always set: aya-log's own default is every level. An object
+        // without it logs nothing (the verifier-rejection test's); that
+        // "off" really is off is what the hostile test's quiet round checks.
+        let level = kernel_log.level();
+        loader.override_global(aya_log::LEVEL, &level, false);
         for (name, offset) in globals.iter().flatten() {
             loader.override_global(name, offset, false);
         }
@@ -144,6 +187,10 @@ impl Observer {
                 );
             }
         }
+        let kernel_log = match kernel_log {
+            KernelLog::Off => None,
+            _ => Some(kernel_log::Reader::take(&mut ebpf)?),
+        };
         let (threads, memo, thread_links) = if with_threads {
             threads::attach(&mut ebpf, offsets_found)
         } else {
@@ -166,6 +213,7 @@ impl Observer {
             threads,
             memo,
             thread_links,
+            kernel_log,
         })
     }
 
@@ -265,6 +313,12 @@ impl Observer {
             name,
             source: Box::new(source),
         })
+    }
+
+    /// Takes the reader of the programs' log, if they log: whoever takes
+    /// it reads it ([`kernel_log::Reader::drain`]) while they run.
+    pub fn take_kernel_log(&mut self) -> Option<kernel_log::Reader> {
+        self.kernel_log.take()
     }
 
     /// Takes the map of relays the thread programs ask (see
