@@ -50,3 +50,23 @@ pub fn collect_events(
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
 }
+
+/// A self-signed certificate for `name` and its key, made by openssl in
+/// `dir`: (key, cert).
+pub fn self_signed(
+    dir: &std::path::Path,
+    name: &str,
+) -> anyhow::Result<(std::path::PathBuf, std::path::PathBuf)> {
+    let (key, cert) = (dir.join("key.pem"), dir.join("cert.pem"));
+    run(std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .arg("-subj")
+        .arg(format!("/CN={name}"))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert))?;
+    Ok((key, cert))
+}

@@ -341,7 +341,9 @@ async fn event_loop(
                         continue;
                     }
                     p.nat.translate(&mut e, |ip| directory.is_service(ip));
-                    if e.kind == EventKind::Http2 {
+                    if e.kind == EventKind::TlsHello {
+                        p.tls_hello(&e);
+                    } else if e.kind == EventKind::Http2 {
                         if e.direction == Direction::Ingress {
                             p.local_ip(e.flow.src.ip);
                         }
@@ -578,6 +580,51 @@ impl Pipeline {
                     r.mark(ip, req.ts_ns);
                 }
             }
+        }
+    }
+
+    /// A TLS connection's ClientHello: counted on its edge as one whose
+    /// requests tracegap cannot read, with the server name it asked for.
+    fn tls_hello(&mut self, e: &RawEvent) {
+        if e.direction == Direction::Ingress {
+            self.local_ip(e.flow.src.ip);
+        }
+        let hello = match crate::tls::ClientHello::parse(&e.payload) {
+            Ok(h) => h,
+            Err(err) => {
+                tracing::debug!(flow = %e.flow, error = %err, "TLS ClientHello");
+                crate::tls::ClientHello::default()
+            }
+        };
+        let caller = self.directory.lookup(e.flow.src.ip);
+        let callee = self.directory.lookup(e.flow.dst.ip);
+        let (caller_local, callee_local) = (
+            self.local.contains(&e.flow.src.ip),
+            self.local.contains(&e.flow.dst.ip),
+        );
+        // Seen on both nodes of a cross-node connection: counted once.
+        if !cluster::reports_here(
+            &caller,
+            &callee,
+            caller_local,
+            callee_local,
+            self.node.as_deref(),
+        ) {
+            return;
+        }
+        let server_name = hello.server_name.unwrap_or_default();
+        self.shared.metrics.tls_unread(crate::metrics::TlsLabels {
+            source_service: caller.service.clone(),
+            destination_service: callee.service.clone(),
+            server_name: server_name.clone(),
+        });
+        if let Ok(mut r) = self.shared.reporter.lock() {
+            r.encrypted(
+                &caller.service,
+                &callee.service,
+                &server_name,
+                &hello.alpn.join(","),
+            );
         }
     }
 

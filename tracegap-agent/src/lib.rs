@@ -31,6 +31,7 @@ pub mod reconcile;
 pub mod report;
 pub mod server;
 pub mod shutdown;
+pub mod tls;
 pub mod tracestore;
 
 /// The hash map of the per-event path (flows, streams, requests in flight,

@@ -39,7 +39,13 @@ macro_rules! edge {
         }
     )*};
 }
-edge!(RequestLabels, GapLabels, BaggageLabels, CalleeSpanLabels);
+edge!(
+    RequestLabels,
+    GapLabels,
+    BaggageLabels,
+    CalleeSpanLabels,
+    TlsLabels
+);
 
 /// The label sets admitted to each per-edge family.
 #[derive(Default)]
@@ -48,6 +54,7 @@ struct EdgeSeries {
     gaps: Admitted,
     baggage: Admitted,
     callee_spans: Admitted,
+    tls: Admitted,
 }
 
 /// The label sets admitted to one family, by hash.
@@ -140,6 +147,14 @@ pub struct CalleeSpanLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsLabels {
+    pub source_service: String,
+    pub destination_service: String,
+    /// The ClientHello's SNI; empty when it sent none (or none readable).
+    pub server_name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueryLabels {
     /// `trace` (by id) or `search`.
     pub query: &'static str,
@@ -194,6 +209,7 @@ pub struct Metrics {
     pub bpf_runs: Family<ProgramLabels, Gauge>,
     pub series_overflow: Family<MetricLabels, Counter>,
     pub callee_spans: Family<CalleeSpanLabels, Counter>,
+    pub tls_unread: Family<TlsLabels, Counter>,
     pub store_queries: Family<QueryLabels, Counter>,
     pub reconciled: Family<ActionLabels, Counter>,
     pub reconcile_pending: Gauge,
@@ -254,6 +270,7 @@ impl Metrics {
             bpf_runs: Family::default(),
             series_overflow: Family::default(),
             callee_spans: Family::default(),
+            tls_unread: Family::default(),
             store_queries: Family::default(),
             reconciled: Family::default(),
             reconcile_pending: Gauge::default(),
@@ -400,6 +417,11 @@ impl Metrics {
             m.series_overflow.clone(),
         );
         registry.register(
+            "tls_unread_connections",
+            "TLS connections seen starting on the wire (a ClientHello) whose contents tracegap cannot read: encrypted edges, with the server name the client asked for; their requests are in no other tracegap figure",
+            m.tls_unread.clone(),
+        );
+        registry.register(
             "callee_spans",
             "Hops whose callee (instrumented, sent a sampled context) should have recorded a span, by what the trace store holds after the settle delay: arrived; new_trace (in a trace of its own: the callee did not read the context); lost_in_pipeline (the callee exported, the span never arrived); not_exported (no export seen from the callee); unknown (the collector took the callee's exports, 2xx, and the span is not in the store: the facts disagree); not_checked (the store could not be asked within a settle delay: nothing known); uninstrumented (a callee nobody declared, with no sign of recording spans: nothing of it in the store around the request, no export from it; tracegap's span stands in)",
             m.callee_spans.clone(),
@@ -438,6 +460,16 @@ impl Metrics {
             &self.callee_spans,
             &self.admitted.callee_spans,
             "callee_spans",
+            l,
+        );
+    }
+
+    /// Counts an encrypted connection on its edge, within [`MAX_EDGE_SERIES`].
+    pub fn tls_unread(&self, l: TlsLabels) {
+        self.count_edge(
+            &self.tls_unread,
+            &self.admitted.tls,
+            "tls_unread_connections",
             l,
         );
     }

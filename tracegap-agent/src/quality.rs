@@ -244,6 +244,37 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
             }
         }
     }
+    // Not scored: encryption is no fault of the service's, but what it
+    // hides from every other figure here is said.
+    let mut readable = Metric {
+        name: "Readable on the wire",
+        category: "visibility",
+        description: "Connections to or from this service whose requests tracegap reads \
+                      (passing: hops read; failing: TLS connections it saw start and cannot \
+                      see inside, whose requests are in no other figure on this page).",
+        weight: 0.0,
+        pass: 0,
+        fail: 0,
+        exempt: 0,
+        examples: Vec::new(),
+        rows: Vec::new(),
+    };
+    for e in report
+        .encrypted
+        .iter()
+        .filter(|e| e.source == service || e.destination == service)
+    {
+        readable.fail += e.connections;
+        readable.rows.push((
+            e.source.clone(),
+            e.destination.clone(),
+            e.connections,
+            e.connections,
+        ));
+    }
+    if readable.fail > 0 {
+        readable.pass = both.iter().map(|e| e.requests).sum();
+    }
     let scores: Vec<Value> = [
         ("propagation", "Context propagation"),
         ("sampling", "Sampling"),
@@ -272,16 +303,24 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
     })
     .collect();
     let hops: u64 = both.iter().map(|e| e.requests).sum();
+    let blind = if readable.fail > 0 {
+        format!(
+            " It also saw {} TLS connections it cannot see inside (\"Readable on the wire\").",
+            readable.fail
+        )
+    } else {
+        String::new()
+    };
     json!({
         "traceQualityDocumentationLink": DOCS,
         "bannerText": format!(
-            "tracegap saw {hops} hops to or from {service} on the wire, {scope}. \
+            "tracegap saw {hops} hops to or from {service} on the wire, {scope}.{blind} \
              Failing examples open the traces, with tracegap's synthetic spans where the gaps are."
         ),
         "scores": scores,
         "metrics": metrics
             .iter()
-            .chain([&baggage, &stored])
+            .chain([&baggage, &stored, &readable])
             .filter(|m| m.pass + m.fail + m.exempt > 0)
             .map(Metric::json)
             .collect::<Vec<_>>(),
@@ -329,6 +368,7 @@ mod tests {
         let report = Report {
             callee_spans: Vec::new(),
             services: Vec::new(),
+            encrypted: Vec::new(),
             edges: vec![
                 edge("service-a", "service-b", 10, &[("context_ok", 10)]),
                 edge(
@@ -391,6 +431,7 @@ mod tests {
                 ..Default::default()
             }],
             services: Vec::new(),
+            encrypted: Vec::new(),
             edges: vec![edge("service-a", "service-b", 10, &[("context_ok", 10)])],
             overflow_hops: 0,
         };
@@ -414,6 +455,7 @@ mod tests {
         let report = Report {
             callee_spans: Vec::new(),
             services: Vec::new(),
+            encrypted: Vec::new(),
             edges: vec![edge(
                 "a",
                 "b",
@@ -437,6 +479,43 @@ mod tests {
             none["scores"]
                 .as_array()
                 .is_some_and(|s| s.iter().all(|s| s["value"] == 100.0))
+        );
+    }
+
+    #[test]
+    fn encrypted_connections_are_said_on_the_page_and_not_scored() {
+        let report = Report {
+            edges: vec![edge("a", "b", 4, &[("context_ok", 4)])],
+            encrypted: vec![crate::report::EncryptedEdge {
+                source: "a".into(),
+                destination: "vault".into(),
+                connections: 3,
+                ..Default::default()
+            }],
+            ..Report::default()
+        };
+        let v = quality_metrics(&report, "a", "last hour");
+        let m = metric_named(&v, "Readable on the wire");
+        assert_eq!(m["passCount"], 4);
+        assert_eq!(m["failureCount"], 3);
+        assert!(
+            v["bannerText"]
+                .as_str()
+                .unwrap_or("")
+                .contains("3 TLS connections")
+        );
+        // Propagation stays 100: the TLS is no fault of the service's.
+        assert!(
+            v["scores"]
+                .as_array()
+                .is_some_and(|s| s.iter().all(|s| s["value"] == 100.0))
+        );
+        // A service with no encrypted edge has no such metric.
+        let v = quality_metrics(&report, "b", "last hour");
+        assert!(
+            v["metrics"]
+                .as_array()
+                .is_some_and(|m| m.iter().all(|m| m["name"] != "Readable on the wire"))
         );
     }
 }

@@ -103,6 +103,25 @@ pub struct CalleeSpans {
     pub example: Option<String>,
 }
 
+/// Connections on one edge that tracegap saw start (a TLS ClientHello)
+/// and cannot read: encrypted, so none of their requests is a hop.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct EncryptedEdge {
+    pub source: String,
+    pub destination: String,
+    #[serde(default)]
+    pub node: Option<String>,
+    pub connections: u64,
+    /// Server names asked for (SNI; `""`: none sent), at most
+    /// [`MAX_NAMES`] of them; the rest under `"_other"`.
+    pub server_names: BTreeMap<String, u64>,
+    /// Protocols offered (ALPN, e.g. `h2` for gRPC over TLS), joined by `,`.
+    pub alpn: BTreeMap<String, u64>,
+}
+
+/// Server names (and ALPN offers) listed per encrypted edge at most.
+pub const MAX_NAMES: usize = 8;
+
 /// The whole report.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Report {
@@ -115,6 +134,9 @@ pub struct Report {
     /// Per service, its instrumentation as learned.
     #[serde(default)]
     pub services: Vec<ServiceStatus>,
+    /// Per edge, the TLS connections tracegap cannot see inside.
+    #[serde(default)]
+    pub encrypted: Vec<EncryptedEdge>,
 }
 
 /// Collects hops into per-edge statistics.
@@ -122,6 +144,7 @@ pub struct Report {
 pub struct Reporter {
     edges: BTreeMap<(String, String), EdgeStats>,
     callee_spans: BTreeMap<(String, String), CalleeSpans>,
+    encrypted: BTreeMap<(String, String), EncryptedEdge>,
     /// Set by reconciliation as it learns.
     pub services: Vec<ServiceStatus>,
     overflow_hops: u64,
@@ -224,6 +247,30 @@ impl Reporter {
         }
     }
 
+    /// Counts a TLS connection on its edge: `server_name` from its
+    /// ClientHello, `alpn` its offers joined by `,`.
+    pub fn encrypted(&mut self, source: &str, destination: &str, server_name: &str, alpn: &str) {
+        let key = (source.to_owned(), destination.to_owned());
+        if !self.encrypted.contains_key(&key) && self.encrypted.len() >= MAX_EDGES {
+            self.overflow_hops += 1;
+            return;
+        }
+        let e = self.encrypted.entry(key).or_insert_with(|| EncryptedEdge {
+            source: source.to_owned(),
+            destination: destination.to_owned(),
+            ..EncryptedEdge::default()
+        });
+        e.connections += 1;
+        for (map, key) in [(&mut e.server_names, server_name), (&mut e.alpn, alpn)] {
+            let key = if map.contains_key(key) || map.len() < MAX_NAMES {
+                key
+            } else {
+                "_other"
+            };
+            *map.entry(key.to_owned()).or_default() += 1;
+        }
+    }
+
     pub fn report(&self) -> Report {
         let edges = self
             .edges
@@ -271,6 +318,14 @@ impl Reporter {
                 })
                 .collect(),
             services: self.services.clone(),
+            encrypted: self
+                .encrypted
+                .values()
+                .map(|e| EncryptedEdge {
+                    node: self.node.clone(),
+                    ..e.clone()
+                })
+                .collect(),
         }
     }
 }
@@ -360,6 +415,34 @@ pub fn table(report: &Report) -> String {
         ));
     }
     out.push_str(&callee_table(&report.callee_spans));
+    out.push_str(&encrypted_table(&report.encrypted));
+    out
+}
+
+/// The encrypted edges: connections tracegap saw start and cannot read.
+fn encrypted_table(edges: &[EncryptedEdge]) -> String {
+    if edges.is_empty() {
+        return String::new();
+    }
+    let list = |m: &BTreeMap<String, u64>| {
+        m.iter()
+            .map(|(k, n)| format!("{}={n}", if k.is_empty() { "(none)" } else { k }))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let mut out = String::from(
+        "\nENCRYPTED (TLS): connections tracegap cannot see inside; their requests are in no row above\n",
+    );
+    for e in edges {
+        out.push_str(&format!(
+            "{} -> {}  connections={}  sni: {}  alpn: {}\n",
+            e.source,
+            e.destination,
+            e.connections,
+            list(&e.server_names),
+            list(&e.alpn)
+        ));
+    }
     out
 }
 

@@ -28,6 +28,11 @@ pub const HEADER_BUDGET: u32 = 32 * 1024;
 /// here loses its blocks, and the HPACK table with them (user space says
 /// so), so it is as large as a segment gets.
 pub const H2_BUDGET: u32 = 64 * 1024;
+/// Bytes of a TLS ClientHello the kernel copies at most: enough for its
+/// server name (SNI) and ALPN from the common stacks (OpenSSL, Go, rustls
+/// and Java put them well before a post-quantum key share, which may make
+/// a hello of 1.7 KB). What is past it, user space says it did not read.
+pub const TLS_HELLO_BUDGET: u32 = 1024;
 
 /// Entries of the per-flow continuation map: flows whose header block did
 /// not end in the segment that started it.
@@ -130,6 +135,11 @@ pub enum EventKind {
     /// just before; `seq` is the process (tgid), `ack` the thread (pid);
     /// `segment_len` the bytes sent or received.
     Thread = 5,
+    /// The first segment of a TLS connection, a ClientHello leaving the
+    /// client (up to [`TLS_HELLO_BUDGET`] bytes): user space reads its
+    /// server name and ALPN and counts the connection as one it cannot
+    /// see inside. Nothing after it on the connection is copied.
+    TlsHello = 6,
 }
 
 impl EventKind {
@@ -140,6 +150,7 @@ impl EventKind {
             3 => Some(Self::Continuation),
             4 => Some(Self::Http2),
             5 => Some(Self::Thread),
+            6 => Some(Self::TlsHello),
             _ => None,
         }
     }
@@ -537,8 +548,11 @@ pub mod counter {
     /// when off): against the lines in the agent's log, what a full log
     /// ring lost.
     pub const DIAGNOSTICS: u32 = 16;
+    /// TLS ClientHellos seen, on every veth they cross (copied on the
+    /// first: [`crate::EventKind::TlsHello`]).
+    pub const TLS_HELLOS: u32 = 17;
     /// Number of counters.
-    pub const COUNT: u32 = 17;
+    pub const COUNT: u32 = 18;
 
     /// Prometheus-style names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -559,6 +573,7 @@ pub mod counter {
         "h2_server_preface_missed",
         "thread_turns",
         "diagnostics_logged",
+        "tls_hellos",
     ];
 }
 

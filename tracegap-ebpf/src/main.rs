@@ -37,7 +37,8 @@ use aya_ebpf::{
 use tracegap_common::{
     Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, H2_BUDGET, HEADER_BUDGET,
     LOCAL_SOURCE_WINDOW_NS, MAX_LOCAL_SOURCES, MAX_OPEN_HEADERS, MAX_PAYLOAD, OpenHeader, OpenKey,
-    RING_BUFFER_BYTES, SHORT_START_BUDGET, SourceKey, WAKEUP_BYTES, ablate, counter, event_flags,
+    RING_BUFFER_BYTES, SHORT_START_BUDGET, SourceKey, TLS_HELLO_BUDGET, WAKEUP_BYTES, ablate,
+    counter, event_flags,
 };
 
 use crate::net::Segment;
@@ -307,6 +308,13 @@ fn classify_start(head: &[u8; 8]) -> Option<EventKind> {
     request.then_some(EventKind::Request)
 }
 
+/// A TLS handshake record (type 22, version 3.x) holding a ClientHello
+/// (handshake type 1): a connection's first bytes from its client.
+#[inline(always)]
+fn client_hello(head: &[u8; 8]) -> bool {
+    head[0] == 0x16 && head[1] == 0x03 && head[2] <= 0x04 && head[5] == 0x01
+}
+
 /// Whether the `len` (1..=7) bytes of a short segment are the beginning of
 /// a start line: a request written a few bytes at a time ("P", "OST /x").
 /// Which kind it is user space tells once the line is complete.
@@ -469,12 +477,21 @@ fn try_http(
             _ => Next::H2Join,
         });
     }
+    // A TLS connection's ClientHello: copied like a request's head (once,
+    // on the client's veth), so that the encrypted edge is known and
+    // counted with its server name; nothing after it is read.
+    let start = match start {
+        None if !short && client_hello(&head) => Some(EventKind::TlsHello),
+        other => other,
+    };
     let (kind, budget, ts_ns) = match start {
         Some(kind) => {
             count(
                 counters,
                 if short {
                     counter::SHORT_STARTS
+                } else if kind == EventKind::TlsHello {
+                    counter::TLS_HELLOS
                 } else if kind == EventKind::Request {
                     counter::HTTP_REQUESTS
                 } else {
@@ -501,6 +518,8 @@ fn try_http(
             }
             let budget = if short {
                 SHORT_START_BUDGET
+            } else if kind == EventKind::TlsHello {
+                TLS_HELLO_BUDGET
             } else {
                 HEADER_BUDGET
             };
@@ -534,7 +553,7 @@ fn try_http(
     // the size it needs; the later ones (GSO only) are full-sized: one
     // choice of sizes, not one per chunk, keeps the paths the verifier
     // walks few enough for 6.1's.
-    let followed = kind != EventKind::Response || short;
+    let followed = !matches!(kind, EventKind::Response | EventKind::TlsHello) || short;
     let ended = !followed || ends_with_blank_line(ctx, seg);
     let Some(c) = PLAN.get_ptr_mut(0) else {
         return Ok(Next::Nothing);

@@ -37,6 +37,9 @@ pub struct Counters {
     pub thread_turns: u64,
     /// Diagnostics logged (`--kernel-log debug`).
     pub diagnostics_logged: u64,
+    /// TLS ClientHellos seen (on each veth they cross): encrypted
+    /// connections' first segments.
+    pub tls_hellos: u64,
 }
 
 impl Counters {
@@ -60,6 +63,7 @@ impl Counters {
             self.h2_server_preface_missed,
             self.thread_turns,
             self.diagnostics_logged,
+            self.tls_hellos,
         ];
         counter::NAMES.into_iter().zip(values)
     }
@@ -98,6 +102,7 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
         h2_server_preface_missed: sum(counter::H2_SERVER_PREFACE_MISSED),
         thread_turns: sum(counter::THREAD_TURNS),
         diagnostics_logged: sum(counter::DIAGNOSTICS),
+        tls_hellos: sum(counter::TLS_HELLOS),
     })
 }
 
