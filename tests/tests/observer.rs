@@ -782,9 +782,14 @@ fn an_http2_connection_is_counted_once_and_not_taken_for_http1() -> anyhow::Resu
 
 /// The HTTP/2 events of the connections to the server's :8080.
 fn h2_events(events: &[RawEvent]) -> Vec<RawEvent> {
+    h2_events_to(events, 8080)
+}
+
+/// The client-to-server HTTP/2 events to `port`.
+fn h2_events_to(events: &[RawEvent], port: u16) -> Vec<RawEvent> {
     events
         .iter()
-        .filter(|e| e.kind == EventKind::Http2 && e.flow.dst.port == 8080)
+        .filter(|e| e.kind == EventKind::Http2 && e.flow.dst.port == port)
         .cloned()
         .collect()
 }
@@ -854,12 +859,7 @@ fn send_segments(
         use std::io::Write as _;
         // On one CPU: a sender moving between CPUs can have its segments
         // reordered on the veth under load (README, HTTP/2 limits).
-        // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
-        unsafe {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(0, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        }
+        on_cpu_zero();
         let mut c = std::net::TcpStream::connect(to)?;
         c.set_nodelay(true)?;
         for w in writes {
@@ -872,6 +872,16 @@ fn send_segments(
     .join()
     .map_err(|_| anyhow::anyhow!("client thread panicked"))??;
     Ok(())
+}
+
+/// Moves the calling thread to CPU 0.
+fn on_cpu_zero() {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(0, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
 }
 
 #[test]
@@ -980,8 +990,28 @@ fn an_http2_connection_of_thousands_of_tiny_frames_keeps_its_boundaries() -> any
     if !privileged("an_http2_connection_of_thousands_of_tiny_frames_keeps_its_boundaries") {
         return Ok(());
     }
+    const PORT: u16 = 8082;
     let mut s = setup()?;
-    let server = (s.node.pod("server").ipv4, 8080).into();
+    // A sink that reads on CPU 0 too: its ACKs open the window, and the
+    // client's kernel sends what they release from the CPU they arrive
+    // on. Sent from two CPUs, segments can pass each other in the veth's
+    // per-CPU queues (seen on a loaded 2-CPU machine: 23 KB arriving after
+    // what followed them), and the programs rightly give the connection
+    // up; this test is about the walk, not about reordering.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let sink = s.node.pod("server").spawn(move || -> std::io::Result<()> {
+        use std::io::Read as _;
+        on_cpu_zero();
+        let listener = std::net::TcpListener::bind(("0.0.0.0", PORT))?;
+        let _ = ready_tx.send(());
+        let (mut c, _) = listener.accept()?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut buf = [0u8; 65536];
+        while c.read(&mut buf)? > 0 {}
+        Ok(())
+    })?;
+    ready_rx.recv_timeout(Duration::from_secs(5))?;
+    let server = (s.node.pod("server").ipv4, PORT).into();
     let mut first = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     first.extend(h2_frame(4, 0, 0, &[]));
     // 12,000 empty frames of a type nobody reads (9 bytes each, 108 KB in
@@ -990,8 +1020,10 @@ fn an_http2_connection_of_thousands_of_tiny_frames_keeps_its_boundaries() -> any
     let tiny: Vec<u8> = (0..12_000).flat_map(|_| h2_frame(8, 0, 0, &[])).collect();
     let after = h2_frame(1, 4, 1, &h2_request_block("/after", "00000000000000b1"));
     send_segments(s.node.pod("client"), server, vec![first, tiny, after])?;
+    sink.join()
+        .map_err(|_| anyhow::anyhow!("sink thread panicked"))??;
     let events = collect_events(&mut s.ring, Duration::from_millis(500), |_| false);
-    let h2 = h2_events(&events);
+    let h2 = h2_events_to(&events, PORT);
     // Only the cut headers' few bytes copied besides the preface and the
     // request, and the request read after them.
     let copied: usize = h2.iter().map(|e| e.payload.len()).sum();

@@ -29,7 +29,8 @@ use tracegap_common::{FlowKey, H2_BUDGET, HEADER_BUDGET, MAX_H2_FLOWS, family};
 #[derive(Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 pub enum Why {
-    /// HTTP/2, given up: a segment this hook never saw.
+    /// HTTP/2, given up: a segment this hook never saw; `detail` is its
+    /// bytes.
     H2Gap = 1,
     /// HTTP/2, given up: a frame header cut by the last segment could not
     /// be completed.
@@ -123,7 +124,18 @@ pub fn flush() -> u64 {
         f.dport,
     );
     let lost = match why {
-        x if x == Why::H2Gap as u32 => "a segment was missed",
+        x if x == Why::H2Gap as u32 => {
+            debug!(
+                &(),
+                "HTTP/2 {:i}:{} -> {:i}:{} no longer followed: {} bytes never seen by this hook before its segment; read again from its next segment that starts with a HEADERS frame",
+                s,
+                sp,
+                d,
+                dp,
+                p.detail
+            );
+            return 1;
+        }
         x if x == Why::H2CutHeader as u32 => "a cut frame header could not be completed",
         x if x == Why::H2Behind as u32 => "the next frame starts before the segment",
         x if x == Why::H2Walk as u32 => {

@@ -259,8 +259,8 @@ pub fn segment(
             })
         }
         Walk::Nothing => Next::Nothing,
-        Walk::Lost(why) => {
-            diag::note(&seg.flow, why, 0);
+        Walk::Lost(why, detail) => {
+            diag::note(&seg.flow, why, detail);
             lose(seg, key, direction, now, counters);
             Next::Nothing
         }
@@ -287,8 +287,9 @@ enum Walk {
     Copy { lo: u32, hi: u32 },
     /// Nothing in it is wanted (DATA, or a retransmission).
     Nothing,
-    /// Frame boundaries are lost.
-    Lost(Why),
+    /// Frame boundaries are lost; the detail for the diagnostic (a gap's
+    /// bytes).
+    Lost(Why, u32),
 }
 
 /// Reads the frame headers in `seg`, advancing `st`, and says which of
@@ -315,7 +316,7 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
     st.flags &= !h2_follow::UNREAD;
     if behind < 0 {
         // A gap: a segment this hook never saw.
-        return Walk::Lost(Why::H2Gap);
+        return Walk::Lost(Why::H2Gap, behind.unsigned_abs());
     }
     if behind > 0 {
         // A retransmission of bytes already read changes nothing. One
@@ -332,11 +333,11 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
         let have = (st.have & 7) as usize;
         let need = 5u32.saturating_sub(have as u32);
         if need == 0 || l < need {
-            return Walk::Lost(Why::H2CutHeader);
+            return Walk::Lost(Why::H2CutHeader, 0);
         }
         let mut b = [0u8; 8];
         if load(ctx, seg.payload_off, &mut b, need).is_err() {
-            return Walk::Lost(Why::H2CutHeader);
+            return Walk::Lost(Why::H2CutHeader, 0);
         }
         // The header's first bytes: `have` from before, then this
         // segment's, joined as big-endian integers (shifts, not indexes
@@ -361,7 +362,7 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
     }
     let off = st.next.wrapping_sub(s);
     if (off as i32) < 0 {
-        return Walk::Lost(Why::H2Behind);
+        return Walk::Lost(Why::H2Behind, 0);
     }
     let mut f = Frames {
         skb: ctx.skb.skb,
@@ -390,7 +391,7 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
         )
     };
     if ret < 0 || f.end == 0 {
-        return Walk::Lost(Why::H2Walk);
+        return Walk::Lost(Why::H2Walk, 0);
     }
     st.copy_until = f.copy_until;
     if f.cut > 0 {

@@ -37,7 +37,7 @@ struct Case {
 /// Runs per call of a case that logs (when logging): the records of one
 /// call must fit aya-log's ring (128 KiB, about 300 of these), drained
 /// between calls, or the rest would be measured failing to reserve.
-const LOGGING_BATCH: u32 = 200;
+pub const LOGGING_BATCH: u32 = 200;
 
 /// What runs: the empty program, or tracegap's with these steps off and
 /// its kernel log at this level.
