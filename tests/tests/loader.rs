@@ -130,8 +130,9 @@ fn the_programs_verify_well_within_the_verifiers_bound() -> anyhow::Result<()> {
              {VERIFIER_BUDGET} (a fifth of the verifier's 1M bound)"
         );
     }
-    // Five programs, and the two TC ones again with their log on.
-    assert_eq!(seen, 7, "a line per program from the probe: {stdout}");
+    // Five programs, and the two TC ones again with their log on, with
+    // the program that logs.
+    assert_eq!(seen, 8, "a line per program from the probe: {stdout}");
     Ok(())
 }
 

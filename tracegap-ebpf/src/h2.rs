@@ -537,7 +537,7 @@ fn lose(seg: &Segment, key: &OpenKey, direction: Direction, ts_ns: u64, counters
         direction: direction as u8,
         kind: EventKind::Http2 as u8,
         flags: event_flags::H2_LOST,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
         ack: seg.ack,
     };
     if EVENTS

@@ -126,28 +126,29 @@ fn ablated(step: u32) -> bool {
 #[classifier]
 pub fn tracegap_ingress(ctx: TcContext) -> i32 {
     observe(&ctx, Direction::Ingress);
-    diagnose();
+    diag::hand_over(&ctx);
     TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn tracegap_egress(ctx: TcContext) -> i32 {
     observe(&ctx, Direction::Egress);
-    diagnose();
+    diag::hand_over(&ctx);
     TC_ACT_UNSPEC
 }
 
-/// Logs what the packet's steps noted (`--kernel-log debug`), from the
-/// classifier's frame: see [`diag`]. Off, the verifier drops it.
-#[inline(always)]
-fn diagnose() {
-    if diag::on()
-        && diag::flush() != 0
+/// Logs what a packet's steps noted (`--kernel-log debug`): tail-called by
+/// the two above once their packet is done ([`diag`] says why a program of
+/// its own). Loaded only with the log on.
+#[classifier]
+pub fn tracegap_diagnose(_ctx: TcContext) -> i32 {
+    if diag::flush() != 0
         && let Some(c) = COUNTERS.get_ptr_mut(0)
     {
         // SAFETY: the per-CPU entry is this CPU's alone while the program runs.
         count(unsafe { &mut *c }, counter::DIAGNOSTICS);
     }
+    TC_ACT_UNSPEC
 }
 
 /// Per-CPU: no other writer, a plain add is enough.
@@ -224,7 +225,7 @@ fn source_key(flow: &FlowKey) -> SourceKey {
     SourceKey {
         addr: flow.saddr,
         family: flow.family,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     }
 }
 
@@ -254,7 +255,7 @@ fn to_local_source(flow: &FlowKey, now: u64) -> bool {
     let key = SourceKey {
         addr: flow.daddr,
         family: flow.family,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     };
     recent_local(&key, now)
 }
@@ -486,18 +487,13 @@ fn try_http(
     };
     let (kind, budget, ts_ns) = match start {
         Some(kind) => {
-            count(
-                counters,
-                if short {
-                    counter::SHORT_STARTS
-                } else if kind == EventKind::TlsHello {
-                    counter::TLS_HELLOS
-                } else if kind == EventKind::Request {
-                    counter::HTTP_REQUESTS
-                } else {
-                    counter::HTTP_RESPONSES
-                },
-            );
+            let (counted, budget) = match kind {
+                _ if short => (counter::SHORT_STARTS, SHORT_START_BUDGET),
+                EventKind::TlsHello => (counter::TLS_HELLOS, TLS_HELLO_BUDGET),
+                EventKind::Request => (counter::HTTP_REQUESTS, HEADER_BUDGET),
+                _ => (counter::HTTP_RESPONSES, HEADER_BUDGET),
+            };
+            count(counters, counted);
             let now = clock();
             // Its sockets' turns say which threads wrote and read it; on
             // every veth it crosses, as each end's socket may name it
@@ -516,13 +512,6 @@ fn try_http(
                 }
                 Direction::Egress => {}
             }
-            let budget = if short {
-                SHORT_START_BUDGET
-            } else if kind == EventKind::TlsHello {
-                TLS_HELLO_BUDGET
-            } else {
-                HEADER_BUDGET
-            };
             (kind, budget, now)
         }
         None => {
@@ -642,8 +631,6 @@ fn copy(ctx: &TcContext, c: &Chunks, counters: &mut Counters) -> Result<u32, ()>
     }
     let mut l = CopyLoop {
         skb: ctx.skb.skb,
-        chunks: c,
-        counters,
         copied: first,
         failed: 0,
     };
@@ -661,12 +648,14 @@ fn copy(ctx: &TcContext, c: &Chunks, counters: &mut Counters) -> Result<u32, ()>
     Ok(l.copied)
 }
 
-/// [`copy`]'s state, on the caller's stack, for [`copy_step`].
+/// [`copy`]'s state, on the caller's stack, for [`copy_step`]. The plan and
+/// the counters are this CPU's map entries, looked up again by the step
+/// rather than passed: two pointers fewer in `copy`'s frame, which with the
+/// classifier's and the step's own is a chain 6.1 counts against its
+/// 512-byte stack limit.
 #[repr(C)]
 struct CopyLoop {
     skb: *mut aya_ebpf::bindings::__sk_buff,
-    chunks: *const Chunks,
-    counters: *mut Counters,
     copied: u32,
     failed: u32,
 }
@@ -675,10 +664,15 @@ struct CopyLoop {
 /// or the budget has ended (or a load failed: `failed`).
 extern "C" fn copy_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer `copy` gave it, to its
-    // `CopyLoop`, whose pointers (the plan, this CPU's counters) are
-    // valid for as long as the program runs.
+    // `CopyLoop`, on `copy`'s stack for as long as the loop runs.
     let l = unsafe { &mut *ctx.cast::<CopyLoop>() };
-    let (c, counters) = unsafe { (&*l.chunks, &mut *l.counters) };
+    let (Some(c), Some(counters)) = (PLAN.get_ptr(0), COUNTERS.get_ptr_mut(0)) else {
+        l.failed = 1;
+        return 1;
+    };
+    // SAFETY: this CPU's entries: the plan `copy` follows, and the
+    // counters, used by this program run alone.
+    let (c, counters) = unsafe { (&*c, &mut *counters) };
     let tc = TcContext {
         skb: aya_ebpf::programs::sk_buff::SkBuff::new(l.skb),
     };
@@ -747,7 +741,12 @@ impl Chunks {
         if remaining > n && left == n {
             flags |= event_flags::BUDGET_EXHAUSTED;
         }
-        let header = EventHeader {
+        // Built only once the record is reserved, straight into it: a
+        // header made before is held in registers across the reserve call,
+        // and spilled, nearly doubling the frame of `copy` and of
+        // `copy_step` (the chain the classifier, `copy` and `copy_step`
+        // make is one 6.1 counts against its 512-byte stack limit).
+        let header = || EventHeader {
             ts_ns: self.ts_ns,
             flow: seg.flow,
             ifindex: self.ifindex,
@@ -757,21 +756,30 @@ impl Chunks {
             direction: self.direction as u8,
             kind: kind as u8,
             flags,
-            _pad: [0; 3],
+            _pad: [0, 0, 0],
             ack: seg.ack,
         };
-        emit(ctx, &header, seg.payload_off + copied, n, sized, counters)?;
+        emit(
+            ctx,
+            header,
+            &seg.flow,
+            seg.payload_off + copied,
+            n,
+            sized,
+            counters,
+        )?;
         Ok(n)
     }
 }
 
-/// Sends one event: `header` and the `n` (1..=MAX_PAYLOAD) payload bytes at
-/// `off`, loaded straight into the ring buffer (one copy), in a record of
-/// the next size up (`sized`) or a full-sized one.
+/// Sends one event: `header()` and the `n` (1..=MAX_PAYLOAD) payload bytes
+/// of `flow` at `off`, loaded straight into the ring buffer (one copy), in
+/// a record of the next size up (`sized`) or a full-sized one.
 #[inline(always)]
 fn emit(
     ctx: &TcContext,
-    header: &EventHeader,
+    header: impl Fn() -> EventHeader + Copy,
+    flow: &FlowKey,
     off: u32,
     n: u32,
     sized: bool,
@@ -805,7 +813,7 @@ fn emit(
         _ => send::<MAX_PAYLOAD>(ctx, header, off, n, flags),
     }?;
     if !sent {
-        diag::note(&header.flow, diag::Why::RecordDropped, n);
+        diag::note(flow, diag::Why::RecordDropped, n);
         count(counters, counter::RINGBUF_FULL);
     }
     Ok(())
@@ -819,12 +827,13 @@ struct Record<const N: usize> {
     payload: [u8; N],
 }
 
-/// Reserves a record of size class `N` (a power of two) and loads the
-/// payload into it. `Ok(false)`: the ring buffer is full.
+/// Reserves a record of size class `N` (a power of two), loads the
+/// payload into it and writes `header()` beside it. `Ok(false)`: the ring
+/// buffer is full.
 #[inline(always)]
 fn send<const N: usize>(
     ctx: &TcContext,
-    header: &EventHeader,
+    header: impl Fn() -> EventHeader,
     off: u32,
     n: u32,
     flags: u64,
@@ -852,7 +861,7 @@ fn send<const N: usize>(
         entry.discard(BPF_RB_NO_WAKEUP as u64);
         return Err(());
     }
-    unsafe { core::ptr::addr_of_mut!((*record).header).write(*header) };
+    unsafe { core::ptr::addr_of_mut!((*record).header).write(header()) };
     entry.submit(flags);
     Ok(true)
 }

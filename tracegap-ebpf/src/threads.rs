@@ -66,7 +66,7 @@ fn relay(addr: &[u8; 16], family: u8) -> bool {
     let key = SourceKey {
         addr: *addr,
         family,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
     };
     RELAYS.get_ptr(&key).is_some()
 }
@@ -455,7 +455,7 @@ fn emit(flow: &FlowKey, word: u32, bytes: i32, id: u64, ts_ns: u64) {
         direction: (word != CLIENT_WROTE) as u8,
         kind: EventKind::Thread as u8,
         flags: 0,
-        _pad: [0; 3],
+        _pad: [0, 0, 0],
         ack: id as u32,
     };
     // No wakeup: the reader drains on its timer, and the request this

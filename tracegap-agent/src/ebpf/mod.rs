@@ -13,7 +13,7 @@ pub mod threads;
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{MapData, RingBuf},
+    maps::{MapData, ProgramArray, RingBuf},
     programs::{ProgramError, SchedClassifier},
 };
 use thiserror::Error;
@@ -25,6 +25,10 @@ pub use kernel_log::KernelLog;
 /// Names of the programs in the object, with the hook each runs on.
 pub const INGRESS_PROGRAM: &str = "tracegap_ingress";
 pub const EGRESS_PROGRAM: &str = "tracegap_egress";
+/// The program that logs the diagnostics the TC pair noted, tail-called
+/// by them through [`DIAG_PROGRAMS`]; loaded only with the log on.
+pub const DIAGNOSE_PROGRAM: &str = "tracegap_diagnose";
+const DIAG_PROGRAMS: &str = "DIAG_PROGRAMS";
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tracegap"));
 
@@ -105,6 +109,45 @@ pub struct Observer {
     thread_links: threads::Links,
     /// The programs' log, until taken (None: off).
     kernel_log: Option<kernel_log::Reader>,
+    /// Whether [`DIAGNOSE_PROGRAM`] is loaded (the log is on).
+    diagnose: bool,
+}
+
+/// Puts the loaded [`DIAGNOSE_PROGRAM`] where the TC pair's tail call finds
+/// it.
+fn hand_diagnostics_over(ebpf: &mut Ebpf) -> Result<(), Error> {
+    let fd = {
+        let program: &SchedClassifier = ebpf
+            .program(DIAGNOSE_PROGRAM)
+            .ok_or(Error::MissingProgram(DIAGNOSE_PROGRAM))?
+            .try_into()
+            .map_err(|source| Error::Load {
+                program: DIAGNOSE_PROGRAM,
+                source: Box::new(source),
+            })?;
+        program
+            .fd()
+            .map_err(|source| Error::Load {
+                program: DIAGNOSE_PROGRAM,
+                source: Box::new(source),
+            })?
+            .try_clone()
+            .map_err(|e| Error::Load {
+                program: DIAGNOSE_PROGRAM,
+                source: Box::new(ProgramError::IOError(e)),
+            })?
+    };
+    let map = ebpf
+        .map_mut(DIAG_PROGRAMS)
+        .ok_or(Error::MissingMap(DIAG_PROGRAMS))?;
+    let mut slots = ProgramArray::try_from(map).map_err(|source| Error::Map {
+        name: DIAG_PROGRAMS,
+        source: Box::new(source),
+    })?;
+    slots.set(0, &fd, 0).map_err(|source| Error::Map {
+        name: DIAG_PROGRAMS,
+        source: Box::new(source),
+    })
 }
 
 impl Observer {
@@ -163,7 +206,13 @@ impl Observer {
             loader.override_global(name, offset, false);
         }
         let mut ebpf = loader.load(object).map_err(Box::new)?;
-        for name in [INGRESS_PROGRAM, EGRESS_PROGRAM] {
+        let diagnose = kernel_log != KernelLog::Off;
+        let programs: &[&'static str] = if diagnose {
+            &[INGRESS_PROGRAM, EGRESS_PROGRAM, DIAGNOSE_PROGRAM]
+        } else {
+            &[INGRESS_PROGRAM, EGRESS_PROGRAM]
+        };
+        for &name in programs {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(Error::MissingProgram(name))?
@@ -186,6 +235,9 @@ impl Observer {
                     "loaded"
                 );
             }
+        }
+        if diagnose {
+            hand_diagnostics_over(&mut ebpf)?;
         }
         let kernel_log = match kernel_log {
             KernelLog::Off => None,
@@ -214,6 +266,7 @@ impl Observer {
             memo,
             thread_links,
             kernel_log,
+            diagnose,
         })
     }
 
@@ -247,8 +300,10 @@ impl Observer {
         } else {
             &[]
         };
+        let diagnose = self.diagnose.then_some(DIAGNOSE_PROGRAM);
         [INGRESS_PROGRAM, EGRESS_PROGRAM]
             .into_iter()
+            .chain(diagnose)
             .chain(threads.iter().copied())
             .chain(memo.iter().copied())
     }
