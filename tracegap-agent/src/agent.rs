@@ -341,12 +341,12 @@ async fn event_loop(
                         continue;
                     }
                     p.nat.translate(&mut e, |ip| directory.is_service(ip));
+                    if e.direction == Direction::Ingress {
+                        p.local_ip(e.flow.src.ip);
+                    }
                     if e.kind == EventKind::TlsHello {
                         p.tls_hello(&e);
                     } else if e.kind == EventKind::Http2 {
-                        if e.direction == Direction::Ingress {
-                            p.local_ip(e.flow.src.ip);
-                        }
                         p.h2.push(&e, e.payload.is_empty(), &mut h2_out);
                         for o in h2_out.drain(..) {
                             p.h2_stream(o);
@@ -432,6 +432,14 @@ fn learned_uninstrumented(
 }
 
 /// The user-space data path's state.
+/// A hop's (or a connection's) two ends, as [`Pipeline::ends`] finds them.
+struct Ends {
+    caller: Identity,
+    callee: Identity,
+    caller_local: bool,
+    callee_local: bool,
+}
+
 struct Pipeline {
     clock: WallClock,
     nat: ServiceNat,
@@ -586,9 +594,6 @@ impl Pipeline {
     /// A TLS connection's ClientHello: counted on its edge as one whose
     /// requests tracegap cannot read, with the server name it asked for.
     fn tls_hello(&mut self, e: &RawEvent) {
-        if e.direction == Direction::Ingress {
-            self.local_ip(e.flow.src.ip);
-        }
         let hello = match crate::tls::ClientHello::parse(&e.payload) {
             Ok(h) => h,
             Err(err) => {
@@ -596,22 +601,12 @@ impl Pipeline {
                 crate::tls::ClientHello::default()
             }
         };
-        let caller = self.directory.lookup(e.flow.src.ip);
-        let callee = self.directory.lookup(e.flow.dst.ip);
-        let (caller_local, callee_local) = (
-            self.local.contains(&e.flow.src.ip),
-            self.local.contains(&e.flow.dst.ip),
-        );
+        let ends = self.ends(e.flow.src.ip, e.flow.dst.ip);
         // Seen on both nodes of a cross-node connection: counted once.
-        if !cluster::reports_here(
-            &caller,
-            &callee,
-            caller_local,
-            callee_local,
-            self.node.as_deref(),
-        ) {
+        if !self.reports_here(&ends) {
             return;
         }
+        let Ends { caller, callee, .. } = ends;
         let server_name = hello.server_name.unwrap_or_default();
         self.shared.metrics.tls_unread(crate::metrics::TlsLabels {
             source_service: caller.service.clone(),
@@ -626,6 +621,28 @@ impl Pipeline {
                 &hello.alpn.join(","),
             );
         }
+    }
+
+    /// Who a hop's two ends are, and whether each is a pod of this node.
+    fn ends(&self, caller: IpAddr, callee: IpAddr) -> Ends {
+        Ends {
+            caller: self.directory.lookup(caller),
+            callee: self.directory.lookup(callee),
+            caller_local: self.local.contains(&caller),
+            callee_local: self.local.contains(&callee),
+        }
+    }
+
+    /// Whether this node reports what passed between `ends`: once, where
+    /// a cross-node connection is seen on both nodes.
+    fn reports_here(&self, ends: &Ends) -> bool {
+        cluster::reports_here(
+            &ends.caller,
+            &ends.callee,
+            ends.caller_local,
+            ends.callee_local,
+            self.node.as_deref(),
+        )
     }
 
     /// An address seen sending from a watched pod veth.
@@ -674,9 +691,6 @@ impl Pipeline {
     }
 
     fn message(&mut self, m: Message) {
-        if m.direction == Direction::Ingress {
-            self.local_ip(m.flow.src.ip);
-        }
         if m.head.is_err() {
             tracing::debug!(flow = %m.flow, "unparsed message head");
             return;
@@ -781,8 +795,14 @@ impl Pipeline {
 
     /// Classifies a hop, counts and reports it, and makes its span.
     fn settle_hop(&mut self, hop: Hop) {
-        let caller = self.directory.lookup(hop.caller().ip);
-        let callee = self.directory.lookup(hop.callee().ip);
+        let ends = self.ends(hop.caller().ip, hop.callee().ip);
+        let reports_here = self.reports_here(&ends);
+        let Ends {
+            caller,
+            callee,
+            callee_local,
+            ..
+        } = ends;
         // Declared (names file, annotation) first; else what the trace
         // store and the wire have shown of the service.
         let instrumented = callee.instrumented.or_else(|| {
@@ -791,8 +811,6 @@ impl Pipeline {
                 .and_then(|r| r.instrumented(&callee.service))
         });
         let verdict = self.engine.classify(&hop, instrumented);
-        let callee_local = self.local.contains(&hop.callee().ip);
-        let caller_local = self.local.contains(&hop.caller().ip);
         let node = self.node.as_deref();
         // Whether an undeclared callee records spans is its node's to find
         // out, call by call (below): uninstrumented only as learned so far.
@@ -894,7 +912,7 @@ impl Pipeline {
                 .offer(span::passthrough(&hop, &verdict, &caller, &callee));
         }
         // Classified either way (the engine relates hops), reported once.
-        if !cluster::reports_here(&caller, &callee, caller_local, callee_local, node) {
+        if !reports_here {
             return;
         }
         let format = formats_label(&hop.propagation.contexts);
