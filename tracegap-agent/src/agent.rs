@@ -812,6 +812,11 @@ impl Pipeline {
         });
         let verdict = self.engine.classify(&hop, instrumented);
         let node = self.node.as_deref();
+        // Whether this node watches the callee's pods (and so sees their
+        // exports): a pod whose HTTP/2 connections all run to local callers
+        // may never be seen sending here (each such connection is read on
+        // the caller's veth alone), but its node is named.
+        let callee_here = cluster::known_here(&callee, callee_local, node);
         // Whether an undeclared callee records spans is its node's to find
         // out, call by call (below): uninstrumented only as learned so far.
         let learned_only = verdict.kind == GapKind::Uninstrumented && callee.instrumented.is_none();
@@ -827,7 +832,7 @@ impl Pipeline {
                 r.ids_seen(&callee.service);
             }
             if let Some(s) = &mut self.silence
-                && callee_local
+                && callee_here
             {
                 s.continued(&callee.service, monotonic_ns());
             }
@@ -868,7 +873,7 @@ impl Pipeline {
         // served sampled requests a while and never exported gets its span
         // on its node (the one that sees its exports), marked likely.
         if let Some(s) = &mut self.silence
-            && callee_local
+            && callee_here
             && callee.instrumented.is_none()
             && verdict.kind == GapKind::ContextOk
             && verdict.forwarded == 0

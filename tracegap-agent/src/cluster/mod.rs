@@ -56,6 +56,14 @@ pub fn on_this_node(id: &Identity, seen_local: bool, node: Option<&str>) -> bool
     }
 }
 
+/// Whether `id` is known to be on this node: seen leaving a watched veth,
+/// or named on this node. Unlike [`on_this_node`], never true of an
+/// address nothing placed here (the only agent, no node name, has seen
+/// its own pods send).
+pub fn known_here(id: &Identity, seen_local: bool, node: Option<&str>) -> bool {
+    seen_local || matches!((node, id.node.as_deref()), (Some(here), Some(there)) if here == there)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,5 +113,20 @@ mod tests {
         let anon = Identity::default();
         assert!(reports_here(&anon, &anon, true, false, Some("a")));
         assert!(!reports_here(&anon, &anon, false, false, Some("a")));
+    }
+
+    #[test]
+    fn a_pod_is_known_here_when_named_here_or_seen_sending_here() {
+        // Named on this node though never seen sending (its connections
+        // all read on a local caller's veth).
+        assert!(known_here(&pod("a"), false, Some("a")));
+        assert!(!known_here(&pod("b"), false, Some("a")));
+        assert!(known_here(&pod("b"), true, Some("a")));
+        // No names: only what was seen. The only agent does not place
+        // every address on its node.
+        let anon = Identity::default();
+        assert!(!known_here(&anon, false, None));
+        assert!(known_here(&anon, true, None));
+        assert!(!known_here(&pod("a"), false, None));
     }
 }
