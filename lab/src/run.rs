@@ -848,28 +848,10 @@ fn without_store(
         .start_agents(&quick, store_port, Some(query_port))?;
     // Taught: each node's pods of each callee serve sampled requests over
     // more than a second. Four rounds: a gRPC caller keeps one connection,
-    // to one pod of the callee, so each caller pod must be reached. More
-    // (up to 12) while the agents read no call into a callee yet: a gRPC
-    // connection open before they started is read once it is joined, and
-    // a loaded machine can reorder its segments and have it given up and
-    // joined again; the lesson counts from the first call read.
-    let mut rounds = 0;
-    loop {
+    // to one pod of the callee, so each caller pod must be reached.
+    for _ in 0..4 {
         for l in &loads {
             ctx.run_load(l)?;
-        }
-        rounds += 1;
-        if rounds >= 12 {
-            break;
-        }
-        if rounds >= 4 {
-            let mut unread = false;
-            for c in callees {
-                unread |= hops_into_now(ctx, c)? == 0;
-            }
-            if !unread {
-                break;
-            }
         }
     }
     std::thread::sleep(Duration::from_millis(1200));
@@ -886,7 +868,15 @@ fn without_store(
     };
     let before: Vec<usize> = callees.iter().map(|c| spans_of(ctx, c)).collect();
     // Calls into a callee, as the agents reported them (each once).
-    let hops_into = hops_into_now;
+    let hops_into = |ctx: &Ctx, callee: &str| -> anyhow::Result<u64> {
+        Ok(ctx
+            .report()?
+            .edges
+            .iter()
+            .filter(|e| e.destination == callee)
+            .map(|e| e.requests)
+            .sum())
+    };
     let taught: u64 = callees
         .iter()
         .map(|c| hops_into(ctx, c))
@@ -929,17 +919,6 @@ fn without_store(
             )
         })
         .collect())
-}
-
-/// Calls into `callee`, as the agents reported them (each once).
-fn hops_into_now(ctx: &Ctx, callee: &str) -> anyhow::Result<u64> {
-    Ok(ctx
-        .report()?
-        .edges
-        .iter()
-        .filter(|e| e.destination == callee)
-        .map(|e| e.requests)
-        .sum())
 }
 
 /// Runs one scenario on a fresh two-node cluster with an agent per node.

@@ -431,7 +431,6 @@ fn learned_uninstrumented(
     span::build(hop, &v, caller, callee, true)
 }
 
-/// The user-space data path's state.
 /// A hop's (or a connection's) two ends, as [`Pipeline::ends`] finds them.
 struct Ends {
     caller: Identity,
@@ -440,6 +439,7 @@ struct Ends {
     callee_local: bool,
 }
 
+/// The user-space data path's state.
 struct Pipeline {
     clock: WallClock,
     nat: ServiceNat,

@@ -631,6 +631,8 @@ fn copy(ctx: &TcContext, c: &Chunks, counters: &mut Counters) -> Result<u32, ()>
     }
     let mut l = CopyLoop {
         skb: ctx.skb.skb,
+        chunks: c,
+        counters,
         copied: first,
         failed: 0,
     };
@@ -648,14 +650,12 @@ fn copy(ctx: &TcContext, c: &Chunks, counters: &mut Counters) -> Result<u32, ()>
     Ok(l.copied)
 }
 
-/// [`copy`]'s state, on the caller's stack, for [`copy_step`]. The plan and
-/// the counters are this CPU's map entries, looked up again by the step
-/// rather than passed: two pointers fewer in `copy`'s frame, which with the
-/// classifier's and the step's own is a chain 6.1 counts against its
-/// 512-byte stack limit.
+/// [`copy`]'s state, on the caller's stack, for [`copy_step`].
 #[repr(C)]
 struct CopyLoop {
     skb: *mut aya_ebpf::bindings::__sk_buff,
+    chunks: *const Chunks,
+    counters: *mut Counters,
     copied: u32,
     failed: u32,
 }
@@ -664,15 +664,10 @@ struct CopyLoop {
 /// or the budget has ended (or a load failed: `failed`).
 extern "C" fn copy_step(index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer `copy` gave it, to its
-    // `CopyLoop`, on `copy`'s stack for as long as the loop runs.
+    // `CopyLoop`, whose pointers (the plan, this CPU's counters) are
+    // valid for as long as the program runs.
     let l = unsafe { &mut *ctx.cast::<CopyLoop>() };
-    let (Some(c), Some(counters)) = (PLAN.get_ptr(0), COUNTERS.get_ptr_mut(0)) else {
-        l.failed = 1;
-        return 1;
-    };
-    // SAFETY: this CPU's entries: the plan `copy` follows, and the
-    // counters, used by this program run alone.
-    let (c, counters) = unsafe { (&*c, &mut *counters) };
+    let (c, counters) = unsafe { (&*l.chunks, &mut *l.counters) };
     let tc = TcContext {
         skb: aya_ebpf::programs::sk_buff::SkBuff::new(l.skb),
     };

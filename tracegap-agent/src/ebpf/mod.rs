@@ -14,7 +14,7 @@ pub mod threads;
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, ProgramArray, RingBuf},
-    programs::{ProgramError, SchedClassifier},
+    programs::{ProgramError, ProgramFd, SchedClassifier},
 };
 use thiserror::Error;
 
@@ -113,41 +113,20 @@ pub struct Observer {
     diagnose: bool,
 }
 
-/// Puts the loaded [`DIAGNOSE_PROGRAM`] where the TC pair's tail call finds
-/// it.
-fn hand_diagnostics_over(ebpf: &mut Ebpf) -> Result<(), Error> {
-    let fd = {
-        let program: &SchedClassifier = ebpf
-            .program(DIAGNOSE_PROGRAM)
-            .ok_or(Error::MissingProgram(DIAGNOSE_PROGRAM))?
-            .try_into()
-            .map_err(|source| Error::Load {
-                program: DIAGNOSE_PROGRAM,
-                source: Box::new(source),
-            })?;
-        program
-            .fd()
-            .map_err(|source| Error::Load {
-                program: DIAGNOSE_PROGRAM,
-                source: Box::new(source),
-            })?
-            .try_clone()
-            .map_err(|e| Error::Load {
-                program: DIAGNOSE_PROGRAM,
-                source: Box::new(ProgramError::IOError(e)),
-            })?
+/// Puts [`DIAGNOSE_PROGRAM`], loaded as `fd`, where the TC pair's tail
+/// call finds it.
+fn hand_diagnostics_over(ebpf: &mut Ebpf, fd: &ProgramFd) -> Result<(), Error> {
+    let map_err = |source| Error::Map {
+        name: DIAG_PROGRAMS,
+        source: Box::new(source),
     };
     let map = ebpf
         .map_mut(DIAG_PROGRAMS)
         .ok_or(Error::MissingMap(DIAG_PROGRAMS))?;
-    let mut slots = ProgramArray::try_from(map).map_err(|source| Error::Map {
-        name: DIAG_PROGRAMS,
-        source: Box::new(source),
-    })?;
-    slots.set(0, &fd, 0).map_err(|source| Error::Map {
-        name: DIAG_PROGRAMS,
-        source: Box::new(source),
-    })
+    ProgramArray::try_from(map)
+        .map_err(map_err)?
+        .set(0, fd, 0)
+        .map_err(map_err)
 }
 
 impl Observer {
@@ -212,19 +191,25 @@ impl Observer {
         } else {
             &[INGRESS_PROGRAM, EGRESS_PROGRAM]
         };
+        let mut diagnose_fd = None;
         for &name in programs {
+            let load_err = |source| Error::Load {
+                program: name,
+                source: Box::new(source),
+            };
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or(Error::MissingProgram(name))?
                 .try_into()
-                .map_err(|source| Error::Load {
-                    program: name,
-                    source: Box::new(source),
-                })?;
-            program.load().map_err(|source| Error::Load {
-                program: name,
-                source: Box::new(source),
-            })?;
+                .map_err(load_err)?;
+            program.load().map_err(load_err)?;
+            if name == DIAGNOSE_PROGRAM {
+                let fd = program.fd().map_err(load_err)?;
+                let fd = fd
+                    .try_clone()
+                    .map_err(|e| load_err(ProgramError::IOError(e)))?;
+                diagnose_fd = Some(fd);
+            }
             // How close the programs come to the verifier's 1M-instruction
             // bound on this kernel: the first thing to look at when a
             // change or an older kernel is near it.
@@ -236,8 +221,8 @@ impl Observer {
                 );
             }
         }
-        if diagnose {
-            hand_diagnostics_over(&mut ebpf)?;
+        if let Some(fd) = &diagnose_fd {
+            hand_diagnostics_over(&mut ebpf, fd)?;
         }
         let kernel_log = match kernel_log {
             KernelLog::Off => None,
