@@ -38,6 +38,7 @@ pub fn config_for(node: &crate::netns::Node, receiver: &crate::store::Receiver) 
         node_name: None,
         reconcile: None,
         thread_evidence: true,
+        tls_plaintext: true,
         kernel_log: Default::default(),
         place_by_timing: false,
         silence: Some(Default::default()),

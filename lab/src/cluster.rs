@@ -218,6 +218,7 @@ impl Cluster {
             node_name: None,
             reconcile: None,
             thread_evidence: true,
+            tls_plaintext: true,
             kernel_log: Default::default(),
             place_by_timing: false,
             silence: Some(Default::default()),

@@ -221,6 +221,11 @@ impl PodTemplate {
             match key.as_str() {
                 "containers" => {}
                 "hostNetwork" => t.host_network = spec.host_network == Some(true),
+                "hostPID" => {
+                    if spec.host_pid == Some(true) {
+                        t.flags.push("--pid=host".into());
+                    }
+                }
                 "terminationGracePeriodSeconds" => {
                     if let Some(s) = spec.termination_grace_period_seconds {
                         t.flags.push(format!("--stop-timeout={s}"));

@@ -18,11 +18,32 @@ use crate::netns::Pod;
 /// (status, body). For the lab's own questions: the agent's endpoints, a
 /// service's stats.
 pub fn get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
-    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    get_over(addr, path, false)
+}
+
+/// [`get`], over TLS when `tls` (a lab service serving HTTPS).
+pub fn get_over(addr: SocketAddr, path: &str, tls: bool) -> anyhow::Result<(u16, String)> {
+    let c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
     c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut c = if tls {
+        crate::tls::connect(c, &addr.ip().to_string())?
+    } else {
+        crate::tls::Conn::Plain(c)
+    };
     write!(c, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut raw = String::new();
-    c.read_to_string(&mut raw)?;
+    let mut raw = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    // To the end; a TLS peer that closes without its close_notify ends
+    // the answer too.
+    loop {
+        match c.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => raw.extend_from_slice(&chunk[..n]),
+            Err(_) if tls && !raw.is_empty() => break,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let raw = String::from_utf8_lossy(&raw).into_owned();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
     let status = head
         .split(' ')

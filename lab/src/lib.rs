@@ -25,4 +25,5 @@ pub mod scenario;
 pub mod serve;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod tree;

@@ -79,6 +79,11 @@ enum Cmd {
         /// (BPF statistics off), beside the empty program.
         #[arg(long, conflicts_with = "kernel")]
         sockets: bool,
+        /// Only what reading HTTPS through OpenSSL costs a request: wrk
+        /// against the lab's TLS service, without the agent, with its
+        /// OpenSSL probes off and on.
+        #[arg(long, conflicts_with_all = ["kernel", "sockets"])]
+        tls: bool,
     },
     /// Holds N open flows in the agent's state and prints the peak RSS in
     /// KiB (used by `bench`).
@@ -130,6 +135,11 @@ enum Cmd {
         /// handler's work before it calls on), e.g. `20ms`.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
         think: Duration,
+        /// Serve HTTPS through the system's OpenSSL (a self-signed
+        /// certificate; HTTP/1.1, a thread per connection). Downstream
+        /// `https://` URLs are called over TLS either way.
+        #[arg(long)]
+        tls: bool,
         /// How it serves requests at once: a thread each, or multiplexed on
         /// one async thread (HTTP/1.1 only).
         #[arg(long, value_enum, default_value_t = Runtime::Threads)]
@@ -261,6 +271,7 @@ fn main() -> anyhow::Result<()> {
             floor_object,
             kernel,
             sockets,
+            tls,
         } => {
             let d = if quick {
                 tracegap_lab::bench::Durations::quick()
@@ -271,11 +282,13 @@ fn main() -> anyhow::Result<()> {
             let mut table = String::new();
             if sockets {
                 table = tracegap_lab::bench::sockets_only(d, floor.as_deref())?;
+            } else if tls {
+                table = tracegap_lab::bench::tls_only(d)?;
             } else if !kernel {
                 table = tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
                 table.push('\n');
             }
-            if let Some(floor) = floor.as_ref().filter(|_| !sockets) {
+            if let Some(floor) = floor.as_ref().filter(|_| !sockets && !tls) {
                 eprintln!("bench: kernel programs on crafted packets (BPF_PROG_TEST_RUN)");
                 table.push_str(&tracegap_lab::bench::kernel::run(
                     floor,
@@ -319,6 +332,7 @@ fn main() -> anyhow::Result<()> {
             grpc,
             metadata_bytes,
             think,
+            tls,
             runtime,
         } => {
             let stop = Arc::new(AtomicBool::new(false));
@@ -334,6 +348,7 @@ fn main() -> anyhow::Result<()> {
                 metadata_bytes,
                 think,
                 runtime,
+                tls,
                 ..ServiceSpec::new(&name, port, behaviour)
             };
             let mut failed = None;

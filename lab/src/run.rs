@@ -117,9 +117,17 @@ struct Ctx<'a> {
     cluster: Cluster,
     store: &'a mut Receiver,
     opts: &'a Options,
+    /// Services that serve HTTPS: their `/_lab/...` answers too.
+    tls: std::collections::HashSet<String>,
 }
 
 impl Ctx<'_> {
+    /// GET `path` of one of `service`'s replicas, over TLS if it serves it.
+    fn lab_get(&self, service: &str, pod: &Pod, path: &str) -> anyhow::Result<(u16, String)> {
+        let addr = SocketAddr::from((pod.ipv4, 8080));
+        crate::http::get_over(addr, path, self.tls.contains(service))
+    }
+
     /// The trace store as pods on `node` reach it.
     fn otlp(&self, node: &Node) -> String {
         format!(
@@ -130,15 +138,19 @@ impl Ctx<'_> {
     }
 
     /// A service's URL: its ClusterIP. A path `grpc:/pkg.Svc/Method` is a
-    /// gRPC method: `grpc://ip:port/pkg.Svc/Method`.
+    /// gRPC method: `grpc://ip:port/pkg.Svc/Method`; `https:/path` is
+    /// called over TLS.
     fn url(&self, service: &str, path: &str) -> String {
         let ip = self
             .cluster
             .service_ip(service)
             .unwrap_or(Ipv4Addr::UNSPECIFIED);
-        match path.strip_prefix("grpc:") {
-            Some(method) => format!("grpc://{ip}:{SERVICE_PORT}{method}"),
-            None => format!("http://{ip}:{SERVICE_PORT}{path}"),
+        if let Some(method) = path.strip_prefix("grpc:") {
+            format!("grpc://{ip}:{SERVICE_PORT}{method}")
+        } else if let Some(path) = path.strip_prefix("https:") {
+            format!("https://{ip}:{SERVICE_PORT}{path}")
+        } else {
+            format!("http://{ip}:{SERVICE_PORT}{path}")
         }
     }
 
@@ -183,6 +195,9 @@ impl Ctx<'_> {
             .arg(format!("{}ms", s.think.as_millis()));
         if s.grpc {
             cmd.arg("--grpc");
+        }
+        if s.tls {
+            cmd.arg("--tls");
         }
         for (pod, path) in &svc.calls {
             cmd.arg("--downstream").arg(self.url(pod, path));
@@ -277,8 +292,7 @@ impl Ctx<'_> {
     fn export_failed(&self, service: &str) -> anyhow::Result<u64> {
         let mut failed = 0;
         for (_, pod) in self.cluster.replicas(service) {
-            let addr = SocketAddr::from((pod.ipv4, 8080));
-            let (status, body) = crate::http::get(addr, "/_lab/stats")?;
+            let (status, body) = self.lab_get(service, pod, "/_lab/stats")?;
             anyhow::ensure!(status == 200, "/_lab/stats answered {status}");
             let v: serde_json::Value = serde_json::from_str(&body)?;
             failed += v["export_failed"]
@@ -296,8 +310,7 @@ impl Ctx<'_> {
     ) -> anyhow::Result<std::collections::BTreeMap<String, (u64, u64)>> {
         let mut by = std::collections::BTreeMap::new();
         for (_, pod) in self.cluster.replicas(service) {
-            let addr = SocketAddr::from((pod.ipv4, 8080));
-            let (status, body) = crate::http::get(addr, "/_lab/stats")?;
+            let (status, body) = self.lab_get(service, pod, "/_lab/stats")?;
             anyhow::ensure!(status == 200, "/_lab/stats answered {status}");
             let v: serde_json::Value = serde_json::from_str(&body)?;
             for (host, c) in v["calls"].as_object().into_iter().flatten() {
@@ -323,8 +336,7 @@ impl Ctx<'_> {
     ) -> anyhow::Result<std::collections::HashMap<SocketAddr, String>> {
         let mut by = std::collections::HashMap::new();
         for (_, pod) in self.cluster.replicas(service) {
-            let addr = SocketAddr::from((pod.ipv4, 8080));
-            let (status, body) = crate::http::get(addr, "/_lab/causes")?;
+            let (status, body) = self.lab_get(service, pod, "/_lab/causes")?;
             anyhow::ensure!(status == 200, "/_lab/causes answered {status}");
             let causes: Vec<crate::service::Cause> = serde_json::from_str(&body)?;
             by.extend(causes.into_iter().map(|c| (c.from, c.trace_id)));
@@ -500,6 +512,13 @@ fn check(
                 .map(|(_, n)| n)
                 .sum();
             (gaps == 0, format!("no gaps: {gaps} found"))
+        }
+        Expect::AllTlsRead => {
+            let unread: u64 = report.encrypted.iter().map(|e| e.connections).sum();
+            (
+                unread == 0,
+                format!("TLS connections left unread: {unread}"),
+            )
         }
         Expect::BaggageCarried(s, d) => {
             let n: u64 = edges(s, d).iter().map(|e| e.baggage_carried).sum();
@@ -1004,6 +1023,12 @@ pub fn run_one(
         cluster,
         store,
         opts,
+        tls: sc
+            .services
+            .iter()
+            .filter(|s| s.spec.tls)
+            .map(|s| s.spec.name.clone())
+            .collect(),
     };
     let first_span = ctx.store.spans().len();
     for s in &sc.services {

@@ -9,7 +9,7 @@ use crate::{
 };
 
 /// The scenario names, in the order they run.
-pub const ALL: [&str; 11] = [
+pub const ALL: [&str; 12] = [
     "broken-propagation",
     "concurrent",
     "fixed",
@@ -21,6 +21,7 @@ pub const ALL: [&str; 11] = [
     "slow",
     "flood",
     "grpc",
+    "tls",
 ];
 
 /// A service in a scenario: its pod is named after it.
@@ -77,6 +78,9 @@ pub enum Expect {
     /// Hops on this edge whose callee's own span the store shows with this
     /// outcome (`arrived`, `new_trace`, ...), after the settle delay.
     CalleeSpans(&'static str, &'static str, &'static str),
+    /// Every TLS connection's plaintext was read through OpenSSL: no edge
+    /// is left encrypted and unread.
+    AllTlsRead,
     /// The service's spans lost while the store refused them are counted
     /// `lost_in_pipeline`, as many as the service itself failed to export.
     SpansLost(&'static str),
@@ -415,6 +419,36 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                     Kind("service-d", "inventory", "context_ok"),
                     CalleeSpans("service-d", "inventory", "arrived"),
                     AcrossRestart("service-d", "inventory"),
+                ],
+                store_down: false,
+            }
+        }
+        "tls" => {
+            // broken-propagation over HTTPS: every service serves and calls
+            // through the system's OpenSSL, which tracegap reads in the
+            // clear; the wire carries ciphertext only.
+            let mut b = svc(
+                "service-b",
+                ServerSpansOnly,
+                &[("service-c", "https:/inventory/42")],
+            );
+            b.spec.tls = true;
+            let mut c = svc("service-c", Instrumented, &[]);
+            c.spec.tls = true;
+            Scenario {
+                name: "tls",
+                lesson: "broken-propagation over HTTPS (OpenSSL): service-b drops the context on its call to service-c; tracegap reads both hops inside TLS",
+                services: vec![b, c],
+                loads: vec![load(
+                    "service-a",
+                    ("service-b", "https:/checkout"),
+                    n(5, 20),
+                )],
+                expect: vec![
+                    Kind("service-b", "service-c", "broken_propagation"),
+                    Kind("service-a", "service-b", "context_ok"),
+                    Placed("service-b", "service-c"),
+                    AllTlsRead,
                 ],
                 store_down: false,
             }

@@ -6,7 +6,7 @@
 
 use std::{
     collections::HashMap,
-    io::{ErrorKind, Read as _, Write as _},
+    io::{ErrorKind, Read, Write as _},
     net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
@@ -16,6 +16,7 @@ use std::{
     time::Duration,
 };
 
+use crate::tls::Conn;
 use opentelemetry::{
     Context, KeyValue,
     propagation::{Extractor, Injector, TextMapPropagator as _},
@@ -146,6 +147,10 @@ pub struct ServiceSpec {
     /// How it serves requests at once: a thread each, or multiplexed on
     /// one async thread.
     pub runtime: Runtime,
+    /// Serves HTTPS through the system's OpenSSL ([`crate::tls`]; HTTP/1.1
+    /// with a thread per connection). Downstream `https://` URLs are
+    /// called over TLS either way.
+    pub tls: bool,
 }
 
 /// How a service serves several requests at once.
@@ -180,6 +185,7 @@ impl ServiceSpec {
             metadata_bytes: 0,
             think: Duration::ZERO,
             runtime: Runtime::Threads,
+            tls: false,
         }
     }
 }
@@ -508,6 +514,18 @@ impl ServiceSpec {
                     let (spec, provider, s) = (spec.clone(), provider.clone(), stop.clone());
                     workers.retain(|w| !w.is_finished());
                     workers.push(std::thread::spawn(move || {
+                        // The handshake in the connection's own thread.
+                        let conn = if spec.tls {
+                            let _ = conn.set_nonblocking(false);
+                            // A failed handshake (a readiness probe's bare
+                            // connect) is the caller's to report.
+                            match crate::tls::accept(conn) {
+                                Ok(c) => c,
+                                Err(_) => return,
+                            }
+                        } else {
+                            Conn::Plain(conn)
+                        };
                         serve(conn, &spec, provider.as_ref(), &s)
                     }));
                 }
@@ -526,7 +544,7 @@ impl ServiceSpec {
     }
 }
 
-fn read_head(conn: &mut TcpStream, buf: &mut Vec<u8>, stop: &AtomicBool) -> Option<String> {
+fn read_head(conn: &mut impl Read, buf: &mut Vec<u8>, stop: &AtomicBool) -> Option<String> {
     loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..end]).into_owned();
@@ -737,7 +755,7 @@ pub(crate) fn handle(
 }
 
 fn serve(
-    mut conn: TcpStream,
+    mut conn: Conn,
     spec: &ServiceSpec,
     provider: Option<&SdkTracerProvider>,
     stop: &AtomicBool,
@@ -807,15 +825,24 @@ fn call_from(
     headers: &[(String, String)],
     connected: impl FnOnce(SocketAddr),
 ) -> std::io::Result<u16> {
-    let rest = url.strip_prefix("http://").unwrap_or(url);
+    let (tls, rest) = match url.strip_prefix("https://") {
+        Some(rest) => (true, rest),
+        None => (false, url.strip_prefix("http://").unwrap_or(url)),
+    };
     let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
     let path = if path.is_empty() { "/" } else { path };
     // A name (a Kubernetes Service) or an address.
     let addr = std::net::ToSocketAddrs::to_socket_addrs(authority)?
         .next()
         .ok_or_else(|| std::io::Error::new(ErrorKind::NotFound, "no address"))?;
-    let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
-    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(3))?;
+    tcp.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut c = if tls {
+        let host = authority.rsplit_once(':').map_or(authority, |(h, _)| h);
+        crate::tls::connect(tcp, host)?
+    } else {
+        Conn::Plain(tcp)
+    };
     connected(c.local_addr()?);
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n");
     for (k, v) in headers {

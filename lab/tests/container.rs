@@ -3,7 +3,10 @@
 //! field by field into `podman run` (lab/src/container.rs), on a lab node's
 //! network as its host network. It finds the lab's broken propagation;
 //! without any one of the capabilities the DaemonSet adds it stops with an
-//! error naming it.
+//! error naming it. deploy/https adds what reading HTTPS through OpenSSL
+//! asks (hostPID, SYS_ADMIN, SYS_PTRACE): with it the agent probes the
+//! node's libssl; without either capability it runs on, probes none, and
+//! its log names the one missing.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -159,10 +162,37 @@ fn each_capability_the_daemonset_adds_is_needed_and_named_when_missing() -> anyh
     };
     let name = |what: &str| format!("tracegap-test-{what}-{}", std::process::id());
 
+    // A process of the node that maps OpenSSL (Python's ssl module), as a
+    // service in a pod would: the agent finds its library through it.
+    let _openssl_user = tracegap_lab::netns::Child::spawn(
+        node.pods[1]
+            .command("python3")
+            .args(["-c", "import ssl, time; time.sleep(600)"]),
+    )?;
+    std::thread::sleep(Duration::from_millis(500));
+    let probed = |agent: &AgentContainer| -> anyhow::Result<f64> {
+        let (_, body) = tracegap_lab::http::get(agent.metrics, "/metrics")?;
+        Ok(body
+            .lines()
+            .find_map(|l| l.strip_prefix("tracegap_openssl_libraries_probed "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0))
+    };
+
     // All of them: ready, attached to the node's pod veths; /metrics on
     // the node's address, /report only on its loopback.
     let mut agent = AgentContainer::start(&t, &at, &name("all"))?;
     agent.wait_ready(Duration::from_secs(30))?;
+    // The base reads no HTTPS (no hostPID, no SYS_ADMIN nor SYS_PTRACE)
+    // and says why; deploy/https does (below).
+    assert_eq!(probed(&agent)?, 0.0, "{}", agent.logs());
+    let logs = agent.logs();
+    for cap in ["CAP_SYS_ADMIN", "CAP_SYS_PTRACE"] {
+        assert!(
+            logs.contains("missing capabilities") && logs.contains(cap),
+            "the log names {cap}: {logs}"
+        );
+    }
     // Ready means loaded: the verifier's memory, charged to the
     // container, is in the peak. One kernel build's verifier once took
     // more than the limit and the kubelet would have OOM-killed the agent
@@ -247,6 +277,38 @@ fn each_capability_the_daemonset_adds_is_needed_and_named_when_missing() -> anyh
         );
     }
     agent.remove()?;
+
+    // deploy/https: the library the node's process maps, found through
+    // /proc/PID/maps (hostPID, SYS_PTRACE) and probed through
+    // /proc/PID/root (SYS_ADMIN: uprobes). Without either added
+    // capability the agent runs on, probes nothing, and names it.
+    let https = PodTemplate::from_manifests(&render(&deploy_base().join("../https"))?, "tracegap")?;
+    let agent = AgentContainer::start(&https, &at, &name("https"))?;
+    agent.wait_ready(Duration::from_secs(30))?;
+    assert!(
+        probed(&agent)? >= 1.0,
+        "no OpenSSL library probed: {}",
+        agent.logs()
+    );
+    drop(agent);
+    for cap in ["SYS_ADMIN", "SYS_PTRACE"] {
+        let without = Placement {
+            without: vec![cap.into()],
+            ..at.clone()
+        };
+        let agent = AgentContainer::start(
+            &https,
+            &without,
+            &name(&format!("https-{}", cap.to_lowercase())),
+        )?;
+        agent.wait_ready(Duration::from_secs(30))?;
+        assert_eq!(probed(&agent)?, 0.0, "{}", agent.logs());
+        let logs = agent.logs();
+        assert!(
+            logs.contains("missing capabilities") && logs.contains(&format!("CAP_{cap}")),
+            "the log names CAP_{cap}: {logs}"
+        );
+    }
 
     for cap in &t.capabilities {
         let without = Placement {

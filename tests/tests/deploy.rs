@@ -129,6 +129,49 @@ fn every_manifest_renders_and_reads_into_its_kubernetes_type() -> anyhow::Result
     assert_eq!(lab.iter().filter(|k| *k == "Deployment").count(), 3);
     let busy = check_all(&render("busy-nodes")?)?;
     assert_eq!(busy, base, "the same objects as the base");
+    let https = check_all(&render("https")?)?;
+    assert_eq!(https, base, "the same objects as the base");
+    Ok(())
+}
+
+/// The https recipe adds what reading HTTPS through OpenSSL asks of the
+/// kernel, and nothing else: hostPID, SYS_ADMIN (uprobes), SYS_PTRACE
+/// (other processes' maps and roots).
+#[test]
+fn the_https_recipe_only_adds_what_the_openssl_probes_need() -> anyhow::Result<()> {
+    if !kubectl() {
+        return Ok(());
+    }
+    let daemonset = |dir: &str| -> anyhow::Result<Value> {
+        render(dir)?
+            .into_iter()
+            .find(|d| d["kind"] == "DaemonSet")
+            .ok_or_else(|| anyhow::anyhow!("{dir}: no DaemonSet"))
+    };
+    let (mut base, mut https) = (daemonset("base")?, daemonset("https")?);
+    let spec = "/spec/template/spec";
+    let caps = "/spec/template/spec/containers/0/securityContext/capabilities/add";
+    assert_eq!(
+        https.pointer(&format!("{spec}/hostPID")),
+        Some(&Value::from(true))
+    );
+    assert_eq!(
+        https.pointer(caps).cloned(),
+        Some(serde_json::json!([
+            "BPF",
+            "NET_ADMIN",
+            "PERFMON",
+            "SYS_ADMIN",
+            "SYS_PTRACE"
+        ]))
+    );
+    for d in [&mut base, &mut https] {
+        *d.pointer_mut(caps).expect("capabilities") = Value::Null;
+        if let Some(o) = d.pointer_mut(spec).and_then(Value::as_object_mut) {
+            o.remove("hostPID");
+        }
+    }
+    assert_eq!(https, base, "everything else is the base's");
     Ok(())
 }
 
@@ -235,8 +278,10 @@ fn the_daemonset_runs_with_least_privilege() -> anyhow::Result<()> {
     assert_eq!(caps.drop.unwrap_or_default(), ["ALL"]);
     let mut add = caps.add.unwrap_or_default();
     add.sort();
-    // Each one shown necessary by tests/tests/container.rs; no SYS_RESOURCE.
+    // Each one shown necessary by lab/tests/container.rs; no SYS_RESOURCE.
     assert_eq!(add, ["BPF", "NET_ADMIN", "PERFMON"]);
+    // The node's processes are deploy/https's to see, not the base's.
+    assert_ne!(pod.host_pid, Some(true));
     assert_eq!(sc.read_only_root_filesystem, Some(true));
     let node_name = c
         .env

@@ -45,6 +45,10 @@ fn verifier_probe() -> anyhow::Result<()> {
     }
     let threads = observer.thread_evidence();
     println!("THREADS {} {threads:?}", threads.as_str());
+    println!(
+        "OPENSSL {}",
+        observer.openssl_unavailable().unwrap_or("loaded")
+    );
     drop(observer);
     // The TC programs again with their diagnostics on (`--kernel-log
     // debug`): off, the verifier drops the log calls; on, it walks them.
@@ -104,6 +108,12 @@ fn the_programs_verify_well_within_the_verifiers_bound() -> anyhow::Result<()> {
         !threads.starts_with("none"),
         "no thread programs on {release}: {threads}"
     );
+    // And OpenSSL's probes with the pair that names their connections.
+    let openssl = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("OPENSSL "))
+        .unwrap_or("no line");
+    assert_eq!(openssl, "loaded", "OpenSSL's probes on {release}");
     for line in stdout.lines() {
         let mut w = line.split_whitespace();
         let (Some("PROBE"), Some(program), Some(n), Some(ms)) =
@@ -130,9 +140,11 @@ fn the_programs_verify_well_within_the_verifiers_bound() -> anyhow::Result<()> {
              {VERIFIER_BUDGET} (a fifth of the verifier's 1M bound)"
         );
     }
-    // Five programs, and the two TC ones again with their log on, with
-    // the program that logs.
-    assert_eq!(seen, 8, "a line per program from the probe: {stdout}");
+    // Nine programs (the TC pair, the thread pair and its memo's, the
+    // OpenSSL probes' entry and return and their naming pair), and the
+    // TC and OpenSSL ones again with the log on, with the program that
+    // logs.
+    assert_eq!(seen, 16, "a line per program from the probe: {stdout}");
     Ok(())
 }
 

@@ -706,6 +706,104 @@ fn real_tls_is_not_mistaken_for_http() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// OpenSSL's probes on this machine's libssl: curl's HTTPS request and
+/// the answer it reads come out in the clear, as events of the cleartext
+/// kinds with no interface, on the connection as curl's socket names it,
+/// with its plaintext byte counts for sequence numbers. The server
+/// (`openssl s_server`) reads and writes through BIOs, inside libssl, where
+/// no probe is: only curl's end is read.
+#[test]
+fn https_through_openssl_is_read_in_the_clear_at_the_clients_end() -> anyhow::Result<()> {
+    if !privileged("https_through_openssl_is_read_in_the_clear_at_the_clients_end") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    let found = tracegap_agent::libssl::find(std::path::Path::new("/proc"));
+    let mut probed = 0;
+    for l in found.node.iter().chain(&found.mapped) {
+        probed += s.observer.probe_openssl(l.file, &l.path).map_or(0, |_| 1);
+    }
+    anyhow::ensure!(probed > 0, "no libssl to probe: {found:?}");
+    let dir = tracegap_tests::TempDir::new("tls-read")?;
+    let (key, cert) = tracegap_tests::self_signed(dir.path(), "server")?;
+    let server = tracegap_tests::Child::spawn(
+        s.node
+            .pod("server")
+            .command("openssl")
+            .args(["s_server", "-www", "-accept", "8443", "-quiet"])
+            .arg("-key")
+            .arg(&key)
+            .arg("-cert")
+            .arg(&cert),
+    )?;
+    let ip = s.node.pod("server").ipv4;
+    let url = format!("https://{ip}:8443/orders?token=1");
+    let mut answered = false;
+    for _ in 0..50 {
+        if s.node
+            .pod("client")
+            .curl(
+                &url,
+                &["-k", "--http1.1", "-H", &format!("traceparent: {TP}")],
+            )
+            .is_ok()
+        {
+            answered = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(server);
+    anyhow::ensure!(answered, "the TLS server never answered");
+    let events = collect_events(&mut s.ring, Duration::from_secs(2), |e| {
+        e.iter().filter(|e| e.ifindex == 0).count() >= 2
+    });
+    let plain: Vec<_> = events.iter().filter(|e| e.ifindex == 0).collect();
+    let request = plain
+        .iter()
+        .find(|e| e.kind == EventKind::Request)
+        .unwrap_or_else(|| panic!("no plaintext request: {events:?}"));
+    assert!(
+        request
+            .payload
+            .starts_with(b"GET /orders?token=1 HTTP/1.1\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&request.payload)
+    );
+    assert!(
+        String::from_utf8_lossy(&request.payload).contains(TP),
+        "the context in the clear"
+    );
+    assert_eq!(request.flow.dst.port, 8443);
+    assert_eq!(request.flow.dst.ip, IpAddr::V4(ip));
+    assert_eq!(request.flow.src.ip, IpAddr::V4(s.node.pod("client").ipv4));
+    assert_eq!((request.seq, request.ack), (0, 0));
+    let response = plain
+        .iter()
+        .find(|e| e.kind == EventKind::Response)
+        .unwrap_or_else(|| panic!("no plaintext response: {events:?}"));
+    assert!(
+        response.payload.starts_with(b"HTTP/1.0 200 ok"),
+        "{response:?}"
+    );
+    assert_eq!(response.flow, request.flow.reversed());
+    // The answer's acknowledgement: the whole request read.
+    assert_eq!(response.ack, request.segment_len);
+    // The wire still saw the hello, and nothing else readable.
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::TlsHello)
+            .count(),
+        1
+    );
+    let c = s.observer.counters()?;
+    assert!(c.tls_plaintext_chunks >= 2, "{c:?}");
+    assert_eq!(c.tls_unnamed_calls, 0, "{c:?}");
+    s.observer.detach_all()?;
+    Ok(())
+}
+
 #[test]
 fn binary_and_tls_like_traffic_produce_no_events() -> anyhow::Result<()> {
     if !privileged("binary_and_tls_like_traffic_produce_no_events") {

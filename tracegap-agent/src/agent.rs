@@ -99,6 +99,10 @@ pub struct AgentConfig {
     /// Record which thread wrote each call and read each request (the
     /// socket programs; see [`crate::gap::threads`]); off: timing alone.
     pub thread_evidence: bool,
+    /// Read HTTPS through OpenSSL's calls (uprobes on every libssl the
+    /// node's processes map; see [`crate::libssl`]); off: TLS connections
+    /// are counted as unread.
+    pub tls_plaintext: bool,
     /// What the kernel programs log into this log ([`crate::ebpf::kernel_log`]).
     pub kernel_log: KernelLog,
     /// Place a call under the request whose answer followed its own,
@@ -170,6 +174,7 @@ pub async fn run(
     let mut observer = Observer::load_with(LoadOptions {
         thread_evidence: config.thread_evidence,
         kernel_log: config.kernel_log,
+        tls_plaintext: config.tls_plaintext,
         ..LoadOptions::default()
     })
     .context("loading the eBPF programs")
@@ -216,6 +221,32 @@ pub async fn run(
             tx,
             metrics.events_undecodable.clone(),
         ));
+        // OpenSSL's libraries probed before the agent says it is ready, so
+        // the first HTTPS call after is read; then kept up by a scan.
+        let mut openssl = None;
+        if observer.reads_openssl() {
+            let lacking = privileges::Privileges::current()
+                .map(|p| p.missing_optional())
+                .unwrap_or_default();
+            for c in lacking {
+                tracing::warn!(
+                    "missing capabilities: {} ({}): HTTPS through the libraries only other processes map is counted as unread, not read",
+                    c.name,
+                    c.needed_for
+                );
+            }
+            let found = tokio::task::spawn_blocking(|| crate::libssl::find(std::path::Path::new("/proc")))
+                .await
+                .unwrap_or_default();
+            let mut tracker = crate::libssl::Tracker::default();
+            probe_libraries(&mut observer, &mut tracker, found, &metrics);
+            let (tx, found) = tokio::sync::mpsc::channel(1);
+            openssl = Some(OpenSsl {
+                tracker,
+                found,
+                scan: tokio::spawn(crate::libssl::watch(tx)),
+            });
+        }
         shared.ready.store(true, Ordering::Relaxed);
         if let Some(tx) = started {
             let _ = tx.send(Started {
@@ -228,7 +259,19 @@ pub async fn run(
         let mut pipeline =
             Pipeline::new(&config, shared.clone(), directory.clone(), queue, reconcile);
         pipeline.relays = observer.take_relays()?;
-        let looped = event_loop(&mut observer, interfaces, batches, &mut pipeline, stop).await;
+        pipeline.tls_waiting = openssl.is_some().then(Default::default);
+        let looped = event_loop(
+            &mut observer,
+            interfaces,
+            batches,
+            &mut openssl,
+            &mut pipeline,
+            stop,
+        )
+        .await;
+        if let Some(o) = &openssl {
+            o.scan.abort();
+        }
         let looped = match looped {
             // The drain ended first: its error is the one to report.
             Err(Stopped::DrainEnded) => match drain.await {
@@ -297,6 +340,40 @@ async fn watch_cluster(cfg: ClusterConfig, dir: Arc<Directory>, status: Arc<ApiS
     }
 }
 
+/// OpenSSL's libraries: those probed, and the scan that finds them.
+struct OpenSsl {
+    tracker: crate::libssl::Tracker,
+    found: tokio::sync::mpsc::Receiver<crate::libssl::Found>,
+    scan: tokio::task::JoinHandle<()>,
+}
+
+/// Probes the libraries a scan found new, leaves the ones gone.
+fn probe_libraries(
+    observer: &mut Observer,
+    tracker: &mut crate::libssl::Tracker,
+    found: crate::libssl::Found,
+    metrics: &Metrics,
+) {
+    let changes = tracker.update(&found.node, &found.mapped);
+    for l in changes.probe {
+        match observer.probe_openssl(l.file, &l.path) {
+            Ok(n) => {
+                tracing::info!(library = %l.path.display(), functions = n, "reading OpenSSL's plaintext")
+            }
+            Err(e) => tracing::warn!(
+                error = %e,
+                "an OpenSSL library left unprobed: its connections are counted as unread"
+            ),
+        }
+    }
+    for f in changes.leave {
+        observer.unprobe_openssl(f);
+    }
+    metrics
+        .openssl_libraries
+        .set(observer.openssl_files().len() as i64);
+}
+
 /// Why [`event_loop`] returned other than by being stopped.
 enum Stopped {
     /// The drain task ended: the ring buffer can no longer be read.
@@ -309,6 +386,7 @@ async fn event_loop(
     observer: &mut Observer,
     mut interfaces: Interfaces,
     mut batches: tokio::sync::mpsc::Receiver<Vec<RawEvent>>,
+    openssl: &mut Option<OpenSsl>,
     p: &mut Pipeline,
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), Stopped> {
@@ -341,8 +419,20 @@ async fn event_loop(
                         continue;
                     }
                     p.nat.translate(&mut e, |ip| directory.is_service(ip));
-                    if e.direction == Direction::Ingress {
+                    // Plaintext from OpenSSL (no interface): a process's
+                    // socket, not a pod veth's traffic.
+                    if e.ifindex == 0 {
+                        if !p.ours(&e.flow) {
+                            p.shared.metrics.ignored("tls_elsewhere");
+                            continue;
+                        }
+                        p.tls_plaintext(&e.flow);
+                    } else if e.direction == Direction::Ingress {
                         p.local_ip(e.flow.src.ip);
+                    } else if e.kind == EventKind::TlsHello {
+                        // Into a pod veth: the pod it goes to is this
+                        // node's, though it may never send cleartext.
+                        p.local_ip(e.flow.dst.ip);
                     }
                     if e.kind == EventKind::TlsHello {
                         p.tls_hello(&e);
@@ -357,6 +447,20 @@ async fn event_loop(
                             p.message(m);
                         }
                     }
+                }
+            }
+            found = async {
+                match openssl.as_mut() {
+                    Some(o) => o.found.recv().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                match (found, openssl.as_mut()) {
+                    (Some(found), Some(o)) => {
+                        probe_libraries(observer, &mut o.tracker, found, &p.shared.metrics);
+                    }
+                    // The scan ended: what is probed stays.
+                    _ => tracing::warn!("OpenSSL's libraries are no longer scanned"),
                 }
             }
             change = interfaces.changed() => {
@@ -474,6 +578,18 @@ struct Pipeline {
     deferred: std::collections::VecDeque<Deferred>,
     /// Pods whose threads the kernel records (None: no thread programs).
     relays: Option<crate::ebpf::threads::Relays>,
+    /// TLS connections whose plaintext OpenSSL's probes may still deliver
+    /// (None: no probes, a hello is counted unread at once).
+    tls_waiting: Option<crate::tls::Waiting<HelloSeen>>,
+}
+
+/// A TLS connection's hello, as it will be counted: its edge, its server
+/// name and the protocols it offered.
+struct HelloSeen {
+    caller: String,
+    callee: String,
+    server_name: String,
+    alpn: String,
 }
 
 /// A hop held for evidence of its cause.
@@ -535,6 +651,7 @@ impl Pipeline {
             node: config.node_name.clone(),
             deferred: std::collections::VecDeque::new(),
             relays: None,
+            tls_waiting: None,
         }
     }
 
@@ -555,6 +672,14 @@ impl Pipeline {
             &mut self.h2_counted,
         );
         self.engine.forget_before(now.saturating_sub(RETENTION_NS));
+        let unread = self
+            .tls_waiting
+            .as_mut()
+            .map(|w| w.expired(now))
+            .unwrap_or_default();
+        for seen in unread {
+            self.tls_unread(seen);
+        }
         self.nat
             .forget_before(now.saturating_sub(2 * nat::REVALIDATE_NS));
         self.shared
@@ -606,20 +731,45 @@ impl Pipeline {
         if !self.reports_here(&ends) {
             return;
         }
-        let Ends { caller, callee, .. } = ends;
-        let server_name = hello.server_name.unwrap_or_default();
+        let seen = HelloSeen {
+            caller: ends.caller.service,
+            callee: ends.callee.service,
+            server_name: hello.server_name.unwrap_or_default(),
+            alpn: hello.alpn.join(","),
+        };
+        // With OpenSSL's probes on, its plaintext may follow: unread is
+        // decided when none has come in a while.
+        let seen = match &mut self.tls_waiting {
+            Some(w) => w.hello(e.flow, e.ts_ns, seen),
+            None => Some(seen),
+        };
+        if let Some(seen) = seen {
+            self.tls_unread(seen);
+        }
+    }
+
+    /// Plaintext from OpenSSL on `flow`: its connection, if its hello is
+    /// waiting, is one read.
+    fn tls_plaintext(&mut self, flow: &crate::events::Flow) {
+        if let Some(seen) = self.tls_waiting.as_mut().and_then(|w| w.plaintext(flow)) {
+            self.shared.metrics.tls_read(crate::metrics::TlsLabels {
+                source_service: seen.caller,
+                destination_service: seen.callee,
+                server_name: seen.server_name,
+            });
+        }
+    }
+
+    /// An encrypted connection nothing read: counted on its edge and in
+    /// the report.
+    fn tls_unread(&self, seen: HelloSeen) {
         self.shared.metrics.tls_unread(crate::metrics::TlsLabels {
-            source_service: caller.service.clone(),
-            destination_service: callee.service.clone(),
-            server_name: server_name.clone(),
+            source_service: seen.caller.clone(),
+            destination_service: seen.callee.clone(),
+            server_name: seen.server_name.clone(),
         });
         if let Ok(mut r) = self.shared.reporter.lock() {
-            r.encrypted(
-                &caller.service,
-                &callee.service,
-                &server_name,
-                &hello.alpn.join(","),
-            );
+            r.encrypted(&seen.caller, &seen.callee, &seen.server_name, &seen.alpn);
         }
     }
 
@@ -643,6 +793,18 @@ impl Pipeline {
             ends.callee_local,
             self.node.as_deref(),
         )
+    }
+
+    /// Whether OpenSSL plaintext on `flow` is this agent's to read: an end
+    /// is a pod of this node (seen on its veths, or placed on it by name).
+    /// The uprobes see every process of the kernel, which on a node is the
+    /// node's; where agents share a kernel (the lab's nodes, tests run side
+    /// by side) the others' are left to them.
+    fn ours(&self, flow: &crate::events::Flow) -> bool {
+        [flow.src.ip, flow.dst.ip].iter().any(|ip| {
+            self.local.contains(ip)
+                || self.node.is_some() && self.directory.lookup(*ip).node == self.node
+        })
     }
 
     /// An address seen sending from a watched pod veth.

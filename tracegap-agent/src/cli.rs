@@ -102,6 +102,14 @@ pub struct RunArgs {
     /// by the wire alone.
     #[arg(long, env = "TRACEGAP_THREAD_EVIDENCE", default_value_t = true, action = clap::ArgAction::Set)]
     pub thread_evidence: bool,
+    /// Read HTTPS in the clear through OpenSSL: uprobes on SSL_read,
+    /// SSL_write and their _ex forms in every libssl the node's processes
+    /// map (found in /proc/PID/maps every 5s). Needs CAP_SYS_ADMIN (the
+    /// kernel's price for a uprobe), CAP_SYS_PTRACE and, in a pod, hostPID
+    /// (deploy/https); without them, or false, TLS connections are only
+    /// counted, as unread.
+    #[arg(long, env = "TRACEGAP_TLS_PLAINTEXT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub tls_plaintext: bool,
     /// The kernel programs' rare diagnostics in this log, under target
     /// `kernel`, each with its flow: an HTTP/2 connection given up and why,
     /// a joined connection left unread, a record dropped on a full ring or
@@ -272,6 +280,7 @@ impl RunArgs {
             export_mode: self.export,
             export_unsampled: self.export_unsampled,
             thread_evidence: self.thread_evidence,
+            tls_plaintext: self.tls_plaintext,
             kernel_log: self.kernel_log,
             place_by_timing: self.place_by_timing,
             silence: (!self.learn_uninstrumented_after.is_zero()).then_some(

@@ -22,6 +22,7 @@ pub mod gap;
 pub mod http;
 pub mod identity;
 pub mod interfaces;
+pub mod libssl;
 pub mod metrics;
 pub mod nat;
 pub mod observe;

@@ -46,6 +46,24 @@ pub const REQUIRED: [Capability; 3] = [
     },
 ];
 
+/// What the agent uses when it has it, and does without otherwise, saying
+/// so: HTTPS through OpenSSL is then counted as unread, not read
+/// (`deploy/https` adds both).
+pub const OPTIONAL: [Capability; 2] = [
+    Capability {
+        name: "CAP_SYS_ADMIN",
+        bit: CAP_SYS_ADMIN,
+        needed_for: "creating uprobes on the node's OpenSSL libraries (perf_event_open asks for it since the 2025 fix to Linux's uprobe PMU; CAP_PERFMON was enough before)",
+        sys_admin_covers: false,
+    },
+    Capability {
+        name: "CAP_SYS_PTRACE",
+        bit: 19,
+        needed_for: "reading the node's processes' /proc/PID/maps and /proc/PID/root, to find their OpenSSL libraries",
+        sys_admin_covers: false,
+    },
+];
+
 /// The calling process's effective capabilities and seccomp mode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Privileges {
@@ -90,6 +108,11 @@ impl Privileges {
             .into_iter()
             .filter(|c| !(self.has(c.bit) || (c.sys_admin_covers && self.has(CAP_SYS_ADMIN))))
             .collect()
+    }
+
+    /// The [`OPTIONAL`] capabilities this process lacks.
+    pub fn missing_optional(&self) -> Vec<Capability> {
+        OPTIONAL.into_iter().filter(|c| !self.has(c.bit)).collect()
     }
 
     /// Why the kernel may have refused, in the operator's terms; None when

@@ -138,8 +138,104 @@ fn alpn(body: &[u8]) -> Vec<String> {
     out
 }
 
+/// How long a TLS connection's hello waits for its plaintext (from
+/// OpenSSL's probes) before it is counted as unread: a client sends its
+/// first request within moments of the handshake; a pooled connection
+/// idle for longer is counted as unread, though a later read still makes
+/// hops.
+pub const PLAINTEXT_WAIT_NS: u64 = 5_000_000_000;
+/// Hellos waiting at most; past it a new one is decided at once (unread).
+pub const MAX_WAITING: usize = 16 * 1024;
+
+/// TLS connections seen starting, waiting to learn whether their
+/// plaintext is read, keyed by the hello's flow (client to server).
+pub struct Waiting<T> {
+    by_flow: crate::FastMap<crate::events::Flow, (u64, T)>,
+}
+
+impl<T> Default for Waiting<T> {
+    fn default() -> Self {
+        Self {
+            by_flow: Default::default(),
+        }
+    }
+}
+
+impl<T> Waiting<T> {
+    /// A hello on `flow` at `ts_ns`; gives `what` back when it cannot wait.
+    pub fn hello(&mut self, flow: crate::events::Flow, ts_ns: u64, what: T) -> Option<T> {
+        if self.by_flow.len() >= MAX_WAITING && !self.by_flow.contains_key(&flow) {
+            return Some(what);
+        }
+        self.by_flow.insert(flow, (ts_ns, what));
+        None
+    }
+
+    /// Plaintext on `flow` (either way): the hello it answers, if waiting.
+    pub fn plaintext(&mut self, flow: &crate::events::Flow) -> Option<T> {
+        if self.by_flow.is_empty() {
+            return None;
+        }
+        self.by_flow
+            .remove(flow)
+            .or_else(|| self.by_flow.remove(&flow.reversed()))
+            .map(|(_, t)| t)
+    }
+
+    /// The hellos that waited [`PLAINTEXT_WAIT_NS`] by `now_ns` in vain.
+    pub fn expired(&mut self, now_ns: u64) -> Vec<T> {
+        let cutoff = now_ns.saturating_sub(PLAINTEXT_WAIT_NS);
+        let gone: Vec<_> = self
+            .by_flow
+            .iter()
+            .filter(|(_, (ts, _))| *ts < cutoff)
+            .map(|(f, _)| *f)
+            .collect();
+        gone.into_iter()
+            .filter_map(|f| self.by_flow.remove(&f).map(|(_, t)| t))
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_flow.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_flow.is_empty()
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_hello_is_answered_by_its_plaintext_either_way_or_expires() {
+        use crate::events::{Endpoint, Flow};
+        let ep = |last: u8, port| Endpoint {
+            ip: std::net::Ipv4Addr::new(10, 0, 0, last).into(),
+            port,
+        };
+        let (a, b) = (
+            Flow {
+                src: ep(1, 40000),
+                dst: ep(2, 443),
+            },
+            Flow {
+                src: ep(1, 40001),
+                dst: ep(2, 443),
+            },
+        );
+        let mut w = super::Waiting::default();
+        assert_eq!(w.hello(a, 1_000, "a"), None);
+        assert_eq!(w.hello(b, 2_000, "b"), None);
+        // The server's read names the request's flow; the client's read
+        // of the answer, the other way round.
+        assert_eq!(w.plaintext(&a.reversed()), Some("a"));
+        assert_eq!(w.plaintext(&a), None);
+        assert!(w.expired(2_000 + super::PLAINTEXT_WAIT_NS - 1).is_empty());
+        assert_eq!(w.expired(2_001 + super::PLAINTEXT_WAIT_NS), vec!["b"]);
+        assert!(w.is_empty());
+    }
+
     use super::*;
 
     /// A ClientHello with these extensions, as a TLS record.

@@ -350,6 +350,10 @@ pub mod event_flags {
     /// boundaries (a segment missed, too many frames in one) and stopped
     /// following it, both directions.
     pub const H2_LOST: u8 = 1 << 3;
+    /// Plaintext an OpenSSL call returned (see [`crate::ssl`]), not a
+    /// segment: `ifindex` is 0, `seq` and `ack` count the connection's
+    /// plaintext bytes in each direction since the probes first saw it.
+    pub const PLAINTEXT: u8 = 1 << 4;
 }
 
 /// Bytes a short start ([`event_flags::SHORT_START`]) is followed for at
@@ -555,8 +559,15 @@ pub mod counter {
     /// TLS ClientHellos seen, on every veth they cross (copied on the
     /// first: [`crate::EventKind::TlsHello`]).
     pub const TLS_HELLOS: u32 = 17;
+    /// Plaintext chunks OpenSSL's calls returned (uprobes, see
+    /// [`crate::ssl`]) that were sent as events.
+    pub const TLS_PLAINTEXT: u32 = 18;
+    /// OpenSSL calls whose connection no socket operation has named yet
+    /// (a read served from OpenSSL's buffer before any call on the
+    /// connection touched its socket): their bytes are counted, not sent.
+    pub const TLS_UNNAMED: u32 = 19;
     /// Number of counters.
-    pub const COUNT: u32 = 18;
+    pub const COUNT: u32 = 20;
 
     /// Prometheus-style names, indexed like the constants above.
     pub const NAMES: [&str; COUNT as usize] = [
@@ -578,7 +589,93 @@ pub mod counter {
         "thread_turns",
         "diagnostics_logged",
         "tls_hellos",
+        "tls_plaintext_chunks",
+        "tls_unnamed_calls",
     ];
+}
+
+/// OpenSSL's plaintext, read by uprobes on `SSL_write`, `SSL_write_ex`,
+/// `SSL_read` and `SSL_read_ex` in each libssl the node's processes map.
+/// The entry probe keeps the call's arguments per thread ([`SslCall`]); a
+/// socket operation inside the call names the connection (the thread
+/// programs, which see the socket); the return probe sends what the call
+/// moved as an event of the cleartext kinds, flagged
+/// [`event_flags::PLAINTEXT`], with the connection's plaintext byte counts
+/// as its `seq` and `ack` ([`SslConn`]), so user space assembles and pairs
+/// it as it does the wire's.
+pub mod ssl {
+    use super::FlowKey;
+
+    /// The attach cookie of each probed function: which call, and where
+    /// its length is.
+    pub const WRITE: u64 = 0;
+    pub const WRITE_EX: u64 = 1;
+    pub const READ: u64 = 2;
+    pub const READ_EX: u64 = 3;
+
+    /// The functions probed, indexed by their cookie.
+    pub const FUNCTIONS: [&str; 4] = ["SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex"];
+
+    /// Threads with an OpenSSL call in flight at most.
+    pub const MAX_CALLS: u32 = 16 * 1024;
+    /// OpenSSL connections (`SSL*` of a process) followed at most.
+    pub const MAX_CONNS: u32 = 64 * 1024;
+    /// Chunks after a message's start copied while its head may not have
+    /// ended (a head written or read in pieces, or a start chunk that also
+    /// holds body bytes, which the kernel cannot tell apart): 4 chunks, up
+    /// to 16 KiB more, so a streamed body costs at most 4 copies.
+    pub const CONTINUATIONS: u8 = 4;
+
+    /// One thread's call in flight.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct SslCall {
+        /// The call's `SSL*`.
+        pub ssl: u64,
+        /// The plaintext buffer.
+        pub buf: u64,
+        /// `_ex` calls: where the call writes the bytes it moved.
+        pub moved: u64,
+        /// The cookie ([`WRITE`] ...).
+        pub op: u64,
+    }
+
+    /// Key of a followed connection: the process and its `SSL*`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct SslKey {
+        pub tgid: u64,
+        pub ssl: u64,
+    }
+
+    /// [`SslConn::h2`]: not HTTP/2 (as far as seen), followed frame by
+    /// frame from its preface, or lost (its frame boundaries).
+    pub const H2_NO: u8 = 0;
+    pub const H2_FOLLOWED: u8 = 1;
+    pub const H2_LOST: u8 = 2;
+
+    /// A followed connection.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default)]
+    pub struct SslConn {
+        /// Its socket, local end first; `family` 0 until a socket
+        /// operation inside one of its calls names it.
+        pub flow: FlowKey,
+        /// Plaintext bytes written and read since it was first seen (or
+        /// last named anew: an `SSL*` reused for another connection).
+        pub written: u32,
+        pub read: u32,
+        /// Continuation chunks still copied, each way (see [`CONTINUATIONS`]).
+        pub open_write: u8,
+        pub open_read: u8,
+        /// [`H2_NO`], [`H2_FOLLOWED`] or [`H2_LOST`].
+        pub h2: u8,
+        pub _pad: u8,
+        /// HTTP/2: each direction's frame walk, as the wire's
+        /// ([`crate::H2Follow`]), over the plaintext's byte counts.
+        pub h2_write: crate::H2Follow,
+        pub h2_read: crate::H2Follow,
+    }
 }
 
 #[cfg(feature = "user")]
@@ -592,6 +689,9 @@ mod pod {
     unsafe impl aya::Pod for super::H2Follow {}
     unsafe impl aya::Pod for super::Turns {}
     unsafe impl aya::Pod for super::SendNote {}
+    unsafe impl aya::Pod for super::ssl::SslCall {}
+    unsafe impl aya::Pod for super::ssl::SslKey {}
+    unsafe impl aya::Pod for super::ssl::SslConn {}
 }
 
 #[cfg(test)]

@@ -236,7 +236,11 @@ pub fn segment(
     // by another CPU leaves the memory readable until the RCU grace period).
     let st = unsafe { &mut *st };
     let now = crate::clock();
-    let next = match walk(ctx, seg, st, counters) {
+    let src = Skb {
+        skb: ctx.skb.skb,
+        payload_off: seg.payload_off,
+    };
+    let next = match walk(src, seg.seq, seg.payload_len, st, counters) {
         Walk::Copy { lo, hi } => {
             count(counters, counter::H2_SEGMENTS);
             let part = Segment {
@@ -282,7 +286,7 @@ fn refresh_local(flow: &tracegap_common::FlowKey, now: u64) {
     crate::note_local_source(flow, now);
 }
 
-enum Walk {
+pub(crate) enum Walk {
     /// Copy the segment's bytes `lo..hi` (offsets in its payload).
     Copy { lo: u32, hi: u32 },
     /// Nothing in it is wanted (DATA, or a retransmission).
@@ -292,11 +296,39 @@ enum Walk {
     Lost(Why, u32),
 }
 
-/// Reads the frame headers in `seg`, advancing `st`, and says which of
-/// its bytes user space wants.
+/// Where a walk reads a direction's bytes: a segment's payload, or the
+/// buffer of an OpenSSL call (`crate::ssl`).
+pub(crate) trait Source: Copy {
+    /// Loads `n` (masked to 1..=8) bytes at `off` into `buf`.
+    fn load(&self, off: u32, buf: &mut [u8; 8], n: u32) -> Result<(), ()>;
+}
+
+/// A segment's payload, `payload_off` into its packet.
+#[derive(Clone, Copy)]
+#[repr(C)]
+struct Skb {
+    skb: *mut aya_ebpf::bindings::__sk_buff,
+    payload_off: u32,
+}
+
+impl Source for Skb {
+    #[inline(always)]
+    fn load(&self, off: u32, buf: &mut [u8; 8], n: u32) -> Result<(), ()> {
+        load_skb(self.skb, self.payload_off + off, buf, n)
+    }
+}
+
+/// Reads the frame headers in the `l` bytes of `src` (the first at
+/// sequence number `s`), advancing `st`, and says which of them user space
+/// wants.
 #[inline(always)]
-fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counters) -> Walk {
-    let (s, l) = (seg.seq, seg.payload_len);
+pub(crate) fn walk<S: Source>(
+    src: S,
+    s: u32,
+    l: u32,
+    st: &mut H2Follow,
+    counters: &mut Counters,
+) -> Walk {
     let mut behind = st.end.wrapping_sub(s) as i32;
     if behind < 0 && st.flags & h2_follow::UNREAD != 0 {
         // The server's preface (written as it accepted) went by before
@@ -336,7 +368,7 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
             return Walk::Lost(Why::H2CutHeader, 0);
         }
         let mut b = [0u8; 8];
-        if load(ctx, seg.payload_off, &mut b, need).is_err() {
+        if src.load(0, &mut b, need).is_err() {
             return Walk::Lost(Why::H2CutHeader, 0);
         }
         // The header's first bytes: `have` from before, then this
@@ -365,8 +397,7 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
         return Walk::Lost(Why::H2Behind, 0);
     }
     let mut f = Frames {
-        skb: ctx.skb.skb,
-        payload_off: seg.payload_off,
+        src,
         len: l,
         seq: s,
         off,
@@ -385,7 +416,7 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
     let ret = unsafe {
         aya_ebpf::helpers::generated::bpf_loop(
             MAX_FRAMES,
-            frame_step as *mut core::ffi::c_void,
+            frame_step::<S> as *mut core::ffi::c_void,
             core::ptr::addr_of_mut!(f).cast(),
             0,
         )
@@ -409,9 +440,8 @@ fn walk(ctx: &TcContext, seg: &Segment, st: &mut H2Follow, counters: &mut Counte
 
 /// The frame walk's state, on the caller's stack, for [`frame_step`].
 #[repr(C)]
-struct Frames {
-    skb: *mut aya_ebpf::bindings::__sk_buff,
-    payload_off: u32,
+struct Frames<S> {
+    src: S,
     /// The segment's payload length and first sequence number.
     len: u32,
     seq: u32,
@@ -434,10 +464,10 @@ struct Frames {
 
 /// One frame header of [`Frames`]: 0 to go on, 1 to stop (the segment's
 /// end, or an error: `end` stays 0).
-extern "C" fn frame_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
+extern "C" fn frame_step<S: Source>(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
     // SAFETY: bpf_loop passes back the pointer `walk` gave it, to its
     // `Frames` on the stack, for as long as the loop runs.
-    let f = unsafe { &mut *ctx.cast::<Frames>() };
+    let f = unsafe { &mut *ctx.cast::<Frames<S>>() };
     let (l, off) = (f.len, f.off);
     if off >= l {
         f.end = 1;
@@ -455,7 +485,7 @@ extern "C" fn frame_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         // instructions grow with each kernel's appetite for iterations).
         let k = l.min(8);
         let mut tail = [0u8; 8];
-        if load_skb(f.skb, f.payload_off + l - k, &mut tail, k).is_err() {
+        if f.src.load(l - k, &mut tail, k).is_err() {
             return 1;
         }
         let cut = l - off;
@@ -470,7 +500,7 @@ extern "C" fn frame_step(_index: u64, ctx: *mut core::ffi::c_void) -> i64 {
         return 1;
     }
     let mut b = [0u8; 8];
-    if load_skb(f.skb, f.payload_off + off, &mut b, 5).is_err() {
+    if f.src.load(off, &mut b, 5).is_err() {
         return 1;
     }
     let h = [b[0], b[1], b[2], b[3], b[4]];

@@ -24,6 +24,7 @@
 mod diag;
 mod h2;
 mod net;
+mod ssl;
 mod threads;
 
 use aya_ebpf::{

@@ -146,7 +146,7 @@ pub(crate) fn watch(flow: &FlowKey) {
 
 /// Two flows, word by word (no memcmp in BPF).
 #[inline(always)]
-fn same(a: &FlowKey, b: &FlowKey) -> bool {
+pub(crate) fn same(a: &FlowKey, b: &FlowKey) -> bool {
     let w = |k: &FlowKey, i: usize| -> u64 {
         // SAFETY: i + 8 <= 32 bytes of the two address arrays.
         unsafe {
@@ -257,16 +257,16 @@ fn mapped(a: &[u8; 16]) -> bool {
 
 /// The socket's connection as its own end names it: local, then remote;
 /// None when its local address is not a relay's (asked first, so most
-/// sockets cost two reads and an array read).
+/// sockets cost two reads and an array read), unless `any`.
 #[inline(always)]
-fn connection(sk: *const u8) -> Result<Option<FlowKey>, i32> {
+pub(crate) fn connection(sk: *const u8, any: bool) -> Result<Option<FlowKey>, i32> {
     let mut key = FlowKey::default();
     match read::<u16>(sk, SK_FAMILY.load())? {
         AF_INET => {
             let local: [u8; 4] = read(sk, SK_RCV_SADDR.load())?;
             key.saddr[..4].copy_from_slice(&local);
             key.family = family::IPV4;
-            if !relay(&key.saddr, key.family) {
+            if !any && !relay(&key.saddr, key.family) {
                 return Ok(None);
             }
             let remote: [u8; 4] = read(sk, SK_DADDR.load())?;
@@ -281,7 +281,7 @@ fn connection(sk: *const u8) -> Result<Option<FlowKey>, i32> {
                 key.saddr = local;
                 key.family = family::IPV6;
             }
-            if !relay(&key.saddr, key.family) {
+            if !any && !relay(&key.saddr, key.family) {
                 return Ok(None);
             }
             let remote: [u8; 16] = read(sk, SK_V6_DADDR.load())?;
@@ -330,7 +330,7 @@ fn on_socket(sk: *const u8, sk_word: u64, bytes: i32, op: Op) -> Result<(), i32>
     {
         return Ok(());
     }
-    let Some(key) = connection(sk)? else {
+    let Some(key) = connection(sk, false)? else {
         if let Some(m) = memo
             && epoch != 0
             && sk_word != 0
@@ -439,7 +439,7 @@ const CLIENT_WROTE: u32 = ThreadTurn::ClientWrote as u32;
 
 /// Sends a turn; `word` is its [`thread_word`].
 #[inline(always)]
-fn emit(flow: &FlowKey, word: u32, bytes: i32, id: u64, ts_ns: u64) {
+pub(crate) fn emit(flow: &FlowKey, word: u32, bytes: i32, id: u64, ts_ns: u64) {
     let Some(counters) = COUNTERS.get_ptr_mut(0) else {
         return;
     };

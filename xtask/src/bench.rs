@@ -19,6 +19,10 @@ pub struct BenchArgs {
     /// with the kernel's statistics off, beside an empty program.
     #[arg(long, conflicts_with = "kernel")]
     sockets: bool,
+    /// Only what reading HTTPS through OpenSSL costs a request: wrk over
+    /// TLS without the agent, with its OpenSSL probes off and on.
+    #[arg(long, conflicts_with_all = ["kernel", "sockets"])]
+    tls: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -53,6 +57,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.sockets {
         cmd.arg("--sockets");
+    }
+    if args.tls {
+        cmd.arg("--tls");
     }
     toolchain::run(&mut cmd)
 }

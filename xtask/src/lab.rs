@@ -8,9 +8,9 @@ use crate::{setup, toolchain};
 
 #[derive(Debug, clap::Args)]
 pub struct LabArgs {
-    /// Scenario to run (repeat); all eleven when none is given:
+    /// Scenario to run (repeat); all twelve when none is given:
     /// broken-propagation, concurrent, fixed, uninstrumented, sampling, formats,
-    /// baggage, collector-down, slow, flood, grpc.
+    /// baggage, collector-down, slow, flood, grpc, tls.
     #[arg(long = "scenario")]
     scenarios: Vec<String>,
     /// Short counts and delays (a 2 s slow request instead of 30 s).

@@ -32,6 +32,15 @@ const RUNTIME_PACKAGES: &[&str] = &[
     // gRPC C-core (grpcio) as a real client that indexes its fields once
     // (the agent-restart test).
     "python3-grpcio",
+    // TLS stacks tracegap does not read (counted as blind), and an HTTP/2
+    // server on OpenSSL (the TLS tests), Python's requests as a client.
+    "gnutls-bin",
+    "nghttp2-server",
+    "python3-requests",
+    // The lab's services serve and call HTTPS through the system's
+    // OpenSSL (the `openssl` crate builds against it).
+    "libssl-dev",
+    "pkg-config",
 ];
 
 const BPF_LINKER_VERSION: &str = "^0.13";
@@ -271,4 +280,39 @@ pub fn ensure_browser() -> anyhow::Result<()> {
         .context("installing puppeteer-core")?;
     }
     Ok(())
+}
+
+/// Debian's nginx for the TLS test, unpacked from its package into a cache
+/// outside the repository (not installed: its package would start a
+/// service on port 80). Returns the binary's path.
+pub fn nginx() -> anyhow::Result<std::path::PathBuf> {
+    let dir = std::env::var_os("XDG_CACHE_HOME")
+        .map(std::path::PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(|| std::path::PathBuf::from("/var/cache"))
+        .join("tracegap/tools/nginx");
+    let binary = dir.join("root/usr/sbin/nginx");
+    if binary.exists() {
+        return Ok(binary);
+    }
+    std::fs::create_dir_all(&dir)?;
+    println!("setup: apt-get download nginx");
+    // As root into a cache _apt cannot enter: no sandbox user.
+    toolchain::run(
+        Command::new("apt-get")
+            .args(["-o", "APT::Sandbox::User=root", "download", "nginx"])
+            .current_dir(&dir),
+    )?;
+    let deb = std::fs::read_dir(&dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("the nginx package did not download")?;
+    toolchain::run(
+        Command::new("dpkg")
+            .arg("-x")
+            .arg(&deb)
+            .arg(dir.join("root")),
+    )?;
+    anyhow::ensure!(binary.exists(), "no usr/sbin/nginx in {}", deb.display());
+    Ok(binary)
 }

@@ -32,6 +32,8 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         // built here, from this tree, and required (not skipped) in this run.
         crate::image::build(&route, None)?;
         cmd.env("TRACEGAP_REQUIRE_IMAGE", crate::image::IMAGE);
+        // The TLS test's nginx: unpacked, not installed, and required.
+        cmd.env("TRACEGAP_NGINX", setup::nginx()?);
         // The browser test: required when its tools could be installed.
         match setup::ensure_browser() {
             Ok(()) => {

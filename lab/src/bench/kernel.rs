@@ -190,6 +190,7 @@ impl Loaded {
                     Observer::load_with(LoadOptions {
                         thread_evidence: false,
                         kernel_log: v.kernel_log,
+                        tls_plaintext: false,
                         ablate: bits,
                     })
                     .with_context(|| format!("loading the variant {:?}", v.name))?,

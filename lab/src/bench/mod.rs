@@ -4,6 +4,7 @@
 
 pub mod kernel;
 mod sockets;
+mod tls;
 
 use std::{
     collections::HashMap,
@@ -321,6 +322,7 @@ fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
         node_name: None,
         reconcile: None,
         thread_evidence: true,
+        tls_plaintext: true,
         kernel_log: Default::default(),
         place_by_timing: false,
         silence: Some(Default::default()),
@@ -370,6 +372,22 @@ pub fn sockets_only(d: Durations, floor: Option<&[u8]>) -> anyhow::Result<String
         "| measure | baseline | with tracegap | figure |\n| --- | --- | --- | --- |\n| {} | {} | {} | {} |\n",
         r.what, r.baseline, r.with, r.figure
     ))
+}
+
+/// Only the HTTPS figures (`tracegap-lab bench --tls`).
+pub fn tls_only(d: Durations) -> anyhow::Result<String> {
+    let mut rows = Vec::new();
+    tls::rows(d, &mut rows)?;
+    let mut out = String::from(
+        "| measure | baseline | with tracegap | figure | target |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.what, r.baseline, r.with, r.figure, r.target
+        ));
+    }
+    Ok(out)
 }
 
 /// An empty classifier attached beside tracegap's programs on the same
@@ -1381,6 +1399,8 @@ pub fn run(
     let ops = sockets::measure(floor, d.socket_ops, d.socket_rounds)?;
     eprintln!("bench: data path (wrk, iperf3, BPF statistics, detection latency)");
     data_path(d, floor, &ops, &mut rows)?;
+    eprintln!("bench: HTTPS through OpenSSL");
+    tls::rows(d, &mut rows)?;
     eprintln!("bench: user-space pipeline and export");
     user_space(d, &mut rows)?;
     eprintln!("bench: memory");

@@ -40,6 +40,10 @@ pub struct Counters {
     /// TLS ClientHellos seen (on each veth they cross): encrypted
     /// connections' first segments.
     pub tls_hellos: u64,
+    /// Plaintext chunks OpenSSL's calls returned, sent as events.
+    pub tls_plaintext_chunks: u64,
+    /// OpenSSL calls whose connection no socket operation had named.
+    pub tls_unnamed_calls: u64,
 }
 
 impl Counters {
@@ -64,6 +68,8 @@ impl Counters {
             self.thread_turns,
             self.diagnostics_logged,
             self.tls_hellos,
+            self.tls_plaintext_chunks,
+            self.tls_unnamed_calls,
         ];
         counter::NAMES.into_iter().zip(values)
     }
@@ -103,6 +109,8 @@ pub(super) fn read(ebpf: &Ebpf) -> Result<Counters, Error> {
         thread_turns: sum(counter::THREAD_TURNS),
         diagnostics_logged: sum(counter::DIAGNOSTICS),
         tls_hellos: sum(counter::TLS_HELLOS),
+        tls_plaintext_chunks: sum(counter::TLS_PLAINTEXT),
+        tls_unnamed_calls: sum(counter::TLS_UNNAMED),
     })
 }
 

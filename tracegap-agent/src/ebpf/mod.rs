@@ -9,6 +9,7 @@ mod attach;
 pub mod btf;
 mod counters;
 pub mod kernel_log;
+pub mod ssl;
 pub mod threads;
 
 use aya::{
@@ -83,6 +84,9 @@ pub struct LoadOptions {
     pub thread_evidence: bool,
     /// What the kernel programs log ([`kernel_log`]).
     pub kernel_log: KernelLog,
+    /// Load OpenSSL's uprobes and the pair that names their connections
+    /// ([`ssl`]). Attached per file with [`Observer::probe_openssl`].
+    pub tls_plaintext: bool,
     /// Steps switched off ([`tracegap_common::ablate`] bits): how the bench
     /// measures what each step costs. Never set by the agent.
     pub ablate: u32,
@@ -93,6 +97,7 @@ impl Default for LoadOptions {
         Self {
             thread_evidence: true,
             kernel_log: KernelLog::Off,
+            tls_plaintext: true,
             ablate: 0,
         }
     }
@@ -111,6 +116,10 @@ pub struct Observer {
     kernel_log: Option<kernel_log::Reader>,
     /// Whether [`DIAGNOSE_PROGRAM`] is loaded (the log is on).
     diagnose: bool,
+    /// OpenSSL's uprobes and the files they are on.
+    openssl: ssl::Probes,
+    /// Why they are not loaded.
+    openssl_unavailable: Option<String>,
 }
 
 /// Puts [`DIAGNOSE_PROGRAM`], loaded as `fd`, where the TC pair's tail
@@ -151,6 +160,7 @@ impl Observer {
     pub fn load_ablated(ablate: u32) -> Result<Self, Error> {
         Self::load_with(LoadOptions {
             thread_evidence: false,
+            tls_plaintext: false,
             ablate,
             ..LoadOptions::default()
         })
@@ -160,6 +170,7 @@ impl Observer {
         let LoadOptions {
             thread_evidence: with_threads,
             kernel_log,
+            tls_plaintext,
             ablate,
         } = options;
         if object.is_empty() {
@@ -229,7 +240,7 @@ impl Observer {
             _ => Some(kernel_log::Reader::take(&mut ebpf)?),
         };
         let (threads, memo, thread_links) = if with_threads {
-            threads::attach(&mut ebpf, offsets_found)
+            threads::attach(&mut ebpf, offsets_found.clone())
         } else {
             (
                 threads::Evidence::Unavailable("switched off (--thread-evidence=false)".into()),
@@ -244,6 +255,12 @@ impl Observer {
             ),
             e => tracing::info!(source = e.as_str(), memo, "thread evidence attached"),
         }
+        let mut openssl = ssl::Probes::default();
+        let mut openssl_unavailable = (!tls_plaintext).then(|| "switched off".to_owned());
+        if tls_plaintext && let Err(e) = openssl.load(&mut ebpf, offsets_found.clone()) {
+            tracing::warn!(error = %e, "no OpenSSL plaintext: HTTPS is counted, not read");
+            openssl_unavailable = Some(e.to_string());
+        }
         Ok(Self {
             ebpf,
             attached: attach::Attachments::new(AttachMode::detect()),
@@ -252,7 +269,40 @@ impl Observer {
             thread_links,
             kernel_log,
             diagnose,
+            openssl,
+            openssl_unavailable,
         })
+    }
+
+    /// Why OpenSSL's probes are not loaded (None: they are).
+    pub fn openssl_unavailable(&self) -> Option<&str> {
+        self.openssl_unavailable.as_deref()
+    }
+
+    /// Whether OpenSSL's probes are loaded, ready to attach to libraries.
+    pub fn reads_openssl(&self) -> bool {
+        self.openssl.loaded()
+    }
+
+    /// Probes the OpenSSL library `file`, opened at `path` (through the
+    /// mapping process's root): every process that maps it is read.
+    /// Returns how many of its functions were probed.
+    pub fn probe_openssl(
+        &mut self,
+        file: ssl::FileId,
+        path: &std::path::Path,
+    ) -> Result<usize, ssl::Error> {
+        self.openssl.attach(&mut self.ebpf, file, path)
+    }
+
+    /// Removes the probes from `file`.
+    pub fn unprobe_openssl(&mut self, file: ssl::FileId) {
+        self.openssl.detach(&mut self.ebpf, file);
+    }
+
+    /// The OpenSSL library files probed.
+    pub fn openssl_files(&self) -> Vec<ssl::FileId> {
+        self.openssl.files().copied().collect()
     }
 
     /// Detaches the thread programs' send and receive pair (`false`) or
@@ -289,6 +339,7 @@ impl Observer {
         [INGRESS_PROGRAM, EGRESS_PROGRAM]
             .into_iter()
             .chain(diagnose)
+            .chain(self.openssl.programs())
             .chain(threads.iter().copied())
             .chain(memo.iter().copied())
     }
@@ -415,12 +466,14 @@ impl Observer {
     /// Detaches everything. Dropping the observer does the same; this
     /// reports failures instead of only logging them.
     pub fn detach_all(&mut self) -> Result<(), Error> {
+        self.openssl.detach_all(&mut self.ebpf);
         Ok(self.attached.detach_all(&mut self.ebpf)?)
     }
 }
 
 impl Drop for Observer {
     fn drop(&mut self) {
+        self.openssl.detach_all(&mut self.ebpf);
         if let Err(e) = self.attached.detach_all(&mut self.ebpf) {
             tracing::warn!(error = %e, "detaching programs");
         }

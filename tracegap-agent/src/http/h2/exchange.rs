@@ -177,6 +177,15 @@ impl Connection {
         }
     }
 
+    /// From its start, read from OpenSSL's calls (see
+    /// [`Direction::server_over_tls`]).
+    pub fn over_tls() -> Self {
+        Self {
+            server: Direction::server_over_tls(),
+            ..Self::new()
+        }
+    }
+
     /// Joined mid-connection, at a frame boundary in each direction.
     pub fn joined() -> Self {
         Self {

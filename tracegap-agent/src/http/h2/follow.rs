@@ -124,7 +124,13 @@ impl Connections {
         } else if self.conns.contains_key(&(e.flow.reversed(), e.ifindex)) {
             ((e.flow.reversed(), e.ifindex), false)
         } else if !lost && e.payload.starts_with(PREFACE) {
-            if !self.insert((e.flow, e.ifindex), Connection::new(), e) {
+            // No interface: plaintext from OpenSSL's calls.
+            let conn = if e.ifindex == 0 {
+                Connection::over_tls()
+            } else {
+                Connection::new()
+            };
+            if !self.insert((e.flow, e.ifindex), conn, e) {
                 return;
             }
             ((e.flow, e.ifindex), true)

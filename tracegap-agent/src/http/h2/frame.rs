@@ -146,6 +146,20 @@ impl Direction {
         }
     }
 
+    /// The server's side from the connection's start, read from OpenSSL's
+    /// calls: its preface may reach user space after its next frames (the
+    /// client's read of it and the server's own writes race to the ring),
+    /// and then goes by as bytes already read. Over TLS there is no
+    /// `Upgrade: h2c`, so nothing the server wrote before it touches the
+    /// HPACK table: its first frame seen, whatever it is, starts a table
+    /// in sync.
+    pub fn server_over_tls() -> Self {
+        Self {
+            preface_due: false,
+            ..Self::server()
+        }
+    }
+
     /// Either side, joined at a frame boundary mid-connection: its HPACK
     /// table holds entries this reader never saw.
     pub fn joined() -> Self {
@@ -244,7 +258,18 @@ impl Direction {
                             // seen (an `Upgrade: h2c` answer's headers).
                             self.decoder.lose_table();
                         }
-                        let frame = self.begin(header)?;
+                        let mut frame = self.begin(header)?;
+                        // A DATA frame's END_STREAM ends its stream as its
+                        // header is read: the kernel copies that header
+                        // and skips the payload, whose end user space
+                        // would learn of only with the next bytes copied
+                        // (the next call's, perhaps much later).
+                        if frame.kind == DATA && frame.flags & END_STREAM != 0 {
+                            out.push(Event::EndStream {
+                                stream: frame.stream,
+                            });
+                            frame.flags &= !END_STREAM;
+                        }
                         self.state = State::Payload(frame);
                         self.finish_if_empty(out)?;
                     }

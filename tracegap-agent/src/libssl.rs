@@ -1,0 +1,318 @@
+//! Which OpenSSL libraries the node's processes map, so each file gets
+//! OpenSSL's uprobes once ([`crate::ebpf::ssl`]): read from
+//! `/proc/PID/maps`, opened through `/proc/PID/root` (a container's own
+//! libssl is a file of its image), deduplicated by device and inode.
+//!
+//! A uprobe is set on a file, not a process: processes that map the file
+//! later are read from their first call. The node's own libraries (under
+//! PID 1's root, and the agent's own) are probed from the start, so a short-lived `curl` is
+//! read even when no other process maps them; an image's library is
+//! probed from the first scan that finds it mapped (every
+//! [`SCAN_INTERVAL`]) and left after [`MISSES_BEFORE_DETACH`] scans find
+//! no process mapping it.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use crate::ebpf::ssl::FileId;
+
+/// How often the processes' maps are read.
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// Scans in a row that find a library unmapped before its probes go.
+pub const MISSES_BEFORE_DETACH: u8 = 3;
+/// Where distributions keep libssl, under a root (with /lib apart from
+/// /usr/lib where /usr is not merged: Alpine, older images).
+const LIBRARY_DIRS: [&str; 8] = [
+    "usr/lib/x86_64-linux-gnu",
+    "usr/lib/aarch64-linux-gnu",
+    "usr/lib64",
+    "usr/lib",
+    "lib/x86_64-linux-gnu",
+    "lib/aarch64-linux-gnu",
+    "lib64",
+    "lib",
+];
+
+/// A library file found: its identity and a path the agent can open it by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Library {
+    pub file: FileId,
+    pub path: PathBuf,
+}
+
+/// Whether a mapped file's name is OpenSSL's libssl (`libssl.so.3`,
+/// `libssl.so.1.1`, `libssl.so`).
+fn is_libssl(path: &str) -> bool {
+    path.rsplit('/')
+        .next()
+        .is_some_and(|name| name.starts_with("libssl.so"))
+}
+
+/// The libssl files one `/proc/PID/maps` text maps, each once.
+pub fn mapped(maps: &str) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for line in maps.lines() {
+        // address perms offset dev inode path
+        let mut f = line.split_ascii_whitespace();
+        let Some(path) = f.nth(5) else {
+            continue;
+        };
+        // A path with spaces, or " (deleted)": not a library to open.
+        if f.next().is_some() || !path.starts_with('/') || !is_libssl(path) {
+            continue;
+        }
+        if !out.contains(&path) {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// The file at `path`, by the device and inode `stat` gives (the one
+/// numbering both sources of libraries share; a symlink resolved).
+fn identify(path: PathBuf) -> Option<Library> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(&path).ok()?;
+    meta.is_file().then(|| Library {
+        file: (meta.dev(), meta.ino()),
+        path,
+    })
+}
+
+/// The libssl files mapped by the processes under `proc` (`/proc`), each
+/// once, opened through the first mapping process's root.
+pub fn scan(proc: &Path) -> Vec<Library> {
+    let mut found: Vec<Library> = Vec::new();
+    let Ok(dir) = std::fs::read_dir(proc) else {
+        return found;
+    };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        // Gone, or not ours to read (without CAP_SYS_PTRACE): skipped.
+        let Ok(maps) = std::fs::read_to_string(entry.path().join("maps")) else {
+            continue;
+        };
+        for path in mapped(&maps) {
+            let at = entry.path().join("root").join(path.trim_start_matches('/'));
+            if let Some(l) = identify(at)
+                && !found.iter().any(|f| f.file == l.file)
+            {
+                found.push(l);
+            }
+        }
+    }
+    found
+}
+
+/// The libssl files of the root at `root` (the node's, `/proc/1/root`).
+pub fn on_root(root: &Path) -> Vec<Library> {
+    let mut found: Vec<Library> = Vec::new();
+    for dir in LIBRARY_DIRS {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if !is_libssl(&path.to_string_lossy()) {
+                continue;
+            }
+            // Symlinks (libssl.so -> libssl.so.3) resolve to the file.
+            if let Some(l) = identify(path)
+                && !found.iter().any(|f| f.file == l.file)
+            {
+                found.push(l);
+            }
+        }
+    }
+    found
+}
+
+/// What changes after a scan: libraries to probe, files to leave.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub probe: Vec<Library>,
+    pub leave: Vec<FileId>,
+}
+
+/// The libraries probed, and how many scans in a row missed each.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    probed: HashMap<FileId, Probed>,
+}
+
+#[derive(Debug)]
+struct Probed {
+    misses: u8,
+    /// The node's own: never left.
+    node: bool,
+}
+
+impl Tracker {
+    /// Takes the node's libraries and the mapped ones of a scan; says
+    /// which to probe and which to leave. A library `failed` to probe is
+    /// remembered as probed, so it is not tried on every scan.
+    pub fn update(&mut self, node: &[Library], mapped: &[Library]) -> Changes {
+        let mut changes = Changes::default();
+        for (libs, is_node) in [(node, true), (mapped, false)] {
+            for l in libs {
+                match self.probed.get_mut(&l.file) {
+                    Some(p) => {
+                        p.misses = 0;
+                        p.node |= is_node;
+                    }
+                    None => {
+                        self.probed.insert(
+                            l.file,
+                            Probed {
+                                misses: 0,
+                                node: is_node,
+                            },
+                        );
+                        changes.probe.push(l.clone());
+                    }
+                }
+            }
+        }
+        for (file, p) in &mut self.probed {
+            let seen = node.iter().chain(mapped).any(|l| l.file == *file);
+            if !seen && !p.node {
+                p.misses += 1;
+                if p.misses >= MISSES_BEFORE_DETACH {
+                    changes.leave.push(*file);
+                }
+            }
+        }
+        for f in &changes.leave {
+            self.probed.remove(f);
+        }
+        changes
+    }
+}
+
+/// What one scan found: the node's own libraries and the mapped ones.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub node: Vec<Library>,
+    pub mapped: Vec<Library>,
+}
+
+/// Scans `proc` (`/proc`): the libraries of PID 1's root (the node's, with
+/// hostPID) and of the agent's own (the node's when it runs on the host;
+/// PID 1's may be closed to it there, under a sandbox's init), and the ones
+/// the processes map.
+pub fn find(proc: &Path) -> Found {
+    let mut node = on_root(&proc.join("1").join("root"));
+    for l in on_root(Path::new("/")) {
+        if !node.iter().any(|n| n.file == l.file) {
+            node.push(l);
+        }
+    }
+    Found {
+        node,
+        mapped: scan(proc),
+    }
+}
+
+/// Scans every [`SCAN_INTERVAL`], off the runtime's threads, until the
+/// receiver is gone.
+pub async fn watch(tx: tokio::sync::mpsc::Sender<Found>) {
+    loop {
+        tokio::time::sleep(SCAN_INTERVAL).await;
+        let Ok(found) = tokio::task::spawn_blocking(|| find(Path::new("/proc"))).await else {
+            return;
+        };
+        if tx.send(found).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MAPS: &str = "\
+7f0000000000-7f0000010000 r--p 00000000 fd:01 1234 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f0000010000-7f0000090000 r-xp 00010000 fd:01 1234 /usr/lib/x86_64-linux-gnu/libssl.so.3
+7f00000a0000-7f00000b0000 r--p 00000000 fd:01 999 /usr/lib/x86_64-linux-gnu/libcrypto.so.3
+7f00000c0000-7f00000d0000 r-xp 00000000 00:2a 77 /opt/app/lib/libssl.so.1.1
+7f00000e0000-7f00000f0000 r-xp 00000000 00:2a 78 /tmp/libssl.so.3 (deleted)
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0 [stack]
+";
+
+    #[test]
+    fn a_processs_libssl_mappings_are_read_once_each() {
+        assert_eq!(
+            mapped(MAPS),
+            vec![
+                "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+                "/opt/app/lib/libssl.so.1.1"
+            ]
+        );
+    }
+
+    fn lib(ino: u64) -> Library {
+        Library {
+            file: (1, ino),
+            path: PathBuf::from(format!("/x/{ino}")),
+        }
+    }
+
+    #[test]
+    fn an_images_library_is_left_after_scans_find_it_unmapped_the_nodes_never() {
+        let mut t = Tracker::default();
+        let c = t.update(&[lib(1)], &[lib(1), lib(2)]);
+        assert_eq!(c.probe, vec![lib(1), lib(2)]);
+        assert!(c.leave.is_empty());
+        // Found again: nothing to do.
+        assert_eq!(t.update(&[lib(1)], &[lib(2)]), Changes::default());
+        for _ in 1..MISSES_BEFORE_DETACH {
+            assert_eq!(t.update(&[lib(1)], &[]), Changes::default());
+        }
+        let c = t.update(&[lib(1)], &[]);
+        assert_eq!(c.leave, vec![(1, 2)]);
+        // Mapped again later: probed again.
+        assert_eq!(t.update(&[lib(1)], &[lib(2)]).probe, vec![lib(2)]);
+    }
+
+    #[test]
+    fn a_process_that_maps_libssl_is_found_and_its_library_is_the_roots() {
+        // A real process that loads OpenSSL (Python's ssl module).
+        let Ok(mut child) = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import ssl, sys; print(1, flush=True); sys.stdin.read()",
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+        else {
+            eprintln!("skipped: no python3");
+            return;
+        };
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("piped");
+        let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
+        let maps =
+            std::fs::read_to_string(format!("/proc/{}/maps", child.id())).unwrap_or_default();
+        let found = scan(Path::new("/proc"));
+        let root = on_root(Path::new("/"));
+        drop(child.stdin.take());
+        let _ = child.wait();
+        let Some(path) = mapped(&maps).first().map(|p| p.to_string()) else {
+            panic!("python3's ssl maps no libssl: {maps}");
+        };
+        let theirs = identify(PathBuf::from(&path)).expect("its libssl exists");
+        assert!(found.iter().any(|l| l.file == theirs.file), "{found:?}");
+        assert_eq!(found.iter().filter(|l| l.file == theirs.file).count(), 1);
+        if path.starts_with("/usr/lib") {
+            assert!(root.iter().any(|l| l.file == theirs.file), "{root:?}");
+        }
+    }
+}
