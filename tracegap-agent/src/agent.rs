@@ -459,8 +459,12 @@ async fn event_loop(
                     (Some(found), Some(o)) => {
                         probe_libraries(observer, &mut o.tracker, found, &p.shared.metrics);
                     }
-                    // The scan ended: what is probed stays.
-                    _ => tracing::warn!("OpenSSL's libraries are no longer scanned"),
+                    // The scan ended (its task panicked): what is probed
+                    // stays, and the branch is not polled again.
+                    _ => {
+                        tracing::warn!("OpenSSL's libraries are no longer scanned");
+                        *openssl = None;
+                    }
                 }
             }
             change = interfaces.changed() => {

@@ -618,8 +618,10 @@ pub mod ssl {
 
     /// Threads with an OpenSSL call in flight at most.
     pub const MAX_CALLS: u32 = 16 * 1024;
-    /// OpenSSL connections (`SSL*` of a process) followed at most.
-    pub const MAX_CONNS: u32 = 64 * 1024;
+    /// OpenSSL connections (`SSL*` of a process) followed at most (an LRU:
+    /// no probe sees `SSL_free`, so the least recently used go); 16 Ki of
+    /// about 100 bytes each, preallocated.
+    pub const MAX_CONNS: u32 = 16 * 1024;
     /// Chunks after a message's start copied while its head may not have
     /// ended (a head written or read in pieces, or a start chunk that also
     /// holds body bytes, which the kernel cannot tell apart): 4 chunks, up

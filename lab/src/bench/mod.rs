@@ -299,7 +299,7 @@ fn iperf(node: &Node, d: Duration) -> anyhow::Result<f64> {
         .context("no bits_per_second in iperf3's output")
 }
 
-fn pct(with: f64, base: f64) -> f64 {
+pub(super) fn pct(with: f64, base: f64) -> f64 {
     (with / base - 1.0) * 100.0
 }
 
