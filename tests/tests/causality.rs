@@ -92,9 +92,18 @@ fn an_async_services_calls_sit_under_their_request_by_the_answers_handoff() -> a
         kernel()
     );
     never_wrong(&m);
-    // One thread read every request: the threads never single one out
-    // (a thread holding several open requests proves nothing), and say so.
-    assert_eq!(m.by_thread, 0.0, "an async service's call placed by thread");
+    // One thread read every request: while it holds several open requests
+    // the threads single none out (that proves nothing), and say so. Only
+    // when every other request had ended, and it read none since, does its
+    // one open request name the call (right, as never_wrong checks): rare,
+    // on a slow machine (2 of 168 once under emulation, 6.1), never the
+    // rule.
+    let hops: usize = m.levels.iter().map(|r| r.hops).sum();
+    assert!(
+        m.by_thread * 50.0 <= hops as f64,
+        "an async service's calls placed by thread: {} of {hops}",
+        m.by_thread
+    );
     assert_eq!(m.by_timing, 0.0, "placed by timing, which is off");
     let many = &m.levels[1..];
     let multiplexed: usize = many
@@ -140,6 +149,13 @@ fn an_async_service_that_hands_answers_between_tasks_is_never_put_under_a_wrong_
         kernel()
     );
     never_wrong(&m);
-    assert_eq!(m.by_thread, 0.0, "an async service's call placed by thread");
+    // As for the async service above: by thread only when its one open
+    // request was the only one, rarely.
+    let hops: usize = m.levels.iter().map(|r| r.hops).sum();
+    assert!(
+        m.by_thread * 50.0 <= hops as f64,
+        "an async service's calls placed by thread: {} of {hops}",
+        m.by_thread
+    );
     Ok(())
 }
