@@ -58,7 +58,10 @@ fn https_through_openssl_is_read_as_hops_and_what_no_probe_reads_is_counted_with
     }
     let node = Node::new(&["client", "server"])?;
     let receiver = Receiver::start(std::net::Ipv4Addr::LOCALHOST.into())?;
-    let agent = Agent::start(agent_config(&node, &receiver))?;
+    let agent = Agent::start(tracegap_agent::agent::AgentConfig {
+        tls_plaintext: true,
+        ..agent_config(&node, &receiver)
+    })?;
     let libraries = agent.metric("tracegap_openssl_libraries_probed")?;
     anyhow::ensure!(
         libraries >= 1.0,
@@ -196,7 +199,10 @@ fn http2_over_tls_through_openssl_is_read_stream_by_stream() -> anyhow::Result<(
     }
     let node = Node::new(&["client", "server"])?;
     let receiver = Receiver::start(std::net::Ipv4Addr::LOCALHOST.into())?;
-    let agent = Agent::start(agent_config(&node, &receiver))?;
+    let agent = Agent::start(tracegap_agent::agent::AgentConfig {
+        tls_plaintext: true,
+        ..agent_config(&node, &receiver)
+    })?;
     let dir = TempDir::new("tls-h2")?;
     let (key, cert) = tracegap_tests::self_signed(dir.path(), NAME)?;
     let htdocs = dir.path().join("htdocs");
@@ -277,7 +283,10 @@ fn nginx_terminating_tls_is_read_over_http1_and_http2() -> anyhow::Result<()> {
     };
     let node = Node::new(&["client", "server"])?;
     let receiver = Receiver::start(std::net::Ipv4Addr::LOCALHOST.into())?;
-    let agent = Agent::start(agent_config(&node, &receiver))?;
+    let agent = Agent::start(tracegap_agent::agent::AgentConfig {
+        tls_plaintext: true,
+        ..agent_config(&node, &receiver)
+    })?;
     let dir = TempDir::new("tls-nginx")?;
     let (key, cert) = tracegap_tests::self_signed(dir.path(), NAME)?;
     let d = dir.path().display();

@@ -4,7 +4,7 @@
 //!
 //! One entry program and one return program serve the four functions; the
 //! attach cookie says which one fired. The entry keeps the call per thread
-//! and marks this CPU as running it, so a pair of programs on every socket
+//! and marks its thread as in one, so a pair of programs on every socket
 //! send and receive (the raw tracepoints `sock_send_length` /
 //! `sock_recv_length`; `fexit` on `tcp_sendmsg` / `tcp_recvmsg` before
 //! 6.3), which run in the calling thread with the socket, can cheaply tell
@@ -22,7 +22,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{bpf_get_current_pid_tgid, generated::bpf_get_attach_cookie},
     macros::{fexit, map, raw_tracepoint, uprobe, uretprobe},
-    maps::{LruHashMap, PerCpuArray},
+    maps::{Array, LruHashMap, PerCpuArray},
     programs::{FExitContext, ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use tracegap_common::{
@@ -45,12 +45,22 @@ static SSL_CALLS: LruHashMap<u64, SslCall> = LruHashMap::with_max_entries(MAX_CA
 #[map]
 static SSL_CONNS: LruHashMap<SslKey, SslConn> = LruHashMap::with_max_entries(MAX_CONNS, 0);
 
-/// The pid_tgid of the call last entered on this CPU (0: none): the thread
-/// programs' filter, an array read on every socket operation of the node.
-/// A thread moved to another CPU inside its call is not seen naming its
-/// connection that time; a later call names it.
+/// Threads inside an OpenSSL call, direct-mapped by a hash of their
+/// pid_tgid ([`thread_slot`]; 0: none): the naming pair's filter, an array
+/// read on every socket operation of the node, whatever CPU the thread
+/// runs on now (a per-CPU mark missed threads moved inside their call, and
+/// with a connection per request, their requests). Two threads in calls
+/// at once in one slot: the later one's mark stands, the other's socket
+/// operation goes unnamed this time.
 #[map]
-static SSL_ON_CPU: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+static SSL_THREADS: Array<u64> = Array::with_max_entries(SSL_THREAD_SLOTS, 0);
+
+const SSL_THREAD_SLOTS: u32 = 4096;
+
+#[inline(always)]
+fn thread_slot(id: u64) -> u32 {
+    (id.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - SSL_THREAD_SLOTS.trailing_zeros())) as u32
+}
 
 #[inline(always)]
 fn cookie(ctx: *mut core::ffi::c_void) -> u64 {
@@ -78,10 +88,10 @@ pub fn tracegap_ssl_enter(ctx: ProbeContext) -> u32 {
         op,
     };
     if SSL_CALLS.insert(&id, &call, 0).is_ok()
-        && let Some(slot) = SSL_ON_CPU.get_ptr_mut(0)
+        && let Some(slot) = SSL_THREADS.get_ptr_mut(thread_slot(id))
     {
-        // SAFETY: this CPU's slot.
-        unsafe { *slot = id };
+        // SAFETY: an array slot, one word.
+        unsafe { slot.write_volatile(id) };
     }
     0
 }
@@ -90,9 +100,9 @@ pub fn tracegap_ssl_enter(ctx: ProbeContext) -> u32 {
 #[inline(always)]
 pub(crate) fn in_call() -> Option<u64> {
     let id = bpf_get_current_pid_tgid();
-    // SAFETY: this CPU's slot, one word.
-    let on = SSL_ON_CPU
-        .get_ptr(0)
+    // SAFETY: an array slot, one word.
+    let on = SSL_THREADS
+        .get_ptr(thread_slot(id))
         .map(|s| unsafe { s.read_volatile() })?;
     (on == id && id != 0).then_some(id)
 }
@@ -201,11 +211,12 @@ pub fn tracegap_ssl_return(ctx: RetProbeContext) -> u32 {
 
 fn try_return(ctx: &RetProbeContext) -> Result<(), i64> {
     let id = bpf_get_current_pid_tgid();
-    if let Some(slot) = SSL_ON_CPU.get_ptr_mut(0) {
-        // SAFETY: this CPU's slot.
+    if let Some(slot) = SSL_THREADS.get_ptr_mut(thread_slot(id)) {
+        // SAFETY: an array slot, one word; a racing writer stores a whole
+        // word too.
         unsafe {
-            if *slot == id {
-                *slot = 0;
+            if slot.read_volatile() == id {
+                slot.write_volatile(0);
             }
         }
     }

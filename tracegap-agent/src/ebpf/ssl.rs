@@ -12,6 +12,8 @@ use aya::{
     Btf, Ebpf,
     programs::{
         FExit, RawTracePoint, UProbe,
+        fexit::FExitLinkId,
+        raw_trace_point::RawTracePointLinkId,
         uprobe::{UProbeAttachLocation, UProbeAttachPoint, UProbeLinkId, UProbeScope},
     },
 };
@@ -54,9 +56,17 @@ pub enum Error {
 #[derive(Default)]
 pub struct Probes {
     loaded: bool,
-    /// The naming pair's programs, as loaded and attached.
+    /// The naming pair's programs, as loaded (the route this kernel takes).
     naming: Vec<&'static str>,
+    /// Their links: attached while a file is probed, so a node whose agent
+    /// may not set uprobes (no CAP_SYS_ADMIN) pays nothing on its sockets.
+    naming_links: Vec<NamingLink>,
     files: HashMap<FileId, Vec<(&'static str, UProbeLinkId)>>,
+}
+
+enum NamingLink {
+    Tracepoint(&'static str, RawTracePointLinkId),
+    Fexit(&'static str, FExitLinkId),
 }
 
 fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe, Error> {
@@ -70,16 +80,19 @@ fn program<'a>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut UProbe,
 }
 
 impl Probes {
-    /// Loads the probes (the verifier walks them here) and loads and
-    /// attaches the naming pair, which reads `struct sock` at the offsets
-    /// found in the kernel's BTF (`offsets_found`).
+    /// Loads the probes (the verifier walks them here) and the naming
+    /// pair, which reads `struct sock` at the offsets found in the
+    /// kernel's BTF (`offsets_found`); the pair is attached once to find
+    /// the route this kernel offers, and again while a file is probed.
     pub fn load(
         &mut self,
         ebpf: &mut Ebpf,
         offsets_found: Result<(), String>,
     ) -> Result<(), Error> {
         offsets_found.map_err(Error::Naming)?;
-        self.naming = attach_naming(ebpf).map_err(Error::Naming)?;
+        let links = attach_naming(ebpf).map_err(Error::Naming)?;
+        self.naming = links.iter().map(NamingLink::name).collect();
+        detach_naming(ebpf, links);
         for name in [ENTER_PROGRAM, RETURN_PROGRAM] {
             program(ebpf, name)?.load().map_err(|source| Error::Load {
                 program: name,
@@ -149,6 +162,12 @@ impl Probes {
         }
         let n = links.len() / 2;
         self.files.insert(file, links);
+        if self.naming_links.is_empty() {
+            match reattach_naming(ebpf, &self.naming) {
+                Ok(l) => self.naming_links = l,
+                Err(e) => tracing::warn!(error = %e, "OpenSSL's connections cannot be named"),
+            }
+        }
         Ok(n)
     }
 
@@ -156,6 +175,9 @@ impl Probes {
     pub fn detach(&mut self, ebpf: &mut Ebpf, file: FileId) {
         if let Some(links) = self.files.remove(&file) {
             detach_links(ebpf, links);
+        }
+        if self.files.is_empty() {
+            detach_naming(ebpf, std::mem::take(&mut self.naming_links));
         }
     }
 
@@ -168,31 +190,73 @@ impl Probes {
     }
 }
 
-/// Loads and attaches the naming pair on the tracepoints, else on
-/// `fexit`; returns the programs in use. A pair half attached is unloaded
-/// (unloading detaches).
-fn attach_naming(ebpf: &mut Ebpf) -> Result<Vec<&'static str>, String> {
-    fn typed<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
-    where
-        &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-    {
-        ebpf.program_mut(name)
-            .ok_or_else(|| format!("{name} is not in the object"))?
-            .try_into()
-            .map_err(|e: aya::programs::ProgramError| format!("{name}: {e}"))
+impl NamingLink {
+    fn name(&self) -> &'static str {
+        match self {
+            Self::Tracepoint(n, _) | Self::Fexit(n, _) => n,
+        }
     }
+}
+
+fn typed<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| format!("{name} is not in the object"))?
+        .try_into()
+        .map_err(|e: aya::programs::ProgramError| format!("{name}: {e}"))
+}
+
+/// Attaches the loaded naming pair `names` again.
+fn reattach_naming(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<Vec<NamingLink>, String> {
+    let mut links = Vec::new();
+    for &name in names {
+        let link = if let Some((_, tp)) = TRACEPOINTS.iter().find(|(n, _)| *n == name) {
+            let p: &mut RawTracePoint = typed(ebpf, name)?;
+            NamingLink::Tracepoint(name, p.attach(tp).map_err(|e| format!("{tp}: {e}"))?)
+        } else {
+            let p: &mut FExit = typed(ebpf, name)?;
+            NamingLink::Fexit(name, p.attach().map_err(|e| format!("{name}: {e}"))?)
+        };
+        links.push(link);
+    }
+    Ok(links)
+}
+
+fn detach_naming(ebpf: &mut Ebpf, links: Vec<NamingLink>) {
+    for link in links {
+        let done = match link {
+            NamingLink::Tracepoint(name, id) => typed::<RawTracePoint>(ebpf, name)
+                .and_then(|p| p.detach(id).map_err(|e| format!("{name}: {e}"))),
+            NamingLink::Fexit(name, id) => typed::<FExit>(ebpf, name)
+                .and_then(|p| p.detach(id).map_err(|e| format!("{name}: {e}"))),
+        };
+        if let Err(e) = done {
+            tracing::warn!(error = %e, "detaching the OpenSSL naming pair");
+        }
+    }
+}
+
+/// Loads and attaches the naming pair on the tracepoints, else on
+/// `fexit`; returns its links. A pair half attached is unloaded
+/// (unloading detaches).
+fn attach_naming(ebpf: &mut Ebpf) -> Result<Vec<NamingLink>, String> {
+    let mut links = Vec::new();
     let tracepoints = (|| -> Result<(), String> {
         for (name, tp) in TRACEPOINTS {
             let p: &mut RawTracePoint = typed(ebpf, name)?;
             p.load().map_err(|e| format!("{name}: {e}"))?;
-            p.attach(tp).map_err(|e| format!("{tp}: {e}"))?;
+            let id = p.attach(tp).map_err(|e| format!("{tp}: {e}"))?;
+            links.push(NamingLink::Tracepoint(name, id));
         }
         Ok(())
     })();
     let why_not = match tracepoints {
-        Ok(()) => return Ok(TRACEPOINTS.iter().map(|(n, _)| *n).collect()),
+        Ok(()) => return Ok(links),
         Err(e) => e,
     };
+    links.clear();
     for (name, _) in TRACEPOINTS {
         if let Ok(p) = typed::<RawTracePoint>(ebpf, name) {
             let _ = p.unload();
@@ -203,12 +267,13 @@ fn attach_naming(ebpf: &mut Ebpf) -> Result<Vec<&'static str>, String> {
         for (name, function) in FEXITS {
             let p: &mut FExit = typed(ebpf, name)?;
             p.load(function, &btf).map_err(|e| format!("{name}: {e}"))?;
-            p.attach().map_err(|e| format!("fexit {function}: {e}"))?;
+            let id = p.attach().map_err(|e| format!("fexit {function}: {e}"))?;
+            links.push(NamingLink::Fexit(name, id));
         }
         Ok(())
     })();
     match fexits {
-        Ok(()) => Ok(FEXITS.iter().map(|(n, _)| *n).collect()),
+        Ok(()) => Ok(links),
         Err(e) => {
             for (name, _) in FEXITS {
                 if let Ok(p) = typed::<FExit>(ebpf, name) {
