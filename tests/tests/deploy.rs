@@ -32,6 +32,14 @@ fn render(dir: &str) -> anyhow::Result<Vec<Value>> {
     Ok(docs)
 }
 
+/// The DaemonSet `deploy/<dir>` renders.
+fn daemonset(dir: &str) -> anyhow::Result<Value> {
+    render(dir)?
+        .into_iter()
+        .find(|d| d["kind"] == "DaemonSet")
+        .ok_or_else(|| anyhow::anyhow!("{dir}: no DaemonSet"))
+}
+
 /// Removes what serialisation adds or drops without meaning: nulls, and
 /// empty maps and lists.
 fn normalise(v: &mut Value) {
@@ -142,12 +150,6 @@ fn the_https_recipe_only_adds_what_the_openssl_probes_need() -> anyhow::Result<(
     if !kubectl() {
         return Ok(());
     }
-    let daemonset = |dir: &str| -> anyhow::Result<Value> {
-        render(dir)?
-            .into_iter()
-            .find(|d| d["kind"] == "DaemonSet")
-            .ok_or_else(|| anyhow::anyhow!("{dir}: no DaemonSet"))
-    };
     let (mut base, mut https) = (daemonset("base")?, daemonset("https")?);
     let spec = "/spec/template/spec";
     let caps = "/spec/template/spec/containers/0/securityContext/capabilities/add";
@@ -222,12 +224,6 @@ fn the_busy_nodes_recipe_only_guarantees_cpu_and_lifts_its_limit() -> anyhow::Re
     if !kubectl() {
         return Ok(());
     }
-    let daemonset = |dir: &str| -> anyhow::Result<Value> {
-        render(dir)?
-            .into_iter()
-            .find(|d| d["kind"] == "DaemonSet")
-            .ok_or_else(|| anyhow::anyhow!("{dir}: no DaemonSet"))
-    };
     let (mut base, mut busy) = (daemonset("base")?, daemonset("busy-nodes")?);
     let resources = "/spec/template/spec/containers/0/resources";
     let (b, r) = (

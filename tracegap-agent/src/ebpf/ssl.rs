@@ -198,25 +198,15 @@ impl NamingLink {
     }
 }
 
-fn typed<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or_else(|| format!("{name} is not in the object"))?
-        .try_into()
-        .map_err(|e: aya::programs::ProgramError| format!("{name}: {e}"))
-}
-
 /// Attaches the loaded naming pair `names` again.
 fn reattach_naming(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<Vec<NamingLink>, String> {
     let mut links = Vec::new();
     for &name in names {
         let link = if let Some((_, tp)) = TRACEPOINTS.iter().find(|(n, _)| *n == name) {
-            let p: &mut RawTracePoint = typed(ebpf, name)?;
+            let p: &mut RawTracePoint = super::threads::program(ebpf, name)?;
             NamingLink::Tracepoint(name, p.attach(tp).map_err(|e| format!("{tp}: {e}"))?)
         } else {
-            let p: &mut FExit = typed(ebpf, name)?;
+            let p: &mut FExit = super::threads::program(ebpf, name)?;
             NamingLink::Fexit(name, p.attach().map_err(|e| format!("{name}: {e}"))?)
         };
         links.push(link);
@@ -227,9 +217,11 @@ fn reattach_naming(ebpf: &mut Ebpf, names: &[&'static str]) -> Result<Vec<Naming
 fn detach_naming(ebpf: &mut Ebpf, links: Vec<NamingLink>) {
     for link in links {
         let done = match link {
-            NamingLink::Tracepoint(name, id) => typed::<RawTracePoint>(ebpf, name)
-                .and_then(|p| p.detach(id).map_err(|e| format!("{name}: {e}"))),
-            NamingLink::Fexit(name, id) => typed::<FExit>(ebpf, name)
+            NamingLink::Tracepoint(name, id) => {
+                super::threads::program::<RawTracePoint>(ebpf, name)
+                    .and_then(|p| p.detach(id).map_err(|e| format!("{name}: {e}")))
+            }
+            NamingLink::Fexit(name, id) => super::threads::program::<FExit>(ebpf, name)
                 .and_then(|p| p.detach(id).map_err(|e| format!("{name}: {e}"))),
         };
         if let Err(e) = done {
@@ -245,7 +237,7 @@ fn attach_naming(ebpf: &mut Ebpf) -> Result<Vec<NamingLink>, String> {
     let mut links = Vec::new();
     let tracepoints = (|| -> Result<(), String> {
         for (name, tp) in TRACEPOINTS {
-            let p: &mut RawTracePoint = typed(ebpf, name)?;
+            let p: &mut RawTracePoint = super::threads::program(ebpf, name)?;
             p.load().map_err(|e| format!("{name}: {e}"))?;
             let id = p.attach(tp).map_err(|e| format!("{tp}: {e}"))?;
             links.push(NamingLink::Tracepoint(name, id));
@@ -258,14 +250,14 @@ fn attach_naming(ebpf: &mut Ebpf) -> Result<Vec<NamingLink>, String> {
     };
     links.clear();
     for (name, _) in TRACEPOINTS {
-        if let Ok(p) = typed::<RawTracePoint>(ebpf, name) {
+        if let Ok(p) = super::threads::program::<RawTracePoint>(ebpf, name) {
             let _ = p.unload();
         }
     }
     let fexits = (|| -> Result<(), String> {
         let btf = Btf::from_sys_fs().map_err(|e| format!("kernel BTF: {e}"))?;
         for (name, function) in FEXITS {
-            let p: &mut FExit = typed(ebpf, name)?;
+            let p: &mut FExit = super::threads::program(ebpf, name)?;
             p.load(function, &btf).map_err(|e| format!("{name}: {e}"))?;
             let id = p.attach().map_err(|e| format!("fexit {function}: {e}"))?;
             links.push(NamingLink::Fexit(name, id));
@@ -276,7 +268,7 @@ fn attach_naming(ebpf: &mut Ebpf) -> Result<Vec<NamingLink>, String> {
         Ok(()) => Ok(links),
         Err(e) => {
             for (name, _) in FEXITS {
-                if let Ok(p) = typed::<FExit>(ebpf, name) {
+                if let Ok(p) = super::threads::program::<FExit>(ebpf, name) {
                     let _ = p.unload();
                 }
             }

@@ -226,7 +226,7 @@ impl Links {
 }
 
 /// The program `name` of the object, as its kind.
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+pub(super) fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
 where
     &'a mut T: TryFrom<&'a mut Program, Error = ProgramError>,
 {
