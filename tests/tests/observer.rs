@@ -642,19 +642,16 @@ fn the_opentelemetry_sdk_propagators_are_read_as_they_were_written() -> anyhow::
     Ok(())
 }
 
-#[test]
-fn real_tls_is_not_mistaken_for_http() -> anyhow::Result<()> {
-    if !privileged("real_tls_is_not_mistaken_for_http") {
-        return Ok(());
-    }
-    let mut s = setup()?;
-    let dir = tracegap_tests::TempDir::new("tls")?;
+/// `openssl s_server -www` on :8443 in the server pod, with a
+/// self-signed certificate in a directory of its own (kept with it).
+fn s_server(
+    node: &Node,
+    dir: &str,
+) -> anyhow::Result<(tracegap_tests::Child, tracegap_tests::TempDir)> {
+    let dir = tracegap_tests::TempDir::new(dir)?;
     let (key, cert) = tracegap_tests::self_signed(dir.path(), "server")?;
-    // openssl s_server -www answers GET over TLS with an HTTP/1.0 page:
-    // there is HTTP on the wire, but only encrypted.
     let server = tracegap_tests::Child::spawn(
-        s.node
-            .pod("server")
+        node.pod("server")
             .command("openssl")
             .args(["s_server", "-www", "-accept", "8443", "-quiet"])
             .arg("-key")
@@ -662,6 +659,18 @@ fn real_tls_is_not_mistaken_for_http() -> anyhow::Result<()> {
             .arg("-cert")
             .arg(&cert),
     )?;
+    Ok((server, dir))
+}
+
+#[test]
+fn real_tls_is_not_mistaken_for_http() -> anyhow::Result<()> {
+    if !privileged("real_tls_is_not_mistaken_for_http") {
+        return Ok(());
+    }
+    let mut s = setup()?;
+    // openssl s_server -www answers GET over TLS with an HTTP/1.0 page:
+    // there is HTTP on the wire, but only encrypted.
+    let (server, _dir) = s_server(&s.node, "tls")?;
     let url = format!("https://{}:8443/secret", s.node.pod("server").ipv4);
     let mut body = String::new();
     for _ in 0..50 {
@@ -724,18 +733,7 @@ fn https_through_openssl_is_read_in_the_clear_at_the_clients_end() -> anyhow::Re
         probed += s.observer.probe_openssl(l.file, &l.path).map_or(0, |_| 1);
     }
     anyhow::ensure!(probed > 0, "no libssl to probe: {found:?}");
-    let dir = tracegap_tests::TempDir::new("tls-read")?;
-    let (key, cert) = tracegap_tests::self_signed(dir.path(), "server")?;
-    let server = tracegap_tests::Child::spawn(
-        s.node
-            .pod("server")
-            .command("openssl")
-            .args(["s_server", "-www", "-accept", "8443", "-quiet"])
-            .arg("-key")
-            .arg(&key)
-            .arg("-cert")
-            .arg(&cert),
-    )?;
+    let (server, _dir) = s_server(&s.node, "tls-read")?;
     let ip = s.node.pod("server").ipv4;
     let url = format!("https://{ip}:8443/orders?token=1");
     let mut answered = false;
@@ -755,10 +753,15 @@ fn https_through_openssl_is_read_in_the_clear_at_the_clients_end() -> anyhow::Re
     }
     drop(server);
     anyhow::ensure!(answered, "the TLS server never answered");
+    // The probes read every process of the machine (the other tests' curl
+    // too): this test's connection is the one with this server at an end.
+    let ours = move |e: &RawEvent| {
+        e.ifindex == 0 && (e.flow.dst.ip == IpAddr::V4(ip) || e.flow.src.ip == IpAddr::V4(ip))
+    };
     let events = collect_events(&mut s.ring, Duration::from_secs(2), |e| {
-        e.iter().filter(|e| e.ifindex == 0).count() >= 2
+        e.iter().filter(|e| ours(e)).count() >= 2
     });
-    let plain: Vec<_> = events.iter().filter(|e| e.ifindex == 0).collect();
+    let plain: Vec<_> = events.iter().filter(|e| ours(e)).collect();
     let request = plain
         .iter()
         .find(|e| e.kind == EventKind::Request)
