@@ -70,3 +70,26 @@ pub fn self_signed(
         .arg(&cert))?;
     Ok((key, cert))
 }
+
+/// Where cgroup v2 is mounted here (`/sys/fs/cgroup`, or
+/// `/sys/fs/cgroup/unified` in the hybrid layout).
+pub fn cgroup2_mount() -> Option<std::path::PathBuf> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find_map(|l| {
+            let (fields, after) = l.split_once(" - ")?;
+            (after.split_whitespace().next()? == "cgroup2")
+                .then(|| fields.split_whitespace().nth(4).map(Into::into))?
+        })
+}
+
+/// This process's cgroup v2 id (its directory's inode), where cgroup v2 is
+/// mounted.
+pub fn own_cgroup_id() -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let path = tracegap_agent::process::cgroup::parse(&text).1?;
+    let dir = cgroup2_mount()?.join(path.trim_start_matches('/'));
+    std::fs::metadata(dir).ok().map(|m| m.ino())
+}

@@ -759,7 +759,10 @@ fn https_through_openssl_is_read_in_the_clear_at_the_clients_end() -> anyhow::Re
         e.ifindex == 0 && (e.flow.dst.ip == IpAddr::V4(ip) || e.flow.src.ip == IpAddr::V4(ip))
     };
     let events = collect_events(&mut s.ring, Duration::from_secs(2), |e| {
-        e.iter().filter(|e| ours(e)).count() >= 2
+        e.iter()
+            .filter(|e| ours(e) && matches!(e.kind, EventKind::Request | EventKind::Response))
+            .count()
+            >= 2
     });
     let plain: Vec<_> = events.iter().filter(|e| ours(e)).collect();
     let request = plain
@@ -792,6 +795,20 @@ fn https_through_openssl_is_read_in_the_clear_at_the_clients_end() -> anyhow::Re
     assert_eq!(response.flow, request.flow.reversed());
     // The answer's acknowledgement: the whole request read.
     assert_eq!(response.ack, request.segment_len);
+    // Curl's process announced as its connection was named, its end first,
+    // in this test's cgroup (s_server's BIO calls go around the probed
+    // entry points).
+    let curl = plain
+        .iter()
+        .find(|e| e.kind == EventKind::Owner)
+        .unwrap_or_else(|| panic!("curl's process not announced: {events:?}"));
+    assert_eq!(curl.flow, request.flow);
+    let cgroup = u64::from_ne_bytes(curl.payload[..8].try_into()?);
+    assert_ne!(cgroup, 0);
+    if let Some(own) = tracegap_tests::own_cgroup_id() {
+        assert_eq!(cgroup, own, "curl runs in this test's cgroup");
+    }
+    assert!(curl.seq != 0 && curl.seq != std::process::id(), "{curl:?}");
     // The wire still saw the hello, and nothing else readable.
     assert_eq!(
         events

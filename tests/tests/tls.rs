@@ -375,3 +375,138 @@ fn nginx_terminating_tls_is_read_over_http1_and_http2() -> anyhow::Result<()> {
     agent.stop()?;
     Ok(())
 }
+
+/// A cgroup tree the test made, removed (deepest first) when dropped; its
+/// processes have ended by then.
+struct Cgroups(Vec<std::path::PathBuf>);
+
+impl Drop for Cgroups {
+    fn drop(&mut self) {
+        for d in self.0.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+    }
+}
+
+/// A host-network pod (a node agent, an ingress controller) has the
+/// node's address: by its address, what it calls is the node's doing. Its
+/// process's cgroup names it: the kubelet's systemd layout, made here on
+/// the machine's cgroup v2 mount, and curl run from the node's network
+/// once inside that pod's cgroup and once outside any, to a pod's HTTPS
+/// server.
+#[test]
+fn a_host_network_pods_https_calls_are_named_by_its_processs_cgroup() -> anyhow::Result<()> {
+    let test = "a_host_network_pods_https_calls_are_named_by_its_processs_cgroup";
+    if !privileged(test) {
+        return Ok(());
+    }
+    let Some(v2) = tracegap_tests::cgroup2_mount() else {
+        eprintln!("SKIPPED {test}: no cgroup v2 mount");
+        return Ok(());
+    };
+    const UID: &str = "5b0c7e1a-2f3d-4c5e-8a9b-0c1d2e3f4a5b";
+    let node = Node::new(&["server"])?;
+    let receiver = Receiver::start(std::net::Ipv4Addr::LOCALHOST.into())?;
+    let mut config = tracegap_agent::agent::AgentConfig {
+        tls_plaintext: true,
+        ..agent_config(&node, &receiver)
+    };
+    let gateway = std::net::IpAddr::from(node.gateway());
+    config
+        .services
+        .push((gateway, tracegap_agent::gap::span::Identity::node("node-1")));
+    config.services.push((
+        gateway,
+        tracegap_agent::gap::span::Identity {
+            service: "node-exporter".into(),
+            namespace: Some("monitoring".into()),
+            pod: Some("node-exporter-7x2kq".into()),
+            pod_uid: Some(UID.into()),
+            host_network: true,
+            ..Default::default()
+        },
+    ));
+    let agent = Agent::start(config)?;
+    let dir = TempDir::new("tls-hostnet")?;
+    let (key, cert) = tracegap_tests::self_signed(dir.path(), NAME)?;
+    let _server = Child::spawn(
+        node.pod("server")
+            .command("python3")
+            .args(["-c", SERVER, &OPENSSL_PORT.to_string()])
+            .arg(&cert)
+            .arg(&key),
+    )?;
+    // The kubelet's layout under the systemd driver, below a root of the
+    // test's own.
+    let mut made = Cgroups(Vec::new());
+    let mut at = v2.join(format!("tracegap-test-{}", std::process::id()));
+    for part in [
+        String::new(),
+        "kubepods.slice".into(),
+        "kubepods-besteffort.slice".into(),
+        format!("kubepods-besteffort-pod{}.slice", UID.replace('-', "_")),
+        format!("cri-containerd-{}.scope", "c0ffee".repeat(10) + "c0ff"),
+    ] {
+        if !part.is_empty() {
+            at = at.join(part);
+        }
+        std::fs::create_dir(&at)?;
+        made.0.push(at.clone());
+    }
+    let ip = node.pod("server").ipv4;
+    let url = format!("https://{NAME}:{OPENSSL_PORT}/metrics?token=secret");
+    let curl = format!(
+        "curl -sS -k --max-time 10 --resolve {NAME}:{OPENSSL_PORT}:{ip} '{url}' -o /dev/null"
+    );
+    // From the node's network (this namespace), without a context: a
+    // gap, whose span names its caller.
+    until(|| {
+        Ok(std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{curl} -H 'X-Probe: 1'"))
+            .status()?
+            .success())
+    })?;
+    tracegap_tests::run(std::process::Command::new("sh").arg("-c").arg(format!(
+        "echo $$ > {}/cgroup.procs && exec {curl}",
+        at.display()
+    )))?;
+
+    let hops = "tracegap_http_requests_total";
+    let by = |source: &str| {
+        format!("{hops}{{source_service=\"{source}\",destination_service=\"server\"")
+    };
+    until(|| Ok(agent.metric(&by("node-exporter"))? >= 1.0)).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}: {}",
+            agent.get("/metrics").map(|b| b.1).unwrap_or_default()
+        )
+    })?;
+    until(|| Ok(agent.metric(&by("node:node-1"))? >= 1.0))?;
+    std::thread::sleep(Duration::from_millis(500));
+    let body = agent.get("/metrics")?.1;
+    // The probe that got through, by address; the pod's call, by process.
+    assert_eq!(agent.metric(&by("node:node-1"))?, 1.0, "{body}");
+    assert_eq!(agent.metric(&by("node-exporter"))?, 1.0, "{body}");
+    assert_eq!(agent.metric(hops)?, 2.0, "{body}");
+    assert!(
+        agent.metric("tracegap_tls_process_ends_total{identity=\"pod\"}")? >= 1.0,
+        "{body}"
+    );
+    // The gap's span: the host-network pod as its caller.
+    let spans = receiver.wait_for(Duration::from_secs(10), |s| {
+        s.iter()
+            .any(|s| s.attr("tracegap.caller.service").as_deref() == Some("node-exporter"))
+    });
+    let span = spans
+        .iter()
+        .find(|s| s.attr("tracegap.caller.service").as_deref() == Some("node-exporter"))
+        .ok_or_else(|| anyhow::anyhow!("no span from node-exporter's call"))?;
+    assert_eq!(
+        span.resource_attr("service.name").as_deref(),
+        Some("server")
+    );
+    assert!(!body.contains("token"), "{body}");
+    agent.stop()?;
+    Ok(())
+}

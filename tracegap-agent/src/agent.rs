@@ -21,7 +21,7 @@ use crate::{
     clock::{WallClock, monotonic_ns},
     cluster::{self, ApiStatus, ClusterConfig},
     ebpf::{KernelLog, LoadOptions, Observer},
-    events::{self, EventStream, RawEvent},
+    events::{self, Endpoint, EventStream, RawEvent},
     export::{self, ExportConfig, SpanQueue},
     gap::{
         Engine, GapKind, Hop,
@@ -260,6 +260,15 @@ pub async fn run(
             Pipeline::new(&config, shared.clone(), directory.clone(), queue, reconcile);
         pipeline.relays = observer.take_relays()?;
         pipeline.tls_waiting = openssl.is_some().then(Default::default);
+        if openssl.is_some() {
+            let cgroups = crate::process::Cgroups::new(std::path::Path::new("/proc"));
+            if !cgroups.host_pids() {
+                tracing::warn!(
+                    "not in the node's PID namespace (hostPID): HTTPS calls are named by their addresses only, host-network pods as their node"
+                );
+            }
+            pipeline.cgroups = Some(cgroups);
+        }
         let looped = event_loop(
             &mut observer,
             interfaces,
@@ -419,6 +428,10 @@ async fn event_loop(
                         continue;
                     }
                     p.nat.translate(&mut e, |ip| directory.is_service(ip));
+                    if e.kind == EventKind::Owner {
+                        p.owner(&e);
+                        continue;
+                    }
                     // Plaintext from OpenSSL (no interface): a process's
                     // socket, not a pod veth's traffic.
                     if e.ifindex == 0 {
@@ -426,6 +439,7 @@ async fn event_loop(
                             p.shared.metrics.ignored("tls_elsewhere");
                             continue;
                         }
+                        p.owners.touch(&e);
                         p.tls_plaintext(&e.flow);
                     } else if e.direction == Direction::Ingress {
                         p.local_ip(e.flow.src.ip);
@@ -585,11 +599,17 @@ struct Pipeline {
     /// TLS connections whose plaintext OpenSSL's probes may still deliver
     /// (None: no probes, a hello is counted unread at once).
     tls_waiting: Option<crate::tls::Waiting<HelloSeen>>,
+    /// The processes at the ends of connections read through OpenSSL.
+    owners: crate::process::Owners,
+    /// Their cgroups, read (None: no OpenSSL probes).
+    cgroups: Option<crate::process::Cgroups>,
 }
 
 /// A TLS connection's hello, as it will be counted: its edge, its server
 /// name and the protocols it offered.
 struct HelloSeen {
+    /// Client to server.
+    flow: crate::events::Flow,
     caller: String,
     callee: String,
     server_name: String,
@@ -611,6 +631,10 @@ struct Deferred {
 const HOLD_NS: u64 = 250_000_000;
 /// Hops held at most; past it they are classified at once.
 const MAX_DEFERRED: usize = 4096;
+/// How long a connection's processes are remembered with no plaintext
+/// read on it (a pooled connection idle longer is named by its addresses
+/// until its `SSL*` is named anew).
+const OWNER_IDLE_NS: u64 = 15 * 60 * 1_000_000_000;
 
 impl Pipeline {
     fn new(
@@ -656,6 +680,8 @@ impl Pipeline {
             deferred: std::collections::VecDeque::new(),
             relays: None,
             tls_waiting: None,
+            owners: Default::default(),
+            cgroups: None,
         }
     }
 
@@ -676,6 +702,7 @@ impl Pipeline {
             &mut self.h2_counted,
         );
         self.engine.forget_before(now.saturating_sub(RETENTION_NS));
+        self.owners.forget_before(now.saturating_sub(OWNER_IDLE_NS));
         let unread = self
             .tls_waiting
             .as_mut()
@@ -730,12 +757,13 @@ impl Pipeline {
                 crate::tls::ClientHello::default()
             }
         };
-        let ends = self.ends(e.flow.src.ip, e.flow.dst.ip);
+        let ends = self.ends(e.flow.src, e.flow.dst);
         // Seen on both nodes of a cross-node connection: counted once.
         if !self.reports_here(&ends) {
             return;
         }
         let seen = HelloSeen {
+            flow: e.flow,
             caller: ends.caller.service,
             callee: ends.callee.service,
             server_name: hello.server_name.unwrap_or_default(),
@@ -756,11 +784,53 @@ impl Pipeline {
     /// waiting, is one read.
     fn tls_plaintext(&mut self, flow: &crate::events::Flow) {
         if let Some(seen) = self.tls_waiting.as_mut().and_then(|w| w.plaintext(flow)) {
+            // Named again: its processes are announced by now (the hello
+            // leaves before the first call names the connection).
+            let ends = self.ends(seen.flow.src, seen.flow.dst);
             self.shared.metrics.tls_read(crate::metrics::TlsLabels {
-                source_service: seen.caller,
-                destination_service: seen.callee,
+                source_service: ends.caller.service,
+                destination_service: ends.callee.service,
                 server_name: seen.server_name,
             });
+        }
+    }
+
+    /// A process at one end of a connection OpenSSL's probes read: its
+    /// cgroup's pod, if any, is that end's identity from now on.
+    fn owner(&mut self, e: &RawEvent) {
+        let Some(cgroups) = self.cgroups.as_mut() else {
+            return;
+        };
+        let Some(owner) = self.owners.announced(e, cgroups).cloned() else {
+            return;
+        };
+        if !self.ours(&e.flow) {
+            return;
+        }
+        use crate::process::{Origin, Owner, Unread};
+        let identity = match owner {
+            Owner::Read(Origin::Pod { uid, .. }) if self.directory.pod(&uid).is_some() => "pod",
+            Owner::Read(Origin::Pod { .. }) => "unknown_pod",
+            Owner::Read(Origin::Node) => "node",
+            Owner::Unread(Unread::Gone) => "gone",
+            Owner::Unread(Unread::NoHostPids) => "no_host_pids",
+        };
+        self.shared.metrics.tls_process_end(identity);
+    }
+
+    /// The identity of `end` of its connection to `peer`, and whether it
+    /// is a pod of this node's: its process's pod, where OpenSSL's probes
+    /// announced one; else its address's.
+    fn end(&self, end: Endpoint, peer: Endpoint) -> (Identity, bool) {
+        let local = self.local.contains(&end.ip);
+        match self
+            .owners
+            .pod(end, peer)
+            .and_then(|uid| self.directory.pod(&uid))
+        {
+            // A process of this kernel: where its pod runs is by name.
+            Some(pod) => (pod, true),
+            None => (self.directory.lookup(end.ip), local),
         }
     }
 
@@ -778,12 +848,14 @@ impl Pipeline {
     }
 
     /// Who a hop's two ends are, and whether each is a pod of this node.
-    fn ends(&self, caller: IpAddr, callee: IpAddr) -> Ends {
+    fn ends(&self, caller: Endpoint, callee: Endpoint) -> Ends {
+        let (caller_id, caller_local) = self.end(caller, callee);
+        let (callee_id, callee_local) = self.end(callee, caller);
         Ends {
-            caller: self.directory.lookup(caller),
-            callee: self.directory.lookup(callee),
-            caller_local: self.local.contains(&caller),
-            callee_local: self.local.contains(&callee),
+            caller: caller_id,
+            callee: callee_id,
+            caller_local,
+            callee_local,
         }
     }
 
@@ -808,7 +880,11 @@ impl Pipeline {
         [flow.src.ip, flow.dst.ip].iter().any(|ip| {
             self.local.contains(ip)
                 || self.node.is_some() && self.directory.lookup(*ip).node == self.node
-        })
+        }) || [(flow.src, flow.dst), (flow.dst, flow.src)]
+            .into_iter()
+            .filter_map(|(end, peer)| self.owners.pod(end, peer))
+            .filter_map(|uid| self.directory.pod(&uid))
+            .any(|pod| self.node.is_none() || pod.node == self.node)
     }
 
     /// An address seen sending from a watched pod veth.
@@ -961,7 +1037,7 @@ impl Pipeline {
 
     /// Classifies a hop, counts and reports it, and makes its span.
     fn settle_hop(&mut self, hop: Hop) {
-        let ends = self.ends(hop.caller().ip, hop.callee().ip);
+        let ends = self.ends(hop.caller(), hop.callee());
         let reports_here = self.reports_here(&ends);
         let Ends {
             caller,

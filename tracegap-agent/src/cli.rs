@@ -173,8 +173,10 @@ pub struct RunArgs {
     #[arg(long = "service", env = "TRACEGAP_SERVICES", value_delimiter = ',', value_parser = parse_service)]
     pub services: Vec<(IpAddr, String)>,
     /// A file of identities, one `IP NAME [NAMESPACE/POD] [node=NODE]
-    /// [instrumented=BOOL] [kind=pod|service|node]` per line: the standalone
-    /// stand-in for the Kubernetes API (Services as `kind=service`).
+    /// [uid=POD_UID] [host-network] [instrumented=BOOL]
+    /// [kind=pod|service|node]` per line: the standalone stand-in for the
+    /// Kubernetes API (Services as `kind=service`; a host-network pod,
+    /// named by its processes' cgroups over OpenSSL, as `uid=... host-network`).
     #[arg(long, env = "TRACEGAP_NAMES_FILE")]
     pub names_file: Option<std::path::PathBuf>,
     /// Name pods and services from the Kubernetes API: auto (when running

@@ -33,8 +33,8 @@ pub fn parse_mapping(s: &str) -> Result<(IpAddr, String), ParseError> {
 /// A names file line that cannot be read.
 #[derive(Debug, Error, PartialEq, Eq)]
 #[error(
-    "line {line}: expected `IP NAME [NAMESPACE/POD] [node=NODE] [instrumented=true|false] \
-     [kind=pod|service|node]`, got {text:?}"
+    "line {line}: expected `IP NAME [NAMESPACE/POD] [node=NODE] [uid=POD_UID] [host-network] \
+     [instrumented=true|false] [kind=pod|service|node]`, got {text:?}"
 )]
 pub struct NamesFileError {
     pub line: usize,
@@ -42,12 +42,15 @@ pub struct NamesFileError {
 }
 
 /// Reads a names file: one `IP NAME [NAMESPACE/POD] [node=NODE]
-/// [instrumented=BOOL] [kind=pod|service|node]` per line, `#` comments and
-/// blank lines ignored. The standalone agent's stand-in for the Kubernetes
-/// API: the same identities, written down.
+/// [uid=POD_UID] [host-network] [instrumented=BOOL] [kind=pod|service|node]`
+/// per line, `#` comments and blank lines ignored. The standalone agent's
+/// stand-in for the Kubernetes API: the same identities, written down.
 ///
 /// - a pod (the default kind): NAME is its service name, NODE the node it
-///   runs on (which node reports its hops, see [`crate::cluster::reports_here`]);
+///   runs on (which node reports its hops, see [`crate::cluster::reports_here`]),
+///   POD_UID its `metadata.uid` (what its processes' cgroups name);
+///   `host-network`: the pod shares the node's address IP and is named by
+///   its processes alone (over OpenSSL, see [`crate::process`]);
 /// - `kind=service`: a Service's ClusterIP, NAMESPACE/POD read as
 ///   NAMESPACE/SERVICE; calls to it are followed to the pod behind it
 ///   ([`crate::nat`]);
@@ -77,6 +80,8 @@ pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFile
                     id.instrumented = Some(v.parse().map_err(|_| bad())?);
                 }
                 Some(("node", v)) if !v.is_empty() => id.node = Some(v.to_owned()),
+                Some(("uid", v)) if !v.is_empty() => id.pod_uid = Some(v.to_owned()),
+                None if token == "host-network" => id.host_network = true,
                 Some(("kind", "pod")) => {}
                 Some(("kind", "service")) => id.is_service = true,
                 Some(("kind", "node")) => id = Identity::node(&id.service),
@@ -93,6 +98,9 @@ pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFile
             // NAMESPACE/NAME of a Service is not a pod.
             id.pod = None;
         }
+        if (id.is_service || id.is_node) && (id.host_network || id.pod_uid.is_some()) {
+            return Err(bad());
+        }
         out.push((ip, id));
     }
     Ok(out)
@@ -103,18 +111,46 @@ pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFile
 #[derive(Default)]
 pub struct Directory {
     entries: RwLock<crate::FastMap<IpAddr, Identity>>,
+    /// Pods by UID, host-network ones too: what a process's cgroup names.
+    pods: RwLock<crate::FastMap<String, Identity>>,
     /// Service addresses among the entries: while there are none (no
     /// Services known), asking costs no lock.
     services: AtomicUsize,
 }
 
 impl Directory {
+    /// The names file's (or `--service`'s) identities: a pod with a UID is
+    /// known by it too; a host-network pod by it alone (its address is
+    /// the node's).
     pub fn with_identities(ids: impl IntoIterator<Item = (IpAddr, Identity)>) -> Self {
         let d = Self::default();
         for (ip, id) in ids {
-            d.set(ip, id);
+            if let Some(uid) = id.pod_uid.clone() {
+                d.set_pod(uid, id.clone());
+            }
+            if !id.host_network {
+                d.set(ip, id);
+            }
         }
         d
+    }
+
+    /// A pod by its UID (a host-network one has no address of its own).
+    pub fn set_pod(&self, uid: String, identity: Identity) {
+        if let Ok(mut p) = self.pods.write() {
+            p.insert(uid, identity);
+        }
+    }
+
+    pub fn remove_pod(&self, uid: &str) {
+        if let Ok(mut p) = self.pods.write() {
+            p.remove(uid);
+        }
+    }
+
+    /// The pod with UID `uid`, if known.
+    pub fn pod(&self, uid: &str) -> Option<Identity> {
+        self.pods.read().ok().and_then(|p| p.get(uid).cloned())
     }
 
     pub fn set(&self, ip: IpAddr, identity: Identity) {
@@ -281,6 +317,7 @@ mod tests {
         assert!(node.is_node && !node.is_pod());
         assert_eq!(node.service, "node:node-1");
         assert!(parse_names_file("10.0.0.1 a kind=cluster").is_err());
+        assert!(parse_names_file("10.0.0.1 a kind=node host-network").is_err());
         let d = Directory::with_identities(ids.clone());
         assert!(d.is_service(ids[1].0) && !d.is_service(ids[0].0));
         // A node's addresses never rename what is known already.
@@ -290,5 +327,33 @@ mod tests {
             d.lookup("10.208.1.9".parse().unwrap()).service,
             "node:node-1"
         );
+    }
+
+    #[test]
+    fn host_network_pods_are_known_by_their_uid_alone() {
+        let ids = parse_names_file(
+            "10.208.1.2 node-1 kind=node\n\
+             10.208.1.2 node-exporter monitoring/node-exporter-x node=node-1 uid=7f1c host-network\n\
+             10.209.1.2 service-b lab/service-b-0 uid=aa01\n",
+        )
+        .unwrap();
+        assert!(ids[1].1.host_network && ids[1].1.is_pod());
+        let d = Directory::with_identities(ids);
+        // The node's address stays the node's.
+        assert_eq!(
+            d.lookup("10.208.1.2".parse().unwrap()).service,
+            "node:node-1"
+        );
+        assert_eq!(
+            d.pod("7f1c").map(|p| p.service).as_deref(),
+            Some("node-exporter")
+        );
+        assert_eq!(
+            d.pod("aa01").map(|p| p.service).as_deref(),
+            Some("service-b")
+        );
+        assert_eq!(d.lookup("10.209.1.2".parse().unwrap()).service, "service-b");
+        d.remove_pod("7f1c");
+        assert!(d.pod("7f1c").is_none());
     }
 }

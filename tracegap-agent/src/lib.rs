@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod nat;
 pub mod observe;
 pub mod privileges;
+pub mod process;
 pub mod quality;
 pub mod reconcile;
 pub mod report;

@@ -169,6 +169,11 @@ pub struct ActionLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct IdentityLabels {
+    pub identity: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProgramLabels {
     pub program: String,
 }
@@ -213,6 +218,7 @@ pub struct Metrics {
     pub tls_unread: Family<TlsLabels, Counter>,
     pub tls_read: Family<TlsLabels, Counter>,
     pub openssl_libraries: Gauge,
+    pub tls_process_ends: Family<IdentityLabels, Counter>,
     pub store_queries: Family<QueryLabels, Counter>,
     pub reconciled: Family<ActionLabels, Counter>,
     pub reconcile_pending: Gauge,
@@ -276,6 +282,7 @@ impl Metrics {
             tls_unread: Family::default(),
             tls_read: Family::default(),
             openssl_libraries: Gauge::default(),
+            tls_process_ends: Family::default(),
             store_queries: Family::default(),
             reconciled: Family::default(),
             reconcile_pending: Gauge::default(),
@@ -437,6 +444,11 @@ impl Metrics {
             m.openssl_libraries.clone(),
         );
         registry.register(
+            "tls_process_ends",
+            "Ends of connections read through OpenSSL, by what the process's cgroup says of its identity: pod (a pod's container: the hop's end is that pod, host-network ones included), unknown_pod (a pod UID not (yet) known from the API), node (a process of the node, in no pod), gone (the process had ended before its cgroup was read), no_host_pids (the agent does not share the node's PID namespace: hostPID). Ends other than pod are named by their address",
+            m.tls_process_ends.clone(),
+        );
+        registry.register(
             "callee_spans",
             "Hops whose callee (instrumented, sent a sampled context) should have recorded a span, by what the trace store holds after the settle delay: arrived; new_trace (in a trace of its own: the callee did not read the context); lost_in_pipeline (the callee exported, the span never arrived); not_exported (no export seen from the callee); unknown (the collector took the callee's exports, 2xx, and the span is not in the store: the facts disagree); not_checked (the store could not be asked within a settle delay: nothing known); uninstrumented (a callee nobody declared, with no sign of recording spans: nothing of it in the store around the request, no export from it; tracegap's span stands in)",
             m.callee_spans.clone(),
@@ -498,6 +510,12 @@ impl Metrics {
             "tls_read_connections",
             l,
         );
+    }
+
+    pub fn tls_process_end(&self, identity: &'static str) {
+        self.tls_process_ends
+            .get_or_create(&IdentityLabels { identity })
+            .inc();
     }
 
     pub fn store_query(&self, query: &'static str, outcome: &'static str, n: u64) {

@@ -140,6 +140,12 @@ pub enum EventKind {
     /// server name and ALPN and counts the connection as one it cannot
     /// see inside. Nothing after it on the connection is copied.
     TlsHello = 6,
+    /// The process at one end of a connection its OpenSSL calls use, sent
+    /// as the connection is first named (see `tracegap-ebpf/src/ssl.rs`):
+    /// `flow` is the connection with that end first, `seq` the process
+    /// (tgid), and the 8 payload bytes its cgroup v2 id (native endian),
+    /// which names the container and the pod, host-network ones too.
+    Owner = 7,
 }
 
 impl EventKind {
@@ -151,6 +157,7 @@ impl EventKind {
             4 => Some(Self::Http2),
             5 => Some(Self::Thread),
             6 => Some(Self::TlsHello),
+            7 => Some(Self::Owner),
             _ => None,
         }
     }

@@ -15,12 +15,16 @@
 //! works without the other. The return probe copies the message starts (and the pieces of
 //! a head that did not end in its first chunk) as events with the
 //! connection's plaintext byte counts as `seq` and `ack`. Bodies are only
-//! counted. The programs observe only and return 0.
+//! counted. A connection named is announced with the process and the
+//! cgroup at its end ([`announce`]). The programs observe only and return 0.
 
 use aya_ebpf::{
     EbpfContext as _,
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{bpf_get_current_pid_tgid, generated::bpf_get_attach_cookie},
+    helpers::{
+        bpf_get_current_pid_tgid,
+        generated::{bpf_get_attach_cookie, bpf_get_current_cgroup_id},
+    },
     macros::{fexit, map, raw_tracepoint, uprobe, uretprobe},
     maps::{Array, LruHashMap, PerCpuArray},
     programs::{FExitContext, ProbeContext, RawTracePointContext, RetProbeContext},
@@ -147,6 +151,37 @@ pub(crate) fn name(id: u64, flow: &FlowKey) {
     if !crate::threads::same(&c.flow, flow) {
         clear(c);
         c.flow = *flow;
+        announce(id, flow);
+    }
+}
+
+/// The process behind this end of a connection newly named: its cgroup
+/// names its container and pod where its address cannot (a host-network
+/// pod shares the node's). Once per connection, in the calling thread.
+#[inline(never)]
+fn announce(id: u64, flow: &FlowKey) {
+    let record = Record::<8> {
+        header: EventHeader {
+            ts_ns: clock(),
+            flow: *flow,
+            ifindex: 0,
+            seq: (id >> 32) as u32,
+            segment_len: 0,
+            payload_len: 8,
+            direction: Direction::Ingress as u8,
+            kind: EventKind::Owner as u8,
+            flags: event_flags::PLAINTEXT,
+            _pad: [0, 0, 0],
+            ack: 0,
+        },
+        // SAFETY: the helper has no arguments (the current task's cgroup).
+        payload: unsafe { bpf_get_current_cgroup_id() }.to_ne_bytes(),
+    };
+    if EVENTS
+        .output::<Record<8>>(&record, BPF_RB_NO_WAKEUP as u64)
+        .is_err()
+    {
+        counted(counter::RINGBUF_FULL);
     }
 }
 

@@ -99,20 +99,27 @@ pub fn instrumented(pod: &Pod) -> Option<bool> {
 }
 
 /// Whether a pod's IP stands for the pod: not host-network (its IP is the
-/// node's, shared by every host-network pod), and not finished (a finished
-/// pod's IP is free for the next pod).
+/// node's, shared by every host-network pod), and [`running`].
 pub fn owns_its_ip(pod: &Pod) -> bool {
-    let host = pod
-        .spec
+    !host_network(pod) && running(pod)
+}
+
+fn host_network(pod: &Pod) -> bool {
+    pod.spec
         .as_ref()
         .and_then(|s| s.host_network)
-        .unwrap_or(false);
+        .unwrap_or(false)
+}
+
+/// Not finished (a finished pod's IP is free for the next pod) nor being
+/// deleted.
+pub fn running(pod: &Pod) -> bool {
     let finished = pod
         .status
         .as_ref()
         .and_then(|s| s.phase.as_deref())
         .is_some_and(|p| p == "Succeeded" || p == "Failed");
-    !host && !finished && pod.metadata.deletion_timestamp.is_none()
+    !finished && pod.metadata.deletion_timestamp.is_none()
 }
 
 /// The pod's IPs (IPv4 and IPv6 on dual-stack clusters).
@@ -146,6 +153,7 @@ pub fn pod_identity(pod: &Pod, workload: Option<Workload>) -> Identity {
         instrumented: instrumented(pod),
         is_service: false,
         is_node: false,
+        host_network: host_network(pod),
         labels: pod.metadata.labels.clone().unwrap_or_default(),
         ports: pod
             .spec

@@ -146,6 +146,16 @@ impl State {
         };
         let pod = &entry.pod;
         let ips = attribute::pod_ips(pod);
+        // By UID, host-network pods too (a process's cgroup names them),
+        // while they run.
+        if attribute::running(pod) {
+            dir.set_pod(
+                key.to_owned(),
+                attribute::pod_identity(pod, self.workload_of(pod)),
+            );
+        } else {
+            dir.remove_pod(key);
+        }
         if !attribute::owns_its_ip(pod) {
             // Finished, deleting or host-network: release what it owns.
             for ip in ips {
@@ -175,6 +185,7 @@ impl State {
         let Some(entry) = self.pods.remove(key) else {
             return;
         };
+        dir.remove_pod(key);
         for ip in attribute::pod_ips(&entry.pod) {
             if self.owners.get(&ip).is_some_and(|(u, _)| u == key) {
                 self.owners.remove(&ip);

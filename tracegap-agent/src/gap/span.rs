@@ -39,6 +39,9 @@ pub struct Identity {
     /// The address is a node's own (host-network pods share it): traffic
     /// from it is node traffic, never a pod's.
     pub is_node: bool,
+    /// A host-network pod: its address is the node's, so it is known by its
+    /// UID alone (a process in its cgroup names it, see [`crate::process`]).
+    pub host_network: bool,
     /// The pod's labels (not exported: they can be many).
     pub labels: std::collections::BTreeMap<String, String>,
     /// Ports the pod's containers declare (a hop to one of them is served

@@ -191,7 +191,7 @@ impl Assembler {
             }
             // HTTP/2 connections are read by `super::h2::follow`; thread
             // turns go to the gap engine.
-            EventKind::Http2 | EventKind::Thread | EventKind::TlsHello => {}
+            EventKind::Http2 | EventKind::Thread | EventKind::TlsHello | EventKind::Owner => {}
         }
     }
 

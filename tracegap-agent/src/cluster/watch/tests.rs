@@ -165,6 +165,39 @@ fn a_reused_address_belongs_to_the_newer_live_pod() {
 }
 
 #[test]
+fn a_host_network_pod_is_known_by_its_uid_not_by_the_nodes_address() {
+    let mut state = State::default();
+    let dir = Directory::default();
+    let exporter = typed_pod(pod(
+        "h",
+        "node-exporter",
+        "10.0.0.4",
+        "2026-11-24T08:00:00Z",
+        json!({"spec": {"hostNetwork": true}}),
+    ));
+    state.apply(
+        change(What::Pod(watcher::Event::Apply(exporter.clone()))),
+        &dir,
+    );
+    assert_eq!(dir.lookup(ip("10.0.0.4")).pod, None, "the node's address");
+    let id = dir.pod("h").expect("known by its uid");
+    assert_eq!(id.pod.as_deref(), Some("node-exporter"));
+    assert!(id.host_network && id.is_pod());
+    assert_eq!(id.node.as_deref(), Some("node-1"));
+    state.apply(change(What::Pod(watcher::Event::Delete(exporter))), &dir);
+    assert!(dir.pod("h").is_none());
+    // A pod with its own address is known both ways, until it finishes.
+    let mut a = typed_pod(pod("a", "a", "10.1.0.5", "2026-11-24T08:00:00Z", json!({})));
+    state.apply(change(What::Pod(watcher::Event::Apply(a.clone()))), &dir);
+    assert_eq!(dir.pod("a").and_then(|p| p.pod).as_deref(), Some("a"));
+    if let Some(s) = a.status.as_mut() {
+        s.phase = Some("Failed".into());
+    }
+    state.apply(change(What::Pod(watcher::Event::Apply(a))), &dir);
+    assert!(dir.pod("a").is_none());
+}
+
+#[test]
 fn a_relist_forgets_what_was_deleted_while_the_watch_was_down() {
     let mut state = State::default();
     let dir = Directory::default();
