@@ -7,7 +7,7 @@ pub mod memcg;
 pub use tracegap_lab::{
     agent, cluster, http,
     netns::{Child, Node, Pod, TempDir, run},
-    service as demo, store as otlp,
+    prometheus, service as demo, store as otlp,
 };
 
 /// The lab's agent configuration for a node of pods (see

@@ -85,6 +85,13 @@ fn check_all(docs: &[Value]) -> anyhow::Result<Vec<String>> {
             "Deployment" => typed::<Deployment>(d).map(drop),
             "Service" => typed::<Service>(d).map(drop),
             "NetworkPolicy" => typed::<NetworkPolicy>(d).map(drop),
+            // prometheus-operator's kinds (no k8s-openapi type): their
+            // fields are checked by the tests below.
+            "PodMonitor" | "PrometheusRule"
+                if d["apiVersion"] == "monitoring.coreos.com/v1" && d["spec"].is_object() =>
+            {
+                Ok(())
+            }
             other => Err(anyhow::anyhow!("no check for kind {other}")),
         };
         r.map_err(|e| e.context(format!("{kind} {name}")))?;
@@ -139,6 +146,146 @@ fn every_manifest_renders_and_reads_into_its_kubernetes_type() -> anyhow::Result
     assert_eq!(busy, base, "the same objects as the base");
     let https = check_all(&render("https")?)?;
     assert_eq!(https, base, "the same objects as the base");
+    let mut quality = check_all(&render("quality")?)?;
+    quality.sort();
+    assert_eq!(quality, ["Deployment", "Service"]);
+    let mut prometheus = check_all(&render("prometheus")?)?;
+    prometheus.sort();
+    assert_eq!(prometheus, ["PodMonitor", "PrometheusRule"]);
+    Ok(())
+}
+
+/// `tracegap quality` asks Prometheus and nothing else: no root, no
+/// capabilities, no API token, a read-only root; its probes and Service on
+/// the port it listens on.
+#[test]
+fn the_quality_deployment_runs_unprivileged_on_the_port_it_serves() -> anyhow::Result<()> {
+    if !kubectl() {
+        return Ok(());
+    }
+    let docs = render("quality")?;
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .ok_or_else(|| anyhow::anyhow!("no Deployment"))?;
+    let pod = &deployment["spec"]["template"]["spec"];
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    let [c] = pod["containers"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    else {
+        panic!("one container: {pod:#}")
+    };
+    assert_eq!(c["args"], serde_json::json!(["quality"]));
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert!(sc["capabilities"]["add"].is_null(), "{sc:#}");
+    let env = |name: &str| {
+        c["env"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str())
+            .map(str::to_owned)
+    };
+    let listen = env("TRACEGAP_LISTEN").expect("TRACEGAP_LISTEN");
+    let port = c["ports"][0]["containerPort"].as_u64().expect("a port");
+    assert!(listen.ends_with(&format!(":{port}")), "{listen} vs {port}");
+    assert!(env("TRACEGAP_PROMETHEUS").is_some_and(|u| u.starts_with("http")));
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    // Every variable is one `tracegap quality` reads, and its value parses.
+    use clap::CommandFactory as _;
+    let cli = tracegap_agent::cli::Cli::command();
+    let quality = cli
+        .get_subcommands()
+        .find(|c| c.get_name() == "quality")
+        .expect("a quality subcommand");
+    let mut args = vec!["tracegap".to_owned(), "quality".to_owned()];
+    for e in c["env"].as_array().into_iter().flatten() {
+        let key = e["name"].as_str().unwrap_or_default();
+        let arg = quality
+            .get_arguments()
+            .find(|a| a.get_env().is_some_and(|v| v == key))
+            .unwrap_or_else(|| {
+                panic!("the Deployment sets {key}, which tracegap quality does not read")
+            });
+        args.push(format!(
+            "--{}={}",
+            arg.get_long().expect("a long flag"),
+            e["value"].as_str().unwrap_or_default()
+        ));
+    }
+    <tracegap_agent::cli::Cli as clap::Parser>::try_parse_from(&args)?;
+    let service = docs
+        .iter()
+        .find(|d| d["kind"] == "Service")
+        .ok_or_else(|| anyhow::anyhow!("no Service"))?;
+    assert_eq!(
+        service["spec"]["ports"][0]["targetPort"],
+        c["ports"][0]["name"]
+    );
+    Ok(())
+}
+
+/// The PodMonitor selects the DaemonSet's pods and scrapes the port their
+/// metrics are on; the job it makes is the one the rules and the dashboard
+/// match; every rule has an expression, every alert a summary.
+#[test]
+fn the_podmonitor_and_rules_match_the_agents() -> anyhow::Result<()> {
+    if !kubectl() {
+        return Ok(());
+    }
+    let docs = render("prometheus")?;
+    let monitor = docs
+        .iter()
+        .find(|d| d["kind"] == "PodMonitor")
+        .ok_or_else(|| anyhow::anyhow!("no PodMonitor"))?;
+    let ds = daemonset("base")?;
+    let pod_labels = &ds["spec"]["template"]["metadata"]["labels"];
+    for (k, v) in monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .into_iter()
+        .flatten()
+    {
+        assert_eq!(&pod_labels[k], v, "the DaemonSet's pods carry {k}={v}");
+    }
+    let port = monitor["spec"]["podMetricsEndpoints"][0]["port"].clone();
+    let ports = &ds["spec"]["template"]["spec"]["containers"][0]["ports"];
+    assert!(
+        ports
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["name"] == port),
+        "{port} among {ports}"
+    );
+    // prometheus-operator names the job namespace/name.
+    assert_eq!(monitor["metadata"]["name"], "tracegap-agents");
+    let rules = docs
+        .iter()
+        .find(|d| d["kind"] == "PrometheusRule")
+        .ok_or_else(|| anyhow::anyhow!("no PrometheusRule"))?;
+    let mut alerts = 0;
+    for g in rules["spec"]["groups"].as_array().into_iter().flatten() {
+        for r in g["rules"].as_array().into_iter().flatten() {
+            assert!(r["expr"].as_str().is_some_and(|e| !e.is_empty()), "{r:#}");
+            if r["alert"].is_string() {
+                alerts += 1;
+                assert!(r["annotations"]["summary"].is_string(), "{r:#}");
+                let job = r["expr"].as_str().unwrap_or_default();
+                if job.contains("up{") {
+                    assert!(job.contains("tracegap-agents"), "{job}");
+                }
+            }
+        }
+    }
+    assert!(alerts >= 6, "{alerts} alerts");
     Ok(())
 }
 

@@ -40,7 +40,7 @@ impl Cli {
         let kernel_log = match &self.command {
             Command::Run(args) => args.kernel_log,
             Command::Observe(args) => args.kernel_log,
-            Command::Report(_) => KernelLog::Off,
+            Command::Report(_) | Command::Quality(_) => KernelLog::Off,
         };
         match kernel_log.directive().and_then(|d| d.parse().ok()) {
             Some(directive) => filter.add_directive(directive),
@@ -57,8 +57,13 @@ pub enum Command {
     Run(Box<RunArgs>),
     /// Print every HTTP request and response seen on the wire, one per line.
     Observe(ObserveArgs),
-    /// Print a running agent's per-edge gap report as a table.
+    /// Print a running agent's per-edge gap report as a table (or, with
+    /// --prometheus, the whole cluster's).
     Report(ReportArgs),
+    /// Serve Jaeger's Trace Quality API and /report for the whole cluster,
+    /// from every agent's counters in Prometheus (a small stateless
+    /// Deployment).
+    Quality(QualityArgs),
 }
 
 #[derive(Debug, Args)]
@@ -137,33 +142,8 @@ pub struct RunArgs {
     /// See --learn-uninstrumented-after.
     #[arg(long, env = "TRACEGAP_LEARN_UNINSTRUMENTED_REQUESTS", default_value_t = crate::gap::silence::DEFAULT_REQUESTS)]
     pub learn_uninstrumented_requests: u64,
-    /// The agent's HTTP servers (/metrics and the probes, /report): time a
-    /// client has to send a request's head, and to send its next one on a
-    /// kept-alive connection.
-    #[arg(long, env = "TRACEGAP_HTTP_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
-    pub http_header_timeout: std::time::Duration,
-    /// Connections open at once per server; past it new ones are closed at
-    /// once (tracegap_http_server_refused_total{reason="connections"}).
-    #[arg(long, env = "TRACEGAP_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
-    pub http_max_connections: usize,
-    /// Connections open at once per server from one client address; past
-    /// it new ones are closed at once (reason="connections_per_client").
-    #[arg(
-        long,
-        env = "TRACEGAP_HTTP_MAX_CONNECTIONS_PER_CLIENT",
-        default_value_t = 64
-    )]
-    pub http_max_connections_per_client: usize,
-    /// Requests served at once per endpoint; past it answered 503 at once
-    /// (reason="busy").
-    #[arg(long, env = "TRACEGAP_HTTP_MAX_IN_FLIGHT", default_value_t = 4)]
-    pub http_max_in_flight: usize,
-    /// Time to answer one request at most (503, reason="timeout").
-    #[arg(long, env = "TRACEGAP_HTTP_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
-    pub http_request_timeout: std::time::Duration,
-    /// Bytes of one request head at most (431 past it).
-    #[arg(long, env = "TRACEGAP_HTTP_MAX_HEAD_BYTES", default_value_t = 16 * 1024)]
-    pub http_max_head_bytes: usize,
+    #[command(flatten)]
+    pub http: HttpServerArgs,
     /// Synthetic spans waiting for export at most; past it they are dropped
     /// and counted (tracegap_spans_dropped_total{reason="queue_full"}).
     #[arg(long, env = "TRACEGAP_EXPORT_QUEUE", default_value_t = 8192)]
@@ -291,14 +271,7 @@ impl RunArgs {
                     requests: self.learn_uninstrumented_requests,
                 },
             ),
-            server_limits: crate::server::ServerLimits {
-                header_timeout: self.http_header_timeout,
-                max_connections: self.http_max_connections,
-                max_connections_per_client: self.http_max_connections_per_client,
-                max_in_flight: self.http_max_in_flight,
-                request_timeout: self.http_request_timeout,
-                max_head_bytes: self.http_max_head_bytes,
-            },
+            server_limits: self.http.limits(),
             services,
             response_timeout: self.response_timeout,
             node_name: self.node_name.clone(),
@@ -326,14 +299,105 @@ impl RunArgs {
     }
 }
 
+/// The limits of tracegap's HTTP servers (the agent's /metrics and probes
+/// and /report; `tracegap quality`'s): what a hostile or broken client can
+/// take of them.
+#[derive(Debug, Args)]
+pub struct HttpServerArgs {
+    /// Time a client has to send a request's head, and to send its next
+    /// one on a kept-alive connection.
+    #[arg(long, env = "TRACEGAP_HTTP_HEADER_TIMEOUT", value_parser = humantime::parse_duration, default_value = "5s")]
+    pub http_header_timeout: std::time::Duration,
+    /// Connections open at once per server; past it new ones are closed at
+    /// once (tracegap_http_server_refused_total{reason="connections"}).
+    #[arg(long, env = "TRACEGAP_HTTP_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub http_max_connections: usize,
+    /// Connections open at once per server from one client address; past
+    /// it new ones are closed at once (reason="connections_per_client").
+    #[arg(
+        long,
+        env = "TRACEGAP_HTTP_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = 64
+    )]
+    pub http_max_connections_per_client: usize,
+    /// Requests served at once per endpoint; past it answered 503 at once
+    /// (reason="busy").
+    #[arg(long, env = "TRACEGAP_HTTP_MAX_IN_FLIGHT", default_value_t = 4)]
+    pub http_max_in_flight: usize,
+    /// Time to answer one request at most (503, reason="timeout").
+    #[arg(long, env = "TRACEGAP_HTTP_REQUEST_TIMEOUT", value_parser = humantime::parse_duration, default_value = "10s")]
+    pub http_request_timeout: std::time::Duration,
+    /// Bytes of one request head at most (431 past it).
+    #[arg(long, env = "TRACEGAP_HTTP_MAX_HEAD_BYTES", default_value_t = 16 * 1024)]
+    pub http_max_head_bytes: usize,
+}
+
+impl HttpServerArgs {
+    pub fn limits(&self) -> crate::server::ServerLimits {
+        crate::server::ServerLimits {
+            header_timeout: self.http_header_timeout,
+            max_connections: self.http_max_connections,
+            max_connections_per_client: self.http_max_connections_per_client,
+            max_in_flight: self.http_max_in_flight,
+            request_timeout: self.http_request_timeout,
+            max_head_bytes: self.http_max_head_bytes,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// The agent's /report address (its --report-listen).
     #[arg(long, env = "TRACEGAP_AGENT", default_value = "127.0.0.1:9465")]
     pub agent: String,
+    /// Instead of one agent's report since it started, the whole
+    /// cluster's over --window, from the agents' counters in Prometheus
+    /// (or Thanos, Mimir, VictoriaMetrics) at this base URL.
+    #[arg(long, env = "TRACEGAP_PROMETHEUS")]
+    pub prometheus: Option<String>,
+    /// With --prometheus: the window counted.
+    #[arg(long, env = "TRACEGAP_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub window: Duration,
     /// Print the JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct QualityArgs {
+    /// Prometheus's base URL (or Thanos', Mimir's, VictoriaMetrics'),
+    /// where the agents' /metrics are scraped.
+    #[arg(long, env = "TRACEGAP_PROMETHEUS")]
+    pub prometheus: String,
+    /// Address for /api/quality-metrics, /report, /healthz and /readyz.
+    #[arg(long, env = "TRACEGAP_LISTEN", default_value = "0.0.0.0:9466")]
+    pub listen: SocketAddr,
+    /// The window counted when a request names none (Jaeger UI's Trace
+    /// Quality page sends `hours=`).
+    #[arg(long, env = "TRACEGAP_WINDOW", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub window: Duration,
+    /// Each query to Prometheus at most.
+    #[arg(long, env = "TRACEGAP_PROMETHEUS_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub prometheus_timeout: Duration,
+    /// The origin of a Jaeger UI allowed to call /api/quality-metrics from
+    /// the browser (Access-Control-Allow-Origin).
+    #[arg(long, env = "TRACEGAP_CORS_ORIGIN")]
+    pub cors_origin: Option<String>,
+    #[command(flatten)]
+    pub http: HttpServerArgs,
+}
+
+impl QualityArgs {
+    pub fn config(&self) -> crate::prometheus::serve::QualityConfig {
+        crate::prometheus::serve::QualityConfig {
+            prometheus: self.prometheus.clone(),
+            listen: self.listen,
+            window: self.window,
+            timeout: self.prometheus_timeout,
+            cors_origin: self.cors_origin.clone(),
+            limits: self.http.limits(),
+        }
+    }
 }
 
 /// Which interfaces to attach to.

@@ -28,6 +28,7 @@ pub mod nat;
 pub mod observe;
 pub mod privileges;
 pub mod process;
+pub mod prometheus;
 pub mod quality;
 pub mod reconcile;
 pub mod report;

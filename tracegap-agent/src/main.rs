@@ -23,8 +23,19 @@ fn main() -> anyhow::Result<()> {
                 tracegap_agent::agent::run(args.config()?, stop, None).await
             }
             Command::Observe(args) => tracegap_agent::observe::run(args).await,
-            Command::Report(args) => {
-                tracegap_agent::report::fetch_and_print(&args.agent, args.json)
+            Command::Report(args) => match &args.prometheus {
+                Some(url) => {
+                    tracegap_agent::prometheus::report::print(url, args.window, args.json).await
+                }
+                None => tracegap_agent::report::fetch_and_print(&args.agent, args.json),
+            },
+            Command::Quality(args) => {
+                let stop = async {
+                    if let Ok(sig) = tracegap_agent::shutdown::signal_received().await {
+                        tracing::info!(signal = sig, "stopping");
+                    }
+                };
+                tracegap_agent::prometheus::serve::run(args.config(), stop, None).await
             }
         }
     })

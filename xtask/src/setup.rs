@@ -286,33 +286,48 @@ pub fn ensure_browser() -> anyhow::Result<()> {
 /// outside the repository (not installed: its package would start a
 /// service on port 80). Returns the binary's path.
 pub fn nginx() -> anyhow::Result<std::path::PathBuf> {
+    unpacked("nginx", "usr/sbin/nginx")
+}
+
+/// Debian's Prometheus (2.42, with `promtool`) for the cluster-wide view's
+/// tests, unpacked as [`nginx`] is (its package would start a service on
+/// port 9090). Returns the `prometheus` binary's path; `promtool` is beside
+/// it.
+pub fn prometheus() -> anyhow::Result<std::path::PathBuf> {
+    unpacked("prometheus", "usr/bin/prometheus")
+}
+
+/// `package`'s file `binary`, from the package unpacked (`apt-get download`,
+/// `dpkg -x`) into tracegap's cache, once.
+fn unpacked(package: &str, binary: &str) -> anyhow::Result<std::path::PathBuf> {
     let dir = std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| std::path::PathBuf::from("/var/cache"))
-        .join("tracegap/tools/nginx");
-    let binary = dir.join("root/usr/sbin/nginx");
-    if binary.exists() {
-        return Ok(binary);
+        .join("tracegap/tools")
+        .join(package);
+    let path = dir.join("root").join(binary);
+    if path.exists() {
+        return Ok(path);
     }
     std::fs::create_dir_all(&dir)?;
-    println!("setup: apt-get download nginx");
+    println!("setup: apt-get download {package}");
     // As root into a cache _apt cannot enter: no sandbox user.
     toolchain::run(
         Command::new("apt-get")
-            .args(["-o", "APT::Sandbox::User=root", "download", "nginx"])
+            .args(["-o", "APT::Sandbox::User=root", "download", package])
             .current_dir(&dir),
     )?;
     let deb = std::fs::read_dir(&dir)?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|e| e == "deb"))
-        .context("the nginx package did not download")?;
+        .with_context(|| format!("the {package} package did not download"))?;
     toolchain::run(
         Command::new("dpkg")
             .arg("-x")
             .arg(&deb)
             .arg(dir.join("root")),
     )?;
-    anyhow::ensure!(binary.exists(), "no usr/sbin/nginx in {}", deb.display());
-    Ok(binary)
+    anyhow::ensure!(path.exists(), "no {binary} in {}", deb.display());
+    Ok(path)
 }

@@ -32,8 +32,10 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         // built here, from this tree, and required (not skipped) in this run.
         crate::image::build(&route, None)?;
         cmd.env("TRACEGAP_REQUIRE_IMAGE", crate::image::IMAGE);
-        // The TLS test's nginx: unpacked, not installed, and required.
+        // The TLS test's nginx and the cluster view's Prometheus: unpacked,
+        // not installed, and required.
         cmd.env("TRACEGAP_NGINX", setup::nginx()?);
+        cmd.env("TRACEGAP_PROMETHEUS_BIN", setup::prometheus()?);
         // The browser test: required when its tools could be installed.
         match setup::ensure_browser() {
             Ok(()) => {

@@ -1,0 +1,145 @@
+//! A real Prometheus (Debian's, unpacked by `cargo xtask setup`) scraping
+//! the lab's agents every second: what the cluster-wide view reads in a
+//! cluster. Its targets are a file it watches (`file_sd_configs`), so
+//! agents that come and go are followed without a restart.
+
+use std::{
+    net::{Ipv4Addr, SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+
+use crate::netns::{Child, TempDir};
+
+/// A Prometheus the lab started; stopped (by its PID) and its data removed
+/// when dropped.
+pub struct Prometheus {
+    child: Option<Child>,
+    binary: PathBuf,
+    pub addr: SocketAddr,
+    dir: TempDir,
+}
+
+/// The binary `cargo xtask test` names (`TRACEGAP_PROMETHEUS_BIN`).
+pub fn binary() -> Option<PathBuf> {
+    std::env::var_os("TRACEGAP_PROMETHEUS_BIN").map(PathBuf::from)
+}
+
+const CONFIG: &str = "\
+global:
+  scrape_interval: 1s
+  evaluation_interval: 1s
+scrape_configs:
+  - job_name: tracegap-agents
+    file_sd_configs:
+      - files: [targets.json]
+        refresh_interval: 1s
+";
+
+impl Prometheus {
+    /// Starts `binary` on a free loopback port, scraping `targets`, and
+    /// waits until it is ready.
+    pub fn start(binary: &Path, targets: &[SocketAddr]) -> anyhow::Result<Self> {
+        let dir = TempDir::new("prometheus")?;
+        std::fs::write(dir.path().join("prometheus.yml"), CONFIG)?;
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+            .local_addr()?
+            .port();
+        let mut p = Self {
+            child: None,
+            binary: binary.to_owned(),
+            addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+            dir,
+        };
+        p.set_targets(targets)?;
+        p.resume()?;
+        Ok(p)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Scrapes `targets` from now on (the file is replaced whole).
+    pub fn set_targets(&self, targets: &[SocketAddr]) -> anyhow::Result<()> {
+        let list: Vec<String> = targets.iter().map(ToString::to_string).collect();
+        let json = serde_json::json!([{ "targets": list }]).to_string();
+        let tmp = self.dir.path().join("targets.json.tmp");
+        std::fs::write(&tmp, json)?;
+        std::fs::rename(tmp, self.dir.path().join("targets.json"))?;
+        Ok(())
+    }
+
+    /// Stops it (its data kept): Prometheus away.
+    pub fn stop(&mut self) {
+        self.child = None;
+    }
+
+    /// Starts it again on its data and waits until it is ready.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        self.child = Some(Child::spawn(
+            Command::new(&self.binary)
+                .arg(format!(
+                    "--config.file={}",
+                    d.join("prometheus.yml").display()
+                ))
+                .arg(format!("--storage.tsdb.path={}", d.join("data").display()))
+                .arg(format!("--web.listen-address={}", self.addr))
+                .current_dir(d),
+        )?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if crate::http::get(self.addr, "/-/ready").is_ok_and(|(s, _)| s == 200) {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "Prometheus ({}) not ready in 30 s",
+                self.binary.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The value of an instant query that returns one series (0 when it
+    /// returns none).
+    pub fn value(&self, query: &str) -> anyhow::Result<f64> {
+        let q: String = url::form_urlencoded::byte_serialize(query.as_bytes()).collect();
+        let (status, body) = crate::http::get(self.addr, &format!("/api/v1/query?query={q}"))?;
+        anyhow::ensure!(status == 200, "Prometheus answered {status}: {body}");
+        let v: serde_json::Value = serde_json::from_str(&body)?;
+        let result = v["data"]["result"]
+            .as_array()
+            .context("no result in Prometheus's answer")?;
+        match result.as_slice() {
+            [] => Ok(0.0),
+            [one] => one["value"][1]
+                .as_str()
+                .context("no value")?
+                .parse()
+                .context("not a number"),
+            many => anyhow::bail!("{} series for {query}", many.len()),
+        }
+    }
+
+    /// Waits until `query`'s value is `want` (Prometheus has scraped what
+    /// the agents count now), or 20 s.
+    pub fn wait_for(&self, query: &str, want: f64) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = self.value(query)?;
+            if (got - want).abs() < 1e-9 {
+                return Ok(());
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{query} is {got} in Prometheus, not {want}"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}

@@ -1,0 +1,343 @@
+//! The whole cluster in one view: two nodes, an agent on each, a real
+//! Prometheus (Debian's, `TRACEGAP_PROMETHEUS_BIN`, which `cargo xtask
+//! test` unpacks) scraping both, and `tracegap quality` reading it. What it
+//! serves is the sum of the two agents' own reports; an agent restarted
+//! loses nothing of it; Prometheus away is said, on the page and by
+//! `/readyz`.
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    time::{Duration, Instant, SystemTime},
+};
+
+use tracegap_agent::{
+    export::{ExportConfig, OtlpProtocol},
+    gap::span::ExportMode,
+    identity::parse_names_file,
+    prometheus::{Prometheus as PromClient, report::cluster_report, serve::QualityConfig},
+    report::Report,
+};
+use tracegap_tests::{
+    agent::Agent,
+    cluster::Cluster,
+    demo::{Behaviour, Service, ServiceSpec},
+    otlp::Receiver,
+    privileged,
+    prometheus::{self, Prometheus},
+};
+
+const TP: &str = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+fn deploy(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/prometheus")
+        .join(file)
+}
+
+/// `deploy/prometheus/rules.yaml`'s `spec`: a Prometheus rules file.
+fn rules_file() -> anyhow::Result<serde_yaml::Value> {
+    let rule: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(deploy("rules.yaml"))?)?;
+    Ok(rule["spec"].clone())
+}
+
+/// Every PromQL expression users are given: the recording rules', the
+/// alerts', the dashboard's (Grafana's `$__rate_interval` and `$__range`
+/// as Grafana would fill them here). Each with what it is, and whether it
+/// is a filter (an alert's: series only while it fires).
+fn expressions() -> anyhow::Result<Vec<(String, String, bool)>> {
+    let mut out = Vec::new();
+    for group in rules_file()?["groups"].as_sequence().into_iter().flatten() {
+        for rule in group["rules"].as_sequence().into_iter().flatten() {
+            let expr = rule["expr"].as_str().unwrap_or_default().to_owned();
+            match (rule["record"].as_str(), rule["alert"].as_str()) {
+                (Some(r), _) => out.push((format!("record {r}"), expr, false)),
+                (_, Some(a)) => out.push((format!("alert {a}"), expr, true)),
+                _ => anyhow::bail!("a rule neither records nor alerts: {rule:?}"),
+            }
+        }
+    }
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(deploy("dashboard.json"))?)?;
+    for p in dash["panels"].as_array().into_iter().flatten() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap_or_default()
+                .replace("$__rate_interval", "30s")
+                .replace("$__range", "1h");
+            out.push((
+                format!("panel {:?} {}", p["title"], t["refId"]),
+                expr,
+                false,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Expressions over what this test's traffic does not make (no trace store
+/// to check callee spans against, no TLS): run, and empty.
+const NOT_MADE_HERE: &[&str] = &[
+    "tracegap_callee_spans_total",
+    "tracegap_tls_unread_connections_total",
+];
+
+/// Hops per (source, destination, kind), summed over `reports`.
+fn kinds(reports: &[Report]) -> BTreeMap<(String, String, String), u64> {
+    let mut out = BTreeMap::new();
+    for r in reports {
+        for e in &r.edges {
+            for (k, n) in &e.kinds {
+                *out.entry((e.source.clone(), e.destination.clone(), k.clone()))
+                    .or_default() += n;
+            }
+        }
+    }
+    out
+}
+
+fn report_of(agent: &Agent) -> anyhow::Result<Report> {
+    let (status, body) = agent.get_report()?;
+    anyhow::ensure!(status == 200, "/report answered {status}");
+    Ok(serde_json::from_str(&body)?)
+}
+
+/// `n` curls from node `node`'s client to its own service-b pod.
+fn curl(cluster: &Cluster, node: usize, context: bool, n: usize) -> anyhow::Result<()> {
+    let pods = &cluster.nodes[node].pods;
+    let client = pods.iter().find(|p| p.name == "client").expect("client");
+    let server = pods.iter().find(|p| p.name == "service-b").expect("server");
+    let url = format!("http://{}:8080/items", server.ipv4);
+    let args: &[&str] = if context { &["-H", TP] } else { &[] };
+    for _ in 0..n {
+        client.curl(&url, args)?;
+    }
+    Ok(())
+}
+
+/// Waits until the agents together report `n` hops.
+fn settle(agents: &[&Agent], n: u64) -> anyhow::Result<Vec<Report>> {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let reports: Vec<Report> = agents
+            .iter()
+            .map(|a| report_of(a))
+            .collect::<Result<_, _>>()?;
+        let hops: u64 = kinds(&reports).values().sum();
+        if hops >= n {
+            return Ok(reports);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "{hops} hops of {n}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime")
+        .block_on(f)
+}
+
+/// `tracegap quality` on a loopback port, in a thread of its own; stopped
+/// when the sender is dropped.
+fn quality(prometheus: &str) -> anyhow::Result<(SocketAddr, tokio::sync::oneshot::Sender<()>)> {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+    let config = QualityConfig {
+        prometheus: prometheus.to_owned(),
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        window: Duration::from_secs(3600),
+        timeout: Duration::from_secs(5),
+        cors_origin: None,
+        limits: Default::default(),
+    };
+    std::thread::spawn(move || {
+        block_on(tracegap_agent::prometheus::serve::run(
+            config,
+            async {
+                let _ = stop_rx.await;
+            },
+            Some(bound_tx),
+        ))
+    });
+    let addr = bound_rx.blocking_recv()?;
+    Ok((addr, stop_tx))
+}
+
+/// A metric of the Trace Quality page by name: (pass, fail).
+fn counts(page: &serde_json::Value, name: &str) -> (u64, u64) {
+    let m = page["metrics"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == name))
+        .unwrap_or_else(|| panic!("no metric {name:?}: {page}"));
+    (
+        m["passCount"].as_u64().unwrap_or_default(),
+        m["failureCount"].as_u64().unwrap_or_default(),
+    )
+}
+
+#[test]
+fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Result<()> {
+    let test = "the_cluster_view_is_both_agents_summed_and_survives_a_restart";
+    if !privileged(test) {
+        return Ok(());
+    }
+    let Some(binary) = prometheus::binary() else {
+        eprintln!("SKIPPED {test}: TRACEGAP_PROMETHEUS_BIN unset (cargo xtask test sets it)");
+        return Ok(());
+    };
+    let cluster = Cluster::new([&["client", "service-b"], &["client", "service-b"]])?;
+    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    let config = Cluster::agent_config(
+        ExportConfig {
+            protocol: OtlpProtocol::Grpc,
+            interval: Duration::from_millis(100),
+            ..ExportConfig::default()
+        },
+        ExportMode::Gaps,
+        parse_names_file(&cluster.names_file("lab"))?,
+        Duration::from_secs(30),
+    );
+    let mut agents = cluster.start_agents(&config, receiver.grpc.port(), None)?;
+    let mut servers: Vec<Service> = Vec::new();
+    for (_, pod) in cluster.replicas("service-b") {
+        servers.push(ServiceSpec::new("service-b", 8080, Behaviour::DropsHeaders).start(pod)?);
+    }
+    let mut prom = Prometheus::start(
+        &binary,
+        &agents.iter().map(|a| a.listen).collect::<Vec<_>>(),
+    )?;
+
+    // Node 1: 3 with a context, 2 without; node 2: 1 and 4.
+    curl(&cluster, 0, true, 3)?;
+    curl(&cluster, 0, false, 2)?;
+    curl(&cluster, 1, true, 1)?;
+    curl(&cluster, 1, false, 4)?;
+    let reports = settle(&agents.iter().collect::<Vec<_>>(), 10)?;
+    let both = kinds(&reports);
+    // Each agent reported its own node's share.
+    assert!(reports.iter().all(|r| !r.edges.is_empty()), "{reports:#?}");
+    let total = "sum(tracegap_http_requests_total)";
+    prom.wait_for(total, 10.0)?;
+
+    let client = PromClient::new(&prom.url(), Duration::from_secs(5))?;
+    let hour = Duration::from_secs(3600);
+    let cluster_view = block_on(cluster_report(&client, hour, SystemTime::now()))?;
+    assert_eq!(kinds(std::slice::from_ref(&cluster_view)), both);
+    let [edge] = cluster_view.edges.as_slice() else {
+        panic!("one edge: {cluster_view:#?}")
+    };
+    assert_eq!(edge.requests, 10);
+    assert_eq!(edge.formats.get("w3c"), Some(&4), "{edge:?}");
+    assert!((edge.valid_context_share - 0.4).abs() < 1e-9, "{edge:?}");
+
+    // Every expression of the rules and the dashboard runs; each over
+    // what this traffic makes returns series (a rate, once each series
+    // has two samples: two scrapes more).
+    std::thread::sleep(Duration::from_millis(2500));
+    let exprs = expressions()?;
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    for (what, expr, filter) in &exprs {
+        let found = block_on(client.query(expr, SystemTime::now()))
+            .map_err(|e| anyhow::anyhow!("{what}: {expr}: {e}"))?;
+        let made = !NOT_MADE_HERE.iter().any(|m| expr.contains(m));
+        if made && !filter {
+            assert!(!found.is_empty(), "{what} returned no series: {expr}");
+        }
+    }
+
+    // The Trace Quality page and /report, served from Prometheus.
+    let (addr, stop) = quality(&prom.url())?;
+    let (status, body) =
+        tracegap_tests::http::get(addr, "/api/quality-metrics?service=service-b&hours=1")?;
+    assert_eq!(status, 200, "{body}");
+    let page: serde_json::Value = serde_json::from_str(&body)?;
+    assert_eq!(counts(&page, "Context received"), (4, 6), "{page}");
+    assert!(body.contains("every node, the last 1h"), "{body}");
+    let (status, body) = tracegap_tests::http::get(addr, "/report")?;
+    assert_eq!(status, 200, "{body}");
+    let served: Report = serde_json::from_str(&body)?;
+    assert_eq!(kinds(&[served]), both);
+    assert_eq!(tracegap_tests::http::get(addr, "/readyz")?.0, 200);
+
+    // Node 2's agent restarts (on its address: the same series, reset);
+    // two more hops there. Nothing shown before is lost.
+    let listen = agents[1].listen;
+    let report_listen = agents[1].report;
+    agents.pop().map(Agent::stop).transpose()?;
+    let node = &cluster.nodes[1];
+    let mut c = config.clone();
+    c.interfaces = tracegap_agent::interfaces::Selection::Explicit(
+        node.pods.iter().map(|p| p.host_if.clone()).collect(),
+    );
+    c.listen = listen;
+    c.report_listen = report_listen;
+    c.export.endpoint = Some(format!(
+        "http://{}:{}",
+        Cluster::store_address(node),
+        receiver.grpc.port()
+    ));
+    c.node_name = Some(node.name.clone());
+    agents.push(Agent::start_in(c, node.netns.as_deref())?);
+    curl(&cluster, 1, false, 2)?;
+    settle(&[&agents[1]], 2)?;
+    // The restarted agent's two, scraped.
+    prom.wait_for(total, 5.0 + 2.0)?;
+    let after = block_on(cluster_report(&client, hour, SystemTime::now()))?;
+    let [edge] = after.edges.as_slice() else {
+        panic!("one edge: {after:#?}")
+    };
+    assert_eq!(edge.requests, 12, "{edge:?}");
+    assert_eq!(edge.kinds.get("missing_context"), Some(&8), "{edge:?}");
+
+    // Prometheus away: the page says so, and so does /readyz.
+    prom.stop();
+    let (status, body) = tracegap_tests::http::get(addr, "/api/quality-metrics?service=service-b")?;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("Prometheus at"), "{body}");
+    assert_eq!(tracegap_tests::http::get(addr, "/readyz")?.0, 503);
+    drop(stop);
+    drop(servers);
+    for a in agents {
+        a.stop()?;
+    }
+    Ok(())
+}
+
+/// The rules as Prometheus reads them (`promtool check rules`), and the
+/// alerts firing for what they are about and quiet otherwise
+/// (`promtool test rules deploy/prometheus/rules-test.yaml`).
+#[test]
+fn the_rules_check_and_their_alerts_fire_as_their_tests_say() -> anyhow::Result<()> {
+    let test = "the_rules_check_and_their_alerts_fire_as_their_tests_say";
+    let Some(promtool) = prometheus::binary().map(|b| b.with_file_name("promtool")) else {
+        eprintln!("SKIPPED {test}: TRACEGAP_PROMETHEUS_BIN unset (cargo xtask test sets it)");
+        return Ok(());
+    };
+    let dir = tracegap_tests::TempDir::new("rules")?;
+    std::fs::write(
+        dir.path().join("rules.yml"),
+        serde_yaml::to_string(&rules_file()?)?,
+    )?;
+    std::fs::copy(
+        deploy("rules-test.yaml"),
+        dir.path().join("rules-test.yaml"),
+    )?;
+    let check = tracegap_tests::run(
+        std::process::Command::new(&promtool)
+            .args(["check", "rules", "rules.yml"])
+            .current_dir(dir.path()),
+    )?;
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(said.contains("SUCCESS: 12 rules found"), "{said}");
+    tracegap_tests::run(
+        std::process::Command::new(&promtool)
+            .args(["test", "rules", "rules-test.yaml"])
+            .current_dir(dir.path()),
+    )?;
+    Ok(())
+}
