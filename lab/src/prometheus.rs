@@ -89,6 +89,8 @@ impl Prometheus {
                 ))
                 .arg(format!("--storage.tsdb.path={}", d.join("data").display()))
                 .arg(format!("--web.listen-address={}", self.addr))
+                // The gaps' example traces.
+                .arg("--enable-feature=exemplar-storage")
                 .current_dir(d),
         )?);
         let deadline = Instant::now() + Duration::from_secs(30);

@@ -232,6 +232,15 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
         panic!("one edge: {cluster_view:#?}")
     };
     assert_eq!(edge.requests, 10);
+    // The example trace: the latest gap's on either node (its exemplar).
+    let example = edge.examples.get("missing_context").expect("an example");
+    assert!(
+        reports.iter().any(|r| r
+            .edges
+            .iter()
+            .any(|e| e.examples.get("missing_context") == Some(example))),
+        "{example} is an agent's example: {reports:#?}"
+    );
     assert_eq!(edge.formats.get("w3c"), Some(&4), "{edge:?}");
     assert!((edge.valid_context_share - 0.4).abs() < 1e-9, "{edge:?}");
 
@@ -257,6 +266,16 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
     assert_eq!(status, 200, "{body}");
     let page: serde_json::Value = serde_json::from_str(&body)?;
     assert_eq!(counts(&page, "Context received"), (4, 6), "{page}");
+    let received = page["metrics"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == "Context received"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(
+        received["failureExamples"][0]["traceID"].as_str(),
+        Some(example.as_str()),
+        "{received}"
+    );
     assert!(body.contains("every node, the last 1h"), "{body}");
     let (status, body) = tracegap_tests::http::get(addr, "/report")?;
     assert_eq!(status, 200, "{body}");

@@ -1182,13 +1182,6 @@ impl Pipeline {
                 })
                 .inc();
         }
-        if verdict.kind.is_gap() {
-            m.gap(GapLabels {
-                kind: verdict.kind.as_str().to_owned(),
-                source_service: caller.service.clone(),
-                destination_service: callee.service.clone(),
-            });
-        }
         if hop.unanswered {
             m.unanswered.inc();
         }
@@ -1242,6 +1235,16 @@ impl Pipeline {
                 caller = %caller.service, callee = %callee.service,
                 method = %hop.method, path = %hop.path, gap = %verdict.kind,
                 detail = %verdict.detail, "hop"
+            );
+        }
+        if verdict.kind.is_gap() {
+            self.shared.metrics.gap(
+                GapLabels {
+                    kind: verdict.kind.as_str().to_owned(),
+                    source_service: caller.service.clone(),
+                    destination_service: callee.service.clone(),
+                },
+                example.as_deref(),
             );
         }
         if let Ok(mut r) = self.shared.reporter.lock() {

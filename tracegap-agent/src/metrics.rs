@@ -3,7 +3,7 @@
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    metrics::{counter::Counter, exemplar::CounterWithExemplar, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
@@ -168,6 +168,13 @@ pub struct ActionLabels {
     pub action: &'static str,
 }
 
+/// An exemplar's labels: the trace it points at (OpenTelemetry's and
+/// Grafana's name for it).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabels {
+    pub trace_id: String,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct IdentityLabels {
     pub identity: &'static str,
@@ -187,7 +194,9 @@ pub struct KernelLabels {
 pub struct Metrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
-    pub gaps: Family<GapLabels, Counter>,
+    /// With the trace of the latest gap as its exemplar (OpenMetrics): the
+    /// cluster-wide view's example traces.
+    pub gaps: Family<GapLabels, CounterWithExemplar<TraceLabels>>,
     pub baggage: Family<BaggageLabels, Counter>,
     pub unanswered: Counter,
     pub likely_uninstrumented_spans: Counter,
@@ -225,6 +234,8 @@ pub struct Metrics {
     pub thread_evidence: Family<SourceLabels, Gauge>,
     pub causes: Family<ConfidenceLabels, Counter>,
     admitted: EdgeSeries,
+    /// The last trace of each gaps series (as many as its admitted series).
+    gap_traces: std::sync::Mutex<std::collections::HashMap<GapLabels, String>>,
     last_kernel: std::sync::Mutex<Counters>,
 }
 
@@ -289,6 +300,7 @@ impl Metrics {
             thread_evidence: Family::default(),
             causes: Family::default(),
             admitted: Default::default(),
+            gap_traces: Default::default(),
             last_kernel: std::sync::Mutex::new(Counters::default()),
             registry: Registry::default(),
         };
@@ -536,8 +548,25 @@ impl Metrics {
     }
 
     /// Counts a gap on its edge, within [`MAX_EDGE_SERIES`].
-    pub fn gap(&self, l: GapLabels) {
-        self.count_edge(&self.gaps, &self.admitted.gaps, "gaps", l);
+    /// `trace`: the gap's example trace (its synthetic span's, else the
+    /// request's), the series' exemplar from now on.
+    pub fn gap(&self, l: GapLabels, trace: Option<&str>) {
+        let l = self.admit_edge(&self.admitted.gaps, "gaps", l);
+        // A gap with no trace keeps the series' last one (an increment
+        // without an exemplar would clear it).
+        let trace = match (trace, self.gap_traces.lock()) {
+            (Some(t), Ok(mut last)) => {
+                last.insert(l.clone(), t.to_owned());
+                Some(t.to_owned())
+            }
+            (None, Ok(last)) => last.get(&l).cloned(),
+            (t, Err(_)) => t.map(str::to_owned),
+        };
+        self.gaps.get_or_create(&l).inc_by(
+            1,
+            trace.map(|trace_id| TraceLabels { trace_id }),
+            Some(std::time::SystemTime::now()),
+        );
     }
 
     /// Counts a request with baggage on its edge, within [`MAX_EDGE_SERIES`].
@@ -552,8 +581,16 @@ impl Metrics {
         family: &Family<L, Counter>,
         admitted: &Admitted,
         metric: &'static str,
-        mut l: L,
+        l: L,
     ) {
+        family
+            .get_or_create(&self.admit_edge(admitted, metric, l))
+            .inc();
+    }
+
+    /// `l`, or `l` on the overflow edge once its family holds
+    /// [`MAX_EDGE_SERIES`] other label sets.
+    fn admit_edge<L: Edge>(&self, admitted: &Admitted, metric: &'static str, mut l: L) -> L {
         if !admitted.admit(&l) {
             self.series_overflow
                 .get_or_create(&MetricLabels { metric })
@@ -561,7 +598,7 @@ impl Metrics {
             let (src, dst) = l.edge();
             (*src, *dst) = (OVERFLOW.into(), OVERFLOW.into());
         }
-        family.get_or_create(&l).inc();
+        l
     }
 
     /// A refusal by the agent's own HTTP server `server`.
@@ -725,6 +762,31 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_gap_carries_its_trace_as_the_series_exemplar() {
+        let m = Metrics::new();
+        let l = || GapLabels {
+            kind: "broken_propagation".into(),
+            source_service: "b".into(),
+            destination_service: "c".into(),
+        };
+        let line = || {
+            let text = m.encode();
+            text.lines()
+                .find(|l| l.starts_with("tracegap_gaps_total{"))
+                .map(str::to_owned)
+                .unwrap_or_else(|| panic!("{text}"))
+        };
+        m.gap(l(), Some("0af7651916cd43dd8448eb211c80319c"));
+        m.gap(l(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+        // OpenMetrics: value, then `# {labels} value timestamp`.
+        let with = r#"# {trace_id="4bf92f3577b34da6a3ce929d0e0e4736"} 1"#;
+        assert!(line().contains(&format!("}} 2 {with}")), "{}", line());
+        // A gap without a trace keeps the last one.
+        m.gap(l(), None);
+        assert!(line().contains(&format!("}} 3 {with}")), "{}", line());
+    }
     use std::net::{IpAddr, Ipv4Addr};
 
     use super::*;
@@ -752,11 +814,14 @@ mod tests {
                 context_status: "missing_context".into(),
                 context_format: "none".into(),
             });
-            m.gap(GapLabels {
-                kind: "missing_context".into(),
-                source_service: caller.service,
-                destination_service: "checkout".into(),
-            });
+            m.gap(
+                GapLabels {
+                    kind: "missing_context".into(),
+                    source_service: caller.service,
+                    destination_service: "checkout".into(),
+                },
+                None,
+            );
         }
         let text = m.encode();
         let total = text.lines().filter(|l| !l.starts_with('#')).count();

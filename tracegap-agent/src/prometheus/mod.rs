@@ -3,7 +3,8 @@
 //! window ([`counts`], [`report`]) and served as the report and Jaeger's
 //! Trace Quality API by `tracegap quality` ([`serve`]). Any store that
 //! answers Prometheus's HTTP query API (Thanos, Mimir, VictoriaMetrics)
-//! will do: only `/api/v1/query` and `/-/ready` are asked.
+//! will do: only `/api/v1/query`, `/api/v1/query_exemplars` and `/-/ready`
+//! are asked.
 
 pub mod counts;
 pub mod report;
@@ -45,6 +46,14 @@ pub struct Series {
     pub labels: BTreeMap<String, String>,
     pub value: f64,
     pub samples: Vec<(f64, f64)>,
+}
+
+/// One series' exemplars: its labels, and each exemplar's labels and time
+/// (seconds since the epoch).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SeriesExemplars {
+    pub labels: BTreeMap<String, String>,
+    pub exemplars: Vec<(BTreeMap<String, String>, f64)>,
 }
 
 /// A Prometheus (or a store with its query API) at a base URL.
@@ -135,16 +144,7 @@ impl Prometheus {
             .append_pair("query", query)
             .append_pair("time", &format!("{time:.3}"))
             .finish();
-        let sent = self
-            .client
-            .post(format!("{}/api/v1/query", self.base))
-            .header("content-type", "application/x-www-form-urlencoded")
-            .body(form)
-            .send()
-            .await
-            .map_err(|e| self.error(e))?;
-        let status = sent.status().as_u16();
-        let body = sent.bytes().await.map_err(|e| self.error(e))?;
+        let (status, body) = self.post("/api/v1/query", form).await?;
         let answer: Answer = serde_json::from_slice(&body).map_err(|e| {
             if status == 200 {
                 Error::Decode(e.to_string())
@@ -185,6 +185,84 @@ impl Prometheus {
                 })
             })
             .collect()
+    }
+
+    /// The exemplars of `query`'s series between `start` and `end`: per
+    /// series, its labels and its exemplars' (labels, seconds since the
+    /// epoch). Empty where Prometheus keeps none (it keeps them with
+    /// `--enable-feature=exemplar-storage`).
+    pub async fn exemplars(
+        &self,
+        query: &str,
+        start: SystemTime,
+        end: SystemTime,
+    ) -> Result<Vec<SeriesExemplars>, Error> {
+        let secs = |t: SystemTime| {
+            t.duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64()
+        };
+        let form = url::form_urlencoded::Serializer::new(String::new())
+            .append_pair("query", query)
+            .append_pair("start", &format!("{:.3}", secs(start)))
+            .append_pair("end", &format!("{:.3}", secs(end)))
+            .finish();
+        let body = self.post("/api/v1/query_exemplars", form).await?;
+        #[derive(Deserialize)]
+        struct Answer {
+            status: String,
+            #[serde(default)]
+            data: Vec<Raw>,
+            #[serde(default)]
+            error: Option<String>,
+        }
+        #[derive(Deserialize)]
+        struct Raw {
+            #[serde(rename = "seriesLabels")]
+            series_labels: BTreeMap<String, String>,
+            #[serde(default)]
+            exemplars: Vec<RawExemplar>,
+        }
+        #[derive(Deserialize)]
+        struct RawExemplar {
+            labels: BTreeMap<String, String>,
+            timestamp: f64,
+        }
+        let a: Answer =
+            serde_json::from_slice(&body.1).map_err(|e| Error::Decode(e.to_string()))?;
+        if a.status != "success" {
+            return Err(Error::Refused {
+                status: body.0,
+                kind: "exemplars".into(),
+                reason: a.error.unwrap_or_default(),
+            });
+        }
+        Ok(a.data
+            .into_iter()
+            .map(|r| SeriesExemplars {
+                labels: r.series_labels,
+                exemplars: r
+                    .exemplars
+                    .into_iter()
+                    .map(|e| (e.labels, e.timestamp))
+                    .collect(),
+            })
+            .collect())
+    }
+
+    /// POSTs a form to `path`: (status, body).
+    async fn post(&self, path: &str, form: String) -> Result<(u16, bytes::Bytes), Error> {
+        let sent = self
+            .client
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .body(form)
+            .send()
+            .await
+            .map_err(|e| self.error(e))?;
+        let status = sent.status().as_u16();
+        let body = sent.bytes().await.map_err(|e| self.error(e))?;
+        Ok((status, body))
     }
 
     /// Whether Prometheus is up and serving queries (`/-/ready`).

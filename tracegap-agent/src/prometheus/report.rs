@@ -3,9 +3,10 @@
 //! format), `tracegap_callee_spans_total` (whether callees' spans reached
 //! the store) and `tracegap_tls_unread_connections_total` (edges tracegap
 //! cannot see inside), each summed across nodes ([`super::counts`]).
-//! What only an agent's memory holds is left out: example traces (the
-//! counters carry no trace ids), latencies and unanswered requests (not
-//! counted per edge), the services' learned instrumentation.
+//! Example traces come from the gaps' exemplars (the latest per edge and
+//! kind, where Prometheus keeps exemplars). What only an agent's memory
+//! holds is left out: latencies and unanswered requests (not counted per
+//! edge), the services' learned instrumentation.
 
 use std::{collections::BTreeMap, time::Duration, time::SystemTime};
 
@@ -58,7 +59,39 @@ pub async fn cluster_report(
         at,
     )
     .await?;
-    Ok(assemble(&requests, &callee, &tls))
+    let mut report = assemble(&requests, &callee, &tls);
+    let start = at.checked_sub(window).unwrap_or(SystemTime::UNIX_EPOCH);
+    let exemplars = prom.exemplars("tracegap_gaps_total", start, at).await?;
+    examples(&mut report, &exemplars);
+    Ok(report)
+}
+
+/// Each edge's example trace per gap kind: the latest exemplar of its
+/// gaps series (on any node).
+pub fn examples(report: &mut Report, series: &[super::SeriesExemplars]) {
+    let mut latest: BTreeMap<(String, String, String), (f64, String)> = BTreeMap::new();
+    for s in series {
+        let (src, dst) = edge_of(&s.labels);
+        let kind = s.labels.get("kind").cloned().unwrap_or_default();
+        for (labels, at) in &s.exemplars {
+            let Some(trace) = labels.get("trace_id") else {
+                continue;
+            };
+            let e = latest
+                .entry((src.clone(), dst.clone(), kind.clone()))
+                .or_insert((f64::MIN, String::new()));
+            if *at >= e.0 {
+                *e = (*at, trace.clone());
+            }
+        }
+    }
+    for edge in &mut report.edges {
+        for ((src, dst, kind), (_, trace)) in &latest {
+            if *src == edge.source && *dst == edge.destination {
+                edge.examples.insert(kind.clone(), trace.clone());
+            }
+        }
+    }
 }
 
 /// `tracegap report --prometheus URL`: the cluster's report over `window`,
@@ -213,5 +246,46 @@ mod tests {
         assert!((e.unsampled_share - 0.1).abs() < 1e-9);
         assert_eq!(r.callee_spans[0].lost_in_pipeline, 2);
         assert_eq!(r.encrypted[0].server_names.get("c.test"), Some(&4));
+    }
+
+    #[test]
+    fn the_latest_exemplar_of_any_node_is_the_edges_example() {
+        let mut r = assemble(
+            &[(
+                l(&[
+                    (SOURCE, "b"),
+                    (DESTINATION, "c"),
+                    ("context_status", "broken_propagation"),
+                    ("context_format", "none"),
+                ]),
+                3,
+            )],
+            &[],
+            &[],
+        );
+        let gaps = |node: &str, trace: &str, at: f64| super::super::SeriesExemplars {
+            labels: l(&[
+                (SOURCE, "b"),
+                (DESTINATION, "c"),
+                ("kind", "broken_propagation"),
+                ("instance", node),
+            ]),
+            exemplars: vec![(l(&[("trace_id", trace)]), at)],
+        };
+        examples(
+            &mut r,
+            &[
+                gaps("n1", "aa", 10.0),
+                gaps("n2", "bb", 12.0),
+                gaps("n1", "cc", 11.0),
+            ],
+        );
+        assert_eq!(
+            r.edges[0]
+                .examples
+                .get("broken_propagation")
+                .map(String::as_str),
+            Some("bb")
+        );
     }
 }
