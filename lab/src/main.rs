@@ -231,6 +231,9 @@ fn main() -> anyhow::Result<()> {
                 out,
                 lab_bin: std::env::current_exe().context("locating tracegap-lab")?,
                 container,
+                // Served, the Trace Quality page is the cluster-wide view's
+                // (`cargo xtask lab` unpacks Debian's Prometheus).
+                prometheus: serve.and(tracegap_lab::prometheus::binary()),
                 serve: serve.map(|addr| tracegap_lab::run::Serve {
                     addr,
                     ui: jaeger_ui,

@@ -131,7 +131,12 @@ impl Prometheus {
     /// Waits until `query`'s value is `want` (Prometheus has scraped what
     /// the agents count now), or 20 s.
     pub fn wait_for(&self, query: &str, want: f64) -> anyhow::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        self.wait_for_within(query, want, Duration::from_secs(20))
+    }
+
+    /// [`Prometheus::wait_for`], `within` at most.
+    pub fn wait_for_within(&self, query: &str, want: f64, within: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + within;
         loop {
             let got = self.value(query)?;
             if (got - want).abs() < 1e-9 {
@@ -142,6 +147,72 @@ impl Prometheus {
                 "{query} is {got} in Prometheus, not {want}"
             );
             std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+/// `tracegap quality` over a Prometheus, on a loopback port, in a thread
+/// of its own; stopped when dropped.
+pub struct Quality {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Quality {
+    pub fn start(prometheus: &str) -> anyhow::Result<Self> {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
+        let config = tracegap_agent::prometheus::serve::QualityConfig {
+            prometheus: prometheus.to_owned(),
+            listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            window: Duration::from_secs(3600),
+            timeout: Duration::from_secs(5),
+            cors_origin: None,
+            limits: Default::default(),
+        };
+        let thread = std::thread::Builder::new()
+            .name("tg-quality".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        eprintln!("tracegap quality: {e}");
+                        return;
+                    }
+                };
+                let stopped = async {
+                    let _ = stop_rx.await;
+                };
+                if let Err(e) = rt.block_on(tracegap_agent::prometheus::serve::run(
+                    config,
+                    stopped,
+                    Some(bound_tx),
+                )) {
+                    eprintln!("tracegap quality: {e:#}");
+                }
+            })?;
+        let addr = bound_rx
+            .blocking_recv()
+            .context("tracegap quality did not start")?;
+        Ok(Self {
+            addr,
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Quality {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

@@ -41,6 +41,9 @@ struct Ctx {
     ui: Option<PathBuf>,
     /// The UI configuration (`JAEGER_CONFIG`).
     config: Value,
+    /// `tracegap quality`, where the Trace Quality page is asked of
+    /// Prometheus (both nodes summed); else `reports`.
+    quality: Option<SocketAddr>,
     /// The traces as JSON, built again only when the store has grown.
     cache: std::sync::Mutex<(usize, Arc<Vec<Value>>)>,
 }
@@ -63,6 +66,19 @@ impl QueryServer {
         reports: Arc<std::sync::Mutex<Report>>,
         ui: Option<PathBuf>,
     ) -> anyhow::Result<Self> {
+        Self::start_with_quality(addr, store, reports, ui, None)
+    }
+
+    /// [`QueryServer::start`], its Trace Quality page answered by
+    /// `tracegap quality` at `quality` (the cluster-wide view, from
+    /// Prometheus) when given.
+    pub fn start_with_quality(
+        addr: SocketAddr,
+        store: Shared,
+        reports: Arc<std::sync::Mutex<Report>>,
+        ui: Option<PathBuf>,
+        quality: Option<SocketAddr>,
+    ) -> anyhow::Result<Self> {
         let config = ui_config();
         if let Some(dir) = &ui {
             let index = std::fs::read_to_string(dir.join("index.html"))
@@ -78,6 +94,7 @@ impl QueryServer {
             reports,
             ui,
             config,
+            quality,
             cache: std::sync::Mutex::default(),
         });
         Self::serve(addr, router(ctx))
@@ -94,6 +111,7 @@ impl QueryServer {
             reports: Arc::default(),
             ui: None,
             config: Value::Null,
+            quality: None,
             cache: std::sync::Mutex::default(),
         });
         let app = Router::new()
@@ -605,6 +623,25 @@ async fn quality(
     let Some(service) = q.get("service").filter(|s| !s.is_empty()) else {
         return error(StatusCode::BAD_REQUEST, "service= is required");
     };
+    if let Some(addr) = ctx.quality {
+        let query = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(q.iter())
+            .finish();
+        let asked = tokio::task::spawn_blocking(move || {
+            crate::http::get(addr, &format!("/api/quality-metrics?{query}"))
+        })
+        .await;
+        return match asked {
+            Ok(Ok((status, body))) => (
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                [(axum::http::header::CONTENT_TYPE, "application/json")],
+                body,
+            )
+                .into_response(),
+            Ok(Err(e)) => error(StatusCode::BAD_GATEWAY, &format!("tracegap quality: {e:#}")),
+            Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        };
+    }
     let Ok(report) = ctx.reports.lock() else {
         return error(StatusCode::INTERNAL_SERVER_ERROR, "report lock poisoned");
     };

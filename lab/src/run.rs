@@ -68,6 +68,10 @@ pub struct Options {
     /// Pass every span the store receives on to this OTLP/HTTP endpoint
     /// too (a Jaeger of the user's own, e.g. http://localhost:4318).
     pub forward: Option<String>,
+    /// A Prometheus binary: it scrapes every agent of the run, and the
+    /// served Trace Quality page is `tracegap quality` over it (both nodes
+    /// summed, as in a cluster).
+    pub prometheus: Option<PathBuf>,
 }
 
 impl Options {
@@ -82,6 +86,7 @@ impl Options {
             container: None,
             serve: None,
             forward: None,
+            prometheus: None,
         }
     }
 }
@@ -119,9 +124,40 @@ struct Ctx<'a> {
     opts: &'a Options,
     /// Services that serve HTTPS: their `/_lab/...` answers too.
     tls: std::collections::HashSet<String>,
+    /// Scraping the agents, when the run has one.
+    prometheus: Option<&'a crate::prometheus::Prometheus>,
 }
 
 impl Ctx<'_> {
+    /// The agents (started again) are Prometheus's targets from now on.
+    fn agents_started(&self) -> anyhow::Result<()> {
+        if let Some(p) = self.prometheus {
+            p.set_targets(&self.agents.iter().map(|a| a.listen).collect::<Vec<_>>())?;
+        }
+        Ok(())
+    }
+
+    /// Waits (10 s at most) until Prometheus has scraped what each agent
+    /// counts now: before the agents stop, so nothing they counted is
+    /// missing from the cluster-wide view.
+    fn scraped(&self) {
+        let Some(p) = self.prometheus else {
+            return;
+        };
+        for a in &self.agents {
+            let Ok(n) = a.metric("tracegap_http_requests_total") else {
+                continue;
+            };
+            let query = format!(
+                "sum(tracegap_http_requests_total{{instance=\"{}\"}})",
+                a.listen
+            );
+            if let Err(e) = p.wait_for_within(&query, n, Duration::from_secs(10)) {
+                eprintln!("lab: Prometheus behind the agent at {}: {e:#}", a.listen);
+            }
+        }
+    }
+
     /// GET `path` of one of `service`'s replicas, over TLS if it serves it.
     fn lab_get(&self, service: &str, pod: &Pod, path: &str) -> anyhow::Result<(u16, String)> {
         let addr = SocketAddr::from((pod.ipv4, 8080));
@@ -790,12 +826,14 @@ fn across_restart(
         Ok(ctx.calls_made(src)?.get(dst).copied().unwrap_or((0, 0)))
     };
     let before = calls(ctx)?;
+    ctx.scraped();
     for a in &mut ctx.agents {
         a.stop_now()?;
     }
     ctx.agents = ctx
         .cluster
         .start_agents(config, store_port, Some(query_port))?;
+    ctx.agents_started()?;
     let sent = ctx.run_load(load)?.sent;
     let after = calls(ctx)?;
     let (made, failed) = (after.0 - before.0, after.1 - before.1);
@@ -851,6 +889,7 @@ fn without_store(
         .iter()
         .filter(|l| callees.iter().any(|c| reaches(l, c)))
         .collect();
+    ctx.scraped();
     for a in &mut ctx.agents {
         a.stop_now()?;
     }
@@ -865,6 +904,7 @@ fn without_store(
     ctx.agents = ctx
         .cluster
         .start_agents(&quick, store_port, Some(query_port))?;
+    ctx.agents_started()?;
     // Taught: each node's pods of each callee serve sampled requests over
     // more than a second. Four rounds: a gRPC caller keeps one connection,
     // to one pod of the callee, so each caller pod must be reached.
@@ -950,6 +990,7 @@ pub fn run_one(
     sc: &Scenario,
     store: &mut Receiver,
     reader: &QueryServer,
+    prometheus: Option<&crate::prometheus::Prometheus>,
     opts: &Options,
     out: &mut dyn Write,
 ) -> anyhow::Result<Outcome> {
@@ -1029,7 +1070,9 @@ pub fn run_one(
             .filter(|s| s.spec.tls)
             .map(|s| s.spec.name.clone())
             .collect(),
+        prometheus,
     };
+    ctx.agents_started()?;
     let first_span = ctx.store.spans().len();
     for s in &sc.services {
         ctx.start_service(s)?;
@@ -1289,6 +1332,7 @@ pub fn run_one(
             into(|c| c.not_checked)
         ));
     }
+    ctx.scraped();
     drop(ctx);
     Ok(outcome)
 }
@@ -1308,6 +1352,8 @@ pub fn run(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Vec<Outcome>> 
 pub struct Finished {
     pub outcomes: Vec<Outcome>,
     pub store: Receiver,
+    /// The Prometheus that scraped the run's agents, if it had one.
+    pub prometheus: Option<crate::prometheus::Prometheus>,
     /// Every scenario's report, both nodes' edges.
     pub reports: std::sync::Arc<std::sync::Mutex<Report>>,
 }
@@ -1328,6 +1374,24 @@ pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finish
         store.forward_to(endpoint)?;
         writeln!(out, "passing every span on to {endpoint} too")?;
     }
+    // Without it the run goes on; the served page is then the lab's own
+    // sum of the agents' reports.
+    let prometheus = match &opts.prometheus {
+        Some(bin) => match crate::prometheus::Prometheus::start(bin, &[]) {
+            Ok(p) => {
+                writeln!(out, "Prometheus on {} scrapes every agent", p.url())?;
+                Some(p)
+            }
+            Err(e) => {
+                writeln!(
+                    out,
+                    "no Prometheus ({e:#}): the Trace Quality page sums the agents' reports"
+                )?;
+                None
+            }
+        },
+        None => None,
+    };
     let mut outcomes = Vec::new();
     let mut file_spans = Vec::new();
     let total = opts.scenarios.len();
@@ -1338,7 +1402,7 @@ pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finish
         })?;
         writeln!(out, "\n== {}/{total} {}: {} ==", i + 1, sc.name, sc.lesson)?;
         let started = Instant::now();
-        let o = run_one(&sc, &mut store, &reader, opts, out)?;
+        let o = run_one(&sc, &mut store, &reader, prometheus.as_ref(), opts, out)?;
         write!(out, "{}", table(&o.report))?;
         for t in &o.trees {
             write!(out, "{t}")?;
@@ -1376,6 +1440,7 @@ pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finish
     Ok(Finished {
         outcomes,
         store,
+        prometheus,
         reports: std::sync::Arc::new(std::sync::Mutex::new(all)),
     })
 }
@@ -1423,12 +1488,27 @@ fn serve_until_interrupted(
     serve: &Serve,
     out: &mut dyn Write,
 ) -> anyhow::Result<()> {
-    let server = crate::query::QueryServer::start(
+    // The Trace Quality page as a cluster's: tracegap quality over the
+    // Prometheus that scraped both nodes' agents.
+    let quality = match &done.prometheus {
+        Some(p) => Some(crate::prometheus::Quality::start(&p.url())?),
+        None => None,
+    };
+    let server = crate::query::QueryServer::start_with_quality(
         serve.addr,
         done.store.shared(),
         done.reports.clone(),
         serve.ui.clone(),
+        quality.as_ref().map(|q| q.addr),
     )?;
+    if let (Some(p), Some(q)) = (&done.prometheus, &quality) {
+        writeln!(
+            out,
+            "\nPrometheus on {} (every agent of the run, scraped each second); tracegap quality on http://{} answers the Trace Quality page, both nodes summed",
+            p.url(),
+            q.addr
+        )?;
+    }
     let base = format!("http://{}", server.addr);
     match &serve.ui {
         Some(_) => writeln!(out, "\nThe Jaeger UI on {base}, with the lab's traces:")?,

@@ -94,11 +94,16 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
     let out = std::env::temp_dir().join(format!("tracegap-browser-test-{}", std::process::id()));
     // Sampling: a caller that does not record leaves spans whose parent
     // never comes.
-    let opts = Options::short(
-        &["broken-propagation", "sampling"],
-        out.clone(),
-        PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
-    );
+    // With Prometheus scraping the agents (cargo xtask test unpacks it),
+    // the page is tracegap quality's: both nodes summed from Prometheus.
+    let opts = Options {
+        prometheus: tracegap_lab::prometheus::binary(),
+        ..Options::short(
+            &["broken-propagation", "sampling"],
+            out.clone(),
+            PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab")),
+        )
+    };
     let mut text = Vec::new();
     let done = run_keeping(&opts, &mut text);
     let _ = std::fs::remove_dir_all(&out);
@@ -127,11 +132,16 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
         .map(|s| s.trace_id())
         .expect("the sampling scenario leaves a span without its parent");
 
-    let server = QueryServer::start(
+    let quality = match &done.prometheus {
+        Some(p) => Some(tracegap_lab::prometheus::Quality::start(&p.url())?),
+        None => None,
+    };
+    let server = QueryServer::start_with_quality(
         "127.0.0.1:0".parse()?,
         done.store.shared(),
         done.reports.clone(),
         Some(tools.ui),
+        quality.as_ref().map(|q| q.addr),
     )?;
     let shots = workspace().join("target/browser");
     std::fs::create_dir_all(&shots)?;
@@ -255,5 +265,29 @@ fn the_broken_trace_is_found_by_tag_and_explained_in_the_real_jaeger_ui() -> any
             .is_some_and(|n| n >= 1),
         "{seen}"
     );
+    // The page's counts are both nodes' agents' reports summed: from
+    // Prometheus through tracegap quality when it ran.
+    let merged = done
+        .reports
+        .lock()
+        .map_err(|_| anyhow::anyhow!("reports lock"))?
+        .clone();
+    let expected = tracegap_agent::quality::quality_metrics(&merged, &caller, "");
+    let want = expected["metrics"]
+        .as_array()
+        .and_then(|m| m.iter().find(|m| m["name"] == "Context propagated out"))
+        .map(|m| m["failureCount"].clone())
+        .unwrap_or_default();
+    assert_eq!(out_metric["counts"]["Failing"], want, "{seen}");
+    if quality.is_some() {
+        let (status, body) = tracegap_lab::http::get(
+            server.addr,
+            &format!("/api/quality-metrics?service={caller}"),
+        )?;
+        assert_eq!(status, 200, "{body}");
+        assert!(body.contains("every node"), "from Prometheus: {body}");
+    } else if std::env::var_os("TRACEGAP_REQUIRE_BROWSER").is_some() {
+        panic!("cargo xtask test gives the browser test a Prometheus (TRACEGAP_PROMETHEUS_BIN)");
+    }
     Ok(())
 }

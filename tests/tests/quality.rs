@@ -7,7 +7,7 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant, SystemTime},
 };
 
@@ -15,7 +15,7 @@ use tracegap_agent::{
     export::{ExportConfig, OtlpProtocol},
     gap::span::ExportMode,
     identity::parse_names_file,
-    prometheus::{Prometheus as PromClient, report::cluster_report, serve::QualityConfig},
+    prometheus::{Prometheus as PromClient, report::cluster_report},
     report::Report,
 };
 use tracegap_tests::{
@@ -142,32 +142,6 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
         .block_on(f)
 }
 
-/// `tracegap quality` on a loopback port, in a thread of its own; stopped
-/// when the sender is dropped.
-fn quality(prometheus: &str) -> anyhow::Result<(SocketAddr, tokio::sync::oneshot::Sender<()>)> {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
-    let config = QualityConfig {
-        prometheus: prometheus.to_owned(),
-        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
-        window: Duration::from_secs(3600),
-        timeout: Duration::from_secs(5),
-        cors_origin: None,
-        limits: Default::default(),
-    };
-    std::thread::spawn(move || {
-        block_on(tracegap_agent::prometheus::serve::run(
-            config,
-            async {
-                let _ = stop_rx.await;
-            },
-            Some(bound_tx),
-        ))
-    });
-    let addr = bound_rx.blocking_recv()?;
-    Ok((addr, stop_tx))
-}
-
 /// A metric of the Trace Quality page by name: (pass, fail).
 fn counts(page: &serde_json::Value, name: &str) -> (u64, u64) {
     let m = page["metrics"]
@@ -260,7 +234,8 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
     }
 
     // The Trace Quality page and /report, served from Prometheus.
-    let (addr, stop) = quality(&prom.url())?;
+    let quality = tracegap_tests::prometheus::Quality::start(&prom.url())?;
+    let addr = quality.addr;
     let (status, body) =
         tracegap_tests::http::get(addr, "/api/quality-metrics?service=service-b&hours=1")?;
     assert_eq!(status, 200, "{body}");
@@ -319,7 +294,7 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("Prometheus at"), "{body}");
     assert_eq!(tracegap_tests::http::get(addr, "/readyz")?.0, 503);
-    drop(stop);
+    drop(quality);
     drop(servers);
     for a in agents {
         a.stop()?;

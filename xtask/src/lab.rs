@@ -120,6 +120,15 @@ fn lab_command(args: &LabArgs, out: &str) -> std::process::Command {
     }
     if args.serve {
         cmd.arg("--serve");
+        // The Trace Quality page from Prometheus, as in a cluster.
+        match setup::prometheus() {
+            Ok(bin) => {
+                cmd.env("TRACEGAP_PROMETHEUS_BIN", bin);
+            }
+            Err(e) => println!(
+                "lab: no Prometheus ({e:#}): the Trace Quality page sums the agents' reports"
+            ),
+        }
         let beside = toolchain::workspace_root().join("../shared/jaeger-ui/build");
         match args
             .jaeger_ui
