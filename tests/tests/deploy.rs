@@ -230,6 +230,46 @@ fn the_quality_deployment_runs_unprivileged_on_the_port_it_serves() -> anyhow::R
         service["spec"]["ports"][0]["targetPort"],
         c["ports"][0]["name"]
     );
+    // deploy/jaeger's UI asks it for the Trace Quality page, from the
+    // origin it allows.
+    let jaeger = render("jaeger")?;
+    let ui: Value = jaeger
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap" && d["metadata"]["name"] == "jaeger-ui-config")
+        .and_then(|d| d["data"]["ui-config.json"].as_str())
+        .map(serde_json::from_str)
+        .transpose()?
+        .expect("the Jaeger UI's config");
+    let endpoint = ui["qualityMetrics"]["apiEndpoint"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        endpoint.ends_with(&format!(
+            ":{}/api/quality-metrics",
+            service["spec"]["ports"][0]["port"]
+        )),
+        "{endpoint}"
+    );
+    let origin = env("TRACEGAP_CORS_ORIGIN").expect("TRACEGAP_CORS_ORIGIN");
+    let ui_port = jaeger
+        .iter()
+        .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == "jaeger-collector")
+        .and_then(|d| d["spec"]["ports"].as_array().cloned())
+        .into_iter()
+        .flatten()
+        .find(|p| p["name"] == "ui")
+        .map(|p| p["port"].clone())
+        .expect("the UI's port");
+    assert_eq!(origin, format!("http://localhost:{ui_port}"));
+    let jaeger_args = jaeger
+        .iter()
+        .find(|d| d["kind"] == "Deployment")
+        .map(|d| d["spec"]["template"]["spec"]["containers"][0]["args"].clone())
+        .unwrap_or_default();
+    assert_eq!(
+        jaeger_args,
+        serde_json::json!(["--query.ui-config=/etc/jaeger/ui-config.json"])
+    );
     Ok(())
 }
 
