@@ -13,7 +13,7 @@ use std::{
 use axum::{
     Json, Router,
     extract::{Query, State},
-    http::{HeaderValue, StatusCode, header},
+    http::StatusCode,
     response::IntoResponse as _,
     routing::get,
 };
@@ -21,7 +21,7 @@ use axum::{
 use super::{Prometheus, report::cluster_report};
 use crate::{
     metrics::Metrics,
-    server::{ServerLimits, serve},
+    server::{ServerLimits, allow_origin, serve},
 };
 
 /// `tracegap quality`'s settings.
@@ -87,19 +87,7 @@ fn router(served: Arc<Served>, cors_origin: Option<String>) -> Router {
         .route("/api/quality-metrics", get(quality))
         .route("/report", get(report))
         .with_state(served.clone());
-    let api = match cors_origin.and_then(|o| HeaderValue::from_str(&o).ok()) {
-        Some(origin) => api.layer(axum::middleware::map_response(
-            move |mut r: axum::response::Response| {
-                let origin = origin.clone();
-                async move {
-                    r.headers_mut()
-                        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
-                    r
-                }
-            },
-        )),
-        None => api,
-    };
+    let api = allow_origin(api, cors_origin);
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))

@@ -140,8 +140,18 @@ pub fn report(shared: Arc<Shared>, cors_origin: Option<String>, limits: &ServerL
             limits.endpoint(get(quality_metrics), REPORT, m),
         )
         .with_state(shared.clone());
-    let quality = match cors_origin.and_then(|o| HeaderValue::from_str(&o).ok()) {
-        Some(origin) => quality.layer(axum::middleware::map_response(
+    let quality = allow_origin(quality, cors_origin);
+    Router::new()
+        .route("/report", limits.endpoint(get(report_json), REPORT, m))
+        .with_state(shared)
+        .merge(quality)
+}
+
+/// `router`'s answers, with `Access-Control-Allow-Origin: origin` when a
+/// browser on that origin (a Jaeger UI elsewhere) may read them.
+pub fn allow_origin(router: Router, origin: Option<String>) -> Router {
+    match origin.and_then(|o| HeaderValue::from_str(&o).ok()) {
+        Some(origin) => router.layer(axum::middleware::map_response(
             move |mut r: axum::response::Response| {
                 let origin = origin.clone();
                 async move {
@@ -151,12 +161,8 @@ pub fn report(shared: Arc<Shared>, cors_origin: Option<String>, limits: &ServerL
                 }
             },
         )),
-        None => quality,
-    };
-    Router::new()
-        .route("/report", limits.endpoint(get(report_json), REPORT, m))
-        .with_state(shared)
-        .merge(quality)
+        None => router,
+    }
 }
 
 async fn quality_metrics(
