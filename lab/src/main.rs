@@ -84,6 +84,10 @@ enum Cmd {
         /// OpenSSL probes off and on.
         #[arg(long, conflicts_with_all = ["kernel", "sockets"])]
         tls: bool,
+        /// Only what a cluster-wide Trace Quality page costs: tracegap
+        /// quality's report from a real Prometheus after the lab's load.
+        #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls"])]
+        quality: bool,
     },
     /// Holds N open flows in the agent's state and prints the peak RSS in
     /// KiB (used by `bench`).
@@ -275,6 +279,7 @@ fn main() -> anyhow::Result<()> {
             kernel,
             sockets,
             tls,
+            quality,
         } => {
             let d = if quick {
                 tracegap_lab::bench::Durations::quick()
@@ -287,11 +292,13 @@ fn main() -> anyhow::Result<()> {
                 table = tracegap_lab::bench::sockets_only(d, floor.as_deref())?;
             } else if tls {
                 table = tracegap_lab::bench::tls_only(d)?;
+            } else if quality {
+                table = tracegap_lab::bench::quality_only(d)?;
             } else if !kernel {
                 table = tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
                 table.push('\n');
             }
-            if let Some(floor) = floor.as_ref().filter(|_| !sockets && !tls) {
+            if let Some(floor) = floor.as_ref().filter(|_| !sockets && !tls && !quality) {
                 eprintln!("bench: kernel programs on crafted packets (BPF_PROG_TEST_RUN)");
                 table.push_str(&tracegap_lab::bench::kernel::run(
                     floor,

@@ -23,6 +23,10 @@ pub struct BenchArgs {
     /// TLS without the agent, with its OpenSSL probes off and on.
     #[arg(long, conflicts_with_all = ["kernel", "sockets"])]
     tls: bool,
+    /// Only what a cluster-wide Trace Quality page costs: tracegap
+    /// quality's report from a real Prometheus after the lab's load.
+    #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls"])]
+    quality: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -60,6 +64,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.tls {
         cmd.arg("--tls");
+    }
+    if args.quality {
+        cmd.arg("--quality");
+    }
+    if !args.kernel && !args.sockets && !args.tls {
+        // The cluster-wide view's row: Debian's Prometheus, unpacked.
+        match setup::prometheus() {
+            Ok(bin) => {
+                cmd.env("TRACEGAP_PROMETHEUS_BIN", bin);
+            }
+            Err(e) => println!("bench: no Prometheus ({e:#}): no cluster-view row"),
+        }
     }
     toolchain::run(&mut cmd)
 }

@@ -3,6 +3,7 @@
 //! bench creates; every load is bounded in time.
 
 pub mod kernel;
+mod quality;
 mod sockets;
 mod tls;
 
@@ -378,6 +379,22 @@ pub fn sockets_only(d: Durations, floor: Option<&[u8]>) -> anyhow::Result<String
 pub fn tls_only(d: Durations) -> anyhow::Result<String> {
     let mut rows = Vec::new();
     tls::rows(d, &mut rows)?;
+    let mut out = String::from(
+        "| measure | baseline | with tracegap | figure | target |\n| --- | --- | --- | --- | --- |\n",
+    );
+    for r in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            r.what, r.baseline, r.with, r.figure, r.target
+        ));
+    }
+    Ok(out)
+}
+
+/// Only the cluster-wide view's figure (`tracegap-lab bench --quality`).
+pub fn quality_only(d: Durations) -> anyhow::Result<String> {
+    let mut rows = Vec::new();
+    quality::rows(d, &mut rows)?;
     let mut out = String::from(
         "| measure | baseline | with tracegap | figure | target |\n| --- | --- | --- | --- | --- |\n",
     );
@@ -1401,6 +1418,8 @@ pub fn run(
     data_path(d, floor, &ops, &mut rows)?;
     eprintln!("bench: HTTPS through OpenSSL");
     tls::rows(d, &mut rows)?;
+    eprintln!("bench: the cluster-wide view from Prometheus");
+    quality::rows(d, &mut rows)?;
     eprintln!("bench: user-space pipeline and export");
     user_space(d, &mut rows)?;
     eprintln!("bench: memory");
