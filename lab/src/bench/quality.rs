@@ -59,11 +59,21 @@ pub(super) fn rows(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
                 .curl(&format!("http://{server}:8080/items"), &[])?;
         }
     }
-    let mut counted = 0.0;
-    for a in &agents {
-        counted += a.metric("tracegap_http_requests_total")?;
+    // Until Prometheus holds what the agents count (the last hops settle
+    // meanwhile: counted again each try).
+    let mut tries = 0;
+    loop {
+        let mut counted = 0.0;
+        for a in &agents {
+            counted += a.metric("tracegap_http_requests_total")?;
+        }
+        let within = Duration::from_secs(3);
+        match prom.wait_for_within("sum(tracegap_http_requests_total)", counted, within) {
+            Ok(()) => break,
+            Err(e) if tries >= 5 => return Err(e),
+            Err(_) => tries += 1,
+        }
     }
-    prom.wait_for("sum(tracegap_http_requests_total)", counted)?;
     let series = prom.value("count({__name__=~\"tracegap_.*\"})")?;
     let client = Client::new(&prom.url(), Duration::from_secs(10))?;
     let rt = tokio::runtime::Builder::new_current_thread()
