@@ -14,6 +14,63 @@ use anyhow::Context as _;
 
 use crate::netns::{Child, TempDir};
 
+/// `rules.yaml`'s `spec` in `deploy/prometheus` (`dir`): a Prometheus rules
+/// file as it stands.
+pub fn rules_file(dir: &Path) -> anyhow::Result<serde_yaml::Value> {
+    let rule: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(dir.join("rules.yaml"))?)?;
+    Ok(rule["spec"].clone())
+}
+
+/// A PromQL expression users are given.
+#[derive(Clone, Debug)]
+pub struct Shipped {
+    /// Which rule or panel.
+    pub what: String,
+    pub expr: String,
+    /// An alert's: it returns series only while it fires.
+    pub filter: bool,
+}
+
+/// Every PromQL expression of `deploy/prometheus` (`dir`): the recording
+/// rules', the alerts', the dashboard's (Grafana's `$__rate_interval` and
+/// `$__range` as Grafana would fill them over a short run).
+pub fn shipped_expressions(dir: &Path) -> anyhow::Result<Vec<Shipped>> {
+    let mut out = Vec::new();
+    for group in rules_file(dir)?["groups"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+    {
+        for rule in group["rules"].as_sequence().into_iter().flatten() {
+            let expr = rule["expr"].as_str().unwrap_or_default().to_owned();
+            let (what, filter) = match (rule["record"].as_str(), rule["alert"].as_str()) {
+                (Some(r), _) => (format!("record {r}"), false),
+                (_, Some(a)) => (format!("alert {a}"), true),
+                _ => anyhow::bail!("a rule neither records nor alerts: {rule:?}"),
+            };
+            out.push(Shipped { what, expr, filter });
+        }
+    }
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("dashboard.json"))?)?;
+    for p in dash["panels"].as_array().into_iter().flatten() {
+        for t in p["targets"].as_array().into_iter().flatten() {
+            let expr = t["expr"]
+                .as_str()
+                .unwrap_or_default()
+                .replace("$__rate_interval", "2m")
+                .replace("$__range", "1h");
+            out.push(Shipped {
+                what: format!("panel {} {}", p["title"], t["refId"]),
+                expr,
+                filter: false,
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// A Prometheus the lab started; stopped (by its PID) and its data removed
 /// when dropped.
 pub struct Prometheus {

@@ -30,51 +30,11 @@ use tracegap_tests::{
 const TP: &str = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 fn deploy(file: &str) -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../deploy/prometheus")
-        .join(file)
+    deploy_dir().join(file)
 }
 
-/// `deploy/prometheus/rules.yaml`'s `spec`: a Prometheus rules file.
-fn rules_file() -> anyhow::Result<serde_yaml::Value> {
-    let rule: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(deploy("rules.yaml"))?)?;
-    Ok(rule["spec"].clone())
-}
-
-/// Every PromQL expression users are given: the recording rules', the
-/// alerts', the dashboard's (Grafana's `$__rate_interval` and `$__range`
-/// as Grafana would fill them here). Each with what it is, and whether it
-/// is a filter (an alert's: series only while it fires).
-fn expressions() -> anyhow::Result<Vec<(String, String, bool)>> {
-    let mut out = Vec::new();
-    for group in rules_file()?["groups"].as_sequence().into_iter().flatten() {
-        for rule in group["rules"].as_sequence().into_iter().flatten() {
-            let expr = rule["expr"].as_str().unwrap_or_default().to_owned();
-            match (rule["record"].as_str(), rule["alert"].as_str()) {
-                (Some(r), _) => out.push((format!("record {r}"), expr, false)),
-                (_, Some(a)) => out.push((format!("alert {a}"), expr, true)),
-                _ => anyhow::bail!("a rule neither records nor alerts: {rule:?}"),
-            }
-        }
-    }
-    let dash: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(deploy("dashboard.json"))?)?;
-    for p in dash["panels"].as_array().into_iter().flatten() {
-        for t in p["targets"].as_array().into_iter().flatten() {
-            let expr = t["expr"]
-                .as_str()
-                .unwrap_or_default()
-                .replace("$__rate_interval", "30s")
-                .replace("$__range", "1h");
-            out.push((
-                format!("panel {:?} {}", p["title"], t["refId"]),
-                expr,
-                false,
-            ));
-        }
-    }
-    Ok(out)
+fn deploy_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus")
 }
 
 /// Expressions over what this test's traffic does not make (no trace store
@@ -222,9 +182,9 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
     // what this traffic makes returns series (a rate, once each series
     // has two samples: two scrapes more).
     std::thread::sleep(Duration::from_millis(2500));
-    let exprs = expressions()?;
+    let exprs = prometheus::shipped_expressions(&deploy_dir())?;
     assert!(exprs.len() >= 20, "{exprs:?}");
-    for (what, expr, filter) in &exprs {
+    for prometheus::Shipped { what, expr, filter } in &exprs {
         let found = block_on(client.query(expr, SystemTime::now()))
             .map_err(|e| anyhow::anyhow!("{what}: {expr}: {e}"))?;
         let made = !NOT_MADE_HERE.iter().any(|m| expr.contains(m));
@@ -256,6 +216,15 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
     assert_eq!(status, 200, "{body}");
     let served: Report = serde_json::from_str(&body)?;
     assert_eq!(kinds(&[served]), both);
+    // The same as the table `tracegap report` prints.
+    let (status, table) = tracegap_tests::http::get(addr, "/report?format=table")?;
+    assert_eq!(status, 200, "{table}");
+    assert!(
+        table
+            .lines()
+            .any(|l| l.starts_with("client -> service-b") && l.contains(" 10 ")),
+        "{table}"
+    );
     assert_eq!(tracegap_tests::http::get(addr, "/readyz")?.0, 200);
 
     // Node 2's agent restarts (on its address: the same series, reset);
@@ -315,7 +284,7 @@ fn the_rules_check_and_their_alerts_fire_as_their_tests_say() -> anyhow::Result<
     let dir = tracegap_tests::TempDir::new("rules")?;
     std::fs::write(
         dir.path().join("rules.yml"),
-        serde_yaml::to_string(&rules_file()?)?,
+        serde_yaml::to_string(&prometheus::rules_file(&deploy_dir())?)?,
     )?;
     std::fs::copy(
         deploy("rules-test.yaml"),

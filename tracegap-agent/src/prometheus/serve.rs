@@ -142,9 +142,29 @@ async fn quality(State(s): State<Arc<Served>>, q: Params) -> axum::response::Res
     }
 }
 
-async fn report(State(s): State<Arc<Served>>, q: Params) -> axum::response::Response {
+/// `/report`: JSON, or the table `tracegap report` prints for a client
+/// that asks for text (`Accept: text/plain`, or `?format=table`, e.g.
+/// from curl).
+async fn report(
+    State(s): State<Arc<Served>>,
+    headers: axum::http::HeaderMap,
+    q: Params,
+) -> axum::response::Response {
     let w = window(&q, s.window);
+    let table = q.get("format").is_some_and(|f| f == "table")
+        || headers
+            .get(axum::http::header::ACCEPT)
+            .and_then(|a| a.to_str().ok())
+            .is_some_and(|a| a.contains("text/plain"));
     match cluster_report(&s.prom, w, SystemTime::now()).await {
+        Ok(r) if table => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "text/plain; charset=utf-8",
+            )],
+            crate::report::table(&r),
+        )
+            .into_response(),
         Ok(r) => Json(r).into_response(),
         Err(e) => unavailable(&e),
     }
