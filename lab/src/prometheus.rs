@@ -1,7 +1,8 @@
 //! A real Prometheus (Debian's, unpacked by `cargo xtask setup`) scraping
 //! the lab's agents every second: what the cluster-wide view reads in a
-//! cluster. Its targets are a file it watches (`file_sd_configs`), so
-//! agents that come and go are followed without a restart.
+//! cluster. Agents that come and go are followed by reloading its
+//! configuration (`/-/reload`: at once, where file-based discovery waits
+//! up to 5 s, longer than a short scenario).
 
 use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener},
@@ -85,23 +86,21 @@ pub fn binary() -> Option<PathBuf> {
     std::env::var_os("TRACEGAP_PROMETHEUS_BIN").map(PathBuf::from)
 }
 
-const CONFIG: &str = "\
-global:
-  scrape_interval: 1s
-  evaluation_interval: 1s
-scrape_configs:
-  - job_name: tracegap-agents
-    file_sd_configs:
-      - files: [targets.json]
-        refresh_interval: 1s
-";
+/// The configuration scraping `targets` every second.
+fn config(targets: &[SocketAddr]) -> String {
+    let list: Vec<String> = targets.iter().map(|t| format!("'{t}'")).collect();
+    format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+         scrape_configs:\n  - job_name: tracegap-agents\n    static_configs:\n      - targets: [{}]\n",
+        list.join(", ")
+    )
+}
 
 impl Prometheus {
     /// Starts `binary` on a free loopback port, scraping `targets`, and
     /// waits until it is ready.
     pub fn start(binary: &Path, targets: &[SocketAddr]) -> anyhow::Result<Self> {
         let dir = TempDir::new("prometheus")?;
-        std::fs::write(dir.path().join("prometheus.yml"), CONFIG)?;
         let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()?
             .port();
@@ -111,7 +110,7 @@ impl Prometheus {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             dir,
         };
-        p.set_targets(targets)?;
+        p.write_config(targets)?;
         p.resume()?;
         Ok(p)
     }
@@ -120,13 +119,35 @@ impl Prometheus {
         format!("http://{}", self.addr)
     }
 
-    /// Scrapes `targets` from now on (the file is replaced whole).
+    fn write_config(&self, targets: &[SocketAddr]) -> anyhow::Result<()> {
+        let tmp = self.dir.path().join("prometheus.yml.tmp");
+        std::fs::write(&tmp, config(targets))?;
+        std::fs::rename(tmp, self.dir.path().join("prometheus.yml"))?;
+        Ok(())
+    }
+
+    /// Scrapes `targets` from now on: the configuration replaced, and
+    /// reloaded before this returns.
     pub fn set_targets(&self, targets: &[SocketAddr]) -> anyhow::Result<()> {
-        let list: Vec<String> = targets.iter().map(ToString::to_string).collect();
-        let json = serde_json::json!([{ "targets": list }]).to_string();
-        let tmp = self.dir.path().join("targets.json.tmp");
-        std::fs::write(&tmp, json)?;
-        std::fs::rename(tmp, self.dir.path().join("targets.json"))?;
+        use std::io::{Read as _, Write as _};
+        self.write_config(targets)?;
+        if self.child.is_none() {
+            return Ok(());
+        }
+        let mut c = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(3))?;
+        c.set_read_timeout(Some(Duration::from_secs(10)))?;
+        write!(
+            c,
+            "POST /-/reload HTTP/1.0\r\nHost: {}\r\nContent-Length: 0\r\n\r\n",
+            self.addr
+        )?;
+        let mut answer = String::new();
+        c.read_to_string(&mut answer)?;
+        anyhow::ensure!(
+            answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+            "Prometheus did not reload: {}",
+            answer.lines().next().unwrap_or_default()
+        );
         Ok(())
     }
 
@@ -146,6 +167,7 @@ impl Prometheus {
                 ))
                 .arg(format!("--storage.tsdb.path={}", d.join("data").display()))
                 .arg(format!("--web.listen-address={}", self.addr))
+                .arg("--web.enable-lifecycle")
                 // The gaps' example traces.
                 .arg("--enable-feature=exemplar-storage")
                 .current_dir(d),

@@ -137,9 +137,11 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Waits (10 s at most) until Prometheus has scraped what each agent
-    /// counts now: before the agents stop, so nothing they counted is
-    /// missing from the cluster-wide view.
+    /// Waits (20 s at most each: Prometheus takes up targets new to it
+    /// within about 10 s) until Prometheus scrapes each agent and has what
+    /// it counts now, and twice more: before the agents stop, so nothing
+    /// they counted is missing from the cluster-wide view, and each series
+    /// has the two samples a `rate()` over it needs.
     fn scraped(&self) {
         let Some(p) = self.prometheus else {
             return;
@@ -148,14 +150,21 @@ impl Ctx<'_> {
             let Ok(n) = a.metric("tracegap_http_requests_total") else {
                 continue;
             };
+            let up = format!("sum(up{{instance=\"{}\"}})", a.listen);
             let query = format!(
                 "sum(tracegap_http_requests_total{{instance=\"{}\"}})",
                 a.listen
             );
-            if let Err(e) = p.wait_for_within(&query, n, Duration::from_secs(10)) {
+            let within = Duration::from_secs(20);
+            if let Err(e) = p
+                .wait_for_within(&up, 1.0, within)
+                .and_then(|()| p.wait_for_within(&query, n, within))
+            {
                 eprintln!("lab: Prometheus behind the agent at {}: {e:#}", a.listen);
             }
         }
+        // Two more scrapes (one a second).
+        std::thread::sleep(Duration::from_millis(2200));
     }
 
     /// GET `path` of one of `service`'s replicas, over TLS if it serves it.
@@ -1265,6 +1274,7 @@ pub fn run_one(
         examples,
         spans,
     };
+    ctx.scraped();
     for a in &mut ctx.agents {
         a.stop_now()?;
     }
@@ -1332,7 +1342,6 @@ pub fn run_one(
             into(|c| c.not_checked)
         ));
     }
-    ctx.scraped();
     drop(ctx);
     Ok(outcome)
 }
