@@ -307,6 +307,33 @@ fn the_podmonitor_and_rules_match_the_agents() -> anyhow::Result<()> {
     );
     // prometheus-operator names the job namespace/name.
     assert_eq!(monitor["metadata"]["name"], "tracegap-agents");
+    // The plain scrape job keeps the same pods and port. (Debian's
+    // promtool, built without Kubernetes discovery, cannot check it.)
+    let plain: Value = serde_yaml::from_str(&std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/prometheus/scrape-config.yaml"),
+    )?)?;
+    let job = &plain["scrape_configs"][0];
+    assert_eq!(job["job_name"], "tracegap-agents");
+    let keeps: Vec<&Value> = job["relabel_configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["action"] == "keep")
+        .collect();
+    let [by_labels, by_port] = keeps.as_slice() else {
+        panic!("two keep rules: {job:#}")
+    };
+    let wanted = format!(
+        "{};{}",
+        pod_labels["app.kubernetes.io/name"]
+            .as_str()
+            .unwrap_or_default(),
+        pod_labels["app.kubernetes.io/component"]
+            .as_str()
+            .unwrap_or_default()
+    );
+    assert_eq!(by_labels["regex"], wanted.as_str());
+    assert_eq!(by_port["regex"], port);
     let rules = docs
         .iter()
         .find(|d| d["kind"] == "PrometheusRule")
