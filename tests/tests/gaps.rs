@@ -538,6 +538,62 @@ fn context_formats_malformed_and_missing_context() -> anyhow::Result<()> {
     let spans = lab.synthetic("missing_context", 1);
     assert_eq!(spans[0].span.parent_span_id, Vec::<u8>::new());
     assert_eq!(spans[0].service, "service-c");
+
+    // Other tracers' formats: each its own, none of them "no context".
+    let others: [(&str, &[&str]); 5] = [
+        (
+            "datadog",
+            &[
+                "x-datadog-trace-id: 1234567890",
+                "x-datadog-parent-id: 9876543210",
+                "x-datadog-sampling-priority: 1",
+            ],
+        ),
+        (
+            "xray",
+            &[
+                "X-Amzn-Trace-Id: Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1",
+            ],
+        ),
+        (
+            "cloudtrace",
+            &["X-Cloud-Trace-Context: 105445aa7843bc8bf206b12000100000/1;o=1"],
+        ),
+        (
+            "ottracer",
+            &[
+                "ot-tracer-traceid: 0af7651916cd43dd",
+                "ot-tracer-spanid: b7ad6b7169203331",
+                "ot-tracer-sampled: true",
+            ],
+        ),
+        (
+            "grpc-trace-bin",
+            &["grpc-trace-bin: AABkZWFkYmVlZmRlYWRiZWVmAQAAAAAAAAABAgE"],
+        ),
+    ];
+    for (_, headers) in &others {
+        lab.curl("client", &lab.url("service-c", "/other"), headers)?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = lab.report()?;
+        let edge = r
+            .edges
+            .iter()
+            .find(|e| e.source == "client" && e.destination == "service-c");
+        let formats = edge.map(|e| e.formats.clone()).unwrap_or_default();
+        if others.iter().all(|(f, _)| formats.get(*f) == Some(&1)) {
+            assert_eq!(
+                edge.and_then(|e| e.kinds.get("missing_context")),
+                Some(&1),
+                "only the request with none: {edge:?}"
+            );
+            break;
+        }
+        anyhow::ensure!(std::time::Instant::now() < deadline, "formats: {formats:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
     assert!(
         lab.receiver
             .spans()

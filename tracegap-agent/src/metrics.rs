@@ -89,7 +89,8 @@ pub struct RequestLabels {
     pub destination_service: String,
     /// The hop's classification (`context_ok`, `missing_context`, ...).
     pub context_status: String,
-    /// `none`, `w3c`, `jaeger`, `b3multi`, `b3`, or several joined by `+`.
+    /// `none`, `w3c`, `jaeger`, `b3multi`, `b3`, `datadog`, `xray`,
+    /// `cloudtrace`, `ottracer`, `grpc-trace-bin`, or several joined by `+`.
     pub context_format: String,
 }
 

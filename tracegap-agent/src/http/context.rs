@@ -20,6 +20,20 @@ pub enum Format {
     B3Multi,
     /// Zipkin single header `b3`.
     B3Single,
+    /// Datadog `x-datadog-trace-id` / `x-datadog-parent-id` (decimal
+    /// 64-bit ids; the upper half of a 128-bit id in `x-datadog-tags`'s
+    /// `_dd.p.tid`).
+    Datadog,
+    /// AWS X-Ray `X-Amzn-Trace-Id: Root=1-<8 hex>-<24 hex>;Parent=...`.
+    Xray,
+    /// Google Cloud Trace `X-Cloud-Trace-Context: <32 hex>/<decimal>;o=1`.
+    CloudTrace,
+    /// OpenTracing's `ot-tracer-traceid` / `ot-tracer-spanid` /
+    /// `ot-tracer-sampled` (OpenTelemetry's ot-trace propagator).
+    OtTracer,
+    /// OpenCensus binary `grpc-trace-bin` (gRPC metadata, base64 on the
+    /// wire).
+    GrpcTraceBin,
 }
 
 impl Format {
@@ -29,6 +43,11 @@ impl Format {
             Self::Jaeger => "jaeger",
             Self::B3Multi => "b3multi",
             Self::B3Single => "b3",
+            Self::Datadog => "datadog",
+            Self::Xray => "xray",
+            Self::CloudTrace => "cloudtrace",
+            Self::OtTracer => "ottracer",
+            Self::GrpcTraceBin => "grpc-trace-bin",
         }
     }
 }
@@ -149,6 +168,36 @@ impl Propagation {
         }
         if let Some(v) = head.header("b3") {
             contexts.push(b3_single(v));
+        }
+        // Formats other tracers speak; their ids convert to W3C's (as
+        // OpenTelemetry's propagators for them convert them).
+        let dd = [
+            head.header("x-datadog-trace-id"),
+            head.header("x-datadog-parent-id"),
+        ];
+        if dd.iter().any(Option::is_some) {
+            contexts.push(datadog(
+                dd[0],
+                dd[1],
+                head.header("x-datadog-sampling-priority"),
+                head.header("x-datadog-tags"),
+            ));
+        }
+        if let Some(v) = head.header("x-amzn-trace-id") {
+            contexts.push(xray(v));
+        }
+        if let Some(v) = head.header("x-cloud-trace-context") {
+            contexts.push(cloud_trace(v));
+        }
+        let ot = [
+            head.header("ot-tracer-traceid"),
+            head.header("ot-tracer-spanid"),
+        ];
+        if ot.iter().any(Option::is_some) {
+            contexts.push(ot_tracer(ot[0], ot[1], head.header("ot-tracer-sampled")));
+        }
+        if let Some(v) = head.header("grpc-trace-bin") {
+            contexts.push(grpc_trace_bin(v));
         }
         let values: Vec<&str> = head.header_all("baggage").collect();
         let baggage = (!values.is_empty()).then(|| {
@@ -414,10 +463,328 @@ pub fn b3_single(value: &str) -> Found {
     })
 }
 
+/// A decimal 64-bit id as 16 lowercase hex digits; zero is no id.
+fn decimal_id(s: &str) -> Option<String> {
+    s.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|v| *v != 0)
+        .map(|v| format!("{v:016x}"))
+}
+
+/// Datadog: decimal 64-bit ids, the trace's upper 64 bits (128-bit ids)
+/// in `x-datadog-tags` as `_dd.p.tid=<16 hex>`; sampling priority 1 or 2
+/// keeps, 0 or -1 drops.
+pub fn datadog(
+    trace: Option<&str>,
+    parent: Option<&str>,
+    priority: Option<&str>,
+    tags: Option<&str>,
+) -> Found {
+    let f = Format::Datadog;
+    let shown = format!(
+        "x-datadog-trace-id={} x-datadog-parent-id={}",
+        trace.unwrap_or("-"),
+        parent.unwrap_or("-")
+    );
+    let (Some(t), Some(p)) = (trace, parent) else {
+        return malformed(
+            f,
+            &shown,
+            "x-datadog-trace-id and x-datadog-parent-id must come together",
+        );
+    };
+    let Some(low) = decimal_id(t) else {
+        return malformed(
+            f,
+            &shown,
+            "trace id is not a non-zero decimal 64-bit number",
+        );
+    };
+    let Some(parent_span_id) = decimal_id(p) else {
+        return malformed(
+            f,
+            &shown,
+            "parent id is not a non-zero decimal 64-bit number",
+        );
+    };
+    let high = tags
+        .into_iter()
+        .flat_map(|t| t.split(','))
+        .find_map(|kv| kv.trim().strip_prefix("_dd.p.tid="))
+        .and_then(|h| pad_hex(h, 16))
+        .unwrap_or_else(|| "0".repeat(16));
+    let sampled = match priority.map(|p| p.trim().parse::<i32>()) {
+        None => None,
+        Some(Ok(p)) => Some(p > 0),
+        Some(Err(_)) => return malformed(f, &shown, "x-datadog-sampling-priority is not a number"),
+    };
+    Found::Valid(SpanContext {
+        format: f,
+        trace_id: format!("{high}{low}"),
+        parent_span_id,
+        sampled,
+    })
+}
+
+/// AWS X-Ray `Root=1-<8 hex epoch>-<24 hex>;Parent=<16 hex>;Sampled=1`,
+/// fields in any order: the trace id is the epoch and the rest joined, as
+/// OpenTelemetry's X-Ray propagator reads it.
+pub fn xray(value: &str) -> Found {
+    let f = Format::Xray;
+    let (mut root, mut parent, mut sampled) = (None, None, None);
+    for field in value.split(';') {
+        match field.trim().split_once('=') {
+            Some(("Root", v)) => root = Some(v.trim()),
+            Some(("Parent", v)) => parent = Some(v.trim()),
+            Some(("Sampled", v)) => sampled = Some(v.trim()),
+            _ => {}
+        }
+    }
+    let Some(root) = root else {
+        return malformed(f, value, "no Root field");
+    };
+    let trace_id = match root.split('-').collect::<Vec<_>>().as_slice() {
+        ["1", epoch, unique]
+            if epoch.len() == 8
+                && unique.len() == 24
+                && (*epoch)
+                    .bytes()
+                    .chain((*unique).bytes())
+                    .all(|b| b.is_ascii_hexdigit()) =>
+        {
+            format!("{epoch}{unique}").to_ascii_lowercase()
+        }
+        _ => return malformed(f, value, "Root is not 1-<8 hex>-<24 hex>"),
+    };
+    // A load balancer adds a Root of its own to a request with none: no
+    // caller span to be the parent of.
+    let Some(parent) = parent else {
+        return malformed(
+            f,
+            value,
+            "Root without Parent (a load balancer's, not a caller's span)",
+        );
+    };
+    let Some(parent_span_id) = pad_hex(parent, 16).filter(|p| parent.len() == 16 && !all_zero(p))
+    else {
+        return malformed(f, value, "Parent is not 16 hex digits");
+    };
+    if all_zero(&trace_id) {
+        return malformed(f, value, "Root is all zeros");
+    }
+    Found::Valid(SpanContext {
+        format: f,
+        trace_id,
+        parent_span_id,
+        sampled: match sampled {
+            Some("1") => Some(true),
+            Some("0") => Some(false),
+            _ => None,
+        },
+    })
+}
+
+/// Google Cloud Trace `<32 hex>/<decimal span id>[;o=<0|1>]`.
+pub fn cloud_trace(value: &str) -> Found {
+    let f = Format::CloudTrace;
+    let v = value.trim();
+    let (ids, options) = v.split_once(';').unwrap_or((v, ""));
+    let Some((trace, span)) = ids.split_once('/') else {
+        return malformed(f, value, "expected TRACE_ID/SPAN_ID[;o=OPTIONS]");
+    };
+    let Some(trace_id) = pad_hex(trace, 32).filter(|t| trace.len() == 32 && !all_zero(t)) else {
+        return malformed(f, value, "TRACE_ID is not 32 hex digits");
+    };
+    let Some(parent_span_id) = decimal_id(span) else {
+        return malformed(f, value, "SPAN_ID is not a non-zero decimal 64-bit number");
+    };
+    let sampled = match options.trim().strip_prefix("o=") {
+        Some(o) => o.trim().parse::<u8>().ok().map(|o| o & 1 == 1),
+        None => None,
+    };
+    Found::Valid(SpanContext {
+        format: f,
+        trace_id,
+        parent_span_id,
+        sampled,
+    })
+}
+
+/// OpenTracing's basic tracer headers (16 or 32 hex trace id, 16 hex span
+/// id, `true`/`false`).
+pub fn ot_tracer(trace: Option<&str>, span: Option<&str>, sampled: Option<&str>) -> Found {
+    let f = Format::OtTracer;
+    let shown = format!(
+        "ot-tracer-traceid={} ot-tracer-spanid={}",
+        trace.unwrap_or("-"),
+        span.unwrap_or("-")
+    );
+    let (Some(t), Some(s)) = (trace, span) else {
+        return malformed(
+            f,
+            &shown,
+            "ot-tracer-traceid and ot-tracer-spanid must come together",
+        );
+    };
+    let (trace_id, parent_span_id) = match b3_ids(f, &shown, t.trim(), s.trim()) {
+        Ok(ids) => ids,
+        Err(e) => return e,
+    };
+    Found::Valid(SpanContext {
+        format: f,
+        trace_id,
+        parent_span_id,
+        sampled: match sampled.map(str::trim) {
+            Some("true" | "1") => Some(true),
+            Some("false" | "0") => Some(false),
+            _ => None,
+        },
+    })
+}
+
+/// OpenCensus's binary format, base64 in gRPC metadata: version 0, then
+/// field 0 (16-byte trace id), field 1 (8-byte span id), field 2 (1 byte
+/// of options, bit 0 sampled).
+pub fn grpc_trace_bin(value: &str) -> Found {
+    use base64::Engine as _;
+    let f = Format::GrpcTraceBin;
+    let v = value.trim().trim_end_matches('=');
+    let Ok(b) = base64::engine::general_purpose::STANDARD_NO_PAD.decode(v) else {
+        return malformed(f, value, "not base64");
+    };
+    if b.len() < 27 || b[0] != 0 || b[1] != 0 || b[18] != 1 {
+        return malformed(f, value, "not version 0 with a trace id and a span id");
+    }
+    let hex = |bytes: &[u8]| bytes.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    let (trace_id, parent_span_id) = (hex(&b[2..18]), hex(&b[19..27]));
+    if all_zero(&trace_id) || all_zero(&parent_span_id) {
+        return malformed(f, value, "an id is all zeros");
+    }
+    let sampled = (b.len() >= 29 && b[27] == 2).then(|| b[28] & 1 == 1);
+    Found::Valid(SpanContext {
+        format: f,
+        trace_id,
+        parent_span_id,
+        sampled,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::http::message::parse_head;
+
+    #[test]
+    fn other_tracers_formats_are_read_and_their_ids_converted() {
+        let head = |h: &str| {
+            let raw = format!("GET / HTTP/1.1\r\n{h}\r\n\r\n");
+            Propagation::from_head(&parse_head(raw.as_bytes()).unwrap())
+        };
+        let one = |h: &str| -> SpanContext {
+            let p = head(h);
+            match p.contexts.as_slice() {
+                [Found::Valid(c)] => c.clone(),
+                other => panic!("{h}: {other:?}"),
+            }
+        };
+        // Datadog, 64-bit and 128-bit.
+        let c = one(
+            "x-datadog-trace-id: 1234567890\r\nx-datadog-parent-id: 9876543210\r\nx-datadog-sampling-priority: 1",
+        );
+        assert_eq!(
+            (c.format, c.trace_id.as_str()),
+            (Format::Datadog, "000000000000000000000000499602d2")
+        );
+        assert_eq!(
+            (c.parent_span_id.as_str(), c.sampled),
+            ("000000024cb016ea", Some(true))
+        );
+        let c = one(
+            "x-datadog-trace-id: 1\r\nx-datadog-parent-id: 2\r\nx-datadog-tags: _dd.p.dm=-0,_dd.p.tid=640cfd8d00000000",
+        );
+        assert_eq!(c.trace_id, "640cfd8d000000000000000000000001");
+        // X-Ray, as OpenTelemetry's propagator maps it.
+        let c = one(
+            "X-Amzn-Trace-Id: Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1",
+        );
+        assert_eq!(
+            (c.format, c.trace_id.as_str()),
+            (Format::Xray, "5759e988bd862e3fe1be46a994272793")
+        );
+        assert_eq!(
+            (c.parent_span_id.as_str(), c.sampled),
+            ("53995c3f42cd8ad8", Some(true))
+        );
+        assert!(matches!(
+            head("X-Amzn-Trace-Id: Root=1-5759e988-bd862e3fe1be46a994272793").contexts[0],
+            Found::Malformed {
+                format: Format::Xray,
+                ..
+            }
+        ));
+        // Google Cloud Trace.
+        let c = one("X-Cloud-Trace-Context: 105445aa7843bc8bf206b12000100000/1;o=1");
+        assert_eq!(
+            (c.format, c.trace_id.as_str()),
+            (Format::CloudTrace, "105445aa7843bc8bf206b12000100000")
+        );
+        assert_eq!(
+            (c.parent_span_id.as_str(), c.sampled),
+            ("0000000000000001", Some(true))
+        );
+        // OpenTracing.
+        let c = one(
+            "ot-tracer-traceid: 0af7651916cd43dd\r\not-tracer-spanid: b7ad6b7169203331\r\not-tracer-sampled: true",
+        );
+        assert_eq!(
+            (c.format, c.trace_id.as_str()),
+            (Format::OtTracer, "00000000000000000af7651916cd43dd")
+        );
+        // OpenCensus binary.
+        let c = one("grpc-trace-bin: AABkZWFkYmVlZmRlYWRiZWVmAQAAAAAAAAABAgE");
+        assert_eq!(
+            (c.format, c.trace_id.as_str()),
+            (Format::GrpcTraceBin, "64656164626565666465616462656566")
+        );
+        assert_eq!(
+            (c.parent_span_id.as_str(), c.sampled),
+            ("0000000000000001", Some(true))
+        );
+        // Each its own label.
+        let labels: Vec<&str> = [
+            Format::Datadog,
+            Format::Xray,
+            Format::CloudTrace,
+            Format::OtTracer,
+            Format::GrpcTraceBin,
+        ]
+        .iter()
+        .map(Format::as_str)
+        .collect();
+        assert_eq!(
+            labels,
+            [
+                "datadog",
+                "xray",
+                "cloudtrace",
+                "ottracer",
+                "grpc-trace-bin"
+            ]
+        );
+        // Broken values are malformed, with a reason.
+        for h in [
+            "x-datadog-trace-id: abc\r\nx-datadog-parent-id: 2",
+            "x-datadog-trace-id: 1",
+            "X-Cloud-Trace-Context: 105445aa/1",
+            "grpc-trace-bin: !!!",
+        ] {
+            assert!(
+                matches!(head(h).contexts[0], Found::Malformed { .. }),
+                "{h}"
+            );
+        }
+    }
 
     const TP: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
