@@ -93,3 +93,25 @@ pub fn own_cgroup_id() -> Option<u64> {
     let dir = cgroup2_mount()?.join(path.trim_start_matches('/'));
     std::fs::metadata(dir).ok().map(|m| m.ino())
 }
+
+/// A Python `http.server` (HTTP/1.1, keep-alive, a thread per connection)
+/// answering every GET `stock: 7`: `before` runs first in the handler (a
+/// call out), `serve` is the script's end (its socket, its loop); `sys`
+/// and `http.server` are imported.
+pub fn python_server(imports: &str, before: &str, serve: &str) -> String {
+    format!(
+        "import http.server, sys{imports}\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+        \x20   protocol_version = \"HTTP/1.1\"\n\
+        \x20   def do_GET(self):\n\
+        \x20       {before}\n\
+        \x20       body = b\"stock: 7\\n\"\n\
+        \x20       self.send_response(200)\n\
+        \x20       self.send_header(\"Content-Length\", str(len(body)))\n\
+        \x20       self.end_headers()\n\
+        \x20       self.wfile.write(body)\n\
+        \x20   def log_message(self, *a):\n\
+        \x20       pass\n\
+         {serve}\n"
+    )
+}

@@ -1125,3 +1125,67 @@ fn without_a_trace_store_a_service_that_never_exports_is_likely_uninstrumented_u
     assert!(late.is_empty(), "{late:?}");
     Ok(())
 }
+
+/// A Python service whose calls go out through `requests` without the
+/// context it received: listens on 8080, calls `sys.argv[1]`.
+fn python_relay() -> String {
+    tracegap_tests::python_server(
+        ", requests",
+        "requests.get(sys.argv[1], timeout=5)",
+        "http.server.ThreadingHTTPServer((\"0.0.0.0\", 8080), H).serve_forever()",
+    )
+}
+
+/// The gap says what would close it, from what the wire showed: a Python
+/// service calling out through `requests` without the context it received
+/// is told to instrument `requests`, on the report and on the span.
+#[test]
+fn a_broken_python_requests_caller_is_told_its_fix() -> anyhow::Result<()> {
+    if !privileged("a_broken_python_requests_caller_is_told_its_fix") {
+        return Ok(());
+    }
+    let mut lab = lab(&["client", "relay", "service-c"])?;
+    lab.start("service-c", Behaviour::Instrumented, &[])?;
+    let _relay = tracegap_tests::Child::spawn(lab.node.pod("relay").command("python3").args([
+        "-c",
+        &python_relay(),
+        &lab.url("service-c", "/stock"),
+    ]))?;
+    let url = lab.url("relay", "/order");
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while lab.curl("client", &url, &[&tp(T1, S1, "01")]).is_err() {
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the relay never answered"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lab.wait_kind("relay", "service-c", "broken_propagation", 1)?;
+    let report = lab.report()?;
+    let edge = report
+        .edges
+        .iter()
+        .find(|e| e.source == "relay" && e.destination == "service-c")
+        .expect("the relay's edge");
+    let fix = edge.fixes.get("broken_propagation").expect("a fix");
+    assert!(
+        fix.contains("Python requests") && fix.contains("opentelemetry-instrumentation-requests"),
+        "{fix}"
+    );
+    let spans = lab.synthetic("broken_propagation", 1);
+    assert_eq!(spans[0].attr("tracegap.gap.fix").as_ref(), Some(fix));
+    // The call without a context into the relay: curl, told as such.
+    lab.curl("client", &url, &[])?;
+    lab.wait_kind("client", "relay", "missing_context", 1)?;
+    let report = lab.report()?;
+    let fix = report
+        .edges
+        .iter()
+        .find(|e| e.source == "client" && e.destination == "relay")
+        .and_then(|e| e.fixes.get("missing_context"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(fix.contains("curl"), "{fix}");
+    lab.agent.stop()?;
+    Ok(())
+}

@@ -20,24 +20,18 @@ const GNUTLS_PORT: u16 = 9443;
 const NAME: &str = "inventory.test";
 const TP: &str = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
-const SERVER: &str = r#"
-import http.server, ssl, sys
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        body = b"stock: 7\n"
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a):
-        pass
-s = http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), H)
-c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-c.load_cert_chain(sys.argv[2], sys.argv[3])
-s.socket = c.wrap_socket(s.socket, server_side=True)
-s.serve_forever()
-"#;
+/// Python's HTTPS server: OpenSSL underneath, through its `ssl` module.
+fn server() -> String {
+    tracegap_tests::python_server(
+        ", ssl",
+        "pass",
+        "s = http.server.ThreadingHTTPServer((\"0.0.0.0\", int(sys.argv[1])), H)\n\
+         c = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)\n\
+         c.load_cert_chain(sys.argv[2], sys.argv[3])\n\
+         s.socket = c.wrap_socket(s.socket, server_side=True)\n\
+         s.serve_forever()",
+    )
+}
 
 /// Waits until `ok` or 15 s.
 fn until(mut ok: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
@@ -73,7 +67,7 @@ fn https_through_openssl_is_read_as_hops_and_what_no_probe_reads_is_counted_with
     let _openssl = Child::spawn(
         node.pod("server")
             .command("python3")
-            .args(["-c", SERVER, &OPENSSL_PORT.to_string()])
+            .args(["-c", &server(), &OPENSSL_PORT.to_string()])
             .arg(&cert)
             .arg(&key),
     )?;
@@ -432,7 +426,7 @@ fn a_host_network_pods_https_calls_are_named_by_its_processs_cgroup() -> anyhow:
     let _server = Child::spawn(
         node.pod("server")
             .command("python3")
-            .args(["-c", SERVER, &OPENSSL_PORT.to_string()])
+            .args(["-c", &server(), &OPENSSL_PORT.to_string()])
             .arg(&cert)
             .arg(&key),
     )?;

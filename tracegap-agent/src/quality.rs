@@ -22,8 +22,9 @@ struct Metric {
     exempt: u64,
     /// Trace ids of failing hops, most telling first.
     examples: Vec<String>,
-    /// Edges with failures: (source, destination, requests, failures).
-    rows: Vec<(String, String, u64, u64)>,
+    /// Edges with failures: (source, destination, requests, failures,
+    /// what would close them).
+    rows: Vec<(String, String, u64, u64, String)>,
 }
 
 fn kind(e: &Edge, k: &str) -> u64 {
@@ -56,8 +57,19 @@ fn metric(
         m.exempt += ex;
         m.pass += e.requests.saturating_sub(fail + ex);
         if fail > 0 {
-            m.rows
-                .push((e.source.clone(), e.destination.clone(), e.requests, fail));
+            let fix = failing
+                .iter()
+                .filter(|k| kind(e, k) > 0)
+                .find_map(|k| e.fixes.get(*k))
+                .cloned()
+                .unwrap_or_default();
+            m.rows.push((
+                e.source.clone(),
+                e.destination.clone(),
+                e.requests,
+                fail,
+                fix,
+            ));
             for k in failing {
                 if let Some(t) = e.examples.get(*k)
                     && !m.examples.contains(t)
@@ -100,9 +112,10 @@ impl Metric {
                     {"key": "destination", "label": "Callee"},
                     {"key": "requests", "label": "Requests"},
                     {"key": "failures", "label": "Failing"},
+                    {"key": "fix", "label": "What would close it"},
                 ],
-                "rows": self.rows.iter().map(|(s, d, r, f)| json!({
-                    "source": s, "destination": d, "requests": r, "failures": f,
+                "rows": self.rows.iter().map(|(s, d, r, f, fix)| json!({
+                    "source": s, "destination": d, "requests": r, "failures": f, "fix": fix,
                 })).collect::<Vec<_>>(),
             }]);
         }
@@ -205,6 +218,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
             e.destination.clone(),
             e.requests,
             e.baggage_dropped,
+            "the caller drops the baggage it receives: propagate baggage with the context (OTEL_PROPAGATORS=tracecontext,baggage)".to_owned(),
         ));
     }
     // Checked against the trace store (with --trace-store): the service's
@@ -236,6 +250,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
                 c.destination.clone(),
                 c.arrived + fail,
                 fail,
+                String::new(),
             ));
             if let Some(t) = &c.example
                 && !stored.examples.contains(t)
@@ -270,6 +285,7 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
             e.destination.clone(),
             e.connections,
             e.connections,
+            "read through OpenSSL only: a TLS stack no probe reads".to_owned(),
         ));
     }
     if readable.fail > 0 {
@@ -348,6 +364,7 @@ mod tests {
                 .iter()
                 .map(|(k, _)| (k.to_string(), format!("trace-{source}-{k}")))
                 .collect(),
+            fixes: BTreeMap::new(),
             formats: BTreeMap::new(),
             baggage_carried: 0,
             baggage_dropped: 0,

@@ -26,6 +26,7 @@ struct EdgeStats {
     unanswered: u64,
     kinds: BTreeMap<GapKind, u64>,
     examples: BTreeMap<GapKind, String>,
+    fixes: BTreeMap<GapKind, String>,
     formats: BTreeMap<String, u64>,
     baggage_carried: u64,
     baggage_dropped: u64,
@@ -56,6 +57,10 @@ pub struct Edge {
     /// Most recent trace id per gap kind: the synthetic span's trace when
     /// one was exported, else the trace the request carried.
     pub examples: BTreeMap<String, String>,
+    /// Per gap kind, what would close it, from the latest such hop (see
+    /// [`crate::gap::fix`]).
+    #[serde(default)]
+    pub fixes: BTreeMap<String, String>,
     pub formats: BTreeMap<String, u64>,
     pub baggage_carried: u64,
     pub baggage_dropped: u64,
@@ -234,6 +239,9 @@ impl Reporter {
         if let Some(t) = trace {
             e.examples.insert(verdict.kind, t);
         }
+        if let Some(f) = hop.fix(verdict.kind) {
+            e.fixes.insert(verdict.kind, f);
+        }
         *e.formats.entry(format.to_owned()).or_default() += 1;
         if let Some(via) = hop.via
             && e.via.len() < MAX_VIA
@@ -297,6 +305,11 @@ impl Reporter {
                         .examples
                         .iter()
                         .map(|(k, t)| (k.as_str().to_owned(), t.clone()))
+                        .collect(),
+                    fixes: e
+                        .fixes
+                        .iter()
+                        .map(|(k, f)| (k.as_str().to_owned(), f.clone()))
                         .collect(),
                     formats: e.formats.clone(),
                     baggage_carried: e.baggage_carried,

@@ -48,6 +48,37 @@ pub struct Reply {
     pub status: Option<u16>,
     /// gRPC's status code (trailers, or a trailers-only response).
     pub grpc_status: Option<u32>,
+    /// The first product token of its `Server` header (what the callee
+    /// runs, for the fix of an uninstrumented one).
+    pub server: Option<Token>,
+}
+
+/// A header's first product token (`nginx/1.22.1`), at most 32 bytes: kept
+/// by value, as replies are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Token {
+    bytes: [u8; 32],
+    len: u8,
+}
+
+impl Token {
+    pub fn of(header: &str) -> Option<Self> {
+        let t = header.split_whitespace().next()?;
+        let mut end = t.len().min(32);
+        while !t.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut bytes = [0; 32];
+        bytes[..end].copy_from_slice(&t.as_bytes()[..end]);
+        Some(Self {
+            bytes,
+            len: end as u8,
+        })
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
 }
 
 impl Reply {
@@ -58,6 +89,12 @@ impl Reply {
                 ts_ns: m.ts_ns,
                 status: Some(*status),
                 grpc_status: None,
+                server: m
+                    .head
+                    .as_ref()
+                    .ok()
+                    .and_then(|h| h.header("server"))
+                    .and_then(Token::of),
             }),
             _ => None,
         }
@@ -65,10 +102,16 @@ impl Reply {
 
     /// An HTTP/2 exchange's.
     pub fn from_exchange(x: &Exchange) -> Self {
+        use crate::http::context::Headers as _;
         Self {
             ts_ns: x.end_ns,
             status: x.status(),
             grpc_status: x.grpc_status(),
+            server: x
+                .response
+                .as_ref()
+                .and_then(|f| f.header("server"))
+                .and_then(Token::of),
         }
     }
 }
@@ -106,6 +149,9 @@ pub struct Request {
     path_end: u32,
     has_host: bool,
     pub propagation: Propagation,
+    /// The first product token of its `User-Agent` (the caller's HTTP
+    /// client, for a gap's fix).
+    pub user_agent: Option<Token>,
 }
 
 impl Request {
@@ -143,6 +189,7 @@ impl Request {
             has_host: host.is_some(),
             text: text.into_boxed_str(),
             propagation,
+            user_agent: None,
         }
     }
 
@@ -165,6 +212,7 @@ impl Request {
         req.via = m.via;
         req.ack = m.ack;
         req.resynced = m.resynced;
+        req.user_agent = head.header("user-agent").and_then(Token::of);
         Some(req)
     }
 
@@ -187,6 +235,7 @@ impl Request {
         );
         req.joined = fields.joined;
         req.unknown_fields = fields.unknown.min(u16::MAX as usize) as u16;
+        req.user_agent = fields.header("user-agent").and_then(Token::of);
         req.protocol = if fields
             .header("content-type")
             .is_some_and(|c| c.starts_with("application/grpc"))
@@ -264,6 +313,9 @@ pub struct Hop {
     pub protocol: Protocol,
     /// gRPC's status code, for a gRPC call that got one.
     pub grpc_status: Option<u32>,
+    /// The caller's `User-Agent` and the callee's `Server`, first tokens.
+    pub user_agent: Option<Token>,
+    pub server: Option<Token>,
 }
 
 impl Hop {
@@ -295,7 +347,25 @@ impl Hop {
             via: request.via,
             protocol: request.protocol,
             grpc_status: response.and_then(|r| r.grpc_status),
+            user_agent: request.user_agent,
+            server: response.and_then(|r| r.server),
         }
+    }
+
+    /// What would close a gap of `kind` on this hop (see [`super::fix`]).
+    pub fn fix(&self, kind: super::classify::GapKind) -> Option<String> {
+        let sent: Vec<_> = self
+            .propagation
+            .contexts
+            .iter()
+            .map(|c| c.format())
+            .collect();
+        super::fix::fix(
+            kind,
+            self.user_agent.as_ref().map(Token::as_str),
+            self.server.as_ref().map(Token::as_str),
+            &sent,
+        )
     }
 
     /// gRPC's service and method (`/pkg.Service/Method`), for a gRPC call.

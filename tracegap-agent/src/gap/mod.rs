@@ -3,6 +3,7 @@
 //! diagnosis to the synthetic span that makes the hop visible.
 
 pub mod classify;
+pub mod fix;
 pub mod hop;
 pub mod route;
 pub mod silence;

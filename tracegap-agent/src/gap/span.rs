@@ -361,6 +361,9 @@ pub fn build(
         KeyValue::new("tracegap.gap", verdict.kind.as_str()),
         KeyValue::new("tracegap.gap.detail", verdict.detail.clone()),
     ]);
+    if let Some(f) = hop.fix(verdict.kind) {
+        attributes.push(KeyValue::new("tracegap.gap.fix", f));
+    }
     if let Some(s) = hop.status {
         attributes.push(KeyValue::new("http.response.status_code", i64::from(s)));
     }
@@ -499,6 +502,8 @@ mod tests {
             via: None,
             protocol: Default::default(),
             grpc_status: None,
+            user_agent: None,
+            server: None,
         }
     }
 

@@ -128,6 +128,7 @@ pub fn assemble(
             unanswered: 0,
             kinds: BTreeMap::new(),
             examples: BTreeMap::new(),
+            fixes: BTreeMap::new(),
             formats: BTreeMap::new(),
             baggage_carried: 0,
             baggage_dropped: 0,

@@ -63,6 +63,8 @@ fn hop(from: u8, to: u8, start_ms: u64, end_ms: u64, contexts: Vec<Found>) -> Ho
         via: None,
         protocol: Default::default(),
         grpc_status: None,
+        user_agent: None,
+        server: None,
     }
 }
 
