@@ -508,6 +508,13 @@ fn context_formats_malformed_and_missing_context() -> anyhow::Result<()> {
         s.attr("tracegap.downstream.trace_id")
             .is_some_and(|t| t != T1)
     );
+    // Its fix: service-w reads no B3.
+    let fix = s.attr("tracegap.gap.fix").unwrap_or_default();
+    assert!(
+        fix.contains("received a b3 context and sent a new w3c trace")
+            && fix.contains("OTEL_PROPAGATORS=tracecontext,baggage,b3"),
+        "{fix}"
+    );
     assert_within(s, window);
 
     // Both formats in one request, naming different traces.

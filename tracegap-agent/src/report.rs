@@ -239,7 +239,10 @@ impl Reporter {
         if let Some(t) = trace {
             e.examples.insert(verdict.kind, t);
         }
-        if let Some(f) = hop.fix(verdict.kind) {
+        if let Some(f) = hop.fix(
+            verdict.kind,
+            verdict.link.as_ref().map(|l| l.context.format),
+        ) {
             e.fixes.insert(verdict.kind, f);
         }
         *e.formats.entry(format.to_owned()).or_default() += 1;

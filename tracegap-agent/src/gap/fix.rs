@@ -266,12 +266,14 @@ pub fn propagator(f: Format) -> &'static str {
 }
 
 /// What would close a gap of `kind`: `user_agent` the caller's, `server`
-/// the callee's `Server` header, `sent` the formats the caller sent.
+/// the callee's `Server` header, `sent` the formats the caller sent,
+/// `received` the format of the request the caller was serving, if known.
 pub fn fix(
     kind: GapKind,
     user_agent: Option<&str>,
     server: Option<&str>,
     sent: &[Format],
+    received: Option<Format>,
 ) -> Option<String> {
     Some(match kind {
         GapKind::BrokenPropagation => format!(
@@ -282,14 +284,25 @@ pub fn fix(
             "the caller sends no context: instrument it, or its client; {}",
             client(user_agent)
         ),
-        GapKind::FormatMismatch => {
-            let names: Vec<&str> = sent.iter().map(|f| propagator(*f)).collect();
-            format!(
-                "the callee did not continue the {} context it was sent: add the caller's format to the callee's propagators (OTEL_PROPAGATORS=tracecontext,baggage,{}), or make the caller send W3C tracecontext",
-                sent.first().map_or("", |f| f.as_str()),
-                names.first().copied().unwrap_or("tracecontext")
-            )
-        }
+        GapKind::FormatMismatch => match (received, sent) {
+            // The caller read none of what it received, and started a
+            // trace of its own in another format.
+            (Some(r), [s, ..]) if r != *s => format!(
+                "the caller received a {} context and sent a new {} trace: it does not read {}; add it to the caller's propagators (OTEL_PROPAGATORS=tracecontext,baggage,{}), or make its caller send W3C tracecontext",
+                r.as_str(),
+                s.as_str(),
+                r.as_str(),
+                propagator(r)
+            ),
+            // Two formats in one request naming different traces.
+            (_, [a, b, ..]) => format!(
+                "the request carries {} and {} contexts naming different traces: the caller's propagators inject from different contexts; keep one propagator, or inject all from the same span",
+                a.as_str(),
+                b.as_str()
+            ),
+            _ => "the caller's context formats disagree: keep one propagator (OTEL_PROPAGATORS)"
+                .to_owned(),
+        },
         GapKind::Uninstrumented | GapKind::Passthrough => match server {
             Some(s) => match lookup(SERVERS, s) {
                 Some((_, name, how)) => format!("the callee runs {name} (Server {}): {how}", product(s)),
@@ -315,6 +328,7 @@ mod tests {
             Some("python-requests/2.31.0"),
             None,
             &[],
+            None,
         )
         .unwrap();
         assert!(
@@ -327,21 +341,53 @@ mod tests {
             Some("Go-http-client/1.1"),
             None,
             &[],
+            None,
         )
         .unwrap();
         assert!(go.contains("otelhttp"), "{go}");
-        let unknown = fix(GapKind::BrokenPropagation, Some("MyBot/7"), None, &[]).unwrap();
+        let unknown = fix(GapKind::BrokenPropagation, Some("MyBot/7"), None, &[], None).unwrap();
         assert!(
             unknown.contains("unknown client (User-Agent mybot/7)"),
             "{unknown}"
         );
-        let xray = fix(GapKind::FormatMismatch, None, None, &[Format::Xray]).unwrap();
+        // An X-Ray caller into a W3C-only service, which started a W3C trace.
+        let xray = fix(
+            GapKind::FormatMismatch,
+            None,
+            None,
+            &[Format::W3c],
+            Some(Format::Xray),
+        )
+        .unwrap();
+        assert!(
+            xray.contains("received a xray context and sent a new w3c trace"),
+            "{xray}"
+        );
+        let both = fix(
+            GapKind::FormatMismatch,
+            None,
+            None,
+            &[Format::W3c, Format::B3Single],
+            None,
+        )
+        .unwrap();
+        assert!(
+            both.contains("w3c and b3 contexts naming different traces"),
+            "{both}"
+        );
         assert!(
             xray.contains("OTEL_PROPAGATORS=tracecontext,baggage,xray"),
             "{xray}"
         );
-        let nginx = fix(GapKind::Uninstrumented, None, Some("nginx/1.22.1"), &[]).unwrap();
+        let nginx = fix(
+            GapKind::Uninstrumented,
+            None,
+            Some("nginx/1.22.1"),
+            &[],
+            None,
+        )
+        .unwrap();
         assert!(nginx.contains("ngx_otel_module"), "{nginx}");
-        assert!(fix(GapKind::ContextOk, None, None, &[]).is_none());
+        assert!(fix(GapKind::ContextOk, None, None, &[], None).is_none());
     }
 }

@@ -352,8 +352,13 @@ impl Hop {
         }
     }
 
-    /// What would close a gap of `kind` on this hop (see [`super::fix`]).
-    pub fn fix(&self, kind: super::classify::GapKind) -> Option<String> {
+    /// What would close a gap of `kind` on this hop (see [`super::fix`]);
+    /// `received`: the format of the request its caller was serving.
+    pub fn fix(
+        &self,
+        kind: super::classify::GapKind,
+        received: Option<crate::http::context::Format>,
+    ) -> Option<String> {
         let sent: Vec<_> = self
             .propagation
             .contexts
@@ -365,6 +370,7 @@ impl Hop {
             self.user_agent.as_ref().map(Token::as_str),
             self.server.as_ref().map(Token::as_str),
             &sent,
+            received,
         )
     }
 

@@ -361,7 +361,10 @@ pub fn build(
         KeyValue::new("tracegap.gap", verdict.kind.as_str()),
         KeyValue::new("tracegap.gap.detail", verdict.detail.clone()),
     ]);
-    if let Some(f) = hop.fix(verdict.kind) {
+    if let Some(f) = hop.fix(
+        verdict.kind,
+        verdict.link.as_ref().map(|l| l.context.format),
+    ) {
         attributes.push(KeyValue::new("tracegap.gap.fix", f));
     }
     if let Some(s) = hop.status {
