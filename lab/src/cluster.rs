@@ -237,25 +237,36 @@ impl Cluster {
         store_grpc_port: u16,
         store_query_port: Option<u16>,
     ) -> anyhow::Result<Vec<Agent>> {
-        self.nodes
-            .iter()
-            .map(|node| {
-                let mut c = config.clone();
-                c.interfaces =
-                    Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect());
-                c.listen = SocketAddr::from((Self::node_address(node), 0));
-                c.report_listen = Some(SocketAddr::from((Self::node_address(node), 0)));
-                c.export.endpoint = Some(format!(
-                    "http://{}:{store_grpc_port}",
-                    Self::store_address(node)
-                ));
-                c.node_name = Some(node.name.clone());
-                if let (Some(r), Some(port)) = (&mut c.reconcile, store_query_port) {
-                    r.store = format!("http://{}:{port}", Self::store_address(node));
-                }
-                Agent::start_in(c, node.netns.as_deref())
-            })
+        (0..self.nodes.len())
+            .map(|i| self.start_agent(i, config, store_grpc_port, store_query_port, None))
             .collect()
+    }
+
+    /// Starts node `i`'s agent (see [`Cluster::start_agents`]), on
+    /// `listen` (its /metrics, then its /report addresses) when given, as
+    /// one restarted where it was.
+    pub fn start_agent(
+        &self,
+        i: usize,
+        config: &AgentConfig,
+        store_grpc_port: u16,
+        store_query_port: Option<u16>,
+        listen: Option<(SocketAddr, Option<SocketAddr>)>,
+    ) -> anyhow::Result<Agent> {
+        let node = &self.nodes[i];
+        let mut c = config.clone();
+        c.interfaces = Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect());
+        let any = SocketAddr::from((Self::node_address(node), 0));
+        (c.listen, c.report_listen) = listen.unwrap_or((any, Some(any)));
+        c.export.endpoint = Some(format!(
+            "http://{}:{store_grpc_port}",
+            Self::store_address(node)
+        ));
+        c.node_name = Some(node.name.clone());
+        if let (Some(r), Some(port)) = (&mut c.reconcile, store_query_port) {
+            r.store = format!("http://{}:{port}", Self::store_address(node));
+        }
+        Agent::start_in(c, node.netns.as_deref())
     }
 
     /// Starts an agent per node from its image, run as `template` (the

@@ -72,6 +72,71 @@ pub fn shipped_expressions(dir: &Path) -> anyhow::Result<Vec<Shipped>> {
     Ok(out)
 }
 
+/// The cluster-wide view's test bed: two nodes, each with a client, a
+/// service-b (no propagation, port 8080) and an agent, and a Prometheus
+/// scraping both agents. Dropped in field order: servers, agents,
+/// Prometheus, store, then the cluster.
+pub struct TwoNodes {
+    pub servers: Vec<crate::service::Service>,
+    pub agents: Vec<crate::agent::Agent>,
+    pub prometheus: Prometheus,
+    pub receiver: crate::store::Receiver,
+    /// The agents' configuration (for one restarted).
+    pub config: tracegap_agent::agent::AgentConfig,
+    pub cluster: crate::cluster::Cluster,
+}
+
+impl TwoNodes {
+    /// Starts it all, the agents exporting as `export` says.
+    pub fn start(
+        binary: &Path,
+        export: tracegap_agent::export::ExportConfig,
+    ) -> anyhow::Result<Self> {
+        use crate::{
+            cluster::Cluster,
+            service::{Behaviour, ServiceSpec},
+        };
+        let cluster = Cluster::new([&["client", "service-b"], &["client", "service-b"]])?;
+        let receiver = crate::store::Receiver::start(Ipv4Addr::UNSPECIFIED.into())?;
+        let config = Cluster::agent_config(
+            export,
+            tracegap_agent::gap::span::ExportMode::Gaps,
+            tracegap_agent::identity::parse_names_file(&cluster.names_file("lab"))?,
+            Duration::from_secs(30),
+        );
+        let agents = cluster.start_agents(&config, receiver.grpc.port(), None)?;
+        let mut servers = Vec::new();
+        for (_, pod) in cluster.replicas("service-b") {
+            servers.push(ServiceSpec::new("service-b", 8080, Behaviour::DropsHeaders).start(pod)?);
+        }
+        let prometheus =
+            Prometheus::start(binary, &agents.iter().map(|a| a.listen).collect::<Vec<_>>())?;
+        Ok(Self {
+            servers,
+            agents,
+            prometheus,
+            receiver,
+            config,
+            cluster,
+        })
+    }
+
+    /// Stops node `i`'s agent and starts it again where it was (the same
+    /// addresses: the same series in Prometheus, reset).
+    pub fn restart_agent(&mut self, i: usize) -> anyhow::Result<()> {
+        let listen = (self.agents[i].listen, self.agents[i].report);
+        self.agents[i].stop_now()?;
+        self.agents[i] = self.cluster.start_agent(
+            i,
+            &self.config,
+            self.receiver.grpc.port(),
+            None,
+            Some(listen),
+        )?;
+        Ok(())
+    }
+}
+
 /// A Prometheus the lab started; stopped (by its PID) and its data removed
 /// when dropped.
 pub struct Prometheus {

@@ -7,24 +7,19 @@
 
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, Ipv4Addr},
     time::{Duration, Instant, SystemTime},
 };
 
 use tracegap_agent::{
     export::{ExportConfig, OtlpProtocol},
-    gap::span::ExportMode,
-    identity::parse_names_file,
     prometheus::{Prometheus as PromClient, report::cluster_report},
     report::Report,
 };
 use tracegap_tests::{
     agent::Agent,
     cluster::Cluster,
-    demo::{Behaviour, Service, ServiceSpec},
-    otlp::Receiver,
     privileged,
-    prometheus::{self, Prometheus},
+    prometheus::{self, TwoNodes},
 };
 
 const TP: &str = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
@@ -124,41 +119,28 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
         eprintln!("SKIPPED {test}: TRACEGAP_PROMETHEUS_BIN unset (cargo xtask test sets it)");
         return Ok(());
     };
-    let cluster = Cluster::new([&["client", "service-b"], &["client", "service-b"]])?;
-    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
-    let config = Cluster::agent_config(
+    let mut bed = TwoNodes::start(
+        &binary,
         ExportConfig {
             protocol: OtlpProtocol::Grpc,
             interval: Duration::from_millis(100),
             ..ExportConfig::default()
         },
-        ExportMode::Gaps,
-        parse_names_file(&cluster.names_file("lab"))?,
-        Duration::from_secs(30),
-    );
-    let mut agents = cluster.start_agents(&config, receiver.grpc.port(), None)?;
-    let mut servers: Vec<Service> = Vec::new();
-    for (_, pod) in cluster.replicas("service-b") {
-        servers.push(ServiceSpec::new("service-b", 8080, Behaviour::DropsHeaders).start(pod)?);
-    }
-    let mut prom = Prometheus::start(
-        &binary,
-        &agents.iter().map(|a| a.listen).collect::<Vec<_>>(),
     )?;
 
     // Node 1: 3 with a context, 2 without; node 2: 1 and 4.
-    curl(&cluster, 0, true, 3)?;
-    curl(&cluster, 0, false, 2)?;
-    curl(&cluster, 1, true, 1)?;
-    curl(&cluster, 1, false, 4)?;
-    let reports = settle(&agents.iter().collect::<Vec<_>>(), 10)?;
+    curl(&bed.cluster, 0, true, 3)?;
+    curl(&bed.cluster, 0, false, 2)?;
+    curl(&bed.cluster, 1, true, 1)?;
+    curl(&bed.cluster, 1, false, 4)?;
+    let reports = settle(&bed.agents.iter().collect::<Vec<_>>(), 10)?;
     let both = kinds(&reports);
     // Each agent reported its own node's share.
     assert!(reports.iter().all(|r| !r.edges.is_empty()), "{reports:#?}");
     let total = "sum(tracegap_http_requests_total)";
-    prom.wait_for(total, 10.0)?;
+    bed.prometheus.wait_for(total, 10.0)?;
 
-    let client = PromClient::new(&prom.url(), Duration::from_secs(5))?;
+    let client = PromClient::new(&bed.prometheus.url(), Duration::from_secs(5))?;
     let hour = Duration::from_secs(3600);
     let cluster_view = block_on(cluster_report(&client, hour, SystemTime::now()))?;
     assert_eq!(kinds(std::slice::from_ref(&cluster_view)), both);
@@ -194,7 +176,7 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
     }
 
     // The Trace Quality page and /report, served from Prometheus.
-    let quality = tracegap_tests::prometheus::Quality::start(&prom.url())?;
+    let quality = tracegap_tests::prometheus::Quality::start(&bed.prometheus.url())?;
     let addr = quality.addr;
     let (status, body) =
         tracegap_tests::http::get(addr, "/api/quality-metrics?service=service-b&hours=1")?;
@@ -229,27 +211,11 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
 
     // Node 2's agent restarts (on its address: the same series, reset);
     // two more hops there. Nothing shown before is lost.
-    let listen = agents[1].listen;
-    let report_listen = agents[1].report;
-    agents.pop().map(Agent::stop).transpose()?;
-    let node = &cluster.nodes[1];
-    let mut c = config.clone();
-    c.interfaces = tracegap_agent::interfaces::Selection::Explicit(
-        node.pods.iter().map(|p| p.host_if.clone()).collect(),
-    );
-    c.listen = listen;
-    c.report_listen = report_listen;
-    c.export.endpoint = Some(format!(
-        "http://{}:{}",
-        Cluster::store_address(node),
-        receiver.grpc.port()
-    ));
-    c.node_name = Some(node.name.clone());
-    agents.push(Agent::start_in(c, node.netns.as_deref())?);
-    curl(&cluster, 1, false, 2)?;
-    settle(&[&agents[1]], 2)?;
+    bed.restart_agent(1)?;
+    curl(&bed.cluster, 1, false, 2)?;
+    settle(&[&bed.agents[1]], 2)?;
     // The restarted agent's two, scraped.
-    prom.wait_for(total, 5.0 + 2.0)?;
+    bed.prometheus.wait_for(total, 5.0 + 2.0)?;
     let after = block_on(cluster_report(&client, hour, SystemTime::now()))?;
     let [edge] = after.edges.as_slice() else {
         panic!("one edge: {after:#?}")
@@ -258,14 +224,14 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
     assert_eq!(edge.kinds.get("missing_context"), Some(&8), "{edge:?}");
 
     // Prometheus away: the page says so, and so does /readyz.
-    prom.stop();
+    bed.prometheus.stop();
     let (status, body) = tracegap_tests::http::get(addr, "/api/quality-metrics?service=service-b")?;
     assert_eq!(status, 502, "{body}");
     assert!(body.contains("Prometheus at"), "{body}");
     assert_eq!(tracegap_tests::http::get(addr, "/readyz")?.0, 503);
     drop(quality);
-    drop(servers);
-    for a in agents {
+    drop(bed.servers);
+    for a in bed.agents {
         a.stop()?;
     }
     Ok(())

@@ -33,6 +33,24 @@ fn server() -> String {
     )
 }
 
+/// Python's HTTPS server in the node's `server` pod on [`OPENSSL_PORT`],
+/// with a certificate for [`NAME`] made in `dir`: the server, and the key
+/// and certificate files.
+fn python_https(
+    node: &Node,
+    dir: &std::path::Path,
+) -> anyhow::Result<(Child, (std::path::PathBuf, std::path::PathBuf))> {
+    let (key, cert) = tracegap_tests::self_signed(dir, NAME)?;
+    let child = Child::spawn(
+        node.pod("server")
+            .command("python3")
+            .args(["-c", &server(), &OPENSSL_PORT.to_string()])
+            .arg(&cert)
+            .arg(&key),
+    )?;
+    Ok((child, (key, cert)))
+}
+
 /// Waits until `ok` or 15 s.
 fn until(mut ok: impl FnMut() -> anyhow::Result<bool>) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -63,14 +81,7 @@ fn https_through_openssl_is_read_as_hops_and_what_no_probe_reads_is_counted_with
         agent.get("/metrics")?.1
     );
     let dir = TempDir::new("tls-edge")?;
-    let (key, cert) = tracegap_tests::self_signed(dir.path(), NAME)?;
-    let _openssl = Child::spawn(
-        node.pod("server")
-            .command("python3")
-            .args(["-c", &server(), &OPENSSL_PORT.to_string()])
-            .arg(&cert)
-            .arg(&key),
-    )?;
+    let (_openssl, (key, cert)) = python_https(&node, dir.path())?;
     let _gnutls = Child::spawn(
         node.pod("server")
             .command("gnutls-serv")
@@ -422,14 +433,7 @@ fn a_host_network_pods_https_calls_are_named_by_its_processs_cgroup() -> anyhow:
     ));
     let agent = Agent::start(config)?;
     let dir = TempDir::new("tls-hostnet")?;
-    let (key, cert) = tracegap_tests::self_signed(dir.path(), NAME)?;
-    let _server = Child::spawn(
-        node.pod("server")
-            .command("python3")
-            .args(["-c", &server(), &OPENSSL_PORT.to_string()])
-            .arg(&cert)
-            .arg(&key),
-    )?;
+    let (_server, _) = python_https(&node, dir.path())?;
     // The kubelet's layout under the systemd driver, below a root of the
     // test's own.
     let mut made = Cgroups(Vec::new());

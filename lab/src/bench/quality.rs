@@ -4,25 +4,15 @@
 //! agents through the lab's load, beside one plain instant query on the
 //! same Prometheus in the same run.
 
-use std::{
-    net::{IpAddr, Ipv4Addr},
-    time::{Duration, Instant, SystemTime},
-};
+use std::time::{Duration, Instant, SystemTime};
 
 use tracegap_agent::{
     export::{ExportConfig, OtlpProtocol},
-    gap::span::ExportMode,
-    identity::parse_names_file,
     prometheus::{Prometheus as Client, report::cluster_report},
 };
 
 use super::{Durations, Row, Spread, row, wrk};
-use crate::{
-    cluster::Cluster,
-    prometheus::Prometheus,
-    service::{Behaviour, ServiceSpec},
-    store::Receiver,
-};
+use crate::prometheus::TwoNodes;
 
 /// Pages (and plain queries) timed.
 const ASKED: usize = 30;
@@ -32,23 +22,14 @@ pub(super) fn rows(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         eprintln!("bench: no Prometheus (TRACEGAP_PROMETHEUS_BIN): no cluster-view row");
         return Ok(());
     };
-    let cluster = Cluster::new([&["client", "service-b"], &["client", "service-b"]])?;
-    let receiver = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
-    let config = Cluster::agent_config(
+    let bed = TwoNodes::start(
+        &bin,
         ExportConfig {
             protocol: OtlpProtocol::Grpc,
             ..ExportConfig::default()
         },
-        ExportMode::Gaps,
-        parse_names_file(&cluster.names_file("lab"))?,
-        Duration::from_secs(30),
-    );
-    let agents = cluster.start_agents(&config, receiver.grpc.port(), None)?;
-    let mut servers = Vec::new();
-    for (_, pod) in cluster.replicas("service-b") {
-        servers.push(ServiceSpec::new("service-b", 8080, Behaviour::DropsHeaders).start(pod)?);
-    }
-    let prom = Prometheus::start(&bin, &agents.iter().map(|a| a.listen).collect::<Vec<_>>())?;
+    )?;
+    let (cluster, agents, prom) = (&bed.cluster, &bed.agents, &bed.prometheus);
     // The lab's load on each node (traced), and calls without a context
     // (gaps, with their exemplars).
     for node in &cluster.nodes {
@@ -64,7 +45,7 @@ pub(super) fn rows(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let mut tries = 0;
     loop {
         let mut counted = 0.0;
-        for a in &agents {
+        for a in agents {
             counted += a.metric("tracegap_http_requests_total")?;
         }
         let within = Duration::from_secs(3);
@@ -105,9 +86,5 @@ pub(super) fn rows(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         "-",
         None,
     ));
-    drop(servers);
-    for a in agents {
-        a.stop()?;
-    }
     Ok(())
 }
