@@ -809,7 +809,11 @@ impl Pipeline {
         }
         use crate::process::{Origin, Owner, Unread};
         let identity = match owner {
-            Owner::Read(Origin::Pod { uid, .. }) if self.directory.pod(&uid).is_some() => "pod",
+            Owner::Read(Origin::Pod { uid, .. })
+                if self.directory.pod_with(&uid, |_| ()).is_some() =>
+            {
+                "pod"
+            }
             Owner::Read(Origin::Pod { .. }) => "unknown_pod",
             Owner::Read(Origin::Node) => "node",
             Owner::Unread(Unread::Gone) => "gone",
@@ -883,8 +887,11 @@ impl Pipeline {
         }) || [(flow.src, flow.dst), (flow.dst, flow.src)]
             .into_iter()
             .filter_map(|(end, peer)| self.owners.pod(end, peer))
-            .filter_map(|uid| self.directory.pod(&uid))
-            .any(|pod| self.node.is_none() || pod.node == self.node)
+            .filter_map(|uid| {
+                self.directory
+                    .pod_with(&uid, |pod| self.node.is_none() || pod.node == self.node)
+            })
+            .any(|here| here)
     }
 
     /// An address seen sending from a watched pod veth.

@@ -150,7 +150,13 @@ impl Directory {
 
     /// The pod with UID `uid`, if known.
     pub fn pod(&self, uid: &str) -> Option<Identity> {
-        self.pods.read().ok().and_then(|p| p.get(uid).cloned())
+        self.pod_with(uid, Identity::clone)
+    }
+
+    /// `f` of the pod with UID `uid`, if known, without a copy of it (for
+    /// every plaintext event).
+    pub fn pod_with<R>(&self, uid: &str, f: impl FnOnce(&Identity) -> R) -> Option<R> {
+        self.pods.read().ok().and_then(|p| p.get(uid).map(f))
     }
 
     pub fn set(&self, ip: IpAddr, identity: Identity) {

@@ -345,31 +345,19 @@ pub fn quality_metrics(report: &Report, service: &str, scope: &str) -> Value {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
 
     fn edge(source: &str, destination: &str, requests: u64, kinds: &[(&str, u64)]) -> Edge {
         Edge {
             source: source.into(),
             destination: destination.into(),
-            via: Vec::new(),
-            node: None,
             requests,
-            valid_context_share: 0.0,
-            unsampled_share: 0.0,
-            unanswered: 0,
             kinds: kinds.iter().map(|(k, n)| (k.to_string(), *n)).collect(),
             examples: kinds
                 .iter()
                 .map(|(k, _)| (k.to_string(), format!("trace-{source}-{k}")))
                 .collect(),
-            fixes: BTreeMap::new(),
-            formats: BTreeMap::new(),
-            baggage_carried: 0,
-            baggage_dropped: 0,
-            p50_ms: None,
-            p99_ms: None,
+            ..Edge::default()
         }
     }
 

@@ -35,7 +35,7 @@ struct EdgeStats {
 }
 
 /// The report's view of one edge.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Edge {
     pub source: String,
     pub destination: String,

@@ -463,6 +463,30 @@ pub fn b3_single(value: &str) -> Found {
     })
 }
 
+/// A context carried by two headers (`names`): both values, and how the
+/// pair is shown when it is invalid; malformed when one comes alone.
+fn together<'a>(
+    f: Format,
+    names: [&str; 2],
+    values: [Option<&'a str>; 2],
+) -> Result<(&'a str, &'a str, String), Found> {
+    let shown = format!(
+        "{}={} {}={}",
+        names[0],
+        values[0].unwrap_or("-"),
+        names[1],
+        values[1].unwrap_or("-")
+    );
+    match values {
+        [Some(a), Some(b)] => Ok((a, b, shown)),
+        _ => Err(malformed(
+            f,
+            &shown,
+            format!("{} and {} must come together", names[0], names[1]),
+        )),
+    }
+}
+
 /// A decimal 64-bit id as 16 lowercase hex digits; zero is no id.
 fn decimal_id(s: &str) -> Option<String> {
     s.trim()
@@ -482,17 +506,13 @@ pub fn datadog(
     tags: Option<&str>,
 ) -> Found {
     let f = Format::Datadog;
-    let shown = format!(
-        "x-datadog-trace-id={} x-datadog-parent-id={}",
-        trace.unwrap_or("-"),
-        parent.unwrap_or("-")
-    );
-    let (Some(t), Some(p)) = (trace, parent) else {
-        return malformed(
-            f,
-            &shown,
-            "x-datadog-trace-id and x-datadog-parent-id must come together",
-        );
+    let (t, p, shown) = match together(
+        f,
+        ["x-datadog-trace-id", "x-datadog-parent-id"],
+        [trace, parent],
+    ) {
+        Ok(both) => both,
+        Err(e) => return e,
     };
     let Some(low) = decimal_id(t) else {
         return malformed(
@@ -615,17 +635,10 @@ pub fn cloud_trace(value: &str) -> Found {
 /// id, `true`/`false`).
 pub fn ot_tracer(trace: Option<&str>, span: Option<&str>, sampled: Option<&str>) -> Found {
     let f = Format::OtTracer;
-    let shown = format!(
-        "ot-tracer-traceid={} ot-tracer-spanid={}",
-        trace.unwrap_or("-"),
-        span.unwrap_or("-")
-    );
-    let (Some(t), Some(s)) = (trace, span) else {
-        return malformed(
-            f,
-            &shown,
-            "ot-tracer-traceid and ot-tracer-spanid must come together",
-        );
+    let (t, s, shown) = match together(f, ["ot-tracer-traceid", "ot-tracer-spanid"], [trace, span])
+    {
+        Ok(both) => both,
+        Err(e) => return e,
     };
     let (trace_id, parent_span_id) = match b3_ids(f, &shown, t.trim(), s.trim()) {
         Ok(ids) => ids,

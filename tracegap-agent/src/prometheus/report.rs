@@ -120,20 +120,7 @@ pub fn assemble(
         let e = edges.entry(key.clone()).or_insert_with(|| Edge {
             source: key.0.clone(),
             destination: key.1.clone(),
-            via: Vec::new(),
-            node: None,
-            requests: 0,
-            valid_context_share: 0.0,
-            unsampled_share: 0.0,
-            unanswered: 0,
-            kinds: BTreeMap::new(),
-            examples: BTreeMap::new(),
-            fixes: BTreeMap::new(),
-            formats: BTreeMap::new(),
-            baggage_carried: 0,
-            baggage_dropped: 0,
-            p50_ms: None,
-            p99_ms: None,
+            ..Edge::default()
         });
         let status = l.get("context_status").cloned().unwrap_or_default();
         let format = l.get("context_format").cloned().unwrap_or_default();
