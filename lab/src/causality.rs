@@ -51,8 +51,9 @@ pub struct Level {
     /// Unplaced hops by why the answers could not
     /// (`tracegap.link.answers`).
     pub unplaced_answers: std::collections::BTreeMap<String, usize>,
-    /// Wrong parents, as (cause, placed in, confidence).
-    pub wrong_examples: Vec<(String, String, String)>,
+    /// Wrong parents, as (cause, placed in, confidence, the call's
+    /// port and how many of the level's calls were made from it).
+    pub wrong_examples: Vec<(String, String, String, String, usize)>,
 }
 
 /// A whole measurement.
@@ -183,18 +184,19 @@ pub fn measure(
         );
         // The truth, by the breaker's end of each call: by address and port,
         // as the record is the process's and another test's breaker, in a
-        // namespace of its own, may call from the same port at once.
-        let causes: HashMap<(String, String), String> = service::causes()
+        // namespace of its own, may call from the same port at once; and by
+        // time, as a port is taken again once its call has closed.
+        let mut causes: HashMap<(String, String), Vec<(u64, String)>> = HashMap::new();
+        for c in service::causes()
             .into_iter()
             .skip(causes_before)
             .filter(|c| c.service == "breaker")
-            .map(|c| {
-                (
-                    (c.from.ip().to_string(), c.from.port().to_string()),
-                    c.trace_id,
-                )
-            })
-            .collect();
+        {
+            causes
+                .entry((c.from.ip().to_string(), c.from.port().to_string()))
+                .or_default()
+                .push((c.at_unix_ns, c.trace_id));
+        }
         let mut r = Level {
             in_flight,
             ..Level::default()
@@ -205,8 +207,14 @@ pub fn measure(
                 "a stitched span not from the breaker: {s:?}"
             );
             let port = s.attr("network.peer.port").unwrap_or_default();
-            let truth = causes
+            let from_port = causes
                 .get(&(breaker_ip.clone(), port.clone()))
+                .with_context(|| format!("no cause recorded for the call from port {port}"))?;
+            // The call connected just before its request's first packet.
+            let start = s.span.start_time_unix_nano;
+            let (_, truth) = from_port
+                .iter()
+                .min_by_key(|(at, _)| at.abs_diff(start))
                 .with_context(|| format!("no cause recorded for the call from port {port}"))?;
             if !traces.contains(truth) {
                 continue; // another level's
@@ -220,6 +228,8 @@ pub fn measure(
                         truth.clone(),
                         s.trace_id(),
                         s.attr("tracegap.link.confidence").unwrap_or_default(),
+                        port.clone(),
+                        from_port.len(),
                     ));
                 }
                 Some("unplaced") => {

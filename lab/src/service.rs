@@ -354,6 +354,9 @@ pub struct Cause {
     pub service: String,
     pub from: SocketAddr,
     pub trace_id: String,
+    /// When the call was connected (ns since the Unix epoch): a port is
+    /// taken again once its call closed, within one measurement too.
+    pub at_unix_ns: u64,
 }
 
 /// Causes kept at most (the oldest go).
@@ -710,6 +713,9 @@ impl<'a> Serving<'a> {
                 service: self.spec.name.clone(),
                 from,
                 trace_id: t.clone(),
+                at_unix_ns: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
             });
         }
     }
