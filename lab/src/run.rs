@@ -497,7 +497,9 @@ fn merge(all: &mut Report, r: Report) {
     all.services.extend(r.services);
 }
 
-fn explain(kind: &str, src: &str, dst: &str) -> String {
+/// A finding in a sentence; `fix`, the report's for the edge and kind,
+/// says which side of a format mismatch does not read the other's format.
+fn explain(kind: &str, src: &str, dst: &str, fix: Option<&str>) -> String {
     match kind {
         "broken_propagation" => format!(
             "{src} was serving a traced request and called {dst} without its context: \
@@ -519,6 +521,13 @@ fn explain(kind: &str, src: &str, dst: &str) -> String {
             "{dst} is not instrumented: the trace shows the call to it and nothing inside; \
              tracegap added its span"
         ),
+        // The callee seen starting over for this caller's format.
+        "format_mismatch" if fix.is_some_and(|f| f.starts_with("the callee does not read")) => {
+            format!(
+                "{dst} does not read the context format {src} sends: its traces start over \
+                 at {dst}"
+            )
+        }
         "format_mismatch" => format!(
             "{src} did not understand its caller's context format and started new traces \
              towards {dst}"
@@ -1194,19 +1203,22 @@ pub fn run_one(
         }
     }
     // Per edge across both nodes.
-    let mut found: std::collections::BTreeMap<(&str, &str, &str), u64> = Default::default();
+    let mut found: std::collections::BTreeMap<(&str, &str, &str), (u64, Option<&str>)> =
+        Default::default();
     for e in &report.edges {
         for (k, n) in &e.kinds {
             if k != "context_ok" {
-                *found
+                let f = found
                     .entry((k.as_str(), e.source.as_str(), e.destination.as_str()))
-                    .or_default() += n;
+                    .or_default();
+                f.0 += n;
+                f.1 = f.1.or(e.fixes.get(k).map(String::as_str));
             }
         }
     }
     let mut findings: Vec<String> = found
         .into_iter()
-        .map(|((k, s, d), n)| format!("{k} x{n}: {}", explain(k, s, d)))
+        .map(|((k, s, d), (n, fix))| format!("{k} x{n}: {}", explain(k, s, d, fix)))
         .collect();
     if findings.is_empty() {
         findings.push("complete: every hop carried valid context".to_owned());

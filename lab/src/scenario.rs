@@ -287,11 +287,13 @@ pub fn build(name: &str, short: bool) -> Option<Scenario> {
                 ],
                 loads: vec![load("w3c-client", ("service-w", "/"), n(3, 10)), b3, jaeger],
                 expect: vec![
-                    Kind("b3-client", "service-w", "context_ok"),
-                    Kind("jaeger-client", "service-w", "context_ok"),
                     // The store shows what the wire cannot: service-w's
                     // spans for B3 and Jaeger callers are roots of new
                     // traces; for the W3C caller, children of its span.
+                    // (Calls into service-w in B3 or Jaeger are mismatches
+                    // where its node reports them, once it saw service-w
+                    // start over for that format: on the other node they
+                    // stay context_ok, so no count is expected here.)
                     CalleeSpans("b3-client", "service-w", "new_trace"),
                     CalleeSpans("jaeger-client", "service-w", "new_trace"),
                     CalleeSpans("w3c-client", "service-w", "arrived"),

@@ -5,6 +5,7 @@
 //! arrive (ids, kind, name, attributes, resource, timing) and that
 //! instrumented hops get no duplicate.
 
+use anyhow::Context as _;
 use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -516,6 +517,26 @@ fn context_formats_malformed_and_missing_context() -> anyhow::Result<()> {
         "{fix}"
     );
     assert_within(s, window);
+    // Seen not to read B3, service-w is told so when called with B3 again:
+    // its caller propagated, into a trace service-w starts over.
+    lab.curl(
+        "client",
+        &lab.url("service-w", "/"),
+        &[&format!("b3: {T2}-{S1}-1")],
+    )?;
+    lab.wait_kind("client", "service-w", "format_mismatch", 1)?;
+    let fix = lab
+        .report()?
+        .edges
+        .iter()
+        .find(|e| e.source == "client" && e.destination == "service-w")
+        .and_then(|e| e.fixes.get("format_mismatch").cloned())
+        .unwrap_or_default();
+    assert!(
+        fix.contains("the callee does not read b3")
+            && fix.contains("OTEL_PROPAGATORS=tracecontext,baggage,b3"),
+        "{fix}"
+    );
 
     // Both formats in one request, naming different traces.
     lab.curl(
@@ -547,7 +568,7 @@ fn context_formats_malformed_and_missing_context() -> anyhow::Result<()> {
     assert_eq!(spans[0].service, "service-c");
 
     // Other tracers' formats: each its own, none of them "no context".
-    let others: [(&str, &[&str]); 5] = [
+    let others: [(&str, &[&str]); 7] = [
         (
             "datadog",
             &[
@@ -578,6 +599,19 @@ fn context_formats_malformed_and_missing_context() -> anyhow::Result<()> {
             "grpc-trace-bin",
             &["grpc-trace-bin: AABkZWFkYmVlZmRlYWRiZWVmAQAAAAAAAAABAgE"],
         ),
+        // SkyWalking: trace "a.b.c", its ids convert to no W3C one.
+        (
+            "sw8",
+            &["sw8: 1-YS5iLmM=-ZC5lLmY=-3-c2VydmljZQ==-aW5zdGFuY2U=-L2FwaQ==-MTAuMC4wLjE6ODA4MA=="],
+        ),
+        // A Datadog tracer speaking W3C: its state in tracestate.
+        (
+            "w3c+datadog",
+            &[
+                "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                "tracestate: dd=s:1;p:00f067aa0ba902b7;t.dm:-4",
+            ],
+        ),
     ];
     for (_, headers) in &others {
         lab.curl("client", &lab.url("service-c", "/other"), headers)?;
@@ -601,6 +635,26 @@ fn context_formats_malformed_and_missing_context() -> anyhow::Result<()> {
         anyhow::ensure!(std::time::Instant::now() < deadline, "formats: {formats:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+    // SkyWalking's hop joins no trace: a root naming SkyWalking's trace,
+    // and a fix that names no propagator to add.
+    let is_sw8 =
+        |s: &Received| s.synthetic() && s.attr("tracegap.context.format").as_deref() == Some("sw8");
+    let sw = lab
+        .receiver
+        .wait_for(Duration::from_secs(10), |all| all.iter().any(is_sw8))
+        .into_iter()
+        .find(is_sw8)
+        .expect("the sw8 hop's span");
+    assert_eq!(
+        sw.attr("tracegap.context.foreign_trace_id").as_deref(),
+        Some("a.b.c")
+    );
+    assert_eq!(sw.span.parent_span_id, Vec::<u8>::new(), "a new root");
+    assert!(
+        sw.attr("tracegap.gap.fix")
+            .is_some_and(|f| f.contains("no OpenTelemetry propagator reads")),
+        "{sw:?}"
+    );
     assert!(
         lab.receiver
             .spans()
@@ -1193,6 +1247,136 @@ fn a_broken_python_requests_caller_is_told_its_fix() -> anyhow::Result<()> {
         .cloned()
         .unwrap_or_default();
     assert!(fix.contains("curl"), "{fix}");
+    lab.agent.stop()?;
+    Ok(())
+}
+
+/// Other tracers' formats as OpenTelemetry services send them: the Python
+/// SDK with the official contrib propagators (X-Ray, Google Cloud Trace,
+/// OpenTracing; `cargo xtask test` installs them, tests/clients) calls a
+/// W3C-only relay. Each format is named, never missing; where the ids
+/// convert, tracegap's spans join the caller's own trace; the relay's new
+/// trace is a format mismatch whose fix names the propagator; and the
+/// X-Ray caller is then told the relay does not read X-Ray.
+#[test]
+fn other_tracers_formats_from_the_opentelemetry_sdk_are_named_joined_and_fixed()
+-> anyhow::Result<()> {
+    if !privileged("other_tracers_formats_from_the_opentelemetry_sdk_are_named_joined_and_fixed") {
+        return Ok(());
+    }
+    let Some(python) = std::env::var_os("TRACEGAP_OTEL_PYTHON") else {
+        println!(
+            "SKIPPED other_tracers_formats_from_the_opentelemetry_sdk_are_named_joined_and_fixed: TRACEGAP_OTEL_PYTHON unset (cargo xtask test sets it)"
+        );
+        return Ok(());
+    };
+    let python = python.to_string_lossy().into_owned();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/otel_caller.py");
+    let mut lab = lab(&["client", "service-w", "service-c"])?;
+    lab.start("service-c", Behaviour::Instrumented, &[])?;
+    let c = lab.url("service-c", "/stock");
+    lab.start("service-w", Behaviour::Instrumented, &[&c])?;
+    let url = lab.url("service-w", "/order");
+    let edge = |lab: &Lab, src: &str, dst: &str| -> anyhow::Result<_> {
+        Ok(lab
+            .report()?
+            .edges
+            .into_iter()
+            .find(|e| e.source == src && e.destination == dst)
+            .unwrap_or_default())
+    };
+    // (OTEL_PROPAGATORS, the format's name, whether its ids are W3C's
+    // whole: OpenTracing's carry the low 64 bits of the trace id.)
+    for (i, (propagator, format, whole)) in [
+        ("xray", "xray", true),
+        ("gcp_trace", "cloudtrace", true),
+        ("ottrace", "ottracer", false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let out = lab
+            .node
+            .pod("client")
+            .command(&python)
+            .env("OTEL_PROPAGATORS", propagator)
+            .args([script, &url, &url])
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "{propagator}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let traces: Vec<String> = serde_json::from_slice(&out.stdout)?;
+        let sdk = traces.first().context("no trace id")?.clone();
+        let joined = if whole {
+            sdk.clone()
+        } else {
+            format!("{:0>32}", &sdk[16..])
+        };
+        // The relay started a W3C trace of its own: a format mismatch,
+        // placed in the caller's trace, its fix the propagator to add.
+        lab.wait_kind(
+            "service-w",
+            "service-c",
+            "format_mismatch",
+            2 * i as u64 + 2,
+        )?;
+        let span = lab
+            .receiver
+            .wait_for(Duration::from_secs(10), |all| {
+                all.iter().any(|s| s.synthetic() && s.trace_id() == joined)
+            })
+            .into_iter()
+            .find(|s| s.synthetic() && s.trace_id() == joined)
+            .with_context(|| format!("{propagator}: no span in the caller's trace {joined}"))?;
+        assert_eq!(span.gap().as_deref(), Some("format_mismatch"), "{span:?}");
+        assert_eq!(span.service, "service-c");
+        let fix = span.attr("tracegap.gap.fix").unwrap_or_default();
+        assert!(
+            fix.contains(&format!(
+                "received a {format} context and sent a new w3c trace"
+            )),
+            "{propagator}: {fix}"
+        );
+        // Both requests' contexts read, the unpadded span id too.
+        let into_w = edge(&lab, "client", "service-w")?;
+        assert_eq!(into_w.formats.get(format), Some(&2), "{into_w:?}");
+        for not in ["missing_context", "malformed_context"] {
+            assert_eq!(into_w.kinds.get(not), None, "{into_w:?}");
+        }
+    }
+    let w = edge(&lab, "service-w", "service-c")?;
+    assert!(
+        w.fixes
+            .get("format_mismatch")
+            .is_some_and(|f| f.contains("OTEL_PROPAGATORS=tracecontext,baggage,ottrace")),
+        "the latest fix names the latest format's propagator: {w:?}"
+    );
+    // The X-Ray caller again: the relay is known not to read X-Ray now.
+    let out = lab
+        .node
+        .pod("client")
+        .command(&python)
+        .env("OTEL_PROPAGATORS", "xray")
+        .args([script, &url])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    lab.wait_kind("client", "service-w", "format_mismatch", 1)?;
+    let fix = edge(&lab, "client", "service-w")?
+        .fixes
+        .get("format_mismatch")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        fix.contains("the callee does not read xray")
+            && fix.contains("OTEL_PROPAGATORS=tracecontext,baggage,xray"),
+        "{fix}"
+    );
     lab.agent.stop()?;
     Ok(())
 }

@@ -26,6 +26,7 @@ use crate::{
     gap::{
         Engine, GapKind, Hop,
         classify::{RETENTION_NS, Verdict, formats_label},
+        formats::FormatsRead,
         hop::{Reply, Request},
         silence::{Silence, SilenceConfig, Status as Silent},
         span::{self, ExportMode, Identity},
@@ -533,6 +534,7 @@ fn facts(
         serving,
         callee_declared: callee.instrumented,
         unplaced: false,
+        unread_format: false,
     }
 }
 
@@ -576,6 +578,8 @@ struct Pipeline {
     /// HTTP/2 counts already counted in the metrics.
     h2_counted: H2Stats,
     engine: Engine,
+    /// The context formats each service was seen to read, or not.
+    formats: FormatsRead,
     /// Addresses seen sending from a watched pod veth: pods on this node.
     local: HashSet<IpAddr>,
     shared: Arc<Shared>,
@@ -662,6 +666,7 @@ impl Pipeline {
             h2: Connections::default(),
             h2_counted: H2Stats::default(),
             engine: Engine::new(config.place_by_timing),
+            formats: FormatsRead::default(),
             local: HashSet::new(),
             shared,
             directory,
@@ -1011,7 +1016,9 @@ impl Pipeline {
         // this answer.
         self.engine.ended(&hop);
         let now = monotonic_ns();
-        if self.deferred.len() < MAX_DEFERRED && self.engine.awaits(&hop) {
+        if self.deferred.len() < MAX_DEFERRED
+            && (self.engine.awaits(&hop) || self.waits_for_calls(&hop))
+        {
             self.deferred.push_back(Deferred {
                 until_ns: now + HOLD_NS,
                 req: req.clone(),
@@ -1021,6 +1028,20 @@ impl Pipeline {
             return;
         }
         self.settle_hop(hop);
+    }
+
+    /// Whether a call `hop`'s callee made while serving it is held still:
+    /// its verdict teaches which formats the callee reads, which judges
+    /// `hop` ([`FormatsRead`]), so `hop` settles after it (the held ones
+    /// settle in order).
+    fn waits_for_calls(&self, hop: &Hop) -> bool {
+        let callee = hop.callee().ip;
+        !self.deferred.is_empty()
+            && self.engine.is_relay(callee)
+            && self
+                .deferred
+                .iter()
+                .any(|d| d.req.flow.src.ip == callee && d.req.ts_ns >= hop.start_ns)
     }
 
     /// Hops held for evidence: each as it arrives, or at its time (`all`:
@@ -1034,7 +1055,8 @@ impl Pipeline {
         let held = std::mem::take(&mut self.deferred);
         for d in held {
             let hop = Hop::new(&self.clock, &d.req, d.rsp, d.gave_up_ns);
-            if all || now >= d.until_ns || !self.engine.awaits(&hop) {
+            if all || now >= d.until_ns || !(self.engine.awaits(&hop) || self.waits_for_calls(&hop))
+            {
                 self.settle_hop(hop);
             } else {
                 self.deferred.push_back(d);
@@ -1059,7 +1081,9 @@ impl Pipeline {
                 .as_ref()
                 .and_then(|r| r.instrumented(&callee.service))
         });
-        let verdict = self.engine.classify(&hop, instrumented);
+        let mut verdict = self.engine.classify(&hop, instrumented);
+        self.formats.learn(&caller.service, &hop, &verdict);
+        self.formats.judge(&callee.service, &hop, &mut verdict);
         let node = self.node.as_deref();
         // Whether this node watches the callee's pods (and so sees their
         // exports): a pod whose HTTP/2 connections all run to local callers
@@ -1091,8 +1115,11 @@ impl Pipeline {
         // uninstrumented span from that check when the store shows nothing
         // of it and it exports nothing: from the first call, on the node
         // that sees its exports, wherever the hop is reported.
+        // A context in a format the callee was seen not to read is checked
+        // too: the store says whether it started over (`new_trace`).
+        let unread_format = verdict.kind == GapKind::FormatMismatch && verdict.link.is_none();
         let checked = self.reconcile.is_some()
-            && (verdict.kind == GapKind::ContextOk || learned_only)
+            && (verdict.kind == GapKind::ContextOk || learned_only || unread_format)
             && verdict.forwarded == 0
             && callee.instrumented != Some(false)
             && cluster::is_pod(&callee, callee_local)
@@ -1228,6 +1255,7 @@ impl Pipeline {
                     };
                     let facts = HopFacts {
                         unplaced: s.links.iter().any(|(_, _, kind)| *kind == "candidate"),
+                        unread_format,
                         ..facts(&hop, &caller, &callee, received, serving)
                     };
                     if let Some(s) = r.hold(s, facts) {

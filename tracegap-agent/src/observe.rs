@@ -41,6 +41,15 @@ fn context_field(p: &Propagation) -> String {
             Found::Malformed { format, reason, .. } => {
                 format!("ctx={} MALFORMED({reason})", format.as_str())
             }
+            Found::Foreign {
+                format,
+                trace,
+                sampled,
+            } => format!(
+                "ctx={} foreign-trace={trace} sampled={}",
+                format.as_str(),
+                *sampled as u8
+            ),
             Found::SamplingOnly { format, sampled } => {
                 format!(
                     "ctx={} sampling-only sampled={}",

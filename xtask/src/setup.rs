@@ -37,6 +37,9 @@ const RUNTIME_PACKAGES: &[&str] = &[
     "gnutls-bin",
     "nghttp2-server",
     "python3-requests",
+    // A virtualenv for the OpenTelemetry SDK and its contrib propagators
+    // from PyPI (tests/clients/requirements.txt).
+    "python3-venv",
     // The lab's services serve and call HTTPS through the system's
     // OpenSSL (the `openssl` crate builds against it).
     "libssl-dev",
@@ -297,15 +300,46 @@ pub fn prometheus() -> anyhow::Result<std::path::PathBuf> {
     unpacked("prometheus", "usr/bin/prometheus")
 }
 
-/// `package`'s file `binary`, from the package unpacked (`apt-get download`,
-/// `dpkg -x`) into tracegap's cache, once.
-fn unpacked(package: &str, binary: &str) -> anyhow::Result<std::path::PathBuf> {
-    let dir = std::env::var_os("XDG_CACHE_HOME")
+/// A Python with the OpenTelemetry SDK and the contrib propagators of
+/// `tests/clients/requirements.txt` (X-Ray, Cloud Trace, OpenTracing), in
+/// a virtualenv under tracegap's cache, made again when the requirements
+/// change. Returns its interpreter.
+pub fn otel_python() -> anyhow::Result<std::path::PathBuf> {
+    let requirements =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/clients/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .with_context(|| format!("reading {}", requirements.display()))?;
+    let dir = cache_dir().join("otel-python");
+    let python = dir.join("bin/python");
+    let stamp = dir.join("requirements.txt");
+    if python.exists() && std::fs::read_to_string(&stamp).is_ok_and(|s| s == wanted) {
+        return Ok(python);
+    }
+    println!("setup: a virtualenv with {}", requirements.display());
+    let _ = std::fs::remove_dir_all(&dir);
+    toolchain::run(Command::new("python3").args(["-m", "venv"]).arg(&dir))?;
+    toolchain::run(
+        Command::new(dir.join("bin/pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(&requirements),
+    )?;
+    std::fs::write(&stamp, wanted)?;
+    Ok(python)
+}
+
+/// tracegap's cache of tools the tests run (outside the repository).
+fn cache_dir() -> std::path::PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
         .map(std::path::PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
         .unwrap_or_else(|| std::path::PathBuf::from("/var/cache"))
         .join("tracegap/tools")
-        .join(package);
+}
+
+/// `package`'s file `binary`, from the package unpacked (`apt-get download`,
+/// `dpkg -x`) into tracegap's cache, once.
+fn unpacked(package: &str, binary: &str) -> anyhow::Result<std::path::PathBuf> {
+    let dir = cache_dir().join(package);
     let path = dir.join("root").join(binary);
     if path.exists() {
         return Ok(path);

@@ -36,6 +36,8 @@ pub fn run(args: &TestArgs) -> anyhow::Result<()> {
         // not installed, and required.
         cmd.env("TRACEGAP_NGINX", setup::nginx()?);
         cmd.env("TRACEGAP_PROMETHEUS_BIN", setup::prometheus()?);
+        // The OpenTelemetry SDK's own propagators for other formats.
+        cmd.env("TRACEGAP_OTEL_PYTHON", setup::otel_python()?);
         // The browser test: required when its tools could be installed.
         match setup::ensure_browser() {
             Ok(()) => {

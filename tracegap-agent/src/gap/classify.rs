@@ -562,6 +562,25 @@ impl Engine {
             );
         }
         let Some(ctx) = valid.first() else {
+            // A context none of the OpenTelemetry side reads: propagated,
+            // but into no trace it can join.
+            if let Some((format, _)) = hop.propagation.foreign_only() {
+                let why = match &parent {
+                    Some(l) => format!(
+                        "caller received {} and sent only {}, whose ids convert to no W3C trace",
+                        l.context.format.as_str(),
+                        format.as_str()
+                    ),
+                    None => format!(
+                        "caller sent only {}, whose ids convert to no W3C trace: no OpenTelemetry propagator reads it",
+                        format.as_str()
+                    ),
+                };
+                return Verdict {
+                    link: parent,
+                    ..Self::verdict(GapKind::FormatMismatch, why)
+                };
+            }
             // Part of the head unread: a context may have been in it.
             if hop.truncated {
                 return Self::verdict(

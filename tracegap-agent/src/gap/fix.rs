@@ -262,6 +262,7 @@ pub fn propagator(f: Format) -> &'static str {
         Format::CloudTrace => "gcp (opentelemetry-propagator-gcp)",
         Format::OtTracer => "ottrace",
         Format::GrpcTraceBin => "OpenCensus binary (grpc-trace-bin)",
+        Format::Sw8 => "none: OpenTelemetry has no SkyWalking (sw8) propagator",
     }
 }
 
@@ -285,6 +286,9 @@ pub fn fix(
             client(user_agent)
         ),
         GapKind::FormatMismatch => match (received, sent) {
+            // Nothing on the OpenTelemetry side reads it: no propagator to
+            // add, the caller has to speak W3C too.
+            (_, [Format::Sw8]) => "the caller sends only SkyWalking sw8, whose ids convert to no W3C trace and which no OpenTelemetry propagator reads: move the caller to OpenTelemetry, or make it send W3C tracecontext beside sw8".to_owned(),
             // The caller read none of what it received, and started a
             // trace of its own in another format.
             (Some(r), [s, ..]) if r != *s => format!(
@@ -299,6 +303,12 @@ pub fn fix(
                 "the request carries {} and {} contexts naming different traces: the caller's propagators inject from different contexts; keep one propagator, or inject all from the same span",
                 a.as_str(),
                 b.as_str()
+            ),
+            // One format, which the callee was seen not to read.
+            (None, [s]) => format!(
+                "the callee does not read {}: add it to the callee's propagators (OTEL_PROPAGATORS=tracecontext,baggage,{}), or make the caller send W3C tracecontext too",
+                s.as_str(),
+                propagator(*s)
             ),
             _ => "the caller's context formats disagree: keep one propagator (OTEL_PROPAGATORS)"
                 .to_owned(),
@@ -379,6 +389,25 @@ mod tests {
             xray.contains("OTEL_PROPAGATORS=tracecontext,baggage,xray"),
             "{xray}"
         );
+        // A callee seen not to read X-Ray, called with X-Ray alone.
+        let callee = fix(GapKind::FormatMismatch, None, None, &[Format::Xray], None).unwrap();
+        assert!(
+            callee.contains("the callee does not read xray")
+                && callee.contains("OTEL_PROPAGATORS=tracecontext,baggage,xray"),
+            "{callee}"
+        );
+        // SkyWalking: no propagator to name, received or not.
+        for received in [None, Some(Format::W3c)] {
+            let sw = fix(
+                GapKind::FormatMismatch,
+                None,
+                None,
+                &[Format::Sw8],
+                received,
+            )
+            .unwrap();
+            assert!(sw.contains("no OpenTelemetry propagator reads"), "{sw}");
+        }
         let nginx = fix(
             GapKind::Uninstrumented,
             None,

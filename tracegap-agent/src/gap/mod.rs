@@ -4,6 +4,7 @@
 
 pub mod classify;
 pub mod fix;
+pub mod formats;
 pub mod hop;
 pub mod route;
 pub mod silence;

@@ -389,6 +389,13 @@ pub fn build(
     if let Some(f) = hop.format() {
         attributes.push(KeyValue::new("tracegap.context.format", f));
     }
+    if let Some((_, trace)) = hop.propagation.foreign_only() {
+        // The trace as the caller's tracer knows it, to find it there.
+        attributes.push(KeyValue::new(
+            "tracegap.context.foreign_trace_id",
+            trace.to_owned(),
+        ));
+    }
     if let Some(via) = hop.via {
         // The Service the client called; server.address stays the pod that
         // served it (the HTTP server conventions' local server).

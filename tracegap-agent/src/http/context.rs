@@ -1,5 +1,7 @@
 //! Trace context in request headers: W3C Trace Context, Jaeger and Zipkin B3
-//! (multi and single header), and W3C baggage.
+//! (multi and single header), the formats other tracers speak (Datadog,
+//! AWS X-Ray, Google Cloud Trace, OpenTracing, OpenCensus binary,
+//! SkyWalking), and W3C baggage.
 //!
 //! Invalid values are reported as malformed with the reason, never dropped:
 //! a header that is present but wrong is one of the gaps tracegap explains.
@@ -34,9 +36,25 @@ pub enum Format {
     /// OpenCensus binary `grpc-trace-bin` (gRPC metadata, base64 on the
     /// wire).
     GrpcTraceBin,
+    /// SkyWalking `sw8`: its trace ids are strings of the agent's own
+    /// making, which convert to no W3C id ([`Found::Foreign`]).
+    Sw8,
 }
 
 impl Format {
+    pub const ALL: [Self; 10] = [
+        Self::W3c,
+        Self::Jaeger,
+        Self::B3Multi,
+        Self::B3Single,
+        Self::Datadog,
+        Self::Xray,
+        Self::CloudTrace,
+        Self::OtTracer,
+        Self::GrpcTraceBin,
+        Self::Sw8,
+    ];
+
     pub fn as_str(&self) -> &'static str {
         match self {
             Self::W3c => "w3c",
@@ -48,6 +66,7 @@ impl Format {
             Self::CloudTrace => "cloudtrace",
             Self::OtTracer => "ottracer",
             Self::GrpcTraceBin => "grpc-trace-bin",
+            Self::Sw8 => "sw8",
         }
     }
 }
@@ -82,13 +101,24 @@ pub enum Found {
         format: Format,
         sampled: bool,
     },
+    /// A valid context in a format whose ids convert to no W3C id
+    /// (SkyWalking's): the caller propagates, but no OpenTelemetry
+    /// propagator reads it, so the hop joins no trace of the OpenTelemetry
+    /// side. `trace` is the id as the format names it.
+    Foreign {
+        format: Format,
+        trace: String,
+        sampled: bool,
+    },
 }
 
 impl Found {
     pub fn format(&self) -> Format {
         match self {
             Self::Valid(c) => c.format,
-            Self::Malformed { format, .. } | Self::SamplingOnly { format, .. } => *format,
+            Self::Malformed { format, .. }
+            | Self::SamplingOnly { format, .. }
+            | Self::Foreign { format, .. } => *format,
         }
     }
 }
@@ -199,6 +229,20 @@ impl Propagation {
         if let Some(v) = head.header("grpc-trace-bin") {
             contexts.push(grpc_trace_bin(v));
         }
+        if let Some(v) = head.header("sw8") {
+            contexts.push(sw8(v));
+        }
+        // A Datadog tracer speaking W3C keeps its own state in
+        // `tracestate`: the same trace, its last Datadog span.
+        if let Some(Found::Valid(w3c)) = contexts.first()
+            && w3c.format == Format::W3c
+            && let Some(dd) = head
+                .header_all("tracestate")
+                .flat_map(|v| v.split(','))
+                .find_map(|m| m.trim().strip_prefix("dd="))
+        {
+            contexts.push(Found::Valid(datadog_member(w3c, dd)));
+        }
         let values: Vec<&str> = head.header_all("baggage").collect();
         let baggage = (!values.is_empty()).then(|| {
             let keys: Vec<String> = values
@@ -219,6 +263,22 @@ impl Propagation {
             tracestate: head.header("tracestate").is_some(),
             baggage,
         }
+    }
+
+    /// A context in a format that converts to no W3C id, if that is all
+    /// the request carries.
+    pub fn foreign_only(&self) -> Option<(Format, &str)> {
+        let mut foreign = None;
+        for c in &self.contexts {
+            match c {
+                Found::Foreign { format, trace, .. } => {
+                    foreign = foreign.or(Some((*format, trace.as_str())))
+                }
+                Found::Valid(_) => return None,
+                _ => {}
+            }
+        }
+        foreign
     }
 
     /// The context a tracer would use: the first valid one.
@@ -640,9 +700,14 @@ pub fn ot_tracer(trace: Option<&str>, span: Option<&str>, sampled: Option<&str>)
         Ok(both) => both,
         Err(e) => return e,
     };
-    let (trace_id, parent_span_id) = match b3_ids(f, &shown, t.trim(), s.trim()) {
-        Ok(ids) => ids,
-        Err(e) => return e,
+    // OpenTracing's tracers (and OpenTelemetry's ot-trace propagator) write
+    // ids unpadded: a span id below 2^60 has fewer than 16 digits. Read
+    // as that propagator reads them: 1 to 32 and 1 to 16 hex digits.
+    let Some(trace_id) = pad_hex(t.trim(), 32).filter(|t| !all_zero(t)) else {
+        return malformed(f, &shown, "trace id is not 1 to 32 hex digits, or is zero");
+    };
+    let Some(parent_span_id) = pad_hex(s.trim(), 16).filter(|s| !all_zero(s)) else {
+        return malformed(f, &shown, "span id is not 1 to 16 hex digits, or is zero");
     };
     Found::Valid(SpanContext {
         format: f,
@@ -683,10 +748,162 @@ pub fn grpc_trace_bin(value: &str) -> Found {
     })
 }
 
+/// Datadog's `tracestate` member (`dd=s:1;p:<16 hex>;t.dm:-4;o:rum`):
+/// the W3C context's trace, the last Datadog span (`p`) as its parent,
+/// the sampling priority (`s`) as its decision; a field it lacks or
+/// garbles is the W3C context's.
+fn datadog_member(w3c: &SpanContext, member: &str) -> SpanContext {
+    let (mut parent, mut sampled) = (None, w3c.sampled);
+    for field in member.split(';') {
+        match field.split_once(':') {
+            Some(("p", v)) if v.len() == 16 && is_lower_hex(v) && !all_zero(v) => {
+                parent = Some(v.to_owned())
+            }
+            Some(("s", v)) => {
+                if let Ok(p) = v.parse::<i32>() {
+                    sampled = Some(p > 0);
+                }
+            }
+            _ => {}
+        }
+    }
+    SpanContext {
+        format: Format::Datadog,
+        trace_id: w3c.trace_id.clone(),
+        parent_span_id: parent.unwrap_or_else(|| w3c.parent_span_id.clone()),
+        sampled,
+    }
+}
+
+/// SkyWalking `sw8: <sample>-<trace id>-<segment id>-<span id>-<service>-
+/// <instance>-<endpoint>-<address>`, every string field base64: checked
+/// field by field, the trace id kept as SkyWalking names it.
+pub fn sw8(value: &str) -> Found {
+    use base64::Engine as _;
+    let f = Format::Sw8;
+    let parts: Vec<&str> = value.trim().split('-').collect();
+    let [
+        sample,
+        trace,
+        segment,
+        span,
+        service,
+        instance,
+        endpoint,
+        address,
+    ] = parts[..]
+    else {
+        return malformed(f, value, format!("{} fields, not 8", parts.len()));
+    };
+    let sampled = match sample {
+        "1" => true,
+        "0" => false,
+        _ => return malformed(f, value, "sample flag is neither 0 nor 1"),
+    };
+    let text = |b64: &str| -> Option<String> {
+        let b = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+        String::from_utf8(b).ok().filter(|s| !s.is_empty())
+    };
+    let Some(trace) = text(trace) else {
+        return malformed(f, value, "trace id is not base64 text");
+    };
+    for (name, field) in [
+        ("segment id", segment),
+        ("parent service", service),
+        ("parent instance", instance),
+        ("parent endpoint", endpoint),
+        ("target address", address),
+    ] {
+        if text(field).is_none() {
+            return malformed(f, value, format!("{name} is not base64 text"));
+        }
+    }
+    if span.parse::<u32>().is_err() {
+        return malformed(f, value, "span id is not a number");
+    }
+    Found::Foreign {
+        format: f,
+        trace: trace.chars().take(128).collect(),
+        sampled,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::http::message::parse_head;
+
+    #[test]
+    fn skywalking_is_a_context_of_its_own_and_datadogs_tracestate_a_datadog_one() {
+        let head = |h: &str| {
+            let raw = format!("GET / HTTP/1.1\r\n{h}\r\n\r\n");
+            Propagation::from_head(&parse_head(raw.as_bytes()).unwrap())
+        };
+        // SkyWalking's own example: trace "a.b.c", service "service" ...
+        let sw = "1-YS5iLmM=-ZC5lLmY=-3-c2VydmljZQ==-aW5zdGFuY2U=-L2FwaQ==-MTAuMC4wLjE6ODA4MA==";
+        let p = head(&format!("sw8: {sw}"));
+        assert_eq!(
+            p.contexts,
+            [Found::Foreign {
+                format: Format::Sw8,
+                trace: "a.b.c".into(),
+                sampled: true
+            }]
+        );
+        assert_eq!(p.foreign_only(), Some((Format::Sw8, "a.b.c")));
+        assert!(p.primary().is_none());
+        // Beside W3C it is not all there is.
+        let both = head(&format!(
+            "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\nsw8: {sw}"
+        ));
+        assert_eq!(both.foreign_only(), None);
+        for (bad, why) in [
+            ("1-YS5iLmM=-ZC5lLmY=-3", "4 fields"),
+            (
+                "2-YS5iLmM=-ZC5lLmY=-3-c2VydmljZQ==-aW5zdGFuY2U=-L2FwaQ==-MTAuMC4wLjE6ODA4MA==",
+                "sample",
+            ),
+            (
+                "1-!!!-ZC5lLmY=-3-c2VydmljZQ==-aW5zdGFuY2U=-L2FwaQ==-MTAuMC4wLjE6ODA4MA==",
+                "trace id",
+            ),
+            (
+                "1-YS5iLmM=-ZC5lLmY=-x-c2VydmljZQ==-aW5zdGFuY2U=-L2FwaQ==-MTAuMC4wLjE6ODA4MA==",
+                "span id",
+            ),
+        ] {
+            assert!(
+                matches!(&sw8(bad), Found::Malformed { format: Format::Sw8, reason, .. } if reason.contains(why)),
+                "{bad}: {:?}",
+                sw8(bad)
+            );
+        }
+        // Datadog with W3C: its tracestate member names its last span.
+        let p = head(
+            "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\ntracestate: rojo=1,dd=s:-1;p:00f067aa0ba902b7;t.dm:-4",
+        );
+        let [Found::Valid(w3c), Found::Valid(dd)] = p.contexts.as_slice() else {
+            panic!("{p:?}");
+        };
+        assert_eq!(w3c.format, Format::W3c);
+        assert_eq!(
+            (
+                dd.format,
+                dd.trace_id.as_str(),
+                dd.parent_span_id.as_str(),
+                dd.sampled
+            ),
+            (
+                Format::Datadog,
+                w3c.trace_id.as_str(),
+                "00f067aa0ba902b7",
+                Some(false)
+            )
+        );
+        // Without a valid traceparent the member names nothing.
+        let p = head("traceparent: 00-zz-b7ad6b7169203331-01\r\ntracestate: dd=s:1");
+        assert_eq!(p.contexts.len(), 1);
+    }
 
     #[test]
     fn other_tracers_formats_are_read_and_their_ids_converted() {
@@ -753,6 +970,13 @@ mod tests {
         assert_eq!(
             (c.format, c.trace_id.as_str()),
             (Format::OtTracer, "00000000000000000af7651916cd43dd")
+        );
+        // Unpadded, as OpenTelemetry's ot-trace propagator writes a span
+        // id whose first digit is 0.
+        let c = one("ot-tracer-traceid: 1234\r\not-tracer-spanid: 5dc2fcf59d4ede0");
+        assert_eq!(
+            (c.trace_id.as_str(), c.parent_span_id.as_str()),
+            ("00000000000000000000000000001234", "05dc2fcf59d4ede0")
         );
         // OpenCensus binary.
         let c = one("grpc-trace-bin: AABkZWFkYmVlZmRlYWRiZWVmAQAAAAAAAAABAgE");

@@ -172,6 +172,10 @@ pub struct HopFacts {
     /// single out (a root linked to its candidates): the callee's own root
     /// does not make it a duplicate.
     pub unplaced: bool,
+    /// The callee was sent a context only in formats it was seen not to
+    /// read: its own root for the request is the new trace it started,
+    /// which the span links to (not a second record of the request).
+    pub unread_format: bool,
 }
 
 impl HopFacts {
@@ -539,7 +543,7 @@ impl Task {
         let mut wanted = Vec::new();
         for h in &due {
             let (facts, search_root) = match &h.item {
-                Item::Span(_, f) => (f, f.received.is_none()),
+                Item::Span(_, f) => (f, f.received.is_none() || f.unread_format),
                 Item::Expect(f, _) => (f, false),
             };
             for c in [&facts.serving, &facts.received].into_iter().flatten() {
@@ -606,7 +610,9 @@ impl Task {
             Item::Span(_, f) => {
                 traced(&f.serving)
                     && traced(&f.received)
-                    && (f.received.is_some() || !self.callee_may_record(f) || searched(f))
+                    && ((f.received.is_some() && !f.unread_format)
+                        || !self.callee_may_record(f)
+                        || searched(f))
             }
             Item::Expect(f, _) => traced(&f.received) && (self.arrived(f, answers) || searched(f)),
         }
@@ -713,11 +719,15 @@ impl Task {
                         },
                         1,
                     );
-                    answers
-                        .searches
-                        .entry(s.service)
-                        .or_default()
-                        .extend(traces.into_iter().flatten());
+                    // Searched again in the same round (the checks ask
+                    // after the spans did): each span once, or one root
+                    // would fit twice and be taken for ambiguous.
+                    let spans = answers.searches.entry(s.service).or_default();
+                    for span in traces.into_iter().flatten() {
+                        if !spans.iter().any(|seen| seen.span_id == span.span_id) {
+                            spans.push(span);
+                        }
+                    }
                 }
                 Err(e) => {
                     m.store_query(kind_of(&q), "error", 1);
@@ -797,14 +807,18 @@ impl Task {
             }
         }
         // The callee's own new trace for this request.
-        if f.received.is_none()
+        if (f.received.is_none() || f.unread_format)
             && let Some(spans) = answers.searches.get(&f.callee)
         {
             asked = true;
             match decide::own_root(spans.iter(), &f.callee, f.window(), &self.claimed) {
                 Root::One(root) => {
-                    self.claimed.claim(&root.span_id);
-                    if f.serving.is_none() && !f.unplaced {
+                    // Unread format: the hop's check claims it (and counts
+                    // it a new trace) as well; one of the two must not.
+                    if !f.unread_format {
+                        self.claimed.claim(&root.span_id);
+                    }
+                    if f.serving.is_none() && !f.unplaced && !f.unread_format {
                         // A root span of ours for a request the callee
                         // recorded as its own root: the same record twice.
                         m.reconciled("suppressed");

@@ -457,3 +457,77 @@ fn the_answers_place_a_multiplexed_pods_calls_only_once_its_record_is_clean() {
         "{distrusted:?}"
     );
 }
+
+#[test]
+fn a_callee_seen_not_to_read_a_format_gets_it_as_a_mismatch_and_a_foreign_context_is_never_missing()
+{
+    use crate::{gap::formats::FormatsRead, http::context::xray};
+    let xr = || xray("Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1");
+    // A(1) → B(2) in X-Ray; B → C(3) in a new W3C trace: B reads no X-Ray.
+    let hops = [
+        hop(1, 2, 0, 50, vec![xr()]),
+        hop(2, 3, 10, 20, vec![tp(T1, "cccccccccccccccc", true)]),
+        hop(1, 2, 60, 70, vec![xr()]),
+    ];
+    let mut v = run(&hops);
+    assert_eq!(v[1].kind, GapKind::FormatMismatch);
+    let mut formats = FormatsRead::default();
+    // Learnt from B's call; A's calls into B judged with it.
+    formats.learn("b", &hops[1], &v[1]);
+    formats.learn("a", &hops[2], &v[2]);
+    assert_eq!(v[2].kind, GapKind::ContextOk);
+    formats.judge("b", &hops[2], &mut v[2]);
+    assert_eq!(v[2].kind, GapKind::FormatMismatch);
+    assert!(
+        v[2].detail.contains("callee does not read xray"),
+        "{}",
+        v[2].detail
+    );
+    // Another service, and a B seen continuing X-Ray once, are left as
+    // they were.
+    let mut other = v[0].clone();
+    formats.judge("c", &hops[0], &mut other);
+    assert_eq!(other.kind, GapKind::ContextOk);
+    let continued = [
+        hop(1, 2, 100, 150, vec![xr()]),
+        hop(
+            2,
+            3,
+            110,
+            120,
+            vec![tp(
+                "5759e988bd862e3fe1be46a994272793",
+                "cccccccccccccccc",
+                true,
+            )],
+        ),
+    ];
+    let w = run(&continued);
+    formats.learn("b", &continued[1], &w[1]);
+    let mut again = v[0].clone();
+    formats.judge("b", &hops[0], &mut again);
+    assert_eq!(again.kind, GapKind::ContextOk);
+
+    // SkyWalking alone: propagated, into no W3C trace; a relay's sw8
+    // call names what it received.
+    let sw = crate::http::context::sw8(
+        "1-YS5iLmM=-ZC5lLmY=-3-c2VydmljZQ==-aW5zdGFuY2U=-L2FwaQ==-MTAuMC4wLjE6ODA4MA==",
+    );
+    let v = run(&[
+        hop(1, 4, 200, 210, vec![sw.clone()]),
+        hop(1, 2, 300, 350, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]),
+        hop(2, 3, 310, 320, vec![sw]),
+    ]);
+    assert_eq!(v[0].kind, GapKind::FormatMismatch);
+    assert!(v[0].detail.contains("sw8"), "{}", v[0].detail);
+    assert_eq!(v[2].kind, GapKind::FormatMismatch);
+    assert!(
+        v[2].detail.contains("received w3c and sent only sw8"),
+        "{}",
+        v[2].detail
+    );
+    assert_eq!(
+        v[2].link.as_ref().map(|l| l.confidence),
+        Some(Confidence::Sole)
+    );
+}
