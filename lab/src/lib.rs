@@ -19,6 +19,7 @@ pub mod http;
 pub mod load;
 pub mod multiplexed;
 pub mod netns;
+pub mod pki;
 pub mod prometheus;
 pub mod query;
 pub mod run;

@@ -199,6 +199,7 @@ fn on_signal(flag: &'static AtomicBool, stop: Option<Arc<AtomicBool>>) -> anyhow
 }
 
 fn main() -> anyhow::Result<()> {
+    tracegap_agent::remote::install_crypto_provider();
     match Cli::parse().command {
         Cmd::Run {
             scenarios,

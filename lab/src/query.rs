@@ -48,6 +48,20 @@ struct Ctx {
     cache: std::sync::Mutex<(usize, Arc<Vec<Value>>)>,
 }
 
+impl Ctx {
+    /// The store's query API alone: no UI, no reports.
+    fn api_only(store: Shared) -> Arc<Self> {
+        Arc::new(Self {
+            store,
+            reports: Arc::default(),
+            ui: None,
+            config: Value::Null,
+            quality: None,
+            cache: std::sync::Mutex::default(),
+        })
+    }
+}
+
 /// The query API (and the UI, when given a build directory) on its own
 /// thread; stops when dropped.
 pub struct QueryServer {
@@ -106,14 +120,7 @@ impl QueryServer {
     /// here, for the agent's Tempo reader to be tested end to end. Ids are
     /// hex (Tempo's JSON has base64; the reader takes both).
     pub fn start_tempo(addr: SocketAddr, store: Shared) -> anyhow::Result<Self> {
-        let ctx = Arc::new(Ctx {
-            store,
-            reports: Arc::default(),
-            ui: None,
-            config: Value::Null,
-            quality: None,
-            cache: std::sync::Mutex::default(),
-        });
+        let ctx = Ctx::api_only(store);
         let app = Router::new()
             .route("/api/echo", get(|| async { "echo" }))
             .route("/api/search", get(tempo_search))
@@ -122,7 +129,45 @@ impl QueryServer {
         Self::serve(addr, app)
     }
 
+    /// [`QueryServer::start`] (Jaeger's API) over TLS, answering only
+    /// requests with `required`'s credentials (401 otherwise), as a store
+    /// behind an authenticating proxy does.
+    pub fn start_secured(
+        addr: SocketAddr,
+        store: Shared,
+        tls: crate::pki::ServerTls,
+        required: Required,
+    ) -> anyhow::Result<Self> {
+        let ctx = Ctx::api_only(store);
+        let required = Arc::new(required);
+        let app = router(ctx).layer(axum::middleware::from_fn(
+            move |req: axum::extract::Request, next: axum::middleware::Next| {
+                let required = required.clone();
+                async move {
+                    if required.admits(req.headers()) {
+                        next.run(req).await
+                    } else {
+                        StatusCode::UNAUTHORIZED.into_response()
+                    }
+                }
+            },
+        ));
+        Self::serve_on(addr, app, Some(tls))
+    }
+
     fn serve(addr: SocketAddr, app: Router) -> anyhow::Result<Self> {
+        Self::serve_on(addr, app, None)
+    }
+
+    fn serve_on(
+        addr: SocketAddr,
+        app: Router,
+        tls: Option<crate::pki::ServerTls>,
+    ) -> anyhow::Result<Self> {
+        let acceptor = tls
+            .map(|t| t.rustls())
+            .transpose()?
+            .map(|c| tokio_rustls::TlsAcceptor::from(Arc::new(c)));
         let listener =
             std::net::TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
         listener.set_nonblocking(true)?;
@@ -136,10 +181,28 @@ impl QueryServer {
                 let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
                     return;
                 };
-                let served = axum::serve(listener, app).with_graceful_shutdown(async {
+                let stopped = async {
                     let _ = stop_rx.await;
-                });
-                if let Err(e) = served.await {
+                };
+                let served = match acceptor {
+                    Some(acceptor) => {
+                        axum::serve(
+                            crate::pki::TlsListener {
+                                tcp: listener,
+                                acceptor,
+                            },
+                            app,
+                        )
+                        .with_graceful_shutdown(stopped)
+                        .await
+                    }
+                    None => {
+                        axum::serve(listener, app)
+                            .with_graceful_shutdown(stopped)
+                            .await
+                    }
+                };
+                if let Err(e) = served {
                     eprintln!("query API: {e}");
                 }
             });
@@ -149,6 +212,37 @@ impl QueryServer {
             stop: Some(stop_tx),
             thread: Some(thread),
         })
+    }
+}
+
+/// The credentials [`QueryServer::start_secured`] asks for, each when set.
+#[derive(Clone, Debug, Default)]
+pub struct Required {
+    pub token: Option<String>,
+    /// User and password.
+    pub basic: Option<(String, String)>,
+    /// `X-Scope-OrgID`.
+    pub tenant: Option<String>,
+}
+
+impl Required {
+    fn admits(&self, headers: &axum::http::HeaderMap) -> bool {
+        use base64::Engine as _;
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+        let auth = header("authorization");
+        let token = self
+            .token
+            .as_ref()
+            .is_none_or(|t| auth == Some(format!("Bearer {t}").as_str()));
+        let basic = self.basic.as_ref().is_none_or(|(u, p)| {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"));
+            auth == Some(format!("Basic {b64}").as_str())
+        });
+        let tenant = self
+            .tenant
+            .as_ref()
+            .is_none_or(|t| header("x-scope-orgid") == Some(t.as_str()));
+        token && basic && tenant
     }
 }
 

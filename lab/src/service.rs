@@ -454,6 +454,7 @@ pub fn tracer_provider(service: &str, sampler: Sampler, otlp: Option<&str>) -> S
                 .with_attributes([KeyValue::new("service.name", service.to_owned())])
                 .build(),
         );
+    tracegap_agent::remote::install_crypto_provider();
     if let Some(otlp) = otlp
         && let Ok(client) = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(3))

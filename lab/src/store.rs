@@ -202,7 +202,12 @@ pub struct Receiver {
     refusing: Refusing,
     /// While stopped: the ports kept bound, not listening (see [`hold`]).
     held: Vec<tokio::net::TcpSocket>,
+    /// Served over TLS (both ports) when set.
+    tls: Option<ServerTls>,
 }
+
+pub use crate::pki::ServerTls;
+use crate::pki::TlsListener;
 
 /// What readers of the store share with it (the query API).
 #[derive(Clone, Default)]
@@ -230,6 +235,15 @@ pub struct Downtime {
 impl Receiver {
     /// Starts on `ip` with ports chosen by the kernel.
     pub fn start(ip: std::net::IpAddr) -> anyhow::Result<Self> {
+        Self::start_with(ip, None)
+    }
+
+    /// As [`Receiver::start`], both ports over TLS.
+    pub fn start_tls(ip: std::net::IpAddr, tls: ServerTls) -> anyhow::Result<Self> {
+        Self::start_with(ip, Some(tls))
+    }
+
+    fn start_with(ip: std::net::IpAddr, tls: Option<ServerTls>) -> anyhow::Result<Self> {
         // Both held open until served: a port let go of between choosing
         // and serving can be chosen again, by the other one or by another
         // test ("Address already in use").
@@ -244,6 +258,7 @@ impl Receiver {
             down: Arc::default(),
             refusing: Refusing::default(),
             held: Vec::new(),
+            tls,
         };
         r.serve(Some((grpc, http)))?;
         Ok(r)
@@ -284,6 +299,7 @@ impl Receiver {
         let (grpc, http, spans) = (self.grpc, self.http, self.spans.clone());
         let forward = self.forward.clone();
         let refuse = self.refusing.clone();
+        let tls = self.tls.clone();
         let thread = std::thread::spawn(move || {
             let rt = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -358,13 +374,37 @@ impl Receiver {
                         }
                     }),
                 );
-                let grpc_server = tonic::transport::Server::builder()
+                let mut builder = tonic::transport::Server::builder();
+                let mut https = None;
+                if let Some(t) = &tls {
+                    use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+                    let mut c =
+                        ServerTlsConfig::new().identity(Identity::from_pem(&t.cert, &t.key));
+                    if let Some(ca) = &t.client_ca {
+                        c = c.client_ca_root(Certificate::from_pem(ca));
+                    }
+                    builder = match builder.tls_config(c) {
+                        Ok(b) => b,
+                        Err(e) => return eprintln!("receiver gRPC TLS: {e}"),
+                    };
+                    https = match t.rustls() {
+                        Ok(c) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(c))),
+                        Err(e) => return eprintln!("receiver HTTP TLS: {e}"),
+                    };
+                }
+                let grpc_server = builder
                     .add_service(TraceServiceServer::new(Grpc(spans, forward, refuse)))
                     .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(g));
+                let http_server = async move {
+                    match https {
+                        Some(acceptor) => axum::serve(TlsListener { tcp: h, acceptor }, app).await,
+                        None => axum::serve(h, app).await,
+                    }
+                };
                 tokio::select! {
                     _ = stop_rx => {}
                     r = grpc_server => if let Err(e) = r { eprintln!("receiver gRPC: {e}") },
-                    r = axum::serve(h, app) => if let Err(e) = r { eprintln!("receiver HTTP: {e}") },
+                    r = http_server => if let Err(e) = r { eprintln!("receiver HTTP: {e}") },
                 }
             });
         });
@@ -423,6 +463,7 @@ impl Receiver {
     /// thread: what cannot be sent is counted and reported once.
     pub fn forward_to(&mut self, endpoint: &str) -> anyhow::Result<()> {
         let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+        tracegap_agent::remote::install_crypto_provider();
         let client = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()?;
@@ -526,6 +567,7 @@ mod tests {
         let jaeger = Receiver::start(loopback)?;
         let mut lab = Receiver::start(loopback)?;
         lab.forward_to(&format!("http://{}", jaeger.http))?;
+        tracegap_agent::remote::install_crypto_provider();
         let client = reqwest::blocking::Client::new();
         let status = client
             .post(format!("http://{}/v1/traces", lab.http))

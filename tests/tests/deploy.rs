@@ -146,6 +146,8 @@ fn every_manifest_renders_and_reads_into_its_kubernetes_type() -> anyhow::Result
     assert_eq!(busy, base, "the same objects as the base");
     let https = check_all(&render("https")?)?;
     assert_eq!(https, base, "the same objects as the base");
+    let otlp_tls = check_all(&render("otlp-tls")?)?;
+    assert_eq!(otlp_tls, base, "the same objects as the base");
     let mut quality = check_all(&render("quality")?)?;
     quality.sort();
     assert_eq!(quality, ["Deployment", "Service"]);
@@ -388,6 +390,93 @@ fn the_https_recipe_only_adds_what_the_openssl_probes_need() -> anyhow::Result<(
         }
     }
     assert_eq!(https, base, "everything else is the base's");
+    Ok(())
+}
+
+/// The collector-over-TLS recipe points the OpenTelemetry variables the
+/// agent reads at the files of a Secret mounted read-only, no one but the
+/// owner and group able to read them, an https:// endpoint; nothing else
+/// changes.
+#[test]
+fn the_otlp_tls_recipe_mounts_its_secret_where_the_variables_point() -> anyhow::Result<()> {
+    if !kubectl() {
+        return Ok(());
+    }
+    let (mut base, mut tls) = (daemonset("base")?, daemonset("otlp-tls")?);
+    let pod = "/spec/template/spec";
+    let c = "/spec/template/spec/containers/0";
+    let volume = tls
+        .pointer(&format!("{pod}/volumes"))
+        .and_then(Value::as_array)
+        .and_then(|v| v.iter().find(|v| v.get("secret").is_some()))
+        .cloned()
+        .expect("a Secret volume");
+    assert_eq!(volume["secret"]["secretName"], "tracegap-otlp-tls");
+    let mode = volume["secret"]["defaultMode"].as_u64().expect("a mode");
+    assert_eq!(mode & 0o007, 0, "readable by others: {mode:o}");
+    let mount = tls
+        .pointer(&format!("{c}/volumeMounts"))
+        .and_then(Value::as_array)
+        .and_then(|m| m.iter().find(|m| m["name"] == volume["name"]))
+        .cloned()
+        .expect("the Secret mounted");
+    assert_eq!(mount["readOnly"], true);
+    let dir = mount["mountPath"].as_str().expect("a path").to_owned();
+    let env: Vec<(String, String)> = tls
+        .pointer(&format!("{c}/env"))
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| {
+            Some((
+                e["name"].as_str()?.to_owned(),
+                e["value"].as_str()?.to_owned(),
+            ))
+        })
+        .collect();
+    // Read as the agent reads them: each file named, each in the Secret.
+    let files = tracegap_agent::remote::TlsFiles::from_vars(|name| {
+        env.iter().find(|(n, _)| n == name).map(|(_, v)| v.clone())
+    });
+    for (what, f) in [
+        ("CA", &files.ca),
+        ("certificate", &files.cert),
+        ("key", &files.key),
+    ] {
+        let (_, path) = f
+            .as_ref()
+            .unwrap_or_else(|| panic!("no {what} file: {env:?}"));
+        assert!(
+            path.starts_with(&dir),
+            "{what} {} not in {dir}",
+            path.display()
+        );
+    }
+    let cm: ConfigMap = render("otlp-tls")?
+        .iter()
+        .find(|d| d["kind"] == "ConfigMap")
+        .map(typed)
+        .expect("a ConfigMap")?;
+    let endpoint = cm.data.unwrap_or_default()["OTEL_EXPORTER_OTLP_ENDPOINT"].clone();
+    assert!(endpoint.starts_with("https://"), "{endpoint}");
+    // The rest is the base's.
+    for d in [&mut base, &mut tls] {
+        for (list, keep) in [
+            (format!("{pod}/volumes"), "bpffs"),
+            (format!("{c}/volumeMounts"), "bpffs"),
+        ] {
+            if let Some(a) = d.pointer_mut(&list).and_then(Value::as_array_mut) {
+                a.retain(|v| v["name"] == keep);
+            }
+        }
+        if let Some(a) = d
+            .pointer_mut(&format!("{c}/env"))
+            .and_then(Value::as_array_mut)
+        {
+            a.retain(|e| !e["name"].as_str().is_some_and(|n| n.starts_with("OTEL_")));
+        }
+    }
+    assert_eq!(tls, base, "everything else is the base's");
     Ok(())
 }
 

@@ -205,6 +205,13 @@ pub async fn run(
             .map_err(|e| privileges::explain(e.into()))?;
         let (queue, exporter) =
             export::start(config.export.clone(), metrics.clone()).context("starting export")?;
+        // The store's TLS files and credentials are checked now: a wrong
+        // path stops the agent, it is not a store "away" for ever.
+        if let Some(rc) = &config.reconcile {
+            rc.access
+                .client(rc.timeout)
+                .context("the trace store's TLS files and credentials")?;
+        }
         let reconciler = config.reconcile.clone().map(|rc| {
             let (handle, status, task) =
                 reconcile::start(rc, queue.clone(), shared.metrics.clone(), shared.clone());

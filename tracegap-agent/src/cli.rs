@@ -7,6 +7,7 @@ use tracing_subscriber::EnvFilter;
 
 use std::{
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
     time::Duration,
 };
 
@@ -87,7 +88,11 @@ pub struct RunArgs {
     /// OTLP endpoint, e.g. http://jaeger-collector:4317 (gRPC) or
     /// http://jaeger-collector:4318 (HTTP; /v1/traces is appended).
     /// Unset: opentelemetry-otlp's default for the protocol
-    /// (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is honoured too).
+    /// (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is honoured too). https://: over
+    /// TLS, trusting Mozilla's roots and the CA file
+    /// OTEL_EXPORTER_OTLP_CERTIFICATE names; mutual TLS with
+    /// OTEL_EXPORTER_OTLP_CLIENT_CERTIFICATE and OTEL_EXPORTER_OTLP_CLIENT_KEY
+    /// (each also as OTEL_EXPORTER_OTLP_TRACES_*).
     #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT")]
     pub otlp_endpoint: Option<String>,
     /// OTLP transport. OTEL_EXPORTER_OTLP_HEADERS and
@@ -201,6 +206,48 @@ pub struct RunArgs {
     /// One query's time at most; a store slower than this is treated as away.
     #[arg(long, env = "TRACEGAP_TRACE_STORE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub trace_store_timeout: Duration,
+    /// PEM CA certificates to trust for an https:// trace store, beside
+    /// the built-in Mozilla roots.
+    #[arg(long, env = "TRACEGAP_TRACE_STORE_CA_FILE")]
+    pub trace_store_ca_file: Option<PathBuf>,
+    /// PEM client certificate for a trace store that asks for one (with
+    /// --trace-store-client-key).
+    #[arg(
+        long,
+        env = "TRACEGAP_TRACE_STORE_CLIENT_CERT",
+        requires = "trace_store_client_key"
+    )]
+    pub trace_store_client_cert: Option<PathBuf>,
+    /// Its PEM private key.
+    #[arg(
+        long,
+        env = "TRACEGAP_TRACE_STORE_CLIENT_KEY",
+        requires = "trace_store_client_cert"
+    )]
+    pub trace_store_client_key: Option<PathBuf>,
+    /// A file holding the bearer token sent to the trace store (read again
+    /// when it changes, as Kubernetes rotates projected tokens).
+    #[arg(long, env = "TRACEGAP_TRACE_STORE_TOKEN_FILE")]
+    pub trace_store_token_file: Option<PathBuf>,
+    /// Basic authentication to the trace store (a proxy in front of Jaeger
+    /// or Tempo): the user; the password in --trace-store-password-file.
+    #[arg(
+        long,
+        env = "TRACEGAP_TRACE_STORE_USER",
+        requires = "trace_store_password_file"
+    )]
+    pub trace_store_user: Option<String>,
+    /// The file holding that user's password.
+    #[arg(
+        long,
+        env = "TRACEGAP_TRACE_STORE_PASSWORD_FILE",
+        requires = "trace_store_user"
+    )]
+    pub trace_store_password_file: Option<PathBuf>,
+    /// The tenant to read (`X-Scope-OrgID`, as Tempo's multi-tenant
+    /// gateway asks).
+    #[arg(long, env = "TRACEGAP_TRACE_STORE_TENANT")]
+    pub trace_store_tenant: Option<String>,
 }
 
 /// Whether to watch the Kubernetes API.
@@ -229,6 +276,24 @@ fn parse_service(s: &str) -> Result<(IpAddr, String), String> {
 }
 
 impl RunArgs {
+    /// The trace store's TLS files and credentials.
+    fn trace_store_access(&self) -> crate::remote::Access {
+        let named = |flag: &str, p: &Option<PathBuf>| p.clone().map(|p| (flag.to_owned(), p));
+        crate::remote::Access {
+            tls: crate::remote::TlsFiles {
+                ca: named("--trace-store-ca-file", &self.trace_store_ca_file),
+                cert: named("--trace-store-client-cert", &self.trace_store_client_cert),
+                key: named("--trace-store-client-key", &self.trace_store_client_key),
+            },
+            token_file: self.trace_store_token_file.clone(),
+            basic: self
+                .trace_store_user
+                .clone()
+                .zip(self.trace_store_password_file.clone()),
+            tenant: self.trace_store_tenant.clone(),
+        }
+    }
+
     pub fn config(&self) -> anyhow::Result<AgentConfig> {
         let mut services: Vec<(IpAddr, Identity)> = Vec::new();
         if let Some(path) = &self.names_file {
@@ -257,6 +322,7 @@ impl RunArgs {
                 protocol: self.otlp_protocol,
                 endpoint: self.otlp_endpoint.clone().filter(|e| !e.is_empty()),
                 queue: self.export_queue,
+                tls: crate::remote::TlsFiles::from_otlp_env(),
                 ..ExportConfig::default()
             },
             export_mode: self.export,
@@ -284,6 +350,7 @@ impl RunArgs {
                     settle: self.settle_delay,
                     qps: self.trace_store_qps,
                     timeout: self.trace_store_timeout,
+                    access: self.trace_store_access(),
                     ..ReconcileConfig::new(url.clone())
                 }),
             kubernetes: match self.kubernetes {

@@ -41,6 +41,11 @@ pub enum Error {
     /// opentelemetry-otlp refused the configuration.
     #[error("building the OTLP exporter: {0}")]
     Build(#[from] opentelemetry_otlp::ExporterBuildError),
+    /// A certificate or key the OTLP variables name.
+    #[error("the OTLP exporter's TLS files: {0}")]
+    Tls(#[from] crate::remote::Error),
+    #[error("the OTLP/HTTP client: {0}")]
+    Client(String),
 }
 
 /// OTLP transport.
@@ -76,6 +81,10 @@ pub struct ExportConfig {
     /// First retry delay; doubles per attempt up to `max_backoff`.
     pub backoff: Duration,
     pub max_backoff: Duration,
+    /// CA and client certificate for TLS to the collector (default: the
+    /// `OTEL_EXPORTER_OTLP_(TRACES_)CERTIFICATE`, `..._CLIENT_CERTIFICATE`,
+    /// `..._CLIENT_KEY` files).
+    pub tls: crate::remote::TlsFiles,
 }
 
 impl Default for ExportConfig {
@@ -91,6 +100,7 @@ impl Default for ExportConfig {
             attempts: 5,
             backoff: Duration::from_millis(500),
             max_backoff: Duration::from_secs(8),
+            tls: crate::remote::TlsFiles::default(),
         }
     }
 }
@@ -121,6 +131,8 @@ pub fn start(
     config: ExportConfig,
     metrics: Arc<Metrics>,
 ) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), Error> {
+    // The TLS files are checked here, before anything is exported: a wrong
+    // path is an error at start, not a failed export every second.
     let exporters = (0..config.concurrency.max(1))
         .map(|_| build(&config))
         .collect::<Result<Vec<_>, _>>()?;
@@ -129,7 +141,10 @@ pub fn start(
     Ok((SpanQueue { tx, metrics }, task))
 }
 
+/// An exporter, its TLS files read again: a fresh connection after a
+/// failure picks up certificates rotated on disk (cert-manager's).
 fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Error> {
+    let tls = config.tls.read()?;
     let builder = opentelemetry_otlp::SpanExporter::builder();
     Ok(match config.protocol {
         OtlpProtocol::Grpc => {
@@ -139,6 +154,9 @@ fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Erro
                 .with_tonic()
                 .with_protocol(Protocol::Grpc)
                 .with_retry_policy(RetryPolicy::disabled());
+            if grpc_tls(config.endpoint.as_deref(), |v| std::env::var(v).ok()) {
+                b = b.with_tls_config(tls.tonic());
+            }
             if let Some(e) = &config.endpoint {
                 b = b.with_endpoint(e.clone());
             }
@@ -151,7 +169,12 @@ fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Erro
             let mut b = builder
                 .with_http()
                 .with_protocol(Protocol::HttpBinary)
-                .with_retry_policy(RetryPolicy::disabled());
+                .with_retry_policy(RetryPolicy::disabled())
+                .with_http_client(
+                    tls.http_client()?
+                        .build()
+                        .map_err(|e| Error::Client(e.to_string()))?,
+                );
             if let Some(e) = &config.endpoint {
                 // An explicit endpoint is used as is by the library; the
                 // OTLP convention is a base URL with the signal path added.
@@ -168,6 +191,30 @@ fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Erro
             b.build()?
         }
     })
+}
+
+/// Whether the gRPC endpoint is reached over TLS, as the OpenTelemetry
+/// variables say: an `https://` endpoint, or one without a scheme unless
+/// `OTEL_EXPORTER_OTLP_(TRACES_)INSECURE=true`; the default endpoint
+/// (`http://localhost:4317`) and `http://` ones are not.
+fn grpc_tls(endpoint: Option<&str>, var: impl Fn(&str) -> Option<String>) -> bool {
+    let Some(e) = endpoint
+        .map(str::to_owned)
+        .or_else(|| var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        .or_else(|| var("OTEL_EXPORTER_OTLP_ENDPOINT"))
+    else {
+        return false;
+    };
+    let e = e.to_ascii_lowercase();
+    if e.starts_with("https://") {
+        return true;
+    }
+    if e.contains("://") {
+        return false;
+    }
+    !var("OTEL_EXPORTER_OTLP_TRACES_INSECURE")
+        .or_else(|| var("OTEL_EXPORTER_OTLP_INSECURE"))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
 fn scope() -> InstrumentationScope {
@@ -376,4 +423,41 @@ async fn export_batch(
 /// second for connecting.
 fn attempt_limit(config: &ExportConfig) -> Duration {
     config.timeout.unwrap_or(Duration::from_secs(10)) + Duration::from_secs(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_goes_over_tls_as_the_opentelemetry_variables_say() {
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| *k == name)
+                    .map(|(_, v)| (*v).to_owned())
+            }
+        };
+        let none = vars(&[]);
+        assert!(grpc_tls(Some("https://collector:4317"), none));
+        assert!(!grpc_tls(Some("http://collector:4317"), none));
+        // Nothing set: the library's http://localhost:4317.
+        assert!(!grpc_tls(None, none));
+        assert!(grpc_tls(
+            None,
+            vars(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "HTTPS://collector:4317")])
+        ));
+        let traces_first = vars(&[
+            ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://a:4317"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "https://b:4317"),
+        ]);
+        assert!(!grpc_tls(None, traces_first));
+        // No scheme: TLS unless insecure.
+        assert!(grpc_tls(Some("collector:4317"), none));
+        assert!(!grpc_tls(
+            Some("collector:4317"),
+            vars(&[("OTEL_EXPORTER_OTLP_INSECURE", "true")])
+        ));
+    }
 }

@@ -31,6 +31,7 @@ pub mod process;
 pub mod prometheus;
 pub mod quality;
 pub mod reconcile;
+pub mod remote;
 pub mod report;
 pub mod server;
 pub mod shutdown;

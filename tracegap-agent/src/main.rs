@@ -3,6 +3,7 @@ use tracegap_agent::cli::{Cli, Command};
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    tracegap_agent::remote::install_crypto_provider();
     tracing_subscriber::fmt()
         .with_env_filter(cli.log_filter())
         .with_writer(std::io::stderr)

@@ -101,6 +101,7 @@ impl Prometheus {
     /// A client for the API at `url` (e.g. `http://prometheus:9090`), each
     /// query bounded by `timeout`.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, Error> {
+        crate::remote::install_crypto_provider();
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout)

@@ -93,6 +93,8 @@ pub struct ReconcileConfig {
     pub qps: u32,
     /// One query's time at most.
     pub timeout: Duration,
+    /// TLS and credentials for the store.
+    pub access: crate::remote::Access,
 }
 
 impl ReconcileConfig {
@@ -103,6 +105,7 @@ impl ReconcileConfig {
             settle: DEFAULT_SETTLE,
             qps: DEFAULT_QPS,
             timeout: DEFAULT_TIMEOUT,
+            access: crate::remote::Access::default(),
         }
     }
 }
@@ -624,8 +627,13 @@ impl Task {
             return false;
         }
         if self.store.is_none() {
-            match tracestore::connect(&self.config.store, self.config.kind, self.config.timeout)
-                .await
+            match tracestore::connect(
+                &self.config.store,
+                self.config.kind,
+                self.config.timeout,
+                &self.config.access,
+            )
+            .await
             {
                 Ok(s) => {
                     tracing::info!(store = %self.config.store, kind = ?s.kind(), "reading traces back from the trace store");

@@ -39,9 +39,14 @@ pub enum Error {
         "{url} answers neither Jaeger's query API (/api/services) nor Tempo's (/api/echo); give --trace-store-kind"
     )]
     Unknown { url: String },
-    /// The HTTP client could not be built.
-    #[error("building the HTTP client: {0}")]
+    /// The HTTP client could not be built, or a credential file read.
+    #[error("the HTTP client: {0}")]
     Client(String),
+    /// 401 or 403: the credentials (token, user and password, tenant).
+    #[error(
+        "trace store refused the credentials (HTTP {0}): check --trace-store-token-file, --trace-store-user and --trace-store-password-file, --trace-store-tenant"
+    )]
+    Denied(u16),
 }
 
 /// Which API the store speaks.
@@ -113,21 +118,23 @@ pub trait TraceStore: Send + Sync {
     fn search<'a>(&'a self, q: &'a Search) -> BoxFuture<'a, Result<Vec<Trace>, Error>>;
 }
 
-/// An HTTP GET client for JSON APIs, bounded in time.
+/// An HTTP GET client for JSON APIs, bounded in time, with the store's
+/// TLS and credentials.
 #[derive(Clone)]
 pub(crate) struct Http {
-    client: reqwest::Client,
+    client: std::sync::Arc<crate::remote::AuthClient>,
     timeout: Duration,
 }
 
 impl Http {
-    pub(crate) fn new(timeout: Duration) -> Result<Self, Error> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
+    pub(crate) fn new(timeout: Duration, access: &crate::remote::Access) -> Result<Self, Error> {
+        let client = access
+            .client(timeout)
             .map_err(|e| Error::Client(e.to_string()))?;
-        Ok(Self { client, timeout })
+        Ok(Self {
+            client: std::sync::Arc::new(client),
+            timeout,
+        })
     }
 
     /// GETs `url`; None on 404.
@@ -153,6 +160,7 @@ impl Http {
         let sent = self
             .client
             .get(url)
+            .map_err(|e| Error::Client(e.to_string()))?
             .header("accept", "application/json")
             .send()
             .await
@@ -160,6 +168,9 @@ impl Http {
         let status = sent.status().as_u16();
         if status == 404 {
             return Ok(None);
+        }
+        if status == 401 || status == 403 {
+            return Err(Error::Denied(status));
         }
         let body = sent.bytes().await.map_err(|e| self.error(e))?;
         if status != 200 {
@@ -194,9 +205,10 @@ pub async fn connect(
     url: &str,
     kind: StoreKind,
     timeout: Duration,
+    access: &crate::remote::Access,
 ) -> Result<Box<dyn TraceStore>, Error> {
     let base = url.trim_end_matches('/').to_owned();
-    let http = Http::new(timeout)?;
+    let http = Http::new(timeout, access)?;
     let kind = match kind {
         StoreKind::Auto => detect(&http, &base).await?,
         k => k,
@@ -210,12 +222,14 @@ pub async fn connect(
 async fn detect(http: &Http, base: &str) -> Result<StoreKind, Error> {
     // Jaeger's query service serves its UI for unknown paths, so its answer
     // is recognised by shape, not by status.
-    if let Ok(Some(v)) = http
+    match http
         .get_json(&format!("{base}/api/services"), "Jaeger's services")
         .await
-        && v.get("data").is_some()
     {
-        return Ok(StoreKind::Jaeger);
+        Ok(Some(v)) if v.get("data").is_some() => return Ok(StoreKind::Jaeger),
+        // Said as it is, not as "neither API".
+        Err(e @ Error::Denied(_)) => return Err(e),
+        _ => {}
     }
     match http.get(&format!("{base}/api/echo")).await? {
         Some(b) if b.trim_ascii() == b"echo" => Ok(StoreKind::Tempo),
@@ -269,19 +283,29 @@ mod tests {
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", silent.local_addr().unwrap());
         let started = std::time::Instant::now();
-        let e = connect(&url, StoreKind::Jaeger, Duration::from_millis(200))
-            .await
-            .unwrap()
-            .trace("0af7651916cd43dd8448eb211c80319c")
-            .await
-            .unwrap_err();
+        let e = connect(
+            &url,
+            StoreKind::Jaeger,
+            Duration::from_millis(200),
+            &Default::default(),
+        )
+        .await
+        .unwrap()
+        .trace("0af7651916cd43dd8448eb211c80319c")
+        .await
+        .unwrap_err();
         assert!(matches!(e, Error::Timeout(_)), "{e}");
         assert!(started.elapsed() < Duration::from_secs(2));
         drop(silent);
-        let e = connect(&url, StoreKind::Auto, Duration::from_millis(200))
-            .await
-            .err()
-            .expect("nothing there to detect");
+        let e = connect(
+            &url,
+            StoreKind::Auto,
+            Duration::from_millis(200),
+            &Default::default(),
+        )
+        .await
+        .err()
+        .expect("nothing there to detect");
         assert!(matches!(e, Error::Unreachable(_)), "{e}");
         assert!(e.to_string().contains("refused"), "{e}");
     }
