@@ -144,6 +144,8 @@ pub struct Prometheus {
     binary: PathBuf,
     pub addr: SocketAddr,
     dir: TempDir,
+    /// Its `--web.config.file` (TLS, basic authentication), if any.
+    web: bool,
 }
 
 /// The binary `cargo xtask test` names (`TRACEGAP_PROMETHEUS_BIN`).
@@ -165,7 +167,20 @@ impl Prometheus {
     /// Starts `binary` on a free loopback port, scraping `targets`, and
     /// waits until it is ready.
     pub fn start(binary: &Path, targets: &[SocketAddr]) -> anyhow::Result<Self> {
+        Self::start_with(binary, targets, None)
+    }
+
+    /// [`Prometheus::start`] with `web` as its `--web.config.file` (e.g.
+    /// `basic_auth_users`): ready once it answers, 401 included.
+    pub fn start_with(
+        binary: &Path,
+        targets: &[SocketAddr],
+        web: Option<&str>,
+    ) -> anyhow::Result<Self> {
         let dir = TempDir::new("prometheus")?;
+        if let Some(web) = web {
+            std::fs::write(dir.path().join("web.yml"), web)?;
+        }
         let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
             .local_addr()?
             .port();
@@ -174,6 +189,7 @@ impl Prometheus {
             binary: binary.to_owned(),
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             dir,
+            web: web.is_some(),
         };
         p.write_config(targets)?;
         p.resume()?;
@@ -224,22 +240,27 @@ impl Prometheus {
     /// Starts it again on its data and waits until it is ready.
     pub fn resume(&mut self) -> anyhow::Result<()> {
         let d = self.dir.path();
+        let mut cmd = Command::new(&self.binary);
+        if self.web {
+            cmd.arg(format!("--web.config.file={}", d.join("web.yml").display()));
+        }
         self.child = Some(Child::spawn(
-            Command::new(&self.binary)
-                .arg(format!(
-                    "--config.file={}",
-                    d.join("prometheus.yml").display()
-                ))
-                .arg(format!("--storage.tsdb.path={}", d.join("data").display()))
-                .arg(format!("--web.listen-address={}", self.addr))
-                .arg("--web.enable-lifecycle")
-                // The gaps' example traces.
-                .arg("--enable-feature=exemplar-storage")
-                .current_dir(d),
+            cmd.arg(format!(
+                "--config.file={}",
+                d.join("prometheus.yml").display()
+            ))
+            .arg(format!("--storage.tsdb.path={}", d.join("data").display()))
+            .arg(format!("--web.listen-address={}", self.addr))
+            .arg("--web.enable-lifecycle")
+            // The gaps' example traces.
+            .arg("--enable-feature=exemplar-storage")
+            .current_dir(d),
         )?);
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if crate::http::get(self.addr, "/-/ready").is_ok_and(|(s, _)| s == 200) {
+            if crate::http::get(self.addr, "/-/ready")
+                .is_ok_and(|(s, _)| s == 200 || (self.web && s == 401))
+            {
                 return Ok(());
             }
             anyhow::ensure!(
@@ -305,6 +326,15 @@ pub struct Quality {
 
 impl Quality {
     pub fn start(prometheus: &str) -> anyhow::Result<Self> {
+        Self::start_with(prometheus, Default::default())
+    }
+
+    /// [`Quality::start`] reaching Prometheus with `access`'s TLS and
+    /// credentials.
+    pub fn start_with(
+        prometheus: &str,
+        access: tracegap_agent::remote::Access,
+    ) -> anyhow::Result<Self> {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (bound_tx, bound_rx) = tokio::sync::oneshot::channel();
         let config = tracegap_agent::prometheus::serve::QualityConfig {
@@ -314,6 +344,7 @@ impl Quality {
             timeout: Duration::from_secs(5),
             cors_origin: None,
             limits: Default::default(),
+            access,
         };
         let thread = std::thread::Builder::new()
             .name("tg-quality".into())

@@ -45,7 +45,11 @@ fn every_dashboard_and_rule_expression_returns_series_after_a_lab_scenario() -> 
         .prometheus
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("the run started no Prometheus"))?;
-    let client = Client::new(&prom.url(), std::time::Duration::from_secs(10))?;
+    let client = Client::new(
+        &prom.url(),
+        std::time::Duration::from_secs(10),
+        &Default::default(),
+    )?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -140,7 +140,11 @@ fn the_cluster_view_is_both_agents_summed_and_survives_a_restart() -> anyhow::Re
     let total = "sum(tracegap_http_requests_total)";
     bed.prometheus.wait_for(total, 10.0)?;
 
-    let client = PromClient::new(&bed.prometheus.url(), Duration::from_secs(5))?;
+    let client = PromClient::new(
+        &bed.prometheus.url(),
+        Duration::from_secs(5),
+        &Default::default(),
+    )?;
     let hour = Duration::from_secs(3600);
     let cluster_view = block_on(cluster_report(&client, hour, SystemTime::now()))?;
     assert_eq!(kinds(std::slice::from_ref(&cluster_view)), both);
@@ -268,5 +272,48 @@ fn the_rules_check_and_their_alerts_fire_as_their_tests_say() -> anyhow::Result<
             .args(["test", "rules", "rules-test.yaml"])
             .current_dir(dir.path()),
     )?;
+    Ok(())
+}
+
+/// Prometheus behind basic authentication (its `--web.config.file`), as
+/// behind a gateway: `tracegap quality` reaches it with the user and the
+/// password file (`--prometheus-user`, `--prometheus-password-file`); a
+/// wrong password is said, on the page (502) and by `/readyz` (503), with
+/// Prometheus's 401 and never the password.
+#[test]
+fn tracegap_quality_reaches_a_prometheus_that_asks_for_credentials() -> anyhow::Result<()> {
+    let test = "tracegap_quality_reaches_a_prometheus_that_asks_for_credentials";
+    let Some(bin) = prometheus::binary() else {
+        eprintln!("SKIPPED {test}: TRACEGAP_PROMETHEUS_BIN unset (cargo xtask test sets it)");
+        return Ok(());
+    };
+    let hash = bcrypt::hash("pr0m-passw0rd", 4)?;
+    let web = format!("basic_auth_users:\n  reader: '{hash}'\n");
+    let prom = prometheus::Prometheus::start_with(&bin, &[], Some(&web))?;
+    let dir = tracegap_tests::TempDir::new("prometheus-auth")?;
+    let quality = |password: &str| -> anyhow::Result<prometheus::Quality> {
+        let file = dir.path().join(format!("password-{}", password.len()));
+        std::fs::write(&file, format!("{password}\n"))?;
+        prometheus::Quality::start_with(
+            &prom.url(),
+            tracegap_agent::remote::Access {
+                basic: Some(("reader".into(), ("--prometheus-password-file".into(), file))),
+                ..Default::default()
+            },
+        )
+    };
+    let get = |q: &prometheus::Quality, path: &str| tracegap_tests::http::get(q.addr, path);
+    let good = quality("pr0m-passw0rd")?;
+    let (status, body) = get(&good, "/readyz")?;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = get(&good, "/report")?;
+    assert_eq!(status, 200, "{body}");
+    let bad = quality("not-the-passw0rd")?;
+    for (path, want) in [("/readyz", 503), ("/report", 502)] {
+        let (status, body) = get(&bad, path)?;
+        assert_eq!(status, want, "{path}: {body}");
+        assert!(body.contains("401"), "{path}: {body}");
+        assert!(!body.contains("passw0rd"), "{path}: {body}");
+    }
     Ok(())
 }

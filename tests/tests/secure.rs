@@ -270,7 +270,7 @@ fn the_trace_store_is_read_over_tls_with_a_token_and_a_refusal_is_said() -> anyh
                         ca: Some(("--trace-store-ca-file".into(), pki.ca.clone())),
                         ..TlsFiles::default()
                     },
-                    token_file: Some(token_file.clone()),
+                    token_file: Some(("--trace-store-token-file".into(), token_file.clone())),
                     basic: None,
                     tenant: Some("team-a".into()),
                 },

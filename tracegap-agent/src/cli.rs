@@ -206,49 +206,78 @@ pub struct RunArgs {
     /// One query's time at most; a store slower than this is treated as away.
     #[arg(long, env = "TRACEGAP_TRACE_STORE_TIMEOUT", default_value = "2s", value_parser = humantime::parse_duration)]
     pub trace_store_timeout: Duration,
-    /// PEM CA certificates to trust for an https:// trace store, beside
-    /// the built-in Mozilla roots.
-    #[arg(long, env = "TRACEGAP_TRACE_STORE_CA_FILE")]
-    pub trace_store_ca_file: Option<PathBuf>,
-    /// PEM client certificate for a trace store that asks for one (with
-    /// --trace-store-client-key).
-    #[arg(
-        long,
-        env = "TRACEGAP_TRACE_STORE_CLIENT_CERT",
-        requires = "trace_store_client_key"
-    )]
-    pub trace_store_client_cert: Option<PathBuf>,
-    /// Its PEM private key.
-    #[arg(
-        long,
-        env = "TRACEGAP_TRACE_STORE_CLIENT_KEY",
-        requires = "trace_store_client_cert"
-    )]
-    pub trace_store_client_key: Option<PathBuf>,
-    /// A file holding the bearer token sent to the trace store (read again
-    /// when it changes, as Kubernetes rotates projected tokens).
-    #[arg(long, env = "TRACEGAP_TRACE_STORE_TOKEN_FILE")]
-    pub trace_store_token_file: Option<PathBuf>,
-    /// Basic authentication to the trace store (a proxy in front of Jaeger
-    /// or Tempo): the user; the password in --trace-store-password-file.
-    #[arg(
-        long,
-        env = "TRACEGAP_TRACE_STORE_USER",
-        requires = "trace_store_password_file"
-    )]
-    pub trace_store_user: Option<String>,
-    /// The file holding that user's password.
-    #[arg(
-        long,
-        env = "TRACEGAP_TRACE_STORE_PASSWORD_FILE",
-        requires = "trace_store_user"
-    )]
-    pub trace_store_password_file: Option<PathBuf>,
-    /// The tenant to read (`X-Scope-OrgID`, as Tempo's multi-tenant
-    /// gateway asks).
-    #[arg(long, env = "TRACEGAP_TRACE_STORE_TENANT")]
-    pub trace_store_tenant: Option<String>,
+    #[command(flatten)]
+    pub trace_store_access: TraceStoreAccess,
 }
+
+/// The flags of a backend's TLS files and credentials (`--<name>-ca-file`,
+/// ... and their `<ENV>_*` variables), and the [`crate::remote::Access`]
+/// they make; one struct per backend, as clap has no flag prefixes.
+macro_rules! access_args {
+    ($(#[$doc:meta])* $name:ident, $flag:literal, $env:literal, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Default, Args)]
+        pub struct $name {
+            #[arg(long = concat!($flag, "-ca-file"), env = concat!($env, "_CA_FILE"),
+                help = concat!("PEM CA certificates to trust for an https:// ", $what, ", beside the built-in Mozilla roots"))]
+            pub ca_file: Option<PathBuf>,
+            #[arg(long = concat!($flag, "-client-cert"), env = concat!($env, "_CLIENT_CERT"), requires = "client_key",
+                help = concat!("PEM client certificate for a ", $what, " that asks for one (mutual TLS)"))]
+            pub client_cert: Option<PathBuf>,
+            #[arg(long = concat!($flag, "-client-key"), env = concat!($env, "_CLIENT_KEY"), requires = "client_cert",
+                help = "Its PEM private key")]
+            pub client_key: Option<PathBuf>,
+            #[arg(long = concat!($flag, "-token-file"), env = concat!($env, "_TOKEN_FILE"),
+                help = concat!("A file holding the bearer token sent to the ", $what, " (read again when it changes, as Kubernetes rotates projected tokens)"))]
+            pub token_file: Option<PathBuf>,
+            #[arg(long = concat!($flag, "-user"), env = concat!($env, "_USER"), requires = "password_file",
+                help = concat!("Basic authentication to the ", $what, " (a proxy in front of it): the user; the password in --", $flag, "-password-file"))]
+            pub user: Option<String>,
+            #[arg(long = concat!($flag, "-password-file"), env = concat!($env, "_PASSWORD_FILE"), requires = "user",
+                help = "The file holding that user's password")]
+            pub password_file: Option<PathBuf>,
+            #[arg(long = concat!($flag, "-tenant"), env = concat!($env, "_TENANT"),
+                help = "The tenant to read (X-Scope-OrgID, as multi-tenant gateways ask: Tempo, Mimir)")]
+            pub tenant: Option<String>,
+        }
+
+        impl $name {
+            pub fn access(&self) -> crate::remote::Access {
+                let named = |what: &str, p: &Option<PathBuf>| {
+                    p.clone().map(|p| (format!("--{}-{what}", $flag), p))
+                };
+                crate::remote::Access {
+                    tls: crate::remote::TlsFiles {
+                        ca: named("ca-file", &self.ca_file),
+                        cert: named("client-cert", &self.client_cert),
+                        key: named("client-key", &self.client_key),
+                    },
+                    token_file: named("token-file", &self.token_file),
+                    basic: self
+                        .user
+                        .clone()
+                        .zip(named("password-file", &self.password_file)),
+                    tenant: self.tenant.clone(),
+                }
+            }
+        }
+    };
+}
+
+access_args!(
+    /// TLS and credentials for the trace store (`--trace-store`).
+    TraceStoreAccess,
+    "trace-store",
+    "TRACEGAP_TRACE_STORE",
+    "trace store"
+);
+access_args!(
+    /// TLS and credentials for Prometheus (`--prometheus`).
+    PrometheusAccess,
+    "prometheus",
+    "TRACEGAP_PROMETHEUS",
+    "Prometheus"
+);
 
 /// Whether to watch the Kubernetes API.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -276,24 +305,6 @@ fn parse_service(s: &str) -> Result<(IpAddr, String), String> {
 }
 
 impl RunArgs {
-    /// The trace store's TLS files and credentials.
-    fn trace_store_access(&self) -> crate::remote::Access {
-        let named = |flag: &str, p: &Option<PathBuf>| p.clone().map(|p| (flag.to_owned(), p));
-        crate::remote::Access {
-            tls: crate::remote::TlsFiles {
-                ca: named("--trace-store-ca-file", &self.trace_store_ca_file),
-                cert: named("--trace-store-client-cert", &self.trace_store_client_cert),
-                key: named("--trace-store-client-key", &self.trace_store_client_key),
-            },
-            token_file: self.trace_store_token_file.clone(),
-            basic: self
-                .trace_store_user
-                .clone()
-                .zip(self.trace_store_password_file.clone()),
-            tenant: self.trace_store_tenant.clone(),
-        }
-    }
-
     pub fn config(&self) -> anyhow::Result<AgentConfig> {
         let mut services: Vec<(IpAddr, Identity)> = Vec::new();
         if let Some(path) = &self.names_file {
@@ -350,7 +361,7 @@ impl RunArgs {
                     settle: self.settle_delay,
                     qps: self.trace_store_qps,
                     timeout: self.trace_store_timeout,
-                    access: self.trace_store_access(),
+                    access: self.trace_store_access.access(),
                     ..ReconcileConfig::new(url.clone())
                 }),
             kubernetes: match self.kubernetes {
@@ -428,6 +439,8 @@ pub struct ReportArgs {
     /// Print the JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub prometheus_access: PrometheusAccess,
 }
 
 #[derive(Debug, Args)]
@@ -452,6 +465,8 @@ pub struct QualityArgs {
     pub cors_origin: Option<String>,
     #[command(flatten)]
     pub http: HttpServerArgs,
+    #[command(flatten)]
+    pub prometheus_access: PrometheusAccess,
 }
 
 impl QualityArgs {
@@ -463,6 +478,7 @@ impl QualityArgs {
             timeout: self.prometheus_timeout,
             cors_origin: self.cors_origin.clone(),
             limits: self.http.limits(),
+            access: self.prometheus_access.access(),
         }
     }
 }
@@ -537,5 +553,74 @@ mod tests {
         };
         assert_eq!(args.kernel_log, KernelLog::Debug);
         assert!(Cli::try_parse_from(["tracegap", "run", "--kernel-log", "loud"]).is_err());
+    }
+
+    #[test]
+    fn each_backend_has_its_own_tls_and_credential_flags() {
+        let parse = |args: &[&str]| Cli::try_parse_from(args);
+        let Ok(Cli {
+            command: Command::Run(run),
+            ..
+        }) = parse(&[
+            "tracegap",
+            "run",
+            "--trace-store",
+            "https://tempo:3200",
+            "--trace-store-ca-file",
+            "/etc/ca.pem",
+            "--trace-store-token-file",
+            "/var/run/token",
+            "--trace-store-tenant",
+            "team-a",
+        ])
+        else {
+            panic!("run parses")
+        };
+        let a = run.trace_store_access.access();
+        assert_eq!(
+            a.tls.ca,
+            Some(("--trace-store-ca-file".into(), "/etc/ca.pem".into()))
+        );
+        assert_eq!(
+            a.token_file,
+            Some(("--trace-store-token-file".into(), "/var/run/token".into()))
+        );
+        assert_eq!(a.tenant.as_deref(), Some("team-a"));
+        // A user needs its password file, a certificate its key.
+        assert!(parse(&["tracegap", "run", "--trace-store-user", "u"]).is_err());
+        assert!(
+            parse(&[
+                "tracegap",
+                "quality",
+                "--prometheus",
+                "x",
+                "--prometheus-client-cert",
+                "c"
+            ])
+            .is_err()
+        );
+        let Ok(Cli {
+            command: Command::Quality(q),
+            ..
+        }) = parse(&[
+            "tracegap",
+            "quality",
+            "--prometheus",
+            "https://mimir/prometheus",
+            "--prometheus-user",
+            "reader",
+            "--prometheus-password-file",
+            "/etc/password",
+        ])
+        else {
+            panic!("quality parses")
+        };
+        assert_eq!(
+            q.config().access.basic,
+            Some((
+                "reader".into(),
+                ("--prometheus-password-file".into(), "/etc/password".into())
+            ))
+        );
     }
 }

@@ -26,7 +26,13 @@ fn main() -> anyhow::Result<()> {
             Command::Observe(args) => tracegap_agent::observe::run(args).await,
             Command::Report(args) => match &args.prometheus {
                 Some(url) => {
-                    tracegap_agent::prometheus::report::print(url, args.window, args.json).await
+                    tracegap_agent::prometheus::report::print(
+                        url,
+                        args.window,
+                        args.json,
+                        &args.prometheus_access.access(),
+                    )
+                    .await
                 }
                 None => tracegap_agent::report::fetch_and_print(&args.agent, args.json),
             },

@@ -237,17 +237,18 @@ impl Pem {
     }
 }
 
-/// How to reach an HTTP backend the agent reads (the trace store): TLS
-/// files and credentials. Secrets are read from files, never taken on the
+/// How to reach an HTTP backend the agent reads (the trace store,
+/// Prometheus): TLS files and credentials, each file with the setting that
+/// named it (for errors). Secrets are read from files, never taken on the
 /// command line (where `ps` and `--help` would show them).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Access {
     pub tls: TlsFiles,
     /// A bearer token's file, read again when it changes (Kubernetes
     /// rotates projected tokens in place).
-    pub token_file: Option<PathBuf>,
+    pub token_file: Option<(String, PathBuf)>,
     /// Basic authentication: the user, and the file holding the password.
-    pub basic: Option<(String, PathBuf)>,
+    pub basic: Option<(String, (String, PathBuf))>,
     /// The tenant (`X-Scope-OrgID`: Tempo, Mimir, Loki behind a gateway).
     pub tenant: Option<String>,
 }
@@ -273,10 +274,10 @@ impl Access {
             tenant: self.tenant.clone(),
         };
         if let Some(t) = &c.token {
-            t.value("--trace-store-token-file")?;
+            t.value()?;
         }
         if let Some((_, p)) = &c.basic {
-            p.value("--trace-store-password-file")?;
+            p.value()?;
         }
         Ok(c)
     }
@@ -285,21 +286,23 @@ impl Access {
 /// A secret in a file: read when its modification time changes.
 #[derive(Debug)]
 struct FileSecret {
+    setting: String,
     path: PathBuf,
     cached: std::sync::Mutex<Option<(std::time::SystemTime, String)>>,
 }
 
 impl FileSecret {
-    fn new(path: PathBuf) -> Self {
+    fn new((setting, path): (String, PathBuf)) -> Self {
         Self {
+            setting,
             path,
             cached: std::sync::Mutex::default(),
         }
     }
 
-    fn value(&self, setting: &str) -> Result<String, Error> {
+    fn value(&self) -> Result<String, Error> {
         let bad = |reason: String| Error::File {
-            setting: setting.to_owned(),
+            setting: self.setting.clone(),
             path: self.path.clone(),
             reason,
         };
@@ -317,7 +320,7 @@ impl FileSecret {
         if v.is_empty() {
             return Err(bad("empty".into()));
         }
-        warn_if_readable(setting, &self.path);
+        warn_if_readable(&self.setting, &self.path);
         *cached = Some((mtime, v.clone()));
         Ok(v)
     }
@@ -337,12 +340,21 @@ impl AuthClient {
     /// since the start is an error naming the file, not a request without
     /// it.
     pub fn get(&self, url: &str) -> Result<reqwest::RequestBuilder, Error> {
-        let mut r = self.http.get(url);
+        self.request(reqwest::Method::GET, url)
+    }
+
+    /// A request of `method` to `url`, with the credentials.
+    pub fn request(
+        &self,
+        method: reqwest::Method,
+        url: &str,
+    ) -> Result<reqwest::RequestBuilder, Error> {
+        let mut r = self.http.request(method, url);
         if let Some(t) = &self.token {
-            r = r.bearer_auth(t.value("--trace-store-token-file")?);
+            r = r.bearer_auth(t.value()?);
         }
         if let Some((user, p)) = &self.basic {
-            r = r.basic_auth(user, Some(p.value("--trace-store-password-file")?));
+            r = r.basic_auth(user, Some(p.value()?));
         }
         if let Some(t) = &self.tenant {
             r = r.header("X-Scope-OrgID", t);

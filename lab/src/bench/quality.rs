@@ -56,7 +56,7 @@ pub(super) fn rows(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         }
     }
     let series = prom.value("count({__name__=~\"tracegap_.*\"})")?;
-    let client = Client::new(&prom.url(), Duration::from_secs(10))?;
+    let client = Client::new(&prom.url(), Duration::from_secs(10), &Default::default())?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

@@ -35,7 +35,8 @@ pub enum Error {
     },
     #[error("Prometheus's answer is not the query API's JSON: {0}")]
     Decode(String),
-    #[error("building the HTTP client: {0}")]
+    /// The HTTP client could not be built, or a credential file read.
+    #[error("the HTTP client: {0}")]
     Client(String),
 }
 
@@ -59,7 +60,7 @@ pub struct SeriesExemplars {
 /// A Prometheus (or a store with its query API) at a base URL.
 #[derive(Clone)]
 pub struct Prometheus {
-    client: reqwest::Client,
+    client: std::sync::Arc<crate::remote::AuthClient>,
     base: String,
     timeout: Duration,
 }
@@ -99,16 +100,17 @@ fn number(s: &str) -> Result<f64, Error> {
 
 impl Prometheus {
     /// A client for the API at `url` (e.g. `http://prometheus:9090`), each
-    /// query bounded by `timeout`.
-    pub fn new(url: &str, timeout: Duration) -> Result<Self, Error> {
-        crate::remote::install_crypto_provider();
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout)
-            .build()
+    /// query bounded by `timeout`, with `access`'s TLS and credentials.
+    pub fn new(
+        url: &str,
+        timeout: Duration,
+        access: &crate::remote::Access,
+    ) -> Result<Self, Error> {
+        let client = access
+            .client(timeout)
             .map_err(|e| Error::Client(e.to_string()))?;
         Ok(Self {
-            client,
+            client: std::sync::Arc::new(client),
             base: url.trim_end_matches('/').to_owned(),
             timeout,
         })
@@ -255,7 +257,8 @@ impl Prometheus {
     async fn post(&self, path: &str, form: String) -> Result<(u16, bytes::Bytes), Error> {
         let sent = self
             .client
-            .post(format!("{}{path}", self.base))
+            .request(reqwest::Method::POST, &format!("{}{path}", self.base))
+            .map_err(|e| Error::Client(e.to_string()))?
             .header("content-type", "application/x-www-form-urlencoded")
             .body(form)
             .send()
@@ -270,7 +273,8 @@ impl Prometheus {
     pub async fn ready(&self) -> Result<(), Error> {
         let sent = self
             .client
-            .get(format!("{}/-/ready", self.base))
+            .get(&format!("{}/-/ready", self.base))
+            .map_err(|e| Error::Client(e.to_string()))?
             .send()
             .await
             .map_err(|e| self.error(e))?;

@@ -96,8 +96,13 @@ pub fn examples(report: &mut Report, series: &[super::SeriesExemplars]) {
 
 /// `tracegap report --prometheus URL`: the cluster's report over `window`,
 /// as a table or (`json`) as `/report`'s JSON.
-pub async fn print(url: &str, window: Duration, json: bool) -> anyhow::Result<()> {
-    let prom = Prometheus::new(url, Duration::from_secs(30))?;
+pub async fn print(
+    url: &str,
+    window: Duration,
+    json: bool,
+    access: &crate::remote::Access,
+) -> anyhow::Result<()> {
+    let prom = Prometheus::new(url, Duration::from_secs(30), access)?;
     let report = cluster_report(&prom, window, SystemTime::now()).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

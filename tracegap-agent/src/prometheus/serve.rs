@@ -39,6 +39,8 @@ pub struct QualityConfig {
     /// The origin of a Jaeger UI allowed to call the API from the browser.
     pub cors_origin: Option<String>,
     pub limits: ServerLimits,
+    /// TLS and credentials for Prometheus.
+    pub access: crate::remote::Access,
 }
 
 /// The longest window asked for (Prometheus keeps 15 days by default).
@@ -56,7 +58,7 @@ pub async fn run(
     stop: impl std::future::Future<Output = ()>,
     bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
 ) -> anyhow::Result<()> {
-    let prom = Prometheus::new(&config.prometheus, config.timeout)?;
+    let prom = Prometheus::new(&config.prometheus, config.timeout, &config.access)?;
     if let Err(e) = prom.ready().await {
         tracing::warn!(error = %e, "Prometheus is not ready: the page says so until it is");
     }
