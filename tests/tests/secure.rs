@@ -150,9 +150,14 @@ fn spans_reach_a_collector_over_tls_and_mutual_tls_and_an_untrusted_one_gets_non
     // collector that wants a client certificate the agent lacks, and at
     // one whose certificate another CA signed (not trusted); over both
     // transports.
-    for (signer, mutual, why) in [
-        (&pki, true, "without a client certificate"),
-        (&other, false, "to an untrusted collector"),
+    for (signer, mutual, why, cause) in [
+        (
+            &pki,
+            true,
+            "without a client certificate",
+            "CertificateRequired",
+        ),
+        (&other, false, "to an untrusted collector", "UnknownIssuer"),
     ] {
         for protocol in [OtlpProtocol::Grpc, OtlpProtocol::HttpProtobuf] {
             let receiver = Receiver::start_tls(LOCALHOST, server_tls(signer, mutual)?)?;
@@ -165,6 +170,15 @@ fn spans_reach_a_collector_over_tls_and_mutual_tls_and_an_untrusted_one_gets_non
             call(&node)?;
             fails(&agent)?;
             assert!(receiver.spans().is_empty(), "{protocol:?} {why}");
+            // Said on /readyz, in a line naming the collector and why.
+            let (status, body) = agent.get("/readyz")?;
+            assert_eq!(status, 200, "{body}");
+            assert!(
+                body.lines().any(
+                    |l| l.starts_with("note: collector https://127.0.0.1") && l.contains(cause)
+                ),
+                "{protocol:?} {why}: {body}"
+            );
             agent.stop()?;
         }
     }

@@ -204,7 +204,8 @@ pub async fn run(
             .await
             .map_err(|e| privileges::explain(e.into()))?;
         let (queue, exporter) =
-            export::start(config.export.clone(), metrics.clone()).context("starting export")?;
+            export::start(config.export.clone(), metrics.clone(), shared.export.clone())
+                .context("starting export")?;
         // The store's TLS files and credentials are checked now: a wrong
         // path stops the agent, it is not a store "away" for ever.
         if let Some(rc) = &config.reconcile {

@@ -125,11 +125,31 @@ impl SpanQueue {
     }
 }
 
+/// The last export's failure, if it failed: `/readyz` notes it (a
+/// collector that does not verify, refuses the client certificate, or is
+/// away), in one line naming the endpoint.
+#[derive(Debug, Default)]
+pub struct ExportStatus(std::sync::Mutex<Option<String>>);
+
+impl ExportStatus {
+    fn set(&self, why: Option<String>) {
+        if let Ok(mut s) = self.0.lock() {
+            *s = why;
+        }
+    }
+
+    /// Why the last export failed; None once one succeeds.
+    pub fn failing(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|s| s.clone())
+    }
+}
+
 /// Builds the OTLP exporter and starts the export task. The task ends when
 /// every [`SpanQueue`] is dropped, after a last flush.
 pub fn start(
     config: ExportConfig,
     metrics: Arc<Metrics>,
+    status: Arc<ExportStatus>,
 ) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), Error> {
     // The TLS files are checked here, before anything is exported: a wrong
     // path is an error at start, not a failed export every second.
@@ -137,7 +157,7 @@ pub fn start(
         .map(|_| build(&config))
         .collect::<Result<Vec<_>, _>>()?;
     let (tx, rx) = mpsc::channel(config.queue.max(1));
-    let task = tokio::spawn(run(exporters, rx, config, metrics.clone()));
+    let task = tokio::spawn(run(exporters, rx, config, metrics.clone(), status));
     Ok((SpanQueue { tx, metrics }, task))
 }
 
@@ -178,12 +198,7 @@ fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Erro
             if let Some(e) = &config.endpoint {
                 // An explicit endpoint is used as is by the library; the
                 // OTLP convention is a base URL with the signal path added.
-                let e = e.trim_end_matches('/');
-                b = b.with_endpoint(if e.ends_with("/v1/traces") {
-                    e.to_owned()
-                } else {
-                    format!("{e}/v1/traces")
-                });
+                b = b.with_endpoint(traces_url(e));
             }
             if let Some(t) = config.timeout {
                 b = b.with_timeout(t);
@@ -191,6 +206,44 @@ fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Erro
             b.build()?
         }
     })
+}
+
+/// Why OTLP/HTTP cannot reach the collector, when the exporter's error
+/// does not say (the library reports a refused certificate, a reset and a
+/// refused connection alike as "network error"): one request of our own
+/// to the same URL, with the same TLS, and its error's whole chain.
+async fn cause(config: &ExportConfig) -> Option<String> {
+    if config.protocol != OtlpProtocol::HttpProtobuf {
+        return None;
+    }
+    let url = traces_url(config.endpoint.as_deref()?);
+    let client = config
+        .tls
+        .read()
+        .ok()?
+        .http_client()
+        .ok()?
+        .timeout(Duration::from_secs(5))
+        .build()
+        .ok()?;
+    let e = client.post(url).send().await.err()?;
+    let mut why = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        why = format!("{why}: {s}");
+        source = s.source();
+    }
+    Some(why)
+}
+
+/// The OTLP/HTTP traces URL for a base endpoint (the signal path added).
+fn traces_url(endpoint: &str) -> String {
+    let e = endpoint.trim_end_matches('/');
+    if e.ends_with("/v1/traces") {
+        e.to_owned()
+    } else {
+        format!("{e}/v1/traces")
+    }
 }
 
 /// Whether the gRPC endpoint is reached over TLS, as the OpenTelemetry
@@ -269,6 +322,7 @@ async fn run(
     mut rx: mpsc::Receiver<SyntheticSpan>,
     config: ExportConfig,
     metrics: Arc<Metrics>,
+    status: Arc<ExportStatus>,
 ) {
     // Capacity 1: one batch handed over while every exporter is busy; past
     // that, spans wait in (or are dropped from) the bounded queue.
@@ -282,6 +336,7 @@ async fn run(
                 handed.clone(),
                 config.clone(),
                 metrics.clone(),
+                status.clone(),
             ))
         })
         .collect();
@@ -307,6 +362,7 @@ async fn export_worker(
     handed: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<SyntheticSpan>>>>,
     config: ExportConfig,
     metrics: Arc<Metrics>,
+    status: Arc<ExportStatus>,
 ) {
     let scope = scope();
     loop {
@@ -315,7 +371,7 @@ async fn export_worker(
         let Some(batch) = handed.lock().await.recv().await else {
             break;
         };
-        export_batch(&mut exporter, batch, &config, &metrics, &scope).await;
+        export_batch(&mut exporter, batch, &config, &metrics, &status, &scope).await;
     }
     if let Err(e) = exporter.shutdown() {
         tracing::debug!(error = %e, "shutting the OTLP exporter down");
@@ -355,6 +411,7 @@ async fn export_batch(
     batch: Vec<SyntheticSpan>,
     config: &ExportConfig,
     metrics: &Metrics,
+    status: &ExportStatus,
     scope: &InstrumentationScope,
 ) {
     // One resource per service: Jaeger files spans under service.name.
@@ -390,10 +447,22 @@ async fn export_batch(
             match result {
                 Ok(()) => {
                     metrics.spans_exported.inc_by(n);
+                    status.set(None);
                     break;
                 }
                 Err(e) => {
                     metrics.export_errors.inc();
+                    let why = match cause(config).await {
+                        Some(cause) => format!("{e}: {cause}"),
+                        None => e.to_string(),
+                    };
+                    status.set(Some(format!(
+                        "collector {}: {why}",
+                        config
+                            .endpoint
+                            .as_deref()
+                            .unwrap_or("(OTEL_EXPORTER_OTLP_ENDPOINT)")
+                    )));
                     // A fresh connection for the next attempt: the failed
                     // one may be wedged (half-open, or stuck connecting).
                     match build(config) {

@@ -1248,7 +1248,7 @@ fn user_space(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let total = built.len();
     let t = Instant::now();
     rt.block_on(async {
-        let (queue, task) = export::start(cfg, metrics.clone())?;
+        let (queue, task) = export::start(cfg, metrics.clone(), Default::default())?;
         for s in built {
             queue.offer(s);
         }

@@ -35,6 +35,7 @@ pub struct Shared {
     heartbeat_ns: AtomicU64,
     api: std::sync::OnceLock<Arc<crate::cluster::ApiStatus>>,
     store: std::sync::OnceLock<Arc<crate::reconcile::StoreStatus>>,
+    pub export: Arc<crate::export::ExportStatus>,
 }
 
 impl Shared {
@@ -46,6 +47,7 @@ impl Shared {
             heartbeat_ns: AtomicU64::new(monotonic_ns()),
             api: std::sync::OnceLock::new(),
             store: std::sync::OnceLock::new(),
+            export: Arc::default(),
         }
     }
 
@@ -95,21 +97,27 @@ async fn healthz(State(s): State<Arc<Shared>>) -> StatusCode {
 /// `degraded: ...` while the Kubernetes API is away (the data path still
 /// runs, with address-only names); 503 `starting` before that. A trace
 /// store that cannot be read adds a `note:` line and keeps 200: spans still
-/// go out, only uncorrected.
+/// go out, only uncorrected. A failing export (the collector away, or one
+/// whose certificate does not verify) adds a `note:` line too: the agent
+/// still finds and counts gaps, and its metrics are still to be scraped.
 async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     if !s.ready.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned());
     }
-    match s.api.get().and_then(|a| a.degraded()) {
-        Some(why) => (
+    if let Some(why) = s.api.get().and_then(|a| a.degraded()) {
+        return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("degraded: {why}\n"),
-        ),
-        None => match s.store.get().and_then(|st| st.away()) {
-            Some(why) => (StatusCode::OK, format!("ok\nnote: {why}\n")),
-            None => (StatusCode::OK, "ok\n".to_owned()),
-        },
+        );
     }
+    let mut body = "ok\n".to_owned();
+    for why in [s.store.get().and_then(|st| st.away()), s.export.failing()]
+        .into_iter()
+        .flatten()
+    {
+        body.push_str(&format!("note: {why}\n"));
+    }
+    (StatusCode::OK, body)
 }
 
 /// `/metrics`, `/healthz` and `/readyz`: for Prometheus and the kubelet,
