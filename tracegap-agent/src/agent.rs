@@ -8,7 +8,7 @@
 //! bounded export queue.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
     net::{IpAddr, SocketAddr},
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -606,6 +606,10 @@ struct Pipeline {
     node: Option<String>,
     /// Hops waiting for evidence of their cause (a write turn, answers).
     deferred: std::collections::VecDeque<Deferred>,
+    /// The held hops by their caller's address: how many, and the latest
+    /// start (kept while any is held), for [`Pipeline::waits_for_calls`]
+    /// without a walk of the held ones.
+    held_calls: HashMap<IpAddr, (usize, u64)>,
     /// Pods whose threads the kernel records (None: no thread programs).
     relays: Option<crate::ebpf::threads::Relays>,
     /// TLS connections whose plaintext OpenSSL's probes may still deliver
@@ -691,6 +695,7 @@ impl Pipeline {
             last_resync_ns: monotonic_ns(),
             node: config.node_name.clone(),
             deferred: std::collections::VecDeque::new(),
+            held_calls: HashMap::new(),
             relays: None,
             tls_waiting: None,
             owners: Default::default(),
@@ -1027,6 +1032,8 @@ impl Pipeline {
         if self.deferred.len() < MAX_DEFERRED
             && (self.engine.awaits(&hop) || self.waits_for_calls(&hop))
         {
+            let held = self.held_calls.entry(req.flow.src.ip).or_default();
+            *held = (held.0 + 1, held.1.max(req.ts_ns));
             self.deferred.push_back(Deferred {
                 until_ns: now + HOLD_NS,
                 req: req.clone(),
@@ -1043,13 +1050,9 @@ impl Pipeline {
     /// `hop` ([`FormatsRead`]), so `hop` settles after it (the held ones
     /// settle in order).
     fn waits_for_calls(&self, hop: &Hop) -> bool {
-        let callee = hop.callee().ip;
-        !self.deferred.is_empty()
-            && self.engine.is_relay(callee)
-            && self
-                .deferred
-                .iter()
-                .any(|d| d.req.flow.src.ip == callee && d.req.ts_ns >= hop.start_ns)
+        self.held_calls
+            .get(&hop.callee().ip)
+            .is_some_and(|(_, latest)| *latest >= hop.start_ns)
     }
 
     /// Hops held for evidence: each as it arrives, or at its time (`all`:
@@ -1065,6 +1068,13 @@ impl Pipeline {
             let hop = Hop::new(&self.clock, &d.req, d.rsp, d.gave_up_ns);
             if all || now >= d.until_ns || !(self.engine.awaits(&hop) || self.waits_for_calls(&hop))
             {
+                let caller = d.req.flow.src.ip;
+                if let Some(held) = self.held_calls.get_mut(&caller) {
+                    held.0 -= 1;
+                    if held.0 == 0 {
+                        self.held_calls.remove(&caller);
+                    }
+                }
                 self.settle_hop(hop);
             } else {
                 self.deferred.push_back(d);

@@ -12,6 +12,8 @@
 use std::path::{Path, PathBuf};
 
 use opentelemetry_otlp::tonic_types::transport;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
+use thiserror::Error;
 
 /// Makes ring the process's rustls provider, once. reqwest, built with
 /// TLS but no provider of its own (one TLS stack: ring), asks for it when
@@ -24,8 +26,6 @@ pub fn install_crypto_provider() {
         let _ = rustls::crypto::ring::default_provider().install_default();
     });
 }
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
-use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum Error {
@@ -99,10 +99,6 @@ impl TlsFiles {
         }
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.ca.is_none() && self.cert.is_none() && self.key.is_none()
-    }
-
     /// Reads and checks the files.
     pub fn read(&self) -> Result<Pem, Error> {
         let ca = match &self.ca {
@@ -167,16 +163,21 @@ fn private_key(setting: &str, path: &Path, pem: &[u8]) -> Result<PrivateKeyDer<'
     })
 }
 
-/// A key others on the node can read is one they can take.
+/// A key others on the node can read is one they can take. Said once per
+/// file: files are read again for every new connection.
 fn warn_if_readable(setting: &str, path: &Path) {
     use std::os::unix::fs::PermissionsExt as _;
+    static WARNED: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
     if let Ok(m) = std::fs::metadata(path)
         && m.permissions().mode() & 0o004 != 0
+        && let Ok(mut warned) = WARNED.lock()
+        && !warned.iter().any(|p| p == path)
     {
+        warned.push(path.to_owned());
         tracing::warn!(
             setting,
             path = %path.display(),
-            "the private key is readable by every user of the node: mount it with mode 0400 or 0440"
+            "a key or secret file readable by every user of the node: mount it with mode 0400 or 0440"
         );
     }
 }
