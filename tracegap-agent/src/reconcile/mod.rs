@@ -640,6 +640,7 @@ impl Task {
                     self.store = Some(s);
                 }
                 Err(e) => {
+                    self.out.metrics.store_query("connect", outcome(&e), 1);
                     self.away(&e);
                     return false;
                 }
@@ -738,7 +739,7 @@ impl Task {
                     }
                 }
                 Err(e) => {
-                    m.store_query(kind_of(&q), "error", 1);
+                    m.store_query(kind_of(&q), outcome(&e), 1);
                     failed = Some(e);
                 }
             }
@@ -951,6 +952,16 @@ async fn ask_one(store: &dyn TraceStore, q: &Query) -> Result<Answer, tracestore
         Query::Trace(id) => Answer::Trace(store.trace(id).await?),
         Query::Search(s) => Answer::Search(store.search(s).await?),
     })
+}
+
+/// A failed query's outcome in `tracegap_trace_store_queries_total`: a
+/// refusal (401, 403) is for whoever holds the credentials to act on, and
+/// has its own.
+fn outcome(e: &tracestore::Error) -> &'static str {
+    match e {
+        tracestore::Error::Denied(_) => "denied",
+        _ => "error",
+    }
 }
 
 fn kind_of(q: &Query) -> &'static str {
