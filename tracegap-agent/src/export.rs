@@ -227,13 +227,7 @@ async fn cause(config: &ExportConfig) -> Option<String> {
         .build()
         .ok()?;
     let e = client.post(url).send().await.err()?;
-    let mut why = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        why = format!("{why}: {s}");
-        source = s.source();
-    }
-    Some(why)
+    Some(crate::remote::error_chain(&e))
 }
 
 /// The OTLP/HTTP traces URL for a base endpoint (the signal path added).

@@ -15,6 +15,19 @@ use opentelemetry_otlp::tonic_types::transport;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject as _};
 use thiserror::Error;
 
+/// An error and its sources, joined: an HTTP client's top level says only
+/// "error sending request"; the chain says why (refused, reset, a
+/// certificate not trusted, DNS).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut why = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        why = format!("{why}: {s}");
+        source = s.source();
+    }
+    why
+}
+
 /// Makes ring the process's rustls provider, once. reqwest, built with
 /// TLS but no provider of its own (one TLS stack: ring), asks for it when
 /// any client is built, a plain-HTTP one too; every place that builds one

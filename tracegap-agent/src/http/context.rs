@@ -833,12 +833,14 @@ mod tests {
     use super::*;
     use crate::http::message::parse_head;
 
+    /// The propagation of a GET carrying the header lines `h`.
+    fn head(h: &str) -> Propagation {
+        let raw = format!("GET / HTTP/1.1\r\n{h}\r\n\r\n");
+        Propagation::from_head(&parse_head(raw.as_bytes()).unwrap())
+    }
+
     #[test]
     fn skywalking_is_a_context_of_its_own_and_datadogs_tracestate_a_datadog_one() {
-        let head = |h: &str| {
-            let raw = format!("GET / HTTP/1.1\r\n{h}\r\n\r\n");
-            Propagation::from_head(&parse_head(raw.as_bytes()).unwrap())
-        };
         // SkyWalking's own example: trace "a.b.c", service "service" ...
         let sw = "1-YS5iLmM=-ZC5lLmY=-3-c2VydmljZQ==-aW5zdGFuY2U=-L2FwaQ==-MTAuMC4wLjE6ODA4MA==";
         let p = head(&format!("sw8: {sw}"));
@@ -907,10 +909,6 @@ mod tests {
 
     #[test]
     fn other_tracers_formats_are_read_and_their_ids_converted() {
-        let head = |h: &str| {
-            let raw = format!("GET / HTTP/1.1\r\n{h}\r\n\r\n");
-            Propagation::from_head(&parse_head(raw.as_bytes()).unwrap())
-        };
         let one = |h: &str| -> SpanContext {
             let p = head(h);
             match p.contexts.as_slice() {

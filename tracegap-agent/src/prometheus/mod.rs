@@ -124,15 +124,9 @@ impl Prometheus {
         if e.is_timeout() {
             return Error::Timeout(self.timeout);
         }
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            reason = format!("{reason}: {s}");
-            source = s.source();
-        }
         Error::Unreachable {
             url: self.base.clone(),
-            reason,
+            reason: crate::remote::error_chain(&e),
         }
     }
 

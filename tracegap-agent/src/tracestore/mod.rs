@@ -186,15 +186,7 @@ impl Http {
         if e.is_timeout() {
             Error::Timeout(self.timeout)
         } else {
-            // The chain says why (refused, reset, DNS): the top level only
-            // says "error sending request".
-            let mut msg = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(s) = source {
-                msg = format!("{msg}: {s}");
-                source = s.source();
-            }
-            Error::Unreachable(msg)
+            Error::Unreachable(crate::remote::error_chain(&e))
         }
     }
 }
