@@ -258,13 +258,22 @@ impl Cluster {
         c.interfaces = Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect());
         let any = SocketAddr::from((Self::node_address(node), 0));
         (c.listen, c.report_listen) = listen.unwrap_or((any, Some(any)));
+        // Over TLS when the config trusts a CA for it (`--secure`).
+        let scheme = |tls: &tracegap_agent::remote::TlsFiles| {
+            if tls.ca.is_some() { "https" } else { "http" }
+        };
         c.export.endpoint = Some(format!(
-            "http://{}:{store_grpc_port}",
+            "{}://{}:{store_grpc_port}",
+            scheme(&c.export.tls),
             Self::store_address(node)
         ));
         c.node_name = Some(node.name.clone());
         if let (Some(r), Some(port)) = (&mut c.reconcile, store_query_port) {
-            r.store = format!("http://{}:{port}", Self::store_address(node));
+            r.store = format!(
+                "{}://{}:{port}",
+                scheme(&r.access.tls),
+                Self::store_address(node)
+            );
         }
         Agent::start_in(c, node.netns.as_deref())
     }
@@ -274,30 +283,49 @@ impl Cluster {
     /// network. The lab's overlay on the ConfigMap: its trace store, its
     /// veths' names, a response timeout past its slowest
     /// request, and `names` (a names file, the stand-in for the
-    /// Kubernetes API the lab does not have) mounted read-only.
+    /// Kubernetes API the lab does not have) mounted read-only. With
+    /// `secured`, the store is reached over TLS: the manifest must mount
+    /// Secret `tracegap-otlp-tls` (`deploy/otlp-tls`), which gets the run's
+    /// files, and the trace store's settings point into it.
     pub fn start_container_agents(
         &self,
         template: &crate::container::PodTemplate,
         store_grpc_port: u16,
         store_query_port: u16,
         names: &std::path::Path,
+        secured: Option<&crate::secure::Secured>,
     ) -> anyhow::Result<Vec<Agent>> {
         use crate::container::{AgentContainer, Placement};
         const NAMES_IN_CONTAINER: &str = "/etc/tracegap/names";
         let names = names
             .canonicalize()
             .with_context(|| format!("locating {}", names.display()))?;
+        let scheme = if secured.is_some() { "https" } else { "http" };
+        let secret_mount = match secured {
+            Some(_) => Some(
+                template
+                    .secrets
+                    .iter()
+                    .find(|(name, _)| name == crate::secure::SECRET)
+                    .map(|(_, inside)| std::path::Path::new(inside))
+                    .with_context(|| format!(
+                        "the store is behind TLS but the DaemonSet mounts no Secret {}: run it as deploy/otlp-tls says",
+                        crate::secure::SECRET
+                    ))?,
+            ),
+            None => None,
+        };
         self.nodes
             .iter()
             .map(|node| {
-                let at = Placement {
+                let mut at = Placement {
                     node: node.name.clone(),
                     netns: node.netns.clone(),
                     reach: Some(Self::node_address(node).into()),
                     overlay: vec![
                         (
                             "OTEL_EXPORTER_OTLP_ENDPOINT".into(),
-                            format!("http://{}:{store_grpc_port}", Self::store_address(node)),
+                            format!("{scheme}://{}:{store_grpc_port}", Self::store_address(node)),
                         ),
                         ("TRACEGAP_IFACE_PATTERNS".into(), node.veth_pattern()),
                         ("TRACEGAP_NAMES_FILE".into(), NAMES_IN_CONTAINER.into()),
@@ -308,7 +336,10 @@ impl Cluster {
                         // Jaeger would be, at the lab's pace.
                         (
                             "TRACEGAP_TRACE_STORE".into(),
-                            format!("http://{}:{store_query_port}", Self::store_address(node)),
+                            format!(
+                                "{scheme}://{}:{store_query_port}",
+                                Self::store_address(node)
+                            ),
                         ),
                         ("TRACEGAP_TRACE_STORE_KIND".into(), "jaeger".into()),
                         (
@@ -318,8 +349,14 @@ impl Cluster {
                         ("TRACEGAP_TRACE_STORE_QPS".into(), RECONCILE_QPS.to_string()),
                     ],
                     files: vec![(names.clone(), NAMES_IN_CONTAINER.into())],
+                    secrets: Vec::new(),
                     without: Vec::new(),
                 };
+                if let (Some(s), Some(mount)) = (secured, secret_mount) {
+                    at.overlay.extend(s.container_store_settings(mount));
+                    at.secrets
+                        .push((crate::secure::SECRET.into(), s.secret_dir.clone()));
+                }
                 let name = format!("tracegap-lab-{}-{}", node.name, std::process::id());
                 Agent::from_container(AgentContainer::start(template, &at, &name)?)
             })

@@ -87,6 +87,9 @@ pub struct PodTemplate {
     env: Vec<(String, EnvValue)>,
     /// Security, resources, volumes and lifecycle as podman flags.
     flags: Vec<String>,
+    /// Secret volumes' mounts: (the Secret's name, the path inside); each
+    /// run says where its Secret's files are ([`Placement::secrets`]).
+    pub secrets: Vec<(String, String)>,
     pub host_network: bool,
     pub readiness: Option<HttpProbe>,
     /// Capabilities the manifest adds (without CAP_), for tests that take
@@ -211,6 +214,7 @@ impl PodTemplate {
             args: Vec::new(),
             env: Vec::new(),
             flags: Vec::new(),
+            secrets: Vec::new(),
             host_network: false,
             readiness: None,
             capabilities: Vec::new(),
@@ -233,10 +237,19 @@ impl PodTemplate {
                 }
                 "volumes" => {
                     for v in spec.volumes.iter().flatten() {
-                        let host = v.host_path.as_ref().with_context(|| {
-                            format!("volume {}: only hostPath volumes are run", v.name)
-                        })?;
-                        volumes.insert(v.name.clone(), host.path.clone());
+                        let source = match (&v.host_path, &v.secret) {
+                            (Some(host), _) => Volume::Host(host.path.clone()),
+                            (None, Some(secret)) => {
+                                Volume::Secret(secret.secret_name.clone().with_context(|| {
+                                    format!("volume {}: a Secret without a name", v.name)
+                                })?)
+                            }
+                            (None, None) => bail!(
+                                "volume {}: only hostPath and Secret volumes are run",
+                                v.name
+                            ),
+                        };
+                        volumes.insert(v.name.clone(), source);
                     }
                 }
                 "securityContext" => {
@@ -278,7 +291,7 @@ impl PodTemplate {
         &mut self,
         c: &K8sContainer,
         config_maps: &BTreeMap<String, ConfigMap>,
-        volumes: &BTreeMap<String, String>,
+        volumes: &BTreeMap<String, Volume>,
     ) -> anyhow::Result<()> {
         let mut ports = BTreeMap::new();
         for p in c.ports.iter().flatten() {
@@ -403,12 +416,21 @@ impl PodTemplate {
                 }
                 "volumeMounts" => {
                     for m in c.volume_mounts.iter().flatten() {
-                        let host = volumes
+                        let source = volumes
                             .get(&m.name)
                             .with_context(|| format!("volumeMount {}: no such volume", m.name))?;
-                        let ro = if m.read_only == Some(true) { ":ro" } else { "" };
-                        self.flags
-                            .push(format!("--volume={host}:{}{ro}", m.mount_path));
+                        match source {
+                            Volume::Host(host) => {
+                                let ro = if m.read_only == Some(true) { ":ro" } else { "" };
+                                self.flags
+                                    .push(format!("--volume={host}:{}{ro}", m.mount_path));
+                            }
+                            // Kubernetes mounts a Secret read-only whatever
+                            // the mount says.
+                            Volume::Secret(name) => {
+                                self.secrets.push((name.clone(), m.mount_path.clone()))
+                            }
+                        }
                     }
                 }
                 other => match CONTAINER_FIELDS_IGNORED.iter().find(|(k, _)| *k == other) {
@@ -467,9 +489,20 @@ pub struct Placement {
     pub overlay: Vec<(String, String)>,
     /// Files bound read-only into the container: (host path, path inside).
     pub files: Vec<(PathBuf, String)>,
+    /// The Secrets the manifest mounts: (name, a directory of its files,
+    /// one per key, with the volume's mode).
+    pub secrets: Vec<(String, PathBuf)>,
     /// Capabilities the manifest adds that this run leaves out (a test of
     /// their necessity).
     pub without: Vec<String>,
+}
+
+/// Where a pod volume's files come from.
+enum Volume {
+    /// A directory of the node.
+    Host(String),
+    /// A Secret, by name: the run supplies its files.
+    Secret(String),
 }
 
 /// One running agent container; removed (stopped with SIGTERM first) when
@@ -576,6 +609,17 @@ impl AgentContainer {
             a.push(format!("--env={k}={v}"));
         }
         for (host, inside) in &at.files {
+            a.push(format!("--volume={}:{inside}:ro", host.display()));
+        }
+        for (secret, inside) in &t.secrets {
+            let host = at
+                .secrets
+                .iter()
+                .find(|(name, _)| name == secret)
+                .map(|(_, dir)| dir)
+                .with_context(|| {
+                    format!("the DaemonSet mounts Secret {secret}, which this run does not have")
+                })?;
             a.push(format!("--volume={}:{inside}:ro", host.display()));
         }
         if let Some(e) = &t.entrypoint {

@@ -24,6 +24,7 @@ pub mod prometheus;
 pub mod query;
 pub mod run;
 pub mod scenario;
+pub mod secure;
 pub mod serve;
 pub mod service;
 pub mod store;

@@ -57,6 +57,14 @@ enum Cmd {
         /// endpoint too: a Jaeger of your own (e.g. http://localhost:4318).
         #[arg(long, value_name = "URL")]
         otlp_endpoint: Option<String>,
+        /// Put the trace store behind TLS, as a secured production one: its
+        /// OTLP receiver asks for client certificates (mutual TLS), its
+        /// query API for a bearer token and a tenant, with a CA made for
+        /// the run. The agents, services and clients are given the files
+        /// as a deployment gives them (with --container, as deploy/otlp-tls
+        /// mounts its Secret).
+        #[arg(long)]
+        secure: bool,
     },
     /// What tracegap costs: data path, kernel, user space, memory, detection
     /// latency, each against its baseline (as root; `cargo xtask bench`).
@@ -88,6 +96,10 @@ enum Cmd {
         /// quality's report from a real Prometheus after the lab's load.
         #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls"])]
         quality: bool,
+        /// Only what the agent costs a quiet node: CPU and wakeups at rest
+        /// and at 10, 50 and 200 requests/s (HTTP/1.1, gRPC).
+        #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls", "quality"])]
+        rest: bool,
     },
     /// Holds N open flows in the agent's state and prints the peak RSS in
     /// KiB (used by `bench`).
@@ -209,6 +221,7 @@ fn main() -> anyhow::Result<()> {
             serve,
             jaeger_ui,
             otlp_endpoint,
+            secure,
         } => {
             on_signal(&INTERRUPTED, None)?;
             let scenarios = if scenarios.is_empty() {
@@ -244,6 +257,7 @@ fn main() -> anyhow::Result<()> {
                     ui: jaeger_ui,
                 }),
                 forward: otlp_endpoint,
+                secure,
             };
             let outcomes = match run(&opts, &mut std::io::stdout()) {
                 Ok(o) => o,
@@ -281,6 +295,7 @@ fn main() -> anyhow::Result<()> {
             sockets,
             tls,
             quality,
+            rest,
         } => {
             let d = if quick {
                 tracegap_lab::bench::Durations::quick()
@@ -295,11 +310,16 @@ fn main() -> anyhow::Result<()> {
                 table = tracegap_lab::bench::tls_only(d)?;
             } else if quality {
                 table = tracegap_lab::bench::quality_only(d)?;
+            } else if rest {
+                table = tracegap_lab::bench::rest_only(d)?;
             } else if !kernel {
                 table = tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
                 table.push('\n');
             }
-            if let Some(floor) = floor.as_ref().filter(|_| !sockets && !tls && !quality) {
+            if let Some(floor) = floor
+                .as_ref()
+                .filter(|_| !sockets && !tls && !quality && !rest)
+            {
                 eprintln!("bench: kernel programs on crafted packets (BPF_PROG_TEST_RUN)");
                 table.push_str(&tracegap_lab::bench::kernel::run(
                     floor,

@@ -146,6 +146,8 @@ pub struct Prometheus {
     dir: TempDir,
     /// Its `--web.config.file` (TLS, basic authentication), if any.
     web: bool,
+    /// Served over TLS (the web config's `tls_server_config`).
+    tls: bool,
 }
 
 /// The binary `cargo xtask test` names (`TRACEGAP_PROMETHEUS_BIN`).
@@ -171,7 +173,8 @@ impl Prometheus {
     }
 
     /// [`Prometheus::start`] with `web` as its `--web.config.file` (e.g.
-    /// `basic_auth_users`): ready once it answers, 401 included.
+    /// `basic_auth_users`, `tls_server_config`): ready once it answers,
+    /// 401 included (and, over TLS, the 400 it gives a plain request).
     pub fn start_with(
         binary: &Path,
         targets: &[SocketAddr],
@@ -190,6 +193,7 @@ impl Prometheus {
             addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
             dir,
             web: web.is_some(),
+            tls: web.is_some_and(|w| w.contains("tls_server_config")),
         };
         p.write_config(targets)?;
         p.resume()?;
@@ -197,7 +201,11 @@ impl Prometheus {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!(
+            "{}://{}",
+            if self.tls { "https" } else { "http" },
+            self.addr
+        )
     }
 
     fn write_config(&self, targets: &[SocketAddr]) -> anyhow::Result<()> {
@@ -259,7 +267,7 @@ impl Prometheus {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if crate::http::get(self.addr, "/-/ready")
-                .is_ok_and(|(s, _)| s == 200 || (self.web && s == 401))
+                .is_ok_and(|(s, _)| s == 200 || (self.web && s == 401) || (self.tls && s == 400))
             {
                 return Ok(());
             }

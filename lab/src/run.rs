@@ -36,6 +36,7 @@ use crate::{
     netns::{Child, Node, Pod},
     query::QueryServer,
     scenario::{self, Expect, Scenario},
+    secure::Secured,
     store::{Downtime, Received, Receiver},
     tree,
 };
@@ -72,6 +73,10 @@ pub struct Options {
     /// served Trace Quality page is `tracegap quality` over it (both nodes
     /// summed, as in a cluster).
     pub prometheus: Option<PathBuf>,
+    /// The store behind TLS, as a secured production one: its OTLP
+    /// receiver over mutual TLS, its query API asking for a token and a
+    /// tenant (see [`crate::secure`]).
+    pub secure: bool,
 }
 
 impl Options {
@@ -87,6 +92,7 @@ impl Options {
             serve: None,
             forward: None,
             prometheus: None,
+            secure: false,
         }
     }
 }
@@ -126,6 +132,8 @@ struct Ctx<'a> {
     tls: std::collections::HashSet<String>,
     /// Scraping the agents, when the run has one.
     prometheus: Option<&'a crate::prometheus::Prometheus>,
+    /// The store's CA and credentials, when it is behind TLS.
+    secured: Option<&'a Secured>,
 }
 
 impl Ctx<'_> {
@@ -176,7 +184,12 @@ impl Ctx<'_> {
     /// The trace store as pods on `node` reach it.
     fn otlp(&self, node: &Node) -> String {
         format!(
-            "http://{}:{}",
+            "{}://{}:{}",
+            if self.secured.is_some() {
+                "https"
+            } else {
+                "http"
+            },
             Cluster::store_address(node),
             self.store.http.port()
         )
@@ -203,6 +216,9 @@ impl Ctx<'_> {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &pod.netns])
             .arg(&self.opts.lab_bin);
+        if let Some(s) = self.secured {
+            c.envs(s.exporter_env());
+        }
         c
     }
 
@@ -1006,8 +1022,7 @@ fn without_store(
 /// cross-node hops, every one of them through a Service.
 pub fn run_one(
     sc: &Scenario,
-    store: &mut Receiver,
-    reader: &QueryServer,
+    (store, reader, secured): (&mut Receiver, &QueryServer, Option<&Secured>),
     prometheus: Option<&crate::prometheus::Prometheus>,
     opts: &Options,
     out: &mut dyn Write,
@@ -1043,6 +1058,7 @@ pub fn run_one(
             kind: StoreKind::Jaeger,
             settle: RECONCILE_SETTLE,
             qps: RECONCILE_QPS,
+            access: secured.map(Secured::store_access).unwrap_or_default(),
             // Replaced per node by the store's address there.
             ..ReconcileConfig::new(String::new())
         }),
@@ -1052,6 +1068,7 @@ pub fn run_one(
                 interval: Duration::from_millis(200),
                 queue: 2048,
                 attempts: 3,
+                tls: secured.map(Secured::export_tls).unwrap_or_default(),
                 ..ExportConfig::default()
             },
             ExportMode::Gaps,
@@ -1068,6 +1085,7 @@ pub fn run_one(
                 store.grpc.port(),
                 reader.addr.port(),
                 &names,
+                secured,
             )?
         }
         (None, config) => cluster.start_agents(
@@ -1089,6 +1107,7 @@ pub fn run_one(
             .map(|s| s.spec.name.clone())
             .collect(),
         prometheus,
+        secured,
     };
     ctx.agents_started()?;
     let first_span = ctx.store.spans().len();
@@ -1346,13 +1365,39 @@ pub fn run_one(
             .filter_map(|e| e.kinds.get("context_ok"))
             .sum();
         let unchecked = hops.saturating_sub(decided);
-        let ok = lost > 0 && lost <= failed && lost + unchecked >= failed;
+        let uninstrumented = into(|c| c.uninstrumented);
+        let (ok, text) = if ctx.secured.is_some() {
+            // Its exports go over TLS: the agents cannot read the 503s, so
+            // a missing span is unknown ("lost or never sent"), never
+            // lost_in_pipeline, not_exported or uninstrumented.
+            let unread = answers
+                .get(tracegap_agent::reconcile::learned::ENCRYPTED)
+                .copied()
+                .unwrap_or(0);
+            (
+                lost == 0
+                    && unexported == 0
+                    && uninstrumented == 0
+                    && unread > 0
+                    && unread <= failed
+                    && unread + unchecked >= failed,
+                format!(
+                    "{service}'s spans unknown, its exports over TLS unread: {unread} (collector answered {answers:?}), as many as {service} itself failed to export: {failed}, less the hops not checked: {unchecked}; lost_in_pipeline {lost}, not exported {unexported}, uninstrumented {uninstrumented}, {arrived} arrived"
+                ),
+            )
+        } else {
+            (
+                lost > 0 && lost <= failed && lost + unchecked >= failed,
+                format!(
+                    "{service}'s spans lost_in_pipeline: {lost} (collector answered {answers:?}), as many as {service} itself failed to export: {failed}, less the hops not checked: {unchecked} ({} counted not_checked by the agents); {arrived} arrived, {unexported} not exported",
+                    into(|c| c.not_checked)
+                ),
+            )
+        };
         outcome.passed &= ok;
-        outcome.verdict.push(format!(
-            "{} {service}'s spans lost_in_pipeline: {lost} (collector answered {answers:?}), as many as {service} itself failed to export: {failed}, less the hops not checked: {unchecked} ({} counted not_checked by the agents); {arrived} arrived, {unexported} not exported",
-            if ok { "ok  " } else { "FAIL" },
-            into(|c| c.not_checked)
-        ));
+        outcome
+            .verdict
+            .push(format!("{} {text}", if ok { "ok  " } else { "FAIL" }));
     }
     drop(ctx);
     Ok(outcome)
@@ -1383,14 +1428,37 @@ pub struct Finished {
 pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finished> {
     std::fs::create_dir_all(&opts.out)
         .with_context(|| format!("creating {}", opts.out.display()))?;
-    let mut store = Receiver::start(IpAddr::V4(Ipv4Addr::UNSPECIFIED))?;
+    let secured = opts.secure.then(Secured::new).transpose()?;
+    let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let mut store = match &secured {
+        Some(s) => Receiver::start_tls(any, s.receiver_tls()?)?,
+        None => Receiver::start(any)?,
+    };
     // The store's Jaeger query API, which the agents read traces back from.
-    let reader = QueryServer::start(
-        SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
-        store.shared(),
-        std::sync::Arc::default(),
-        None,
-    )?;
+    let reader = match &secured {
+        Some(s) => QueryServer::start_secured(
+            SocketAddr::from((any, 0)),
+            store.shared(),
+            s.query_tls()?,
+            s.required(),
+        )?,
+        None => QueryServer::start(
+            SocketAddr::from((any, 0)),
+            store.shared(),
+            std::sync::Arc::default(),
+            None,
+        )?,
+    };
+    if secured.is_some() {
+        writeln!(
+            out,
+            "the trace store is behind TLS: OTLP on {} and {} asks for a client certificate of the run's CA, its query API on {} for a bearer token and tenant {:?}",
+            store.grpc.port(),
+            store.http.port(),
+            reader.addr.port(),
+            crate::secure::TENANT
+        )?;
+    }
     if let Some(endpoint) = &opts.forward {
         store.forward_to(endpoint)?;
         writeln!(out, "passing every span on to {endpoint} too")?;
@@ -1423,7 +1491,13 @@ pub fn run_keeping(opts: &Options, out: &mut dyn Write) -> anyhow::Result<Finish
         })?;
         writeln!(out, "\n== {}/{total} {}: {} ==", i + 1, sc.name, sc.lesson)?;
         let started = Instant::now();
-        let o = run_one(&sc, &mut store, &reader, prometheus.as_ref(), opts, out)?;
+        let o = run_one(
+            &sc,
+            (&mut store, &reader, secured.as_ref()),
+            prometheus.as_ref(),
+            opts,
+            out,
+        )?;
         write!(out, "{}", table(&o.report))?;
         for t in &o.trees {
             write!(out, "{t}")?;

@@ -456,9 +456,7 @@ pub fn tracer_provider(service: &str, sampler: Sampler, otlp: Option<&str>) -> S
         );
     tracegap_agent::remote::install_crypto_provider();
     if let Some(otlp) = otlp
-        && let Ok(client) = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(3))
-            .build()
+        && let Some(client) = exporter_client(otlp)
         && let Ok(exporter) = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_http_client(client)
@@ -473,6 +471,31 @@ pub fn tracer_provider(service: &str, sampler: Sampler, otlp: Option<&str>) -> S
         b = b.with_simple_exporter(Counting(exporter));
     }
     b.build()
+}
+
+/// The exporter's HTTP client: over TLS for an https:// store, trusting
+/// the CA and presenting the client certificate that the OpenTelemetry
+/// variables name (`tracegap-lab run --secure`), as an SDK would. None,
+/// said once, when they cannot be read: the program runs unexported.
+fn exporter_client(otlp: &str) -> Option<reqwest::blocking::Client> {
+    let b = reqwest::blocking::Client::builder().timeout(Duration::from_secs(3));
+    let b = if otlp.starts_with("https://") {
+        let tls = tracegap_agent::remote::TlsFiles::from_otlp_env()
+            .read()
+            .and_then(|pem| pem.rustls(&[b"http/1.1"]));
+        match tls {
+            Ok(config) => b.tls_backend_preconfigured(config),
+            Err(e) => {
+                eprintln!("no export to {otlp}: {e}");
+                return None;
+            }
+        }
+    } else {
+        b
+    };
+    b.build()
+        .map_err(|e| eprintln!("no export to {otlp}: {e}"))
+        .ok()
 }
 
 impl ServiceSpec {

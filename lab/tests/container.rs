@@ -6,7 +6,11 @@
 //! error naming it. deploy/https adds what reading HTTPS through OpenSSL
 //! asks (hostPID, SYS_ADMIN, SYS_PTRACE): with it the agent probes the
 //! node's libssl; without either capability it runs on, probes none, and
-//! its log names the one missing.
+//! its log names the one missing. deploy/otlp-tls mounts Secret
+//! `tracegap-otlp-tls`: given the files a Secret of that name would hold
+//! (a CA made for the run, a client certificate, mode 0440), the agent
+//! exports to the lab's store over mutual TLS and reads it back over TLS
+//! with a token.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -141,6 +145,67 @@ fn the_image_run_as_the_daemonset_says_finds_the_labs_broken_propagation() -> an
         "the hop that dropped the context found: {text}"
     );
     assert!(!o.spans.is_empty(), "synthetic spans exported: {text}");
+    Ok(())
+}
+
+#[test]
+fn the_otlp_tls_recipe_runs_with_its_secret_mounted_exporting_and_reading_over_tls()
+-> anyhow::Result<()> {
+    let test = "the_otlp_tls_recipe_runs_with_its_secret_mounted_exporting_and_reading_over_tls";
+    let Some(base) = manifests(test) else {
+        return Ok(());
+    };
+    let docs = render(&deploy_base().with_file_name("otlp-tls"))?;
+    let t = PodTemplate::from_manifests(&docs, "tracegap")?;
+    assert_eq!(
+        t.secrets,
+        [(
+            "tracegap-otlp-tls".to_owned(),
+            "/etc/tracegap/otlp-tls".to_owned()
+        )],
+        "the Secret volume is mounted where the variables point"
+    );
+    let out = std::env::temp_dir().join(format!("tracegap-container-tls-{}", std::process::id()));
+    let bin = PathBuf::from(env!("CARGO_BIN_EXE_tracegap-lab"));
+    let opts = Options {
+        container: Some(t),
+        secure: true,
+        ..Options::short(&["broken-propagation"], out.clone(), bin.clone())
+    };
+    let mut text = Vec::new();
+    let outcomes = run(&opts, &mut text);
+    let text = String::from_utf8_lossy(&text).into_owned();
+    let outcomes = outcomes.map_err(|e| e.context(text.clone()))?;
+    let [o] = outcomes.as_slice() else {
+        panic!("one outcome: {text}");
+    };
+    assert!(o.passed, "{text}");
+    // Exported over mutual TLS: the receiver takes nothing else.
+    assert!(
+        o.spans.iter().any(|s| s.synthetic()),
+        "synthetic spans exported over mutual TLS: {text}"
+    );
+    // Read back over TLS with the token: placing a span under the store's
+    // own spans needs the store's answer.
+    assert!(
+        o.verdict
+            .iter()
+            .any(|v| v.starts_with("ok") && v.contains("placed under service-b's own spans")),
+        "the store read back: {text}"
+    );
+
+    // The base mounts no such Secret: said, before any agent runs.
+    let opts = Options {
+        container: Some(PodTemplate::from_manifests(&base, "tracegap")?),
+        secure: true,
+        ..Options::short(&["broken-propagation"], out.clone(), bin)
+    };
+    let err = run(&opts, &mut Vec::new()).expect_err("the base has no Secret to mount");
+    let _ = std::fs::remove_dir_all(&out);
+    assert!(
+        format!("{err:#}").contains("mounts no Secret tracegap-otlp-tls"),
+        "{err:#}"
+    );
     Ok(())
 }
 

@@ -275,11 +275,13 @@ fn the_rules_check_and_their_alerts_fire_as_their_tests_say() -> anyhow::Result<
     Ok(())
 }
 
-/// Prometheus behind basic authentication (its `--web.config.file`), as
-/// behind a gateway: `tracegap quality` reaches it with the user and the
-/// password file (`--prometheus-user`, `--prometheus-password-file`); a
-/// wrong password is said, on the page (502) and by `/readyz` (503), with
-/// Prometheus's 401 and never the password.
+/// Prometheus behind TLS and basic authentication (its
+/// `--web.config.file`), as behind a gateway: `tracegap quality` reaches it
+/// trusting the CA (`--prometheus-ca-file`) with the user and the password
+/// file (`--prometheus-user`, `--prometheus-password-file`); a wrong
+/// password is said, on the page (502) and by `/readyz` (503), with
+/// Prometheus's 401 and never the password; a CA that did not sign its
+/// certificate, with the TLS error.
 #[test]
 fn tracegap_quality_reaches_a_prometheus_that_asks_for_credentials() -> anyhow::Result<()> {
     let test = "tracegap_quality_reaches_a_prometheus_that_asks_for_credentials";
@@ -287,21 +289,33 @@ fn tracegap_quality_reaches_a_prometheus_that_asks_for_credentials() -> anyhow::
         eprintln!("SKIPPED {test}: TRACEGAP_PROMETHEUS_BIN unset (cargo xtask test sets it)");
         return Ok(());
     };
+    let pki = tracegap_lab::pki::Pki::new("prometheus", &[std::net::Ipv4Addr::LOCALHOST.into()])?;
+    let other = tracegap_lab::pki::Pki::new("other", &[])?;
     let hash = bcrypt::hash("pr0m-passw0rd", 4)?;
-    let web = format!("basic_auth_users:\n  reader: '{hash}'\n");
+    let web = format!(
+        "tls_server_config:\n  cert_file: {}\n  key_file: {}\nbasic_auth_users:\n  reader: '{hash}'\n",
+        pki.server_cert.display(),
+        pki.server_key.display()
+    );
     let prom = prometheus::Prometheus::start_with(&bin, &[], Some(&web))?;
+    assert!(prom.url().starts_with("https://"), "{}", prom.url());
     let dir = tracegap_tests::TempDir::new("prometheus-auth")?;
-    let quality = |password: &str| -> anyhow::Result<prometheus::Quality> {
+    let quality_trusting = |password: &str, ca: &std::path::Path| {
         let file = dir.path().join(format!("password-{}", password.len()));
         std::fs::write(&file, format!("{password}\n"))?;
         prometheus::Quality::start_with(
             &prom.url(),
             tracegap_agent::remote::Access {
+                tls: tracegap_agent::remote::TlsFiles {
+                    ca: Some(("--prometheus-ca-file".into(), ca.to_owned())),
+                    ..Default::default()
+                },
                 basic: Some(("reader".into(), ("--prometheus-password-file".into(), file))),
                 ..Default::default()
             },
         )
     };
+    let quality = |password: &str| quality_trusting(password, &pki.ca);
     let get = |q: &prometheus::Quality, path: &str| tracegap_tests::http::get(q.addr, path);
     let good = quality("pr0m-passw0rd")?;
     let (status, body) = get(&good, "/readyz")?;
@@ -315,5 +329,9 @@ fn tracegap_quality_reaches_a_prometheus_that_asks_for_credentials() -> anyhow::
         assert!(body.contains("401"), "{path}: {body}");
         assert!(!body.contains("passw0rd"), "{path}: {body}");
     }
+    let untrusting = quality_trusting("pr0m-passw0rd", &other.ca)?;
+    let (status, body) = get(&untrusting, "/readyz")?;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("UnknownIssuer"), "{body}");
     Ok(())
 }

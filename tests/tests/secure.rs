@@ -146,7 +146,8 @@ fn spans_reach_a_collector_over_tls_and_mutual_tls_and_an_untrusted_one_gets_non
     );
     agent.stop()?;
 
-    // Nothing arrives, the failures are counted, the agent runs on: at a
+    // Nothing arrives, the failures are counted, the agent runs on, not
+    // ready (asked at start, before there is anything to export): at a
     // collector that wants a client certificate the agent lacks, and at
     // one whose certificate another CA signed (not trusted); over both
     // transports.
@@ -175,21 +176,46 @@ fn spans_reach_a_collector_over_tls_and_mutual_tls_and_an_untrusted_one_gets_non
                 protocol,
                 files(Some(&pki.ca), None),
             ))?;
+            // Not ready, in a line naming the collector and why.
+            let said = |body: &str| {
+                body.lines().any(|l| {
+                    l.starts_with("refused: collector https://127.0.0.1")
+                        && causes.iter().any(|c| l.contains(c))
+                })
+            };
+            let body = readyz_until(&agent, 503, &said)?;
+            assert!(!body.contains("ok"), "{protocol:?} {why}: {body}");
             call(&node)?;
             fails(&agent)?;
             assert!(receiver.spans().is_empty(), "{protocol:?} {why}");
-            // Said on /readyz, in a line naming the collector and why.
             let (status, body) = agent.get("/readyz")?;
-            assert_eq!(status, 200, "{body}");
-            assert!(
-                body.lines()
-                    .any(|l| l.starts_with("note: collector https://127.0.0.1")
-                        && causes.iter().any(|c| l.contains(c))),
-                "{protocol:?} {why}: {body}"
-            );
+            assert_eq!(status, 503, "{protocol:?} {why}: {body}");
+            assert!(said(&body), "{protocol:?} {why}: {body}");
             agent.stop()?;
         }
     }
+
+    // The CA file rotated to the one that signed the collector: read again
+    // for the next attempt, the export succeeds and the agent is ready by
+    // itself.
+    let rotating = pki.dir.join("rotating-ca.pem");
+    std::fs::copy(&pki.ca, &rotating)?;
+    let receiver = Receiver::start_tls(LOCALHOST, server_tls(&other, false)?)?;
+    let agent = Agent::start(config(
+        &node,
+        &receiver,
+        OtlpProtocol::Grpc,
+        files(Some(&rotating), None),
+    ))?;
+    readyz_until(&agent, 503, &|b| b.contains("UnknownIssuer"))?;
+    std::fs::copy(&other.ca, &rotating)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !arrives(&receiver, "grpc") {
+        anyhow::ensure!(Instant::now() < deadline, "no span after the CA rotated");
+        call(&node)?;
+    }
+    readyz_until(&agent, 200, &|b| b.starts_with("ok"))?;
+    agent.stop()?;
 
     // Files that are not right stop the agent at start, saying which.
     let receiver = Receiver::start_tls(LOCALHOST, server_tls(&pki, false)?)?;
@@ -238,6 +264,23 @@ fn spans_reach_a_collector_over_tls_and_mutual_tls_and_an_untrusted_one_gets_non
     let body = key.lines().nth(1).unwrap_or_default();
     assert!(!err.contains(body));
     Ok(())
+}
+
+/// Waits for `/readyz` to answer `status` with a body `said` accepts;
+/// returns the body.
+fn readyz_until(agent: &Agent, status: u16, said: &dyn Fn(&str) -> bool) -> anyhow::Result<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (s, body) = agent.get("/readyz")?;
+        if s == status && said(&body) {
+            return Ok(body);
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "/readyz answered {s}, not {status}: {body}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Waits for `metric` to pass zero.
@@ -319,15 +362,9 @@ fn the_trace_store_is_read_over_tls_with_a_token_and_a_refusal_is_said() -> anyh
     std::fs::write(&wrong, "n0t-the-t0ken\n")?;
     let agent = agent_with(&wrong)?;
     node.pod("client").curl(&url, &["-H", sampled])?;
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let note = loop {
-        let (_, body) = agent.get("/readyz")?;
-        if body.contains("refused the credentials") {
-            break body;
-        }
-        anyhow::ensure!(Instant::now() < deadline, "/readyz: {body}");
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    // Refused since start: not ready.
+    let note = readyz_until(&agent, 503, &|b| b.contains("refused the credentials"))?;
+    assert!(note.starts_with("refused: trace store https://"), "{note}");
     assert!(note.contains("HTTP 401"), "{note}");
     assert!(!note.contains("t0ken"), "{note}");
     // And counted apart from other errors.

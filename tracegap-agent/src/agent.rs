@@ -268,6 +268,10 @@ pub async fn run(
         let mut pipeline =
             Pipeline::new(&config, shared.clone(), directory.clone(), queue, reconcile);
         pipeline.relays = observer.take_relays()?;
+        pipeline.collectors = export::collector_addresses(&config.export)
+            .await
+            .into_iter()
+            .collect();
         pipeline.tls_waiting = openssl.is_some().then(Default::default);
         if openssl.is_some() {
             let cgroups = crate::process::Cgroups::new(std::path::Path::new("/proc"));
@@ -409,10 +413,14 @@ async fn event_loop(
     stop: impl std::future::Future<Output = ()>,
 ) -> Result<(), Stopped> {
     tokio::pin!(stop);
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut ticked = tokio::time::Instant::now();
     let mut messages = Vec::new();
     let mut h2_out = Vec::new();
     loop {
+        // Work due soon is looked at often; otherwise the periodic work
+        // (answers that never come, counters, the heartbeat) waits longer:
+        // an idle node's agent sleeps (issue 40).
+        let period = if p.work_due_soon() { TICK } else { IDLE_TICK };
         tokio::select! {
             () = &mut stop => {
                 p.release_deferred(true);
@@ -494,7 +502,8 @@ async fn event_loop(
                 interfaces::apply(observer, change);
                 p.shared.metrics.interfaces.set(observer.interfaces().len() as i64);
             }
-            _ = tick.tick() => {
+            () = tokio::time::sleep_until(ticked + period) => {
+                ticked = tokio::time::Instant::now();
                 p.tick(&mut messages, &mut h2_out);
                 match observer.counters() {
                     Ok(c) => p.shared.metrics.kernel_counters(c),
@@ -590,6 +599,9 @@ struct Pipeline {
     formats: FormatsRead,
     /// Addresses seen sending from a watched pod veth: pods on this node.
     local: HashSet<IpAddr>,
+    /// The collector's addresses: a pod's TLS connection to one (or to an
+    /// OTLP port) is an export whose answer cannot be read.
+    collectors: HashSet<IpAddr>,
     shared: Arc<Shared>,
     directory: Arc<Directory>,
     queue: SpanQueue,
@@ -652,7 +664,21 @@ const MAX_DEFERRED: usize = 4096;
 /// until its `SSL*` is named anew).
 const OWNER_IDLE_NS: u64 = 15 * 60 * 1_000_000_000;
 
+/// The periodic work's period while work is due soon (heads to flush,
+/// hops held for evidence, TLS connections waiting for their plaintext).
+const TICK: Duration = Duration::from_millis(250);
+/// Its period otherwise: requests still waiting for an answer are given up
+/// on at most this late after the response timeout.
+const IDLE_TICK: Duration = Duration::from_secs(1);
+
 impl Pipeline {
+    /// Whether anything is due within a fraction of a second.
+    fn work_due_soon(&self) -> bool {
+        self.assembler.partials() > 0
+            || !self.deferred.is_empty()
+            || self.tls_waiting.as_ref().is_some_and(|w| !w.is_empty())
+    }
+
     fn new(
         config: &AgentConfig,
         shared: Arc<Shared>,
@@ -680,6 +706,7 @@ impl Pipeline {
             engine: Engine::new(config.place_by_timing),
             formats: FormatsRead::default(),
             local: HashSet::new(),
+            collectors: HashSet::new(),
             shared,
             directory,
             queue,
@@ -775,6 +802,7 @@ impl Pipeline {
                 crate::tls::ClientHello::default()
             }
         };
+        self.encrypted_export(e);
         let ends = self.ends(e.flow.src, e.flow.dst);
         // Seen on both nodes of a cross-node connection: counted once.
         if !self.reports_here(&ends) {
@@ -795,6 +823,29 @@ impl Pipeline {
         };
         if let Some(seen) = seen {
             self.tls_unread(seen);
+        }
+    }
+
+    /// A pod of this node opening a TLS connection to the collector (or to
+    /// an OTLP port): it exports spans, and whether the collector takes
+    /// them cannot be read. A missing span of it is then `unknown`, never
+    /// taken for "not exported", nor the pod for uninstrumented.
+    fn encrypted_export(&mut self, e: &RawEvent) {
+        let (client, server) = (e.flow.src, e.flow.dst);
+        if !self.local.contains(&client.ip)
+            || !(self.collectors.contains(&server.ip) || export::OTLP_PORTS.contains(&server.port))
+        {
+            return;
+        }
+        let exporter = self.directory.lookup(client.ip);
+        if exporter.is_node {
+            return;
+        }
+        if let Some(s) = &mut self.silence {
+            s.exported(&exporter.service, e.ts_ns);
+        }
+        if let Some(r) = &self.reconcile {
+            r.encrypted_export(&exporter.service, client.ip);
         }
     }
 
@@ -1035,7 +1086,10 @@ impl Pipeline {
             let held = self.held_calls.entry(req.flow.src.ip).or_default();
             *held = (held.0 + 1, held.1.max(req.ts_ns));
             self.deferred.push_back(Deferred {
-                until_ns: now + HOLD_NS,
+                // Evidence the kernel wrote by now is read within the
+                // ring's wakeup age at most (the kernel wakes the agent by
+                // amount or age, issue 40): held that much longer.
+                until_ns: now + HOLD_NS + tracegap_common::WAKEUP_AGE_NS,
                 req: req.clone(),
                 rsp,
                 gave_up_ns,

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use thiserror::Error;
 use tokio::io::unix::AsyncFd;
 use tracegap_common::{
-    Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, MAX_PAYLOAD, WAKEUP_POLL_MS,
+    Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, MAX_PAYLOAD, WAKEUP_AGE_NS,
     event_flags, family,
 };
 
@@ -233,6 +233,9 @@ pub struct EventStream {
     pub decode_errors: u64,
     /// The last batch stopped at [`MAX_BATCH`] with records left.
     more: bool,
+    /// The last drain found records: more may have come since that the
+    /// kernel will not wake for (see [`WAKEUP_AGE_NS`]).
+    unwoken: bool,
 }
 
 impl EventStream {
@@ -245,6 +248,7 @@ impl EventStream {
             ring,
             decode_errors: 0,
             more: false,
+            unwoken: false,
         })
     }
 
@@ -252,10 +256,14 @@ impl EventStream {
     /// at most [`MAX_BATCH`], to `out` (decoded) and returns how many it
     /// appended.
     ///
-    /// The kernel wakes the reader only when [`tracegap_common::WAKEUP_BYTES`] are pending,
-    /// so the ring is also drained every [`WAKEUP_POLL_MS`] without a wakeup.
+    /// The kernel wakes the reader as [`tracegap_common::WAKEUP_BYTES`]
+    /// come to be pending, or when it last did more than [`WAKEUP_AGE_NS`]
+    /// ago: after a drain that found records, the ring is drained once
+    /// more that long later, for the records in between; after one that
+    /// found none, only a wakeup brings the next. So a quiet ring costs no
+    /// wakeup at all.
     pub async fn next_batch(&mut self, out: &mut Vec<RawEvent>) -> std::io::Result<usize> {
-        let poll = Duration::from_millis(WAKEUP_POLL_MS);
+        let age = Duration::from_nanos(WAKEUP_AGE_NS);
         loop {
             let before = out.len();
             let ring = if self.more {
@@ -264,18 +272,26 @@ impl EventStream {
                 // mark, so a backlog left behind would bring no wakeup.
                 self.ring.get_mut()
             } else {
-                match tokio::time::timeout(poll, self.ring.readable_mut()).await {
-                    Ok(guard) => {
-                        let mut guard = guard?;
-                        // Cleared before reading: a wakeup that comes while
-                        // reading stays noted, and is not lost.
-                        guard.clear_ready();
-                        self.ring.get_mut()
+                let unwoken = self.unwoken;
+                let fd = &mut self.ring;
+                let woken = async move {
+                    let mut guard = fd.readable_mut().await?;
+                    // Cleared before reading: a wakeup that comes while
+                    // reading stays noted, and is not lost.
+                    guard.clear_ready();
+                    std::io::Result::Ok(())
+                };
+                if unwoken {
+                    if let Ok(r) = tokio::time::timeout(age, woken).await {
+                        r?;
                     }
-                    Err(_elapsed) => self.ring.get_mut(),
+                } else {
+                    woken.await?;
                 }
+                self.ring.get_mut()
             };
             self.more = !Self::drain_into(&mut self.decode_errors, ring, out);
+            self.unwoken = out.len() > before;
             if out.len() > before {
                 return Ok(out.len() - before);
             }

@@ -33,7 +33,11 @@ use opentelemetry_sdk::{
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use crate::{gap::span::SyntheticSpan, metrics::Metrics};
+use crate::{
+    backend::{BackendStatus, Handshake, credentials_refused},
+    gap::span::SyntheticSpan,
+    metrics::Metrics,
+};
 
 /// Errors from setting up the exporter.
 #[derive(Debug, Error)]
@@ -125,31 +129,12 @@ impl SpanQueue {
     }
 }
 
-/// The last export's failure, if it failed: `/readyz` notes it (a
-/// collector that does not verify, refuses the client certificate, or is
-/// away), in one line naming the endpoint.
-#[derive(Debug, Default)]
-pub struct ExportStatus(std::sync::Mutex<Option<String>>);
-
-impl ExportStatus {
-    fn set(&self, why: Option<String>) {
-        if let Ok(mut s) = self.0.lock() {
-            *s = why;
-        }
-    }
-
-    /// Why the last export failed; None once one succeeds.
-    pub fn failing(&self) -> Option<String> {
-        self.0.lock().ok().and_then(|s| s.clone())
-    }
-}
-
 /// Builds the OTLP exporter and starts the export task. The task ends when
 /// every [`SpanQueue`] is dropped, after a last flush.
 pub fn start(
     config: ExportConfig,
     metrics: Arc<Metrics>,
-    status: Arc<ExportStatus>,
+    status: Arc<BackendStatus>,
 ) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), Error> {
     // The TLS files are checked here, before anything is exported: a wrong
     // path is an error at start, not a failed export every second.
@@ -157,6 +142,7 @@ pub fn start(
         .map(|_| build(&config))
         .collect::<Result<Vec<_>, _>>()?;
     let (tx, rx) = mpsc::channel(config.queue.max(1));
+    tokio::spawn(first_check(config.clone(), status.clone()));
     let task = tokio::spawn(run(exporters, rx, config, metrics.clone(), status));
     Ok((SpanQueue { tx, metrics }, task))
 }
@@ -208,11 +194,105 @@ fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Erro
     })
 }
 
-/// Why OTLP/HTTP cannot reach the collector, when the exporter's error
-/// does not say (the library reports a refused certificate, a reset and a
-/// refused connection alike as "network error"): one request of our own
-/// to the same URL, with the same TLS, and its error's whole chain.
-async fn cause(config: &ExportConfig) -> Option<String> {
+/// Asks a TLS collector at start whether it takes the agent's TLS (its
+/// certificate verified, ours accepted), before there is anything to
+/// export: a refusal makes the agent not ready (see [`crate::backend`])
+/// until an export succeeds.
+async fn first_check(config: ExportConfig, status: Arc<BackendStatus>) {
+    if let Some(Handshake::Refused(why)) = handshake(&config).await {
+        let collector = collector(&config);
+        tracing::warn!(%collector, %why, "the collector refuses the agent's TLS: nothing is exported until it takes it (OTEL_EXPORTER_OTLP_CERTIFICATE, ..._CLIENT_CERTIFICATE, ..._CLIENT_KEY)");
+        status.refused_at_start(format!("collector {collector}: {why}"));
+    }
+}
+
+/// The collector as the settings name it, for messages.
+fn collector(config: &ExportConfig) -> String {
+    endpoint(config).unwrap_or_else(|| "(the default endpoint)".to_owned())
+}
+
+/// The endpoint set here or by the OpenTelemetry variables.
+fn endpoint(config: &ExportConfig) -> Option<String> {
+    config
+        .endpoint
+        .clone()
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").ok())
+        .or_else(|| std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").ok())
+        .filter(|e| !e.is_empty())
+}
+
+/// A TLS handshake with the collector, if it is reached over TLS; None
+/// when it is not, or the handshake succeeds.
+async fn handshake(config: &ExportConfig) -> Option<Handshake> {
+    let e = endpoint(config)?;
+    let (alpn, tls): (&[u8], bool) = match config.protocol {
+        OtlpProtocol::Grpc => (b"h2", grpc_tls(Some(&e), |v| std::env::var(v).ok())),
+        OtlpProtocol::HttpProtobuf => (b"http/1.1", e.to_ascii_lowercase().starts_with("https://")),
+    };
+    if !tls {
+        return None;
+    }
+    let (host, port) = host_port(&e)?;
+    let rustls = config.tls.read().ok()?.rustls(&[alpn]).ok()?;
+    let limit = config.timeout.unwrap_or(Duration::from_secs(5));
+    tokio::task::spawn_blocking(move || crate::backend::tls_handshake(&host, port, rustls, limit))
+        .await
+        .ok()?
+        .err()
+}
+
+/// OTLP's registered ports (gRPC, HTTP): a TLS connection to either is
+/// taken for an export.
+pub const OTLP_PORTS: [u16; 2] = [4317, 4318];
+
+/// The addresses of the collector the agent exports to (its endpoint's
+/// host, resolved once at start): the services of a cluster usually
+/// export to the same one, and a TLS connection to it from a pod is taken
+/// for an export whose answer cannot be read.
+pub async fn collector_addresses(config: &ExportConfig) -> Vec<std::net::IpAddr> {
+    let Some((host, port)) = endpoint(config).and_then(|e| host_port(&e)) else {
+        return Vec::new();
+    };
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    match tokio::net::lookup_host((host.as_str(), port)).await {
+        Ok(addrs) => addrs.map(|a| a.ip()).collect(),
+        Err(e) => {
+            tracing::debug!(%host, error = %e, "resolving the collector");
+            Vec::new()
+        }
+    }
+}
+
+/// The host and port of an endpoint URL (with or without a scheme; 443
+/// for https without a port, 4317 otherwise).
+fn host_port(endpoint: &str) -> Option<(String, u16)> {
+    let (scheme, rest) = match endpoint.split_once("://") {
+        Some((s, r)) => (s.to_ascii_lowercase(), r),
+        None => (String::new(), endpoint),
+    };
+    let authority = rest.split('/').next()?;
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) if !p.contains(']') => (h, p.parse().ok()?),
+        _ => (authority, if scheme == "https" { 443 } else { 4317 }),
+    };
+    (!host.is_empty()).then(|| (host.to_owned(), port))
+}
+
+/// Why the collector cannot be reached, when the exporter's error does not
+/// say, and whether it refused the agent: for a TLS collector, a handshake
+/// of our own; for OTLP/HTTP (whose library reports a refused certificate,
+/// a reset and a refused connection alike as "network error"), one request
+/// of our own to the same URL, with the same TLS, and its error's chain.
+async fn cause(config: &ExportConfig) -> Option<(String, bool)> {
+    match handshake(config).await {
+        Some(Handshake::Refused(why)) => return Some((why, true)),
+        Some(Handshake::Away(why)) => return Some((why, false)),
+        None => {}
+    }
     if config.protocol != OtlpProtocol::HttpProtobuf {
         return None;
     }
@@ -227,7 +307,7 @@ async fn cause(config: &ExportConfig) -> Option<String> {
         .build()
         .ok()?;
     let e = client.post(url).send().await.err()?;
-    Some(crate::remote::error_chain(&e))
+    Some((crate::remote::error_chain(&e), false))
 }
 
 /// The OTLP/HTTP traces URL for a base endpoint (the signal path added).
@@ -316,7 +396,7 @@ async fn run(
     mut rx: mpsc::Receiver<SyntheticSpan>,
     config: ExportConfig,
     metrics: Arc<Metrics>,
-    status: Arc<ExportStatus>,
+    status: Arc<BackendStatus>,
 ) {
     // Capacity 1: one batch handed over while every exporter is busy; past
     // that, spans wait in (or are dropped from) the bounded queue.
@@ -356,7 +436,7 @@ async fn export_worker(
     handed: Arc<tokio::sync::Mutex<mpsc::Receiver<Vec<SyntheticSpan>>>>,
     config: ExportConfig,
     metrics: Arc<Metrics>,
-    status: Arc<ExportStatus>,
+    status: Arc<BackendStatus>,
 ) {
     let scope = scope();
     loop {
@@ -405,7 +485,7 @@ async fn export_batch(
     batch: Vec<SyntheticSpan>,
     config: &ExportConfig,
     metrics: &Metrics,
-    status: &ExportStatus,
+    status: &BackendStatus,
     scope: &InstrumentationScope,
 ) {
     // One resource per service: Jaeger files spans under service.name.
@@ -441,22 +521,17 @@ async fn export_batch(
             match result {
                 Ok(()) => {
                     metrics.spans_exported.inc_by(n);
-                    status.set(None);
+                    status.reached();
                     break;
                 }
                 Err(e) => {
                     metrics.export_errors.inc();
-                    let why = match cause(config).await {
-                        Some(cause) => format!("{e}: {cause}"),
-                        None => e.to_string(),
+                    let (why, refused) = match cause(config).await {
+                        Some((cause, refused)) => (format!("{e}: {cause}"), refused),
+                        None => (e.to_string(), false),
                     };
-                    status.set(Some(format!(
-                        "collector {}: {why}",
-                        config
-                            .endpoint
-                            .as_deref()
-                            .unwrap_or("(OTEL_EXPORTER_OTLP_ENDPOINT)")
-                    )));
+                    let refused = refused || credentials_refused(&e.to_string());
+                    status.failed(format!("collector {}: {why}", collector(config)), refused);
                     // A fresh connection for the next attempt: the failed
                     // one may be wedged (half-open, or stuck connecting).
                     match build(config) {
@@ -491,6 +566,33 @@ fn attempt_limit(config: &ExportConfig) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_endpoints_host_and_port_for_the_handshake() {
+        let hp = host_port;
+        assert_eq!(
+            hp("https://collector:4317"),
+            Some(("collector".into(), 4317))
+        );
+        assert_eq!(
+            hp("https://collector/v1/traces"),
+            Some(("collector".into(), 443))
+        );
+        assert_eq!(
+            hp("collector.observability:4317"),
+            Some(("collector.observability".into(), 4317))
+        );
+        assert_eq!(
+            hp("https://[fd00::1]:4318/"),
+            Some(("[fd00::1]".into(), 4318))
+        );
+        assert_eq!(hp("https://[fd00::1]"), Some(("[fd00::1]".into(), 443)));
+        assert_eq!(
+            hp("https://user@collector:4317"),
+            Some(("collector".into(), 4317))
+        );
+        assert_eq!(hp("https://:4317"), None);
+    }
 
     #[test]
     fn grpc_goes_over_tls_as_the_opentelemetry_variables_say() {

@@ -11,6 +11,7 @@
 //! [`observe`] prints the wire for a person.
 
 pub mod agent;
+pub mod backend;
 pub mod cli;
 pub mod clock;
 pub mod cluster;

@@ -19,8 +19,14 @@ use std::{
 
 use crate::ebpf::ssl::FileId;
 
-/// How often the processes' maps are read.
+/// How often the processes' maps are read: those of new processes at
+/// every scan, all of them (a process that loads libssl late, a PID
+/// reused) and the node's library directories every [`FULL_SCAN_EVERY`]
+/// scans. Reading every process's maps every time cost an idle node's
+/// agent most of its CPU (issue 40).
 pub const SCAN_INTERVAL: Duration = Duration::from_secs(5);
+/// Scans between two that read everything (a minute).
+pub const FULL_SCAN_EVERY: u32 = 12;
 /// Scans in a row that find a library unmapped before its probes go.
 pub const MISSES_BEFORE_DETACH: u8 = 3;
 /// Where distributions keep libssl, under a root (with /lib apart from
@@ -85,29 +91,77 @@ fn identify(path: PathBuf) -> Option<Library> {
 /// The libssl files mapped by the processes under `proc` (`/proc`), each
 /// once, opened through the first mapping process's root.
 pub fn scan(proc: &Path) -> Vec<Library> {
-    let mut found: Vec<Library> = Vec::new();
+    let mut all = HashMap::new();
+    read_processes(proc, &mut all, true);
+    union(&all)
+}
+
+/// Reads the maps of the processes under `proc` into `by_pid` (each PID's
+/// libssl files): every process's when `all`, else only those not in it;
+/// processes gone are removed.
+fn read_processes(proc: &Path, by_pid: &mut HashMap<u32, Vec<Library>>, all: bool) {
     let Ok(dir) = std::fs::read_dir(proc) else {
-        return found;
+        return;
     };
+    let mut live = std::collections::HashSet::new();
     for entry in dir.flatten() {
-        let name = entry.file_name();
-        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        // Gone, or not ours to read (without CAP_SYS_PTRACE): skipped.
-        let Ok(maps) = std::fs::read_to_string(entry.path().join("maps")) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
             continue;
         };
-        for path in mapped(&maps) {
-            let at = entry.path().join("root").join(path.trim_start_matches('/'));
-            if let Some(l) = identify(at)
-                && !found.iter().any(|f| f.file == l.file)
-            {
-                found.push(l);
-            }
+        live.insert(pid);
+        if !all && by_pid.contains_key(&pid) {
+            continue;
+        }
+        // Gone, or not ours to read (without CAP_SYS_PTRACE): nothing.
+        let maps = std::fs::read_to_string(entry.path().join("maps")).unwrap_or_default();
+        let libs = mapped(&maps)
+            .into_iter()
+            .filter_map(|path| {
+                identify(entry.path().join("root").join(path.trim_start_matches('/')))
+            })
+            .collect();
+        by_pid.insert(pid, libs);
+    }
+    by_pid.retain(|pid, _| live.contains(pid));
+}
+
+/// Each library of `by_pid` once.
+fn union(by_pid: &HashMap<u32, Vec<Library>>) -> Vec<Library> {
+    let mut found: Vec<Library> = Vec::new();
+    for l in by_pid.values().flatten() {
+        if !found.iter().any(|f| f.file == l.file) {
+            found.push(l.clone());
         }
     }
     found
+}
+
+/// Scans that remember what they read (see [`SCAN_INTERVAL`]).
+#[derive(Debug, Default)]
+pub struct Scanner {
+    by_pid: HashMap<u32, Vec<Library>>,
+    node: Vec<Library>,
+    scans: u32,
+}
+
+impl Scanner {
+    /// What the processes under `proc` map now, and the node's libraries.
+    pub fn scan(&mut self, proc: &Path) -> Found {
+        let full = self.scans.is_multiple_of(FULL_SCAN_EVERY);
+        self.scans = self.scans.wrapping_add(1);
+        if full {
+            self.node = node_libraries(proc);
+        }
+        read_processes(proc, &mut self.by_pid, full);
+        Found {
+            node: self.node.clone(),
+            mapped: union(&self.by_pid),
+        }
+    }
 }
 
 /// The libssl files of the root at `root` (the node's, `/proc/1/root`).
@@ -207,26 +261,41 @@ pub struct Found {
 /// PID 1's may be closed to it there, under a sandbox's init), and the ones
 /// the processes map.
 pub fn find(proc: &Path) -> Found {
+    Found {
+        node: node_libraries(proc),
+        mapped: scan(proc),
+    }
+}
+
+/// The libssl files of PID 1's root and of the agent's own.
+fn node_libraries(proc: &Path) -> Vec<Library> {
     let mut node = on_root(&proc.join("1").join("root"));
     for l in on_root(Path::new("/")) {
         if !node.iter().any(|n| n.file == l.file) {
             node.push(l);
         }
     }
-    Found {
-        node,
-        mapped: scan(proc),
-    }
+    node
 }
 
 /// Scans every [`SCAN_INTERVAL`], off the runtime's threads, until the
 /// receiver is gone.
 pub async fn watch(tx: tokio::sync::mpsc::Sender<Found>) {
+    let mut scanner = Some(Scanner::default());
     loop {
         tokio::time::sleep(SCAN_INTERVAL).await;
-        let Ok(found) = tokio::task::spawn_blocking(|| find(Path::new("/proc"))).await else {
+        let Some(mut s) = scanner.take() else {
             return;
         };
+        let Ok((s, found)) = tokio::task::spawn_blocking(move || {
+            let found = s.scan(Path::new("/proc"));
+            (s, found)
+        })
+        .await
+        else {
+            return;
+        };
+        scanner = Some(s);
         if tx.send(found).await.is_err() {
             return;
         }
@@ -279,6 +348,36 @@ mod tests {
         assert_eq!(c.leave, vec![(1, 2)]);
         // Mapped again later: probed again.
         assert_eq!(t.update(&[lib(1)], &[lib(2)]).probe, vec![lib(2)]);
+    }
+
+    #[test]
+    fn scans_read_new_processes_each_time_and_every_process_now_and_then() {
+        let proc = std::env::temp_dir().join(format!("tracegap-proc-{}", std::process::id()));
+        let process = |pid: u32, maps_libssl: bool| {
+            let dir = proc.join(pid.to_string());
+            std::fs::create_dir_all(dir.join("root/lib")).expect("a process dir");
+            std::fs::write(dir.join("root/lib/libssl.so.3"), b"lib").expect("its libssl");
+            let line = if maps_libssl {
+                "7f00-7f01 r-xp 00000000 08:01 42 /lib/libssl.so.3\n"
+            } else {
+                "7f00-7f01 r-xp 00000000 08:01 43 /lib/libc.so.6\n"
+            };
+            std::fs::write(dir.join("maps"), line).expect("its maps");
+        };
+        let mut s = Scanner::default();
+        process(100, true);
+        assert_eq!(s.scan(&proc).mapped.len(), 1, "a process mapping libssl");
+        std::fs::remove_dir_all(proc.join("100")).expect("gone");
+        process(200, false);
+        assert!(s.scan(&proc).mapped.is_empty(), "its process gone");
+        // A process that loads libssl after it was read: found by the next
+        // scan that reads everything, not before.
+        process(200, true);
+        for _ in 2..FULL_SCAN_EVERY {
+            assert!(s.scan(&proc).mapped.is_empty(), "read already");
+        }
+        assert_eq!(s.scan(&proc).mapped.len(), 1, "read again");
+        let _ = std::fs::remove_dir_all(&proc);
     }
 
     #[test]

@@ -42,8 +42,8 @@ pub const MAX_OPEN_HEADERS: u32 = 16 * 1024;
 pub const RING_BUFFER_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Unread bytes in the ring buffer at which the kernel wakes the reader:
-/// once, as the unread bytes cross the mark. Below it, the reader finds the
-/// events on its next poll, at most [`WAKEUP_POLL_MS`] later. 64 KiB is
+/// once, as the unread bytes cross the mark. Below it, the events wait for
+/// a wakeup by age, at most [`WAKEUP_AGE_NS`]. 64 KiB is
 /// under two hundred typical events: few wakeups, yet each drain is short
 /// (a fraction of a millisecond), so it does not hold a CPU the node's
 /// services are waiting for. In `cargo xtask bench --quick` on 2 CPUs, a
@@ -54,8 +54,13 @@ pub const RING_BUFFER_BYTES: u32 = 4 * 1024 * 1024;
 /// has drained, cost 5 µs per event (`cargo xtask bench --kernel`).
 pub const WAKEUP_BYTES: u32 = 64 * 1024;
 
-/// How often the reader drains the ring buffer without being woken, in ms.
-pub const WAKEUP_POLL_MS: u64 = 20;
+/// The kernel also wakes the reader when it last did more than this long
+/// ago (see the TC programs' `wakeup_flags`), and the reader drains once
+/// more this long after a drain that found records: an event waits at most
+/// this long to be read, and a quiet ring is never polled (issue 40: the
+/// agent's cost at rest). 250 ms: at most four wakeups a second at low
+/// rates, an eighth of the detection latency's 2 s bound.
+pub const WAKEUP_AGE_NS: u64 = 250_000_000;
 
 /// Entries of the map of local sources: addresses that sent an HTTP message
 /// into the host through a watched interface (the pods on this node).

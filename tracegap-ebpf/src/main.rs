@@ -38,8 +38,8 @@ use aya_ebpf::{
 use tracegap_common::{
     Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, H2_BUDGET, HEADER_BUDGET,
     LOCAL_SOURCE_WINDOW_NS, MAX_LOCAL_SOURCES, MAX_OPEN_HEADERS, MAX_PAYLOAD, OpenHeader, OpenKey,
-    RING_BUFFER_BYTES, SHORT_START_BUDGET, SourceKey, TLS_HELLO_BUDGET, WAKEUP_BYTES, ablate,
-    counter, event_flags,
+    RING_BUFFER_BYTES, SHORT_START_BUDGET, SourceKey, TLS_HELLO_BUDGET, WAKEUP_AGE_NS,
+    WAKEUP_BYTES, ablate, counter, event_flags,
 };
 
 use crate::net::Segment;
@@ -48,6 +48,46 @@ use crate::net::Segment;
 /// records of a few fixed sizes ([`send`]).
 #[map]
 static EVENTS: RingBuf = RingBuf::with_byte_size(RING_BUFFER_BYTES, 0);
+
+/// When the kernel last woke the ring's reader (coarse ktime ns): see
+/// [`wakeup_flags`]. One slot for all CPUs: a race between two costs at
+/// most one extra wakeup.
+#[map]
+static LAST_WAKEUP: Array<u64> = Array::with_max_entries(1, 0);
+
+/// The submit flags of a record with `n` payload bytes. The reader is woken
+/// as the unread bytes cross WAKEUP_BYTES (once: a wakeup per event costs
+/// the node a context switch per HTTP message, and a wakeup per event
+/// while the reader lags behind cost 5 µs per event in `cargo xtask bench
+/// --kernel`), and when it was last woken more than WAKEUP_AGE_NS ago: the
+/// first event after a quiet spell wakes it at once, later ones wait for
+/// the mark or the age, and the reader (which drains once more WAKEUP_AGE
+/// after a drain that found records) never polls an empty ring. `now`:
+/// ktime in ns, coarse where the program type allows it (TC; tracing
+/// programs may not call the coarse clock).
+#[inline(always)]
+pub(crate) fn wakeup_flags(n: u32, now: u64) -> u64 {
+    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
+    let crossing = pending < WAKEUP_BYTES as u64
+        && pending + (EVENT_HEADER_LEN as u64) + n as u64 >= WAKEUP_BYTES as u64;
+    let wake = match LAST_WAKEUP.get_ptr_mut(0) {
+        Some(last) => {
+            // SAFETY: the map's one slot, a u64.
+            let aged = now.wrapping_sub(unsafe { *last }) > WAKEUP_AGE_NS;
+            if crossing || aged {
+                // SAFETY: as above.
+                unsafe { *last = now };
+            }
+            crossing || aged
+        }
+        None => crossing,
+    };
+    (if wake {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }) as u64
+}
 
 /// Per-CPU counters, indexed by [`counter`], all in one entry: one lookup
 /// per run instead of one per counter touched.
@@ -784,20 +824,10 @@ fn emit(
     if ablated(ablate::RING) {
         return Ok(());
     }
-    // Wake the reader when the unread bytes cross WAKEUP_BYTES, once: a
-    // wakeup per event costs the node a context switch per HTTP message,
-    // and a wakeup per event while the reader lags behind (every event
-    // past the mark until it has drained) cost 5 µs per event in
-    // `cargo xtask bench --kernel`. The reader also drains on a short
-    // timer (WAKEUP_POLL_MS), so a quiet flow's event waits at most that.
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let crossing = pending < WAKEUP_BYTES as u64
-        && pending + (EVENT_HEADER_LEN as u64) + n as u64 >= WAKEUP_BYTES as u64;
-    let flags = if crossing {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    } as u64;
+    // SAFETY: a helper without arguments.
+    let flags = wakeup_flags(n, unsafe {
+        aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns()
+    });
     // The record size must be a constant: a few sizes, so a 200-byte
     // request takes 256 bytes of ring, not 4 KiB.
     let sent = match n {

@@ -20,7 +20,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::BPF_RB_NO_WAKEUP,
     helpers::{
         bpf_get_current_pid_tgid,
         generated::{bpf_get_attach_cookie, bpf_get_current_cgroup_id},
@@ -30,8 +30,8 @@ use aya_ebpf::{
     programs::{FExitContext, ProbeContext, RawTracePointContext, RetProbeContext},
 };
 use tracegap_common::{
-    Direction, EVENT_HEADER_LEN, EventHeader, EventKind, FlowKey, H2_BUDGET, H2Follow, MAX_PAYLOAD,
-    ThreadTurn, WAKEUP_BYTES, counter, event_flags, h2_follow,
+    Direction, EventHeader, EventKind, FlowKey, H2_BUDGET, H2Follow, MAX_PAYLOAD, ThreadTurn,
+    counter, event_flags, h2_follow,
     ssl::{
         CONTINUATIONS, H2_FOLLOWED, H2_LOST, H2_NO, MAX_CALLS, MAX_CONNS, READ, READ_EX, SslCall,
         SslConn, SslKey, WRITE_EX,
@@ -635,9 +635,8 @@ struct Record<const N: usize> {
 /// ring is full, an error when the buffer was unreadable.
 #[inline(always)]
 fn send<const N: usize>(header: impl Fn() -> EventHeader, buf: u64, n: u32) -> Result<bool, i64> {
-    let pending = EVENTS.query(BPF_RB_AVAIL_DATA as u64);
-    let crossing = pending < WAKEUP_BYTES as u64
-        && pending + (EVENT_HEADER_LEN as u64) + n as u64 >= WAKEUP_BYTES as u64;
+    // SAFETY: a helper without arguments.
+    let flags = crate::wakeup_flags(n, unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() });
     let Some(mut entry) = EVENTS.reserve::<Record<N>>(0) else {
         return Ok(false);
     };
@@ -659,10 +658,6 @@ fn send<const N: usize>(header: impl Fn() -> EventHeader, buf: u64, n: u32) -> R
         return Err(ret);
     }
     unsafe { core::ptr::addr_of_mut!((*record).header).write(header()) };
-    entry.submit(if crossing {
-        BPF_RB_FORCE_WAKEUP
-    } else {
-        BPF_RB_NO_WAKEUP
-    } as u64);
+    entry.submit(flags);
     Ok(true)
 }

@@ -27,6 +27,11 @@ pub struct BenchArgs {
     /// quality's report from a real Prometheus after the lab's load.
     #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls"])]
     quality: bool,
+    /// Only what the agent costs a quiet node: its CPU and wakeups with its
+    /// veths attached and no traffic, and at 10, 50 and 200 requests/s
+    /// over HTTP/1.1 and gRPC.
+    #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls", "quality"])]
+    rest: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -67,6 +72,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
     if args.quality {
         cmd.arg("--quality");
+    }
+    if args.rest {
+        cmd.arg("--rest");
     }
     if !args.kernel && !args.sockets && !args.tls {
         // The cluster-wide view's row: Debian's Prometheus, unpacked.

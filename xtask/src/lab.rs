@@ -36,6 +36,12 @@ pub struct LabArgs {
     /// endpoint too: a Jaeger of your own (e.g. http://localhost:4318).
     #[arg(long, value_name = "URL")]
     otlp_endpoint: Option<String>,
+    /// The lab's trace store behind TLS, as a secured production one: OTLP
+    /// over mutual TLS, the query API asking for a bearer token and a
+    /// tenant, a CA made for the run (with --container: deploy/otlp-tls's
+    /// DaemonSet, its Secret mounted).
+    #[arg(long)]
+    secure: bool,
     /// Run the whole lab this many times, each in OUT/run-N, and tally the
     /// runs and scenarios that passed: checks that depend on timing must
     /// hold every time.
@@ -113,7 +119,14 @@ fn lab_command(args: &LabArgs, out: &str) -> std::process::Command {
         cmd.arg("--short");
     }
     if args.container {
-        cmd.arg("--container=deploy/base");
+        cmd.arg(if args.secure {
+            "--container=deploy/otlp-tls"
+        } else {
+            "--container=deploy/base"
+        });
+    }
+    if args.secure {
+        cmd.arg("--secure");
     }
     if let Some(e) = &args.otlp_endpoint {
         cmd.args(["--otlp-endpoint", e]);

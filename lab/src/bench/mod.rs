@@ -4,6 +4,7 @@
 
 pub mod kernel;
 mod quality;
+mod rest;
 mod sockets;
 mod tls;
 
@@ -383,6 +384,13 @@ pub fn tls_only(d: Durations) -> anyhow::Result<String> {
 }
 
 /// Only the cluster-wide view's figure (`tracegap-lab bench --quality`).
+/// Only the agent at rest and at low rates (see `rest`).
+pub fn rest_only(d: Durations) -> anyhow::Result<String> {
+    let mut rows = Vec::new();
+    rest::rows(d, &mut rows)?;
+    Ok(rows_table(&rows))
+}
+
 pub fn quality_only(d: Durations) -> anyhow::Result<String> {
     let mut rows = Vec::new();
     quality::rows(d, &mut rows)?;
@@ -986,13 +994,47 @@ fn data_path(
     // Detection latency: a gap request on the wire → its span at the store.
     let agent = Agent::start(agent_config(&node, &receiver))?;
     std::thread::sleep(Duration::from_millis(300));
-    let before = receiver.count();
     let n = if d.rounds > 1 { 50 } else { 15 };
     let to = SocketAddr::from((node.pod("server").ipv4, 8080));
+    let lat = detection_ms(&node, to, &receiver, n, Duration::from_millis(100))?;
+    agent.stop()?;
+    rows.push(detection_row(
+        "detection latency, gap request → span at the receiver",
+        &lat,
+        "",
+    ));
+    Ok(())
+}
+
+/// The detection-latency row for `lat` (sorted ms): its p50 and p99
+/// against the 2 s target; `note` after the span count.
+fn detection_row(what: &str, lat: &[f64], note: &str) -> Row {
+    let q = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
+    row(
+        what,
+        "-".into(),
+        format!("p50 {:.0} ms, p99 {:.0} ms", q(0.5), q(0.99)),
+        format!("{} spans{note}", lat.len()),
+        "p99 < 2 s",
+        Some(q(0.99) < 2000.0),
+    )
+}
+
+/// `n` requests without context (each a gap) from the client pod to `to`,
+/// one every `gap` on one connection, while an agent exports to
+/// `receiver`: each one's span's arrival after its start, in ms, sorted.
+fn detection_ms(
+    node: &Node,
+    to: SocketAddr,
+    receiver: &Receiver,
+    n: usize,
+    gap: Duration,
+) -> anyhow::Result<Vec<f64>> {
+    let before = receiver.count();
     let reqs = (0..n)
         .map(|i| format!("GET /detect/{i} HTTP/1.1\r\nHost: s\r\n\r\n").into_bytes())
         .collect();
-    crate::http::exchange(node.pod("client"), to, reqs, Duration::from_millis(100))?;
+    crate::http::exchange(node.pod("client"), to, reqs, gap)?;
     let spans = receiver.wait_for(Duration::from_secs(15), |s| s.len() >= before + n);
     let mut lat: Vec<f64> = spans[before.min(spans.len())..]
         .iter()
@@ -1008,21 +1050,11 @@ fn data_path(
                 .map(|d| d.as_secs_f64() * 1000.0)
         })
         .collect();
-    agent.stop()?;
     lat.sort_by(f64::total_cmp);
     if lat.is_empty() {
         bail!("no synthetic span arrived for the detection-latency requests");
     }
-    let q = |p: f64| lat[((lat.len() - 1) as f64 * p).round() as usize];
-    rows.push(row(
-        "detection latency, gap request → span at the receiver",
-        "-".into(),
-        format!("p50 {:.0} ms, p99 {:.0} ms", q(0.5), q(0.99)),
-        format!("{} spans", lat.len()),
-        "p99 < 2 s",
-        Some(q(0.99) < 2000.0),
-    ));
-    Ok(())
+    Ok(lat)
 }
 
 fn ep(i: u32, port: u16) -> Endpoint {
@@ -1413,6 +1445,8 @@ pub fn run(
     let ops = sockets::measure(floor, d.socket_ops, d.socket_rounds)?;
     eprintln!("bench: data path (wrk, iperf3, BPF statistics, detection latency)");
     data_path(d, floor, &ops, &mut rows)?;
+    eprintln!("bench: the agent at rest and at low request rates");
+    rest::rows(d, &mut rows)?;
     eprintln!("bench: HTTPS through OpenSSL");
     tls::rows(d, &mut rows)?;
     eprintln!("bench: the cluster-wide view from Prometheus");

@@ -123,6 +123,11 @@ impl Assembler {
     }
 
     /// Streams whose boundaries are remembered.
+    /// Heads begun and not finished: each is due to be flushed.
+    pub fn partials(&self) -> usize {
+        self.partials.len()
+    }
+
     pub fn streams(&self) -> usize {
         self.streams.len()
     }

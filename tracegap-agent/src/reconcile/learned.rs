@@ -213,10 +213,16 @@ impl Export {
 const EXPORTS_PER_POD: usize = 256;
 const PODS: usize = 4096;
 
+/// The collector's answer to a pod whose exports go over TLS, as the
+/// report counts it.
+pub const ENCRYPTED: &str = "unread (TLS)";
+
 /// Recent exports by pod address.
 #[derive(Debug, Default)]
 pub struct Ledger {
     by_ip: HashMap<IpAddr, VecDeque<Export>>,
+    /// Pods seen exporting over TLS (a connection to the collector).
+    encrypted: std::collections::HashSet<IpAddr>,
 }
 
 impl Ledger {
@@ -229,6 +235,18 @@ impl Ledger {
             q.pop_front();
         }
         q.push_back(e);
+    }
+
+    /// A pod seen exporting over TLS.
+    pub fn encrypted(&mut self, ip: IpAddr) {
+        if self.encrypted.len() < PODS {
+            self.encrypted.insert(ip);
+        }
+    }
+
+    /// Whether the pod was seen exporting over TLS.
+    pub fn exports_encrypted(&self, ip: IpAddr) -> bool {
+        self.encrypted.contains(&ip)
     }
 
     /// The pod's export nearest after `from` and before `until`: the one

@@ -30,7 +30,7 @@ pub mod learned;
 use std::{
     collections::{BTreeMap, HashMap, VecDeque},
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime},
 };
 
@@ -46,6 +46,7 @@ use self::{
     learned::{Export, LEDGER_KEEP, Learned, Ledger, ServiceStatus},
 };
 use crate::{
+    backend::BackendStatus,
     events::Endpoint,
     export::SpanQueue,
     gap::span::SyntheticSpan,
@@ -218,23 +219,8 @@ struct Held {
 enum Observed {
     Item(Item),
     Export(Export),
-}
-
-/// The trace store's state, for /readyz.
-#[derive(Debug, Default)]
-pub struct StoreStatus(Mutex<Option<String>>);
-
-impl StoreStatus {
-    /// Why the store cannot be asked, if it cannot.
-    pub fn away(&self) -> Option<String> {
-        self.0.lock().ok().and_then(|s| s.clone())
-    }
-
-    fn set(&self, why: Option<String>) {
-        if let Ok(mut s) = self.0.lock() {
-            *s = why;
-        }
-    }
+    /// A pod exporting over TLS.
+    Encrypted(IpAddr),
 }
 
 /// Where reconciliation's findings go (the report, above it): what the
@@ -335,6 +321,13 @@ impl Handle {
         let _ = self.tx.try_send(Observed::Export(export));
     }
 
+    /// A pod of `service` exports over TLS (a connection to the collector
+    /// seen): it records spans, and its exports' answers cannot be read.
+    pub fn encrypted_export(&self, service: &str, ip: IpAddr) {
+        self.learned.export_seen(service, true);
+        let _ = self.tx.try_send(Observed::Encrypted(ip));
+    }
+
     /// The service called on in the trace it was serving under a span id of
     /// its own (it makes spans; see [`Learned::ids_seen`]).
     pub fn ids_seen(&self, service: &str) {
@@ -354,11 +347,11 @@ pub fn start(
     queue: SpanQueue,
     metrics: Arc<Metrics>,
     findings: Arc<dyn Findings>,
-) -> (Handle, Arc<StoreStatus>, tokio::task::JoinHandle<()>) {
+) -> (Handle, Arc<BackendStatus>, tokio::task::JoinHandle<()>) {
     let out = Sinks { metrics, findings };
     let (tx, rx) = mpsc::channel(HAND_OVER);
     let learned = Arc::new(Learned::default());
-    let status = Arc::new(StoreStatus::default());
+    let status = Arc::new(BackendStatus::default());
     let task = Task {
         config,
         queue,
@@ -403,7 +396,7 @@ struct Task {
     queue: SpanQueue,
     out: Sinks,
     learned: Arc<Learned>,
-    status: Arc<StoreStatus>,
+    status: Arc<BackendStatus>,
     store: Option<Box<dyn TraceStore>>,
     away_until: Option<Instant>,
     pending: VecDeque<Held>,
@@ -435,6 +428,7 @@ impl Task {
             tokio::select! {
                 o = rx.recv() => match o {
                     Some(Observed::Export(e)) => self.ledger.record(e),
+                    Some(Observed::Encrypted(ip)) => self.ledger.encrypted(ip),
                     Some(Observed::Item(item)) => {
                         if self.pending.len() >= MAX_PENDING {
                             self.release(item, "unreconciled");
@@ -449,7 +443,9 @@ impl Task {
                     }
                     None => break,
                 },
-                _ = tick.tick() => self.round().await,
+                // Rounds only while something is held: an idle agent
+                // sleeps (issue 40).
+                _ = tick.tick(), if !self.pending.is_empty() => self.round().await,
             }
             self.out
                 .metrics
@@ -650,13 +646,16 @@ impl Task {
     }
 
     fn away(&mut self, e: &tracestore::Error) {
-        if self.status.away().is_none() {
+        if self.status.failing().is_none() {
             tracing::warn!(store = %self.config.store, error = %e, "the trace store cannot be read: spans go out unreconciled until it can");
         }
-        self.status.set(Some(format!(
-            "trace store {}: {e} (spans exported unreconciled)",
-            self.config.store
-        )));
+        self.status.failed(
+            format!(
+                "trace store {}: {e} (spans exported unreconciled)",
+                self.config.store
+            ),
+            refused(e),
+        );
         self.away_until = Some(Instant::now() + AWAY_BACKOFF);
     }
 
@@ -707,8 +706,10 @@ impl Task {
                 .collect()
                 .await;
         let mut failed = None;
+        let mut answered = false;
         for (q, r) in results {
             let m = &self.out.metrics;
+            answered |= r.is_ok();
             match r {
                 Ok(Answer::Trace(t)) => {
                     let Query::Trace(id) = q else { continue };
@@ -746,9 +747,11 @@ impl Task {
         }
         match failed {
             Some(e) => self.away(&e),
-            None if self.status.away().is_some() => {
-                tracing::info!(store = %self.config.store, "the trace store answers again");
-                self.status.set(None);
+            None if answered => {
+                if self.status.failing().is_some() {
+                    tracing::info!(store = %self.config.store, "the trace store answers again");
+                }
+                self.status.reached();
             }
             None => {}
         }
@@ -912,6 +915,11 @@ impl Task {
             match self.ledger.export_between(f.callee_ip, from, until) {
                 Some(e) if e.accepted() => (Outcome::Unknown, Some(e.answer())),
                 Some(e) => (Outcome::LostInPipeline, Some(e.answer())),
+                // Its exports go over TLS: lost or never sent cannot be
+                // told apart.
+                None if self.ledger.exports_encrypted(f.callee_ip) => {
+                    (Outcome::Unknown, Some(learned::ENCRYPTED.to_owned()))
+                }
                 None => (Outcome::NotExported, None),
             }
         } else {
@@ -958,10 +966,15 @@ async fn ask_one(store: &dyn TraceStore, q: &Query) -> Result<Answer, tracestore
 /// refusal (401, 403) is for whoever holds the credentials to act on, and
 /// has its own.
 fn outcome(e: &tracestore::Error) -> &'static str {
-    match e {
-        tracestore::Error::Denied(_) => "denied",
-        _ => "error",
-    }
+    if refused(e) { "denied" } else { "error" }
+}
+
+/// The store refused the agent: settings to fix, not an absence.
+fn refused(e: &tracestore::Error) -> bool {
+    matches!(
+        e,
+        tracestore::Error::Denied(_) | tracestore::Error::TlsRefused(_)
+    )
 }
 
 fn kind_of(q: &Query) -> &'static str {

@@ -34,8 +34,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     heartbeat_ns: AtomicU64,
     api: std::sync::OnceLock<Arc<crate::cluster::ApiStatus>>,
-    store: std::sync::OnceLock<Arc<crate::reconcile::StoreStatus>>,
-    pub export: Arc<crate::export::ExportStatus>,
+    store: std::sync::OnceLock<Arc<crate::backend::BackendStatus>>,
+    pub export: Arc<crate::backend::BackendStatus>,
 }
 
 impl Shared {
@@ -57,7 +57,7 @@ impl Shared {
     }
 
     /// The trace store's status, which `/readyz` notes.
-    pub fn set_store(&self, status: Arc<crate::reconcile::StoreStatus>) {
+    pub fn set_store(&self, status: Arc<crate::backend::BackendStatus>) {
         let _ = self.store.set(status);
     }
 
@@ -95,11 +95,13 @@ async fn healthz(State(s): State<Arc<Shared>>) -> StatusCode {
 
 /// 200 `ok` when the programs are attached and the exporter runs; 503
 /// `degraded: ...` while the Kubernetes API is away (the data path still
-/// runs, with address-only names); 503 `starting` before that. A trace
-/// store that cannot be read adds a `note:` line and keeps 200: spans still
-/// go out, only uncorrected. A failing export (the collector away, or one
-/// whose certificate does not verify) adds a `note:` line too: the agent
-/// still finds and counts gaps, and its metrics are still to be scraped.
+/// runs, with address-only names); 503 `starting` before that. 503
+/// `refused: ...` while the collector or the trace store has refused the
+/// agent (TLS or credentials) and not taken it since start: settings to
+/// fix, and a rollout should stop there. A store or collector that is away,
+/// or refuses the agent after having taken it, adds a `note:` line and
+/// keeps 200: the agent still finds and counts gaps, its metrics are still
+/// to be scraped.
 async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
     if !s.ready.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "starting\n".to_owned());
@@ -110,8 +112,20 @@ async fn readyz(State(s): State<Arc<Shared>>) -> (StatusCode, String) {
             format!("degraded: {why}\n"),
         );
     }
+    let store = s.store.get();
+    let refused: Vec<String> = [
+        store.and_then(|st| st.refused_since_start()),
+        s.export.refused_since_start(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if !refused.is_empty() {
+        let lines: String = refused.iter().map(|r| format!("refused: {r}\n")).collect();
+        return (StatusCode::SERVICE_UNAVAILABLE, lines);
+    }
     let mut body = "ok\n".to_owned();
-    for why in [s.store.get().and_then(|st| st.away()), s.export.failing()]
+    for why in [store.and_then(|st| st.failing()), s.export.failing()]
         .into_iter()
         .flatten()
     {

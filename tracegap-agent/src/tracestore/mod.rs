@@ -22,6 +22,10 @@ pub enum Error {
     /// No connection, or the connection broke.
     #[error("trace store unreachable: {0}")]
     Unreachable(String),
+    /// The TLS handshake failed: the store's certificate does not verify,
+    /// or it refused ours.
+    #[error("trace store refused TLS: {0}: check --trace-store-ca-file, --trace-store-client-cert")]
+    TlsRefused(String),
     /// No answer within the query timeout.
     #[error("trace store did not answer within {0:?}")]
     Timeout(Duration),
@@ -185,6 +189,8 @@ impl Http {
     fn error(&self, e: reqwest::Error) -> Error {
         if e.is_timeout() {
             Error::Timeout(self.timeout)
+        } else if let Some(why) = crate::backend::refusal(&e) {
+            Error::TlsRefused(why)
         } else {
             Error::Unreachable(crate::remote::error_chain(&e))
         }
