@@ -33,6 +33,9 @@ pub struct Pki {
     pub server_key: PathBuf,
     pub client_cert: PathBuf,
     pub client_key: PathBuf,
+    /// A client certificate of the same CA that expired yesterday.
+    pub expired_cert: PathBuf,
+    pub expired_key: PathBuf,
 }
 
 impl Pki {
@@ -49,8 +52,9 @@ impl Pki {
         ));
         std::fs::create_dir_all(&dir)?;
         let (ca_key, ca) = ca(name)?;
-        let (server_key, server) = leaf(&ca_key, &ca, "server", ips, true)?;
-        let (client_key, client) = leaf(&ca_key, &ca, "client", &[], false)?;
+        let (server_key, server) = leaf(&ca_key, &ca, "server", ips, Leaf::Server)?;
+        let (client_key, client) = leaf(&ca_key, &ca, "client", &[], Leaf::Client)?;
+        let (expired_key, expired) = leaf(&ca_key, &ca, "expired", &[], Leaf::ExpiredClient)?;
         let write = |file: &str, pem: Vec<u8>| -> anyhow::Result<PathBuf> {
             let p = dir.join(file);
             std::fs::write(&p, pem)?;
@@ -62,6 +66,8 @@ impl Pki {
             server_key: write("server.key", server_key.private_key_to_pem_pkcs8()?)?,
             client_cert: write("client.pem", client.to_pem()?)?,
             client_key: write("client.key", client_key.private_key_to_pem_pkcs8()?)?,
+            expired_cert: write("expired.pem", expired.to_pem()?)?,
+            expired_key: write("expired.key", expired_key.private_key_to_pem_pkcs8()?)?,
             dir,
         })
     }
@@ -112,13 +118,22 @@ fn ca(name: &str) -> anyhow::Result<(PKey<Private>, X509)> {
     Ok((key, c.build()))
 }
 
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Leaf {
+    Server,
+    Client,
+    /// A client certificate valid from two days ago until yesterday.
+    ExpiredClient,
+}
+
 fn leaf(
     ca_key: &PKey<Private>,
     ca: &X509,
     cn: &str,
     ips: &[IpAddr],
-    server: bool,
+    kind: Leaf,
 ) -> anyhow::Result<(PKey<Private>, X509)> {
+    let server = kind == Leaf::Server;
     let key = key()?;
     let mut subject = X509NameBuilder::new()?;
     subject.append_entry_by_text("CN", cn)?;
@@ -128,8 +143,16 @@ fn leaf(
     c.set_subject_name(&subject.build())?;
     c.set_issuer_name(ca.subject_name())?;
     c.set_pubkey(&key)?;
-    c.set_not_before(Asn1Time::days_from_now(0)?.as_ref())?;
-    c.set_not_after(Asn1Time::days_from_now(2)?.as_ref())?;
+    if kind == Leaf::ExpiredClient {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_secs() as i64;
+        c.set_not_before(Asn1Time::from_unix(now - 2 * 86_400)?.as_ref())?;
+        c.set_not_after(Asn1Time::from_unix(now - 86_400)?.as_ref())?;
+    } else {
+        c.set_not_before(Asn1Time::days_from_now(0)?.as_ref())?;
+        c.set_not_after(Asn1Time::days_from_now(2)?.as_ref())?;
+    }
     c.append_extension(BasicConstraints::new().build()?)?;
     c.append_extension(
         KeyUsage::new()

@@ -1354,6 +1354,7 @@ fn other_tracers_formats_from_the_opentelemetry_sdk_are_named_joined_and_fixed()
         "the latest fix names the latest format's propagator: {w:?}"
     );
     // The X-Ray caller again: the relay is known not to read X-Ray now.
+    let mismatches = lab.kind_count("client", "service-w", "format_mismatch")?;
     let out = lab
         .node
         .pod("client")
@@ -1366,7 +1367,8 @@ fn other_tracers_formats_from_the_opentelemetry_sdk_are_named_joined_and_fixed()
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    lab.wait_kind("client", "service-w", "format_mismatch", 1)?;
+    // Judged once its hop is settled: one mismatch more than before it.
+    lab.wait_kind("client", "service-w", "format_mismatch", mismatches + 1)?;
     let fix = edge(&lab, "client", "service-w")?
         .fixes
         .get("format_mismatch")

@@ -148,22 +148,33 @@ fn spans_reach_a_collector_over_tls_and_mutual_tls_and_an_untrusted_one_gets_non
 
     // Nothing arrives, the failures are counted, the agent runs on, not
     // ready (asked at start, before there is anything to export): at a
-    // collector that wants a client certificate the agent lacks, and at
+    // collector that wants a client certificate the agent lacks or whose
+    // certificate has expired, and at
     // one whose certificate another CA signed (not trusted); over both
     // transports.
     // (A refused client certificate reaches a TLS 1.3 client as an alert
     // after its side of the handshake, or, when the server closes first,
     // as the connection closed.)
-    for (signer, mutual, why, causes) in [
+    let expired = Some((&pki.expired_cert, &pki.expired_key));
+    for (signer, mutual, client, why, causes) in [
         (
             &pki,
             true,
+            None,
             "without a client certificate",
             &["CertificateRequired", "connection closed"][..],
         ),
         (
+            &pki,
+            true,
+            expired,
+            "with an expired client certificate",
+            &["CertificateExpired", "connection closed"][..],
+        ),
+        (
             &other,
             false,
+            None,
             "to an untrusted collector",
             &["UnknownIssuer"][..],
         ),
@@ -174,7 +185,7 @@ fn spans_reach_a_collector_over_tls_and_mutual_tls_and_an_untrusted_one_gets_non
                 &node,
                 &receiver,
                 protocol,
-                files(Some(&pki.ca), None),
+                files(Some(&pki.ca), client),
             ))?;
             // Not ready, in a line naming the collector and why.
             let said = |body: &str| {

@@ -414,13 +414,19 @@ async fn event_loop(
 ) -> Result<(), Stopped> {
     tokio::pin!(stop);
     let mut ticked = tokio::time::Instant::now();
+    let mut last_batch = ticked;
     let mut messages = Vec::new();
     let mut h2_out = Vec::new();
     loop {
-        // Work due soon is looked at often; otherwise the periodic work
-        // (answers that never come, counters, the heartbeat) waits longer:
-        // an idle node's agent sleeps (issue 40).
-        let period = if p.work_due_soon() { TICK } else { IDLE_TICK };
+        // While events come, or work is due soon, the periodic work (and
+        // the counters it brings up to date) runs often; after a second
+        // without events it waits longer: an idle node's agent sleeps
+        // (issue 40).
+        let period = if p.work_due_soon() || last_batch.elapsed() < IDLE_TICK {
+            TICK
+        } else {
+            IDLE_TICK
+        };
         tokio::select! {
             () = &mut stop => {
                 p.release_deferred(true);
@@ -431,6 +437,7 @@ async fn event_loop(
                     p.release_deferred(true);
                     return Err(Stopped::DrainEnded);
                 };
+                last_batch = tokio::time::Instant::now();
                 let directory = p.directory.clone();
                 // Each event's messages and streams go through at once, in
                 // the ring's order: a request must be known as started
@@ -664,11 +671,12 @@ const MAX_DEFERRED: usize = 4096;
 /// until its `SSL*` is named anew).
 const OWNER_IDLE_NS: u64 = 15 * 60 * 1_000_000_000;
 
-/// The periodic work's period while work is due soon (heads to flush,
-/// hops held for evidence, TLS connections waiting for their plaintext).
+/// The periodic work's period while events come or work is due soon
+/// (heads to flush, hops held for evidence, TLS connections waiting for
+/// their plaintext).
 const TICK: Duration = Duration::from_millis(250);
-/// Its period otherwise: requests still waiting for an answer are given up
-/// on at most this late after the response timeout.
+/// Its period after this long without events: requests still waiting for
+/// an answer are given up on at most this late after the response timeout.
 const IDLE_TICK: Duration = Duration::from_secs(1);
 
 impl Pipeline {

@@ -20,7 +20,7 @@
 
 use aya_ebpf::{
     EbpfContext as _,
-    bindings::BPF_RB_NO_WAKEUP,
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_pid_tgid,
         generated::{bpf_get_attach_cookie, bpf_get_current_cgroup_id},
@@ -177,8 +177,11 @@ fn announce(id: u64, flow: &FlowKey) {
         // SAFETY: the helper has no arguments (the current task's cgroup).
         payload: unsafe { bpf_get_current_cgroup_id() }.to_ne_bytes(),
     };
+    // Woken at once (once per connection): the agent names the process by
+    // its /proc entry, which a short-lived client (curl) leaves within
+    // milliseconds, sooner than a wakeup by age would come.
     if EVENTS
-        .output::<Record<8>>(&record, BPF_RB_NO_WAKEUP as u64)
+        .output::<Record<8>>(&record, BPF_RB_FORCE_WAKEUP as u64)
         .is_err()
     {
         counted(counter::RINGBUF_FULL);
