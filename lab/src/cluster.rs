@@ -300,21 +300,21 @@ impl Cluster {
         let names = names
             .canonicalize()
             .with_context(|| format!("locating {}", names.display()))?;
-        let scheme = if secured.is_some() { "https" } else { "http" };
-        let secret_mount = match secured {
-            Some(_) => Some(
+        // With the path the manifest mounts the Secret at.
+        let secured = secured
+            .map(|s| {
                 template
                     .secrets
                     .iter()
                     .find(|(name, _)| name == crate::secure::SECRET)
-                    .map(|(_, inside)| std::path::Path::new(inside))
+                    .map(|(_, inside)| (s, std::path::Path::new(inside)))
                     .with_context(|| format!(
                         "the store is behind TLS but the DaemonSet mounts no Secret {}: run it as deploy/otlp-tls says",
                         crate::secure::SECRET
-                    ))?,
-            ),
-            None => None,
-        };
+                    ))
+            })
+            .transpose()?;
+        let scheme = if secured.is_some() { "https" } else { "http" };
         self.nodes
             .iter()
             .map(|node| {
@@ -352,7 +352,7 @@ impl Cluster {
                     secrets: Vec::new(),
                     without: Vec::new(),
                 };
-                if let (Some(s), Some(mount)) = (secured, secret_mount) {
+                if let Some((s, mount)) = secured {
                     at.overlay.extend(s.container_store_settings(mount));
                     at.secrets
                         .push((crate::secure::SECRET.into(), s.secret_dir.clone()));

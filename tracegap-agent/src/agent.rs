@@ -244,16 +244,20 @@ pub async fn run(
                     c.needed_for
                 );
             }
-            let found = tokio::task::spawn_blocking(|| crate::libssl::find(std::path::Path::new("/proc")))
-                .await
-                .unwrap_or_default();
+            let (scanner, found) = tokio::task::spawn_blocking(|| {
+                let mut scanner = crate::libssl::Scanner::default();
+                let found = scanner.scan(std::path::Path::new("/proc"));
+                (scanner, found)
+            })
+            .await
+            .unwrap_or_default();
             let mut tracker = crate::libssl::Tracker::default();
             probe_libraries(&mut observer, &mut tracker, found, &metrics);
             let (tx, found) = tokio::sync::mpsc::channel(1);
             openssl = Some(OpenSsl {
                 tracker,
                 found,
-                scan: tokio::spawn(crate::libssl::watch(tx)),
+                scan: tokio::spawn(crate::libssl::watch(scanner, tx)),
             });
         }
         shared.ready.store(true, Ordering::Relaxed);
@@ -840,21 +844,31 @@ impl Pipeline {
     /// taken for "not exported", nor the pod for uninstrumented.
     fn encrypted_export(&mut self, e: &RawEvent) {
         let (client, server) = (e.flow.src, e.flow.dst);
-        if !self.local.contains(&client.ip)
-            || !(self.collectors.contains(&server.ip) || export::OTLP_PORTS.contains(&server.port))
-        {
+        if !(self.collectors.contains(&server.ip) || export::OTLP_PORTS.contains(&server.port)) {
             return;
         }
-        let exporter = self.directory.lookup(client.ip);
-        if exporter.is_node {
+        let Some(exporter) = self.exporter(client.ip, e.ts_ns) else {
             return;
-        }
-        if let Some(s) = &mut self.silence {
-            s.exported(&exporter.service, e.ts_ns);
-        }
+        };
         if let Some(r) = &self.reconcile {
             r.encrypted_export(&exporter.service, client.ip);
         }
+    }
+
+    /// The pod of this node at `ip` that exported spans at `ts_ns`, told
+    /// to the silence learner; None for an address that is not one.
+    fn exporter(&mut self, ip: IpAddr, ts_ns: u64) -> Option<Identity> {
+        if !self.local.contains(&ip) {
+            return None;
+        }
+        let exporter = self.directory.lookup(ip);
+        if exporter.is_node {
+            return None;
+        }
+        if let Some(s) = &mut self.silence {
+            s.exported(&exporter.service, ts_ns);
+        }
+        Some(exporter)
     }
 
     /// Plaintext from OpenSSL on `flow`: its connection, if its hello is
@@ -1053,16 +1067,9 @@ impl Pipeline {
             return;
         }
         let hop = Hop::new(&self.clock, req, rsp, gave_up_ns);
-        if !self.local.contains(&hop.caller().ip) {
+        let Some(exporter) = self.exporter(hop.caller().ip, req.ts_ns) else {
             return;
-        }
-        let exporter = self.directory.lookup(hop.caller().ip);
-        if exporter.is_node {
-            return;
-        }
-        if let Some(s) = &mut self.silence {
-            s.exported(&exporter.service, req.ts_ns);
-        }
+        };
         let Some(r) = &self.reconcile else { return };
         r.export_seen(
             &exporter.service,

@@ -121,7 +121,8 @@ pub enum Handshake {
     Away(String),
 }
 
-/// Connects to `host:port` and completes a TLS handshake with `config`,
+/// Connects to `host:port` (`host` a name or an address, an IPv6 one
+/// without brackets) and completes a TLS handshake with `config`,
 /// then waits up to a second for an alert (TLS 1.3 servers refuse a client
 /// certificate after the handshake): whether the backend takes the agent's
 /// TLS, asked before anything is sent. Blocking: run it off the runtime.
@@ -134,13 +135,9 @@ pub fn tls_handshake(
     use std::io::{ErrorKind, Read as _};
     use std::net::ToSocketAddrs as _;
     let away = |e: std::io::Error| Handshake::Away(e.to_string());
-    let name = rustls::pki_types::ServerName::try_from(
-        host.trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-    )
-    .map_err(|e| Handshake::Refused(format!("{host}: {e}")))?;
-    let addr = (host.trim_start_matches('[').trim_end_matches(']'), port)
+    let name = rustls::pki_types::ServerName::try_from(host.to_owned())
+        .map_err(|e| Handshake::Refused(format!("{host}: {e}")))?;
+    let addr = (host, port)
         .to_socket_addrs()
         .map_err(away)?
         .next()

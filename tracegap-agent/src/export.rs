@@ -37,6 +37,7 @@ use crate::{
     backend::{BackendStatus, Handshake, credentials_refused},
     gap::span::SyntheticSpan,
     metrics::Metrics,
+    remote::Pem,
 };
 
 /// Errors from setting up the exporter.
@@ -138,19 +139,20 @@ pub fn start(
 ) -> Result<(SpanQueue, tokio::task::JoinHandle<()>), Error> {
     // The TLS files are checked here, before anything is exported: a wrong
     // path is an error at start, not a failed export every second.
+    let tls = config.tls.read()?;
     let exporters = (0..config.concurrency.max(1))
-        .map(|_| build(&config))
+        .map(|_| build(&config, &tls))
         .collect::<Result<Vec<_>, _>>()?;
     let (tx, rx) = mpsc::channel(config.queue.max(1));
-    tokio::spawn(first_check(config.clone(), status.clone()));
+    tokio::spawn(first_check(config.clone(), tls, status.clone()));
     let task = tokio::spawn(run(exporters, rx, config, metrics.clone(), status));
     Ok((SpanQueue { tx, metrics }, task))
 }
 
-/// An exporter, its TLS files read again: a fresh connection after a
-/// failure picks up certificates rotated on disk (cert-manager's).
-fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Error> {
-    let tls = config.tls.read()?;
+/// An exporter with the TLS files as `tls` holds them (read again for a
+/// fresh connection after a failure, which picks up certificates rotated
+/// on disk: cert-manager's).
+fn build(config: &ExportConfig, tls: &Pem) -> Result<opentelemetry_otlp::SpanExporter, Error> {
     let builder = opentelemetry_otlp::SpanExporter::builder();
     Ok(match config.protocol {
         OtlpProtocol::Grpc => {
@@ -198,8 +200,8 @@ fn build(config: &ExportConfig) -> Result<opentelemetry_otlp::SpanExporter, Erro
 /// certificate verified, ours accepted), before there is anything to
 /// export: a refusal makes the agent not ready (see [`crate::backend`])
 /// until an export succeeds.
-async fn first_check(config: ExportConfig, status: Arc<BackendStatus>) {
-    if let Some(Handshake::Refused(why)) = handshake(&config).await {
+async fn first_check(config: ExportConfig, tls: Pem, status: Arc<BackendStatus>) {
+    if let Some(Handshake::Refused(why)) = handshake(&config, &tls).await {
         let collector = collector(&config);
         tracing::warn!(%collector, %why, "the collector refuses the agent's TLS: nothing is exported until it takes it (OTEL_EXPORTER_OTLP_CERTIFICATE, ..._CLIENT_CERTIFICATE, ..._CLIENT_KEY)");
         status.refused_at_start(format!("collector {collector}: {why}"));
@@ -223,17 +225,17 @@ fn endpoint(config: &ExportConfig) -> Option<String> {
 
 /// A TLS handshake with the collector, if it is reached over TLS; None
 /// when it is not, or the handshake succeeds.
-async fn handshake(config: &ExportConfig) -> Option<Handshake> {
+async fn handshake(config: &ExportConfig, tls: &Pem) -> Option<Handshake> {
     let e = endpoint(config)?;
-    let (alpn, tls): (&[u8], bool) = match config.protocol {
+    let (alpn, over_tls): (&[u8], bool) = match config.protocol {
         OtlpProtocol::Grpc => (b"h2", grpc_tls(Some(&e), |v| std::env::var(v).ok())),
         OtlpProtocol::HttpProtobuf => (b"http/1.1", e.to_ascii_lowercase().starts_with("https://")),
     };
-    if !tls {
+    if !over_tls {
         return None;
     }
     let (host, port) = host_port(&e)?;
-    let rustls = config.tls.read().ok()?.rustls(&[alpn]).ok()?;
+    let rustls = tls.rustls(&[alpn]).ok()?;
     let limit = config.timeout.unwrap_or(Duration::from_secs(5));
     tokio::task::spawn_blocking(move || crate::backend::tls_handshake(&host, port, rustls, limit))
         .await
@@ -253,10 +255,6 @@ pub async fn collector_addresses(config: &ExportConfig) -> Vec<std::net::IpAddr>
     let Some((host, port)) = endpoint(config).and_then(|e| host_port(&e)) else {
         return Vec::new();
     };
-    let host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
     match tokio::net::lookup_host((host.as_str(), port)).await {
         Ok(addrs) => addrs.map(|a| a.ip()).collect(),
         Err(e) => {
@@ -266,19 +264,16 @@ pub async fn collector_addresses(config: &ExportConfig) -> Vec<std::net::IpAddr>
     }
 }
 
-/// The host and port of an endpoint URL (with or without a scheme; 443
-/// for https without a port, 4317 otherwise).
+/// The host (an IPv6 address without its brackets) and port of an
+/// endpoint URL, with or without a scheme; 443 for https without a port,
+/// 4317 otherwise.
 fn host_port(endpoint: &str) -> Option<(String, u16)> {
-    let (scheme, rest) = match endpoint.split_once("://") {
-        Some((s, r)) => (s.to_ascii_lowercase(), r),
-        None => (String::new(), endpoint),
-    };
-    let authority = rest.split('/').next()?;
-    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
-    let (host, port) = match authority.rsplit_once(':') {
-        Some((h, p)) if !p.contains(']') => (h, p.parse().ok()?),
-        _ => (authority, if scheme == "https" { 443 } else { 4317 }),
-    };
+    let uri: axum::http::Uri = endpoint.parse().ok()?;
+    let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+    let https = uri
+        .scheme_str()
+        .is_some_and(|s| s.eq_ignore_ascii_case("https"));
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 4317 });
     (!host.is_empty()).then(|| (host.to_owned(), port))
 }
 
@@ -287,8 +282,8 @@ fn host_port(endpoint: &str) -> Option<(String, u16)> {
 /// of our own; for OTLP/HTTP (whose library reports a refused certificate,
 /// a reset and a refused connection alike as "network error"), one request
 /// of our own to the same URL, with the same TLS, and its error's chain.
-async fn cause(config: &ExportConfig) -> Option<(String, bool)> {
-    match handshake(config).await {
+async fn cause(config: &ExportConfig, tls: &Pem) -> Option<(String, bool)> {
+    match handshake(config, tls).await {
         Some(Handshake::Refused(why)) => return Some((why, true)),
         Some(Handshake::Away(why)) => return Some((why, false)),
         None => {}
@@ -297,10 +292,7 @@ async fn cause(config: &ExportConfig) -> Option<(String, bool)> {
         return None;
     }
     let url = traces_url(config.endpoint.as_deref()?);
-    let client = config
-        .tls
-        .read()
-        .ok()?
+    let client = tls
         .http_client()
         .ok()?
         .timeout(Duration::from_secs(5))
@@ -526,7 +518,13 @@ async fn export_batch(
                 }
                 Err(e) => {
                     metrics.export_errors.inc();
-                    let (why, refused) = match cause(config).await {
+                    // Read once, for the diagnosis and the fresh connection.
+                    let tls = config.tls.read();
+                    let cause = match &tls {
+                        Ok(tls) => cause(config, tls).await,
+                        Err(_) => None,
+                    };
+                    let (why, refused) = match cause {
                         Some((cause, refused)) => (format!("{e}: {cause}"), refused),
                         None => (e.to_string(), false),
                     };
@@ -534,7 +532,7 @@ async fn export_batch(
                     status.failed(format!("collector {}: {why}", collector(config)), refused);
                     // A fresh connection for the next attempt: the failed
                     // one may be wedged (half-open, or stuck connecting).
-                    match build(config) {
+                    match tls.map_err(Error::from).and_then(|tls| build(config, &tls)) {
                         Ok(fresh) => {
                             let _ = exporter.shutdown();
                             *exporter = fresh;
@@ -584,9 +582,9 @@ mod tests {
         );
         assert_eq!(
             hp("https://[fd00::1]:4318/"),
-            Some(("[fd00::1]".into(), 4318))
+            Some(("fd00::1".into(), 4318))
         );
-        assert_eq!(hp("https://[fd00::1]"), Some(("[fd00::1]".into(), 443)));
+        assert_eq!(hp("https://[fd00::1]"), Some(("fd00::1".into(), 443)));
         assert_eq!(
             hp("https://user@collector:4317"),
             Some(("collector".into(), 4317))

@@ -88,14 +88,6 @@ fn identify(path: PathBuf) -> Option<Library> {
     })
 }
 
-/// The libssl files mapped by the processes under `proc` (`/proc`), each
-/// once, opened through the first mapping process's root.
-pub fn scan(proc: &Path) -> Vec<Library> {
-    let mut all = HashMap::new();
-    read_processes(proc, &mut all, true);
-    union(&all)
-}
-
 /// Reads the maps of the processes under `proc` into `by_pid` (each PID's
 /// libssl files): every process's when `all`, else only those not in it;
 /// processes gone are removed.
@@ -140,7 +132,8 @@ fn union(by_pid: &HashMap<u32, Vec<Library>>) -> Vec<Library> {
     found
 }
 
-/// Scans that remember what they read (see [`SCAN_INTERVAL`]).
+/// Scans that remember what they read (see [`SCAN_INTERVAL`]); the first
+/// reads everything.
 #[derive(Debug, Default)]
 pub struct Scanner {
     by_pid: HashMap<u32, Vec<Library>>,
@@ -261,10 +254,7 @@ pub struct Found {
 /// PID 1's may be closed to it there, under a sandbox's init), and the ones
 /// the processes map.
 pub fn find(proc: &Path) -> Found {
-    Found {
-        node: node_libraries(proc),
-        mapped: scan(proc),
-    }
+    Scanner::default().scan(proc)
 }
 
 /// The libssl files of PID 1's root and of the agent's own.
@@ -278,10 +268,11 @@ fn node_libraries(proc: &Path) -> Vec<Library> {
     node
 }
 
-/// Scans every [`SCAN_INTERVAL`], off the runtime's threads, until the
-/// receiver is gone.
-pub async fn watch(tx: tokio::sync::mpsc::Sender<Found>) {
-    let mut scanner = Some(Scanner::default());
+/// Scans every [`SCAN_INTERVAL`] with `scanner` (the one of the start's
+/// scan, so a process read then is not read again before the next full
+/// scan), off the runtime's threads, until the receiver is gone.
+pub async fn watch(scanner: Scanner, tx: tokio::sync::mpsc::Sender<Found>) {
+    let mut scanner = Some(scanner);
     loop {
         tokio::time::sleep(SCAN_INTERVAL).await;
         let Some(mut s) = scanner.take() else {
@@ -400,7 +391,7 @@ mod tests {
         let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line);
         let maps =
             std::fs::read_to_string(format!("/proc/{}/maps", child.id())).unwrap_or_default();
-        let found = scan(Path::new("/proc"));
+        let found = find(Path::new("/proc")).mapped;
         let root = on_root(Path::new("/"));
         drop(child.stdin.take());
         let _ = child.wait();
