@@ -17,6 +17,11 @@ use tracegap_lab::{
     service::{Behaviour, Propagator, Runtime, SamplerSpec, ServiceSpec},
 };
 
+/// Counts each thread's heap allocations for the bench's figures
+/// (issue 33); otherwise the system allocator.
+#[global_allocator]
+static ALLOCATOR: tracegap_lab::bench::allocs::Counting = tracegap_lab::bench::allocs::Counting;
+
 #[derive(Parser)]
 #[command(
     name = "tracegap-lab",
@@ -100,6 +105,11 @@ enum Cmd {
         /// and at 10, 50 and 200 requests/s (HTTP/1.1, gRPC).
         #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls", "quality"])]
         rest: bool,
+        /// Only user space on one core, no kernel or network: the
+        /// pipeline's events/s, the agent's time and heap allocations per
+        /// healthy HTTP/1.1 request and gRPC call, span export.
+        #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls", "quality", "rest"])]
+        pipeline: bool,
     },
     /// Holds N open flows in the agent's state and prints the peak RSS in
     /// KiB (used by `bench`).
@@ -296,6 +306,7 @@ fn main() -> anyhow::Result<()> {
             tls,
             quality,
             rest,
+            pipeline,
         } => {
             let d = if quick {
                 tracegap_lab::bench::Durations::quick()
@@ -312,13 +323,15 @@ fn main() -> anyhow::Result<()> {
                 table = tracegap_lab::bench::quality_only(d)?;
             } else if rest {
                 table = tracegap_lab::bench::rest_only(d)?;
+            } else if pipeline {
+                table = tracegap_lab::bench::pipeline_only(d)?;
             } else if !kernel {
                 table = tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
                 table.push('\n');
             }
             if let Some(floor) = floor
                 .as_ref()
-                .filter(|_| !sockets && !tls && !quality && !rest)
+                .filter(|_| !sockets && !tls && !quality && !rest && !pipeline)
             {
                 eprintln!("bench: kernel programs on crafted packets (BPF_PROG_TEST_RUN)");
                 table.push_str(&tracegap_lab::bench::kernel::run(

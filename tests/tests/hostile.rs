@@ -246,7 +246,7 @@ struct Seen {
 
 fn path(m: &Message) -> String {
     match m.head.as_ref().map(|h| &h.start) {
-        Ok(StartLine::Request { path, .. }) => path.clone(),
+        Ok(StartLine::Request { path, .. }) => path.to_string(),
         _ => String::new(),
     }
 }

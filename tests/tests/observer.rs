@@ -83,7 +83,7 @@ fn requests(messages: &[Message]) -> Vec<(String, Propagation, bool)> {
         .filter_map(|m| match &m.head {
             Ok(h) => match &h.start {
                 StartLine::Request { path, .. } => {
-                    Some((path.clone(), Propagation::from_head(h), m.truncated))
+                    Some((path.to_string(), Propagation::from_head(h), m.truncated))
                 }
                 _ => None,
             },
@@ -523,7 +523,7 @@ fn pipelined_requests_on_one_connection_are_seen_in_order() -> anyhow::Result<()
 
 fn path_of(m: &Message) -> String {
     match m.head.as_ref().map(|h| &h.start) {
-        Ok(StartLine::Request { path, .. }) => path.clone(),
+        Ok(StartLine::Request { path, .. }) => path.to_string(),
         other => panic!("not a request: {other:?}"),
     }
 }

@@ -442,53 +442,12 @@ async fn event_loop(
                     return Err(Stopped::DrainEnded);
                 };
                 last_batch = tokio::time::Instant::now();
-                let directory = p.directory.clone();
                 // Each event's messages and streams go through at once, in
                 // the ring's order: a request must be known as started
                 // before a call its service made meanwhile is classified
                 // (an HTTP/2 request and an HTTP/1.1 call in one batch).
-                for mut e in batch {
-                    if e.kind == EventKind::Thread {
-                        // Keyed by the client's end, which no NAT rewrites.
-                        if let Some(t) = Turn::from_event(&e) {
-                            p.engine.thread_turn(t);
-                        }
-                        continue;
-                    }
-                    p.nat.translate(&mut e, |ip| directory.is_service(ip));
-                    if e.kind == EventKind::Owner {
-                        p.owner(&e);
-                        continue;
-                    }
-                    // Plaintext from OpenSSL (no interface): a process's
-                    // socket, not a pod veth's traffic.
-                    if e.ifindex == 0 {
-                        if !p.ours(&e.flow) {
-                            p.shared.metrics.ignored("tls_elsewhere");
-                            continue;
-                        }
-                        p.owners.touch(&e);
-                        p.tls_plaintext(&e.flow);
-                    } else if e.direction == Direction::Ingress {
-                        p.local_ip(e.flow.src.ip);
-                    } else if e.kind == EventKind::TlsHello {
-                        // Into a pod veth: the pod it goes to is this
-                        // node's, though it may never send cleartext.
-                        p.local_ip(e.flow.dst.ip);
-                    }
-                    if e.kind == EventKind::TlsHello {
-                        p.tls_hello(&e);
-                    } else if e.kind == EventKind::Http2 {
-                        p.h2.push(&e, e.payload.is_empty(), &mut h2_out);
-                        for o in h2_out.drain(..) {
-                            p.h2_stream(o);
-                        }
-                    } else {
-                        p.assembler.push(e, &mut messages);
-                        for m in messages.drain(..) {
-                            p.message(m);
-                        }
-                    }
+                for e in batch {
+                    p.event(e, &mut messages, &mut h2_out);
                 }
             }
             found = async {
@@ -539,8 +498,8 @@ async fn event_loop(
 
 fn ctx(c: &crate::http::context::SpanContext) -> Ctx {
     Ctx {
-        trace_id: c.trace_id.clone(),
-        parent_span_id: c.parent_span_id.clone(),
+        trace_id: c.trace_id.to_string(),
+        parent_span_id: c.parent_span_id.to_string(),
     }
 }
 
@@ -577,7 +536,7 @@ fn learned_uninstrumented(
 ) -> span::SyntheticSpan {
     let v = Verdict {
         kind: GapKind::Uninstrumented,
-        detail,
+        detail: detail.into(),
         ..verdict.clone()
     };
     span::build(hop, &v, caller, callee, true)
@@ -585,14 +544,14 @@ fn learned_uninstrumented(
 
 /// A hop's (or a connection's) two ends, as [`Pipeline::ends`] finds them.
 struct Ends {
-    caller: Identity,
-    callee: Identity,
+    caller: Arc<Identity>,
+    callee: Arc<Identity>,
     caller_local: bool,
     callee_local: bool,
 }
 
 /// The user-space data path's state.
-struct Pipeline {
+pub(crate) struct Pipeline {
     clock: WallClock,
     nat: ServiceNat,
     /// Lookups already counted in the metrics.
@@ -605,6 +564,11 @@ struct Pipeline {
     h2: Connections,
     /// HTTP/2 counts already counted in the metrics.
     h2_counted: H2Stats,
+    /// Service names as metric label values.
+    labels: crate::metrics::Interned,
+    /// HTTP/2 streams started and not yet done: their request records,
+    /// which their ends share (built once per stream).
+    h2_open: crate::FastMap<(crate::events::Flow, u32), Arc<Request>>,
     engine: Engine,
     /// The context formats each service was seen to read, or not.
     formats: FormatsRead,
@@ -670,6 +634,9 @@ struct Deferred {
 const HOLD_NS: u64 = 250_000_000;
 /// Hops held at most; past it they are classified at once.
 const MAX_DEFERRED: usize = 4096;
+/// HTTP/2 streams whose request record is kept for their end at most
+/// (past it an end builds its own).
+const MAX_H2_OPEN: usize = 64 * 1024;
 /// How long a connection's processes are remembered with no plaintext
 /// read on it (a pooled connection idle longer is named by its addresses
 /// until its `SSL*` is named anew).
@@ -691,7 +658,7 @@ impl Pipeline {
             || self.tls_waiting.as_ref().is_some_and(|w| !w.is_empty())
     }
 
-    fn new(
+    pub(crate) fn new(
         config: &AgentConfig,
         shared: Arc<Shared>,
         directory: Arc<Directory>,
@@ -715,6 +682,8 @@ impl Pipeline {
             pairer: Pairer::default(),
             h2: Connections::default(),
             h2_counted: H2Stats::default(),
+            labels: Default::default(),
+            h2_open: Default::default(),
             engine: Engine::new(config.place_by_timing),
             formats: FormatsRead::default(),
             local: HashSet::new(),
@@ -742,7 +711,59 @@ impl Pipeline {
         }
     }
 
-    fn tick(&mut self, messages: &mut Vec<Message>, h2_out: &mut Vec<follow::Out>) {
+    /// One event from the ring, taken as far as it goes: its messages and
+    /// streams, their hops, classified, counted and exported.
+    pub(crate) fn event(
+        &mut self,
+        mut e: RawEvent,
+        messages: &mut Vec<Message>,
+        h2_out: &mut Vec<follow::Out>,
+    ) {
+        if e.kind == EventKind::Thread {
+            // Keyed by the client's end, which no NAT rewrites.
+            if let Some(t) = Turn::from_event(&e) {
+                self.engine.thread_turn(t);
+            }
+            return;
+        }
+        let directory = &self.directory;
+        self.nat.translate(&mut e, |ip| directory.is_service(ip));
+        if e.kind == EventKind::Owner {
+            self.owner(&e);
+            return;
+        }
+        // Plaintext from OpenSSL (no interface): a process's socket, not a
+        // pod veth's traffic.
+        if e.ifindex == 0 {
+            if !self.ours(&e.flow) {
+                self.shared.metrics.ignored("tls_elsewhere");
+                return;
+            }
+            self.owners.touch(&e);
+            self.tls_plaintext(&e.flow);
+        } else if e.direction == Direction::Ingress {
+            self.local_ip(e.flow.src.ip);
+        } else if e.kind == EventKind::TlsHello {
+            // Into a pod veth: the pod it goes to is this node's, though
+            // it may never send cleartext.
+            self.local_ip(e.flow.dst.ip);
+        }
+        if e.kind == EventKind::TlsHello {
+            self.tls_hello(&e);
+        } else if e.kind == EventKind::Http2 {
+            self.h2.push(&e, e.payload.is_empty(), h2_out);
+            for o in h2_out.drain(..) {
+                self.h2_stream(o);
+            }
+        } else {
+            self.assembler.push(e, messages);
+            for m in messages.drain(..) {
+                self.message(m);
+            }
+        }
+    }
+
+    pub(crate) fn tick(&mut self, messages: &mut Vec<Message>, h2_out: &mut Vec<follow::Out>) {
         let now = monotonic_ns();
         self.assembler
             .flush_before(now.saturating_sub(HEAD_TIMEOUT.as_nanos() as u64), messages);
@@ -752,6 +773,10 @@ impl Pipeline {
             self.hop(&req, None, gave_up);
         }
         self.h2.expire_before(cutoff, h2_out);
+        // Streams that ended unseen (their connection lost or forgotten):
+        // their records go once they are past any answer.
+        let stale = cutoff.saturating_sub(self.response_timeout.as_nanos() as u64);
+        self.h2_open.retain(|_, r| r.ts_ns >= stale);
         self.h2.forget_before(now.saturating_sub(follow::IDLE_NS));
         self.shared.metrics.h2(
             self.h2.stats,
@@ -822,8 +847,8 @@ impl Pipeline {
         }
         let seen = HelloSeen {
             flow: e.flow,
-            caller: ends.caller.service,
-            callee: ends.callee.service,
+            caller: ends.caller.service.clone(),
+            callee: ends.callee.service.clone(),
             server_name: hello.server_name.unwrap_or_default(),
             alpn: hello.alpn.join(","),
         };
@@ -857,7 +882,7 @@ impl Pipeline {
 
     /// The pod of this node at `ip` that exported spans at `ts_ns`, told
     /// to the silence learner; None for an address that is not one.
-    fn exporter(&mut self, ip: IpAddr, ts_ns: u64) -> Option<Identity> {
+    fn exporter(&mut self, ip: IpAddr, ts_ns: u64) -> Option<Arc<Identity>> {
         if !self.local.contains(&ip) {
             return None;
         }
@@ -879,8 +904,8 @@ impl Pipeline {
             // leaves before the first call names the connection).
             let ends = self.ends(seen.flow.src, seen.flow.dst);
             self.shared.metrics.tls_read(crate::metrics::TlsLabels {
-                source_service: ends.caller.service,
-                destination_service: ends.callee.service,
+                source_service: ends.caller.service.clone(),
+                destination_service: ends.callee.service.clone(),
                 server_name: seen.server_name,
             });
         }
@@ -916,7 +941,7 @@ impl Pipeline {
     /// The identity of `end` of its connection to `peer`, and whether it
     /// is a pod of this node's: its process's pod, where OpenSSL's probes
     /// announced one; else its address's.
-    fn end(&self, end: Endpoint, peer: Endpoint) -> (Identity, bool) {
+    fn end(&self, end: Endpoint, peer: Endpoint) -> (Arc<Identity>, bool) {
         let local = self.local.contains(&end.ip);
         match self
             .owners
@@ -1008,7 +1033,11 @@ impl Pipeline {
                 let mut req = Request::from_h2(ts_ns, flow, stream, &request);
                 req.via = via;
                 if !is_telemetry(&req) {
-                    self.started(&Arc::new(req));
+                    let req = self.engine.record(req);
+                    self.started(&req);
+                    if self.h2_open.len() < MAX_H2_OPEN {
+                        self.h2_open.insert((flow, stream), req);
+                    }
                 }
             }
             follow::Out::Done {
@@ -1016,16 +1045,27 @@ impl Pipeline {
                 via,
                 exchange,
             } => {
-                let mut req =
-                    Request::from_h2(exchange.start_ns, flow, exchange.stream, &exchange.request);
-                req.via = via;
-                if is_telemetry(&req) {
-                    self.shared.metrics.ignored("telemetry");
-                    req.telemetry = true;
-                }
+                let req = match self.h2_open.remove(&(flow, exchange.stream)) {
+                    // The record its start made (telemetry never has one).
+                    Some(req) => req,
+                    None => {
+                        let mut req = Request::from_h2(
+                            exchange.start_ns,
+                            flow,
+                            exchange.stream,
+                            &exchange.request,
+                        );
+                        req.via = via;
+                        if is_telemetry(&req) {
+                            self.shared.metrics.ignored("telemetry");
+                            req.telemetry = true;
+                        }
+                        self.engine.record(req)
+                    }
+                };
                 let answered = exchange.response.is_some() || exchange.trailers.is_some();
                 let reply = answered.then(|| Reply::from_exchange(&exchange));
-                self.hop(&Arc::new(req), reply, exchange.end_ns);
+                self.hop(&req, reply, exchange.end_ns);
             }
         }
     }
@@ -1044,7 +1084,7 @@ impl Pipeline {
                 self.shared.metrics.ignored("telemetry");
                 req.telemetry = true;
             }
-            let req = Arc::new(req);
+            let req = self.engine.record(req);
             if !req.telemetry {
                 self.started(&req);
             }
@@ -1062,7 +1102,7 @@ impl Pipeline {
 
     /// An OTLP export a pod on this node made, and the collector's answer:
     /// what the callee checks need to tell a lost span from an unsent one.
-    fn export_seen(&mut self, req: &Request, rsp: Option<Reply>, gave_up_ns: u64) {
+    fn export_seen(&mut self, req: &Arc<Request>, rsp: Option<Reply>, gave_up_ns: u64) {
         if self.reconcile.is_none() && self.silence.is_none() {
             return;
         }
@@ -1127,7 +1167,7 @@ impl Pipeline {
     /// Hops held for evidence: each as it arrives, or at its time (`all`:
     /// now, shutting down). In the order they ended: a call placed takes
     /// its request from the later ones (one to one).
-    fn release_deferred(&mut self, all: bool) {
+    pub(crate) fn release_deferred(&mut self, all: bool) {
         if self.deferred.is_empty() {
             return;
         }
@@ -1283,12 +1323,12 @@ impl Pipeline {
         if !reports_here {
             return;
         }
-        let format = formats_label(&hop.propagation.contexts);
+        let format = formats_label(&hop.propagation().contexts);
         let m = &self.shared.metrics;
         m.request(RequestLabels {
-            source_service: caller.service.clone(),
-            destination_service: callee.service.clone(),
-            context_status: verdict.kind.as_str().to_owned(),
+            source_service: self.labels.get(&caller.service),
+            destination_service: self.labels.get(&callee.service),
+            context_status: verdict.kind.as_str(),
             context_format: format.clone(),
         });
         if let Some(l) = &verdict.link
@@ -1328,7 +1368,7 @@ impl Pipeline {
         {
             let callee_is_pod = cluster::is_pod(&callee, callee_local);
             let s = span::build(&hop, &verdict, &caller, &callee, callee_is_pod);
-            example = Some(s.trace_id.to_string());
+            example = Some(s.trace_id.to_string().into());
             match &self.reconcile {
                 Some(r) => {
                     // What the callee was sent and reads, or, for a
@@ -1355,7 +1395,7 @@ impl Pipeline {
         if verdict.kind != GapKind::ContextOk {
             tracing::debug!(
                 caller = %caller.service, callee = %callee.service,
-                method = %hop.method, path = %hop.path, gap = %verdict.kind,
+                method = %hop.method(), path = %hop.path(), gap = %verdict.kind,
                 detail = %verdict.detail, "hop"
             );
         }

@@ -3,7 +3,7 @@
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use aya::maps::{MapData, RingBuf};
@@ -153,8 +153,16 @@ pub struct RawEvent {
 }
 
 impl RawEvent {
-    /// Decodes one ring-buffer record.
+    /// Decodes one ring-buffer record, its payload copied out on its own
+    /// (a batch's share one buffer: [`BatchDecoder`]).
     pub fn decode(record: &[u8]) -> Result<Self, DecodeError> {
+        let (mut e, payload) = Self::decode_parts(record)?;
+        e.payload = Bytes::copy_from_slice(payload);
+        Ok(e)
+    }
+
+    /// A record's event without its payload, and the payload.
+    fn decode_parts(record: &[u8]) -> Result<(Self, &[u8]), DecodeError> {
         if record.len() < EVENT_HEADER_LEN {
             return Err(DecodeError::Short(record.len()));
         }
@@ -166,7 +174,7 @@ impl RawEvent {
         if announced > carried || announced > MAX_PAYLOAD {
             return Err(DecodeError::Payload { announced, carried });
         }
-        Ok(Self {
+        let e = Self {
             ts_ns: h.ts_ns,
             flow: Flow::try_from(&h.flow)?,
             ifindex: h.ifindex,
@@ -183,11 +191,64 @@ impl RawEvent {
             short_start: h.flags & event_flags::SHORT_START != 0,
             segment_len: h.segment_len,
             budget_exhausted: h.flags & event_flags::BUDGET_EXHAUSTED != 0,
-            payload: Bytes::copy_from_slice(
-                &record[EVENT_HEADER_LEN..EVENT_HEADER_LEN + announced],
-            ),
+            payload: Bytes::new(),
             via: None,
-        })
+        };
+        Ok((e, &record[EVENT_HEADER_LEN..EVENT_HEADER_LEN + announced]))
+    }
+}
+
+/// Decodes a batch of records with their payloads copied into one shared
+/// buffer: an allocation per [`ARENA_BYTES`] of payload, not one per
+/// record (a fifth of the pipeline's time went to malloc and free, issue
+/// 33). A payload kept past its batch keeps its buffer alive, so what
+/// holds one long (a head waiting for its end) copies it out
+/// ([`crate::http::assemble`]).
+#[derive(Debug, Default)]
+pub struct BatchDecoder {
+    arena: bytes::BytesMut,
+    /// Where each decoded event's payload is in `arena`, in order.
+    ranges: Vec<(usize, usize)>,
+}
+
+/// A batch buffer's size: about a thousand HTTP heads.
+pub const ARENA_BYTES: usize = 256 * 1024;
+
+impl BatchDecoder {
+    /// Decodes `record` onto `out`; its payload is set by [`Self::finish`].
+    pub fn push(&mut self, record: &[u8], out: &mut Vec<RawEvent>) -> Result<(), DecodeError> {
+        let (e, payload) = RawEvent::decode_parts(record)?;
+        if self.arena.capacity() - self.arena.len() < payload.len() {
+            self.arena.reserve(payload.len().max(ARENA_BYTES));
+        }
+        let at = self.arena.len();
+        self.arena.extend_from_slice(payload);
+        self.ranges.push((at, self.arena.len()));
+        out.push(e);
+        Ok(())
+    }
+
+    /// Gives the events pushed since the last call (the last ones in
+    /// `out`) their payloads.
+    pub fn finish(&mut self, out: &mut [RawEvent]) {
+        let shared = self.arena.split().freeze();
+        let from = out.len().saturating_sub(self.ranges.len());
+        for (e, (a, b)) in out[from..].iter_mut().zip(self.ranges.drain(..)) {
+            e.payload = shared.slice(a..b);
+        }
+    }
+
+    /// Decodes records read as one batch onto `out`; records that do not
+    /// decode are left out.
+    pub fn decode_all<'a>(
+        &mut self,
+        records: impl IntoIterator<Item = &'a [u8]>,
+        out: &mut Vec<RawEvent>,
+    ) {
+        for r in records {
+            let _ = self.push(r, out);
+        }
+        self.finish(out);
     }
 }
 
@@ -233,9 +294,39 @@ pub struct EventStream {
     pub decode_errors: u64,
     /// The last batch stopped at [`MAX_BATCH`] with records left.
     more: bool,
-    /// The last drain found records: more may have come since that the
-    /// kernel will not wake for (see [`WAKEUP_AGE_NS`]).
-    unwoken: bool,
+    /// When the ring must be drained again for records the kernel did not
+    /// wake us for (see [`Redrain`]).
+    redrain: Redrain,
+    decoder: BatchDecoder,
+}
+
+/// The drain the reader owes the kernel. A record is submitted without a
+/// wakeup only within [`WAKEUP_AGE_NS`] of a wakeup, and the drain that
+/// reads the waking record promises another one that long later. A drain
+/// that finds nothing before then (a readiness left over from a wakeup
+/// whose record an earlier drain already took) keeps the promise: it
+/// once cleared it, and the records after it waited for the next wakeup
+/// (a hop of a burst's tail went unreported in the lab's collector-down).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Redrain {
+    due: Option<Instant>,
+}
+
+impl Redrain {
+    /// A drain that started at `at` found records (`found`) or none.
+    pub(crate) fn drained(&mut self, at: Instant, found: bool) {
+        let age = Duration::from_nanos(WAKEUP_AGE_NS);
+        if found {
+            self.due = Some(at + age);
+        } else if self.due.is_some_and(|due| at >= due) {
+            self.due = None;
+        }
+    }
+
+    /// The next drain owed, if any.
+    pub(crate) fn due(&self) -> Option<Instant> {
+        self.due
+    }
 }
 
 impl EventStream {
@@ -248,7 +339,8 @@ impl EventStream {
             ring,
             decode_errors: 0,
             more: false,
-            unwoken: false,
+            redrain: Redrain::default(),
+            decoder: BatchDecoder::default(),
         })
     }
 
@@ -259,11 +351,10 @@ impl EventStream {
     /// The kernel wakes the reader as [`tracegap_common::WAKEUP_BYTES`]
     /// come to be pending, or when it last did more than [`WAKEUP_AGE_NS`]
     /// ago: after a drain that found records, the ring is drained once
-    /// more that long later, for the records in between; after one that
-    /// found none, only a wakeup brings the next. So a quiet ring costs no
-    /// wakeup at all.
+    /// more that long later, for the records in between ([`Redrain`]);
+    /// once that drain finds none, only a wakeup brings the next. So a
+    /// quiet ring costs no wakeup at all.
     pub async fn next_batch(&mut self, out: &mut Vec<RawEvent>) -> std::io::Result<usize> {
-        let age = Duration::from_nanos(WAKEUP_AGE_NS);
         loop {
             let before = out.len();
             let ring = if self.more {
@@ -272,7 +363,7 @@ impl EventStream {
                 // mark, so a backlog left behind would bring no wakeup.
                 self.ring.get_mut()
             } else {
-                let unwoken = self.unwoken;
+                let due = self.redrain.due();
                 let fd = &mut self.ring;
                 let woken = async move {
                     let mut guard = fd.readable_mut().await?;
@@ -281,17 +372,20 @@ impl EventStream {
                     guard.clear_ready();
                     std::io::Result::Ok(())
                 };
-                if unwoken {
-                    if let Ok(r) = tokio::time::timeout(age, woken).await {
-                        r?;
+                match due {
+                    Some(due) => {
+                        if let Ok(r) = tokio::time::timeout_at(due.into(), woken).await {
+                            r?;
+                        }
                     }
-                } else {
-                    woken.await?;
+                    None => woken.await?,
                 }
                 self.ring.get_mut()
             };
-            self.more = !Self::drain_into(&mut self.decode_errors, ring, out);
-            self.unwoken = out.len() > before;
+            // Taken before reading: a record committed before it is read.
+            let at = Instant::now();
+            self.more = !Self::drain_into(&mut self.decode_errors, &mut self.decoder, ring, out);
+            self.redrain.drained(at, out.len() > before);
             if out.len() > before {
                 return Ok(out.len() - before);
             }
@@ -300,20 +394,25 @@ impl EventStream {
 
     /// Decodes records into `out` until the ring is empty (true) or
     /// [`MAX_BATCH`] were read (false).
-    fn drain_into(errors: &mut u64, ring: &mut RingBuf<MapData>, out: &mut Vec<RawEvent>) -> bool {
+    fn drain_into(
+        errors: &mut u64,
+        decoder: &mut BatchDecoder,
+        ring: &mut RingBuf<MapData>,
+        out: &mut Vec<RawEvent>,
+    ) -> bool {
+        let mut empty = false;
         for _ in 0..MAX_BATCH {
             let Some(record) = ring.next() else {
-                return true;
+                empty = true;
+                break;
             };
-            match RawEvent::decode(&record) {
-                Ok(e) => out.push(e),
-                Err(e) => {
-                    *errors += 1;
-                    tracing::debug!(error = %e, "undecodable event");
-                }
+            if let Err(e) = decoder.push(&record, out) {
+                *errors += 1;
+                tracing::debug!(error = %e, "undecodable event");
             }
         }
-        false
+        decoder.finish(out);
+        empty
     }
 }
 
@@ -384,6 +483,27 @@ mod tests {
         unsafe { std::ptr::write_unaligned(v.as_mut_ptr().cast(), h) };
         v.extend_from_slice(payload);
         v
+    }
+
+    #[test]
+    fn a_drain_finding_nothing_keeps_the_redrain_owed_for_records_found_before() {
+        let age = Duration::from_nanos(WAKEUP_AGE_NS);
+        let t0 = Instant::now();
+        let mut r = Redrain::default();
+        assert_eq!(r.due(), None, "a quiet ring owes nothing");
+        r.drained(t0, true);
+        assert_eq!(r.due(), Some(t0 + age));
+        // A leftover readiness drains early and finds nothing: the records
+        // the kernel submits unwoken until t0 + age still need that drain.
+        r.drained(t0 + age / 10, false);
+        assert_eq!(r.due(), Some(t0 + age));
+        // The owed drain finds nothing: nothing is owed any more.
+        r.drained(t0 + age, false);
+        assert_eq!(r.due(), None);
+        // Records found push the promise on.
+        r.drained(t0 + 2 * age, true);
+        r.drained(t0 + 2 * age + age / 2, true);
+        assert_eq!(r.due(), Some(t0 + 3 * age + age / 2));
     }
 
     #[test]

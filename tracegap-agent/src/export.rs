@@ -118,6 +118,16 @@ pub struct SpanQueue {
 }
 
 impl SpanQueue {
+    /// A queue whose spans go to the receiver returned, not to a
+    /// collector ([`crate::replay`]).
+    pub(crate) fn channel(
+        capacity: usize,
+        metrics: Arc<Metrics>,
+    ) -> (Self, mpsc::Receiver<SyntheticSpan>) {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        (Self { tx, metrics }, rx)
+    }
+
     /// Queues a span; when the queue is full the span is dropped and counted.
     pub fn offer(&self, span: SyntheticSpan) {
         match self.tx.try_send(span) {

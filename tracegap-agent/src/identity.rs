@@ -5,7 +5,7 @@
 use std::{
     net::IpAddr,
     sync::{
-        RwLock,
+        Arc, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
 };
@@ -110,9 +110,11 @@ pub fn parse_names_file(text: &str) -> Result<Vec<(IpAddr, Identity)>, NamesFile
 /// keeps it current (writes).
 #[derive(Default)]
 pub struct Directory {
-    entries: RwLock<crate::FastMap<IpAddr, Identity>>,
+    /// Shared, not copied, with each hop that names them: a lookup per
+    /// hop end allocates nothing.
+    entries: RwLock<crate::FastMap<IpAddr, Arc<Identity>>>,
     /// Pods by UID, host-network ones too: what a process's cgroup names.
-    pods: RwLock<crate::FastMap<String, Identity>>,
+    pods: RwLock<crate::FastMap<String, Arc<Identity>>>,
     /// Service addresses among the entries: while there are none (no
     /// Services known), asking costs no lock.
     services: AtomicUsize,
@@ -138,7 +140,7 @@ impl Directory {
     /// A pod by its UID (a host-network one has no address of its own).
     pub fn set_pod(&self, uid: String, identity: Identity) {
         if let Ok(mut p) = self.pods.write() {
-            p.insert(uid, identity);
+            p.insert(uid, Arc::new(identity));
         }
     }
 
@@ -149,20 +151,25 @@ impl Directory {
     }
 
     /// The pod with UID `uid`, if known.
-    pub fn pod(&self, uid: &str) -> Option<Identity> {
-        self.pod_with(uid, Identity::clone)
+    pub fn pod(&self, uid: &str) -> Option<Arc<Identity>> {
+        self.pods.read().ok().and_then(|p| p.get(uid).cloned())
     }
 
     /// `f` of the pod with UID `uid`, if known, without a copy of it (for
     /// every plaintext event).
     pub fn pod_with<R>(&self, uid: &str, f: impl FnOnce(&Identity) -> R) -> Option<R> {
-        self.pods.read().ok().and_then(|p| p.get(uid).map(f))
+        self.pods
+            .read()
+            .ok()
+            .and_then(|p| p.get(uid).map(|id| f(id)))
     }
 
     pub fn set(&self, ip: IpAddr, identity: Identity) {
         if let Ok(mut e) = self.entries.write() {
             let added = identity.is_service;
-            let removed = e.insert(ip, identity).is_some_and(|old| old.is_service);
+            let removed = e
+                .insert(ip, Arc::new(identity))
+                .is_some_and(|old| old.is_service);
             self.count_services(added, removed);
         }
     }
@@ -201,18 +208,19 @@ impl Directory {
     pub fn add_node_addresses(&self, node: &str, addrs: impl IntoIterator<Item = IpAddr>) {
         if let Ok(mut e) = self.entries.write() {
             for ip in addrs {
-                e.entry(ip).or_insert_with(|| Identity::node(node));
+                e.entry(ip)
+                    .or_insert_with(|| Arc::new(Identity::node(node)));
             }
         }
     }
 
     /// The identity of `ip`, or the address itself as the service name.
-    pub fn lookup(&self, ip: IpAddr) -> Identity {
+    pub fn lookup(&self, ip: IpAddr) -> Arc<Identity> {
         self.entries
             .read()
             .ok()
             .and_then(|e| e.get(&ip).cloned())
-            .unwrap_or_else(|| Identity::unknown(ip))
+            .unwrap_or_else(|| Arc::new(Identity::unknown(ip)))
     }
 }
 
@@ -351,11 +359,11 @@ mod tests {
             "node:node-1"
         );
         assert_eq!(
-            d.pod("7f1c").map(|p| p.service).as_deref(),
+            d.pod("7f1c").map(|p| p.service.clone()).as_deref(),
             Some("node-exporter")
         );
         assert_eq!(
-            d.pod("aa01").map(|p| p.service).as_deref(),
+            d.pod("aa01").map(|p| p.service.clone()).as_deref(),
             Some("service-b")
         );
         assert_eq!(d.lookup("10.209.1.2".parse().unwrap()).service, "service-b");

@@ -33,6 +33,7 @@ pub mod prometheus;
 pub mod quality;
 pub mod reconcile;
 pub mod remote;
+pub mod replay;
 pub mod report;
 pub mod server;
 pub mod shutdown;

@@ -1,6 +1,8 @@
 //! Prometheus metrics, named by the Prometheus conventions (`tracegap_`
 //! prefix, `_total` counters, base units).
 
+use std::sync::Arc;
+
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, exemplar::CounterWithExemplar, family::Family, gauge::Gauge},
@@ -26,15 +28,16 @@ pub struct MetricLabels {
 
 /// Label sets of a per-edge family.
 trait Edge: EncodeLabelSet + Clone + std::hash::Hash + Eq {
-    /// Its source and destination labels.
-    fn edge(&mut self) -> (&mut String, &mut String);
+    /// Its source and destination labels set to [`OVERFLOW`].
+    fn overflow(&mut self);
 }
 
 macro_rules! edge {
     ($($t:ty),*) => {$(
         impl Edge for $t {
-            fn edge(&mut self) -> (&mut String, &mut String) {
-                (&mut self.source_service, &mut self.destination_service)
+            fn overflow(&mut self) {
+                self.source_service = OVERFLOW.into();
+                self.destination_service = OVERFLOW.into();
             }
         }
     )*};
@@ -46,6 +49,27 @@ edge!(
     CalleeSpanLabels,
     TlsLabels
 );
+
+/// Service names as label values, shared: a hop's labels are built from
+/// them without an allocation (issue 33). Holds [`Interned::MAX`] names
+/// at most; past it a name is allocated each time (still counted right).
+#[derive(Default)]
+pub struct Interned(crate::FastMap<String, Arc<str>>);
+
+impl Interned {
+    const MAX: usize = 16 * 1024;
+
+    pub fn get(&mut self, name: &str) -> Arc<str> {
+        if let Some(a) = self.0.get(name) {
+            return a.clone();
+        }
+        let a: Arc<str> = name.into();
+        if self.0.len() < Self::MAX {
+            self.0.insert(name.to_owned(), a.clone());
+        }
+        a
+    }
+}
 
 /// The label sets admitted to each per-edge family.
 #[derive(Default)]
@@ -85,13 +109,14 @@ impl Admitted {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub source_service: String,
-    pub destination_service: String,
+    /// Shared names ([`Interned`]): counted per hop, built per hop.
+    pub source_service: Arc<str>,
+    pub destination_service: Arc<str>,
     /// The hop's classification (`context_ok`, `missing_context`, ...).
-    pub context_status: String,
+    pub context_status: &'static str,
     /// `none`, `w3c`, `jaeger`, `b3multi`, `b3`, `datadog`, `xray`,
     /// `cloudtrace`, `ottracer`, `grpc-trace-bin`, or several joined by `+`.
-    pub context_format: String,
+    pub context_format: std::borrow::Cow<'static, str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -596,8 +621,7 @@ impl Metrics {
             self.series_overflow
                 .get_or_create(&MetricLabels { metric })
                 .inc();
-            let (src, dst) = l.edge();
-            (*src, *dst) = (OVERFLOW.into(), OVERFLOW.into());
+            l.overflow();
         }
         l
     }
@@ -810,15 +834,15 @@ mod tests {
             };
             let caller = directory.lookup(ip);
             m.request(RequestLabels {
-                source_service: caller.service.clone(),
+                source_service: caller.service.as_str().into(),
                 destination_service: "checkout".into(),
-                context_status: "missing_context".into(),
+                context_status: "missing_context",
                 context_format: "none".into(),
             });
             m.gap(
                 GapLabels {
                     kind: "missing_context".into(),
-                    source_service: caller.service,
+                    source_service: caller.service.clone(),
                     destination_service: "checkout".into(),
                 },
                 None,
@@ -838,9 +862,9 @@ mod tests {
         let m = Metrics::new();
         for i in 0..(MAX_EDGE_SERIES + 500) {
             m.request(RequestLabels {
-                source_service: format!("svc-{i}"),
+                source_service: format!("svc-{i}").into(),
                 destination_service: "checkout".into(),
-                context_status: "context_ok".into(),
+                context_status: "context_ok",
                 context_format: "w3c".into(),
             });
         }

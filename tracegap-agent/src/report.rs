@@ -9,7 +9,52 @@ pub use crate::reconcile::learned::ServiceStatus;
 use crate::{
     events::Endpoint,
     gap::{GapKind, Hop, Verdict},
+    http::context::HexId,
 };
+
+/// An edge's key borrowed: a map keyed by owned names looked up with
+/// borrowed ones (the `Borrow` a tuple of Strings lacks).
+trait EdgeKey {
+    fn key(&self) -> (&str, &str);
+}
+
+impl EdgeKey for (String, String) {
+    fn key(&self) -> (&str, &str) {
+        (&self.0, &self.1)
+    }
+}
+
+impl EdgeKey for (&str, &str) {
+    fn key(&self) -> (&str, &str) {
+        (self.0, self.1)
+    }
+}
+
+impl<'a> std::borrow::Borrow<dyn EdgeKey + 'a> for (String, String) {
+    fn borrow(&self) -> &(dyn EdgeKey + 'a) {
+        self
+    }
+}
+
+impl PartialEq for dyn EdgeKey + '_ {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
+}
+
+impl Eq for dyn EdgeKey + '_ {}
+
+impl PartialOrd for dyn EdgeKey + '_ {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for dyn EdgeKey + '_ {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.key().cmp(&other.key())
+    }
+}
 
 /// Latency samples kept per edge (the most recent ones).
 pub const LATENCY_SAMPLES: usize = 1024;
@@ -25,7 +70,8 @@ struct EdgeStats {
     unsampled: u64,
     unanswered: u64,
     kinds: BTreeMap<GapKind, u64>,
-    examples: BTreeMap<GapKind, String>,
+    /// Inline ids: a hop replaces its kind's example without allocating.
+    examples: BTreeMap<GapKind, HexId<32>>,
     fixes: BTreeMap<GapKind, String>,
     formats: BTreeMap<String, u64>,
     baggage_carried: u64,
@@ -212,14 +258,23 @@ impl Reporter {
         hop: &Hop,
         verdict: &Verdict,
         format: &str,
-        trace: Option<String>,
+        trace: Option<HexId<32>>,
     ) {
-        let key = (source.to_owned(), destination.to_owned());
-        if !self.edges.contains_key(&key) && self.edges.len() >= MAX_EDGES {
-            self.overflow_hops += 1;
-            return;
+        // Looked up by reference: a known edge's hop builds no key.
+        let key = (source, destination);
+        if !self.edges.contains_key(&key as &dyn EdgeKey) {
+            if self.edges.len() >= MAX_EDGES {
+                self.overflow_hops += 1;
+                return;
+            }
+            self.edges.insert(
+                (source.to_owned(), destination.to_owned()),
+                EdgeStats::default(),
+            );
         }
-        let e = self.edges.entry(key).or_default();
+        let Some(e) = self.edges.get_mut(&key as &dyn EdgeKey) else {
+            return;
+        };
         e.requests += 1;
         if hop.context().is_some() {
             e.valid_context += 1;
@@ -245,7 +300,12 @@ impl Reporter {
         ) {
             e.fixes.insert(verdict.kind, f);
         }
-        *e.formats.entry(format.to_owned()).or_default() += 1;
+        match e.formats.get_mut(format) {
+            Some(n) => *n += 1,
+            None => {
+                e.formats.insert(format.to_owned(), 1);
+            }
+        }
         if let Some(via) = hop.via
             && e.via.len() < MAX_VIA
         {
@@ -253,7 +313,7 @@ impl Reporter {
         }
         if verdict.baggage_dropped {
             e.baggage_dropped += 1;
-        } else if hop.propagation.baggage.is_some() {
+        } else if hop.propagation().baggage.is_some() {
             e.baggage_carried += 1;
         }
     }
@@ -307,7 +367,7 @@ impl Reporter {
                     examples: e
                         .examples
                         .iter()
-                        .map(|(k, t)| (k.as_str().to_owned(), t.clone()))
+                        .map(|(k, t)| (k.as_str().to_owned(), t.to_string()))
                         .collect(),
                     fixes: e
                         .fixes

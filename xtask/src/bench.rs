@@ -32,6 +32,11 @@ pub struct BenchArgs {
     /// over HTTP/1.1 and gRPC.
     #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls", "quality"])]
     rest: bool,
+    /// Only user space on one core, without the kernel or a network: the
+    /// pipeline's events/s, the agent's time and heap allocations per
+    /// healthy HTTP/1.1 request and gRPC call, span export.
+    #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls", "quality", "rest"])]
+    pipeline: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -40,7 +45,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("the bench creates network namespaces and loads eBPF programs: run it as root");
     }
     let route = setup::ensure(true)?;
-    if !args.kernel && !args.sockets {
+    if !args.kernel && !args.sockets && !args.pipeline {
         setup::ensure_packages(&["wrk", "iperf3", "nghttp2-client"])?;
     }
     toolchain::run(toolchain::cargo(&route).args([
@@ -76,7 +81,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.rest {
         cmd.arg("--rest");
     }
-    if !args.kernel && !args.sockets && !args.tls {
+    if args.pipeline {
+        cmd.arg("--pipeline");
+    }
+    if !args.kernel && !args.sockets && !args.tls && !args.pipeline {
         // The cluster-wide view's row: Debian's Prometheus, unpacked.
         match setup::prometheus() {
             Ok(bin) => {

@@ -2,6 +2,9 @@
 //! baseline from the same run. Traffic stays between two namespaces the
 //! bench creates; every load is bounded in time.
 
+pub mod allocs;
+pub mod grpc_stream;
+pub mod healthy;
 pub mod kernel;
 mod quality;
 mod rest;
@@ -21,7 +24,7 @@ use anyhow::{Context as _, bail};
 use tracegap_agent::{
     agent::AgentConfig,
     clock::WallClock,
-    events::{Endpoint, Flow, RawEvent},
+    events::{BatchDecoder, Endpoint, Flow, RawEvent},
     export::{self, ExportConfig, OtlpProtocol},
     gap::{
         Engine, Hop,
@@ -305,6 +308,31 @@ pub(super) fn pct(with: f64, base: f64) -> f64 {
     (with / base - 1.0) * 100.0
 }
 
+/// An agent's configuration for [`tracegap_agent::replay::Replay`]: no
+/// interface, collector, API or store is used.
+fn replay_config() -> AgentConfig {
+    AgentConfig {
+        interfaces: Selection::Explicit(Vec::new()),
+        listen: SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+        report_listen: None,
+        cors_origin: None,
+        export: ExportConfig::default(),
+        export_mode: ExportMode::Gaps,
+        export_unsampled: false,
+        services: Vec::new(),
+        response_timeout: Duration::from_secs(30),
+        kubernetes: None,
+        node_name: None,
+        reconcile: None,
+        thread_evidence: false,
+        tls_plaintext: false,
+        kernel_log: Default::default(),
+        place_by_timing: false,
+        silence: Some(Default::default()),
+        server_limits: Default::default(),
+    }
+}
+
 fn agent_config(node: &Node, receiver: &Receiver) -> AgentConfig {
     AgentConfig {
         interfaces: Selection::Explicit(node.pods.iter().map(|p| p.host_if.clone()).collect()),
@@ -385,6 +413,13 @@ pub fn tls_only(d: Durations) -> anyhow::Result<String> {
 
 /// Only the cluster-wide view's figure (`tracegap-lab bench --quality`).
 /// Only the agent at rest and at low rates (see `rest`).
+pub fn pipeline_only(d: Durations) -> anyhow::Result<String> {
+    let mut rows = Vec::new();
+    eprintln!("bench: user space on one core");
+    user_space(d, &mut rows)?;
+    Ok(rows_table(&rows))
+}
+
 pub fn rest_only(d: Durations) -> anyhow::Result<String> {
     let mut rows = Vec::new();
     rest::rows(d, &mut rows)?;
@@ -1124,34 +1159,57 @@ pub fn events(n_pairs: usize) -> impl Iterator<Item = RawEvent> {
 }
 
 /// Everything user space does per event, on this thread: assemble, pair,
-/// classify, and build a span for each gap, handed to `on_span`.
+/// classify, and build a span for each gap. Its state lives on between
+/// pushes, as the agent's does: a steady state can be measured.
+pub struct UserSpace {
+    clock: WallClock,
+    assembler: Assembler,
+    pairer: Pairer<Arc<Request>>,
+    engine: Engine,
+    messages: Vec<Message>,
+    id: Identity,
+}
+
+impl Default for UserSpace {
+    fn default() -> Self {
+        Self {
+            clock: WallClock::new(),
+            assembler: Assembler::default(),
+            pairer: Pairer::default(),
+            engine: Engine::default(),
+            messages: Vec::new(),
+            id: Identity::default(),
+        }
+    }
+}
+
+impl UserSpace {
+    /// One event; each span built is handed to `on_span`.
+    pub fn push(&mut self, e: RawEvent, on_span: &mut impl FnMut(span::SyntheticSpan)) {
+        self.assembler.push(e, &mut self.messages);
+        for m in self.messages.drain(..) {
+            if let Some(req) = Request::from_message(&m) {
+                let req = self.engine.record(req);
+                self.engine.request_started(&req);
+                self.pairer.request(m.flow, req);
+            } else if let Answer::Answered { request: req, .. } = self.pairer.response(&m) {
+                let hop = Hop::new(&self.clock, &req, Reply::from_message(&m), m.ts_ns);
+                let v = self.engine.classify(&hop, None);
+                if span::wanted(v.kind, ExportMode::Gaps, false) {
+                    on_span(span::build(&hop, &v, &self.id, &self.id, true));
+                }
+            }
+        }
+    }
+}
+
 fn run_pipeline(
     events: impl IntoIterator<Item = RawEvent>,
     mut on_span: impl FnMut(span::SyntheticSpan),
 ) {
-    let clock = WallClock::new();
-    let (mut a, mut pairer, mut engine) = (
-        Assembler::default(),
-        Pairer::<Arc<Request>>::default(),
-        Engine::default(),
-    );
-    let mut messages: Vec<Message> = Vec::new();
-    let id = Identity::default();
+    let mut u = UserSpace::default();
     for e in events {
-        a.push(e, &mut messages);
-        for m in messages.drain(..) {
-            if let Some(req) = Request::from_message(&m) {
-                let req = Arc::new(req);
-                engine.request_started(&req);
-                pairer.request(m.flow, req);
-            } else if let Answer::Answered { request: req, .. } = pairer.response(&m) {
-                let hop = Hop::new(&clock, &req, Reply::from_message(&m), m.ts_ns);
-                let v = engine.classify(&hop, None);
-                if span::wanted(v.kind, ExportMode::Gaps, false) {
-                    on_span(span::build(&hop, &v, &id, &id, true));
-                }
-            }
-        }
+        u.push(e, &mut on_span);
     }
 }
 
@@ -1174,7 +1232,17 @@ impl Records {
     fn iter(&self) -> impl Iterator<Item = &[u8]> {
         self.bounds.iter().map(|&(a, b)| &self.bytes[a..b])
     }
+
+    /// The records in batches of `n`, as the agent drains the ring.
+    fn batches(&self, n: usize) -> impl Iterator<Item = impl Iterator<Item = &[u8]>> {
+        self.bounds
+            .chunks(n)
+            .map(|c| c.iter().map(|&(a, b)| &self.bytes[a..b]))
+    }
 }
+
+/// Records the agent reads from the ring at once at most.
+const BATCH: usize = tracegap_agent::events::MAX_BATCH;
 
 /// [`events`] encoded as the kernel writes them.
 pub fn records(n_pairs: usize) -> Records {
@@ -1190,15 +1258,23 @@ pub fn records(n_pairs: usize) -> Records {
     r
 }
 
-/// What the agent does from ring-buffer record to span: decode each record
-/// (its payload copied out), then [`run_pipeline`]. Returns spans built.
+/// What the agent does from ring-buffer record to span: decode the
+/// records a batch at a time (their payloads copied out into one buffer),
+/// then [`UserSpace`]. Returns spans built.
 pub fn pipeline_records(records: &Records) -> usize {
     let mut spans = 0;
-    let events = records.iter().filter_map(|r| RawEvent::decode(r).ok());
-    run_pipeline(events, |s| {
+    let mut on_span = |s| {
         std::hint::black_box(s);
         spans += 1;
-    });
+    };
+    let (mut u, mut decoder) = (UserSpace::default(), BatchDecoder::default());
+    let mut batch = Vec::with_capacity(BATCH);
+    for records in records.batches(BATCH) {
+        decoder.decode_all(records, &mut batch);
+        for e in batch.drain(..) {
+            u.push(e, &mut on_span);
+        }
+    }
     spans
 }
 
@@ -1257,9 +1333,10 @@ fn user_space(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
             "{:.1}% of the baseline's rate; {spans} spans built",
             rate.med / floor.med * 100.0
         ),
-        "≥ 1000k/s",
-        Some(rate.med >= 1_000_000.0),
+        "≥ 2000k/s",
+        Some(rate.med >= 2_000_000.0),
     ));
+    agent_pipeline(d, 1e9 / floor.med, rows);
 
     // Export to a real OTLP receiver (gRPC, default batching).
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -1305,6 +1382,61 @@ fn user_space(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
         Some(rate >= 150_000.0),
     ));
     Ok(())
+}
+
+/// The agent's own pipeline ([`tracegap_agent::replay::Replay`]: assembly,
+/// HTTP/2, pairing, classification, identities, metrics, the report) on a
+/// healthy node's traffic in the steady state: per HTTP/1.1 request and
+/// per unary gRPC call, its time on one core and its heap allocations
+/// (counted by the lab's allocator). `floor_ns`: the copy-and-hash
+/// baseline per event.
+fn agent_pipeline(d: Durations, floor_ns: f64, rows: &mut Vec<Row>) {
+    use tracegap_agent::{gap::classify::MAX_PER_POD, replay::Replay};
+    const CONNECTIONS: u32 = 8;
+    // Past the engine's per-pod history: each request replaces one.
+    let warm_calls = (MAX_PER_POD + 1024) * CONNECTIONS as usize;
+    let calls = warm_calls + if d.rounds > 1 { 100_000 } else { 20_000 };
+    let counting = allocs::installed();
+    for (what, records, warm, target_ns) in [
+        (
+            "HTTP/1.1 request",
+            healthy::records(CONNECTIONS, calls as u32),
+            2 * warm_calls,
+            1000.0,
+        ),
+        (
+            "unary gRPC call",
+            grpc_stream::records(CONNECTIONS, calls as u32),
+            2 * CONNECTIONS as usize + 2 * warm_calls,
+            600.0,
+        ),
+    ] {
+        let mut ns = Vec::new();
+        let mut allocations = 0.0;
+        for _ in 0..d.rounds.max(1) {
+            let mut r = Replay::new(&healthy::replay_config(CONNECTIONS));
+            let s = healthy::agent_steady_state(&mut r, &records, warm);
+            // Two events per call: its request's and its answer's.
+            ns.push(2.0 * s.ns_per_event);
+            allocations = 2.0 * s.allocations_per_event;
+        }
+        let ns = Spread::of(ns);
+        let allocated = if counting {
+            format!("{allocations:.3} allocations")
+        } else {
+            "allocations not counted (no counting allocator)".into()
+        };
+        rows.push(row(
+            &format!(
+                "user space: the agent's whole pipeline per healthy {what}, steady state (1 core)"
+            ),
+            format!("{:.0} ns (copy + hash of its two records)", 2.0 * floor_ns),
+            format!("{} ns, {allocated}", ns.show(|v| format!("{v:.0}"))),
+            format!("{:.1}× the baseline", ns.med / (2.0 * floor_ns)),
+            &format!("≤ {target_ns:.0} ns, 0 allocations"),
+            Some(ns.med <= target_ns && counting && allocations < 0.01),
+        ));
+    }
 }
 
 /// Peak RSS (VmHWM) of this process, in KiB.

@@ -38,6 +38,7 @@
 //! Synthetic spans carry the confidence, so nobody mistakes a guess for a
 //! fact.
 
+use std::borrow::Cow;
 use std::{collections::VecDeque, net::IpAddr, sync::Arc};
 
 use serde::Serialize;
@@ -278,8 +279,9 @@ pub struct Link {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Verdict {
     pub kind: GapKind,
-    /// Human-readable why, for spans and the report.
-    pub detail: String,
+    /// Human-readable why, for spans and the report (a fixed text for
+    /// most: a healthy hop allocates none).
+    pub detail: Cow<'static, str>,
     /// The inbound request this hop was made for, when the caller was
     /// serving a traced one.
     pub link: Option<Link>,
@@ -352,11 +354,42 @@ struct Pod {
     handoffs: HandoffRecord,
 }
 
-fn push_bounded(q: &mut VecDeque<Open>, o: Open) {
-    if q.len() >= MAX_PER_POD {
-        q.pop_front();
+/// Pushes `o`; the request pushed out, if any, goes to `spare`.
+fn push_bounded(q: &mut VecDeque<Open>, o: Open, spare: &mut Spare) {
+    if q.len() >= MAX_PER_POD
+        && let Some(old) = q.pop_front()
+    {
+        spare.keep(old.req);
     }
     q.push_back(o);
+}
+
+/// Request records the engine let go of, for [`Engine::record`] to reuse
+/// once nothing else holds them: in the steady state each new request
+/// takes the place of one forgotten, and allocates nothing (issue 33).
+#[derive(Default)]
+struct Spare(Vec<Arc<Request>>);
+
+impl Spare {
+    /// Records kept for reuse at most.
+    const MAX: usize = 1024;
+
+    fn keep(&mut self, req: Arc<Request>) {
+        if self.0.len() < Self::MAX {
+            self.0.push(req);
+        }
+    }
+
+    /// `req` in a spare record no one else holds, else in a new one.
+    fn record(&mut self, req: Request) -> Arc<Request> {
+        while let Some(mut spare) = self.0.pop() {
+            if let Some(slot) = Arc::get_mut(&mut spare) {
+                *slot = req;
+                return spare;
+            }
+        }
+        Arc::new(req)
+    }
 }
 
 fn close(q: &mut VecDeque<Open>, flow: &crate::events::Flow, seq: u32, end_ns: u64) {
@@ -377,6 +410,7 @@ pub struct Engine {
     seen_ns: u64,
     /// Whether timing places calls (see [`timing`]); off, it is not asked.
     by_timing: bool,
+    spare: Spare,
 }
 
 impl Engine {
@@ -386,6 +420,12 @@ impl Engine {
             by_timing,
             ..Self::default()
         }
+    }
+
+    /// A request's shared record: one the engine forgot, reused, when
+    /// nothing holds it any more; else a new one.
+    pub fn record(&mut self, req: Request) -> Arc<Request> {
+        self.spare.record(req)
     }
 
     /// A thread's turn on a connection, from the kernel.
@@ -455,10 +495,10 @@ impl Engine {
         }
         let callee = self.pods.entry(flow.dst.ip).or_default();
         callee.last_ns = start_ns;
-        push_bounded(&mut callee.inbound, open.clone());
+        push_bounded(&mut callee.inbound, open.clone(), &mut self.spare);
         let caller = self.pods.entry(flow.src.ip).or_default();
         caller.last_ns = start_ns;
-        push_bounded(&mut caller.outbound, open);
+        push_bounded(&mut caller.outbound, open, &mut self.spare);
     }
 
     /// Records that `hop` was answered (or given up), as soon as it is:
@@ -503,7 +543,7 @@ impl Engine {
             v.link = parent;
         }
         v.baggage_dropped =
-            v.link.as_ref().is_some_and(|l| l.baggage) && hop.propagation.baggage.is_none();
+            v.link.as_ref().is_some_and(|l| l.baggage) && hop.propagation().baggage.is_none();
         v
     }
 
@@ -523,7 +563,7 @@ impl Engine {
         }
     }
 
-    fn verdict(kind: GapKind, detail: impl Into<String>) -> Verdict {
+    fn verdict(kind: GapKind, detail: impl Into<Cow<'static, str>>) -> Verdict {
         Verdict {
             kind,
             detail: detail.into(),
@@ -535,36 +575,36 @@ impl Engine {
     }
 
     fn judge(&self, hop: &Hop, parent: Option<Link>, callee_instrumented: Option<bool>) -> Verdict {
-        let contexts = &hop.propagation.contexts;
+        let contexts = &hop.propagation().contexts;
         if let Some(Found::Malformed { format, reason, .. }) = hop.malformed() {
             return Self::verdict(
                 GapKind::MalformedContext,
                 format!("{} header is invalid: {reason}", format.as_str()),
             );
         }
-        let valid: Vec<&SpanContext> = contexts
-            .iter()
-            .filter_map(|c| match c {
-                Found::Valid(c) => Some(c),
-                _ => None,
-            })
-            .collect();
-        if let Some(other) = valid.iter().find(|c| c.trace_id != valid[0].trace_id) {
+        let mut valid = contexts.iter().filter_map(|c| match c {
+            Found::Valid(c) => Some(c),
+            _ => None,
+        });
+        let first = valid.next();
+        if let Some(first) = first
+            && let Some(other) = valid.find(|c| c.trace_id != first.trace_id)
+        {
             return Self::verdict(
                 GapKind::FormatMismatch,
                 format!(
                     "{} and {} headers name different traces ({} vs {})",
-                    valid[0].format.as_str(),
+                    first.format.as_str(),
                     other.format.as_str(),
-                    valid[0].trace_id,
+                    first.trace_id,
                     other.trace_id
                 ),
             );
         }
-        let Some(ctx) = valid.first() else {
+        let Some(ctx) = first else {
             // A context none of the OpenTelemetry side reads: propagated,
             // but into no trace it can join.
-            if let Some((format, _)) = hop.propagation.foreign_only() {
+            if let Some((format, _)) = hop.propagation().foreign_only() {
                 let why = match &parent {
                     Some(l) => format!(
                         "caller received {} and sent only {}, whose ids convert to no W3C trace",
@@ -884,9 +924,17 @@ impl Engine {
     pub fn forget_before(&mut self, ts_ns: u64) {
         self.threads.forget_before(ts_ns);
         let old = |o: &Open| o.end_ns().unwrap_or(o.start_ns()) < ts_ns;
+        let spare = &mut self.spare;
+        let mut forget = |o: &Open| {
+            let forgotten = old(o);
+            if forgotten {
+                spare.keep(o.req.clone());
+            }
+            !forgotten
+        };
         self.pods.retain(|_, p| {
-            p.inbound.retain(|o| !old(o));
-            p.outbound.retain(|o| !old(o));
+            p.inbound.retain(&mut forget);
+            p.outbound.retain(&mut forget);
             !(p.inbound.is_empty() && p.outbound.is_empty() && p.last_ns < ts_ns)
         });
     }
@@ -904,14 +952,18 @@ impl Engine {
 
 /// Formats carried by a request, for metrics labels: `none`, one format, or
 /// several joined with `+`.
-pub fn formats_label(contexts: &[Found]) -> String {
-    if contexts.is_empty() {
-        return "none".to_owned();
+pub fn formats_label(contexts: &[Found]) -> Cow<'static, str> {
+    match contexts {
+        [] => Cow::Borrowed("none"),
+        // The usual request: one format, a fixed label.
+        [one] => Cow::Borrowed(one.format().as_str()),
+        _ => {
+            let mut f: Vec<Format> = contexts.iter().map(Found::format).collect();
+            f.sort();
+            f.dedup();
+            Cow::Owned(f.iter().map(Format::as_str).collect::<Vec<_>>().join("+"))
+        }
     }
-    let mut f: Vec<Format> = contexts.iter().map(Found::format).collect();
-    f.sort();
-    f.dedup();
-    f.iter().map(Format::as_str).collect::<Vec<_>>().join("+")
 }
 
 #[cfg(test)]

@@ -75,7 +75,7 @@ impl FormatsRead {
         if verdict.kind != GapKind::ContextOk {
             return;
         }
-        let mut sent = hop.propagation.contexts.iter().filter_map(|c| match c {
+        let mut sent = hop.propagation().contexts.iter().filter_map(|c| match c {
             Found::Valid(c) => Some(c.format),
             _ => None,
         });
@@ -100,6 +100,7 @@ impl FormatsRead {
             } else {
                 format!("; it reads {}", read.join(", "))
             }
-        );
+        )
+        .into();
     }
 }

@@ -116,11 +116,17 @@ impl Reply {
     }
 }
 
+/// A request's method, path and Host bytes: [`TEXT_INLINE`] inline.
+type RequestText = smallvec::SmallVec<[u8; TEXT_INLINE]>;
+/// Bytes of method, path and Host a request record holds without an
+/// allocation: a REST path or a gRPC method and an in-cluster host fit.
+const TEXT_INLINE: usize = 96;
+
 /// A request waiting for its response: what its hop is built from, read
 /// out of the head once, when the request is seen. The pairer and the
 /// engine share it (`Arc`), so an open flow costs one compact record, not
 /// a parsed head and copies of its contexts.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct Request {
     /// Monotonic time of the request's first segment.
     pub ts_ns: u64,
@@ -143,8 +149,9 @@ pub struct Request {
     /// The Service address the client addressed, if it went through one.
     pub via: Option<Endpoint>,
     pub protocol: Protocol,
-    /// Method, path and Host, one after the other, in one allocation.
-    text: Box<str>,
+    /// Method, path and Host, one after the other, in the record itself
+    /// when they fit (most do): no allocation of their own.
+    text: RequestText,
     method_end: u32,
     path_end: u32,
     has_host: bool,
@@ -168,10 +175,10 @@ impl Request {
         truncated: bool,
     ) -> Self {
         let host_s = host.unwrap_or("");
-        let mut text = String::with_capacity(method.len() + path.len() + host_s.len());
-        text.push_str(method);
-        text.push_str(path);
-        text.push_str(host_s);
+        let mut text = RequestText::new();
+        text.extend_from_slice(method.as_bytes());
+        text.extend_from_slice(path.as_bytes());
+        text.extend_from_slice(host_s.as_bytes());
         Self {
             ts_ns,
             flow,
@@ -187,7 +194,7 @@ impl Request {
             method_end: method.len() as u32,
             path_end: (method.len() + path.len()) as u32,
             has_host: host.is_some(),
-            text: text.into_boxed_str(),
+            text,
             propagation,
             user_agent: None,
         }
@@ -247,20 +254,26 @@ impl Request {
         req
     }
 
-    pub fn method(&self) -> &str {
-        self.text.get(..self.method_end as usize).unwrap_or("")
-    }
-
-    pub fn path(&self) -> &str {
+    /// Bytes `from..to` of the text: whole strs put side by side, so
+    /// always UTF-8 at these bounds.
+    fn text(&self, from: u32, to: Option<u32>) -> &str {
+        let to = to.map_or(self.text.len(), |t| t as usize);
         self.text
-            .get(self.method_end as usize..self.path_end as usize)
+            .get(from as usize..to)
+            .and_then(|b| std::str::from_utf8(b).ok())
             .unwrap_or("")
     }
 
+    pub fn method(&self) -> &str {
+        self.text(0, Some(self.method_end))
+    }
+
+    pub fn path(&self) -> &str {
+        self.text(self.method_end, Some(self.path_end))
+    }
+
     pub fn host(&self) -> Option<&str> {
-        self.has_host
-            .then(|| self.text.get(self.path_end as usize..))
-            .flatten()
+        self.has_host.then(|| self.text(self.path_end, None))
     }
 }
 
@@ -285,11 +298,9 @@ pub struct Hop {
     pub flow: Flow,
     /// Sequence number of the request's first byte: its identity on the flow.
     pub seq: u32,
-    pub method: String,
-    /// Path without query string.
-    pub path: String,
-    /// `Host` header, if sent.
-    pub host: Option<String>,
+    /// Its request, shared with the pairer and the engine: method, path,
+    /// Host and contexts are read from it, not copied per hop.
+    pub request: Arc<Request>,
     /// None: no response came (see `unanswered`).
     pub status: Option<u16>,
     /// Monotonic time of the request's first segment.
@@ -300,7 +311,6 @@ pub struct Hop {
     pub start: SystemTime,
     /// No response within the timeout: `end_ns` is when the engine gave up.
     pub unanswered: bool,
-    pub propagation: Propagation,
     /// The request head did not fit what the kernel copies.
     pub truncated: bool,
     /// HTTP/2: read on a connection joined mid-way, and the fields that
@@ -323,7 +333,7 @@ impl Hop {
     /// given up at `gave_up_ns`).
     pub fn new(
         clock: &WallClock,
-        request: &Request,
+        request: &Arc<Request>,
         response: Option<Reply>,
         gave_up_ns: u64,
     ) -> Self {
@@ -332,15 +342,12 @@ impl Hop {
         Self {
             flow: request.flow,
             seq: request.seq,
-            method: request.method().to_owned(),
-            path: request.path().to_owned(),
-            host: request.host().map(str::to_owned),
+            request: request.clone(),
             status,
             start_ns: request.ts_ns,
             end_ns,
             start: clock.system_time(request.ts_ns),
             unanswered: response.is_none(),
-            propagation: request.propagation.clone(),
             truncated: request.truncated,
             joined: request.joined,
             unknown_fields: request.unknown_fields,
@@ -359,8 +366,8 @@ impl Hop {
         kind: super::classify::GapKind,
         received: Option<crate::http::context::Format>,
     ) -> Option<String> {
-        let sent: Vec<_> = self
-            .propagation
+        let sent: smallvec::SmallVec<[_; 4]> = self
+            .propagation()
             .contexts
             .iter()
             .map(|c| c.format())
@@ -379,13 +386,31 @@ impl Hop {
         if self.protocol != Protocol::Grpc {
             return None;
         }
-        let (service, method) = self.path.strip_prefix('/')?.split_once('/')?;
+        let (service, method) = self.path().strip_prefix('/')?.split_once('/')?;
         (!service.is_empty() && !method.is_empty() && !method.contains('/'))
             .then_some((service, method))
     }
 
     pub fn caller(&self) -> Endpoint {
         self.flow.src
+    }
+
+    pub fn method(&self) -> &str {
+        self.request.method()
+    }
+
+    /// Path without query string.
+    pub fn path(&self) -> &str {
+        self.request.path()
+    }
+
+    /// `Host` header (`:authority`), if sent.
+    pub fn host(&self) -> Option<&str> {
+        self.request.host()
+    }
+
+    pub fn propagation(&self) -> &Propagation {
+        &self.request.propagation
     }
 
     pub fn callee(&self) -> Endpoint {
@@ -402,24 +427,54 @@ impl Hop {
 
     /// The context a tracer would continue: the first valid one.
     pub fn context(&self) -> Option<&SpanContext> {
-        self.propagation.primary()
+        self.propagation().primary()
     }
 
     /// The format of the first context header set, valid or not.
     pub fn format(&self) -> Option<&'static str> {
-        self.propagation
+        self.propagation()
             .contexts
             .first()
             .map(|c| c.format().as_str())
     }
 
     pub fn malformed(&self) -> Option<&Found> {
-        self.propagation
+        self.propagation()
             .contexts
             .iter()
             .find(|c| matches!(c, Found::Malformed { .. }))
     }
 }
+#[cfg(test)]
+impl Hop {
+    /// Tests: the hop as if its request had had another method and path.
+    pub(crate) fn set_method_path(&mut self, method: &str, path: &str) {
+        let r = &self.request;
+        let mut new = Request::new(
+            r.ts_ns,
+            r.flow,
+            r.seq,
+            method,
+            path,
+            r.host(),
+            r.propagation.clone(),
+            r.truncated,
+        );
+        new = Request {
+            text: new.text,
+            method_end: new.method_end,
+            path_end: new.path_end,
+            ..(**r).clone()
+        };
+        self.request = Arc::new(new);
+    }
+
+    /// Tests: the contexts and baggage its request carried.
+    pub(crate) fn propagation_mut(&mut self) -> &mut Propagation {
+        &mut Arc::make_mut(&mut self.request).propagation
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::{IpAddr, Ipv4Addr};

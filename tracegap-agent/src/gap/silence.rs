@@ -74,15 +74,22 @@ impl Silence {
     }
 
     fn watch(&mut self, service: &str, now_ns: u64) -> Option<&mut Watch> {
-        if !self.services.contains_key(service) && self.services.len() >= MAX_SERVICES {
-            return None;
+        // A known service's hop names no new key (no allocation per hop).
+        if !self.services.contains_key(service) {
+            if self.services.len() >= MAX_SERVICES {
+                return None;
+            }
+            self.services.insert(
+                service.to_owned(),
+                Watch {
+                    first_ns: now_ns,
+                    sampled: 0,
+                    exports: 0,
+                    continued: 0,
+                },
+            );
         }
-        Some(self.services.entry(service.to_owned()).or_insert(Watch {
-            first_ns: now_ns,
-            sampled: 0,
-            exports: 0,
-            continued: 0,
-        }))
+        self.services.get_mut(service)
     }
 
     /// A pod of `service` on this node served a request with a sampled

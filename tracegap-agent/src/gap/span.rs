@@ -221,7 +221,8 @@ pub fn passthrough(
         detail: format!(
             "passed the context on unchanged to {} downstream request(s): no span of its own",
             verdict.forwarded
-        ),
+        )
+        .into(),
         ..verdict.clone()
     };
     let mut s = build(hop, &v, caller, callee, true);
@@ -286,7 +287,7 @@ pub fn build(
                 // a context it dropped): from the wire, exact, store or not.
                 attributes.push(KeyValue::new(
                     "tracegap.downstream.trace_id",
-                    c.trace_id.clone(),
+                    c.trace_id.to_string(),
                 ));
                 if let (Some(t), Some(s)) = (trace_id(&c.trace_id), span_id(&c.parent_span_id)) {
                     links.push((t, s, "downstream_trace"));
@@ -329,8 +330,8 @@ pub fn build(
         Some((service, method)) => format!("{service}/{method}"),
         // The method not read (an HTTP/2 field from an entry never
         // seen): the HTTP conventions' name for an unknown method.
-        None if hop.method.is_empty() => "HTTP".to_owned(),
-        None => format!("{} {}", hop.method, route::template(&hop.path)),
+        None if hop.method().is_empty() => "HTTP".to_owned(),
+        None => format!("{} {}", hop.method(), route::template(hop.path())),
     };
     let (kind, identity, peer) = if callee_is_pod {
         (SpanKind::Server, callee.clone(), hop.caller())
@@ -338,17 +339,19 @@ pub fn build(
         (SpanKind::Client, caller.clone(), hop.callee())
     };
     let server_address = hop
-        .host
-        .as_deref()
+        .host()
         .map(|h| host_name(h).to_owned())
         .unwrap_or_else(|| hop.callee().ip.to_string());
     // A field not read (HTTP/2 from a table entry never seen) is left
     // out, never guessed.
-    if !hop.method.is_empty() {
-        attributes.push(KeyValue::new("http.request.method", hop.method.clone()));
+    if !hop.method().is_empty() {
+        attributes.push(KeyValue::new(
+            "http.request.method",
+            hop.method().to_owned(),
+        ));
     }
-    if !hop.path.is_empty() {
-        attributes.push(KeyValue::new("url.path", hop.path.clone()));
+    if !hop.path().is_empty() {
+        attributes.push(KeyValue::new("url.path", hop.path().to_owned()));
     }
     attributes.extend([
         KeyValue::new("server.address", server_address),
@@ -389,7 +392,7 @@ pub fn build(
     if let Some(f) = hop.format() {
         attributes.push(KeyValue::new("tracegap.context.format", f));
     }
-    if let Some((_, trace)) = hop.propagation.foreign_only() {
+    if let Some((_, trace)) = hop.propagation().foreign_only() {
         // The trace as the caller's tracer knows it, to find it there.
         attributes.push(KeyValue::new(
             "tracegap.context.foreign_trace_id",
@@ -488,24 +491,32 @@ mod tests {
             ip: IpAddr::V4(Ipv4Addr::new(10, 0, 0, l)),
             port,
         };
+        let flow = Flow {
+            src: ep(1, 40000),
+            dst: ep(2, 8080),
+        };
+        let propagation = Propagation {
+            contexts: ctx.map(traceparent).into_iter().collect(),
+            ..Default::default()
+        };
         Hop {
-            flow: Flow {
-                src: ep(1, 40000),
-                dst: ep(2, 8080),
-            },
+            flow,
             seq: 1,
-            method: "GET".into(),
-            path: "/users/42".into(),
-            host: Some("service-b:8080".into()),
+            request: std::sync::Arc::new(crate::gap::hop::Request::new(
+                1_000_000,
+                flow,
+                1,
+                "GET",
+                "/users/42",
+                Some("service-b:8080"),
+                propagation,
+                false,
+            )),
             status,
             start_ns: 1_000_000,
             end_ns: 4_000_000,
             start: std::time::UNIX_EPOCH + std::time::Duration::from_secs(100),
             unanswered: status.is_none(),
-            propagation: Propagation {
-                contexts: ctx.map(traceparent).into_iter().collect(),
-                ..Default::default()
-            },
             truncated: false,
             joined: false,
             unknown_fields: 0,
@@ -605,8 +616,7 @@ mod tests {
         let (a, b) = ids();
         let mut h = hop(None, Some(200));
         h.protocol = super::Protocol::Grpc;
-        h.method = "POST".into();
-        h.path = "/shop.Cart/AddItem".into();
+        h.set_method_path("POST", "/shop.Cart/AddItem");
         h.grpc_status = Some(14);
         let s = build(&h, &verdict(GapKind::MissingContext, None), &a, &b, true);
         let get = |k| attr(&s, k).map(|v| v.as_str().into_owned());
@@ -643,8 +653,7 @@ mod tests {
         // entries never seen; :method too.
         let mut h = hop(None, Some(200));
         h.protocol = super::Protocol::Http2;
-        h.method = String::new();
-        h.path = String::new();
+        h.set_method_path("", "");
         h.joined = true;
         h.unknown_fields = 4;
         let s = build(&h, &verdict(GapKind::MissingContext, None), &a, &b, true);
@@ -669,8 +678,7 @@ mod tests {
         // A connection seen from its start says neither.
         h.joined = false;
         h.unknown_fields = 0;
-        h.method = "POST".into();
-        h.path = "/shop.Cart/AddItem".into();
+        h.set_method_path("POST", "/shop.Cart/AddItem");
         let s = build(&h, &verdict(GapKind::MissingContext, None), &a, &b, true);
         assert!(attr(&s, "tracegap.h2.joined").is_none());
         assert!(attr(&s, "tracegap.h2.unknown_fields").is_none());

@@ -288,7 +288,11 @@ impl Assembler {
 
     /// Holds an unfinished head for its next segment, within
     /// [`MAX_PARTIAL_BYTES`]: the oldest go first.
-    fn hold_partial(&mut self, key: (Flow, u32), p: Partial, out: &mut Vec<Message>) {
+    fn hold_partial(&mut self, key: (Flow, u32), mut p: Partial, out: &mut Vec<Message>) {
+        // Its bytes out of the batch's shared buffer
+        // ([`crate::events::BatchDecoder`]), which they would keep alive
+        // for as long as the head waits.
+        p.buf = bytes::Bytes::copy_from_slice(&p.buf);
         while self.partial_bytes + p.buf.len() > MAX_PARTIAL_BYTES {
             let Some(oldest) = self
                 .partials
@@ -636,7 +640,7 @@ mod tests {
 
     fn path(m: &Message) -> String {
         match &m.head.as_ref().unwrap().start {
-            StartLine::Request { path, .. } => path.clone(),
+            StartLine::Request { path, .. } => path.to_string(),
             StartLine::Response { status, .. } => status.to_string(),
         }
     }

@@ -71,15 +71,104 @@ impl Format {
     }
 }
 
+/// A trace or span id as lowercase hex digits, held inline: reading a
+/// context allocates nothing (issue 33). Built from a validated id; a
+/// string of another length is cut or left-padded with zeros.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct HexId<const N: usize>([u8; N]);
+
+impl<const N: usize> HexId<N> {
+    pub fn as_str(&self) -> &str {
+        // Built from a str cut at ASCII hex digits: never fails.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl<const N: usize> From<&str> for HexId<N> {
+    fn from(s: &str) -> Self {
+        let mut b = [b'0'; N];
+        let s = &s.as_bytes()[..s.len().min(N)];
+        b[N - s.len()..].copy_from_slice(s);
+        Self(b)
+    }
+}
+
+impl<const N: usize> From<String> for HexId<N> {
+    fn from(s: String) -> Self {
+        Self::from(s.as_str())
+    }
+}
+
+impl<const N: usize> From<&HexId<N>> for String {
+    fn from(id: &HexId<N>) -> Self {
+        id.as_str().to_owned()
+    }
+}
+
+impl<const N: usize> std::ops::Deref for HexId<N> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl<const N: usize> std::fmt::Display for HexId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<const N: usize> std::fmt::Debug for HexId<N> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl<const N: usize> PartialEq<str> for HexId<N> {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl<const N: usize> PartialEq<&str> for HexId<N> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl<const N: usize> PartialEq<String> for HexId<N> {
+    fn eq(&self, other: &String) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl<const N: usize> PartialEq<HexId<N>> for String {
+    fn eq(&self, other: &HexId<N>) -> bool {
+        self == other.as_str()
+    }
+}
+
+impl<const N: usize> PartialEq<HexId<N>> for &str {
+    fn eq(&self, other: &HexId<N>) -> bool {
+        *self == other.as_str()
+    }
+}
+
+impl<const N: usize> Serialize for HexId<N> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
 /// A valid context: the trace it belongs to and the span that sent it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SpanContext {
     pub format: Format,
     /// 32 lowercase hex digits (64-bit ids are left-padded with zeros, as
     /// OpenTelemetry does when it reads B3 or Jaeger).
-    pub trace_id: String,
+    pub trace_id: HexId<32>,
     /// 16 lowercase hex digits: the caller's span, the parent of the callee's.
-    pub parent_span_id: String,
+    pub parent_span_id: HexId<16>,
     /// None: the sender left the decision to the receiver (B3 without a flag).
     pub sampled: Option<bool>,
 }
@@ -144,19 +233,34 @@ pub trait Headers {
     fn header<'a>(&'a self, name: &'a str) -> Option<&'a str> {
         self.header_all(name).next()
     }
+
+    /// Whether a header of [`super::message::OTHER_FORMATS`] may be present (false: they
+    /// are not looked for, which spares a request with W3C context or
+    /// none some twenty lookups).
+    fn other_formats(&self) -> bool {
+        true
+    }
 }
 
 impl Headers for Head {
     fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
         Head::header_all(self, name)
     }
+
+    fn other_formats(&self) -> bool {
+        Head::other_formats(self)
+    }
 }
+
+/// The context header sets of one request.
+pub type Contexts = smallvec::SmallVec<[Found; 1]>;
 
 /// Everything about propagation in one request head.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct Propagation {
-    /// Every format present, in the order W3C, Jaeger, B3 multi, B3 single.
-    pub contexts: Vec<Found>,
+    /// Every format present, in the order W3C, Jaeger, B3 multi, B3 single
+    /// (the usual one inline: no allocation per request).
+    pub contexts: Contexts,
     /// `tracestate` was sent along with `traceparent`.
     pub tracestate: bool,
     pub baggage: Option<Baggage>,
@@ -170,12 +274,50 @@ impl Propagation {
 
     /// Reads propagation headers from any request's headers.
     pub fn from_headers(head: &impl Headers) -> Self {
-        let mut contexts = Vec::new();
+        let mut contexts = Contexts::new();
         if let Some(v) = head.header("traceparent") {
             contexts.push(
                 conflicting(head, "traceparent", Format::W3c).unwrap_or_else(|| traceparent(v)),
             );
         }
+        if head.other_formats() {
+            Self::other_formats(head, &mut contexts);
+        }
+        // A Datadog tracer speaking W3C keeps its own state in
+        // `tracestate`: the same trace, its last Datadog span.
+        if let Some(Found::Valid(w3c)) = contexts.first()
+            && w3c.format == Format::W3c
+            && let Some(dd) = head
+                .header_all("tracestate")
+                .flat_map(|v| v.split(','))
+                .find_map(|m| m.trim().strip_prefix("dd="))
+        {
+            contexts.push(Found::Valid(datadog_member(w3c, dd)));
+        }
+        let values: Vec<&str> = head.header_all("baggage").collect();
+        let baggage = (!values.is_empty()).then(|| {
+            let keys: Vec<String> = values
+                .iter()
+                .flat_map(|v| v.split(','))
+                .filter_map(|m| m.split(['=', ';']).next())
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty())
+                .collect();
+            Baggage {
+                entries: keys.len(),
+                bytes: values.iter().map(|v| v.len()).sum(),
+                keys,
+            }
+        });
+        Self {
+            contexts,
+            tracestate: head.header("tracestate").is_some(),
+            baggage,
+        }
+    }
+
+    /// The contexts in the other formats' headers, after W3C's.
+    fn other_formats(head: &impl Headers, contexts: &mut Contexts) {
         if let Some(v) = head.header("uber-trace-id") {
             contexts.push(
                 conflicting(head, "uber-trace-id", Format::Jaeger)
@@ -231,37 +373,6 @@ impl Propagation {
         }
         if let Some(v) = head.header("sw8") {
             contexts.push(sw8(v));
-        }
-        // A Datadog tracer speaking W3C keeps its own state in
-        // `tracestate`: the same trace, its last Datadog span.
-        if let Some(Found::Valid(w3c)) = contexts.first()
-            && w3c.format == Format::W3c
-            && let Some(dd) = head
-                .header_all("tracestate")
-                .flat_map(|v| v.split(','))
-                .find_map(|m| m.trim().strip_prefix("dd="))
-        {
-            contexts.push(Found::Valid(datadog_member(w3c, dd)));
-        }
-        let values: Vec<&str> = head.header_all("baggage").collect();
-        let baggage = (!values.is_empty()).then(|| {
-            let keys: Vec<String> = values
-                .iter()
-                .flat_map(|v| v.split(','))
-                .filter_map(|m| m.split(['=', ';']).next())
-                .map(|k| k.trim().to_owned())
-                .filter(|k| !k.is_empty())
-                .collect();
-            Baggage {
-                entries: keys.len(),
-                bytes: values.iter().map(|v| v.len()).sum(),
-                keys,
-            }
-        });
-        Self {
-            contexts,
-            tracestate: head.header("tracestate").is_some(),
-            baggage,
         }
     }
 
@@ -323,6 +434,8 @@ fn pad_hex(s: &str, len: usize) -> Option<String> {
 /// context is taken for the request's. The same value twice is harmless.
 fn conflicting(head: &impl Headers, name: &str, format: Format) -> Option<Found> {
     let first = head.header(name)?;
+    // The usual request sends one: no more to compare.
+    head.header_all(name).nth(1)?;
     let n = head.header_all(name).count();
     head.header_all(name)
         .any(|v| v.trim() != first.trim())
@@ -338,11 +451,19 @@ fn conflicting(head: &impl Headers, name: &str, format: Format) -> Option<Found>
 pub fn traceparent(value: &str) -> Found {
     let f = Format::W3c;
     let v = value.trim();
-    let parts: Vec<&str> = v.split('-').collect();
-    if parts.len() < 4 {
+    // Split without a list (a context is read per request).
+    let mut split = v.split('-');
+    let mut parts = [""; 4];
+    let mut count = 0;
+    for p in split.by_ref().take(4) {
+        parts[count] = p;
+        count += 1;
+    }
+    let more = split.next().is_some();
+    if count < 4 {
         return malformed(f, value, "expected version-traceid-parentid-flags");
     }
-    let (version, trace_id, span_id, flags) = (parts[0], parts[1], parts[2], parts[3]);
+    let [version, trace_id, span_id, flags] = parts;
     if version.len() != 2 || !is_lower_hex(version) {
         return malformed(f, value, "version is not 2 lowercase hex digits");
     }
@@ -350,7 +471,7 @@ pub fn traceparent(value: &str) -> Found {
         return malformed(f, value, "version ff is forbidden");
     }
     // Version 00 has exactly four fields; later versions may append fields.
-    if version == "00" && parts.len() != 4 {
+    if version == "00" && more {
         return malformed(f, value, "version 00 has exactly four fields");
     }
     if trace_id.len() != 32 || !is_lower_hex(trace_id) {
@@ -371,8 +492,8 @@ pub fn traceparent(value: &str) -> Found {
     let flags = u8::from_str_radix(flags, 16).unwrap_or(0);
     Found::Valid(SpanContext {
         format: f,
-        trace_id: trace_id.to_owned(),
-        parent_span_id: span_id.to_owned(),
+        trace_id: trace_id.into(),
+        parent_span_id: span_id.into(),
         sampled: Some(flags & 1 == 1),
     })
 }
@@ -406,8 +527,8 @@ pub fn uber_trace_id(value: &str) -> Found {
     }
     Found::Valid(SpanContext {
         format: f,
-        trace_id,
-        parent_span_id: span_id,
+        trace_id: trace_id.into(),
+        parent_span_id: span_id.into(),
         // bit 0 sampled, bit 1 debug (implies sampled)
         sampled: Some(flags & 0b11 != 0),
     })
@@ -472,8 +593,8 @@ pub fn b3_multi_headers(
         (Some(t), Some(s)) => match b3_ids(f, &shown, t.trim(), s.trim()) {
             Ok((trace_id, parent_span_id)) => Found::Valid(SpanContext {
                 format: f,
-                trace_id,
-                parent_span_id,
+                trace_id: trace_id.into(),
+                parent_span_id: parent_span_id.into(),
                 sampled: decision,
             }),
             Err(e) => e,
@@ -517,8 +638,8 @@ pub fn b3_single(value: &str) -> Found {
     }
     Found::Valid(SpanContext {
         format: f,
-        trace_id,
-        parent_span_id,
+        trace_id: trace_id.into(),
+        parent_span_id: parent_span_id.into(),
         sampled,
     })
 }
@@ -601,8 +722,8 @@ pub fn datadog(
     };
     Found::Valid(SpanContext {
         format: f,
-        trace_id: format!("{high}{low}"),
-        parent_span_id,
+        trace_id: format!("{high}{low}").into(),
+        parent_span_id: parent_span_id.into(),
         sampled,
     })
 }
@@ -655,8 +776,8 @@ pub fn xray(value: &str) -> Found {
     }
     Found::Valid(SpanContext {
         format: f,
-        trace_id,
-        parent_span_id,
+        trace_id: trace_id.into(),
+        parent_span_id: parent_span_id.into(),
         sampled: match sampled {
             Some("1") => Some(true),
             Some("0") => Some(false),
@@ -685,8 +806,8 @@ pub fn cloud_trace(value: &str) -> Found {
     };
     Found::Valid(SpanContext {
         format: f,
-        trace_id,
-        parent_span_id,
+        trace_id: trace_id.into(),
+        parent_span_id: parent_span_id.into(),
         sampled,
     })
 }
@@ -711,8 +832,8 @@ pub fn ot_tracer(trace: Option<&str>, span: Option<&str>, sampled: Option<&str>)
     };
     Found::Valid(SpanContext {
         format: f,
-        trace_id,
-        parent_span_id,
+        trace_id: trace_id.into(),
+        parent_span_id: parent_span_id.into(),
         sampled: match sampled.map(str::trim) {
             Some("true" | "1") => Some(true),
             Some("false" | "0") => Some(false),
@@ -742,8 +863,8 @@ pub fn grpc_trace_bin(value: &str) -> Found {
     let sampled = (b.len() >= 29 && b[27] == 2).then(|| b[28] & 1 == 1);
     Found::Valid(SpanContext {
         format: f,
-        trace_id,
-        parent_span_id,
+        trace_id: trace_id.into(),
+        parent_span_id: parent_span_id.into(),
         sampled,
     })
 }
@@ -770,7 +891,7 @@ fn datadog_member(w3c: &SpanContext, member: &str) -> SpanContext {
     SpanContext {
         format: Format::Datadog,
         trace_id: w3c.trace_id.clone(),
-        parent_span_id: parent.unwrap_or_else(|| w3c.parent_span_id.clone()),
+        parent_span_id: parent.map_or_else(|| w3c.parent_span_id.clone(), Into::into),
         sampled,
     }
 }
@@ -845,7 +966,7 @@ mod tests {
         let sw = "1-YS5iLmM=-ZC5lLmY=-3-c2VydmljZQ==-aW5zdGFuY2U=-L2FwaQ==-MTAuMC4wLjE6ODA4MA==";
         let p = head(&format!("sw8: {sw}"));
         assert_eq!(
-            p.contexts,
+            p.contexts.as_slice(),
             [Found::Foreign {
                 format: Format::Sw8,
                 trace: "a.b.c".into(),

@@ -51,13 +51,62 @@ pub enum StartLine {
         method: &'static str,
         /// The path, without query string or fragment: queries can carry
         /// secrets and are never kept.
-        path: String,
+        path: Path,
         version: &'static str,
     },
     Response {
         version: &'static str,
         status: u16,
     },
+}
+
+/// A request's path: a slice of its head's text (UTF-8), not a copy.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Path(Bytes);
+
+impl Path {
+    pub fn as_str(&self) -> &str {
+        // Cut from valid UTF-8 at ASCII bytes (or copied from a str), so
+        // never fails.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl std::ops::Deref for Path {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl std::fmt::Debug for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl std::fmt::Display for Path {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl From<&str> for Path {
+    fn from(s: &str) -> Self {
+        Self(Bytes::copy_from_slice(s.as_bytes()))
+    }
+}
+
+impl PartialEq<&str> for Path {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl PartialEq<str> for Path {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
 }
 
 /// One header field: where its name and value are in [`Head`]'s text.
@@ -76,13 +125,22 @@ pub struct Head {
     /// The head's text, valid UTF-8 (bytes that were not are replaced with
     /// U+FFFD, in a copy): usually a slice of the event's payload.
     text: Bytes,
-    /// Header fields in order, at most [`MAX_HEADERS`].
-    fields: Vec<Field>,
+    /// Header fields in order, at most [`MAX_HEADERS`]; a usual head's
+    /// inline, with no allocation of their own.
+    fields: Fields,
     /// Fields beyond [`MAX_HEADERS`], dropped.
     pub dropped_headers: usize,
+    /// A header of a context format other than W3C's is among the fields
+    /// ([`crate::http::context::Headers::other_formats`]).
+    other_formats: bool,
     /// Length of the head including its final blank line.
     pub len: usize,
 }
+
+/// A head's fields: [`INLINE_FIELDS`] without an allocation.
+type Fields = smallvec::SmallVec<[Field; INLINE_FIELDS]>;
+/// Fields a head holds inline: most requests and responses send fewer.
+const INLINE_FIELDS: usize = 16;
 
 /// Header names whose values are secrets: kept as present, value redacted.
 const REDACTED: [&str; 5] = [
@@ -92,6 +150,49 @@ const REDACTED: [&str; 5] = [
     "set-cookie",
     "x-api-key",
 ];
+
+/// The headers of the formats other than W3C's (`traceparent`,
+/// `tracestate`, `baggage`).
+pub const OTHER_FORMATS: [&str; 18] = [
+    "uber-trace-id",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "x-datadog-trace-id",
+    "x-datadog-parent-id",
+    "x-datadog-sampling-priority",
+    "x-datadog-tags",
+    "x-amzn-trace-id",
+    "x-cloud-trace-context",
+    "ot-tracer-traceid",
+    "ot-tracer-spanid",
+    "ot-tracer-sampled",
+    "grpc-trace-bin",
+    "sw8",
+];
+
+/// Whether header `name` is one of [`OTHER_FORMATS`] (any case).
+pub fn is_other_format(name: &[u8]) -> bool {
+    // Most headers fail on their first byte.
+    matches!(
+        name.first().map(u8::to_ascii_lowercase),
+        Some(b'u' | b'b' | b'x' | b'o' | b'g' | b's')
+    ) && OTHER_FORMATS
+        .iter()
+        .any(|f| f.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// Whether header `name` holds a credential ([`REDACTED`]); most names
+/// fail on their first byte.
+fn is_redacted(name: &str) -> bool {
+    matches!(
+        name.as_bytes().first().map(u8::to_ascii_lowercase),
+        Some(b'a' | b'p' | b'c' | b's' | b'x')
+    ) && REDACTED.iter().any(|r| r.eq_ignore_ascii_case(name))
+}
 
 /// What a credential's value reads as.
 pub const REDACTED_VALUE: &str = "[redacted]";
@@ -121,6 +222,11 @@ impl Head {
             .map(|f| (self.str(f.name), self.value(f)))
     }
 
+    /// Whether a header of a context format other than W3C's is kept.
+    pub fn other_formats(&self) -> bool {
+        self.other_formats
+    }
+
     /// Header fields kept (at most [`MAX_HEADERS`]).
     pub fn header_count(&self) -> usize {
         self.fields.len()
@@ -144,7 +250,7 @@ impl Head {
     /// instead of the whole payload its head was a slice of.
     pub fn retain(&mut self, names: &[&str]) {
         let mut text = Vec::new();
-        let mut fields = Vec::new();
+        let mut fields = Fields::new();
         let mut put = |bytes: &[u8]| {
             let from = text.len() as u32;
             text.extend_from_slice(bytes);
@@ -166,6 +272,9 @@ impl Head {
         }
         self.text = Bytes::from(text);
         self.fields = fields;
+        if let StartLine::Request { path, .. } = &mut self.start {
+            *path = Path::from(path.as_str());
+        }
     }
 }
 
@@ -246,7 +355,9 @@ fn version(v: &str) -> Option<&'static str> {
     }
 }
 
-fn parse_start(line: &str) -> Result<StartLine, HeadError> {
+/// `line`'s start line; `path` keeps the path (a slice of the text `line`
+/// is in, or a copy).
+fn parse_start(line: &str, path: impl Fn(&str) -> Path) -> Result<StartLine, HeadError> {
     let bad = || HeadError::StartLine(line.chars().take(80).collect());
     let mut parts = line.splitn(3, ' ');
     let first = parts.next().ok_or_else(bad)?;
@@ -275,14 +386,13 @@ fn parse_start(line: &str) -> Result<StartLine, HeadError> {
             .map_or("/", |p| &target[i + 3 + p..]),
         None => target,
     };
-    let path = target
-        .split(['?', '#'])
-        .next()
-        .filter(|p| !p.is_empty())
-        .unwrap_or("/");
+    let path = match target.split(['?', '#']).next().filter(|p| !p.is_empty()) {
+        Some(p) => path(p),
+        None => Path(Bytes::from_static(b"/")),
+    };
     Ok(StartLine::Request {
         method,
-        path: path.to_owned(),
+        path,
         version,
     })
 }
@@ -326,7 +436,7 @@ pub fn parse(buf: &Bytes) -> Result<Head, HeadError> {
     let Some(len) = find_blank_line(buf) else {
         // A start line that is already wrong need not wait for more bytes.
         if let Some(eol) = find_crlf(buf) {
-            parse_start(&String::from_utf8_lossy(&buf[..eol]))?;
+            parse_start(&String::from_utf8_lossy(&buf[..eol]), |p| Path::from(p))?;
         }
         return Err(HeadError::Incomplete(buf.len()));
     };
@@ -342,9 +452,17 @@ pub fn parse(buf: &Bytes) -> Result<Head, HeadError> {
         (from as u32, (from + part.len()) as u32)
     };
     let mut lines = Lines(s);
-    let start = parse_start(lines.next().unwrap_or_default())?;
-    let mut fields = Vec::with_capacity(8);
+    let start = parse_start(lines.next().unwrap_or_default(), |p| {
+        let within = s.as_bytes().as_ptr_range();
+        if within.contains(&p.as_ptr()) && p.as_bytes().as_ptr_range().end <= within.end {
+            Path(text.slice_ref(p.as_bytes()))
+        } else {
+            Path::from(p)
+        }
+    })?;
+    let mut fields = Fields::new();
     let mut dropped_headers = 0;
+    let mut other_formats = false;
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             return Err(HeadError::HeaderLine(line.chars().take(80).collect()));
@@ -359,10 +477,11 @@ pub fn parse(buf: &Bytes) -> Result<Head, HeadError> {
             dropped_headers += 1;
             continue;
         }
+        other_formats |= is_other_format(name.as_bytes());
         fields.push(Field {
             name: at(name),
             value: at(value.trim_matches([' ', '\t'])),
-            redacted: REDACTED.iter().any(|r| r.eq_ignore_ascii_case(name)),
+            redacted: is_redacted(name),
         });
     }
     Ok(Head {
@@ -370,6 +489,7 @@ pub fn parse(buf: &Bytes) -> Result<Head, HeadError> {
         text,
         fields,
         dropped_headers,
+        other_formats,
         len,
     })
 }

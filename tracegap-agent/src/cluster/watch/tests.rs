@@ -189,7 +189,10 @@ fn a_host_network_pod_is_known_by_its_uid_not_by_the_nodes_address() {
     // A pod with its own address is known both ways, until it finishes.
     let mut a = typed_pod(pod("a", "a", "10.1.0.5", "2026-11-24T08:00:00Z", json!({})));
     state.apply(change(What::Pod(watcher::Event::Apply(a.clone()))), &dir);
-    assert_eq!(dir.pod("a").and_then(|p| p.pod).as_deref(), Some("a"));
+    assert_eq!(
+        dir.pod("a").and_then(|p| p.pod.clone()).as_deref(),
+        Some("a")
+    );
     if let Some(s) = a.status.as_mut() {
         s.phase = Some("Failed".into());
     }
@@ -431,7 +434,10 @@ async fn owners_resolve_when_the_replicaset_arrives_after_the_pod() {
     // ...then after its Deployment.
     let id = dir.lookup(ip("10.1.0.5"));
     assert_eq!(id.service, "checkout");
-    assert_eq!(id.workload.map(|w| w.kind), Some("Deployment".to_owned()));
+    assert_eq!(
+        id.workload.as_ref().map(|w| w.kind.clone()),
+        Some("Deployment".to_owned())
+    );
 }
 
 #[tokio::test]

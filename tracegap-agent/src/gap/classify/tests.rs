@@ -25,10 +25,10 @@ fn started(e: &mut Engine, h: &Hop) {
         h.start_ns,
         h.flow,
         h.seq,
-        &h.method,
-        &h.path,
-        h.host.as_deref(),
-        h.propagation.clone(),
+        h.method(),
+        h.path(),
+        h.host(),
+        h.propagation().clone(),
         h.truncated,
     )));
 }
@@ -39,24 +39,32 @@ fn tp(trace: &str, span: &str, sampled: bool) -> Found {
 
 /// A hop from pod `from` to pod `to`, over [start, end] in ms.
 fn hop(from: u8, to: u8, start_ms: u64, end_ms: u64, contexts: Vec<Found>) -> Hop {
+    let flow = Flow {
+        src: ep(from, 40000 + start_ms as u16),
+        dst: ep(to, 8080),
+    };
+    let propagation = Propagation {
+        contexts: contexts.into(),
+        ..Default::default()
+    };
     Hop {
-        flow: Flow {
-            src: ep(from, 40000 + start_ms as u16),
-            dst: ep(to, 8080),
-        },
+        flow,
         seq: start_ms as u32,
-        method: "GET".into(),
-        path: "/".into(),
-        host: None,
+        request: Arc::new(Request::new(
+            start_ms * 1_000_000,
+            flow,
+            start_ms as u32,
+            "GET",
+            "/",
+            None,
+            propagation,
+            false,
+        )),
         status: Some(200),
         start_ns: start_ms * 1_000_000,
         end_ns: end_ms * 1_000_000,
         start: std::time::UNIX_EPOCH,
         unanswered: false,
-        propagation: Propagation {
-            contexts,
-            ..Default::default()
-        },
         truncated: false,
         joined: false,
         unknown_fields: 0,
@@ -279,7 +287,7 @@ fn concurrent_inbound_requests_resolve_by_trace_or_stay_ambiguous() {
 #[test]
 fn baggage_that_stops_at_a_service_is_reported() {
     let mut inbound = hop(1, 2, 0, 50, vec![tp(T1, "aaaaaaaaaaaaaaaa", true)]);
-    inbound.propagation.baggage = Some(Baggage {
+    inbound.propagation_mut().baggage = Some(Baggage {
         entries: 1,
         bytes: 9,
         keys: vec!["user-id".into()],
@@ -335,7 +343,7 @@ fn an_http2_request_partly_read_is_unreadable_unless_a_context_was_read() {
     assert!(!v[0].kind.is_gap());
     // A traceparent read (by name or by its value's shape): classified as
     // any request.
-    partly.propagation.contexts = vec![tp(T1, "b7ad6b7169203331", true)];
+    partly.propagation_mut().contexts = [tp(T1, "b7ad6b7169203331", true)].into_iter().collect();
     assert_eq!(run(&[partly])[0].kind, GapKind::ContextOk);
     // Read whole, with no context: missing.
     let mut whole = hop(1, 2, 0, 5, vec![]);

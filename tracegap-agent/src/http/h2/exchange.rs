@@ -10,76 +10,14 @@
 //! context among the fields read, its context is unknown (`unreadable`),
 //! never missing.
 
-use super::{
-    frame::{Direction, Error, Event},
-    hpack::Block,
-};
-use crate::http::context::{Found, Headers, traceparent};
+use super::frame::{Direction, Error, Event};
+use crate::http::context::Headers;
 
 /// Streams open at once per connection at most; past it the oldest is
 /// dropped (its response will find nothing to pair with).
 pub const MAX_STREAMS: usize = 1024;
 
-/// One header block's fields, names lowercase. Shared, not copied, by the
-/// stream's start and its exchange.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Fields {
-    fields: std::sync::Arc<[(String, String)]>,
-    /// Fields whose name (or whole field) came from an unseen table entry
-    /// and whose value's shape tells nothing.
-    pub unknown: usize,
-    /// `traceparent` fields recognised by their value's shape alone.
-    pub inferred: usize,
-    /// Read on a connection joined mid-way (its start unseen).
-    pub joined: bool,
-}
-
-impl Fields {
-    pub fn from_block(block: Block) -> Self {
-        // The decoded bytes become the strings (no copy when they are
-        // UTF-8, as header fields almost always are).
-        let text = |b: Vec<u8>| {
-            String::from_utf8(b)
-                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
-        };
-        let (mut fields, mut unknown, mut inferred) =
-            (Vec::with_capacity(block.fields.len()), 0, 0);
-        for f in block.fields {
-            match (f.name, f.value.map(text)) {
-                (Some(n), Some(v)) => {
-                    let mut n = text(n);
-                    n.make_ascii_lowercase();
-                    fields.push((n, v));
-                }
-                (None, Some(v)) if matches!(traceparent(&v), Found::Valid(_)) => {
-                    inferred += 1;
-                    fields.push(("traceparent".to_owned(), v));
-                }
-                _ => unknown += 1,
-            }
-        }
-        Self {
-            fields: fields.into(),
-            unknown,
-            inferred,
-            joined: false,
-        }
-    }
-
-    /// Whether a field may be missing from what was read.
-    pub fn incomplete(&self) -> bool {
-        self.unknown > 0
-    }
-}
-
-impl Headers for Fields {
-    fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
-        self.fields
-            .iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-}
+pub use super::fields::Fields;
 
 /// One request and what came back.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -163,6 +101,8 @@ pub struct Connection {
     opened: u64,
     /// Joined mid-way: its requests say so.
     joined: bool,
+    /// The events of the bytes being read (reused: no allocation per read).
+    events: Vec<Event>,
 }
 
 impl Connection {
@@ -174,6 +114,7 @@ impl Connection {
             open: crate::FastMap::default(),
             opened: 0,
             joined: false,
+            events: Vec::new(),
         }
     }
 
@@ -214,25 +155,28 @@ impl Connection {
         ts_ns: u64,
         started: &mut Vec<u32>,
     ) -> Result<(), Error> {
-        let mut events = Vec::new();
+        let mut events = std::mem::take(&mut self.events);
         let r = self.client.push(bytes, &mut events);
-        self.client_events(events, ts_ns, started);
+        self.client_events(&mut events, ts_ns, started);
+        self.events = events;
         r
     }
 
     /// Bytes of the client's the kernel skipped (see [`Direction::gap`]).
     pub fn client_gap(&mut self, n: usize) {
-        let mut events = Vec::new();
+        let mut events = std::mem::take(&mut self.events);
         self.client.gap(n, &mut events);
-        self.client_events(events, 0, &mut Vec::new());
+        self.client_events(&mut events, 0, &mut Vec::new());
+        self.events = events;
     }
 
     /// Bytes of the server's the kernel skipped; streams a DATA frame in
     /// them ended are appended to `out`.
     pub fn server_gap(&mut self, n: usize, ts_ns: u64, out: &mut Vec<Exchange>) {
-        let mut events = Vec::new();
+        let mut events = std::mem::take(&mut self.events);
         self.server.gap(n, &mut events);
-        self.server_events(events, ts_ns, out);
+        self.server_events(&mut events, ts_ns, out);
+        self.events = events;
     }
 
     /// An open stream's request.
@@ -240,8 +184,8 @@ impl Connection {
         self.open.get(&stream).map(|o| &o.request)
     }
 
-    fn client_events(&mut self, events: Vec<Event>, ts_ns: u64, started: &mut Vec<u32>) {
-        for e in events {
+    fn client_events(&mut self, events: &mut Vec<Event>, ts_ns: u64, started: &mut Vec<u32>) {
+        for e in events.drain(..) {
             match e {
                 Event::Headers { stream, block, .. } => {
                     if self.open.contains_key(&stream) {
@@ -259,7 +203,7 @@ impl Connection {
                     }
                     started.push(stream);
                     self.opened += 1;
-                    let mut request = Fields::from_block(block);
+                    let mut request = block;
                     request.joined = self.joined;
                     self.open.insert(
                         stream,
@@ -286,14 +230,15 @@ impl Connection {
         ts_ns: u64,
         out: &mut Vec<Exchange>,
     ) -> Result<(), Error> {
-        let mut events = Vec::new();
+        let mut events = std::mem::take(&mut self.events);
         let r = self.server.push(bytes, &mut events);
-        self.server_events(events, ts_ns, out);
+        self.server_events(&mut events, ts_ns, out);
+        self.events = events;
         r
     }
 
-    fn server_events(&mut self, events: Vec<Event>, ts_ns: u64, out: &mut Vec<Exchange>) {
-        for e in events {
+    fn server_events(&mut self, events: &mut Vec<Event>, ts_ns: u64, out: &mut Vec<Exchange>) {
+        for e in events.drain(..) {
             match e {
                 Event::Headers {
                     stream,
@@ -303,7 +248,7 @@ impl Connection {
                     let Some(o) = self.open.get_mut(&stream) else {
                         continue;
                     };
-                    let fields = Fields::from_block(block);
+                    let fields = block;
                     let informational =
                         fields.header(":status").is_some_and(|s| s.starts_with('1'));
                     if o.response.is_none() {

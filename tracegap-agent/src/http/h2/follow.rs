@@ -34,6 +34,8 @@ pub const MAX_CONNECTIONS: usize = 16 * 1024;
 pub const IDLE_NS: u64 = 10 * 60 * 1_000_000_000;
 
 /// What the connections said.
+// Held by value, not boxed: a box would allocate per stream (issue 33).
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Out {
     /// A request's header block (client → server flow).
@@ -95,6 +97,10 @@ pub struct Connections {
     /// seen going to (a Service's before DNAT, its pod's after).
     clients: FastMap<Endpoint, (Flow, u32)>,
     pub stats: H2Stats,
+    /// Streams started and exchanges done by the event being read (reused:
+    /// no allocation per event).
+    started: Vec<u32>,
+    done: Vec<Exchange>,
 }
 
 impl Connections {
@@ -184,24 +190,22 @@ impl Connections {
         }
         *next = Some(e.seq.wrapping_add(e.payload.len() as u32).max_seq(*next));
         let (flow, via) = (key.0, c.via);
-        let mut done = Vec::new();
-        let (result, started) = if client {
-            let mut started = Vec::new();
+        let (started, done) = (&mut self.started, &mut self.done);
+        let result = if client {
             if gap > 0 {
                 c.conn.client_gap(gap);
             }
-            let r = c.conn.client_bytes_started(bytes, e.ts_ns, &mut started);
-            (r, started)
+            c.conn.client_bytes_started(bytes, e.ts_ns, started)
         } else {
             if gap > 0 {
-                c.conn.server_gap(gap, e.ts_ns, &mut done);
+                c.conn.server_gap(gap, e.ts_ns, done);
             }
-            (c.conn.server_bytes(bytes, e.ts_ns, &mut done), Vec::new())
+            c.conn.server_bytes(bytes, e.ts_ns, done)
         };
         if result.is_err() {
             self.stats.protocol_errors += 1;
         }
-        for stream in started {
+        for stream in started.drain(..) {
             if let Some(request) = c.conn.request(stream) {
                 if request.incomplete() {
                     self.stats.partly_read += 1;
@@ -215,7 +219,7 @@ impl Connections {
                 });
             }
         }
-        for exchange in done {
+        for exchange in done.drain(..) {
             out.push(Out::Done {
                 flow,
                 via,

@@ -9,7 +9,10 @@
 
 use thiserror::Error;
 
-use super::hpack::{self, Decoder};
+use super::{
+    fields::Fields,
+    hpack::{self, Decoder},
+};
 
 /// The client connection preface (RFC 9113 §3.4).
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -56,13 +59,15 @@ pub enum Error {
 }
 
 /// What one direction's bytes said.
+// Held by value, not boxed: a box would allocate per header block.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
     /// A whole header block on a stream: a request's or a response's
     /// headers, or trailers.
     Headers {
         stream: u32,
-        block: hpack::Block,
+        block: Fields,
         end_stream: bool,
     },
     /// DATA ended a stream (the request or response is complete).
@@ -105,9 +110,8 @@ struct Frame {
     stream: u32,
     /// Payload bytes still to come.
     left: usize,
-    /// The payload, for the frames that are read (HEADERS, CONTINUATION,
-    /// SETTINGS); empty for skipped ones.
-    bytes: Vec<u8>,
+    /// Whether its payload is read (HEADERS, CONTINUATION, SETTINGS) into
+    /// the direction's `payload`; others are skipped.
     keep: bool,
 }
 
@@ -116,8 +120,12 @@ struct Frame {
 pub struct Direction {
     state: State,
     decoder: Decoder,
-    /// An open header block: stream, bytes, END_STREAM.
-    block: Option<(u32, Vec<u8>, bool)>,
+    /// An open header block: stream, END_STREAM; its bytes in `block_bytes`.
+    block: Option<(u32, bool)>,
+    /// The frame being read's payload (reused: no allocation per frame).
+    payload: Vec<u8>,
+    /// The open header block's bytes (reused).
+    block_bytes: Vec<u8>,
     /// The server's side from the connection's start, no frame read yet:
     /// its first must be its preface, a SETTINGS frame (RFC 9113 §3.4).
     preface_due: bool,
@@ -130,6 +138,8 @@ impl Direction {
             state: State::Preface(0),
             decoder: Decoder::new(),
             block: None,
+            payload: Vec::new(),
+            block_bytes: Vec::new(),
             preface_due: false,
         }
     }
@@ -142,6 +152,8 @@ impl Direction {
             state: State::Header(Partial::default()),
             decoder: Decoder::new(),
             block: None,
+            payload: Vec::new(),
+            block_bytes: Vec::new(),
             preface_due: true,
         }
     }
@@ -167,6 +179,8 @@ impl Direction {
             state: State::Header(Partial::default()),
             decoder: Decoder::joined(),
             block: None,
+            payload: Vec::new(),
+            block_bytes: Vec::new(),
             preface_due: false,
         }
     }
@@ -259,6 +273,7 @@ impl Direction {
                             self.decoder.lose_table();
                         }
                         let mut frame = self.begin(header)?;
+                        self.payload.clear();
                         // A DATA frame's END_STREAM ends its stream as its
                         // header is read: the kernel copies that header
                         // and skips the payload, whose end user space
@@ -277,7 +292,7 @@ impl Direction {
                 State::Payload(f) => {
                     let n = f.left.min(bytes.len());
                     if f.keep {
-                        f.bytes.extend_from_slice(&bytes[..n]);
+                        self.payload.extend_from_slice(&bytes[..n]);
                     }
                     f.left -= n;
                     *bytes = &bytes[n..];
@@ -292,14 +307,14 @@ impl Direction {
         let len = usize::from(h[0]) << 16 | usize::from(h[1]) << 8 | usize::from(h[2]);
         let (kind, flags) = (h[3], h[4]);
         let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
-        if let Some((open, bytes, _)) = &self.block {
+        if let Some((open, _)) = &self.block {
             if kind != CONTINUATION {
                 return Err(Error::Interleaved(kind));
             }
             if stream != *open {
                 return Err(Error::Continuation(stream));
             }
-            if bytes.len() + len > MAX_BLOCK {
+            if self.block_bytes.len() + len > MAX_BLOCK {
                 return Err(Error::Block);
             }
         } else if kind == CONTINUATION {
@@ -315,7 +330,6 @@ impl Direction {
             flags,
             stream,
             left: len,
-            bytes: Vec::new(),
             keep,
         })
     }
@@ -336,20 +350,17 @@ impl Direction {
         match f.kind {
             DATA if f.flags & END_STREAM != 0 => out.push(Event::EndStream { stream: f.stream }),
             HEADERS => {
-                // The payload becomes the block in place (the common frame
-                // has no padding or priority: nothing moves).
-                let range = fragment_range(&f)?;
-                let mut block = f.bytes;
-                block.truncate(range.end);
-                block.drain(..range.start);
-                self.block = Some((f.stream, block, f.flags & END_STREAM != 0));
+                let range = fragment_range(&f, &self.payload)?;
+                self.block_bytes.clear();
+                self.block_bytes.extend_from_slice(&self.payload[range]);
+                self.block = Some((f.stream, f.flags & END_STREAM != 0));
                 if f.flags & END_HEADERS != 0 {
                     self.end_block(out)?;
                 }
             }
             CONTINUATION => {
-                if let Some((_, bytes, _)) = &mut self.block {
-                    bytes.extend_from_slice(&f.bytes);
+                if self.block.is_some() {
+                    self.block_bytes.extend_from_slice(&self.payload);
                 }
                 if f.flags & END_HEADERS != 0 {
                     self.end_block(out)?;
@@ -358,16 +369,21 @@ impl Direction {
             PUSH_PROMISE => {
                 // Its header block changes the table like any other: decoded
                 // (and dropped) to keep the table right.
-                let fragment = headers_fragment(&f)?;
-                let promised = fragment.get(4..).unwrap_or_default();
-                self.block = Some((f.stream, promised.to_vec(), false));
+                let range = fragment_range(&f, &self.payload)?;
+                let promised = self.payload[range].get(4..).unwrap_or_default();
+                self.block_bytes.clear();
+                self.block_bytes.extend_from_slice(promised);
+                self.block = Some((f.stream, false));
                 if f.flags & END_HEADERS != 0 {
                     self.block = None;
-                    self.decoder.decode(promised)?;
+                    self.decoder.decode_into(
+                        &self.block_bytes,
+                        &mut |_: Option<&[u8]>, _: Option<&[u8]>| {},
+                    )?;
                 }
             }
             SETTINGS => {
-                for s in f.bytes.chunks_exact(6) {
+                for s in self.payload.chunks_exact(6) {
                     if u16::from_be_bytes([s[0], s[1]]) == HEADER_TABLE_SIZE {
                         let v = u32::from_be_bytes([s[2], s[3], s[4], s[5]]);
                         out.push(Event::TableSize(v as usize));
@@ -380,8 +396,9 @@ impl Direction {
     }
 
     fn end_block(&mut self, out: &mut Vec<Event>) -> Result<(), Error> {
-        if let Some((stream, bytes, end_stream)) = self.block.take() {
-            let block = self.decoder.decode(&bytes)?;
+        if let Some((stream, end_stream)) = self.block.take() {
+            let mut block = Fields::default();
+            self.decoder.decode_into(&self.block_bytes, &mut block)?;
             out.push(Event::Headers {
                 stream,
                 block,
@@ -394,26 +411,21 @@ impl Direction {
 
 /// Where a HEADERS (or PUSH_PROMISE) payload's block fragment lies, its
 /// padding and priority left out.
-fn fragment_range(f: &Frame) -> Result<std::ops::Range<usize>, Error> {
+fn fragment_range(f: &Frame, payload: &[u8]) -> Result<std::ops::Range<usize>, Error> {
     let mut start = 0usize;
     let mut pad = 0usize;
     if f.flags & PADDED != 0 {
-        pad = usize::from(*f.bytes.first().ok_or(Error::Padding)?);
+        pad = usize::from(*payload.first().ok_or(Error::Padding)?);
         start = 1;
     }
     if f.kind == HEADERS && f.flags & PRIORITY != 0 {
         start += 5;
     }
-    let end = f.bytes.len().checked_sub(pad).ok_or(Error::Padding)?;
+    let end = payload.len().checked_sub(pad).ok_or(Error::Padding)?;
     if start > end {
         return Err(Error::Padding);
     }
     Ok(start..end)
-}
-
-/// A HEADERS (or PUSH_PROMISE) payload without its padding and priority.
-fn headers_fragment(f: &Frame) -> Result<&[u8], Error> {
-    Ok(&f.bytes[fragment_range(f)?])
 }
 
 #[cfg(test)]
@@ -445,13 +457,10 @@ mod tests {
         b
     }
 
+    /// The kept fields' names ([`Fields`] keeps what the engine reads).
     fn names(e: &Event) -> Vec<String> {
         match e {
-            Event::Headers { block, .. } => block
-                .fields
-                .iter()
-                .map(|f| String::from_utf8_lossy(f.name.as_deref().unwrap_or(b"?")).into_owned())
-                .collect(),
+            Event::Headers { block, .. } => block.names().map(str::to_owned).collect(),
             _ => Vec::new(),
         }
     }
@@ -481,10 +490,7 @@ mod tests {
             d.push(std::slice::from_ref(b), &mut out).unwrap();
         }
         assert_eq!(out[0], Event::TableSize(4096));
-        assert_eq!(
-            names(&out[1]),
-            [":method", ":scheme", ":path", "traceparent"]
-        );
+        assert_eq!(names(&out[1]), [":method", ":path", "traceparent"]);
         assert!(matches!(
             out[1],
             Event::Headers {
@@ -503,7 +509,7 @@ mod tests {
         let big = "x".repeat(16 * 1024);
         let b = block(&[
             (":status", "200"),
-            ("x-metadata", &big),
+            ("tracestate", &big),
             ("grpc-status", "0"),
         ]);
         let (first, rest) = b.split_at(5000);
@@ -522,7 +528,7 @@ mod tests {
             d.push(chunk, &mut out).unwrap();
         }
         assert_eq!(out.len(), 1);
-        assert_eq!(names(&out[0]), [":status", "x-metadata", "grpc-status"]);
+        assert_eq!(names(&out[0]), [":status", "tracestate", "grpc-status"]);
         let Event::Headers {
             block,
             end_stream,
@@ -532,10 +538,8 @@ mod tests {
             panic!("{out:?}");
         };
         assert_eq!((*stream, *end_stream), (3, true));
-        assert_eq!(
-            block.fields[1].value.as_ref().map(Vec::len),
-            Some(16 * 1024)
-        );
+        use crate::http::context::Headers as _;
+        assert_eq!(block.header("tracestate").map(str::len), Some(16 * 1024));
     }
 
     #[test]
@@ -558,8 +562,9 @@ mod tests {
         let [Event::Headers { block, .. }] = &out[..] else {
             panic!("{out:?}");
         };
-        assert_eq!(block.fields.len(), 2);
-        assert!(!block.complete);
+        // :status read, the unseen entry counted unknown.
+        assert_eq!(names(&out[0]), [":status"]);
+        assert!(block.incomplete());
         assert!(!d.synchronised());
     }
 

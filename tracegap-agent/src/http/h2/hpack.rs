@@ -65,15 +65,6 @@ pub struct Field {
     pub value: Option<Vec<u8>>,
 }
 
-impl Field {
-    fn known(name: &[u8], value: &[u8]) -> Self {
-        Self {
-            name: Some(name.to_vec()),
-            value: Some(value.to_vec()),
-        }
-    }
-}
-
 /// A decoded block: its fields, and whether every one is known.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Block {
@@ -81,18 +72,47 @@ pub struct Block {
     pub complete: bool,
 }
 
+/// Where decoded fields go, one at a time, as borrowed bytes: a part that
+/// came from a table entry never seen is None. Nothing is allocated per
+/// field; the sink keeps what it needs.
+pub trait Sink {
+    fn field(&mut self, name: Option<&[u8]>, value: Option<&[u8]>);
+}
+
+impl<F: FnMut(Option<&[u8]>, Option<&[u8]>)> Sink for F {
+    fn field(&mut self, name: Option<&[u8]>, value: Option<&[u8]>) {
+        self(name, value)
+    }
+}
+
+/// A field's name and value, borrowed from a table.
+type NameValue<'a> = (&'a [u8], &'a [u8]);
+
+/// A dynamic table entry: name then value in one buffer.
 #[derive(Clone, Debug)]
 struct Entry {
-    name: Vec<u8>,
-    value: Vec<u8>,
+    bytes: Vec<u8>,
+    name_len: usize,
 }
 
 impl Entry {
+    fn name(&self) -> &[u8] {
+        &self.bytes[..self.name_len]
+    }
+
+    fn value(&self) -> &[u8] {
+        &self.bytes[self.name_len..]
+    }
+
     /// RFC 7541 §4.1.
     fn size(&self) -> usize {
-        self.name.len() + self.value.len() + 32
+        self.bytes.len() + 32
     }
 }
+
+/// Evicted entries' buffers kept for new ones at most: a connection's
+/// table turns over without allocating.
+const SPARE_BUFFERS: usize = 64;
 
 /// One direction of one connection's decoding state.
 #[derive(Debug)]
@@ -107,6 +127,11 @@ pub struct Decoder {
     /// Entries older than `entries` may exist that this decoder never saw
     /// (it joined mid-connection, or lost an insertion's name).
     unseen: bool,
+    /// Buffers of evicted entries, for the next ones.
+    spare: Vec<Vec<u8>>,
+    /// A literal's name and value, decoded (reused for every field).
+    name: Vec<u8>,
+    value: Vec<u8>,
 }
 
 impl Decoder {
@@ -118,6 +143,9 @@ impl Decoder {
             max: DEFAULT_TABLE_SIZE,
             allowed: DEFAULT_TABLE_SIZE,
             unseen: false,
+            spare: Vec::new(),
+            name: Vec::new(),
+            value: Vec::new(),
         }
     }
 
@@ -134,8 +162,7 @@ impl Decoder {
     /// every entry's index with them. What was known is dropped; the
     /// decoder goes on as one that joined now, within the same bounds.
     pub fn lose_table(&mut self) {
-        self.entries.clear();
-        self.size = 0;
+        self.clear();
         self.unseen = true;
     }
 
@@ -153,47 +180,63 @@ impl Decoder {
         }
     }
 
-    /// Decodes one whole header block (HEADERS + CONTINUATION payloads).
-    pub fn decode(&mut self, mut b: &[u8]) -> Result<Block, Error> {
+    /// Decodes one whole header block (HEADERS + CONTINUATION payloads)
+    /// into a list (tests, and readers that keep every field).
+    pub fn decode(&mut self, b: &[u8]) -> Result<Block, Error> {
         let mut block = Block {
             fields: Vec::new(),
             complete: true,
         };
-        while !b.is_empty() {
-            if block.fields.len() >= MAX_FIELDS {
-                return Err(Error::Fields);
-            }
-            if let Some(f) = self.next_field(&mut b)? {
-                block.complete &= f.name.is_some() && f.value.is_some();
-                block.fields.push(f);
-            }
-        }
+        self.decode_into(b, &mut |n: Option<&[u8]>, v: Option<&[u8]>| {
+            block.complete &= n.is_some() && v.is_some();
+            block.fields.push(Field {
+                name: n.map(<[u8]>::to_vec),
+                value: v.map(<[u8]>::to_vec),
+            });
+        })?;
         Ok(block)
     }
 
+    /// Decodes one whole header block, each field to `sink`.
+    pub fn decode_into(&mut self, mut b: &[u8], sink: &mut impl Sink) -> Result<(), Error> {
+        let mut fields = 0;
+        while !b.is_empty() {
+            if fields >= MAX_FIELDS {
+                return Err(Error::Fields);
+            }
+            if self.next_field(&mut b, sink)? {
+                fields += 1;
+            }
+        }
+        Ok(())
+    }
+
     /// Decodes the representation `b` starts with and moves past it: a
-    /// field, or None for a table size update.
-    fn next_field(&mut self, b: &mut &[u8]) -> Result<Option<Field>, Error> {
+    /// field to `sink` (true), or a table size update (false).
+    fn next_field(&mut self, b: &mut &[u8], sink: &mut impl Sink) -> Result<bool, Error> {
         let Some(&first) = b.first() else {
-            return Ok(None);
+            return Ok(false);
         };
         if first & 0x80 != 0 {
             // §6.1 Indexed.
             let i = integer(b, 7)?;
-            self.field(i).map(Some)
+            match self.entry(i)? {
+                Some((n, v)) => sink.field(Some(n), Some(v)),
+                None => sink.field(None, None),
+            }
+            Ok(true)
         } else if first & 0xc0 == 0x40 {
             // §6.2.1 Literal with incremental indexing.
-            let f = self.literal(b, 6)?;
-            match (&f.name, &f.value) {
-                (Some(n), Some(v)) => self.insert(Entry {
-                    name: n.clone(),
-                    value: v.clone(),
-                }),
+            let known = self.literal(b, 6)?;
+            sink.field(known.then_some(&self.name[..]), Some(&self.value));
+            if known {
+                self.insert();
+            } else {
                 // An insertion whose size is unknown: every index past it
                 // is uncertain until the table turns over.
-                _ => self.lose_track(),
+                self.lose_track();
             }
-            Ok(Some(f))
+            Ok(true)
         } else if first & 0xe0 == 0x20 {
             // §6.3 Dynamic table size update.
             let size = integer(b, 5)?;
@@ -206,55 +249,59 @@ impl Decoder {
                 // Emptied: nothing unseen can remain.
                 self.unseen = false;
             }
-            Ok(None)
+            Ok(false)
         } else {
             // §6.2.2 without indexing, §6.2.3 never indexed.
-            self.literal(b, 4).map(Some)
+            let known = self.literal(b, 4)?;
+            sink.field(known.then_some(&self.name[..]), Some(&self.value));
+            Ok(true)
         }
     }
 
-    /// The field at a (static or dynamic) index.
-    fn field(&self, i: usize) -> Result<Field, Error> {
-        match i {
-            0 => Err(Error::IndexZero),
-            1..=61 => {
-                let (n, v) = STATIC[i - 1];
-                Ok(Field::known(n.as_bytes(), v.as_bytes()))
-            }
-            _ => match self.entries.get(i - 62) {
-                Some(e) => Ok(Field::known(&e.name, &e.value)),
-                None if self.unseen => Ok(Field {
-                    name: None,
-                    value: None,
-                }),
-                None => Err(Error::Index(i)),
-            },
-        }
+    /// The name and value at a (static or dynamic) index; None for an
+    /// entry never seen.
+    fn entry(&self, i: usize) -> Result<Option<NameValue<'_>>, Error> {
+        entry(&self.entries, self.unseen, i)
     }
 
-    /// A literal representation with a `prefix`-bit name index.
-    fn literal(&self, b: &mut &[u8], prefix: u8) -> Result<Field, Error> {
+    /// A literal representation with a `prefix`-bit name index, into
+    /// `self.name` and `self.value`; false when its name is an entry
+    /// never seen.
+    fn literal(&mut self, b: &mut &[u8], prefix: u8) -> Result<bool, Error> {
         let i = integer(b, prefix)?;
-        let name = if i == 0 {
-            Some(string(b)?)
+        let known = if i == 0 {
+            string(b, &mut self.name)?;
+            true
         } else {
-            self.field(i)?.name
+            let name = entry(&self.entries, self.unseen, i)?.map(|(n, _)| n);
+            self.name.clear();
+            if let Some(n) = name {
+                self.name.extend_from_slice(n);
+            }
+            name.is_some()
         };
-        let value = Some(string(b)?);
-        Ok(Field { name, value })
+        string(b, &mut self.value)?;
+        Ok(known)
     }
 
-    fn insert(&mut self, e: Entry) {
-        let size = e.size();
+    /// Inserts the literal just read (`self.name`, `self.value`).
+    fn insert(&mut self) {
+        let size = self.name.len() + self.value.len() + 32;
         if size > self.max {
             // §4.4: an entry larger than the table empties it.
-            self.entries.clear();
-            self.size = 0;
+            self.clear();
             self.unseen = false;
             return;
         }
+        let mut bytes = self.spare.pop().unwrap_or_default();
+        bytes.clear();
+        bytes.extend_from_slice(&self.name);
+        bytes.extend_from_slice(&self.value);
         self.size += size;
-        self.entries.push_front(e);
+        self.entries.push_front(Entry {
+            bytes,
+            name_len: self.name.len(),
+        });
         self.evict();
         // What this decoder has seen fills the table: an older entry would
         // not fit beside it (the smallest takes 32).
@@ -266,7 +313,10 @@ impl Decoder {
     fn evict(&mut self) {
         while self.size > self.max {
             match self.entries.pop_back() {
-                Some(e) => self.size -= e.size(),
+                Some(e) => {
+                    self.size -= e.size();
+                    self.keep_spare(e.bytes);
+                }
                 None => {
                     self.size = 0;
                     break;
@@ -275,9 +325,21 @@ impl Decoder {
         }
     }
 
-    fn lose_track(&mut self) {
-        self.entries.clear();
+    fn keep_spare(&mut self, bytes: Vec<u8>) {
+        if self.spare.len() < SPARE_BUFFERS {
+            self.spare.push(bytes);
+        }
+    }
+
+    fn clear(&mut self) {
+        while let Some(e) = self.entries.pop_back() {
+            self.keep_spare(e.bytes);
+        }
         self.size = 0;
+    }
+
+    fn lose_track(&mut self) {
+        self.clear();
         self.unseen = true;
     }
 }
@@ -285,6 +347,27 @@ impl Decoder {
 impl Default for Decoder {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// [`Decoder::entry`] on the table's parts (so a literal can copy an
+/// entry's name into the decoder's own buffer).
+fn entry(
+    entries: &VecDeque<Entry>,
+    unseen: bool,
+    i: usize,
+) -> Result<Option<NameValue<'_>>, Error> {
+    match i {
+        0 => Err(Error::IndexZero),
+        1..=61 => {
+            let (n, v) = STATIC[i - 1];
+            Ok(Some((n.as_bytes(), v.as_bytes())))
+        }
+        _ => match entries.get(i - 62) {
+            Some(e) => Ok(Some((e.name(), e.value()))),
+            None if unseen => Ok(None),
+            None => Err(Error::Index(i)),
+        },
     }
 }
 
@@ -312,8 +395,8 @@ fn integer(b: &mut &[u8], prefix: u8) -> Result<usize, Error> {
     }
 }
 
-/// §5.2: a string literal, Huffman-coded or not.
-fn string(b: &mut &[u8]) -> Result<Vec<u8>, Error> {
+/// §5.2: a string literal, Huffman-coded or not, into `out` (cleared).
+fn string(b: &mut &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
     let huffman = b.first().ok_or(Error::Truncated)? & 0x80 != 0;
     let len = integer(b, 7)?;
     if len > MAX_STRING {
@@ -324,10 +407,12 @@ fn string(b: &mut &[u8]) -> Result<Vec<u8>, Error> {
     }
     let (s, rest) = b.split_at(len);
     *b = rest;
+    out.clear();
     if huffman {
-        huffman_decode(s)
+        huffman_decode(s, out)
     } else {
-        Ok(s.to_vec())
+        out.extend_from_slice(s);
+        Ok(())
     }
 }
 
@@ -358,10 +443,11 @@ fn tree() -> &'static [[u16; 2]] {
     &TREE
 }
 
-/// Appendix B decoding; padding must be the EOS prefix (ones), under a byte.
-fn huffman_decode(s: &[u8]) -> Result<Vec<u8>, Error> {
+/// Appendix B decoding onto `out`; padding must be the EOS prefix (ones),
+/// under a byte.
+fn huffman_decode(s: &[u8], out: &mut Vec<u8>) -> Result<(), Error> {
     let tree = tree();
-    let mut out = Vec::with_capacity(s.len() * 8 / 5);
+    out.reserve(s.len() * 8 / 5);
     let mut at = 0usize;
     // Bits read since the last symbol, and whether all were ones.
     let (mut pending, mut ones) = (0u32, true);
@@ -389,7 +475,7 @@ fn huffman_decode(s: &[u8]) -> Result<Vec<u8>, Error> {
     if pending > 7 || !ones {
         return Err(Error::Huffman);
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The first pseudo-header of a block that starts `fragment` (its first
@@ -402,14 +488,31 @@ fn huffman_decode(s: &[u8]) -> Result<Vec<u8>, Error> {
 pub fn first_pseudo_header(mut fragment: &[u8]) -> Option<Vec<u8>> {
     let mut decoder = Decoder::joined();
     for _ in 0..MAX_FIELDS {
-        match decoder.next_field(&mut fragment).ok()? {
-            Some(Field { name: Some(n), .. }) if n.starts_with(b":") => return Some(n),
-            Some(Field { name: Some(_), .. }) => return None,
+        // The field's name: Some(None) for a field whose name is unseen.
+        let mut name: Option<Option<Vec<u8>>> = None;
+        decoder
+            .next_field(&mut fragment, &mut |n: Option<&[u8]>, _: Option<&[u8]>| {
+                name = Some(n.map(<[u8]>::to_vec))
+            })
+            .ok()?;
+        match name {
+            Some(Some(n)) if n.starts_with(b":") => return Some(n),
+            Some(Some(_)) => return None,
             _ if fragment.is_empty() => return None,
             _ => {}
         }
     }
     None
+}
+
+#[cfg(test)]
+impl Field {
+    fn known(name: &[u8], value: &[u8]) -> Self {
+        Self {
+            name: Some(name.to_vec()),
+            value: Some(value.to_vec()),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -616,12 +719,13 @@ mod tests {
             Err(Error::SizeUpdate(4097, 4096))
         );
         // EOS inside a string, and padding that is not all ones.
-        assert_eq!(
-            huffman_decode(&[0xff, 0xff, 0xff, 0xff]),
-            Err(Error::Huffman)
-        );
-        assert_eq!(huffman_decode(&[0x00]), Err(Error::Huffman));
-        assert_eq!(huffman_decode(&[0x07]), Ok(b"0".to_vec()));
+        let huffman = |s: &[u8]| {
+            let mut out = Vec::new();
+            huffman_decode(s, &mut out).map(|()| out)
+        };
+        assert_eq!(huffman(&[0xff, 0xff, 0xff, 0xff]), Err(Error::Huffman));
+        assert_eq!(huffman(&[0x00]), Err(Error::Huffman));
+        assert_eq!(huffman(&[0x07]), Ok(b"0".to_vec()));
         // A string length past the bound: 127 + 127 + 127 * 128 + 3 * 16384.
         assert_eq!(
             d.decode(&[0x00, 0x7f, 0xff, 0xff, 0x03]),

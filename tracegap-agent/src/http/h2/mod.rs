@@ -6,6 +6,7 @@
 //! RFC 7541's tables ([`tables`]).
 
 pub mod exchange;
+pub mod fields;
 pub mod follow;
 pub mod frame;
 pub mod hpack;
