@@ -294,10 +294,13 @@ impl Reporter {
         if let Some(t) = trace {
             e.examples.insert(verdict.kind, t);
         }
-        if let Some(f) = hop.fix(
-            verdict.kind,
-            verdict.link.as_ref().map(|l| l.context.format),
-        ) {
+        // A fix is a gap's (a healthy hop has none to look for).
+        if verdict.kind.is_gap()
+            && let Some(f) = hop.fix(
+                verdict.kind,
+                verdict.link.as_ref().map(|l| l.context.format),
+            )
+        {
             e.fixes.insert(verdict.kind, f);
         }
         match e.formats.get_mut(format) {
