@@ -130,19 +130,12 @@ pub fn records(connections: u32, calls: u32) -> Records {
         e.encode_into(&mut r.bytes);
         r.bounds.push((at, r.bytes.len()));
     };
-    let event = |flow: Flow, direction, seq, ts_ns, payload: Vec<u8>| RawEvent {
-        ts_ns,
-        flow,
-        ifindex: 1,
-        direction,
-        kind: EventKind::Http2,
-        seq,
-        ack: 0,
-        short_start: false,
-        segment_len: payload.len() as u32,
-        budget_exhausted: false,
-        payload: payload.into(),
-        via: None,
+    let event = |flow: Flow, direction, seq, ts_ns, payload: Vec<u8>| {
+        super::event(
+            (ts_ns, flow, 1, direction, EventKind::Http2),
+            (seq, 0),
+            payload,
+        )
     };
     let mut conns: Vec<Conn> = (0..connections)
         .map(|c| Conn {

@@ -6,10 +6,10 @@
 
 use tracegap_common::{Direction, EventKind};
 
-use super::{Records, UserSpace, ep};
+use super::{Records, UserSpace, ep, event};
 use tracegap_agent::{
     agent::AgentConfig,
-    events::{BatchDecoder, Flow, RawEvent},
+    events::{BatchDecoder, Flow},
     gap::span::Identity,
     replay::Replay,
 };
@@ -46,34 +46,22 @@ pub fn records(connections: u32, calls: u32) -> Records {
         seqs[c as usize] = (req_end, rsp_end);
         let ts = u64::from(i) * 20_000;
         for e in [
-            RawEvent {
-                ts_ns: ts,
-                flow,
-                ifindex: 1,
-                direction: Direction::Egress,
-                kind: EventKind::Request,
-                seq: req_seq,
-                ack: rsp_seq,
-                short_start: false,
-                segment_len: req.len() as u32,
-                budget_exhausted: false,
-                payload: req.into_bytes().into(),
-                via: None,
-            },
-            RawEvent {
-                ts_ns: ts + 10_000,
-                flow: flow.reversed(),
-                ifindex: 1,
-                direction: Direction::Ingress,
-                kind: EventKind::Response,
-                seq: rsp_seq,
-                ack: req_end,
-                short_start: false,
-                segment_len: rsp.len() as u32,
-                budget_exhausted: false,
-                payload: rsp.to_vec().into(),
-                via: None,
-            },
+            event(
+                (ts, flow, 1, Direction::Egress, EventKind::Request),
+                (req_seq, rsp_seq),
+                req.into_bytes(),
+            ),
+            event(
+                (
+                    ts + 10_000,
+                    flow.reversed(),
+                    1,
+                    Direction::Ingress,
+                    EventKind::Response,
+                ),
+                (rsp_seq, req_end),
+                rsp.to_vec(),
+            ),
         ] {
             let at = r.bytes.len();
             e.encode_into(&mut r.bytes);

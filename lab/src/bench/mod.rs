@@ -1126,36 +1126,41 @@ pub fn events(n_pairs: usize) -> impl Iterator<Item = RawEvent> {
         // Each end acknowledges what the other sent, as TCP does.
         let (rsp_seq, req_end) = (seq ^ 0x5555, seq.wrapping_add(req.len() as u32));
         [
-            RawEvent {
-                ts_ns: ts,
-                flow,
-                ifindex: 1,
-                direction: Direction::Ingress,
-                kind: EventKind::Request,
-                seq,
-                ack: rsp_seq,
-                short_start: false,
-                segment_len: req.len() as u32,
-                budget_exhausted: false,
-                payload: req.into_bytes().into(),
-                via: None,
-            },
-            RawEvent {
-                ts_ns: ts + 500,
-                flow: flow.reversed(),
-                ifindex: 2,
-                direction: Direction::Ingress,
-                kind: EventKind::Response,
-                seq: rsp_seq,
-                ack: req_end,
-                short_start: false,
-                segment_len: rsp.len() as u32,
-                budget_exhausted: false,
-                payload: rsp.into(),
-                via: None,
-            },
+            event(
+                (ts, flow, 1, Direction::Ingress, EventKind::Request),
+                (seq, rsp_seq),
+                req.into_bytes(),
+            ),
+            event(
+                (ts + 500, flow.reversed(), 2, Direction::Ingress, EventKind::Response),
+                (rsp_seq, req_end),
+                rsp,
+            ),
         ]
     })
+}
+
+/// A whole segment's event as the kernel reports it: (time, flow,
+/// interface, direction, kind), (sequence, acknowledgement), payload.
+fn event(
+    (ts_ns, flow, ifindex, direction, kind): (u64, Flow, u32, Direction, EventKind),
+    (seq, ack): (u32, u32),
+    payload: Vec<u8>,
+) -> RawEvent {
+    RawEvent {
+        ts_ns,
+        flow,
+        ifindex,
+        direction,
+        kind,
+        seq,
+        ack,
+        short_start: false,
+        segment_len: payload.len() as u32,
+        budget_exhausted: false,
+        payload: payload.into(),
+        via: None,
+    }
 }
 
 /// Everything user space does per event, on this thread: assemble, pair,

@@ -15,19 +15,16 @@ pub const MAX_HEADERS: usize = 64;
 /// Trace-context headers kept past [`MAX_HEADERS`], this many at most: a
 /// context after 64 other headers is still a context, not a missing one.
 const MAX_CONTEXT_PAST: usize = 16;
-/// The headers that carry trace context (W3C, Jaeger, B3, baggage).
-const CONTEXT_HEADERS: [&str; 10] = [
-    "traceparent",
-    "tracestate",
-    "uber-trace-id",
-    "b3",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-    "baggage",
-];
+/// W3C's trace-context headers (the other formats': [`OTHER_FORMATS`]).
+pub const W3C_HEADERS: [&str; 3] = ["traceparent", "tracestate", "baggage"];
+
+/// Whether header `name` carries trace context in any format read.
+pub fn is_context_header(name: &[u8]) -> bool {
+    W3C_HEADERS
+        .iter()
+        .any(|w| w.as_bytes().eq_ignore_ascii_case(name))
+        || is_other_format(name)
+}
 
 /// Why bytes are not (yet) an HTTP/1.x message head.
 #[derive(Clone, Debug, Error, PartialEq, Eq)]
@@ -472,7 +469,7 @@ pub fn parse(buf: &Bytes) -> Result<Head, HeadError> {
         }
         if fields.len() >= MAX_HEADERS
             && (fields.len() >= MAX_HEADERS + MAX_CONTEXT_PAST
-                || !CONTEXT_HEADERS.iter().any(|c| c.eq_ignore_ascii_case(name)))
+                || !is_context_header(name.as_bytes()))
         {
             dropped_headers += 1;
             continue;

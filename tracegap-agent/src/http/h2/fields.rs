@@ -1,6 +1,6 @@
 //! One header block's fields as the engine reads them: only the fields it
 //! asks for ([`KEPT`]: the pseudo-headers it names a hop by, the gRPC
-//! status, the client and server products, every trace-context header),
+//! status, the client and server products; and every trace-context header),
 //! names lowercase, in one buffer held inline. Decoding a block into it
 //! allocates nothing for a usual block (issue 33); what is not kept is
 //! decoded (the table needs it) and dropped.
@@ -10,13 +10,14 @@ use smallvec::SmallVec;
 use super::hpack::{Block, Sink};
 use crate::http::{
     context::{Found, Headers, traceparent},
-    message::is_other_format,
+    message::{OTHER_FORMATS, W3C_HEADERS, is_other_format},
 };
 
-/// The fields kept: what [`crate::gap::hop::Request::from_h2`], the
-/// exchange's status and gRPC readers, and the context readers
-/// ([`crate::http::context::Propagation`]) ask for.
-pub const KEPT: [&str; 29] = [
+/// The fields kept besides the context headers: what
+/// [`crate::gap::hop::Request::from_h2`] and the exchange's status and
+/// gRPC readers ask for. With every context header ([`W3C_HEADERS`],
+/// [`OTHER_FORMATS`]: what [`crate::http::context::Propagation`] reads).
+pub const KEPT: [&str; 8] = [
     ":method",
     ":path",
     ":authority",
@@ -25,27 +26,6 @@ pub const KEPT: [&str; 29] = [
     "grpc-status",
     "server",
     "user-agent",
-    "traceparent",
-    "tracestate",
-    "baggage",
-    "uber-trace-id",
-    "b3",
-    "x-b3-traceid",
-    "x-b3-spanid",
-    "x-b3-parentspanid",
-    "x-b3-sampled",
-    "x-b3-flags",
-    "x-datadog-trace-id",
-    "x-datadog-parent-id",
-    "x-datadog-sampling-priority",
-    "x-datadog-tags",
-    "x-amzn-trace-id",
-    "x-cloud-trace-context",
-    "ot-tracer-traceid",
-    "ot-tracer-spanid",
-    "ot-tracer-sampled",
-    "grpc-trace-bin",
-    "sw8",
 ];
 
 /// Bytes of kept names and values held without an allocation: a gRPC
@@ -121,22 +101,21 @@ impl Fields {
     }
 }
 
-/// The KEPT name `name` is, in any case (HTTP/2 sends names lowercase:
+/// The kept name `name` is, in any case (HTTP/2 sends names lowercase:
 /// that is looked for first).
 fn kept(name: &[u8]) -> Option<&'static str> {
-    KEPT.iter()
-        .copied()
-        .find(|k| k.as_bytes() == name)
-        .or_else(|| {
-            name.iter()
-                .any(u8::is_ascii_uppercase)
-                .then(|| {
-                    KEPT.iter()
-                        .copied()
-                        .find(|k| k.as_bytes().eq_ignore_ascii_case(name))
-                })
-                .flatten()
-        })
+    let all = || {
+        KEPT.iter()
+            .chain(&W3C_HEADERS)
+            .chain(&OTHER_FORMATS)
+            .copied()
+    };
+    all().find(|k| k.as_bytes() == name).or_else(|| {
+        name.iter()
+            .any(u8::is_ascii_uppercase)
+            .then(|| all().find(|k| k.as_bytes().eq_ignore_ascii_case(name)))
+            .flatten()
+    })
 }
 
 impl Sink for Fields {
@@ -217,7 +196,8 @@ mod tests {
             "sw8",
             "baggage",
         ] {
-            assert!(KEPT.contains(&name), "{name}");
+            assert_eq!(kept(name.as_bytes()), Some(name));
+            assert_eq!(kept(name.to_uppercase().as_bytes()), Some(name));
         }
     }
 }
