@@ -300,6 +300,9 @@ pub struct EventStream {
     decoder: BatchDecoder,
 }
 
+/// How far the kernel's coarse clock may lag (a tick at HZ=100, twice).
+const COARSE_SLACK: Duration = Duration::from_millis(20);
+
 /// The drain the reader owes the kernel. A record is submitted without a
 /// wakeup only within [`WAKEUP_AGE_NS`] of a wakeup, and the drain that
 /// reads the waking record promises another one that long later. A drain
@@ -313,12 +316,17 @@ pub(crate) struct Redrain {
 }
 
 impl Redrain {
-    /// A drain that started at `at` found records (`found`) or none.
-    pub(crate) fn drained(&mut self, at: Instant, found: bool) {
-        let age = Duration::from_nanos(WAKEUP_AGE_NS);
+    /// A drain that ran from `start` to `end` found records (`found`) or
+    /// none. The waking record it read was submitted by `end` at the
+    /// latest, so the drain owed is due `end` plus the age; an empty
+    /// drain settles it only if it started at that time or later.
+    pub(crate) fn drained(&mut self, (start, end): (Instant, Instant), found: bool) {
+        // The classifiers read the coarse clock, up to a tick (4 or 10 ms)
+        // behind: a record may go unwoken that much past the age.
+        let age = Duration::from_nanos(WAKEUP_AGE_NS) + COARSE_SLACK;
         if found {
-            self.due = Some(at + age);
-        } else if self.due.is_some_and(|due| at >= due) {
+            self.due = Some(end + age);
+        } else if self.due.is_some_and(|due| start >= due) {
             self.due = None;
         }
     }
@@ -382,10 +390,11 @@ impl EventStream {
                 }
                 self.ring.get_mut()
             };
-            // Taken before reading: a record committed before it is read.
-            let at = Instant::now();
+            // Before reading: a record committed before it is read.
+            let start = Instant::now();
             self.more = !Self::drain_into(&mut self.decode_errors, &mut self.decoder, ring, out);
-            self.redrain.drained(at, out.len() > before);
+            let found = out.len() > before;
+            self.redrain.drained((start, Instant::now()), found);
             if out.len() > before {
                 return Ok(out.len() - before);
             }
@@ -487,22 +496,29 @@ mod tests {
 
     #[test]
     fn a_drain_finding_nothing_keeps_the_redrain_owed_for_records_found_before() {
-        let age = Duration::from_nanos(WAKEUP_AGE_NS);
+        let age = Duration::from_nanos(WAKEUP_AGE_NS) + COARSE_SLACK;
         let t0 = Instant::now();
+        let at = |t: Instant| (t, t);
         let mut r = Redrain::default();
         assert_eq!(r.due(), None, "a quiet ring owes nothing");
-        r.drained(t0, true);
-        assert_eq!(r.due(), Some(t0 + age));
+        // A drain from t0 to t0 + 1 ms read the waking record: the kernel
+        // may have submitted it as late as its end.
+        let ms = Duration::from_millis(1);
+        r.drained((t0, t0 + ms), true);
+        assert_eq!(r.due(), Some(t0 + ms + age));
         // A leftover readiness drains early and finds nothing: the records
-        // the kernel submits unwoken until t0 + age still need that drain.
-        r.drained(t0 + age / 10, false);
-        assert_eq!(r.due(), Some(t0 + age));
+        // the kernel submits unwoken until then still need that drain.
+        r.drained(at(t0 + age / 10), false);
+        assert_eq!(r.due(), Some(t0 + ms + age));
+        // An empty drain that started before the time owed settles nothing.
+        r.drained(at(t0 + age), false);
+        assert_eq!(r.due(), Some(t0 + ms + age));
         // The owed drain finds nothing: nothing is owed any more.
-        r.drained(t0 + age, false);
+        r.drained(at(t0 + ms + age), false);
         assert_eq!(r.due(), None);
         // Records found push the promise on.
-        r.drained(t0 + 2 * age, true);
-        r.drained(t0 + 2 * age + age / 2, true);
+        r.drained(at(t0 + 2 * age), true);
+        r.drained(at(t0 + 2 * age + age / 2), true);
         assert_eq!(r.due(), Some(t0 + 3 * age + age / 2));
     }
 
