@@ -1045,7 +1045,13 @@ impl Pipeline {
                 via,
                 exchange,
             } => {
-                let req = match self.h2_open.remove(&(flow, exchange.stream)) {
+                let started = self
+                    .h2_open
+                    .remove(&(flow, exchange.stream))
+                    // Its own start's (not a stream of an earlier
+                    // connection between the same ends that ended unseen).
+                    .filter(|r| r.ts_ns == exchange.start_ns);
+                let req = match started {
                     // The record its start made (telemetry never has one).
                     Some(req) => req,
                     None => {
