@@ -38,17 +38,27 @@ fn parsing_pairing_and_classifying_a_healthy_hop_allocates_nothing() {
     assert!(per_event < 0.01, "{per_event:.4} allocations per event");
 }
 
-#[test]
-fn the_agents_pipeline_allocates_nothing_per_event_for_a_healthy_hop() {
+/// `records` through the agent's pipeline: allocations per event past
+/// `warm` events, and the report (a healthy stream exports no span).
+fn through_the_agent(
+    records: &tracegap_lab::bench::Records,
+    warm: usize,
+) -> (f64, tracegap_agent::report::Report) {
     assert!(
         allocs::installed(),
         "the counting allocator is not installed"
     );
-    let (records, warm) = stream();
     let mut r = tracegap_agent::replay::Replay::new(&healthy::replay_config(CONNECTIONS));
-    let (per_event, spans) = healthy::agent_allocations_per_event(&mut r, &records, warm);
+    let (per_event, spans) = healthy::agent_allocations_per_event(&mut r, records, warm);
     assert_eq!(spans, 0, "a healthy stream has no gap to export");
-    let hops: u64 = r.report().edges.iter().map(|e| e.requests).sum();
+    (per_event, r.report())
+}
+
+#[test]
+fn the_agents_pipeline_allocates_nothing_per_event_for_a_healthy_hop() {
+    let (records, warm) = stream();
+    let (per_event, report) = through_the_agent(&records, warm);
+    let hops: u64 = report.edges.iter().map(|e| e.requests).sum();
     assert_eq!(hops as usize * 2, records.len(), "every hop reported");
     eprintln!("allocations per event: {per_event:.4}");
     assert!(per_event < 0.01, "{per_event:.4} allocations per event");
@@ -56,18 +66,11 @@ fn the_agents_pipeline_allocates_nothing_per_event_for_a_healthy_hop() {
 
 #[test]
 fn the_agents_pipeline_allocates_nothing_per_grpc_call_for_a_healthy_hop() {
-    assert!(
-        allocs::installed(),
-        "the counting allocator is not installed"
-    );
     let calls = (WARM_CALLS + COUNTED_CALLS) * CONNECTIONS as usize;
     let records = tracegap_lab::bench::grpc_stream::records(CONNECTIONS, calls as u32);
     // Each connection's preface and SETTINGS, then two events per call.
     let warm = 2 * CONNECTIONS as usize + 2 * WARM_CALLS * CONNECTIONS as usize;
-    let mut r = tracegap_agent::replay::Replay::new(&healthy::replay_config(CONNECTIONS));
-    let (per_event, spans) = healthy::agent_allocations_per_event(&mut r, &records, warm);
-    assert_eq!(spans, 0, "a healthy stream has no gap to export");
-    let report = r.report();
+    let (per_event, report) = through_the_agent(&records, warm);
     let hops: u64 = report.edges.iter().map(|e| e.requests).sum();
     assert_eq!(hops as usize, calls, "every call reported");
     assert!(

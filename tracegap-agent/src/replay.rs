@@ -88,8 +88,4 @@ impl Replay {
             .map(|r| r.report())
             .unwrap_or_default()
     }
-
-    pub fn metrics(&self) -> &Metrics {
-        &self.shared.metrics
-    }
 }
