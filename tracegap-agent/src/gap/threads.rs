@@ -81,11 +81,13 @@ pub enum Evidence<T> {
     /// The writing thread read exactly this open request, and no request
     /// since.
     Thread(T),
-    /// The writing thread holds several open requests (an async runtime).
+    /// The writing thread served several requests at once (an async
+    /// runtime): it holds several open ones, or read others while the one
+    /// it holds was open. How many it read in that time.
     Multiplexed(usize),
     /// No write turn was seen for the call.
     Unwritten,
-    /// Its thread read none of the open requests, or read another since.
+    /// Its thread read none of the open requests.
     Unmatched,
 }
 
@@ -264,15 +266,18 @@ impl Threads {
         match mine[..] {
             [] => Evidence::Unmatched,
             [(o, read_at)] => {
-                // Nothing else read by the thread since: a request it read
-                // and answered in between would mean it does not work one
-                // request at a time.
-                let since = self
-                    .read_by
-                    .get(&writer)
-                    .is_some_and(|q| q.iter().any(|(ts, _)| *ts > read_at && *ts <= start_ns));
-                if since {
-                    Evidence::Unmatched
+                // Nothing else read by the thread since. A request it read
+                // (and answered) in between, while this one was open, means
+                // it does not work one request at a time: it multiplexes,
+                // though the others have ended by the call (an async
+                // runtime whose other tasks were quick).
+                let since = self.read_by.get(&writer).map_or(0, |q| {
+                    q.iter()
+                        .filter(|(ts, _)| *ts > read_at && *ts <= start_ns)
+                        .count()
+                });
+                if since > 0 {
+                    Evidence::Multiplexed(1 + since)
                 } else {
                     Evidence::Thread(o)
                 }
@@ -370,8 +375,9 @@ mod tests {
             t.cause(ep(9), 20 * MS, open.iter().copied()),
             Evidence::Multiplexed(2)
         );
-        // One open, but the thread read (and answered) another since: not
-        // one request at a time.
+        // One open, but the thread read (and answered) another since, while
+        // it was open: not one request at a time (an async runtime whose
+        // other task was quick), multiplexed as well.
         turn(&mut t, 30, 3, ThreadTurn::ServerRead, T2);
         turn(&mut t, 31, 4, ThreadTurn::ServerRead, T2);
         turn(&mut t, 40, 8, ThreadTurn::ClientWrote, T2);
@@ -381,6 +387,12 @@ mod tests {
         ];
         assert_eq!(
             t.cause(ep(8), 40 * MS, open[..1].iter().copied()),
+            Evidence::Multiplexed(2)
+        );
+        // A thread that read none of the open requests: unmatched.
+        let others = [("e", ep(5), 30 * MS - 1, None)];
+        assert_eq!(
+            t.cause(ep(8), 40 * MS, others.iter().copied()),
             Evidence::Unmatched
         );
     }
