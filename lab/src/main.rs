@@ -110,6 +110,12 @@ enum Cmd {
         /// healthy HTTP/1.1 request and gRPC call, span export.
         #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls", "quality", "rest"])]
         pipeline: bool,
+        /// Only where HTTP/1.1's p99 at saturation comes from: the echo
+        /// load with nothing attached, the kernel programs alone, the
+        /// agent, the agent at nice 19, with the scheduler's account of
+        /// each side's threads.
+        #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls", "quality", "rest", "pipeline"])]
+        tail: bool,
     },
     /// Holds N open flows in the agent's state and prints the peak RSS in
     /// KiB (used by `bench`).
@@ -307,6 +313,7 @@ fn main() -> anyhow::Result<()> {
             quality,
             rest,
             pipeline,
+            tail,
         } => {
             let d = if quick {
                 tracegap_lab::bench::Durations::quick()
@@ -325,13 +332,15 @@ fn main() -> anyhow::Result<()> {
                 table = tracegap_lab::bench::rest_only(d)?;
             } else if pipeline {
                 table = tracegap_lab::bench::pipeline_only(d)?;
+            } else if tail {
+                table = tracegap_lab::bench::tail_only(d)?;
             } else if !kernel {
                 table = tracegap_lab::bench::run(d, &std::env::current_exe()?, floor.as_deref())?;
                 table.push('\n');
             }
             if let Some(floor) = floor
                 .as_ref()
-                .filter(|_| !sockets && !tls && !quality && !rest && !pipeline)
+                .filter(|_| !sockets && !tls && !quality && !rest && !pipeline && !tail)
             {
                 eprintln!("bench: kernel programs on crafted packets (BPF_PROG_TEST_RUN)");
                 table.push_str(&tracegap_lab::bench::kernel::run(

@@ -37,6 +37,12 @@ pub struct BenchArgs {
     /// healthy HTTP/1.1 request and gRPC call, span export.
     #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls", "quality", "rest"])]
     pipeline: bool,
+    /// Only where HTTP/1.1's p99 at saturation comes from: the echo load
+    /// with nothing attached, the kernel programs alone, the agent, the
+    /// agent at nice 19, with the scheduler's account of each side's
+    /// threads (waiting for a CPU, preempted).
+    #[arg(long, conflicts_with_all = ["kernel", "sockets", "tls", "quality", "rest", "pipeline"])]
+    tail: bool,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -84,7 +90,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     if args.pipeline {
         cmd.arg("--pipeline");
     }
-    if !args.kernel && !args.sockets && !args.tls && !args.pipeline {
+    if args.tail {
+        cmd.arg("--tail");
+    }
+    if !args.kernel && !args.sockets && !args.tls && !args.pipeline && !args.tail {
         // The cluster-wide view's row: Debian's Prometheus, unpacked.
         match setup::prometheus() {
             Ok(bin) => {

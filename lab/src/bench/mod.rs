@@ -9,6 +9,7 @@ pub mod kernel;
 mod quality;
 mod rest;
 mod sockets;
+mod tail;
 mod tls;
 
 use std::{
@@ -115,6 +116,8 @@ struct Wrk {
     rps: f64,
     /// Requests completed in the run.
     requests: f64,
+    /// The mean latency (wrk's; h2load's mean time per request).
+    mean_ms: f64,
     p50_ms: f64,
     p99_ms: f64,
     /// CPU time the whole machine was busy during the run, in seconds.
@@ -187,12 +190,17 @@ fn ms(v: &str) -> Option<f64> {
     })
 }
 
+/// wrk's connections: each sends its next request as the last is
+/// answered, so at saturation the mean latency is this many over the
+/// requests/s (Little's law).
+const WRK_CONNECTIONS: usize = 16;
+
 fn wrk(node: &Node, url: &str, d: Duration) -> anyhow::Result<Wrk> {
     let (busy0, agent0) = (machine_busy_seconds(), agent_cpu_seconds());
     let out = crate::netns::run(
         node.pod("client")
             .command("wrk")
-            .args(["-t2", "-c16", "--latency"])
+            .args(["-t2", &format!("-c{WRK_CONNECTIONS}"), "--latency"])
             // An instrumented caller's requests: valid context, so hops are
             // classified and counted but need no synthetic span.
             .args([
@@ -219,6 +227,11 @@ fn wrk(node: &Node, url: &str, d: Duration) -> anyhow::Result<Wrk> {
             .and_then(|l| l.split_whitespace().next())
             .and_then(|n| n.parse().ok())
             .with_context(|| format!("no request count in wrk's output: {text}"))?,
+        // "Latency   229.00us  ..." (thread stats: avg, stdev, max), before
+        // "Latency Distribution".
+        mean_ms: field("Latency ")
+            .and_then(|v| v.split_whitespace().next().and_then(ms))
+            .context("no mean latency")?,
         p50_ms: field("50%").and_then(|v| ms(&v)).context("no p50")?,
         p99_ms: field("99%").and_then(|v| ms(&v)).context("no p99")?,
         busy_s: busy1 - busy0,
@@ -283,6 +296,7 @@ fn h2load(node: &Node, url: &str, body: &std::path::Path, d: Duration) -> anyhow
     Ok(Wrk {
         rps,
         requests,
+        mean_ms: mean,
         p50_ms: mean,
         p99_ms: max,
         busy_s: busy1 - busy0,
@@ -423,6 +437,12 @@ pub fn pipeline_only(d: Durations) -> anyhow::Result<String> {
 pub fn rest_only(d: Durations) -> anyhow::Result<String> {
     let mut rows = Vec::new();
     rest::rows(d, &mut rows)?;
+    Ok(rows_table(&rows))
+}
+
+pub fn tail_only(d: Durations) -> anyhow::Result<String> {
+    let mut rows = Vec::new();
+    tail::rows(d, &mut rows)?;
     Ok(rows_table(&rows))
 }
 
@@ -1582,6 +1602,8 @@ pub fn run(
     let ops = sockets::measure(floor, d.socket_ops, d.socket_rounds)?;
     eprintln!("bench: data path (wrk, iperf3, BPF statistics, detection latency)");
     data_path(d, floor, &ops, &mut rows)?;
+    eprintln!("bench: where HTTP/1.1's p99 at saturation comes from");
+    tail::rows(d, &mut rows)?;
     eprintln!("bench: the agent at rest and at low request rates");
     rest::rows(d, &mut rows)?;
     eprintln!("bench: HTTPS through OpenSSL");
