@@ -98,6 +98,9 @@ type Forward = Arc<Mutex<Option<std::sync::mpsc::SyncSender<ExportTraceServiceRe
 
 /// Batches waiting to be passed on at most; past it they are not.
 const FORWARD_QUEUE: usize = 1024;
+/// The name of the receiver's thread (its runtime serves OTLP and the
+/// query API on it).
+pub const RECEIVER_THREAD: &str = "lab-receiver";
 
 fn store(spans: &Store, forward: &Forward, req: ExportTraceServiceRequest, via: &'static str) {
     if let Ok(f) = forward.lock()
@@ -300,18 +303,23 @@ impl Receiver {
         let forward = self.forward.clone();
         let refuse = self.refusing.clone();
         let tls = self.tls.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(anyhow::Error::from(e)));
-                    return;
-                }
-            };
-            rt.block_on(async move {
+        // Named: the bench reads its CPU time (is the receiver what bounds
+        // an export's rate?).
+        let thread =
+            std::thread::Builder::new()
+                .name(RECEIVER_THREAD.into())
+                .spawn(move || {
+                    let rt = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(rt) => rt,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(anyhow::Error::from(e)));
+                            return;
+                        }
+                    };
+                    rt.block_on(async move {
                 let bound = async {
                     Ok::<_, anyhow::Error>(match listeners {
                         Some((g, h)) => {
@@ -407,7 +415,7 @@ impl Receiver {
                     r = http_server => if let Err(e) = r { eprintln!("receiver HTTP: {e}") },
                 }
             });
-        });
+                })?;
         ready_rx.recv()??;
         self.running = Some((stop_tx, thread));
         Ok(())
