@@ -8,6 +8,7 @@ pub mod healthy;
 pub mod kernel;
 mod quality;
 mod rest;
+mod sched;
 mod sockets;
 mod tail;
 mod tls;
@@ -1383,8 +1384,8 @@ fn user_space(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     let total = built.len();
     let t = Instant::now();
     let cpu0 = (
-        threads_cpu_ns(EXPORT_THREAD),
-        threads_cpu_ns(crate::store::RECEIVER_THREAD),
+        sched::Account::named(EXPORT_THREAD).run_ns,
+        sched::Account::named(crate::store::RECEIVER_THREAD).run_ns,
     );
     rt.block_on(async {
         let (queue, task) = export::start(cfg, metrics.clone(), Default::default())?;
@@ -1407,8 +1408,12 @@ fn user_space(d: Durations, rows: &mut Vec<Row>) -> anyhow::Result<()> {
     // Whose CPU bounds the rate: the exporter's (tracegap's: batching,
     // encoding, gRPC) or the receiver's one thread (the lab's: decoding and
     // storing every span).
-    let exporter_ns = threads_cpu_ns(EXPORT_THREAD).saturating_sub(cpu0.0) as f64;
-    let receiver_ns = threads_cpu_ns(crate::store::RECEIVER_THREAD).saturating_sub(cpu0.1) as f64;
+    let exporter_ns = sched::Account::named(EXPORT_THREAD)
+        .run_ns
+        .saturating_sub(cpu0.0) as f64;
+    let receiver_ns = sched::Account::named(crate::store::RECEIVER_THREAD)
+        .run_ns
+        .saturating_sub(cpu0.1) as f64;
     let per_span_us = exporter_ns / got.max(1) as f64 / 1e3;
     rows.push(row(
         "user space: spans/s exported over OTLP/gRPC to a real receiver",
@@ -1482,28 +1487,6 @@ fn agent_pipeline(d: Durations, floor_ns: f64, rows: &mut Vec<Row>) {
 
 /// The export bench's runtime threads.
 const EXPORT_THREAD: &str = "tg-export";
-
-/// Nanoseconds on a CPU (schedstat) of this process's threads named `name`
-/// so far.
-fn threads_cpu_ns(name: &str) -> u64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0;
-    };
-    tasks
-        .flatten()
-        .filter(|t| {
-            std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
-        })
-        .filter_map(|t| {
-            std::fs::read_to_string(t.path().join("schedstat"))
-                .ok()?
-                .split_whitespace()
-                .next()?
-                .parse::<u64>()
-                .ok()
-        })
-        .sum()
-}
 
 /// Peak RSS (VmHWM) of this process, in KiB.
 pub fn peak_rss_kib() -> u64 {

@@ -28,29 +28,8 @@ const GRPC_TARGET: f64 = 0.3;
 /// voluntary context switches (how often they went to sleep, so how often
 /// they were woken).
 fn agent_threads() -> (u64, u64) {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return (0, 0);
-    };
-    let (mut ns, mut woke) = (0, 0);
-    for t in tasks.flatten() {
-        let comm = std::fs::read_to_string(t.path().join("comm")).unwrap_or_default();
-        if comm.trim_end() != crate::agent::THREAD_NAME {
-            continue;
-        }
-        let sched = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-        ns += sched
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0);
-        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
-        woke += status
-            .lines()
-            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0);
-    }
-    (ns, woke)
+    let a = super::sched::Account::named(crate::agent::THREAD_NAME);
+    (a.run_ns, a.voluntary)
 }
 
 /// One measured window: the agent's CPU in percent of a core, its wakeups

@@ -21,7 +21,9 @@ use std::{
 use anyhow::Context as _;
 use tracegap_agent::ebpf::{LoadOptions, Observer};
 
-use super::{Durations, Row, Spread, WRK_CONNECTIONS, Wrk, agent_config, pct, row, wrk};
+use super::{
+    Durations, Row, Spread, WRK_CONNECTIONS, Wrk, agent_config, pct, row, sched::Account, wrk,
+};
 use crate::{
     agent::{Agent, THREAD_NAME},
     http::{HttpServer, Serving},
@@ -46,31 +48,6 @@ enum Side {
     Client,
     /// The agent's or the plain drain's.
     Reader,
-}
-
-/// A thread's account: ns on a CPU, ns runnable but waiting for one
-/// (`schedstat`), involuntary switches (`status`).
-#[derive(Clone, Copy, Default, Debug)]
-struct Account {
-    run_ns: u64,
-    wait_ns: u64,
-    preempted: u64,
-}
-
-fn account(task: &std::path::Path) -> Option<Account> {
-    let sched = std::fs::read_to_string(task.join("schedstat")).ok()?;
-    let mut f = sched.split_whitespace().map(|v| v.parse::<u64>().ok());
-    let (run_ns, wait_ns) = (f.next()??, f.next()??);
-    let status = std::fs::read_to_string(task.join("status")).ok()?;
-    let preempted = status
-        .lines()
-        .find_map(|l| l.strip_prefix("nonvoluntary_ctxt_switches:"))
-        .and_then(|v| v.trim().parse().ok())?;
-    Some(Account {
-        run_ns,
-        wait_ns,
-        preempted,
-    })
 }
 
 /// Per side, what its threads did while the sampler ran: each thread's
@@ -114,7 +91,9 @@ impl Sampled {
                 THREAD_NAME | DRAIN_NAME => Side::Reader,
                 _ => Side::Server,
             };
-            let Some(a) = account(&path) else { continue };
+            let Some(a) = Account::of(&path) else {
+                continue;
+            };
             if initial || pid != me {
                 self.first.entry((pid, tid)).or_insert(a);
             }
