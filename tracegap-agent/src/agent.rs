@@ -566,6 +566,9 @@ pub(crate) struct Pipeline {
     h2_counted: H2Stats,
     /// Service names as metric label values.
     labels: crate::metrics::Interned,
+    /// The edges' request counters, found without hashing their labels
+    /// under the families' locks.
+    request_counters: crate::metrics::RequestCounters,
     /// HTTP/2 streams started and not yet done: their request records,
     /// which their ends share (built once per stream).
     h2_open: crate::FastMap<(crate::events::Flow, u32), Arc<Request>>,
@@ -683,6 +686,7 @@ impl Pipeline {
             h2: Connections::default(),
             h2_counted: H2Stats::default(),
             labels: Default::default(),
+            request_counters: Default::default(),
             h2_open: Default::default(),
             engine: Engine::new(config.place_by_timing),
             formats: FormatsRead::default(),
@@ -1331,12 +1335,15 @@ impl Pipeline {
         }
         let format = formats_label(&hop.propagation().contexts);
         let m = &self.shared.metrics;
-        m.request(RequestLabels {
-            source_service: self.labels.get(&caller.service),
-            destination_service: self.labels.get(&callee.service),
-            context_status: verdict.kind.as_str(),
-            context_format: format.clone(),
-        });
+        m.request_through(
+            &mut self.request_counters,
+            RequestLabels {
+                source_service: self.labels.get(&caller.service),
+                destination_service: self.labels.get(&callee.service),
+                context_status: verdict.kind.as_str(),
+                context_format: format.clone(),
+            },
+        );
         if let Some(l) = &verdict.link
             && matches!(
                 verdict.kind,

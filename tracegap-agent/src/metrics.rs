@@ -71,6 +71,20 @@ impl Interned {
     }
 }
 
+/// The pipeline's handles on its `http_requests` series, by their labels:
+/// a hop finds its edge's counter with one small lookup instead of hashing
+/// its labels twice (admission, family) under two locks (issue 33). Only
+/// admitted series are kept (an edge past [`MAX_EDGE_SERIES`] is counted,
+/// and counted as overflow, each time); the families never drop a series,
+/// so a handle stays the series'. Bounded: past [`RequestCounters::MAX`]
+/// it starts over.
+#[derive(Default)]
+pub struct RequestCounters(crate::FastMap<RequestLabels, Counter>);
+
+impl RequestCounters {
+    const MAX: usize = MAX_EDGE_SERIES;
+}
+
 /// The label sets admitted to each per-edge family.
 #[derive(Default)]
 struct EdgeSeries {
@@ -573,6 +587,23 @@ impl Metrics {
         self.count_edge(&self.requests, &self.admitted.requests, "http_requests", l);
     }
 
+    /// [`Self::request`], through the caller's handles on the series.
+    pub fn request_through(&self, handles: &mut RequestCounters, l: RequestLabels) {
+        if let Some(c) = handles.0.get(&l) {
+            c.inc();
+            return;
+        }
+        if !self.admitted.requests.admit(&l) {
+            return self.request(l);
+        }
+        let c = self.requests.get_or_create(&l).clone();
+        c.inc();
+        if handles.0.len() >= RequestCounters::MAX {
+            handles.0.clear();
+        }
+        handles.0.insert(l, c);
+    }
+
     /// Counts a gap on its edge, within [`MAX_EDGE_SERIES`].
     /// `trace`: the gap's example trace (its synthetic span's, else the
     /// request's), the series' exemplar from now on.
@@ -879,5 +910,46 @@ mod tests {
         assert!(
             text.contains("tracegap_metric_series_overflow_total{metric=\"http_requests\"} 500")
         );
+    }
+
+    #[test]
+    fn counting_through_handles_counts_as_counting_by_labels() {
+        // The same hops, once by labels and once through the pipeline's
+        // handles: every series and the overflow count come out equal.
+        let (by_labels, through) = (Metrics::new(), Metrics::new());
+        let mut handles = RequestCounters::default();
+        for round in 0..3 {
+            for i in 0..(MAX_EDGE_SERIES + 100) {
+                let l = RequestLabels {
+                    source_service: format!("svc-{i}").into(),
+                    destination_service: "checkout".into(),
+                    context_status: if round == 1 {
+                        "missing_context"
+                    } else {
+                        "context_ok"
+                    },
+                    context_format: "w3c".into(),
+                };
+                by_labels.request(l.clone());
+                through.request_through(&mut handles, l);
+            }
+        }
+        let (a, b) = (by_labels.encode(), through.encode());
+        let lines = |t: &str| -> Vec<String> {
+            let mut v: Vec<String> = t
+                .lines()
+                .filter(|l| {
+                    l.starts_with("tracegap_http_requests_total{")
+                        || l.starts_with("tracegap_metric_series_overflow_total{")
+                })
+                .map(str::to_owned)
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(lines(&a), lines(&b));
+        assert!(b.contains("tracegap_http_requests_total{source_service=\"svc-7\",destination_service=\"checkout\",context_status=\"context_ok\",context_format=\"w3c\"} 2"), "{b}");
+        // The handles kept are bounded.
+        assert!(handles.0.len() <= RequestCounters::MAX);
     }
 }
