@@ -197,6 +197,23 @@ impl Agent {
         crate::http::get(addr, path)
     }
 
+    /// The agent's own accounts of what it could not read or lost (events
+    /// a full ring buffer dropped, heads it could not parse, requests never
+    /// answered, Service backends not found, ...): every non-zero sample of
+    /// [`LOSS_METRICS`], as `name{labels} value`. What a failed scenario
+    /// prints beside its verdict, so a missing hop says whether the agent
+    /// knows it missed something.
+    pub fn losses(&self) -> anyhow::Result<Vec<String>> {
+        let (status, body) = self.get("/metrics")?;
+        anyhow::ensure!(status == 200, "/metrics answered {status}");
+        Ok(body
+            .lines()
+            .filter(|l| LOSS_METRICS.iter().any(|m| l.starts_with(m)))
+            .filter(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) > Some(0.0))
+            .map(|l| l.trim_start_matches("tracegap_").to_owned())
+            .collect())
+    }
+
     /// The value of a metric sample line that starts with `prefix`
     /// (name and labels), summed over matching lines.
     pub fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
@@ -218,6 +235,27 @@ impl Drop for Agent {
         }
     }
 }
+
+/// The agent's counters of what it lost or could not read (see
+/// [`Agent::losses`]).
+pub const LOSS_METRICS: &[&str] = &[
+    "tracegap_ringbuf_lost_events_total",
+    "tracegap_events_undecodable_total",
+    "tracegap_kernel_events_total{counter=\"parse_errors\"}",
+    "tracegap_kernel_events_total{counter=\"header_budget_exhausted\"}",
+    "tracegap_kernel_events_total{counter=\"h2_lost\"}",
+    "tracegap_kernel_events_total{counter=\"h2_server_preface_missed\"}",
+    "tracegap_kernel_events_total{counter=\"tls_unnamed_calls\"}",
+    "tracegap_http_unanswered_requests_total",
+    "tracegap_http_starts_ignored_total",
+    "tracegap_http_messages_unpaired_total",
+    "tracegap_http_boundaries_lost_total",
+    "tracegap_service_lookups_total{result=\"not_found\"}",
+    "tracegap_service_lookups_total{result=\"failed\"}",
+    "tracegap_h2_unread_total",
+    "tracegap_h2_partly_read_requests_total",
+    "tracegap_spans_dropped_total",
+];
 
 /// Name of every thread an in-process agent runs on, so its CPU time can be
 /// told apart from the load generator's and the servers'.

@@ -228,6 +228,15 @@ fn on_signal(flag: &'static AtomicBool, stop: Option<Arc<AtomicBool>>) -> anyhow
 
 fn main() -> anyhow::Result<()> {
     tracegap_agent::remote::install_crypto_provider();
+    // The in-process agents' own logs, when asked for (RUST_LOG, e.g.
+    // `tracegap_agent=debug`): off otherwise, so the run's output stays
+    // the lab's.
+    if std::env::var_os("RUST_LOG").is_some() {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
     match Cli::parse().command {
         Cmd::Run {
             scenarios,

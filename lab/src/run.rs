@@ -417,6 +417,22 @@ impl Ctx<'_> {
         Ok(all)
     }
 
+    /// Each node's agent's own losses ([`Agent::losses`]), one line, or
+    /// None when no agent counted any.
+    fn losses(&self) -> Option<String> {
+        let per_node: Vec<String> = self
+            .agents
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| match a.losses() {
+                Ok(l) if l.is_empty() => None,
+                Ok(l) => Some(format!("node-{}: {}", i + 1, l.join(", "))),
+                Err(e) => Some(format!("node-{}: {e:#}", i + 1)),
+            })
+            .collect();
+        (!per_node.is_empty()).then(|| per_node.join("; "))
+    }
+
     /// A metric summed over the nodes' agents.
     fn metric(&self, prefix: &str) -> anyhow::Result<f64> {
         self.agents.iter().map(|a| a.metric(prefix)).sum()
@@ -1151,6 +1167,8 @@ pub fn run_one(
     }
     ctx.settle(sent)?;
     let report = ctx.report()?;
+    // Before any restart below replaces the agents that read the loads.
+    let losses = ctx.losses();
     let all = ctx.store.spans();
     let spans: Vec<Received> = all[resumed_at.unwrap_or(first_span).min(all.len())..].to_vec();
     let mut verdict = Vec::new();
@@ -1398,6 +1416,14 @@ pub fn run_one(
         outcome
             .verdict
             .push(format!("{} {text}", if ok { "ok  " } else { "FAIL" }));
+    }
+    if !outcome.passed {
+        // Whether the agents know they missed something (a full ring, a
+        // head not parsed, a backend not found) or saw nothing amiss.
+        outcome.verdict.push(match losses {
+            Some(l) => format!("info the agents' own losses while the loads ran: {l}"),
+            None => "info the agents counted no losses while the loads ran".to_owned(),
+        });
     }
     drop(ctx);
     Ok(outcome)

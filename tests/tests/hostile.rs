@@ -542,6 +542,11 @@ fn the_agent_keeps_running_and_reports_no_forged_hop() -> anyhow::Result<()> {
         agent.metric("tracegap_http_unanswered_requests_total")? >= 1.0,
         "{body}"
     );
+    // The response nobody asked for made no hop, and is counted.
+    assert!(
+        agent.metric("tracegap_http_messages_unpaired_total{reason=\"orphan_response\"}")? >= 1.0,
+        "{body}"
+    );
     std::thread::sleep(Duration::from_millis(500));
     let spans = receiver.spans();
     assert!(spans.len() as u64 >= expected - 1, "{} spans", spans.len());

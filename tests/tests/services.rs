@@ -96,14 +96,14 @@ impl Lab {
         Ok(())
     }
 
-    /// `n` curls from the pod `from` on node `node` to `url`, each on a new
-    /// connection (so kube-proxy picks a backend for each).
+    /// `n` curls (with `args`) from the pod `from` on node `node` to `url`,
+    /// each on a new connection (so kube-proxy picks a backend for each).
     fn curl(
         &self,
         node: usize,
         from: &str,
         url: &str,
-        headers: &[&str],
+        args: &[&str],
         n: usize,
     ) -> anyhow::Result<()> {
         let pod = self.cluster.nodes[node]
@@ -111,12 +111,8 @@ impl Lab {
             .iter()
             .find(|p| p.name == from)
             .expect("the client pod");
-        let mut args = Vec::new();
-        for h in headers {
-            args.extend(["-H", *h]);
-        }
         for _ in 0..n {
-            pod.curl(url, &args)?;
+            pod.curl(url, args)?;
         }
         Ok(())
     }
@@ -300,7 +296,13 @@ fn broken_propagation_through_services_is_found_once_and_stitched() -> anyhow::R
     let vip = lab.vip("service-b");
     let n = 12;
     let tp = "traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
-    lab.curl(0, "client", &format!("http://{vip}/checkout"), &[tp], n)?;
+    lab.curl(
+        0,
+        "client",
+        &format!("http://{vip}/checkout"),
+        &["-H", tp],
+        n,
+    )?;
     let kinds = lab.settle("service-b", "service-c", n as u64)?;
     assert_eq!(
         kinds.get("broken_propagation"),
@@ -320,6 +322,90 @@ fn broken_propagation_through_services_is_found_once_and_stitched() -> anyhow::R
         assert_eq!(s.parent_span_id(), "b7ad6b7169203331");
         assert_eq!(s.attr("tracegap.link").as_deref(), Some("inferred"));
     }
+    Ok(())
+}
+
+#[test]
+fn a_client_port_taken_again_is_named_after_each_connections_backend() -> anyhow::Result<()> {
+    if !privileged("a_client_port_taken_again_is_named_after_each_connections_backend") {
+        return Ok(());
+    }
+    // The client asks `Connection: close` from the same few ports: the
+    // server closes first, so each port is free again at once, and each
+    // new connection on it is sent to either backend. A new connection's
+    // initial sequence number on the same four-tuple lands just ahead of
+    // the last one's, so only the closing exchange tells the agent that
+    // the next request on the port is another connection's.
+    let mut lab = lab(
+        [&["client", "service-b", "service-c"], &["service-b"]],
+        &["service-b", "service-c"],
+    )?;
+    lab.serve("service-c", Behaviour::DropsHeaders, &[])?;
+    lab.serve("service-b", Behaviour::DropsHeaders, &["service-c"])?;
+    let vip = lab.vip("service-b");
+    let args = ["--local-port", "41000-41003", "-H", "Connection: close"];
+    // Back to back (a port taken again within milliseconds): every
+    // request is one hop, none lost as a message out of its stream.
+    let rapid = 12;
+    lab.curl(0, "client", &format!("http://{vip}/rapid"), &args, rapid)?;
+    let hops = lab.settle("client", "service-b", rapid as u64)?;
+    assert_eq!(
+        hops.values().sum::<u64>(),
+        rapid as u64,
+        "one hop per request: {hops:?}"
+    );
+    lab.settle("service-b", "service-c", rapid as u64)?;
+    // Each backend calls service-c once per request it serves, and that
+    // call is reported by the backend's own node: the truth each hop's
+    // pod is checked against. Paced so that the agent has read each
+    // exchange before the port is taken again (conntrack answers for the
+    // connection on the port when asked: see README, Services).
+    let served = |lab: &Lab| -> anyhow::Result<BTreeMap<String, usize>> {
+        let mut served = BTreeMap::new();
+        for r in lab.reports()? {
+            for e in r
+                .edges
+                .iter()
+                .filter(|e| e.source == "service-b" && e.destination == "service-c")
+            {
+                let pod = match e.node.as_deref() {
+                    Some("node-1") => "service-b-0",
+                    _ => "service-b-1",
+                };
+                *served.entry(pod.to_owned()).or_insert(0) += e.requests as usize;
+            }
+        }
+        Ok(served)
+    };
+    let before = served(&lab)?;
+    let paced = 16;
+    for _ in 0..paced {
+        lab.curl(0, "client", &format!("http://{vip}/paced"), &args, 1)?;
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    lab.settle("client", "service-b", (rapid + paced) as u64)?;
+    lab.settle("service-b", "service-c", (rapid + paced) as u64)?;
+    let mut truth = served(&lab)?;
+    for (pod, n) in &before {
+        *truth.entry(pod.clone()).or_insert(0) -= n;
+    }
+    truth.retain(|_, n| *n > 0);
+    let mut named = BTreeMap::new();
+    for s in lab
+        .spans("service-b", rapid + paced)
+        .into_iter()
+        .filter(|s| s.attr("url.path").as_deref() == Some("/paced"))
+    {
+        *named
+            .entry(s.resource_attr("k8s.pod.name").unwrap_or_default())
+            .or_insert(0) += 1;
+    }
+    assert_eq!(truth.values().sum::<usize>(), paced, "{truth:?}");
+    assert_eq!(truth.len(), 2, "both backends served: {truth:?}");
+    assert_eq!(
+        named, truth,
+        "each hop named after the pod that served it (spans by pod, against each pod's calls)"
+    );
     Ok(())
 }
 

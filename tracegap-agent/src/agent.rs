@@ -1083,6 +1083,7 @@ impl Pipeline {
     fn message(&mut self, m: Message) {
         if m.head.is_err() {
             tracing::debug!(flow = %m.flow, "unparsed message head");
+            self.shared.metrics.message_unpaired("unparsed_head");
             return;
         }
         if m.is_request() {
@@ -1102,11 +1103,27 @@ impl Pipeline {
                 let now = monotonic_ns();
                 self.hop(&pushed_out, None, now);
             }
-        } else if let Answer::Answered { request, skipped } = self.pairer.response(&m) {
-            for unseen in skipped {
-                self.hop(&unseen, None, m.ts_ns);
+        } else {
+            match self.pairer.response(&m) {
+                Answer::Answered { request, skipped } => {
+                    // The client may take its port again at once, for a
+                    // new connection the Service may send elsewhere.
+                    if let Some(via) = request.via
+                        && (request.closes || m.head.as_ref().is_ok_and(|h| h.closes_connection()))
+                    {
+                        self.nat.closed(&crate::events::Flow {
+                            src: request.flow.src,
+                            dst: via,
+                        });
+                    }
+                    for unseen in skipped {
+                        self.hop(&unseen, None, m.ts_ns);
+                    }
+                    self.hop(&request, Reply::from_message(&m), m.ts_ns);
+                }
+                Answer::Orphan => self.shared.metrics.message_unpaired("orphan_response"),
+                Answer::Interim => {}
             }
-            self.hop(&request, Reply::from_message(&m), m.ts_ns);
         }
     }
 
@@ -1151,10 +1168,10 @@ impl Pipeline {
             let held = self.held_calls.entry(req.flow.src.ip).or_default();
             *held = (held.0 + 1, held.1.max(req.ts_ns));
             self.deferred.push_back(Deferred {
-                // Evidence the kernel wrote by now is read within the
-                // ring's wakeup age at most (the kernel wakes the agent by
-                // amount or age, issue 40): held that much longer.
-                until_ns: now + HOLD_NS + tracegap_common::WAKEUP_AGE_NS,
+                // Evidence the kernel wrote by now is read that much
+                // later at most (it wakes the agent by amount or age,
+                // issue 40): held that much longer.
+                until_ns: now + HOLD_NS + crate::events::READ_LATENESS.as_nanos() as u64,
                 req: req.clone(),
                 rsp,
                 gave_up_ns,
@@ -1405,6 +1422,11 @@ impl Pipeline {
                 None => self.queue.offer(s),
             }
         }
+        tracing::trace!(
+            node = self.node.as_deref().unwrap_or("-"), flow = %hop.flow,
+            caller = ?caller.pod, callee = ?callee.pod, reports_here,
+            start_ns = hop.start_ns, gap = %verdict.kind, "hop"
+        );
         if verdict.kind != GapKind::ContextOk {
             tracing::debug!(
                 caller = %caller.service, callee = %callee.service,

@@ -303,6 +303,14 @@ pub struct EventStream {
 /// How far the kernel's coarse clock may lag (a tick at HZ=100, twice).
 const COARSE_SLACK: Duration = Duration::from_millis(20);
 
+/// How late a record the kernel committed may be read at most: it wakes
+/// the reader by amount or by age ([`WAKEUP_AGE_NS`], measured on its
+/// coarse clock), and the reader drains once more that long after a
+/// drain that found records ([`Redrain`]). What waits for evidence the
+/// kernel wrote by now waits this much longer.
+pub const READ_LATENESS: Duration =
+    Duration::from_nanos(WAKEUP_AGE_NS).saturating_add(COARSE_SLACK);
+
 /// The drain the reader owes the kernel. A record is submitted without a
 /// wakeup only within [`WAKEUP_AGE_NS`] of a wakeup, and the drain that
 /// reads the waking record promises another one that long later. A drain
@@ -321,11 +329,8 @@ impl Redrain {
     /// latest, so the drain owed is due `end` plus the age; an empty
     /// drain settles it only if it started at that time or later.
     pub(crate) fn drained(&mut self, (start, end): (Instant, Instant), found: bool) {
-        // The classifiers read the coarse clock, up to a tick (4 or 10 ms)
-        // behind: a record may go unwoken that much past the age.
-        let age = Duration::from_nanos(WAKEUP_AGE_NS) + COARSE_SLACK;
         if found {
-            self.due = Some(end + age);
+            self.due = Some(end + READ_LATENESS);
         } else if self.due.is_some_and(|due| start >= due) {
             self.due = None;
         }
@@ -395,7 +400,7 @@ impl EventStream {
             self.more = !Self::drain_into(&mut self.decode_errors, &mut self.decoder, ring, out);
             let found = out.len() > before;
             self.redrain.drained((start, Instant::now()), found);
-            if out.len() > before {
+            if found {
                 return Ok(out.len() - before);
             }
         }
@@ -496,7 +501,7 @@ mod tests {
 
     #[test]
     fn a_drain_finding_nothing_keeps_the_redrain_owed_for_records_found_before() {
-        let age = Duration::from_nanos(WAKEUP_AGE_NS) + COARSE_SLACK;
+        let age = READ_LATENESS;
         let t0 = Instant::now();
         let at = |t: Instant| (t, t);
         let mut r = Redrain::default();

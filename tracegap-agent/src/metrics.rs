@@ -76,8 +76,9 @@ impl Interned {
 /// its labels twice (admission, family) under two locks (issue 33). Only
 /// admitted series are kept (an edge past [`MAX_EDGE_SERIES`] is counted,
 /// and counted as overflow, each time); the families never drop a series,
-/// so a handle stays the series'. Bounded: past [`RequestCounters::MAX`]
-/// it starts over.
+/// so a handle stays the series'. Bounded by admission itself (one handle
+/// per admitted series); past [`RequestCounters::MAX`] it would start over,
+/// a guard should the two bounds ever part.
 #[derive(Default)]
 pub struct RequestCounters(crate::FastMap<RequestLabels, Counter>);
 
@@ -251,6 +252,7 @@ pub struct Metrics {
     pub ignored: Family<ReasonLabels, Counter>,
     pub service_lookups: Family<ResultLabels, Counter>,
     pub starts_ignored: Family<ReasonLabels, Counter>,
+    pub messages_unpaired: Family<ReasonLabels, Counter>,
     pub resyncs: Counter,
     pub boundaries_lost: Counter,
     pub h2_connections: Gauge,
@@ -317,6 +319,7 @@ impl Metrics {
             ignored: Family::default(),
             service_lookups: Family::default(),
             starts_ignored: Family::default(),
+            messages_unpaired: Family::default(),
             resyncs: Counter::default(),
             boundaries_lost: Counter::default(),
             h2_connections: Gauge::default(),
@@ -419,6 +422,11 @@ impl Metrics {
             "http_starts_ignored",
             "Segments that begin like an HTTP message but are not read as one, by reason (duplicate: a retransmission or a second sighting; inside_body: within the previous message's body; unsynchronised: the stream lost its boundary and this is not where it resumes; tunnel: after an upgrade or CONNECT)",
             m.starts_ignored.clone(),
+        );
+        registry.register(
+            "http_messages_unpaired",
+            "HTTP/1.x messages read but made into no hop, by reason (unparsed_head: the head did not parse, cut short or not HTTP after all; orphan_response: a response with no request waiting on its flow, its request unseen: sent before the agent started, or lost)",
+            m.messages_unpaired.clone(),
         );
         registry.register(
             "http_boundaries_lost",
@@ -594,7 +602,11 @@ impl Metrics {
             return;
         }
         if !self.admitted.requests.admit(&l) {
-            return self.request(l);
+            // Past the bound: counted on the overflow edge, no handle kept
+            // (the admission set was asked once, as for any other hop).
+            let l = self.overflowed("http_requests", l);
+            self.requests.get_or_create(&l).inc();
+            return;
         }
         let c = self.requests.get_or_create(&l).clone();
         c.inc();
@@ -647,13 +659,20 @@ impl Metrics {
 
     /// `l`, or `l` on the overflow edge once its family holds
     /// [`MAX_EDGE_SERIES`] other label sets.
-    fn admit_edge<L: Edge>(&self, admitted: &Admitted, metric: &'static str, mut l: L) -> L {
-        if !admitted.admit(&l) {
-            self.series_overflow
-                .get_or_create(&MetricLabels { metric })
-                .inc();
-            l.overflow();
+    fn admit_edge<L: Edge>(&self, admitted: &Admitted, metric: &'static str, l: L) -> L {
+        if admitted.admit(&l) {
+            l
+        } else {
+            self.overflowed(metric, l)
         }
+    }
+
+    /// `l` on the overflow edge, counted in `series_overflow`.
+    fn overflowed<L: Edge>(&self, metric: &'static str, mut l: L) -> L {
+        self.series_overflow
+            .get_or_create(&MetricLabels { metric })
+            .inc();
+        l.overflow();
         l
     }
 
@@ -757,6 +776,16 @@ impl Metrics {
         self.boundaries_lost
             .inc_by(now.lost.saturating_sub(last.lost));
         *last = now;
+    }
+
+    /// An HTTP/1.x message made into no hop (`unparsed_head`,
+    /// `orphan_response`).
+    pub fn message_unpaired(&self, reason: &str) {
+        self.messages_unpaired
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
     }
 
     pub fn dropped(&self, reason: &str) {

@@ -147,37 +147,12 @@ fn machine_busy_seconds() -> f64 {
         v.iter().take(8).sum::<f64>() - v.get(3).unwrap_or(&0.0) - v.get(4).unwrap_or(&0.0);
     busy / USER_HZ
 }
-/// CPU seconds (user + system) of this process's agent threads so far.
-/// Threads that ended are not counted: the runtime's workers live as long
-/// as the agent.
+/// CPU seconds (user + system) of this process's agent threads so far,
+/// from the scheduler's account (ns, not `stat`'s 10 ms ticks). Threads
+/// that ended are not counted: the runtime's workers live as long as the
+/// agent.
 fn agent_cpu_seconds() -> f64 {
-    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
-        return 0.0;
-    };
-    let mut ticks = 0u64;
-    for t in tasks.flatten() {
-        let Ok(stat) = std::fs::read_to_string(t.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ... : comm may hold spaces, so split after ')'.
-        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-            continue;
-        };
-        if &stat[open + 1..close] != crate::agent::THREAD_NAME {
-            continue;
-        }
-        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
-        // utime and stime are fields 14 and 15 of proc(5); counted from the
-        // state (field 3) at index 0, they are at 11 and 12.
-        let get = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0)
-        };
-        ticks += get(11) + get(12);
-    }
-    ticks as f64 / USER_HZ
+    sched::Account::named(crate::agent::THREAD_NAME).run_ns as f64 / 1e9
 }
 
 fn ms(v: &str) -> Option<f64> {

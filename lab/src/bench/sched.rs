@@ -48,11 +48,28 @@ impl Account {
                 std::fs::read_to_string(t.path().join("comm")).is_ok_and(|c| c.trim_end() == name)
             })
             .filter_map(|t| Self::of(&t.path()))
-            .fold(Self::default(), |s, a| Self {
-                run_ns: s.run_ns + a.run_ns,
-                wait_ns: s.wait_ns + a.wait_ns,
-                voluntary: s.voluntary + a.voluntary,
-                preempted: s.preempted + a.preempted,
+            .fold(Self::default(), |mut s, a| {
+                s += a;
+                s
             })
+    }
+
+    /// What accrued between `earlier` and this account of the same thread.
+    pub fn since(self, earlier: Self) -> Self {
+        Self {
+            run_ns: self.run_ns.saturating_sub(earlier.run_ns),
+            wait_ns: self.wait_ns.saturating_sub(earlier.wait_ns),
+            voluntary: self.voluntary.saturating_sub(earlier.voluntary),
+            preempted: self.preempted.saturating_sub(earlier.preempted),
+        }
+    }
+}
+
+impl std::ops::AddAssign for Account {
+    fn add_assign(&mut self, a: Self) {
+        self.run_ns += a.run_ns;
+        self.wait_ns += a.wait_ns;
+        self.voluntary += a.voluntary;
+        self.preempted += a.preempted;
     }
 }

@@ -69,7 +69,7 @@ impl Sampled {
             tasks.extend(dir.flatten().map(|t| (me, t.path())));
         }
         if wrk.is_none() {
-            *wrk = find("wrk");
+            *wrk = child_named("wrk");
         }
         if let Some(pid) = *wrk
             && let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -105,21 +105,28 @@ impl Sampled {
         let mut out: HashMap<Side, Account> = HashMap::new();
         for (key, (side, last)) in &self.last {
             let first = self.first.get(key).copied().unwrap_or_default();
-            let t = out.entry(*side).or_default();
-            t.run_ns += last.run_ns.saturating_sub(first.run_ns);
-            t.wait_ns += last.wait_ns.saturating_sub(first.wait_ns);
-            t.preempted += last.preempted.saturating_sub(first.preempted);
+            *out.entry(*side).or_default() += last.since(first);
         }
         out
     }
 }
 
-/// The first process named `name` (its pid).
-fn find(name: &str) -> Option<u32> {
+/// This process's child named `name` (`nsenter` execs the command,
+/// so the wrk the bench started is its child): its pid. Any other wrk on
+/// the machine is not this bench's.
+fn child_named(name: &str) -> Option<u32> {
+    let me = std::process::id();
     std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
         let pid = p.file_name().to_str()?.parse::<u32>().ok()?;
-        let comm = std::fs::read_to_string(p.path().join("comm")).ok()?;
-        (comm.trim_end() == name).then_some(pid)
+        let stat = std::fs::read_to_string(p.path().join("stat")).ok()?;
+        // pid (comm) state ppid ...: comm may hold spaces and parentheses.
+        let (open, close) = (stat.find('(')?, stat.rfind(')')?);
+        let ppid = stat[close + 1..]
+            .split_whitespace()
+            .nth(1)?
+            .parse::<u32>()
+            .ok()?;
+        (&stat[open + 1..close] == name && ppid == me).then_some(pid)
     })
 }
 

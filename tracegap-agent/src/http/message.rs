@@ -130,6 +130,10 @@ pub struct Head {
     /// A header of a context format other than W3C's is among the fields
     /// ([`crate::http::context::Headers::other_formats`]).
     other_formats: bool,
+    /// `Connection` named the option `close` (or `keep-alive`), noted as
+    /// the fields are cut, so asking costs nothing per message.
+    close_option: bool,
+    keep_alive_option: bool,
     /// Length of the head including its final blank line.
     pub len: usize,
 }
@@ -222,6 +226,15 @@ impl Head {
     /// Whether a header of a context format other than W3C's is kept.
     pub fn other_formats(&self) -> bool {
         self.other_formats
+    }
+
+    /// Whether the connection ends after this message (RFC 9112 §9.3): a
+    /// `close` option in `Connection`, or HTTP/1.0 without `keep-alive`.
+    pub fn closes_connection(&self) -> bool {
+        let version = match &self.start {
+            StartLine::Request { version, .. } | StartLine::Response { version, .. } => *version,
+        };
+        self.close_option || (version == "HTTP/1.0" && !self.keep_alive_option)
     }
 
     /// Header fields kept (at most [`MAX_HEADERS`]).
@@ -460,6 +473,7 @@ pub fn parse(buf: &Bytes) -> Result<Head, HeadError> {
     let mut fields = Fields::new();
     let mut dropped_headers = 0;
     let mut other_formats = false;
+    let (mut close_option, mut keep_alive_option) = (false, false);
     for line in lines {
         let Some((name, value)) = line.split_once(':') else {
             return Err(HeadError::HeaderLine(line.chars().take(80).collect()));
@@ -475,6 +489,12 @@ pub fn parse(buf: &Bytes) -> Result<Head, HeadError> {
             continue;
         }
         other_formats |= is_other_format(name.as_bytes());
+        if name.len() == 10 && name.eq_ignore_ascii_case("connection") {
+            for option in value.split(',').map(|o| o.trim_matches([' ', '\t'])) {
+                close_option |= option.eq_ignore_ascii_case("close");
+                keep_alive_option |= option.eq_ignore_ascii_case("keep-alive");
+            }
+        }
         fields.push(Field {
             name: at(name),
             value: at(value.trim_matches([' ', '\t'])),
@@ -487,6 +507,8 @@ pub fn parse(buf: &Bytes) -> Result<Head, HeadError> {
         fields,
         dropped_headers,
         other_formats,
+        close_option,
+        keep_alive_option,
         len,
     })
 }
@@ -510,6 +532,25 @@ mod tests {
         assert_eq!(h.header("host"), Some("shop:8080"));
         assert_eq!(h.header("traceparent"), Some("00-abc"));
         assert_eq!(h.len, raw.len() - 4);
+    }
+
+    #[test]
+    fn tells_a_message_that_ends_its_connection() {
+        let closes = |raw: &[u8]| parse_head(raw).unwrap().closes_connection();
+        assert!(closes(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"));
+        assert!(closes(
+            b"HTTP/1.1 200 OK\r\nconnection: Upgrade, CLOSE\r\n\r\n"
+        ));
+        assert!(closes(
+            b"GET / HTTP/1.1\r\nConnection: keep-alive\r\nConnection: close\r\n\r\n"
+        ));
+        assert!(closes(b"HTTP/1.0 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!closes(
+            b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n\r\n"
+        ));
+        assert!(!closes(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"));
+        assert!(!closes(b"HTTP/1.1 200 OK\r\nX-Connection: close\r\n\r\n"));
+        assert!(!closes(b"HTTP/1.1 200 OK\r\nConnection: closed\r\n\r\n"));
     }
 
     #[test]

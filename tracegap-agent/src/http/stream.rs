@@ -64,6 +64,13 @@ enum Sync {
     Lost,
     /// Upgraded or tunnelled: no more HTTP/1 on this connection.
     Tunnel,
+    /// The connection ends after the last message (the exchange said
+    /// `Connection: close`): the next start is a new connection's on the
+    /// same ports, whatever its sequence number. The server closes first,
+    /// so the client may take the port again at once: Linux's clock-driven
+    /// initial sequence number then lands less than [`NEW_CONNECTION_GAP`]
+    /// past the old stream, where only this fact tells the two apart.
+    Ended,
 }
 
 /// What a request's method means for the length of its response.
@@ -255,6 +262,7 @@ impl Streams {
             Admit::Duplicate
         } else {
             match s.sync {
+                Sync::Ended => Admit::Accept,
                 Sync::Tunnel if s.far_from(seq) => Admit::Accept,
                 Sync::Tunnel => Admit::Tunnel,
                 Sync::At => {
@@ -326,12 +334,21 @@ impl Streams {
         // tunnel needs it.
         let hash = self.hash.clone();
         let reverse = || hash.hash_one(flow.reversed());
+        // Whether the connection ends after this message: it says so, or
+        // it is the final answer to a request that said so.
+        let mut ends = head.is_some_and(Head::closes_connection);
         let body = match head {
             None => Body::Unknown,
             Some(h) => match &h.start {
                 StartLine::Request { .. } => request_body(h),
                 StartLine::Response { status, .. } => {
                     let status = *status;
+                    ends = !is_interim(status)
+                        && (ends
+                            || self
+                                .map
+                                .get(&reverse())
+                                .is_some_and(|r| r.sync == Sync::Ended));
                     let method = match self.map.get_mut(&reverse()) {
                         Some(r) => {
                             let method = r.awaited_front();
@@ -371,6 +388,19 @@ impl Streams {
         {
             r.sync = Sync::Tunnel;
         }
+        let sync = if ends && sync != Sync::Tunnel {
+            // A final answer that ends the connection ends its requests'
+            // direction too.
+            if matches!(head.map(|h| &h.start), Some(StartLine::Response { .. }))
+                && let Some(r) = self.map.get_mut(&reverse())
+                && r.sync != Sync::Tunnel
+            {
+                r.sync = Sync::Ended;
+            }
+            Sync::Ended
+        } else {
+            sync
+        };
         let ts_ms = (ts_ns / 1_000_000) as u32;
         if self.map.len() >= MAX_STREAMS && !self.map.contains_key(&key) {
             self.forget_oldest_half(ts_ms);

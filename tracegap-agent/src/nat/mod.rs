@@ -14,9 +14,17 @@
 //!
 //! The backend comes from conntrack ([`conntrack`]): the client's node made
 //! the translation and holds the entry for as long as the connection lives.
-//! One query per connection, cached; re-asked after [`REVALIDATE_NS`] or
-//! when a request's sequence number jumps (a new connection reusing the
-//! client port, possibly to another backend).
+//! One query per connection, cached, and asked again for a request that may
+//! start a new connection on the same client port (possibly to another
+//! backend): after the last exchange said the connection ends
+//! (`Connection: close`, [`ServiceNat::closed`]: the server closes first,
+//! so the client may take the port again at once, as the lab's clients do
+//! within a second), after [`IDLE_REASK_NS`] of quiet on the flow (a
+//! server closing an idle keep-alive connection), after [`REVALIDATE_NS`],
+//! or when its sequence number is far from the last one. Linux derives a
+//! new connection's initial sequence number from the same four-tuple and a
+//! clock, so on a reused port it lands just ahead of the old connection's:
+//! the sequence number alone cannot tell the two apart.
 
 pub mod conntrack;
 
@@ -31,6 +39,9 @@ pub use conntrack::{Conntrack, ConntrackError};
 
 /// How long a resolved backend is trusted before it is asked again.
 pub const REVALIDATE_NS: u64 = 10_000_000_000;
+/// A request on a flow quiet this long may open a new connection on a
+/// reused port: its backend is asked again.
+pub const IDLE_REASK_NS: u64 = 1_000_000_000;
 /// Connections whose backend is remembered at most.
 pub const MAX_CACHED: usize = 64 * 1024;
 /// A request further than this past the last one on its flow (or before
@@ -65,6 +76,11 @@ struct Cached {
     resolved_ns: u64,
     /// Sequence number of the last request seen on the connection.
     last_seq: u32,
+    /// When an event of the flow was last translated.
+    last_ns: u64,
+    /// An exchange said the connection ends: the next request start is a
+    /// new connection's.
+    closed: bool,
 }
 
 /// Rewrites Service-addressed events to their backends.
@@ -119,17 +135,22 @@ impl<L: BackendLookup> ServiceNat<L> {
     fn resolve(&mut self, orig: Flow, now_ns: u64, request_seq: Option<u32>) -> Option<Endpoint> {
         if let Some(c) = self.cache.get_mut(&orig) {
             let fresh = now_ns.saturating_sub(c.resolved_ns) < REVALIDATE_NS;
-            let same_connection =
-                request_seq.is_none_or(|s| s.wrapping_sub(c.last_seq) < SAME_CONNECTION_WINDOW);
+            let same_connection = request_seq.is_none_or(|s| {
+                !c.closed
+                    && now_ns.saturating_sub(c.last_ns) < IDLE_REASK_NS
+                    && s.wrapping_sub(c.last_seq) < SAME_CONNECTION_WINDOW
+            });
             if fresh && same_connection {
                 if let Some(s) = request_seq {
                     c.last_seq = s;
                 }
+                c.last_ns = c.last_ns.max(now_ns);
                 return c.backend;
             }
         }
         let backend = match self.lookup.as_mut().map(|l| l.backend(&orig)) {
             Some(Ok(Some(b))) => {
+                tracing::trace!(flow = %orig, backend = %b, "Service backend");
                 self.stats.resolved += 1;
                 Some(b)
             }
@@ -160,9 +181,21 @@ impl<L: BackendLookup> ServiceNat<L> {
                 backend,
                 resolved_ns: now_ns,
                 last_seq: request_seq.unwrap_or_default(),
+                last_ns: now_ns,
+                closed: false,
             },
         );
         backend
+    }
+
+    /// The connection `orig` (client → Service) ends after the exchange
+    /// just paired (it said `Connection: close`): its answer's other
+    /// sightings still resolve from the cache, the next request start on
+    /// the flow asks again.
+    pub fn closed(&mut self, orig: &Flow) {
+        if let Some(c) = self.cache.get_mut(orig) {
+            c.closed = true;
+        }
     }
 
     /// Forgets connections not asked about for a while.
@@ -259,15 +292,21 @@ mod tests {
         assert_eq!(nat.stats.resolved, 1);
     }
 
-    #[test]
-    fn a_new_connection_or_an_old_answer_asks_again() {
+    /// A client's connection to the Service, and conntrack sending it to
+    /// `backend`.
+    fn through_service(backend: Endpoint) -> (Flow, ServiceNat<Table>) {
         let orig = Flow {
             src: ep(CLIENT, 40000),
             dst: ep(SERVICE, 80),
         };
         let mut t = Table::default();
-        t.backends.insert(orig, ep(7, 8080));
-        let mut nat = ServiceNat::new(Some(t));
+        t.backends.insert(orig, backend);
+        (orig, ServiceNat::new(Some(t)))
+    }
+
+    #[test]
+    fn a_new_connection_or_an_old_answer_asks_again() {
+        let (orig, mut nat) = through_service(ep(7, 8080));
         let is_service = |ip: IpAddr| ip == ep(SERVICE, 0).ip;
         nat.translate(&mut event(EventKind::Request, orig, 1000, 1), is_service);
         // The client port reused for a new connection (a random initial
@@ -283,6 +322,54 @@ mod tests {
         // Past the revalidation time, even in sequence.
         let mut late = event(EventKind::Request, orig, 950, 2 + REVALIDATE_NS);
         nat.translate(&mut late, is_service);
+        assert_eq!(nat.lookup.as_ref().unwrap().asked, 3);
+    }
+
+    #[test]
+    fn a_port_reused_after_a_closing_exchange_or_a_quiet_while_asks_again() {
+        let (orig, mut nat) = through_service(ep(7, 8080));
+        let is_service = |ip: IpAddr| ip == ep(SERVICE, 0).ip;
+        let ms = 1_000_000;
+        nat.translate(&mut event(EventKind::Request, orig, 1000, ms), is_service);
+        // The exchange said `Connection: close`; its answer, seen again on
+        // the client's veth, still resolves from what was asked.
+        nat.closed(&orig);
+        let mut answer = event(EventKind::Response, orig.reversed(), 5000, 2 * ms);
+        nat.translate(&mut answer, is_service);
+        assert_eq!(answer.flow.src, ep(7, 8080));
+        assert_eq!(nat.lookup.as_ref().unwrap().asked, 1);
+        // The client takes the port again at once for a new connection,
+        // its sequence number just ahead of the old one's (as Linux's
+        // clock-driven initial sequence numbers on the same four-tuple
+        // are), and conntrack sent it to another backend.
+        nat.lookup
+            .as_mut()
+            .unwrap()
+            .backends
+            .insert(orig, ep(8, 8080));
+        let mut reused = event(EventKind::Request, orig, 1000 + 7_800_000, 3 * ms);
+        nat.translate(&mut reused, is_service);
+        assert_eq!(reused.flow.dst, ep(8, 8080));
+        assert_eq!(nat.lookup.as_ref().unwrap().asked, 2);
+        // A keep-alive request soon after: the same connection.
+        let mut next = event(EventKind::Request, orig, 1000 + 7_800_300, 4 * ms);
+        nat.translate(&mut next, is_service);
+        assert_eq!(nat.lookup.as_ref().unwrap().asked, 2);
+        // A request after a quiet second (a server may have closed the
+        // idle connection, and the port been taken again): asked again.
+        nat.lookup
+            .as_mut()
+            .unwrap()
+            .backends
+            .insert(orig, ep(7, 8080));
+        let mut after_quiet = event(
+            EventKind::Request,
+            orig,
+            1000 + 7_800_600,
+            4 * ms + IDLE_REASK_NS,
+        );
+        nat.translate(&mut after_quiet, is_service);
+        assert_eq!(after_quiet.flow.dst, ep(7, 8080));
         assert_eq!(nat.lookup.as_ref().unwrap().asked, 3);
     }
 

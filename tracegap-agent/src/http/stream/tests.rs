@@ -249,3 +249,57 @@ fn the_stream_table_is_bounded_and_forgets_its_oldest_half_across_the_clock_wrap
     assert_eq!(s.admit(&flow_n(0), 1, 1), Admit::Accept);
     assert_eq!(s.admit(&flow_n(10), 1, 1), Admit::Accept);
 }
+
+#[test]
+fn after_an_exchange_that_closes_its_connection_the_next_start_is_a_new_connections() {
+    let mut s = Streams::default();
+    let (req, rsp) = (flow(), flow().reversed());
+    let get = b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n";
+    let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+    let (get_len, ok_len) = (get.len() as u32, ok.len() as u32);
+    emit(&mut s, &req, 1000, 5000, get);
+    // Its answer, at its place, and its copy from another interface.
+    assert_eq!(s.admit(&rsp, 5000, 1000 + get_len), Admit::Accept);
+    emit(&mut s, &rsp, 5000, 1000 + get_len, ok);
+    assert_eq!(s.admit(&rsp, 5000, 1000 + get_len), Admit::Duplicate);
+    // The server closed first; 10 ms later the client's port comes round
+    // again: its sequence numbers ran on by only ~160 kB (less than a
+    // clock-driven gap tells), the server's are new.
+    let seq = 1000 + 160_000;
+    assert_eq!(s.admit(&req, seq, 90_000), Admit::Accept);
+    emit(&mut s, &req, seq, 90_000, b"GET / HTTP/1.1\r\n\r\n");
+    assert_eq!(s.admit(&rsp, 89_999, seq + 18), Admit::Accept);
+    assert_eq!(s.stats.unsynchronised, 0);
+    assert_eq!(s.stats.lost, 0);
+    // A keep-alive connection: the same start stays a lost boundary.
+    let mut k = Streams::default();
+    let keep = b"GET / HTTP/1.1\r\n\r\n";
+    emit(&mut k, &req, 1000, 5000, keep);
+    emit(&mut k, &rsp, 5000, 1000 + keep.len() as u32, ok);
+    assert_eq!(
+        k.admit(&req, 1000 + 160_000, 5000 + ok_len),
+        Admit::Unsynchronised
+    );
+}
+
+#[test]
+fn a_response_that_closes_its_connection_ends_both_directions() {
+    let mut s = Streams::default();
+    let (req, rsp) = (flow(), flow().reversed());
+    let get = b"GET / HTTP/1.1\r\n\r\n";
+    let ok = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok";
+    emit(&mut s, &req, 1000, 5000, get);
+    emit(&mut s, &rsp, 5000, 1000 + get.len() as u32, ok);
+    assert_eq!(s.admit(&req, 1000 + 200_000, 77), Admit::Accept);
+    // An interim answer ends nothing.
+    let mut i = Streams::default();
+    emit(&mut i, &req, 1000, 5000, b"GET / HTTP/1.1\r\n\r\n");
+    emit(
+        &mut i,
+        &rsp,
+        5000,
+        1018,
+        b"HTTP/1.1 100 Continue\r\nConnection: close\r\n\r\n",
+    );
+    assert_ne!(i.admit(&req, 1000 + 200_000, 5000), Admit::Accept);
+}
