@@ -303,23 +303,18 @@ impl Receiver {
         let forward = self.forward.clone();
         let refuse = self.refusing.clone();
         let tls = self.tls.clone();
-        // Named: the bench reads its CPU time (is the receiver what bounds
-        // an export's rate?).
-        let thread =
-            std::thread::Builder::new()
-                .name(RECEIVER_THREAD.into())
-                .spawn(move || {
-                    let rt = match tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                    {
-                        Ok(rt) => rt,
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(anyhow::Error::from(e)));
-                            return;
-                        }
-                    };
-                    rt.block_on(async move {
+        let serve = move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(anyhow::Error::from(e)));
+                    return;
+                }
+            };
+            rt.block_on(async move {
                 let bound = async {
                     Ok::<_, anyhow::Error>(match listeners {
                         Some((g, h)) => {
@@ -415,7 +410,12 @@ impl Receiver {
                     r = http_server => if let Err(e) = r { eprintln!("receiver HTTP: {e}") },
                 }
             });
-                })?;
+        };
+        // Named: the bench reads its CPU time (is the receiver what bounds
+        // an export's rate?).
+        let thread = std::thread::Builder::new()
+            .name(RECEIVER_THREAD.into())
+            .spawn(serve)?;
         ready_rx.recv()??;
         self.running = Some((stop_tx, thread));
         Ok(())

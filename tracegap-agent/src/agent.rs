@@ -1109,7 +1109,7 @@ impl Pipeline {
                     // The client may take its port again at once, for a
                     // new connection the Service may send elsewhere.
                     if let Some(via) = request.via
-                        && (request.closes || m.head.as_ref().is_ok_and(|h| h.closes_connection()))
+                        && m.ends_connection
                     {
                         self.nat.closed(&crate::events::Flow {
                             src: request.flow.src,

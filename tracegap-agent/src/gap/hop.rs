@@ -148,9 +148,6 @@ pub struct Request {
     pub telemetry: bool,
     /// The Service address the client addressed, if it went through one.
     pub via: Option<Endpoint>,
-    /// HTTP/1.x: it asked that its connection end after its answer
-    /// (`Connection: close`, or HTTP/1.0 without keep-alive).
-    pub closes: bool,
     pub protocol: Protocol,
     /// Method, path and Host, one after the other, in the record itself
     /// when they fit (most do): no allocation of their own.
@@ -193,7 +190,6 @@ impl Request {
             unknown_fields: 0,
             telemetry: false,
             via: None,
-            closes: false,
             protocol: Protocol::Http1,
             method_end: method.len() as u32,
             path_end: (method.len() + path.len()) as u32,
@@ -221,7 +217,6 @@ impl Request {
             m.truncated,
         );
         req.via = m.via;
-        req.closes = head.closes_connection();
         req.ack = m.ack;
         req.resynced = m.resynced;
         req.user_agent = head.header("user-agent").and_then(Token::of);

@@ -51,6 +51,10 @@ pub struct Message {
     /// The head did not end within what the kernel copied (budget reached,
     /// or segments missing): the headers read are the complete lines so far.
     pub truncated: bool,
+    /// Its connection ends after it (it said `Connection: close`, or it is
+    /// the final answer to a request that did): the client may take its
+    /// port again at once, for a new connection.
+    pub ends_connection: bool,
 }
 
 impl Message {
@@ -258,7 +262,7 @@ impl Assembler {
         let parsed = head.as_ref().ok();
         let after = parsed.map_or(&[][..], |h| p.buf.get(h.len..).unwrap_or_default());
         // Err: overtaken by the same head from the other veth.
-        let next = self
+        let emitted = self
             .streams
             .emit(&flow, p.seq, p.ack, p.ts_ns, parsed, !truncated, after)
             .ok()?;
@@ -276,8 +280,9 @@ impl Assembler {
             head,
             via: p.via,
             truncated,
+            ends_connection: emitted.ends_connection,
         });
-        next
+        emitted.next
     }
 
     fn take_partial(&mut self, key: &(Flow, u32)) -> Option<Partial> {

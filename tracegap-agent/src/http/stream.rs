@@ -190,6 +190,16 @@ pub struct BoundaryStats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Duplicate;
 
+/// What a message emitted tells of its stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Emitted {
+    /// Where the next message on the stream starts, if that is known.
+    pub next: Option<u32>,
+    /// The connection ends after it ([`Sync::Ended`]): it says so, or it
+    /// is the final answer to a request that did.
+    pub ends_connection: bool,
+}
+
 /// How the body after a head ends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Body {
@@ -307,7 +317,8 @@ impl Streams {
     }
 
     /// Records a message emitted at `seq` and returns where the next one on
-    /// its stream starts, if that is known; `Err(Duplicate)`, counted, if
+    /// its stream starts, if that is known, and whether the connection ends
+    /// after it; `Err(Duplicate)`, counted, if
     /// one was emitted there already (checked again when a head completes:
     /// a head that waited for its continuation may have been overtaken by
     /// its copy from another interface). `head` is `None` for bytes that
@@ -324,7 +335,7 @@ impl Streams {
         head: Option<&Head>,
         complete: bool,
         after: &[u8],
-    ) -> Result<Option<u32>, Duplicate> {
+    ) -> Result<Emitted, Duplicate> {
         let key = self.key(flow);
         if self.map.get(&key).is_some_and(|s| s.is_duplicate(seq)) {
             self.stats.duplicates += 1;
@@ -343,22 +354,17 @@ impl Streams {
                 StartLine::Request { .. } => request_body(h),
                 StartLine::Response { status, .. } => {
                     let status = *status;
-                    ends = !is_interim(status)
-                        && (ends
-                            || self
-                                .map
-                                .get(&reverse())
-                                .is_some_and(|r| r.sync == Sync::Ended));
-                    let method = match self.map.get_mut(&reverse()) {
+                    let (method, request_ended) = match self.map.get_mut(&reverse()) {
                         Some(r) => {
                             let method = r.awaited_front();
                             if !is_interim(status) {
                                 r.answered();
                             }
-                            method
+                            (method, r.sync == Sync::Ended)
                         }
-                        None => Method::Other,
+                        None => (Method::Other, false),
                     };
+                    ends = !is_interim(status) && (ends || request_ended);
                     response_body(h, status, method)
                 }
             },
@@ -388,7 +394,8 @@ impl Streams {
         {
             r.sync = Sync::Tunnel;
         }
-        let sync = if ends && sync != Sync::Tunnel {
+        let ends_connection = ends && sync != Sync::Tunnel;
+        let sync = if ends_connection {
             // A final answer that ends the connection ends its requests'
             // direction too.
             if matches!(head.map(|h| &h.start), Some(StartLine::Response { .. }))
@@ -429,7 +436,10 @@ impl Streams {
                 _ => Method::Other,
             });
         }
-        Ok(next)
+        Ok(Emitted {
+            next,
+            ends_connection,
+        })
     }
 
     /// Keeps [`MAX_STREAMS`] a hard bound at amortised O(1) per insert. A

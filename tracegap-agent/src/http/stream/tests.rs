@@ -12,6 +12,7 @@ fn emit(s: &mut Streams, flow: &Flow, seq: u32, ack: u32, raw: &[u8]) -> Option<
     let after = &raw[head.len..];
     s.emit(flow, seq, ack, 0, Some(&head), true, after)
         .expect("not emitted before")
+        .next
 }
 
 const POST: &[u8] = b"POST /upload HTTP/1.1\r\nContent-Length: 100\r\n\r\n";
@@ -289,7 +290,20 @@ fn a_response_that_closes_its_connection_ends_both_directions() {
     let get = b"GET / HTTP/1.1\r\n\r\n";
     let ok = b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok";
     emit(&mut s, &req, 1000, 5000, get);
-    emit(&mut s, &rsp, 5000, 1000 + get.len() as u32, ok);
+    let head = parse_head(ok).expect("a head");
+    let answer = s
+        .emit(
+            &rsp,
+            5000,
+            1000 + get.len() as u32,
+            0,
+            Some(&head),
+            true,
+            b"ok",
+        )
+        .expect("not emitted before");
+    // What the agent learns from it: the client may take its port again.
+    assert!(answer.ends_connection);
     assert_eq!(s.admit(&req, 1000 + 200_000, 77), Admit::Accept);
     // An interim answer ends nothing.
     let mut i = Streams::default();
